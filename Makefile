@@ -1,0 +1,113 @@
+# poolbroker — build, test, install, run, bench.  See README.md.
+PREFIX  ?= /usr/local
+DESTDIR ?=
+BUILD   ?= build
+CC      ?= cc
+SANITIZE ?=
+
+SOVERSION := 0
+VERSION   := 0.1.0
+
+WARN    := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wformat=2 -Werror
+CFLAGS  ?= -O2 -g
+CFLAGS  += -std=c11 -D_GNU_SOURCE= -pthread $(WARN) -Iinclude -I$(shell pg_config --includedir 2>/dev/null || echo /usr/include/postgresql)
+LDFLAGS ?=
+ifneq ($(SANITIZE),)
+CFLAGS  += -fsanitize=$(SANITIZE) -fno-omit-frame-pointer
+LDFLAGS += -fsanitize=$(SANITIZE)
+endif
+
+BROKER_SRC := broker/main.c broker/log.c broker/conf.c broker/loop.c broker/loop_uring.c \
+              broker/loop_epoll.c broker/shm.c broker/control.c broker/pool.c broker/pg.c \
+              broker/redis.c broker/janitor.c
+CLIENT_SRC := client/client.c client/pg.c client/pgproto.c client/redis.c
+
+BROKER_OBJ := $(BROKER_SRC:%.c=$(BUILD)/%.o)
+CLIENT_OBJ := $(CLIENT_SRC:%.c=$(BUILD)/pic/%.o)
+BROKER_LIBS := -lpq -luring -lhiredis
+CLIENT_LIBS := -lhiredis
+
+UNIT_TESTS := test_conf test_pgproto test_slots
+INTEG_TESTS := test_harness_selftest test_pg
+TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%)
+
+.PHONY: all test unit integ run install bench clean deps
+all: $(BUILD)/poolbroker $(BUILD)/libpoolbroker.so $(BUILD)/libpoolbroker.a $(BUILD)/shmstat \
+     $(BUILD)/poolbroker.pc
+
+$(BUILD)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Ibroker -MMD -MP -c $< -o $@
+
+$(BUILD)/pic/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Iclient -fPIC -fvisibility=hidden -DPB_BUILDING_LIBRARY -MMD -MP -c $< -o $@
+
+$(BUILD)/poolbroker: $(BROKER_OBJ)
+	$(CC) $(CFLAGS) $^ -o $@ $(LDFLAGS) $(BROKER_LIBS)
+
+$(BUILD)/libpoolbroker.so: $(CLIENT_OBJ) client/libpoolbroker.map
+	$(CC) $(CFLAGS) -shared -Wl,-soname,libpoolbroker.so.$(SOVERSION) \
+	    -Wl,--version-script=client/libpoolbroker.map $(CLIENT_OBJ) -o $@.$(VERSION) $(LDFLAGS) $(CLIENT_LIBS)
+	ln -sf libpoolbroker.so.$(VERSION) $(BUILD)/libpoolbroker.so.$(SOVERSION)
+	ln -sf libpoolbroker.so.$(VERSION) $@
+
+$(BUILD)/libpoolbroker.a: $(CLIENT_OBJ)
+	rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/shmstat: tools/shmstat.c include/pb_shm.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $< -o $@ $(LDFLAGS)
+
+$(BUILD)/poolbroker.pc: poolbroker.pc.in
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' $< > $@
+
+# ---------------------------------------------------------------- tests
+$(BUILD)/tests/test_conf: tests/test_conf.c broker/conf.c broker/log.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Ibroker $^ -o $@ $(LDFLAGS) -lcmocka
+
+$(BUILD)/tests/test_pgproto: tests/test_pgproto.c client/pgproto.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Iclient $^ -o $@ $(LDFLAGS) -lcmocka -lhiredis
+
+$(BUILD)/tests/test_slots: tests/test_slots.c include/pb_shm.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $< -o $@ $(LDFLAGS) -lcmocka
+
+$(BUILD)/tests/test_%: tests/test_%.c tests/harness.c tests/harness.h $(BUILD)/libpoolbroker.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Itests $< tests/harness.c $(BUILD)/libpoolbroker.a -o $@ $(LDFLAGS) -lcmocka -lhiredis -lpq
+
+deps:
+	@bash tools/install-deps
+
+test: deps all $(TEST_BINS)
+	@bash tests/run-tests $(BUILD) $(UNIT_TESTS) -- $(INTEG_TESTS)
+
+unit: all $(UNIT_TESTS:%=$(BUILD)/tests/%)
+	@bash tests/run-tests $(BUILD) $(UNIT_TESTS) --
+
+run: deps all
+	@bash tools/run-local $(BUILD) $(CONFIG)
+
+bench: deps all
+	@bash bench/run $(BUILD)
+
+install: all
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/sbin $(DESTDIR)$(PREFIX)/lib \
+	    $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig
+	install -m 755 $(BUILD)/poolbroker $(DESTDIR)$(PREFIX)/sbin/poolbroker
+	install -m 755 $(BUILD)/shmstat $(DESTDIR)$(PREFIX)/bin/shmstat
+	install -m 644 $(BUILD)/libpoolbroker.so.$(VERSION) $(DESTDIR)$(PREFIX)/lib/
+	ln -sf libpoolbroker.so.$(VERSION) $(DESTDIR)$(PREFIX)/lib/libpoolbroker.so.$(SOVERSION)
+	ln -sf libpoolbroker.so.$(VERSION) $(DESTDIR)$(PREFIX)/lib/libpoolbroker.so
+	install -m 644 $(BUILD)/libpoolbroker.a $(DESTDIR)$(PREFIX)/lib/
+	install -m 644 include/poolbroker.h $(DESTDIR)$(PREFIX)/include/
+	install -m 644 $(BUILD)/poolbroker.pc $(DESTDIR)$(PREFIX)/lib/pkgconfig/
+
+clean:
+	rm -rf $(BUILD)
+
+-include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

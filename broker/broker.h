@@ -1,0 +1,223 @@
+/*
+ * broker.h — the broker's private state, shared by its modules:
+ *
+ *   main.c     command line, signals, the main loop
+ *   shm.c      creating and laying out the shared segment
+ *   control.c  the control socket: attach, client records, pidfds
+ *   pool.c     slots and their lifecycle: leases, waiters, release, reset
+ *   pg.c       PostgreSQL driver: connect with libpq, frame, count replies
+ *   redis.c    Redis driver: connect with hiredis, frame, count replies
+ *   janitor.c  periodic work: sizing, recycling, repairs, leak warnings
+ *
+ * Nothing here is visible to clients: what they see is pb_shm.h.
+ */
+#ifndef PB_BROKER_H
+#define PB_BROKER_H
+
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "conf.h"
+#include "loop.h"
+#include "pb_shm.h"
+
+struct pool;
+struct conn;
+
+/* Private connection state (the slot word says who holds the slot; this says
+ * what the broker is doing with the connection behind it). */
+enum conn_state {
+    CS_EMPTY = 0,            /* no connection */
+    CS_CONNECTING,           /* libpq / hiredis handshake in progress */
+    CS_READY,                /* connected */
+    CS_CLOSING,              /* shutting down: waiting for in-flight ops */
+};
+
+/* Driver: what differs between PostgreSQL and Redis. */
+typedef struct driver {
+    const char *name;
+    /* Start connecting c; PB_OK or a PB_E* code (c->error says why). */
+    int (*connect_start)(struct conn *c);
+    /* Continue a handshake after the poll on c->fd fired. */
+    void (*connect_step)(struct conn *c, int revents);
+    /* Check a client request (len bytes) and count the replies it will
+     * produce into *nreplies; PB_OK or PB_EPROTO. */
+    int (*frame_request)(struct conn *c, const uint8_t *req, uint32_t len, uint32_t *nreplies);
+    /* Scan n freshly received reply bytes: count complete replies. */
+    int (*scan_reply)(struct conn *c, const uint8_t *p, size_t n);
+    /* Append the commands that reset the connection's session; returns how
+     * many replies they produce (0: nothing needed). */
+    int (*build_reset)(struct conn *c, int dirty);
+    /* Append a cheap liveness check (empty query / PING); returns replies. */
+    int (*build_ping)(struct conn *c);
+    /* Free driver state (libpq handle, hiredis context); closes c->fd. */
+    void (*close)(struct conn *c);
+} driver;
+
+/* A reply scanner's state, carried across recv completions. */
+typedef struct scan_state {
+    uint8_t hdr[5];          /* PG: type byte + length, as collected so far */
+    uint32_t hdr_have;
+    uint64_t body_left;      /* PG: bytes left of the current message's body */
+    void *reader;            /* Redis: redisReader without objects */
+} scan_state;
+
+typedef struct conn {
+    struct pool *pool;
+    uint32_t index;          /* global slot index */
+    pb_shm_slot *slot;
+    uint8_t *req;            /* request buffer in shm (private copy of its address) */
+    uint8_t *rep;            /* reply ring in shm */
+    uint32_t req_size, rep_size;
+    int state;               /* enum conn_state */
+    int fd;
+    int backend_pid;
+    void *pg;                /* PGconn * */
+    void *rc;                /* redisContext * */
+    char error[160];         /* last connect error, for logs and the pool */
+
+    ev_op send_op, recv_op, poll_op;
+
+    /* sending: a private copy of the validated request (or reset commands) */
+    uint8_t *sbuf;
+    uint32_t slen, soff, scap;
+    int sending;
+
+    /* receiving */
+    scan_state scan;
+    uint32_t expect;         /* replies still to come */
+    uint64_t rep_head;       /* our copy of slot->rep_head */
+    uint8_t *scratch;        /* private sink for replies nobody will read */
+    int to_sink;             /* replies go to scratch (reset, or lease gone) */
+    uint64_t cmd_word;       /* slot word of the lease whose command is in flight */
+    char txn;                /* last ReadyForQuery status: 'I','T','E' */
+    int broken;              /* I/O failed: close as soon as nothing is in flight */
+
+    /* what the broker is doing with it (when not just serving a lease) */
+    int resetting;           /* replies of our own reset commands are pending */
+    int validating;          /* our own ping is pending (slot held by the broker) */
+    int release_pending;     /* owner released while replies were outstanding */
+    int submit_deferred;     /* a SUBMIT waits for the previous replies */
+    uint32_t deferred_seq;
+
+    /* lifecycle */
+    uint64_t created_ms, retire_at_ms, last_used_ms, cmd_start_ms;
+    uint64_t leak_logged_word;
+    int cancel_sent;
+} conn;
+
+typedef struct waiter {
+    uint32_t client_idx;
+    uint32_t client_id;
+    uint32_t ticket;
+} waiter;
+
+typedef struct pool {
+    uint32_t index;
+    conf_pool *cf;           /* owned by the broker's current conf */
+    const driver *drv;
+    pb_shm_pool *shm;
+    conn *conns;             /* slot_capacity of them */
+    uint32_t nconns;
+    uint32_t connecting;     /* handshakes in flight */
+    uint32_t live;           /* connections CS_READY or CONNECTING */
+    waiter *wq;              /* FIFO of waiters: ring of max_clients entries */
+    uint32_t wq_head, wq_len, wq_cap;
+    uint64_t backoff_until_ms;
+    uint32_t backoff_ms;
+    int removed;             /* dropped by a reload: close as leases return */
+} pool;
+
+typedef struct client {
+    uint32_t idx;            /* record index */
+    uint32_t id;             /* 24-bit id, 0 = record unused */
+    pid_t pid;
+    uid_t uid;
+    int ctrl_fd, pidfd;
+    ev_op ctrl_op, pid_op;
+    uint8_t ctrl_buf[64];
+    uint32_t sq_head;        /* private consumer position */
+    uint32_t reuse;          /* how often the record was reused (for ids) */
+    int dead;                /* waiting for its ops to finish before reuse */
+    int attached;            /* handshake done */
+} client;
+
+typedef struct broker {
+    conf *cf;
+    loop *lp;
+    int io_backend;
+    pb_shm_header *hdr;
+    size_t shm_size;
+    int shm_fd;
+    int doorbell_fd;         /* eventfd clients write when we sleep */
+    ev_op doorbell_op;
+    uint64_t doorbell_val;
+    int listen_fd;
+    ev_op accept_op;
+    int signal_fd;
+    ev_op signal_op;
+    uint8_t siginfo[128];
+    pool *pools;
+    uint32_t npools;
+    conn **slots;            /* global slot index -> conn */
+    uint32_t nslots;
+    client *clients;
+    uint32_t max_clients;
+    uint32_t nattached;
+    uint32_t last_sq_seq;
+    uint32_t inflight;       /* connections with replies outstanding */
+    int draining;
+    uint64_t drain_deadline_ms;
+    int stop;
+    uint64_t next_janitor_ms;
+    uint64_t now_ms;         /* CLOCK_MONOTONIC ms, updated each iteration */
+} broker;
+
+extern broker B;
+
+/* time */
+uint64_t now_ms(void);
+
+/* shm.c */
+int shm_create(broker *b);
+void shm_destroy(broker *b, int unlink_it);
+
+/* control.c */
+int control_listen(broker *b);
+void control_close(broker *b);
+void control_scan_rings(broker *b);
+void client_gone(broker *b, client *cl, const char *why);
+client *client_by_id(broker *b, uint32_t id);
+
+/* pool.c */
+int pools_init(broker *b);
+void pools_free(broker *b);
+void pool_maybe_grow(pool *p);
+void pool_serve_waiters(pool *p);
+void pool_enqueue_waiter(pool *p, client *cl, uint32_t ticket);
+void pool_cancel_waiter(pool *p, client *cl, uint32_t ticket);
+void pool_drop_client_waiters(broker *b, client *cl);
+void pool_fail_waiters(pool *p, int err);
+void conn_submit(conn *c, uint64_t lease_word, uint32_t seq);
+void conn_release(conn *c, uint64_t word, int reclaim);
+void conn_drained(conn *c);
+void conn_connected(conn *c);
+void conn_connect_failed(conn *c, const char *why);
+void conn_close(conn *c, const char *why);
+void conn_send_private(conn *c);
+int conn_sbuf_append(conn *c, const void *p, uint32_t n);
+void conn_got_reply(conn *c, char txn);
+void conn_start_connect(conn *c);
+void conn_take_back(conn *c, uint64_t word, const char *why);
+void freemap_set(pool *p, uint32_t local);
+void freemap_clear(pool *p, uint32_t local);
+void wake_futex(_Atomic uint32_t *word, _Atomic uint32_t *sleeping);
+
+/* drivers */
+extern const driver pg_driver;
+extern const driver redis_driver;
+
+/* janitor.c */
+void janitor_run(broker *b);
+
+#endif /* PB_BROKER_H */

@@ -1,0 +1,85 @@
+/*
+ * conf.h — poolbroker.conf: the parsed configuration.
+ *
+ * The file is INI: a [broker] section and one [pool NAME] section per pool.
+ * Durations carry their unit in the key name (_ms, _s); sizes accept k/m
+ * suffixes.  Unknown keys, sections and bad values are errors that name the
+ * file, the line and the key.
+ */
+#ifndef PB_CONF_H
+#define PB_CONF_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "pb_shm.h"
+
+#define CONF_MAX_UIDS 16
+#define CONF_ERR_MAX  512
+
+typedef struct conf_pool {
+    char name[PB_NAME_MAX];         /* [pool NAME]; [A-Za-z0-9_.-], 1..31 chars */
+    int type;                       /* PB_POOL_POSTGRES | PB_POOL_REDIS (key: type) */
+    /* postgres */
+    char *conninfo;                 /* libpq conninfo string (required for postgres) */
+    /* redis */
+    char *host;                     /* default "127.0.0.1" */
+    int port;                       /* default 6379 */
+    char *unix_socket;              /* overrides host/port when set */
+    char *password_file;            /* file holding the password (first line) */
+    char *password;                 /* read from password_file; never in shm or logs */
+    char *user;                     /* ACL user for AUTH, optional */
+    int db;                         /* default 0 */
+    /* generic */
+    uint32_t min_size;              /* default 0 */
+    uint32_t max_size;              /* default 10; 1..PB_MAX_POOL_SLOTS; >= min_size */
+    uint32_t acquire_timeout_ms;    /* default 5000 */
+    uint32_t command_timeout_ms;    /* default 0 = none */
+    uint32_t max_lifetime_s;        /* default 3600; 0 = unlimited */
+    uint32_t idle_timeout_s;        /* default 300; 0 = never */
+    uint64_t max_uses;              /* default 0 = unlimited */
+    uint32_t validate_after_idle_ms;/* default 30000; 0 = never */
+    int reset_policy;               /* PB_RESET_*; key reset: rollback | discard_all | <SQL> */
+    char *reset_sql;                /* the custom SQL when PB_RESET_CUSTOM */
+    uint32_t leak_threshold_ms;     /* default 10000; 0 = off */
+    uint32_t max_lease_ms;          /* default 0 = off */
+    uint32_t request_buffer;        /* default 64k; 1k..64m */
+    uint32_t reply_buffer;          /* default 256k; 4k..256m; rounded up to a power of two */
+    int line;                       /* line of the [pool] header (for messages) */
+} conf_pool;
+
+typedef struct conf {
+    char *path;                     /* file it was read from */
+    char *socket;                   /* default "/run/poolbroker/poolbroker.sock" */
+    unsigned socket_mode;           /* default 0660 (octal in the file) */
+    char *shm_name;                 /* default "/poolbroker"; must start with '/' */
+    unsigned shm_mode;              /* default 0600 */
+    uid_t allowed_uids[CONF_MAX_UIDS];
+    int n_allowed_uids;             /* 0: only the broker's own uid */
+    gid_t allowed_gids[CONF_MAX_UIDS];
+    int n_allowed_gids;
+    int log_level;                  /* LOG_DEBUG..LOG_ERROR of log.h; default info */
+    char *log_target;               /* "stderr" (default) | "syslog" */
+    uint32_t shutdown_timeout_ms;   /* default 30000 */
+    char *metrics_listen;           /* "host:port" or NULL */
+    char *io_backend;               /* "auto" (default) | "io_uring" | "epoll" */
+    uint32_t max_clients;           /* default 1024; 1..PB_MAX_CLIENTS */
+    conf_pool *pools;
+    int npools;
+} conf;
+
+/* Parse the file at path into a freshly allocated conf.  On error returns
+ * NULL and writes "FILE:LINE: key 'KEY': what is wrong" into err. */
+conf *conf_load(const char *path, char *err, size_t errlen);
+
+/* Parse from a string (name is used in messages only); for tests and fuzzing. */
+conf *conf_parse(const char *name, const char *text, char *err, size_t errlen);
+
+/* Free a conf and everything it owns (wipes passwords first).  NULL is fine. */
+void conf_free(conf *c);
+
+/* The pool named name, or NULL. */
+conf_pool *conf_find_pool(conf *c, const char *name);
+
+#endif /* PB_CONF_H */

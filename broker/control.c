@@ -1,0 +1,442 @@
+/*
+ * control.c — the control socket and the client table.
+ *
+ * A worker attaches by connecting to the socket and sending a pb_attach_req.
+ * The broker checks the peer's credentials (SO_PEERCRED against allowed_uids
+ * and allowed_gids), opens a pidfd for it, fills a client record in the
+ * segment and answers with the segment and doorbell fds (SCM_RIGHTS).  From
+ * then on the client talks to the broker only through its submission ring;
+ * the socket stays open so that either side sees the other go (EOF), and the
+ * pidfd tells us when the process itself has died, whatever killed it.
+ *
+ * control_scan_rings() drains every attached client's submission ring.  Each
+ * entry is client-written, so it is read once and every field is checked
+ * before use; a bad entry is logged and skipped.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "broker.h"
+#include "log.h"
+#include "poolbroker.h"
+
+static void on_accept(ev_op *op, int res);
+static void on_ctrl(ev_op *op, int res);
+static void on_pidfd(ev_op *op, int res);
+
+static int pidfd_open_(pid_t pid)
+{
+    return (int)syscall(SYS_pidfd_open, pid, 0);
+}
+
+int control_listen(broker *b)
+{
+    const char *path = b->cf->socket;
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+
+    if (strlen(path) >= sizeof sa.sun_path) {
+        log_error("socket path too long: %s", path);
+        return -1;
+    }
+    strcpy(sa.sun_path, path);
+
+    /* A socket file may be left by a broker that died.  If something answers
+     * on it, another broker is running: refuse rather than steal its path. */
+    int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (probe >= 0) {
+        if (connect(probe, (struct sockaddr *)&sa, sizeof sa) == 0) {
+            close(probe);
+            log_error("another broker is listening on %s", path);
+            return -1;
+        }
+        close(probe);
+    }
+    if (unlink(path) == 0)
+        log_info("removed stale socket %s", path);
+
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        log_errno(LOG_LVL_ERROR, errno, "socket");
+        return -1;
+    }
+    mode_t old = umask(0177);
+    int r = bind(fd, (struct sockaddr *)&sa, sizeof sa);
+    umask(old);
+    if (r < 0) {
+        log_errno(LOG_LVL_ERROR, errno, "bind %s", path);
+        close(fd);
+        return -1;
+    }
+    if (chmod(path, b->cf->socket_mode) < 0 ||
+        (b->cf->n_allowed_gids > 0 && (b->cf->socket_mode & 070) &&
+         chown(path, (uid_t)-1, b->cf->allowed_gids[0]) < 0)) {
+        log_errno(LOG_LVL_ERROR, errno, "setting mode/group of %s", path);
+        close(fd);
+        return -1;
+    }
+    if (listen(fd, 1024) < 0) {
+        log_errno(LOG_LVL_ERROR, errno, "listen %s", path);
+        close(fd);
+        return -1;
+    }
+    b->listen_fd = fd;
+    b->accept_op.cb = on_accept;
+    b->accept_op.data = b;
+    loop_accept(b->lp, &b->accept_op, fd);
+    return 0;
+}
+
+void control_close(broker *b)
+{
+    if (b->listen_fd >= 0) {
+        close(b->listen_fd);
+        b->listen_fd = -1;
+        unlink(b->cf->socket);
+    }
+}
+
+client *client_by_id(broker *b, uint32_t id)
+{
+    if (id == 0)
+        return NULL;
+    uint32_t idx = PB_CLIENT_INDEX(id);
+    if (idx >= b->max_clients || b->clients[idx].id != id)
+        return NULL;
+    return &b->clients[idx];
+}
+
+static int uid_allowed(broker *b, uid_t uid, gid_t gid)
+{
+    conf *cf = b->cf;
+    if (cf->n_allowed_uids == 0 && cf->n_allowed_gids == 0)
+        return uid == geteuid();
+    for (int i = 0; i < cf->n_allowed_uids; i++)
+        if (cf->allowed_uids[i] == uid)
+            return 1;
+    for (int i = 0; i < cf->n_allowed_gids; i++)
+        if (cf->allowed_gids[i] == gid)
+            return 1;
+    return 0;
+}
+
+/* Send the attach answer; fds only on success. */
+static void send_resp(broker *b, int fd, int status, client *cl)
+{
+    pb_attach_resp resp = {
+        .magic = PB_ATTACH_MAGIC,
+        .status = status,
+        .version = PB_SHM_VERSION,
+        .fingerprint = PB_SHM_FINGERPRINT,
+        .client_id = cl ? cl->id : 0,
+        .generation = atomic_load(&b->hdr->generation),
+        .shm_size = b->shm_size,
+    };
+    struct iovec iov = { .iov_base = &resp, .iov_len = sizeof resp };
+    union {
+        struct cmsghdr align;
+        char buf[CMSG_SPACE(2 * sizeof(int))];
+    } u;
+    struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+    if (status == PB_OK) {
+        memset(&u, 0, sizeof u);
+        mh.msg_control = u.buf;
+        mh.msg_controllen = sizeof u.buf;
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+        cm->cmsg_level = SOL_SOCKET;
+        cm->cmsg_type = SCM_RIGHTS;
+        cm->cmsg_len = CMSG_LEN(2 * sizeof(int));
+        int fds[2] = { b->shm_fd, b->doorbell_fd };
+        memcpy(CMSG_DATA(cm), fds, sizeof fds);
+    }
+    /* The socket is fresh and the message small: a non-blocking send of it
+     * cannot be partial in practice; if it is, the client sees a short read
+     * and reports PB_EBROKER. */
+    if (sendmsg(fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL) != (ssize_t)sizeof resp)
+        log_errno(LOG_LVL_WARN, errno, "sending attach answer");
+}
+
+static client *alloc_client(broker *b)
+{
+    for (uint32_t i = 0; i < b->max_clients; i++) {
+        client *cl = &b->clients[i];
+        if (cl->id == 0 && !cl->dead && cl->ctrl_fd < 0) {
+            cl->reuse++;
+            cl->id = ((cl->reuse & 0xFFFu) << PB_CLIENT_INDEX_BITS) | (i + 1);
+            cl->idx = i;
+            return cl;
+        }
+    }
+    return NULL;
+}
+
+static void on_accept(ev_op *op, int res)
+{
+    broker *b = op->data;
+    if (res >= 0) {
+        client *cl = alloc_client(b);
+        if (!cl) {
+            log_warn("refused a client: max_clients (%u) reached", b->max_clients);
+            send_resp(b, res, PB_EPERM, NULL);
+            close(res);
+        } else {
+            cl->ctrl_fd = res;
+            cl->attached = 0;
+            cl->dead = 0;
+            cl->pidfd = -1;
+            cl->ctrl_op.cb = on_ctrl;
+            cl->ctrl_op.data = cl;
+            loop_recv(b->lp, &cl->ctrl_op, res, cl->ctrl_buf, sizeof cl->ctrl_buf);
+        }
+    } else if (res != -EAGAIN && res != -EINTR && res != -ECONNABORTED) {
+        log_errno(LOG_LVL_WARN, -res, "accept");
+    }
+    if (b->listen_fd >= 0 && !b->stop)
+        loop_accept(b->lp, &b->accept_op, b->listen_fd);
+}
+
+/* Free the record once nothing of ours is in flight on it. */
+static void client_finalize(broker *b, client *cl)
+{
+    if (cl->ctrl_op.pending || cl->pid_op.pending)
+        return;
+    if (cl->ctrl_fd >= 0)
+        close(cl->ctrl_fd);
+    if (cl->pidfd >= 0)
+        close(cl->pidfd);
+    cl->ctrl_fd = cl->pidfd = -1;
+    cl->dead = 0;
+    cl->attached = 0;
+    (void)b;
+}
+
+static void attach(broker *b, client *cl, const uint8_t *buf, int len)
+{
+    pb_attach_req req;
+    struct ucred cred;
+    socklen_t clen = sizeof cred;
+
+    if (len != (int)sizeof req) {
+        log_warn("attach: bad request size %d", len);
+        goto refuse_proto;
+    }
+    memcpy(&req, buf, sizeof req);
+    if (getsockopt(cl->ctrl_fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) < 0) {
+        log_errno(LOG_LVL_WARN, errno, "SO_PEERCRED");
+        goto refuse_proto;
+    }
+    if (req.magic != PB_ATTACH_MAGIC) {
+        log_warn("attach from pid %d: not a poolbroker client", (int)cred.pid);
+        goto refuse_proto;
+    }
+    if (req.version != PB_SHM_VERSION || req.fingerprint != PB_SHM_FINGERPRINT) {
+        log_warn("attach from pid %d refused: layout version %u/%08x, broker has %u/%08x", (int)cred.pid,
+                 req.version, req.fingerprint, PB_SHM_VERSION, PB_SHM_FINGERPRINT);
+        send_resp(b, cl->ctrl_fd, PB_EVERSION, NULL);
+        goto drop;
+    }
+    if (!uid_allowed(b, cred.uid, cred.gid)) {
+        log_warn("attach from pid %d refused: uid %u gid %u not allowed", (int)cred.pid, (unsigned)cred.uid,
+                 (unsigned)cred.gid);
+        send_resp(b, cl->ctrl_fd, PB_EPERM, NULL);
+        goto drop;
+    }
+    if (b->draining) {
+        send_resp(b, cl->ctrl_fd, PB_ESHUTDOWN, NULL);
+        goto drop;
+    }
+    cl->pidfd = pidfd_open_(cred.pid);
+    if (cl->pidfd < 0) {
+        log_errno(LOG_LVL_WARN, errno, "pidfd_open(%d)", (int)cred.pid);
+        send_resp(b, cl->ctrl_fd, PB_EBROKER, NULL);
+        goto drop;
+    }
+    cl->pid = cred.pid;
+    cl->uid = cred.uid;
+    cl->sq_head = 0;
+
+    pb_shm_client *sc = &pb_shm_clients(b->hdr)[cl->idx];
+    atomic_store(&sc->pid, (int32_t)cred.pid);
+    atomic_store(&sc->attach_ms, b->now_ms);
+    atomic_store(&sc->wait_word, PB_WAITW(PB_WAIT_NONE, 0, 0));
+    atomic_store(&sc->wait_sleeping, 0);
+    atomic_store(&sc->sq_head, 0);
+    atomic_store(&sc->sq_tail, 0);
+    atomic_store_explicit(&sc->id, cl->id, memory_order_release);
+
+    cl->attached = 1;
+    b->nattached++;
+    atomic_store(&b->hdr->clients_attached, b->nattached);
+    send_resp(b, cl->ctrl_fd, PB_OK, cl);
+    log_debug("client %u attached: pid %d uid %u", cl->id, (int)cl->pid, (unsigned)cl->uid);
+
+    cl->pid_op.cb = on_pidfd;
+    cl->pid_op.data = cl;
+    loop_poll(b->lp, &cl->pid_op, cl->pidfd, POLLIN);
+    loop_recv(b->lp, &cl->ctrl_op, cl->ctrl_fd, cl->ctrl_buf, sizeof cl->ctrl_buf);
+    return;
+
+refuse_proto:
+    send_resp(b, cl->ctrl_fd, PB_EPROTO, NULL);
+drop:
+    cl->id = 0;
+    client_finalize(b, cl);
+}
+
+static void on_ctrl(ev_op *op, int res)
+{
+    client *cl = op->data;
+    broker *b = &B;
+
+    if (cl->dead) {
+        client_finalize(b, cl);
+        return;
+    }
+    if (!cl->attached) {
+        if (res <= 0) {             /* went away before attaching */
+            cl->id = 0;
+            client_finalize(b, cl);
+            return;
+        }
+        attach(b, cl, cl->ctrl_buf, res);
+        return;
+    }
+    if (res == 0 || (res < 0 && res != -EINTR && res != -EAGAIN)) {
+        client_gone(b, cl, "disconnected");
+        return;
+    }
+    /* Nothing is expected on the socket after the attach; ignore it. */
+    loop_recv(b->lp, &cl->ctrl_op, cl->ctrl_fd, cl->ctrl_buf, sizeof cl->ctrl_buf);
+}
+
+static void on_pidfd(ev_op *op, int res)
+{
+    client *cl = op->data;
+    broker *b = &B;
+    if (cl->dead) {
+        client_finalize(b, cl);
+        return;
+    }
+    if (res == -ECANCELED)
+        return;
+    client_gone(b, cl, "process exited");
+}
+
+/* A client detached or died: take back everything it held. */
+void client_gone(broker *b, client *cl, const char *why)
+{
+    if (cl->dead || !cl->attached)
+        return;
+    uint32_t id = cl->id;
+    log_debug("client %u (pid %d) %s", id, (int)cl->pid, why);
+
+    /* What it had already asked for is still worth doing (a release, say). */
+    control_scan_rings(b);
+    pool_drop_client_waiters(b, cl);
+
+    for (uint32_t s = 0; s < b->nslots; s++) {
+        conn *c = b->slots[s];
+        uint64_t w = atomic_load(&c->slot->word);
+        unsigned st = PB_WORD_STATE(w);
+        if (PB_WORD_OWNER(w) == id && (st == PB_SLOT_LEASED || st == PB_SLOT_RELEASING))
+            conn_take_back(c, w, why);
+    }
+
+    pb_shm_client *sc = &pb_shm_clients(b->hdr)[cl->idx];
+    atomic_store(&sc->id, 0);
+    atomic_store(&sc->pid, 0);
+    cl->id = 0;
+    cl->dead = 1;
+    b->nattached--;
+    atomic_store(&b->hdr->clients_attached, b->nattached);
+    /* End both operations; the record is reused once their callbacks ran. */
+    shutdown(cl->ctrl_fd, SHUT_RDWR);
+    loop_cancel(b->lp, &cl->pid_op);
+    loop_cancel(b->lp, &cl->ctrl_op);
+    client_finalize(b, cl);
+}
+
+/* One submission entry from client cl. */
+static void handle_sqe(broker *b, client *cl, uint64_t e)
+{
+    unsigned op = PB_SQE_OP(e);
+    uint32_t arg = PB_SQE_ARG(e), val = PB_SQE_VAL(e);
+
+    switch (op) {
+    case PB_SQ_NOP:
+        return;
+    case PB_SQ_SUBMIT:
+    case PB_SQ_RELEASE:
+    case PB_SQ_DRAINED: {
+        if (arg >= b->nslots)
+            break;
+        conn *c = b->slots[arg];
+        uint64_t w = atomic_load(&c->slot->word);
+        if (PB_WORD_OWNER(w) != cl->id || PB_WORD_GEN(w) != val)
+            return;                 /* stale: that lease is over */
+        if (op == PB_SQ_RELEASE) {
+            if (PB_WORD_STATE(w) == PB_SLOT_RELEASING)
+                conn_release(c, w, 0);
+        } else if (PB_WORD_STATE(w) == PB_SLOT_LEASED) {
+            if (op == PB_SQ_SUBMIT)
+                conn_submit(c, w, atomic_load(&c->slot->req_seq));
+            else
+                conn_drained(c);
+        }
+        return;
+    }
+    case PB_SQ_WAIT:
+    case PB_SQ_CANCEL_WAIT:
+        if (arg >= b->npools)
+            break;
+        if (op == PB_SQ_WAIT)
+            pool_enqueue_waiter(&b->pools[arg], cl, val);
+        else
+            pool_cancel_waiter(&b->pools[arg], cl, val);
+        return;
+    }
+    log_warn("client %u (pid %d): bad submission entry %016llx ignored", cl->id, (int)cl->pid,
+             (unsigned long long)e);
+}
+
+void control_scan_rings(broker *b)
+{
+    b->last_sq_seq = atomic_load(&b->hdr->sq_seq);
+    pb_shm_client *recs = pb_shm_clients(b->hdr);
+    for (uint32_t i = 0; i < b->max_clients; i++) {
+        client *cl = &b->clients[i];
+        if (!cl->attached || cl->dead)
+            continue;
+        pb_shm_client *sc = &recs[i];
+        uint32_t tail = atomic_load_explicit(&sc->sq_tail, memory_order_acquire);
+        uint32_t n = tail - cl->sq_head;
+        if (n == 0)
+            continue;
+        if (n > PB_SQ_ENTRIES) {
+            log_warn("client %u (pid %d): submission ring tail %u impossible (head %u); resynchronised",
+                     cl->id, (int)cl->pid, tail, cl->sq_head);
+            cl->sq_head = tail;
+            atomic_store_explicit(&sc->sq_head, tail, memory_order_release);
+            continue;
+        }
+        while (cl->sq_head != tail) {
+            uint64_t e = atomic_load_explicit(&sc->sq[cl->sq_head & (PB_SQ_ENTRIES - 1)], memory_order_relaxed);
+            cl->sq_head++;
+            handle_sqe(b, cl, e);
+            if (!cl->attached || cl->dead)
+                break;
+        }
+        atomic_store_explicit(&sc->sq_head, cl->sq_head, memory_order_release);
+    }
+}

@@ -1,0 +1,90 @@
+/*
+ * janitor.c — the broker's periodic work (every JANITOR_MS):
+ *
+ *   - keep every pool at min_size, with at most a few connects in flight
+ *     and backoff after failures (pool.c: pool_maybe_grow);
+ *   - give up on handshakes that take too long;
+ *   - close free connections idle past idle_timeout_s (down to min_size) or
+ *     past their own max_lifetime; mark leased ones to retire on release;
+ *   - put back free-map bits lost by a process killed between clearing a
+ *     bit and winning the slot CAS (the map is a hint; the slot word is truth);
+ *   - warn once about leases held longer than leak_threshold_ms.
+ */
+#define _GNU_SOURCE
+#include <stdio.h>
+
+#include "broker.h"
+#include "log.h"
+
+#define CONNECT_TIMEOUT_MS 10000
+
+/* Take a FREE slot for the broker; 1 if we got it. */
+static int take_if_free(conn *c, unsigned state)
+{
+    uint64_t w = atomic_load(&c->slot->word);
+    if (PB_WORD_STATE(w) != PB_SLOT_FREE)
+        return 0;
+    if (!atomic_compare_exchange_strong(&c->slot->word, &w, PB_WORD_NEXT(w, state, 0)))
+        return 0;
+    freemap_clear(c->pool, c->index - c->pool->shm->first_slot);
+    return 1;
+}
+
+static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
+{
+    conf_pool *cp = p->cf;
+    uint64_t now = b->now_ms;
+
+    if (c->state == CS_CONNECTING) {
+        if (now - c->created_ms > CONNECT_TIMEOUT_MS)
+            conn_connect_failed(c, "connect timed out");
+        return;
+    }
+    if (c->state != CS_READY)
+        return;
+    uint64_t w = atomic_load(&c->slot->word);
+    unsigned st = PB_WORD_STATE(w);
+
+    if (st == PB_SLOT_FREE) {
+        int retire = c->retire_at_ms && now >= c->retire_at_ms;
+        int idle = cp->idle_timeout_s && now - c->last_used_ms > (uint64_t)cp->idle_timeout_s * 1000 &&
+                   p->live > atomic_load(&p->shm->min_size);
+        if ((retire || idle || p->removed) && take_if_free(c, PB_SLOT_CLOSING)) {
+            atomic_fetch_add_explicit(&p->shm->retired, 1, memory_order_relaxed);
+            conn_close(c, retire ? "max_lifetime reached" : idle ? "idle timeout" : "pool removed");
+            return;
+        }
+        (*live_free)++;
+        return;
+    }
+    if (st == PB_SLOT_LEASED) {
+        if (c->retire_at_ms && now >= c->retire_at_ms)
+            atomic_fetch_or(&c->slot->flags, PB_SF_RETIRE);
+        uint64_t since = atomic_load(&c->slot->lease_ms);
+        if (cp->leak_threshold_ms && since && now > since && now - since > cp->leak_threshold_ms &&
+            c->leak_logged_word != w) {
+            client *cl = client_by_id(b, PB_WORD_OWNER(w));
+            c->leak_logged_word = w;
+            atomic_fetch_add_explicit(&p->shm->leaks, 1, memory_order_relaxed);
+            slog(LOG_LVL_WARN, c, "lease held for %llu ms by pid %d (leak_threshold_ms %u)",
+                 (unsigned long long)(now - since), cl ? (int)cl->pid : -1, cp->leak_threshold_ms);
+        }
+    }
+}
+
+void janitor_run(broker *b)
+{
+    atomic_store(&b->hdr->heartbeat_ms, b->now_ms);
+    for (uint32_t i = 0; i < b->npools; i++) {
+        pool *p = &b->pools[i];
+        uint32_t free_count = 0;
+        for (uint32_t k = 0; k < p->nconns; k++)
+            check_conn(b, p, &p->conns[k], &free_count);
+        uint32_t fixed = p->nconns ? pb_freemap_repair(p->shm, p->conns[0].slot, p->nconns) : 0;
+        if (fixed)
+            log_debug("pool %s: put %u lost free-map hint%s back", p->cf->name, fixed, fixed == 1 ? "" : "s");
+        if (p->wq_len)
+            pool_serve_waiters(p);
+        pool_maybe_grow(p);
+    }
+}

@@ -1,0 +1,69 @@
+/*
+ * log.c — see log.h.
+ */
+#define _GNU_SOURCE
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <syslog.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "log.h"
+
+int log_level = LOG_LVL_INFO;
+static int use_syslog;
+
+static const char *const level_names[] = { "debug", "info", "warn", "error" };
+
+int log_level_parse(const char *s)
+{
+    for (int i = 0; i < 4; i++)
+        if (strcmp(s, level_names[i]) == 0)
+            return i;
+    return -1;
+}
+
+void log_use_syslog(int on)
+{
+    if (on && !use_syslog)
+        openlog("poolbroker", LOG_PID | LOG_NDELAY, LOG_DAEMON);
+    else if (!on && use_syslog)
+        closelog();
+    use_syslog = on;
+}
+
+void log_msg(int level, const char *file, int line, int err, const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+    int n;
+
+    if (level < log_level)
+        return;
+    va_start(ap, fmt);
+    n = vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return;
+    if (err && (size_t)n < sizeof msg)
+        snprintf(msg + n, sizeof msg - (size_t)n, ": %s", strerror(err));
+
+    if (use_syslog) {
+        static const int prio[] = { LOG_DEBUG, LOG_INFO, LOG_WARNING, LOG_ERR };
+        syslog(prio[level & 3], "%s (%s:%d)", msg, file, line);
+        return;
+    }
+    struct timespec ts;
+    struct tm tm;
+    char when[32];
+    clock_gettime(CLOCK_REALTIME, &ts);
+    gmtime_r(&ts.tv_sec, &tm);
+    strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%S", &tm);
+    /* One write per line so lines from a crash handler or a child never interleave. */
+    char line_buf[1200];
+    int len = snprintf(line_buf, sizeof line_buf, "%s.%03ldZ %s [%d] %s (%s:%d)\n", when,
+                       ts.tv_nsec / 1000000, level_names[level & 3], (int)getpid(), msg, file, line);
+    if (len > 0)
+        (void)!write(STDERR_FILENO, line_buf, (size_t)len < sizeof line_buf ? (size_t)len : sizeof line_buf - 1);
+}

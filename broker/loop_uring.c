@@ -1,0 +1,164 @@
+/*
+ * loop_uring.c — the io_uring backend of the event loop (see loop.h).
+ *
+ * One ring, set up SINGLE_ISSUER | DEFER_TASKRUN where the kernel has them
+ * (completions are then processed only inside our own io_uring_enter, which is
+ * exactly when we want them).  Every operation is one SQE whose user_data is
+ * the ev_op; all SQEs queued during an iteration go to the kernel in the same
+ * io_uring_enter that waits for completions.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <liburing.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include "log.h"
+#include "loop.h"
+
+#define RING_ENTRIES 4096
+#define CANCEL_TAG   1              /* user_data of cancel SQEs: never a valid pointer */
+
+typedef struct uring_loop {
+    loop base;
+    struct io_uring ring;
+} uring_loop;
+
+static struct io_uring_sqe *get_sqe(uring_loop *u)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
+    if (!sqe) {
+        /* SQ full: hand what we have to the kernel and try again. */
+        io_uring_submit(&u->ring);
+        sqe = io_uring_get_sqe(&u->ring);
+    }
+    return sqe;
+}
+
+static void uring_submit(loop *l, ev_op *op)
+{
+    uring_loop *u = (uring_loop *)l;
+    struct io_uring_sqe *sqe = get_sqe(u);
+
+    if (!sqe) {
+        /* Cannot happen after a submit frees the SQ; fail the op loudly. */
+        log_error("io_uring: no SQE available");
+        op->pending = 0;
+        op->cb(op, -EBUSY);
+        return;
+    }
+    switch (op->kind) {
+    case EV_ACCEPT:
+        io_uring_prep_accept(sqe, op->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        break;
+    case EV_RECV:
+        io_uring_prep_recv(sqe, op->fd, op->buf, op->len, 0);
+        break;
+    case EV_SEND:
+        io_uring_prep_send(sqe, op->fd, op->buf, op->len, MSG_NOSIGNAL);
+        break;
+    case EV_READ:
+        io_uring_prep_read(sqe, op->fd, op->buf, (unsigned)op->len, 0);
+        break;
+    case EV_POLL:
+        io_uring_prep_poll_add(sqe, op->fd, op->events);
+        break;
+    }
+    io_uring_sqe_set_data(sqe, op);
+}
+
+static void uring_cancel(loop *l, ev_op *op)
+{
+    uring_loop *u = (uring_loop *)l;
+    struct io_uring_sqe *sqe = get_sqe(u);
+    if (!sqe)
+        return;
+    io_uring_prep_cancel(sqe, op, 0);
+    io_uring_sqe_set_data64(sqe, CANCEL_TAG);
+}
+
+static int uring_run(loop *l, int timeout_ms)
+{
+    uring_loop *u = (uring_loop *)l;
+    struct io_uring_cqe *cqe;
+    struct __kernel_timespec ts;
+    int ret;
+
+    if (timeout_ms == 0) {
+        ret = io_uring_submit_and_get_events(&u->ring);
+    } else if (timeout_ms < 0) {
+        ret = io_uring_submit_and_wait(&u->ring, 1);
+    } else {
+        ts.tv_sec = timeout_ms / 1000;
+        ts.tv_nsec = (long long)(timeout_ms % 1000) * 1000000;
+        ret = io_uring_submit_and_wait_timeout(&u->ring, &cqe, 1, &ts, NULL);
+    }
+    if (ret < 0 && ret != -ETIME && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY)
+        return ret;
+
+    int n = 0;
+    unsigned head;
+    unsigned seen = 0;
+    /* Callbacks may queue new SQEs; they do not touch the CQ, so iterating
+     * and advancing once at the end is safe. */
+    io_uring_for_each_cqe(&u->ring, head, cqe) {
+        seen++;
+        if (cqe->user_data == CANCEL_TAG || cqe->user_data == 0)
+            continue;
+        ev_op *op = io_uring_cqe_get_data(cqe);
+        int res = cqe->res;
+        op->pending = 0;
+        op->cb(op, res);
+        n++;
+    }
+    io_uring_cq_advance(&u->ring, seen);
+    return n;
+}
+
+static void uring_destroy(loop *l)
+{
+    uring_loop *u = (uring_loop *)l;
+    io_uring_queue_exit(&u->ring);
+    free(u);
+}
+
+static const struct loop_ops uring_ops = {
+    .name = "io_uring",
+    .submit = uring_submit,
+    .cancel = uring_cancel,
+    .run = uring_run,
+    .destroy = uring_destroy,
+};
+
+loop *loop_uring_new(void)
+{
+    uring_loop *u = calloc(1, sizeof *u);
+    if (!u)
+        return NULL;
+    struct io_uring_params p;
+    unsigned flag_sets[] = {
+        IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+        IORING_SETUP_COOP_TASKRUN,
+        0,
+    };
+    int ret = -EINVAL;
+    for (size_t i = 0; i < sizeof flag_sets / sizeof flag_sets[0]; i++) {
+        memset(&p, 0, sizeof p);
+        p.flags = flag_sets[i];
+        ret = io_uring_queue_init_params(RING_ENTRIES, &u->ring, &p);
+        if (ret == 0)
+            break;
+        if (ret != -EINVAL)     /* EPERM, ENOSYS, ENOMEM: no point in other flags */
+            break;
+    }
+    if (ret < 0) {
+        free(u);
+        errno = -ret;
+        return NULL;
+    }
+    u->base.ops = &uring_ops;
+    u->base.backend = LOOP_URING;
+    return &u->base;
+}

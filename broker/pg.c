@@ -1,0 +1,227 @@
+/*
+ * pg.c — the PostgreSQL driver.
+ *
+ * libpq opens and authenticates each connection (PQconnectStart and
+ * PQconnectPoll, driven by our loop), so SCRAM, multi-host conninfo and
+ * target_session_attrs come for free.  Once the connection is up the broker
+ * speaks the v3 protocol on the socket itself: it forwards client requests
+ * after checking their framing against a whitelist of frontend message types,
+ * and counts ReadyForQuery messages in the reply stream (remembering their
+ * transaction status) without building anything.  The libpq handle is kept
+ * for PQfinish and, later, PQgetCancel.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <libpq-fe.h>
+#include <poll.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "broker.h"
+#include "log.h"
+#include "poolbroker.h"
+
+#define PG_MAX_MESSAGE (1u << 30)   /* the server's own limit on a message */
+
+static void set_error(conn *c, const char *msg)
+{
+    snprintf(c->error, sizeof c->error, "%s", msg ? msg : "unknown error");
+    /* libpq messages end in a newline; logs and shmstat do not want it. */
+    size_t n = strlen(c->error);
+    while (n && (c->error[n - 1] == '\n' || c->error[n - 1] == ' '))
+        c->error[--n] = 0;
+}
+
+static void pg_poll_for(conn *c, PostgresPollingStatusType st)
+{
+    PGconn *pg = c->pg;
+    int fd = PQsocket(pg);      /* may change between hosts of a multi-host conninfo */
+    if (fd < 0) {
+        conn_connect_failed(c, "libpq has no socket");
+        return;
+    }
+    loop_poll(B.lp, &c->poll_op, fd, st == PGRES_POLLING_READING ? POLLIN : POLLOUT);
+}
+
+static int pg_connect_start(conn *c)
+{
+    PGconn *pg = PQconnectStart(c->pool->cf->conninfo);
+    if (!pg) {
+        set_error(c, "out of memory");
+        return PB_ENOMEM;
+    }
+    c->pg = pg;
+    if (PQstatus(pg) == CONNECTION_BAD) {
+        set_error(c, PQerrorMessage(pg));
+        return PB_EBACKEND;
+    }
+    /* As the libpq manual says: start as if PQconnectPoll asked to write. */
+    pg_poll_for(c, PGRES_POLLING_WRITING);
+    return PB_OK;
+}
+
+static void pg_connect_step(conn *c, int revents)
+{
+    (void)revents;
+    PGconn *pg = c->pg;
+    PostgresPollingStatusType st = PQconnectPoll(pg);
+    switch (st) {
+    case PGRES_POLLING_READING:
+    case PGRES_POLLING_WRITING:
+        pg_poll_for(c, st);
+        return;
+    case PGRES_POLLING_OK:
+        break;
+    default:
+        set_error(c, PQerrorMessage(pg));
+        conn_connect_failed(c, c->error);
+        return;
+    }
+    if (PQsslInUse(pg)) {
+        /* Reading through the SSL* is not done yet: refuse rather than
+         * corrupt the TLS stream by writing plain bytes under it. */
+        conn_connect_failed(c, "TLS connections are not supported yet (use sslmode=disable)");
+        return;
+    }
+    if (PQtransactionStatus(pg) != PQTRANS_IDLE) {
+        conn_connect_failed(c, "connection not idle after startup");
+        return;
+    }
+    c->fd = PQsocket(pg);
+    c->backend_pid = PQbackendPID(pg);
+    c->txn = 'I';
+    conn_connected(c);
+}
+
+/* Frontend message types a client may send: the extended and simple query
+ * protocols and COPY data.  Never Terminate ('X'), startup, password or
+ * SASL messages, function calls. */
+static int allowed_type(uint8_t t)
+{
+    switch (t) {
+    case 'Q': case 'P': case 'B': case 'D': case 'E': case 'S': case 'C': case 'H':
+    case 'd': case 'c': case 'f':
+        return 1;
+    }
+    return 0;
+}
+
+static int pg_frame_request(conn *c, const uint8_t *req, uint32_t len, uint32_t *nreplies)
+{
+    (void)c;
+    uint32_t off = 0, n = 0;
+    while (off < len) {
+        if (len - off < 5)
+            return PB_EPROTO;
+        uint8_t t = req[off];
+        uint32_t mlen = ((uint32_t)req[off + 1] << 24) | ((uint32_t)req[off + 2] << 16) |
+                        ((uint32_t)req[off + 3] << 8) | (uint32_t)req[off + 4];
+        if (!allowed_type(t) || mlen < 4 || mlen > len - off - 1)
+            return PB_EPROTO;
+        if (t == 'Q' || t == 'S')
+            n++;                    /* each ends in exactly one ReadyForQuery */
+        off += 1 + mlen;
+    }
+    *nreplies = n;
+    return PB_OK;
+}
+
+/* Walk the reply stream: headers are collected byte by byte across calls (a
+ * header can straddle two receives); bodies are skipped, except the one
+ * status byte of ReadyForQuery. */
+static int pg_scan_reply(conn *c, const uint8_t *p, size_t n)
+{
+    scan_state *s = &c->scan;
+    size_t i = 0;
+    while (i < n) {
+        if (s->body_left) {
+            size_t k = n - i < s->body_left ? n - i : (size_t)s->body_left;
+            i += k;
+            s->body_left -= k;
+            continue;
+        }
+        if (s->hdr_have < 5) {
+            s->hdr[s->hdr_have++] = p[i++];
+            if (s->hdr_have < 5)
+                continue;
+            uint32_t mlen = ((uint32_t)s->hdr[1] << 24) | ((uint32_t)s->hdr[2] << 16) |
+                            ((uint32_t)s->hdr[3] << 8) | (uint32_t)s->hdr[4];
+            if (mlen < 4 || mlen > PG_MAX_MESSAGE)
+                return PB_EPROTO;
+            if (s->hdr[0] == 'Z') {
+                if (mlen != 5)
+                    return PB_EPROTO;
+                continue;           /* hdr_have stays 5: the status byte is next */
+            }
+            s->hdr_have = 0;
+            s->body_left = mlen - 4;
+            continue;
+        }
+        /* ReadyForQuery's status byte */
+        uint8_t st = p[i++];
+        s->hdr_have = 0;
+        if (st != 'I' && st != 'T' && st != 'E')
+            return PB_EPROTO;
+        conn_got_reply(c, (char)st);
+    }
+    return PB_OK;
+}
+
+static int append_query(conn *c, const char *sql)
+{
+    uint32_t len = (uint32_t)strlen(sql) + 1 + 4;
+    uint8_t h[5] = { 'Q', (uint8_t)(len >> 24), (uint8_t)(len >> 16), (uint8_t)(len >> 8), (uint8_t)len };
+    if (conn_sbuf_append(c, h, 5) != PB_OK || conn_sbuf_append(c, sql, len - 4) != PB_OK)
+        return -1;
+    return 1;
+}
+
+static int pg_build_reset(conn *c, int dirty)
+{
+    int n = 0;
+    conf_pool *cp = c->pool->cf;
+    if (c->txn != 'I') {
+        if (append_query(c, "ROLLBACK") < 0)
+            return -1;
+        n++;
+    }
+    if (cp->reset_policy == PB_RESET_DISCARD_ALL) {
+        if (append_query(c, "DISCARD ALL") < 0)
+            return -1;
+        n++;
+    } else if (cp->reset_policy == PB_RESET_CUSTOM && cp->reset_sql) {
+        if (append_query(c, cp->reset_sql) < 0)
+            return -1;
+        n++;
+    } else if (dirty) {
+        /* LISTEN and the like under the rollback policy. */
+        if (append_query(c, "UNLISTEN *") < 0)
+            return -1;
+        n++;
+    }
+    return n;
+}
+
+static int pg_build_ping(conn *c)
+{
+    return append_query(c, "");
+}
+
+static void pg_close(conn *c)
+{
+    if (c->pg)
+        PQfinish(c->pg);        /* sends Terminate and closes the socket */
+    c->pg = NULL;
+    c->fd = -1;
+}
+
+const driver pg_driver = {
+    .name = "postgres",
+    .connect_start = pg_connect_start,
+    .connect_step = pg_connect_step,
+    .frame_request = pg_frame_request,
+    .scan_reply = pg_scan_reply,
+    .build_reset = pg_build_reset,
+    .build_ping = pg_build_ping,
+    .close = pg_close,
+};

@@ -1,0 +1,859 @@
+/*
+ * pool.c — slots and the lifecycle of the connections behind them.
+ *
+ * The slot word in shared memory says who holds a slot; struct conn says what
+ * the broker is doing with the connection.  The broker touches the slot word
+ * only by CAS, and only in these transitions:
+ *
+ *   EMPTY ─connect─▶ CONNECTING ─ok─▶ (make_available) ─▶ FREE or LEASED(waiter)
+ *   LEASED(c) ─client─▶ RELEASING(c) ─RELEASE─▶ RESETTING ─▶ make_available
+ *   LEASED(c) ─c died / overstayed─▶ RESETTING (a reclaim) ─▶ make_available
+ *   FREE ─janitor─▶ RESETTING (validate) or CLOSING (retire) ─▶ EMPTY
+ *
+ * Clients do FREE→LEASED(self) and LEASED(self)→FREE themselves (the fast
+ * paths) and LEASED(self)→RELEASING(self) when the broker has work to do.
+ *
+ * Replies go into the slot's reply ring only while the lease that submitted
+ * the command still holds the slot; otherwise (the holder released early or
+ * died) they go to a private sink, and the connection is handed to nobody
+ * until every reply it owes has arrived.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "broker.h"
+#include "log.h"
+#include "poolbroker.h"
+
+#define SCRATCH_SIZE      65536
+#define MAX_CONNECTING    2         /* handshakes in flight per pool */
+#define BACKOFF_MIN_MS    50
+#define BACKOFF_MAX_MS    1000
+
+static void on_send(ev_op *op, int res);
+static void on_recv(ev_op *op, int res);
+static void on_poll(ev_op *op, int res);
+static void conn_arm_recv(conn *c);
+static void conn_finish_close(conn *c);
+static void make_available(conn *c);
+
+void wake_futex(_Atomic uint32_t *word, _Atomic uint32_t *sleeping)
+{
+    atomic_fetch_add(word, 1);
+    if (atomic_load(sleeping))
+        syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+void freemap_set(pool *p, uint32_t local)
+{
+    pb_freemap_put(p->shm, local);
+}
+
+void freemap_clear(pool *p, uint32_t local)
+{
+    atomic_fetch_and(&p->shm->freemap[local / 64], ~(1ull << (local % 64)));
+}
+
+/* Replies owed by the backend; B.inflight counts connections owing any, so
+ * the main loop knows whether a completion may be on its way. */
+static void expect_add(conn *c, uint32_t n)
+{
+    if (n && c->expect == 0)
+        B.inflight++;
+    c->expect += n;
+}
+
+static void expect_clear(conn *c)
+{
+    if (c->expect)
+        B.inflight--;
+    c->expect = 0;
+}
+
+static uint32_t local_index(const conn *c)
+{
+    return c->index - c->pool->shm->first_slot;
+}
+
+/* Replace the slot word: only ever from a word the broker knows it holds. */
+static int slot_cas(conn *c, uint64_t *expect, uint64_t desired)
+{
+    return atomic_compare_exchange_strong(&c->slot->word, expect, desired);
+}
+
+/* Move a broker-held slot (CONNECTING/RESETTING/CLOSING) to a new state. */
+static void slot_set(conn *c, unsigned state, uint32_t owner)
+{
+    uint64_t w = atomic_load(&c->slot->word);
+    atomic_store(&c->slot->word, PB_WORD_NEXT(w, state, owner));
+}
+
+int pools_init(broker *b)
+{
+    conf *cf = b->cf;
+    pb_shm_pool *sp = pb_shm_pools(b->hdr);
+    pb_shm_slot *ss = pb_shm_slots(b->hdr);
+
+    b->npools = (uint32_t)cf->npools;
+    b->pools = calloc(b->npools, sizeof *b->pools);
+    b->slots = calloc(b->nslots ? b->nslots : 1, sizeof *b->slots);
+    if (!b->pools || !b->slots)
+        return -1;
+    uint32_t first = 0;
+    for (uint32_t i = 0; i < b->npools; i++) {
+        pool *p = &b->pools[i];
+        conf_pool *cp = &cf->pools[i];
+        p->index = i;
+        p->cf = cp;
+        p->drv = cp->type == PB_POOL_REDIS ? &redis_driver : &pg_driver;
+        p->shm = &sp[i];
+        snprintf(p->shm->name, sizeof p->shm->name, "%s", cp->name);
+        p->shm->type = (uint32_t)cp->type;
+        p->shm->first_slot = first;
+        p->shm->slot_capacity = cp->max_size;
+        atomic_store(&p->shm->min_size, cp->min_size);
+        atomic_store(&p->shm->max_size, cp->max_size);
+        atomic_store(&p->shm->max_uses, cp->max_uses);
+        atomic_store(&p->shm->acquire_timeout_ms, cp->acquire_timeout_ms);
+        atomic_store(&p->shm->reset_policy, (uint32_t)cp->reset_policy);
+        atomic_store(&p->shm->health, PB_HEALTH_HEALTHY);
+        atomic_store(&p->shm->accepting, 1);
+        p->nconns = cp->max_size;
+        p->conns = calloc(p->nconns, sizeof *p->conns);
+        p->wq_cap = b->max_clients;
+        p->wq = calloc(p->wq_cap, sizeof *p->wq);
+        if (!p->conns || !p->wq)
+            return -1;
+        for (uint32_t k = 0; k < p->nconns; k++) {
+            conn *c = &p->conns[k];
+            c->pool = p;
+            c->index = first + k;
+            c->slot = &ss[c->index];
+            /* Our own copies of where the buffers are: never read back. */
+            c->req = (uint8_t *)b->hdr + c->slot->req_off;
+            c->rep = (uint8_t *)b->hdr + c->slot->rep_off;
+            c->req_size = c->slot->req_size;
+            c->rep_size = c->slot->rep_size;
+            c->fd = -1;
+            c->send_op.cb = on_send;
+            c->recv_op.cb = on_recv;
+            c->poll_op.cb = on_poll;
+            c->send_op.data = c->recv_op.data = c->poll_op.data = c;
+            c->txn = 'I';
+            b->slots[c->index] = c;
+        }
+        first += cp->max_size;
+    }
+    return 0;
+}
+
+void pools_free(broker *b)
+{
+    for (uint32_t i = 0; i < b->npools; i++) {
+        pool *p = &b->pools[i];
+        for (uint32_t k = 0; k < p->nconns; k++) {
+            conn *c = &p->conns[k];
+            if (c->state != CS_EMPTY)
+                p->drv->close(c);
+            free(c->sbuf);
+            free(c->scratch);
+        }
+        free(p->conns);
+        free(p->wq);
+    }
+    free(b->pools);
+    free(b->slots);
+}
+
+/* ----------------------------------------------------------------- waiters */
+
+void pool_enqueue_waiter(pool *p, client *cl, uint32_t ticket)
+{
+    pb_shm_client *sc = &pb_shm_clients(B.hdr)[cl->idx];
+    uint64_t ww = PB_WAITW(PB_WAIT_WAITING, 0, ticket);
+
+    if (atomic_load(&sc->wait_word) != ww)
+        return;                     /* already cancelled */
+    int err = 0;
+    if (!atomic_load(&p->shm->accepting))
+        err = B.draining ? PB_ESHUTDOWN : PB_ENOPOOL;
+    else if (atomic_load(&p->shm->health) == PB_HEALTH_DOWN && p->live == 0)
+        err = PB_EBACKEND;          /* fail fast: the backend is known down */
+    else if (p->wq_len == p->wq_cap)
+        err = PB_EBUSY;
+    if (err) {
+        if (atomic_compare_exchange_strong(&sc->wait_word, &ww, PB_WAITW(PB_WAIT_FAILED, (uint32_t)-err, ticket)))
+            wake_futex(&sc->wait_futex, &sc->wait_sleeping);
+        return;
+    }
+    p->wq[(p->wq_head + p->wq_len) % p->wq_cap] = (waiter){ cl->idx, cl->id, ticket };
+    p->wq_len++;
+    /* Publish the waiter before looking at the free map: a client that
+     * frees a slot sets its bit first and looks at nwaiters second, so one of
+     * us sees the other (see pb_release). */
+    atomic_store(&p->shm->nwaiters, p->wq_len);
+    atomic_fetch_add_explicit(&p->shm->waits, 1, memory_order_relaxed);
+    pool_serve_waiters(p);
+    pool_maybe_grow(p);
+}
+
+static void wq_remove_at(pool *p, uint32_t pos)
+{
+    /* pos is relative to wq_head; shift the later entries down one. */
+    for (uint32_t i = pos; i + 1 < p->wq_len; i++)
+        p->wq[(p->wq_head + i) % p->wq_cap] = p->wq[(p->wq_head + i + 1) % p->wq_cap];
+    p->wq_len--;
+    atomic_store(&p->shm->nwaiters, p->wq_len);
+}
+
+void pool_cancel_waiter(pool *p, client *cl, uint32_t ticket)
+{
+    for (uint32_t i = 0; i < p->wq_len; i++) {
+        waiter *w = &p->wq[(p->wq_head + i) % p->wq_cap];
+        if (w->client_id == cl->id && w->ticket == ticket) {
+            wq_remove_at(p, i);
+            return;
+        }
+    }
+}
+
+void pool_drop_client_waiters(broker *b, client *cl)
+{
+    for (uint32_t k = 0; k < b->npools; k++) {
+        pool *p = &b->pools[k];
+        for (uint32_t i = 0; i < p->wq_len;) {
+            if (p->wq[(p->wq_head + i) % p->wq_cap].client_id == cl->id)
+                wq_remove_at(p, i);
+            else
+                i++;
+        }
+    }
+}
+
+/* Fail every queued waiter with err (backend down, shutdown). */
+void pool_fail_waiters(pool *p, int err)
+{
+    pb_shm_client *recs = pb_shm_clients(B.hdr);
+    while (p->wq_len) {
+        waiter w = p->wq[p->wq_head];
+        p->wq_head = (p->wq_head + 1) % p->wq_cap;
+        p->wq_len--;
+        pb_shm_client *sc = &recs[w.client_idx];
+        uint64_t ww = PB_WAITW(PB_WAIT_WAITING, 0, w.ticket);
+        if (atomic_load(&sc->id) == w.client_id &&
+            atomic_compare_exchange_strong(&sc->wait_word, &ww, PB_WAITW(PB_WAIT_FAILED, (uint32_t)-err, w.ticket)))
+            wake_futex(&sc->wait_futex, &sc->wait_sleeping);
+    }
+    atomic_store(&p->shm->nwaiters, 0);
+}
+
+/* Give the broker-held slot of c to the first live waiter.  Returns 1 if it
+ * went to someone. */
+static int hand_to_waiter(conn *c)
+{
+    pool *p = c->pool;
+    pb_shm_client *recs = pb_shm_clients(B.hdr);
+
+    while (p->wq_len) {
+        waiter w = p->wq[p->wq_head];
+        p->wq_head = (p->wq_head + 1) % p->wq_cap;
+        p->wq_len--;
+        atomic_store(&p->shm->nwaiters, p->wq_len);
+
+        pb_shm_client *sc = &recs[w.client_idx];
+        uint64_t ww = PB_WAITW(PB_WAIT_WAITING, 0, w.ticket);
+        if (atomic_load(&sc->id) != w.client_id || atomic_load(&sc->wait_word) != ww)
+            continue;               /* gave up or died */
+
+        uint64_t held = atomic_load(&c->slot->word);
+        uint64_t leased = PB_WORD_NEXT(held, PB_SLOT_LEASED, w.client_id);
+        atomic_store(&c->slot->lease_ms, B.now_ms);
+        atomic_store(&c->slot->client_flags, 0);
+        atomic_store(&c->slot->rep_tail, c->rep_head);
+        atomic_fetch_add(&c->slot->uses, 1);
+        if (!slot_cas(c, &held, leased))
+            return 0;               /* cannot happen: we hold it */
+        if (atomic_compare_exchange_strong(&sc->wait_word, &ww, PB_WAITW(PB_WAIT_GRANTED, c->index, w.ticket))) {
+            atomic_fetch_add_explicit(&p->shm->handoffs, 1, memory_order_relaxed);
+            if (atomic_load(&sc->wait_sleeping))
+                atomic_fetch_add_explicit(&p->shm->wakeups, 1, memory_order_relaxed);
+            wake_futex(&sc->wait_futex, &sc->wait_sleeping);
+            c->last_used_ms = B.now_ms;
+            return 1;
+        }
+        /* It cancelled between our two CASes: take the slot back, try the next. */
+        uint64_t back = PB_WORD_NEXT(leased, PB_SLOT_RESETTING, 0);
+        slot_cas(c, &leased, back);
+    }
+    return 0;
+}
+
+/* A broker-held, clean, connected slot: to a waiter, else to the free map. */
+static void make_available(conn *c)
+{
+    pool *p = c->pool;
+
+    c->to_sink = 0;
+    c->last_used_ms = B.now_ms;
+    if (p->removed || (B.draining && 0)) {
+        conn_close(c, "pool removed");
+        return;
+    }
+    if (hand_to_waiter(c))
+        return;
+    slot_set(c, PB_SLOT_FREE, 0);
+    freemap_set(p, local_index(c));
+    /* A waiter may have queued between our look at the queue and now. */
+    if (p->wq_len)
+        pool_serve_waiters(p);
+}
+
+/* Pop a FREE slot of p for the broker itself (state RESETTING). */
+static conn *take_free(pool *p)
+{
+    uint64_t w;
+    int local = pb_freemap_take(p->shm, p->conns[0].slot, p->nconns, PB_SLOT_RESETTING, 0, &w);
+    return local < 0 ? NULL : &p->conns[local];
+}
+
+void pool_serve_waiters(pool *p)
+{
+    while (p->wq_len) {
+        conn *c = take_free(p);
+        if (!c)
+            break;
+        if (!hand_to_waiter(c)) {
+            slot_set(c, PB_SLOT_FREE, 0);
+            freemap_set(p, local_index(c));
+            break;
+        }
+    }
+}
+
+/* ------------------------------------------------------------ connecting */
+
+void pool_maybe_grow(pool *p)
+{
+    if (p->removed || B.draining)
+        return;
+    uint32_t min = atomic_load(&p->shm->min_size);
+    uint32_t max = atomic_load(&p->shm->max_size);
+    if (max > p->nconns)
+        max = p->nconns;
+    uint32_t target = min;
+    /* Grow for waiters, but not past what they can use. */
+    if (p->wq_len && p->live + p->wq_len > target)
+        target = p->live + p->wq_len;
+    if (target > max)
+        target = max;
+    if (B.now_ms < p->backoff_until_ms)
+        return;
+    for (uint32_t k = 0; k < p->nconns && p->live < target && p->connecting < MAX_CONNECTING; k++) {
+        conn *c = &p->conns[k];
+        /* A cancelled operation of the previous connection may still be on
+         * its way back: ops are reused only once their callback has run. */
+        if (c->state == CS_EMPTY && !c->poll_op.pending && !c->send_op.pending && !c->recv_op.pending &&
+            PB_WORD_STATE(atomic_load(&c->slot->word)) == PB_SLOT_EMPTY)
+            conn_start_connect(c);
+    }
+}
+
+void conn_start_connect(conn *c)
+{
+    pool *p = c->pool;
+    slot_set(c, PB_SLOT_CONNECTING, 0);
+    c->state = CS_CONNECTING;
+    c->broken = 0;
+    expect_clear(c);
+    c->txn = 'I';
+    c->resetting = c->validating = c->release_pending = c->submit_deferred = 0;
+    c->to_sink = 0;
+    c->error[0] = 0;
+    c->created_ms = B.now_ms;
+    memset(&c->scan, 0, sizeof c->scan);
+    p->connecting++;
+    p->live++;
+    atomic_fetch_add_explicit(&p->shm->connects, 1, memory_order_relaxed);
+    if (p->drv->connect_start(c) != PB_OK)
+        conn_connect_failed(c, c->error[0] ? c->error : "connect failed");
+}
+
+void conn_connected(conn *c)
+{
+    pool *p = c->pool;
+    uint64_t life = (uint64_t)p->cf->max_lifetime_s * 1000;
+
+    p->connecting--;
+    c->state = CS_READY;
+    c->created_ms = B.now_ms;
+    c->last_used_ms = B.now_ms;
+    /* Each connection gets its own lifetime once, 0..20% short of the
+     * maximum, so connections made together do not all expire together. */
+    c->retire_at_ms = life ? B.now_ms + life - (uint64_t)(random() % (life / 5 + 1)) : 0;
+    atomic_store(&c->slot->backend_pid, c->backend_pid);
+    atomic_store(&c->slot->conn_created_ms, B.now_ms);
+    atomic_store(&c->slot->uses, 0);
+    atomic_store(&c->slot->txn_status, 'I');
+    atomic_store(&c->slot->flags, 0);
+    atomic_store(&c->slot->io_error, 0);
+    c->rep_head = atomic_load(&c->slot->rep_head);
+    atomic_fetch_add(&p->shm->size, 1);
+    atomic_store(&p->shm->consecutive_failures, 0);
+    atomic_store(&p->shm->health, PB_HEALTH_HEALTHY);
+    p->backoff_ms = 0;
+    p->backoff_until_ms = 0;
+    slog(LOG_LVL_DEBUG, c, "connected");
+    make_available(c);
+    pool_maybe_grow(p);
+}
+
+void conn_connect_failed(conn *c, const char *why)
+{
+    pool *p = c->pool;
+
+    if (c->poll_op.pending)
+        loop_cancel(B.lp, &c->poll_op);
+    p->drv->close(c);
+    p->connecting--;
+    p->live--;
+    c->state = CS_EMPTY;
+    slot_set(c, PB_SLOT_EMPTY, 0);
+    atomic_fetch_add_explicit(&p->shm->connect_failures, 1, memory_order_relaxed);
+    uint32_t fails = atomic_fetch_add(&p->shm->consecutive_failures, 1) + 1;
+    snprintf(p->shm->last_error, sizeof p->shm->last_error, "%s", why);
+    /* Exponential backoff with jitter, capped. */
+    p->backoff_ms = p->backoff_ms ? p->backoff_ms * 2 : BACKOFF_MIN_MS;
+    if (p->backoff_ms > BACKOFF_MAX_MS)
+        p->backoff_ms = BACKOFF_MAX_MS;
+    p->backoff_until_ms = B.now_ms + p->backoff_ms / 2 + (uint64_t)(random() % (p->backoff_ms / 2 + 1));
+    if (fails == 1 || fails % 20 == 0)
+        log_warn("pool %s: connect failed (%u in a row): %s", p->cf->name, fails, why);
+    if (p->live == 0) {
+        atomic_store(&p->shm->health, PB_HEALTH_DOWN);
+        /* Nobody will get a connection soon: fail fast rather than time out. */
+        pool_fail_waiters(p, PB_EBACKEND);
+    } else {
+        atomic_store(&p->shm->health, PB_HEALTH_DEGRADED);
+    }
+}
+
+static void on_poll(ev_op *op, int res)
+{
+    conn *c = op->data;
+    if (c->state != CS_CONNECTING || op->cancelled)
+        return;
+    if (res < 0) {
+        conn_connect_failed(c, strerror(-res));
+        return;
+    }
+    c->pool->drv->connect_step(c, res);
+}
+
+/* ----------------------------------------------------------------- closing */
+
+/* Close the connection behind a slot the broker holds (or that is EMPTY'd by
+ * it now).  Waits for in-flight operations, then frees the driver state. */
+void conn_close(conn *c, const char *why)
+{
+    pool *p = c->pool;
+    if (c->state == CS_EMPTY || c->state == CS_CLOSING)
+        return;
+    slog(LOG_LVL_DEBUG, c, "closing: %s", why);
+    if (c->state == CS_CONNECTING) {
+        conn_connect_failed(c, why);
+        return;
+    }
+    c->state = CS_CLOSING;
+    slot_set(c, PB_SLOT_CLOSING, 0);
+    freemap_clear(p, local_index(c));
+    if (c->fd >= 0)
+        shutdown(c->fd, SHUT_RDWR);
+    if (c->send_op.pending)
+        loop_cancel(B.lp, &c->send_op);
+    if (c->recv_op.pending)
+        loop_cancel(B.lp, &c->recv_op);
+    conn_finish_close(c);
+}
+
+static void conn_finish_close(conn *c)
+{
+    pool *p = c->pool;
+    if (c->state != CS_CLOSING || c->send_op.pending || c->recv_op.pending || c->poll_op.pending)
+        return;
+    p->drv->close(c);
+    c->fd = -1;
+    c->state = CS_EMPTY;
+    expect_clear(c);
+    c->sending = 0;
+    c->backend_pid = 0;
+    atomic_store(&c->slot->backend_pid, 0);
+    atomic_fetch_sub(&p->shm->size, 1);
+    p->live--;
+    slot_set(c, PB_SLOT_EMPTY, 0);
+    pool_maybe_grow(p);
+}
+
+/* The connection failed under I/O.  Tell the lease holder, and close it as
+ * soon as nobody holds it. */
+static void conn_io_failed(conn *c, const char *why)
+{
+    if (c->broken)
+        return;
+    c->broken = 1;
+    slog(LOG_LVL_WARN, c, "connection lost: %s", why);
+    atomic_fetch_add_explicit(&c->pool->shm->errors, 1, memory_order_relaxed);
+    snprintf(c->pool->shm->last_error, sizeof c->pool->shm->last_error, "%s", why);
+    if (c->fd >= 0)
+        shutdown(c->fd, SHUT_RDWR);
+    atomic_fetch_or(&c->slot->flags, PB_SF_RETIRE);
+    uint64_t w = atomic_load(&c->slot->word);
+    unsigned st = PB_WORD_STATE(w);
+    if (st == PB_SLOT_LEASED) {
+        /* The holder finds out from io_error and releases through us. */
+        atomic_store(&c->slot->io_error, PB_EBACKEND);
+        wake_futex(&c->slot->rep_futex, &c->slot->rep_sleeping);
+        return;
+    }
+    if (st == PB_SLOT_FREE && !slot_cas(c, &w, PB_WORD_NEXT(w, PB_SLOT_RESETTING, 0)))
+        return;                     /* someone leased it this instant: they will see io_error */
+    if (PB_WORD_STATE(atomic_load(&c->slot->word)) == PB_SLOT_RESETTING)
+        conn_close(c, why);
+}
+
+/* ------------------------------------------------------------------ sending */
+
+int conn_sbuf_append(conn *c, const void *p, uint32_t n)
+{
+    if (c->slen + n > c->scap) {
+        uint32_t cap = c->scap ? c->scap : 4096;
+        while (cap < c->slen + n)
+            cap *= 2;
+        uint8_t *nb = realloc(c->sbuf, cap);
+        if (!nb)
+            return PB_ENOMEM;
+        c->sbuf = nb;
+        c->scap = cap;
+    }
+    memcpy(c->sbuf + c->slen, p, n);
+    c->slen += n;
+    return PB_OK;
+}
+
+/* Send sbuf[soff..slen) and arm the receive. */
+void conn_send_private(conn *c)
+{
+    if (!c->sending && c->soff < c->slen) {
+        c->sending = 1;
+        loop_send(B.lp, &c->send_op, c->fd, c->sbuf + c->soff, c->slen - c->soff);
+    }
+    conn_arm_recv(c);
+}
+
+static void retry_deferred(conn *c)
+{
+    if (!c->submit_deferred || c->sending || c->resetting || c->broken)
+        return;
+    uint64_t w = atomic_load(&c->slot->word);
+    if (c->expect && w != c->cmd_word)
+        return;
+    c->submit_deferred = 0;
+    if (PB_WORD_STATE(w) == PB_SLOT_LEASED)
+        conn_submit(c, w, atomic_load(&c->slot->req_seq));
+}
+
+static void on_send(ev_op *op, int res)
+{
+    conn *c = op->data;
+    c->sending = 0;
+    if (c->state == CS_CLOSING) {
+        conn_finish_close(c);
+        return;
+    }
+    if (res < 0) {
+        conn_io_failed(c, strerror(-res));
+        return;
+    }
+    c->soff += (uint32_t)res;
+    if (c->soff < c->slen) {
+        conn_send_private(c);
+        return;
+    }
+    c->soff = c->slen = 0;
+    retry_deferred(c);
+}
+
+/* Fail the command the lease holder just submitted (nothing was sent). */
+static void fail_submit(conn *c, int err, uint32_t seq)
+{
+    atomic_store(&c->slot->io_error, err);
+    atomic_store_explicit(&c->slot->req_ack, seq, memory_order_release);
+    wake_futex(&c->slot->rep_futex, &c->slot->rep_sleeping);
+}
+
+void conn_submit(conn *c, uint64_t lease_word, uint32_t seq)
+{
+    if (seq == atomic_load(&c->slot->req_ack))
+        return;                     /* nothing new */
+    if (c->broken || c->state != CS_READY) {
+        fail_submit(c, PB_EBACKEND, seq);
+        return;
+    }
+    /* One request in the private buffer at a time, and never while replies
+     * owed to somebody else are still coming. */
+    if (c->sending || c->resetting || c->validating || (c->expect && c->cmd_word != lease_word)) {
+        c->submit_deferred = 1;
+        return;
+    }
+    uint32_t len = atomic_load(&c->slot->req_len);   /* read once */
+    if (len == 0 || len > c->req_size) {
+        fail_submit(c, PB_EPROTO, seq);
+        return;
+    }
+    c->slen = c->soff = 0;
+    /* Copy first, then validate the copy: the client cannot change what we
+     * checked after we checked it. */
+    if (conn_sbuf_append(c, c->req, len) != PB_OK) {
+        fail_submit(c, PB_ENOMEM, seq);
+        return;
+    }
+    uint32_t nrep = 0;
+    if (c->pool->drv->frame_request(c, c->sbuf, len, &nrep) != PB_OK) {
+        c->slen = 0;
+        slog(LOG_LVL_WARN, c, "malformed request rejected");
+        fail_submit(c, PB_EPROTO, seq);
+        return;
+    }
+    atomic_store(&c->slot->io_error, 0);
+    atomic_store_explicit(&c->slot->req_ack, seq, memory_order_release);
+    if (atomic_load(&c->slot->rep_sleeping))
+        wake_futex(&c->slot->rep_futex, &c->slot->rep_sleeping);
+    if (c->expect == 0)
+        c->cmd_start_ms = B.now_ms;
+    expect_add(c, nrep);
+    c->cmd_word = lease_word;
+    c->to_sink = 0;
+    conn_send_private(c);
+}
+
+/* ---------------------------------------------------------------- receiving */
+
+static void conn_arm_recv(conn *c)
+{
+    if (c->recv_op.pending || c->state != CS_READY || c->broken || c->expect == 0)
+        return;
+    void *buf;
+    size_t len;
+    if (c->to_sink) {
+        if (!c->scratch && !(c->scratch = malloc(SCRATCH_SIZE))) {
+            conn_io_failed(c, "out of memory");
+            return;
+        }
+        buf = c->scratch;
+        len = SCRATCH_SIZE;
+    } else {
+        uint64_t tail = atomic_load_explicit(&c->slot->rep_tail, memory_order_acquire);
+        uint64_t used = c->rep_head - tail;
+        if (used > c->rep_size) {
+            /* The holder wrote an impossible tail: its replies are lost to it. */
+            slog(LOG_LVL_WARN, c, "reply ring tail corrupted; replies discarded");
+            atomic_store(&c->slot->io_error, PB_EPROTO);
+            c->to_sink = 1;
+            conn_arm_recv(c);
+            return;
+        }
+        if (used == c->rep_size) {
+            /* Full: stop reading (the backend blocks) until the holder drains. */
+            atomic_store(&c->slot->rep_paused, 1);
+            uint64_t t2 = atomic_load(&c->slot->rep_tail);
+            if (t2 == tail)
+                return;
+            atomic_store(&c->slot->rep_paused, 0);
+            used = c->rep_head - t2;
+        }
+        uint32_t off = (uint32_t)(c->rep_head & (c->rep_size - 1));
+        len = c->rep_size - used;
+        if (len > c->rep_size - off)
+            len = c->rep_size - off;
+        buf = c->rep + off;
+    }
+    loop_recv(B.lp, &c->recv_op, c->fd, buf, len);
+}
+
+void conn_drained(conn *c)
+{
+    if (atomic_exchange(&c->slot->rep_paused, 0))
+        conn_arm_recv(c);
+}
+
+/* The scanner saw one complete reply. */
+void conn_got_reply(conn *c, char txn)
+{
+    if (c->expect == 0) {
+        /* More replies than requests: the stream is out of step. */
+        c->broken = 2;
+        return;
+    }
+    c->expect--;
+    if (c->expect == 0)
+        B.inflight--;
+    if (txn)
+        c->txn = txn;
+    if (!c->to_sink) {
+        atomic_store(&c->slot->txn_status, (uint32_t)(unsigned char)c->txn);
+        atomic_fetch_add(&c->slot->reply_done, 1);
+    }
+}
+
+static void finish_reset(conn *c);
+
+static void on_recv(ev_op *op, int res)
+{
+    conn *c = op->data;
+    if (c->state == CS_CLOSING) {
+        conn_finish_close(c);
+        return;
+    }
+    if (res <= 0) {
+        conn_io_failed(c, res == 0 ? "server closed the connection" : strerror(-res));
+        return;
+    }
+    const uint8_t *p = c->to_sink ? c->scratch : c->rep + (c->rep_head & (c->rep_size - 1));
+    int sink = c->to_sink;
+    if (c->pool->drv->scan_reply(c, p, (size_t)res) != PB_OK || c->broken == 2) {
+        c->broken = 0;
+        conn_io_failed(c, "protocol error in the server's reply");
+        return;
+    }
+    if (!sink) {
+        if (atomic_load(&c->slot->word) == c->cmd_word) {
+            c->rep_head += (uint64_t)res;
+            atomic_store_explicit(&c->slot->rep_head, c->rep_head, memory_order_release);
+            wake_futex(&c->slot->rep_futex, &c->slot->rep_sleeping);
+        } else {
+            c->to_sink = 1;         /* the lease is gone: nobody reads these */
+        }
+    }
+    if (c->expect) {
+        conn_arm_recv(c);
+        return;
+    }
+    /* Everything owed has arrived. */
+    if (c->resetting) {
+        c->resetting = 0;
+        finish_reset(c);
+    } else if (c->validating) {
+        c->validating = 0;
+        finish_reset(c);
+    } else if (c->release_pending) {
+        c->release_pending = 0;
+        conn_release(c, atomic_load(&c->slot->word), 2);
+    } else {
+        retry_deferred(c);
+    }
+}
+
+/* ---------------------------------------------------------------- releasing */
+
+static int should_retire(conn *c, const char **why)
+{
+    pool *p = c->pool;
+    if (c->broken) {
+        *why = "broken";
+        return 1;
+    }
+    if (p->cf->max_uses && atomic_load(&c->slot->uses) >= p->cf->max_uses) {
+        *why = "max_uses reached";
+        return 1;
+    }
+    if (c->retire_at_ms && B.now_ms >= c->retire_at_ms) {
+        *why = "max_lifetime reached";
+        return 1;
+    }
+    if (p->removed) {
+        *why = "pool removed";
+        return 1;
+    }
+    return 0;
+}
+
+/* The broker holds c (RESETTING) and nothing is in flight: reset, retire or
+ * hand out. */
+static void release_clean(conn *c)
+{
+    const char *why;
+    if (should_retire(c, &why)) {
+        atomic_fetch_add_explicit(&c->pool->shm->retired, 1, memory_order_relaxed);
+        conn_close(c, why);
+        return;
+    }
+    uint32_t dirty = atomic_load(&c->slot->client_flags) & PB_CF_DIRTY;
+    c->slen = c->soff = 0;
+    int n = c->pool->drv->build_reset(c, dirty);
+    if (n < 0) {
+        conn_close(c, "cannot build reset");
+        return;
+    }
+    if (n == 0) {
+        make_available(c);
+        return;
+    }
+    atomic_fetch_add_explicit(&c->pool->shm->resets, 1, memory_order_relaxed);
+    c->resetting = 1;
+    c->to_sink = 1;
+    expect_add(c, (uint32_t)n);
+    conn_send_private(c);
+}
+
+/* Our reset (or validation) commands have all answered. */
+static void finish_reset(conn *c)
+{
+    if (c->txn != 'I') {
+        conn_close(c, "still in a transaction after reset");
+        return;
+    }
+    make_available(c);
+}
+
+/* Take the slot from whoever holds it (word as read) into the broker's hands
+ * and clean it.  how: 0 = the holder released it, 1 = reclaim (holder died or
+ * overstayed), 2 = continuing a release that waited for replies. */
+void conn_release(conn *c, uint64_t word, int how)
+{
+    if (how != 2) {
+        unsigned st = how == 1 ? PB_SLOT_RECLAIMING : PB_SLOT_RESETTING;
+        if (!slot_cas(c, &word, PB_WORD_NEXT(word, st, 0)))
+            return;
+        if (how == 1)
+            atomic_fetch_add_explicit(&c->pool->shm->reclaims, 1, memory_order_relaxed);
+    }
+    if (c->state != CS_READY || c->broken) {
+        if (c->state == CS_READY || c->state == CS_CONNECTING)
+            conn_close(c, "broken");
+        else if (c->state == CS_EMPTY)
+            slot_set(c, PB_SLOT_EMPTY, 0);
+        return;
+    }
+    if (c->expect || c->sending) {
+        /* Replies still owed: they go to the sink, the slot waits for them. */
+        c->release_pending = 1;
+        c->to_sink = 1;
+        c->submit_deferred = 0;
+        conn_arm_recv(c);
+        return;
+    }
+    release_clean(c);
+}
+
+void conn_take_back(conn *c, uint64_t word, const char *why)
+{
+    slog(LOG_LVL_INFO, c, "reclaiming lease: %s", why);
+    conn_release(c, word, 1);
+}

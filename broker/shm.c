@@ -1,0 +1,150 @@
+/*
+ * shm.c — creating the shared segment and laying out its tables.
+ *
+ * The broker is the only creator.  A segment left by a previous broker (clean
+ * exit or crash) is replaced, never reused: workers still mapping the old one
+ * see its broker gone and re-attach to the new one.  The new segment's
+ * generation is one more than the old one's, so workers can tell them apart.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "broker.h"
+#include "log.h"
+
+#define ALIGN_UP(x, a) (((x) + ((a) - 1)) & ~((uint64_t)(a) - 1))
+
+/* The generation of a segment previously created under this name, or 0. */
+static uint32_t previous_generation(const char *name)
+{
+    int fd = shm_open(name, O_RDONLY, 0);
+    if (fd < 0)
+        return 0;
+    uint32_t gen = 0;
+    struct stat st;
+    if (fstat(fd, &st) == 0 && (size_t)st.st_size >= sizeof(pb_shm_header)) {
+        pb_shm_header *h = mmap(NULL, sizeof *h, PROT_READ, MAP_SHARED, fd, 0);
+        if (h != MAP_FAILED) {
+            if (h->magic == PB_SHM_MAGIC)
+                gen = atomic_load(&h->generation);
+            munmap(h, sizeof *h);
+        }
+    }
+    close(fd);
+    return gen;
+}
+
+int shm_create(broker *b)
+{
+    conf *cf = b->cf;
+    uint64_t off = ALIGN_UP(sizeof(pb_shm_header), PB_CACHELINE);
+    uint64_t pool_off = off;
+    off += ALIGN_UP((uint64_t)cf->npools * sizeof(pb_shm_pool), PB_CACHELINE);
+    uint64_t client_off = off;
+    off += ALIGN_UP((uint64_t)cf->max_clients * sizeof(pb_shm_client), PB_CACHELINE);
+    uint64_t slot_off = off;
+    uint32_t nslots = 0;
+    for (int i = 0; i < cf->npools; i++)
+        nslots += cf->pools[i].max_size;
+    off += ALIGN_UP((uint64_t)nslots * sizeof(pb_shm_slot), PB_CACHELINE);
+    uint64_t buf_off = ALIGN_UP(off, 4096);
+    off = buf_off;
+    for (int i = 0; i < cf->npools; i++)
+        off += (uint64_t)cf->pools[i].max_size *
+               (ALIGN_UP(cf->pools[i].request_buffer, 4096) + ALIGN_UP(cf->pools[i].reply_buffer, 4096));
+    uint64_t total = ALIGN_UP(off, 4096);
+
+    uint32_t gen = previous_generation(cf->shm_name) + 1;
+    if (shm_unlink(cf->shm_name) == 0)
+        log_info("replaced the segment %s left by a previous broker (generation %u)", cf->shm_name, gen - 1);
+    int fd = shm_open(cf->shm_name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, cf->shm_mode);
+    if (fd < 0) {
+        log_errno(LOG_LVL_ERROR, errno, "shm_open %s", cf->shm_name);
+        return -1;
+    }
+    if (fchmod(fd, cf->shm_mode) < 0 ||
+        (cf->n_allowed_gids > 0 && (cf->shm_mode & 070) && fchown(fd, (uid_t)-1, cf->allowed_gids[0]) < 0)) {
+        log_errno(LOG_LVL_ERROR, errno, "setting mode/group of %s", cf->shm_name);
+        goto fail;
+    }
+    if (ftruncate(fd, (off_t)total) < 0) {
+        log_errno(LOG_LVL_ERROR, errno, "ftruncate %s to %llu bytes", cf->shm_name, (unsigned long long)total);
+        goto fail;
+    }
+    void *base = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (base == MAP_FAILED) {
+        log_errno(LOG_LVL_ERROR, errno, "mmap %s", cf->shm_name);
+        goto fail;
+    }
+
+    pb_shm_header *h = base;            /* ftruncate gave us zeroes */
+    h->magic = PB_SHM_MAGIC;
+    h->version = PB_SHM_VERSION;
+    h->fingerprint = PB_SHM_FINGERPRINT;
+    h->total_size = total;
+    atomic_store(&h->generation, gen);
+    atomic_store(&h->state, PB_BROKER_STARTING);
+    atomic_store(&h->broker_pid, (int32_t)getpid());
+    h->npools = (uint32_t)cf->npools;
+    h->nslots = nslots;
+    h->max_clients = cf->max_clients;
+    h->pool_off = pool_off;
+    h->client_off = client_off;
+    h->slot_off = slot_off;
+    h->buf_off = buf_off;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    h->start_ms = (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+    snprintf(h->shm_name, sizeof h->shm_name, "%s", cf->shm_name);
+
+    /* Slots and their buffers, pool by pool. */
+    pb_shm_slot *slots = pb_shm_slots(h);
+    uint64_t boff = buf_off;
+    uint32_t s = 0;
+    for (int i = 0; i < cf->npools; i++) {
+        conf_pool *cp = &cf->pools[i];
+        for (uint32_t k = 0; k < cp->max_size; k++, s++) {
+            pb_shm_slot *sl = &slots[s];
+            sl->pool = (uint32_t)i;
+            sl->index = s;
+            sl->req_off = boff;
+            sl->req_size = cp->request_buffer;
+            boff += ALIGN_UP(cp->request_buffer, 4096);
+            sl->rep_off = boff;
+            sl->rep_size = cp->reply_buffer;
+            boff += ALIGN_UP(cp->reply_buffer, 4096);
+            atomic_store(&sl->word, PB_WORD(PB_SLOT_EMPTY, 0, 1));
+        }
+    }
+    b->hdr = h;
+    b->shm_size = total;
+    b->shm_fd = fd;
+    b->nslots = nslots;
+    log_info("segment %s: %llu bytes, %u slots, %u client records, generation %u", cf->shm_name,
+             (unsigned long long)total, nslots, cf->max_clients, gen);
+    return 0;
+fail:
+    close(fd);
+    shm_unlink(cf->shm_name);
+    return -1;
+}
+
+void shm_destroy(broker *b, int unlink_it)
+{
+    if (!b->hdr)
+        return;
+    atomic_store(&b->hdr->state, PB_BROKER_STOPPED);
+    if (unlink_it)
+        shm_unlink(b->cf->shm_name);
+    munmap(b->hdr, b->shm_size);
+    close(b->shm_fd);
+    b->hdr = NULL;
+}

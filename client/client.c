@@ -1,0 +1,798 @@
+/*
+ * client.c — libpoolbroker's attachment, leases and waiting.
+ *
+ * pb_connect() attaches over the control socket and maps the segment the
+ * broker passes back.  From then on nothing goes through the socket: a lease
+ * is a CAS on a slot word (found through the pool's free map), a command is
+ * bytes in the slot's request buffer plus one entry on our submission ring,
+ * and a reply is read from the slot's reply ring.
+ *
+ * Waiting — for a slot, for a reply — spins briefly, then sleeps on a shared
+ * futex after telling the broker so (a "sleeping" flag the broker checks
+ * before it pays for a wake-up).  Sleeps are sliced (WAIT_SLICE_MS) so that a
+ * dead broker is noticed within a second even if nobody wakes us.
+ *
+ * Nothing read from the segment is trusted blindly: slot indices, offsets and
+ * ring positions are checked before use, so a scribbled segment gives an
+ * error, not a crash.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define DEFAULT_SOCKET  "/run/poolbroker/poolbroker.sock"
+#define WAIT_SLICE_MS   100         /* longest sleep before checking the broker */
+#define SPIN_NS_MAX     50000
+#define SPIN_NS_MIN     2000
+#define SPIN_NS_START   20000
+#define RETIRED_MIN     16          /* released handles kept before one is reused */
+
+unsigned pb_fork_gen;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void on_fork_child(void)
+{
+    pb_fork_gen++;
+}
+
+static void register_atfork(void)
+{
+    pthread_atfork(NULL, NULL, on_fork_child);
+}
+
+PB_API const char *pb_version(void)
+{
+    return PB_VERSION;
+}
+
+PB_API int pb_version_number(void)
+{
+    return PB_VERSION_NUMBER;
+}
+
+PB_API const char *pb_strerror(int err)
+{
+    switch (err) {
+    case PB_OK:        return "success";
+    case PB_ETIMEDOUT: return "timed out";
+    case PB_ENOPOOL:   return "no such pool";
+    case PB_EBROKER:   return "broker not available";
+    case PB_EBACKEND:  return "backend unavailable or connection lost";
+    case PB_ETOOBIG:   return "request larger than the pool's request buffer";
+    case PB_ESTALE:    return "lease no longer valid";
+    case PB_EINVAL:    return "invalid argument";
+    case PB_ENOMEM:    return "out of memory";
+    case PB_ESHUTDOWN: return "broker is shutting down";
+    case PB_EPROTO:    return "protocol error";
+    case PB_ETYPE:     return "wrong pool type for this call";
+    case PB_EVERSION:  return "shared-memory layout mismatch between library and broker";
+    case PB_EPERM:     return "refused by the broker";
+    case PB_EBUSY:     return "lease busy";
+    }
+    return "unknown error";
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+uint64_t pbi_now_us(void)
+{
+    return now_ns() / 1000;
+}
+
+static uint64_t coarse_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static long futex_wait(_Atomic uint32_t *addr, uint32_t val, int ms)
+{
+    struct timespec ts = { .tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000 };
+    return syscall(SYS_futex, addr, FUTEX_WAIT, val, &ts, NULL, 0);
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* ------------------------------------------------------------------ attach */
+
+static void detach(pb_client *c)
+{
+    if (c->hdr)
+        munmap(c->hdr, c->shm_size);
+    if (c->ctrl_fd >= 0)
+        close(c->ctrl_fd);
+    if (c->doorbell_fd >= 0)
+        close(c->doorbell_fd);
+    c->hdr = NULL;
+    c->ctrl_fd = c->doorbell_fd = -1;
+    c->attached = 0;
+}
+
+/* Check a freshly mapped header before believing any offset in it. */
+static int check_header(pb_client *c)
+{
+    pb_shm_header *h = c->hdr;
+    if (c->shm_size < sizeof *h || h->magic != PB_SHM_MAGIC)
+        return PB_EBROKER;
+    if (h->version != PB_SHM_VERSION || h->fingerprint != PB_SHM_FINGERPRINT)
+        return PB_EVERSION;
+    uint64_t sz = c->shm_size;
+    if (h->total_size > sz || h->npools > PB_MAX_POOLS || h->max_clients > PB_MAX_CLIENTS ||
+        h->pool_off > sz || (uint64_t)h->npools * sizeof(pb_shm_pool) > sz - h->pool_off ||
+        h->client_off > sz || (uint64_t)h->max_clients * sizeof(pb_shm_client) > sz - h->client_off ||
+        h->slot_off > sz || (uint64_t)h->nslots * sizeof(pb_shm_slot) > sz - h->slot_off)
+        return PB_EPROTO;
+    uint32_t idx = PB_CLIENT_INDEX(c->id);
+    if (c->id == 0 || idx >= h->max_clients)
+        return PB_EPROTO;
+    c->pools = pb_shm_pools(h);
+    c->slots = pb_shm_slots(h);
+    c->rec = &pb_shm_clients(h)[idx];
+    c->npools = h->npools;
+    c->nslots = h->nslots;
+    return PB_OK;
+}
+
+static int attach(pb_client *c)
+{
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    int fd = -1, rc;
+
+    if (strlen(c->socket_path) >= sizeof sa.sun_path)
+        return PB_EINVAL;
+    strcpy(sa.sun_path, c->socket_path);
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return errno == ENOMEM || errno == ENOBUFS ? PB_ENOMEM : PB_EBROKER;
+    struct timeval tv = { .tv_sec = 5 };
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+        close(fd);
+        return errno == EACCES ? PB_EPERM : PB_EBROKER;
+    }
+    pb_attach_req req = { PB_ATTACH_MAGIC, PB_SHM_VERSION, PB_SHM_FINGERPRINT, (int32_t)getpid() };
+    if (send(fd, &req, sizeof req, MSG_NOSIGNAL) != (ssize_t)sizeof req) {
+        close(fd);
+        return PB_EBROKER;
+    }
+    pb_attach_resp resp;
+    union {
+        struct cmsghdr align;
+        char buf[CMSG_SPACE(2 * sizeof(int))];
+    } u;
+    struct iovec iov = { .iov_base = &resp, .iov_len = sizeof resp };
+    struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof u.buf };
+    ssize_t n = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC);
+    int fds[2] = { -1, -1 };
+    for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
+        if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(2 * sizeof(int)))
+            memcpy(fds, CMSG_DATA(cm), sizeof fds);
+    if (n != (ssize_t)sizeof resp || resp.magic != PB_ATTACH_MAGIC) {
+        rc = PB_EBROKER;
+        goto fail;
+    }
+    if (resp.status != PB_OK) {
+        rc = resp.status < 0 && resp.status >= PB_EBUSY ? resp.status : PB_EBROKER;
+        goto fail;
+    }
+    if (resp.version != PB_SHM_VERSION || resp.fingerprint != PB_SHM_FINGERPRINT) {
+        rc = PB_EVERSION;
+        goto fail;
+    }
+    struct stat st;
+    if (fds[0] < 0 || fds[1] < 0 || fstat(fds[0], &st) < 0 || (uint64_t)st.st_size < resp.shm_size) {
+        rc = PB_EBROKER;
+        goto fail;
+    }
+    void *base = mmap(NULL, resp.shm_size, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
+    if (base == MAP_FAILED) {
+        rc = PB_ENOMEM;
+        goto fail;
+    }
+    close(fds[0]);
+    c->hdr = base;
+    c->shm_size = resp.shm_size;
+    c->id = resp.client_id;
+    c->generation = resp.generation;
+    c->ctrl_fd = fd;
+    c->doorbell_fd = fds[1];
+    rc = check_header(c);
+    if (rc != PB_OK) {
+        detach(c);
+        return rc;
+    }
+    c->sq_tail = atomic_load(&c->rec->sq_tail);
+    c->fork_gen = pb_fork_gen;
+    c->attached = 1;
+    c->broken = 0;
+    c->epoch++;
+    c->last_pool[0] = 0;
+    return PB_OK;
+fail:
+    if (fds[0] >= 0)
+        close(fds[0]);
+    if (fds[1] >= 0)
+        close(fds[1]);
+    close(fd);
+    return rc;
+}
+
+PB_API int pb_connect(const char *socket_path, pb_client **out)
+{
+    if (!out)
+        return PB_EINVAL;
+    *out = NULL;
+    pthread_once(&atfork_once, register_atfork);
+    if (!socket_path)
+        socket_path = getenv("POOLBROKER_SOCKET");
+    if (!socket_path || !*socket_path)
+        socket_path = DEFAULT_SOCKET;
+    pb_client *c = calloc(1, sizeof *c);
+    if (!c)
+        return PB_ENOMEM;
+    c->socket_path = strdup(socket_path);
+    c->ctrl_fd = c->doorbell_fd = -1;
+    c->spin_ns = SPIN_NS_START;
+    const char *spin = getenv("POOLBROKER_SPIN_US");
+    if (spin)
+        c->spin_ns = (uint32_t)strtoul(spin, NULL, 10) * 1000;
+    if (!c->socket_path) {
+        free(c);
+        return PB_ENOMEM;
+    }
+    int rc = attach(c);
+    if (rc != PB_OK) {
+        free(c->socket_path);
+        free(c);
+        return rc;
+    }
+    *out = c;
+    return PB_OK;
+}
+
+static void lease_unlink(pb_lease *l)
+{
+    pb_client *c = l->c;
+    if (l->prev)
+        l->prev->next = l->next;
+    else if (c->leases == l)
+        c->leases = l->next;
+    if (l->next)
+        l->next->prev = l->prev;
+    l->prev = l->next = NULL;
+}
+
+/* Retire a handle.  Handles are not freed until pb_disconnect: they queue,
+ * and the oldest is reused only once RETIRED_MIN others are behind it, so a
+ * double release or a use after release finds l->released set and returns
+ * PB_ESTALE instead of touching freed memory or someone else's lease. */
+static void lease_free(pb_lease *l)
+{
+    pb_client *c = l->c;
+    lease_unlink(l);
+    pgp_dec_reset(&l->dec);
+    if (l->rreader) {
+        redisReaderFree(l->rreader);
+        l->rreader = NULL;
+    }
+    pb_buf_free(&l->rqueue);
+    l->released = 1;
+    l->next = NULL;
+    if (c->retired_tail)
+        c->retired_tail->next = l;
+    else
+        c->retired_head = l;
+    c->retired_tail = l;
+    c->nretired++;
+}
+
+static pb_lease *lease_alloc(pb_client *c)
+{
+    pb_lease *l;
+    if (c->nretired > RETIRED_MIN) {
+        l = c->retired_head;
+        c->retired_head = l->next;
+        if (!c->retired_head)
+            c->retired_tail = NULL;
+        c->nretired--;
+        memset(l, 0, sizeof *l);
+        return l;
+    }
+    return calloc(1, sizeof *l);
+}
+
+PB_API void pb_disconnect(pb_client *c)
+{
+    if (!c)
+        return;
+    while (c->leases) {
+        pb_lease *l = c->leases;
+        if (pb_release(l) != PB_OK && c->leases == l)
+            lease_free(l);
+    }
+    if (c->attached && c->fork_gen == pb_fork_gen)
+        detach(c);
+    else if (c->attached) {
+        /* Inherited across fork: unmap our copy, leave the parent's alone. */
+        munmap(c->hdr, c->shm_size);
+        close(c->ctrl_fd);
+        close(c->doorbell_fd);
+    }
+    while (c->retired_head) {
+        pb_lease *l = c->retired_head;
+        c->retired_head = l->next;
+        free(l);
+    }
+    pb_buf_free(&c->scratch);
+    free(c->socket_path);
+    free(c);
+}
+
+/* The broker is gone if its generation changed, it says it stopped, its
+ * process is gone, or our control socket hung up. */
+static int broker_alive(pb_client *c)
+{
+    pb_shm_header *h = c->hdr;
+    if (atomic_load(&h->generation) != c->generation || atomic_load(&h->state) == PB_BROKER_STOPPED)
+        return 0;
+    pid_t pid = atomic_load(&h->broker_pid);
+    if (pid > 0 && kill(pid, 0) < 0 && errno == ESRCH)
+        return 0;
+    struct pollfd p = { .fd = c->ctrl_fd, .events = POLLIN };
+    if (poll(&p, 1, 0) == 1 && (p.revents & (POLLHUP | POLLERR | POLLIN))) {
+        char b;
+        if (recv(c->ctrl_fd, &b, 1, MSG_DONTWAIT | MSG_PEEK) <= 0)
+            return 0;
+    }
+    return 1;
+}
+
+/* Make sure c is attached in this process to a live broker. */
+static int ensure_attached(pb_client *c)
+{
+    if (c->attached && c->fork_gen != pb_fork_gen) {
+        /* We are a forked child: the mapping and fds are the parent's
+         * attachment.  Drop our copies and attach as ourselves. */
+        munmap(c->hdr, c->shm_size);
+        close(c->ctrl_fd);
+        close(c->doorbell_fd);
+        c->hdr = NULL;
+        c->ctrl_fd = c->doorbell_fd = -1;
+        c->attached = 0;
+        /* Inherited lease handles stay in the list; they are stale now. */
+    }
+    if (c->attached && c->broken) {
+        detach(c);
+    }
+    if (!c->attached)
+        return attach(c);
+    return PB_OK;
+}
+
+/* ----------------------------------------------------------------- ringing */
+
+static int sq_push(pb_client *c, uint64_t e)
+{
+    pb_shm_client *rec = c->rec;
+    uint32_t tail = c->sq_tail;
+    int spins = 0;
+    while (tail - atomic_load_explicit(&rec->sq_head, memory_order_acquire) >= PB_SQ_ENTRIES) {
+        /* Full: the broker is behind (or gone). */
+        uint64_t one = 1;
+        (void)!write(c->doorbell_fd, &one, sizeof one);
+        if (++spins % 1000 == 0 && !broker_alive(c)) {
+            c->broken = 1;
+            return PB_EBROKER;
+        }
+        usleep(50);
+    }
+    atomic_store_explicit(&rec->sq[tail & (PB_SQ_ENTRIES - 1)], e, memory_order_relaxed);
+    atomic_store_explicit(&rec->sq_tail, tail + 1, memory_order_release);
+    c->sq_tail = tail + 1;
+    atomic_fetch_add(&c->hdr->sq_seq, 1);
+    uint32_t sleeping = 1;
+    if (atomic_load(&c->hdr->broker_sleeping) &&
+        atomic_compare_exchange_strong(&c->hdr->broker_sleeping, &sleeping, 0)) {
+        uint64_t one = 1;
+        (void)!write(c->doorbell_fd, &one, sizeof one);
+    }
+    return PB_OK;
+}
+
+/* Spin, then sleep on *word until it moves from seen, deadline passes
+ * (returns PB_ETIMEDOUT) or the broker dies (PB_EBROKER).  Returns PB_OK
+ * when woken or when it is time to look again. */
+static int wait_change(pb_client *c, _Atomic uint32_t *word, _Atomic uint32_t *sleeping, uint32_t seen,
+                       uint64_t deadline_ns)
+{
+    uint64_t t0 = now_ns();
+    uint32_t budget = c->spin_ns;
+    for (unsigned i = 0;; i++) {
+        if (atomic_load_explicit(word, memory_order_acquire) != seen) {
+            /* Woken while spinning: spinning pays, allow a little more. */
+            if (c->spin_ns < SPIN_NS_MAX)
+                c->spin_ns += c->spin_ns / 8 + 100;
+            return PB_OK;
+        }
+        if ((i & 31) == 31 && now_ns() - t0 >= budget)
+            break;
+        cpu_relax();
+    }
+    /* Spinning did not pay this time: spin a little less next time. */
+    if (c->spin_ns > SPIN_NS_MIN)
+        c->spin_ns -= c->spin_ns / 16;
+
+    uint64_t now = now_ns();
+    if (deadline_ns && now >= deadline_ns)
+        return PB_ETIMEDOUT;
+    int ms = WAIT_SLICE_MS;
+    if (deadline_ns && (deadline_ns - now) / 1000000 < (uint64_t)ms)
+        ms = (int)((deadline_ns - now + 999999) / 1000000);
+    atomic_store(sleeping, 1);
+    if (atomic_load(word) == seen)
+        futex_wait(word, seen, ms);
+    atomic_store(sleeping, 0);
+    if (atomic_load(word) == seen && !broker_alive(c)) {
+        c->broken = 1;
+        return PB_EBROKER;
+    }
+    return PB_OK;
+}
+
+/* ------------------------------------------------------------------ leases */
+
+static int find_pool(pb_client *c, const char *name, uint32_t *idx)
+{
+    if (c->last_pool[0] && strcmp(c->last_pool, name) == 0) {
+        *idx = c->last_pool_idx;
+        return PB_OK;
+    }
+    size_t n = strlen(name);
+    if (n == 0 || n >= PB_NAME_MAX)
+        return PB_ENOPOOL;
+    for (uint32_t i = 0; i < c->npools; i++) {
+        if (strncmp(c->pools[i].name, name, PB_NAME_MAX) == 0) {
+            memcpy(c->last_pool, name, n + 1);
+            c->last_pool_idx = i;
+            *idx = i;
+            return PB_OK;
+        }
+    }
+    return PB_ENOPOOL;
+}
+
+/* Build the lease handle for slot s, held with word w. */
+static int make_lease(pb_client *c, uint32_t pi, uint32_t s, uint64_t w, pb_lease **out)
+{
+    pb_shm_slot *sl = &c->slots[s];
+    uint64_t req_off = sl->req_off, rep_off = sl->rep_off;
+    uint32_t req_size = sl->req_size, rep_size = sl->rep_size;
+    if (req_off > c->shm_size || req_size > c->shm_size - req_off || rep_off > c->shm_size ||
+        rep_size > c->shm_size - rep_off || rep_size == 0 || (rep_size & (rep_size - 1)))
+        return PB_EPROTO;
+    pb_lease *l = lease_alloc(c);
+    if (!l)
+        return PB_ENOMEM;
+    l->c = c;
+    l->epoch = c->epoch;
+    l->fork_gen = pb_fork_gen;
+    l->slot = s;
+    l->pool = pi;
+    l->type = (int)c->pools[pi].type;
+    l->word = w;
+    l->s = sl;
+    l->req = (uint8_t *)c->hdr + req_off;
+    l->rep = (uint8_t *)c->hdr + rep_off;
+    l->req_size = req_size;
+    l->rep_size = rep_size;
+    l->rep_tail = atomic_load_explicit(&sl->rep_head, memory_order_acquire);
+    atomic_store_explicit(&sl->rep_tail, l->rep_tail, memory_order_relaxed);
+    l->pending = 0;
+    l->desync = 0;
+    pgp_dec_init(&l->dec);
+    l->dec.notice = c->notice_fn;
+    l->dec.notice_arg = c->notice_arg;
+    l->next = c->leases;
+    l->prev = NULL;
+    if (c->leases)
+        c->leases->prev = l;
+    c->leases = l;
+    *out = l;
+    return PB_OK;
+}
+
+/* The fast path: a free-map bit, then the CAS that makes the slot ours. */
+static int try_take_free(pb_client *c, uint32_t pi, uint32_t *slot, uint64_t *word)
+{
+    pb_shm_pool *p = &c->pools[pi];
+    uint32_t first = p->first_slot, cap = p->slot_capacity;
+    if (cap > PB_MAX_POOL_SLOTS || first > c->nslots || cap > c->nslots - first)
+        return 0;
+    int local = pb_freemap_take(p, &c->slots[first], cap, PB_SLOT_LEASED, c->id, word);
+    if (local < 0)
+        return 0;
+    *slot = first + (uint32_t)local;
+    return 1;
+}
+
+/* Queue for a slot and wait for the broker to hand us one. */
+static int wait_for_slot(pb_client *c, uint32_t pi, int timeout_ms, uint32_t *slot, uint64_t *word)
+{
+    pb_shm_client *rec = c->rec;
+    uint32_t ticket = ++c->ticket;
+    uint64_t waiting = PB_WAITW(PB_WAIT_WAITING, 0, ticket);
+    uint64_t deadline = now_ns() + (uint64_t)timeout_ms * 1000000ull;
+
+    atomic_store(&rec->wait_word, waiting);
+    int rc = sq_push(c, PB_SQE(PB_SQ_WAIT, pi, ticket));
+    if (rc != PB_OK)
+        return rc;
+    for (;;) {
+        uint32_t seen = atomic_load(&rec->wait_futex);
+        uint64_t w = atomic_load(&rec->wait_word);
+        unsigned st = PB_WAITW_STATE(w);
+        if (PB_WAITW_TICKET(w) == ticket && st == PB_WAIT_GRANTED) {
+            uint32_t s = PB_WAITW_SLOT(w);
+            if (s >= c->nslots)
+                return PB_EPROTO;
+            uint64_t sw = atomic_load(&c->slots[s].word);
+            if (PB_WORD_STATE(sw) != PB_SLOT_LEASED || PB_WORD_OWNER(sw) != c->id)
+                return PB_EPROTO;
+            *slot = s;
+            *word = sw;
+            return PB_OK;
+        }
+        if (PB_WAITW_TICKET(w) == ticket && st == PB_WAIT_FAILED) {
+            int err = -(int)PB_WAITW_SLOT(w);
+            return err < 0 && err >= PB_EBUSY ? err : PB_EBACKEND;
+        }
+        if (st != PB_WAIT_WAITING || PB_WAITW_TICKET(w) != ticket)
+            return PB_EPROTO;       /* someone scribbled on our record */
+        rc = wait_change(c, &rec->wait_futex, &rec->wait_sleeping, seen, deadline);
+        if (rc == PB_ETIMEDOUT) {
+            if (atomic_compare_exchange_strong(&rec->wait_word, &waiting, PB_WAITW(PB_WAIT_CANCELLED, 0, ticket))) {
+                sq_push(c, PB_SQE(PB_SQ_CANCEL_WAIT, pi, ticket));
+                return PB_ETIMEDOUT;
+            }
+            continue;               /* granted or failed just now: look again */
+        }
+        if (rc != PB_OK) {
+            atomic_compare_exchange_strong(&rec->wait_word, &waiting, PB_WAITW(PB_WAIT_CANCELLED, 0, ticket));
+            return rc;
+        }
+    }
+}
+
+PB_API int pb_acquire(pb_client *c, const char *pool, int timeout_ms, pb_lease **out)
+{
+    if (!c || !pool || !out)
+        return PB_EINVAL;
+    *out = NULL;
+    int rc = ensure_attached(c);
+    if (rc != PB_OK)
+        return rc;
+    uint32_t pi;
+    if ((rc = find_pool(c, pool, &pi)) != PB_OK)
+        return rc;
+    pb_shm_pool *p = &c->pools[pi];
+    if (!atomic_load_explicit(&p->accepting, memory_order_relaxed))
+        return atomic_load(&c->hdr->state) == PB_BROKER_DRAINING ? PB_ESHUTDOWN : PB_ENOPOOL;
+
+    uint32_t s;
+    uint64_t w;
+    uint64_t t0 = 0;
+    /* Waiters first: while anyone is queued, a newcomer queues too. */
+    if (atomic_load(&p->nwaiters) != 0 || !try_take_free(c, pi, &s, &w)) {
+        if (timeout_ms < 0)
+            timeout_ms = (int)atomic_load(&p->acquire_timeout_ms);
+        if (timeout_ms == 0 && atomic_load(&p->nwaiters) == 0)
+            return PB_ETIMEDOUT;
+        t0 = pbi_now_us();
+        rc = wait_for_slot(c, pi, timeout_ms ? timeout_ms : 1, &s, &w);
+        if (rc == PB_ETIMEDOUT)
+            atomic_fetch_add_explicit(&p->timeouts, 1, memory_order_relaxed);
+        if (rc == PB_EBROKER && ensure_attached(c) == PB_OK)
+            return pb_acquire(c, pool, timeout_ms, out);   /* a new broker is up */
+        if (rc != PB_OK) {
+            if (rc != PB_ETIMEDOUT)
+                atomic_fetch_add_explicit(&p->errors, 1, memory_order_relaxed);
+            return rc;
+        }
+        pb_shm_hist_add(&p->acquire_wait, pbi_now_us() - t0);
+    }
+    pb_shm_slot *sl = &c->slots[s];
+    if (!t0) {
+        atomic_store_explicit(&sl->lease_ms, coarse_ms(), memory_order_relaxed);
+        atomic_store_explicit(&sl->client_flags, 0, memory_order_relaxed);
+        atomic_fetch_add_explicit(&sl->uses, 1, memory_order_relaxed);
+    }
+    atomic_fetch_add_explicit(&p->acquires, 1, memory_order_relaxed);
+    rc = make_lease(c, pi, s, w, out);
+    if (rc != PB_OK) {
+        /* Give the slot back through the broker, which checks it. */
+        uint64_t rel = PB_WORD_NEXT(w, PB_SLOT_RELEASING, c->id);
+        if (atomic_compare_exchange_strong(&sl->word, &w, rel))
+            sq_push(c, PB_SQE(PB_SQ_RELEASE, s, PB_WORD_GEN(rel)));
+    }
+    return rc;
+}
+
+int pbi_lease_check(pb_lease *l)
+{
+    pb_client *c = l->c;
+    if (l->released)
+        return PB_ESTALE;
+    if (l->fork_gen != pb_fork_gen || l->epoch != c->epoch || !c->attached)
+        return PB_ESTALE;
+    if (c->broken)
+        return PB_EBROKER;
+    if (atomic_load_explicit(&l->s->word, memory_order_acquire) != l->word)
+        return PB_ESTALE;
+    return PB_OK;
+}
+
+PB_API int pb_release(pb_lease *l)
+{
+    if (!l)
+        return PB_EINVAL;
+    pb_client *c = l->c;
+    int rc = pbi_lease_check(l);
+    if (rc != PB_OK) {
+        if (!l->released)
+            lease_free(l);
+        return rc;
+    }
+    pb_shm_slot *sl = l->s;
+    pb_shm_pool *p = &c->pools[l->pool];
+    uint64_t w = l->word;
+    uint64_t max_uses = atomic_load_explicit(&p->max_uses, memory_order_relaxed);
+    int fast = l->pending == 0 && !l->desync &&
+               atomic_load_explicit(&sl->txn_status, memory_order_relaxed) == 'I' &&
+               atomic_load_explicit(&sl->client_flags, memory_order_relaxed) == 0 &&
+               atomic_load_explicit(&sl->flags, memory_order_relaxed) == 0 &&
+               atomic_load_explicit(&sl->io_error, memory_order_relaxed) == 0 &&
+               atomic_load_explicit(&p->reset_policy, memory_order_relaxed) == PB_RESET_ROLLBACK &&
+               (max_uses == 0 || atomic_load_explicit(&sl->uses, memory_order_relaxed) < max_uses) &&
+               atomic_load_explicit(&p->nwaiters, memory_order_relaxed) == 0 &&
+               atomic_load_explicit(&p->accepting, memory_order_relaxed);
+    if (fast) {
+        uint64_t freew = PB_WORD_NEXT(w, PB_SLOT_FREE, 0);
+        if (!atomic_compare_exchange_strong(&sl->word, &w, freew)) {
+            lease_free(l);
+            return PB_ESTALE;
+        }
+        pb_freemap_put(p, l->slot - p->first_slot);
+        /* A waiter may have queued after we looked: it must not miss this
+         * slot.  Setting the bit (seq_cst) before reading nwaiters pairs with
+         * the broker publishing nwaiters before it scans the map. */
+        if (atomic_load(&p->nwaiters))
+            sq_push(c, PB_SQE(PB_SQ_NOP, 0, 0));
+    } else {
+        if (l->desync)
+            atomic_fetch_or(&sl->client_flags, PB_CF_DIRTY);
+        uint64_t rel = PB_WORD_NEXT(w, PB_SLOT_RELEASING, c->id);
+        if (!atomic_compare_exchange_strong(&sl->word, &w, rel)) {
+            lease_free(l);
+            return PB_ESTALE;
+        }
+        rc = sq_push(c, PB_SQE(PB_SQ_RELEASE, l->slot, PB_WORD_GEN(rel)));
+    }
+    lease_free(l);
+    return rc;
+}
+
+PB_API int pb_lease_backend_pid(const pb_lease *l)
+{
+    if (!l || pbi_lease_check((pb_lease *)l) != PB_OK)
+        return -1;
+    return atomic_load(&l->s->backend_pid);
+}
+
+/* ---------------------------------------------------------------- commands */
+
+void pbi_set_preview(pb_lease *l, const char *text, size_t len)
+{
+    if (len > PB_CMD_PREVIEW - 1)
+        len = PB_CMD_PREVIEW - 1;
+    memcpy(l->s->preview, text, len);
+    l->s->preview[len] = 0;
+}
+
+/* Put a request in the slot's request buffer and tell the broker. */
+int pbi_submit(pb_lease *l, const void *req, size_t len, uint32_t nreplies)
+{
+    pb_client *c = l->c;
+    pb_shm_slot *sl = l->s;
+    int rc;
+
+    if (len > l->req_size)
+        return PB_ETOOBIG;
+    /* The buffer is ours again once the broker took the previous request. */
+    for (;;) {
+        uint32_t seen = atomic_load(&sl->rep_futex);
+        if (atomic_load_explicit(&sl->req_ack, memory_order_acquire) == atomic_load(&sl->req_seq))
+            break;
+        if ((rc = pbi_lease_check(l)) != PB_OK)
+            return rc;
+        if ((rc = wait_change(c, &sl->rep_futex, &sl->rep_sleeping, seen, 0)) != PB_OK)
+            return rc;
+    }
+    memcpy(l->req, req, len);
+    atomic_store_explicit(&sl->req_len, (uint32_t)len, memory_order_relaxed);
+    atomic_fetch_add_explicit(&sl->req_seq, 1, memory_order_release);
+    l->pending += nreplies;
+    return sq_push(c, PB_SQE(PB_SQ_SUBMIT, l->slot, PB_WORD_GEN(l->word)));
+}
+
+int pbi_reply_wait(pb_lease *l, const uint8_t **p, size_t *avail)
+{
+    pb_client *c = l->c;
+    pb_shm_slot *sl = l->s;
+    int rc;
+    for (;;) {
+        uint32_t seen = atomic_load(&sl->rep_futex);
+        uint64_t head = atomic_load_explicit(&sl->rep_head, memory_order_acquire);
+        if (head != l->rep_tail) {
+            uint64_t used = head - l->rep_tail;
+            if (used > l->rep_size)
+                return PB_EPROTO;
+            uint32_t off = (uint32_t)(l->rep_tail & (l->rep_size - 1));
+            size_t n = l->rep_size - off;
+            if (n > used)
+                n = (size_t)used;
+            *p = l->rep + off;
+            *avail = n;
+            return PB_OK;
+        }
+        if (atomic_load_explicit(&sl->req_ack, memory_order_acquire) == atomic_load(&sl->req_seq)) {
+            int err = atomic_load(&sl->io_error);
+            if (err < 0)
+                return err >= PB_EBUSY ? err : PB_EPROTO;
+        }
+        if ((rc = pbi_lease_check(l)) != PB_OK)
+            return rc;
+        if ((rc = wait_change(c, &sl->rep_futex, &sl->rep_sleeping, seen, 0)) != PB_OK)
+            return rc;
+    }
+}
+
+void pbi_reply_consume(pb_lease *l, size_t n)
+{
+    pb_shm_slot *sl = l->s;
+    l->rep_tail += n;
+    atomic_store_explicit(&sl->rep_tail, l->rep_tail, memory_order_release);
+    /* The broker stopped reading for want of room: tell it there is some. */
+    if (atomic_load(&sl->rep_paused))
+        sq_push(l->c, PB_SQE(PB_SQ_DRAINED, l->slot, PB_WORD_GEN(l->word)));
+}

@@ -1,0 +1,76 @@
+/*
+ * internal.h — libpoolbroker's private structures, shared by client.c (attach,
+ * leases, waiting), pg.c (PostgreSQL commands) and redis.c (Redis commands).
+ */
+#ifndef PB_CLIENT_INTERNAL_H
+#define PB_CLIENT_INTERNAL_H
+
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "pb_shm.h"
+#include "pgproto.h"
+#include "poolbroker.h"
+
+struct pb_client {
+    char *socket_path;
+    unsigned fork_gen;               /* pb_fork_gen when we attached */
+    int attached;                    /* mapping and fds valid */
+    int broken;                      /* broker gone: re-attach on next acquire */
+    int ctrl_fd, doorbell_fd;
+    pb_shm_header *hdr;
+    size_t shm_size;
+    pb_shm_pool *pools;
+    pb_shm_slot *slots;
+    pb_shm_client *rec;              /* our record */
+    uint32_t id, generation, npools, nslots;
+    uint32_t epoch;                  /* attachments so far; leases remember theirs */
+    uint32_t sq_tail;                /* private producer position */
+    uint32_t ticket;
+    /* last pool looked up by name */
+    char last_pool[PB_NAME_MAX];
+    uint32_t last_pool_idx;
+    pb_lease *leases;                /* live leases (doubly linked) */
+    pb_lease *retired_head;          /* released handles, oldest first: reused */
+    pb_lease *retired_tail;          /* only after RETIRED_MIN others, so a double */
+    uint32_t nretired;               /* release or use-after-release says PB_ESTALE */
+    pb_buf scratch;                  /* request encoding */
+    pgp_notice_fn notice_fn;
+    void *notice_arg;
+    uint32_t spin_ns;                /* adaptive spin budget before sleeping */
+};
+
+struct pb_lease {
+    pb_client *c;
+    uint32_t epoch;                  /* c->epoch at grant */
+    unsigned fork_gen;               /* pb_fork_gen at grant */
+    uint32_t slot;
+    uint32_t pool;
+    int type;                        /* PB_POOL_POSTGRES | PB_POOL_REDIS */
+    uint64_t word;                   /* slot word of this lease */
+    pb_shm_slot *s;
+    uint8_t *req, *rep;              /* buffers (checked against the segment size) */
+    uint32_t req_size, rep_size;
+    uint64_t rep_tail;               /* our consumer position in the reply ring */
+    uint32_t pending;                /* replies submitted and not yet read */
+    int desync;                      /* a reply could not be parsed: connection unusable */
+    int released;                    /* handle is in the retired list */
+    pgp_dec dec;                     /* PostgreSQL reply decoder */
+    void *rreader;                   /* Redis: redisReader */
+    pb_buf rqueue;                   /* Redis: appended, not yet sent */
+    uint32_t rqueued;                /* Redis: commands in rqueue */
+    pb_lease *prev, *next;
+};
+
+extern unsigned pb_fork_gen;
+
+/* client.c: shared by the protocol halves */
+int pbi_lease_check(pb_lease *l);                                /* PB_OK | PB_ESTALE | PB_EBROKER */
+int pbi_submit(pb_lease *l, const void *req, size_t len, uint32_t nreplies);
+/* Wait until the reply ring has bytes (or an error); *avail = contiguous bytes at *p. */
+int pbi_reply_wait(pb_lease *l, const uint8_t **p, size_t *avail);
+void pbi_reply_consume(pb_lease *l, size_t n);
+void pbi_set_preview(pb_lease *l, const char *text, size_t len);
+uint64_t pbi_now_us(void);
+
+#endif /* PB_CLIENT_INTERNAL_H */

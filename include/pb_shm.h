@@ -1,0 +1,369 @@
+/*
+ * pb_shm.h — the layout of poolbroker's shared-memory segment.
+ *
+ * This header is the contract between the broker (which creates and owns the
+ * segment), libpoolbroker (linked into every worker process) and shmstat
+ * (which only reads).  It is not installed: applications see only
+ * poolbroker.h.
+ *
+ * Layout of one segment, every part aligned to a cache line:
+ *
+ *   pb_shm_header                     magic, version, fingerprint, broker state
+ *   pb_shm_pool     [npools]          per pool: limits, state, counters, free map
+ *   pb_shm_client   [max_clients]     per attached process: wait word, SQ ring
+ *   pb_shm_slot     [nslots]          per connection slot: slot word, I/O words
+ *   slot buffers                      per slot: request buffer (req_size) and
+ *                                     reply ring (rep_size, SPSC byte ring)
+ *
+ * Who writes what is said next to every field.  "broker" fields are written
+ * only by the broker; "client" fields by the process that holds the lease (or
+ * owns the client record); every reader of a client-written field treats it as
+ * untrusted input.  All cross-process fields are C11 atomics; memory orders are
+ * given where they matter.  Everything is a plain fixed-width type so that a
+ * 32-bit-free, padding-free layout can be fingerprinted (PB_SHM_FINGERPRINT).
+ */
+#ifndef PB_SHM_H
+#define PB_SHM_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define PB_SHM_MAGIC      0x314B52424C4F4F50ULL   /* "POOLBRK1", little endian */
+#define PB_SHM_VERSION    1u
+#define PB_CACHELINE      64
+#define PB_NAME_MAX       32                      /* pool name incl. NUL */
+#define PB_MAX_POOLS      64
+#define PB_MAX_POOL_SLOTS 4096                    /* per pool (free map bits) */
+#define PB_FREEMAP_WORDS  (PB_MAX_POOL_SLOTS / 64)
+#define PB_SQ_ENTRIES     256                     /* per client, power of two */
+#define PB_HIST_BUCKETS   16                      /* latency histograms */
+#define PB_CMD_PREVIEW    48                      /* first bytes of the command */
+
+/* ---------------------------------------------------------------- slot word
+ * 64 bits: state:8 | owner:24 | generation:32.  The single source of truth for
+ * who holds a slot.  Changed only by compare-and-swap; every transition bumps
+ * the generation, so a lease handle (which remembers the word it was granted)
+ * can never act on a later lease of the same slot.
+ */
+enum pb_slot_state {
+    PB_SLOT_EMPTY = 0,      /* no connection; broker may start one */
+    PB_SLOT_CONNECTING,     /* broker is connecting (owner 0) */
+    PB_SLOT_FREE,           /* idle connection, may be leased by anyone */
+    PB_SLOT_LEASED,         /* held by client <owner> */
+    PB_SLOT_RELEASING,      /* <owner> gave it back; broker must look at it */
+    PB_SLOT_RESETTING,      /* broker is cleaning it (rollback, reset query) */
+    PB_SLOT_RECLAIMING,     /* owner died or overstayed; broker is taking it back */
+    PB_SLOT_BROKEN,         /* connection lost; broker will reconnect */
+    PB_SLOT_CLOSING,        /* being retired (lifetime, uses, idle, removed pool) */
+    PB_SLOT_STATE_MAX
+};
+
+#define PB_WORD(state, owner, gen) \
+    (((uint64_t)(state) << 56) | ((uint64_t)((owner) & 0xFFFFFFu) << 32) | (uint64_t)(uint32_t)(gen))
+#define PB_WORD_STATE(w) ((unsigned)((w) >> 56))
+#define PB_WORD_OWNER(w) ((uint32_t)(((w) >> 32) & 0xFFFFFFu))
+#define PB_WORD_GEN(w)   ((uint32_t)(w))
+/* The next word for a transition to <state> by <owner>: generation + 1. */
+#define PB_WORD_NEXT(w, state, owner) PB_WORD((state), (owner), PB_WORD_GEN(w) + 1u)
+
+/* Client ids are 24 bits: the low PB_CLIENT_INDEX_BITS are the index of the
+ * client record, the rest count how often that record was reused, so a dead
+ * client's id is not handed to its successor at once.  0 means "nobody". */
+#define PB_CLIENT_INDEX_BITS 12
+#define PB_MAX_CLIENTS       ((1u << PB_CLIENT_INDEX_BITS) - 1)
+#define PB_CLIENT_INDEX(id)  (((id) & ((1u << PB_CLIENT_INDEX_BITS) - 1)) - 1)
+
+/* ------------------------------------------------------- submission entries
+ * 64 bits: op:8 | arg:24 | val:32, pushed by a client on its own SPSC ring.
+ */
+enum pb_sq_op {
+    PB_SQ_NOP = 0,
+    PB_SQ_SUBMIT,           /* arg: slot, val: lease generation — request ready */
+    PB_SQ_RELEASE,          /* arg: slot, val: generation of the RELEASING word */
+    PB_SQ_WAIT,             /* arg: pool, val: ticket — queue me for a slot */
+    PB_SQ_DRAINED,          /* arg: slot, val: lease generation — I made room in the reply ring */
+    PB_SQ_CANCEL_WAIT,      /* arg: pool, val: ticket — I gave up waiting */
+};
+#define PB_SQE(op, arg, val) \
+    (((uint64_t)(op) << 56) | ((uint64_t)((arg) & 0xFFFFFFu) << 32) | (uint64_t)(uint32_t)(val))
+#define PB_SQE_OP(e)  ((unsigned)((e) >> 56))
+#define PB_SQE_ARG(e) ((uint32_t)(((e) >> 32) & 0xFFFFFFu))
+#define PB_SQE_VAL(e) ((uint32_t)(e))
+
+/* ------------------------------------------------------------- wait word
+ * A client's one outstanding acquire wait, 64 bits: state:8 | slot:24 | ticket:32.
+ * The client sets WAITING; the broker CASes WAITING→GRANTED(slot) or →FAILED;
+ * the client CASes WAITING→CANCELLED on timeout.  Whoever's CAS wins decides.
+ */
+enum pb_wait_state {
+    PB_WAIT_NONE = 0,
+    PB_WAIT_WAITING,
+    PB_WAIT_GRANTED,        /* slot field: the slot now LEASED to this client */
+    PB_WAIT_CANCELLED,
+    PB_WAIT_FAILED,         /* slot field: a PB_E* code, negated (backend down, shutdown) */
+};
+#define PB_WAITW(state, slot, ticket) \
+    (((uint64_t)(state) << 56) | ((uint64_t)((slot) & 0xFFFFFFu) << 32) | (uint64_t)(uint32_t)(ticket))
+#define PB_WAITW_STATE(w)  ((unsigned)((w) >> 56))
+#define PB_WAITW_SLOT(w)   ((uint32_t)(((w) >> 32) & 0xFFFFFFu))
+#define PB_WAITW_TICKET(w) ((uint32_t)(w))
+
+enum pb_broker_state { PB_BROKER_STARTING = 0, PB_BROKER_RUNNING, PB_BROKER_DRAINING, PB_BROKER_STOPPED };
+enum pb_pool_type    { PB_POOL_POSTGRES = 1, PB_POOL_REDIS = 2 };
+enum pb_pool_health  { PB_HEALTH_HEALTHY = 0, PB_HEALTH_DEGRADED, PB_HEALTH_DOWN, PB_HEALTH_REMOVED };
+enum pb_io_backend   { PB_IO_NONE = 0, PB_IO_URING, PB_IO_EPOLL };
+
+/* Reset policies (pool reset key). */
+enum pb_reset_policy { PB_RESET_ROLLBACK = 0, PB_RESET_DISCARD_ALL, PB_RESET_CUSTOM };
+
+/* Slot I/O error codes the broker reports in pb_shm_slot.io_error: a PB_E*
+ * code (negative) or 0. */
+
+typedef struct pb_shm_header {
+    uint64_t magic;                 /* PB_SHM_MAGIC; broker, at creation */
+    uint32_t version;               /* PB_SHM_VERSION */
+    uint32_t fingerprint;           /* PB_SHM_FINGERPRINT of the creator's build */
+    uint64_t total_size;            /* bytes in the segment */
+    _Atomic uint32_t generation;    /* broker start count for this segment name */
+    _Atomic uint32_t state;         /* enum pb_broker_state; release stores */
+    _Atomic int32_t  broker_pid;    /* broker's pid (0 when stopped cleanly) */
+    uint32_t io_backend;            /* enum pb_io_backend */
+    uint32_t npools;                /* pool table entries in use (incl. removed) */
+    uint32_t nslots;                /* slot table entries */
+    uint32_t max_clients;           /* client table entries */
+    uint32_t pad0;
+    uint64_t pool_off;              /* byte offsets from the segment base */
+    uint64_t client_off;
+    uint64_t slot_off;
+    uint64_t buf_off;               /* start of the slot buffers */
+    uint64_t start_ms;              /* CLOCK_REALTIME ms at broker start */
+    _Atomic uint64_t heartbeat_ms;  /* CLOCK_MONOTONIC ms, broker, each loop tick */
+    _Atomic uint32_t clients_attached; /* broker */
+    _Atomic uint32_t pad1;
+    char shm_name[64];              /* as configured */
+    /* --- hot: doorbell (own cache line) --- */
+    _Alignas(PB_CACHELINE)
+    _Atomic uint32_t broker_sleeping; /* broker sets 1 before it sleeps; a client that
+                                         CASes it 1→0 writes the doorbell eventfd */
+    _Atomic uint32_t sq_seq;          /* clients bump after each SQ push (broker skips
+                                         scanning rings when unchanged) */
+} pb_shm_header;
+
+/* Fixed-bucket histograms: bucket i counts values < 2^i * 16 µs (the last is
+ * open ended): 16µs, 32µs, ... ~262 ms, +Inf. */
+typedef struct pb_hist {
+    _Atomic uint64_t bucket[PB_HIST_BUCKETS];
+    _Atomic uint64_t sum_us;
+    _Atomic uint64_t count;
+} pb_hist;
+
+typedef struct pb_shm_pool {
+    char name[PB_NAME_MAX];         /* broker */
+    uint32_t type;                  /* enum pb_pool_type */
+    uint32_t first_slot;            /* slots [first_slot, first_slot+max_size) are this pool's */
+    _Atomic uint32_t min_size;      /* broker; may change on reload */
+    _Atomic uint32_t max_size;
+    uint32_t slot_capacity;         /* slots reserved for the pool (>= max_size) */
+    _Atomic uint32_t acquire_timeout_ms;
+    _Atomic uint32_t reset_policy;  /* enum pb_reset_policy */
+    _Atomic uint32_t health;        /* enum pb_pool_health; broker */
+    _Atomic uint32_t consecutive_failures;
+    _Atomic uint32_t size;          /* live connections (free+leased+busy); broker */
+    _Atomic uint32_t nwaiters;      /* queued acquire waiters; broker */
+    _Atomic uint32_t accepting;     /* 0 while draining or removed: acquire fails */
+    _Atomic uint64_t max_uses;      /* broker; 0 = unlimited (a lease reaching it releases via the broker) */
+    char last_error[128];           /* broker; last connect/backend error, NUL-terminated */
+
+    /* counters: updated with relaxed fetch_add by whoever does the thing */
+    _Atomic uint64_t acquires, waits, timeouts, errors, reclaims, resets;
+    _Atomic uint64_t connects, connect_failures, handoffs, wakeups, leaks, retired;
+    pb_hist acquire_wait;           /* client, on acquire that waited */
+    pb_hist command_latency;        /* client, per exec */
+
+    /* free map: bit i set = slot first_slot+i may be FREE.  A hint, never
+     * truth: an acquirer clears a bit and then must still win the CAS on the
+     * slot word.  A bit lost by a process killed between the two is put back
+     * by the broker's janitor.  Own cache lines: it is the contended part. */
+    _Alignas(PB_CACHELINE)
+    _Atomic uint64_t freemap[PB_FREEMAP_WORDS];
+} pb_shm_pool;
+
+typedef struct pb_shm_client {
+    _Atomic uint32_t id;            /* broker: current 24-bit client id, 0 = free record */
+    _Atomic int32_t  pid;           /* broker: from SO_PEERCRED */
+    _Atomic uint64_t attach_ms;     /* broker: CLOCK_MONOTONIC ms */
+    _Atomic uint64_t wait_word;     /* client+broker by CAS, see enum pb_wait_state */
+    _Atomic uint32_t wait_futex;    /* broker bumps after deciding wait_word */
+    _Atomic uint32_t wait_sleeping; /* client: 1 while asleep on wait_futex */
+    /* submission ring, SPSC: client produces at tail, broker consumes at head */
+    _Alignas(PB_CACHELINE)
+    _Atomic uint32_t sq_tail;       /* client, release store after writing the entry */
+    _Alignas(PB_CACHELINE)
+    _Atomic uint32_t sq_head;       /* broker, release store after reading the entry */
+    _Alignas(PB_CACHELINE)
+    _Atomic uint64_t sq[PB_SQ_ENTRIES];
+} pb_shm_client;
+
+/* Flags in pb_shm_slot.flags (broker-written, read by the lease holder). */
+#define PB_SF_RETIRE      0x01u     /* release through the broker: connection retires */
+#define PB_SF_PREPARED_OK 0x02u     /* reserved */
+
+/* Flags in pb_shm_slot.client_flags (lease holder writes, broker reads). */
+#define PB_CF_DIRTY       0x01u     /* session state changed: reset on release */
+
+typedef struct pb_shm_slot {
+    _Atomic uint64_t word;          /* slot word, CAS only (see above) */
+    uint32_t pool;                  /* broker, fixed: pool index */
+    uint32_t index;                 /* broker, fixed: own index */
+    /* Buffers, fixed at creation.  The broker keeps its own copy and never
+     * reads these back; a client checks them against the segment size. */
+    uint64_t req_off;               /* request buffer: offset from segment base */
+    uint64_t rep_off;               /* reply ring: offset from segment base */
+    uint32_t req_size;              /* bytes */
+    uint32_t rep_size;              /* bytes, a power of two */
+    /* -- broker-written status -- */
+    _Atomic int32_t  backend_pid;   /* PostgreSQL backend pid / Redis client id */
+    _Atomic uint32_t txn_status;    /* last ReadyForQuery status byte ('I','T','E'), 0 if none */
+    _Atomic uint32_t flags;         /* PB_SF_* */
+    _Atomic int32_t  io_error;      /* PB_E* code for the command in flight, or 0 */
+    _Atomic uint64_t conn_created_ms; /* CLOCK_MONOTONIC ms */
+    _Atomic uint64_t uses;          /* completed leases of this connection */
+    _Atomic uint64_t reply_done;    /* broker: complete replies (RFQ / RESP) received */
+    /* -- lease holder-written -- */
+    _Atomic uint64_t lease_ms;      /* CLOCK_MONOTONIC(_COARSE) ms when leased */
+    _Atomic uint32_t client_flags;  /* PB_CF_* */
+    _Atomic uint32_t req_len;       /* bytes of request in the request buffer */
+    _Atomic uint32_t req_seq;       /* client bumps per submit (release order) */
+    _Atomic uint32_t req_ack;       /* broker: last req_seq it took (buffer free again) */
+    uint8_t preview[PB_CMD_PREVIEW];/* client: first bytes of the current command, for shmstat */
+
+    /* reply ring: broker produces (rep_head), lease holder consumes (rep_tail) */
+    _Alignas(PB_CACHELINE)
+    _Atomic uint64_t rep_head;      /* broker: bytes ever written, release store */
+    _Atomic uint32_t rep_futex;     /* broker bumps after each publish; client futex-waits */
+    _Atomic uint32_t rep_sleeping;  /* client: 1 while asleep on rep_futex */
+    _Atomic uint32_t rep_paused;    /* broker: 1 while it stopped reading for want of room */
+    _Alignas(PB_CACHELINE)
+    _Atomic uint64_t rep_tail;      /* client: bytes consumed, release store */
+} pb_shm_slot;
+
+/* The size fingerprint: a client or shmstat built against another layout
+ * refuses to attach.  Mixing in every struct size catches a changed layout even
+ * when someone forgets to bump PB_SHM_VERSION. */
+#define PB_SHM_FINGERPRINT \
+    ((uint32_t)(sizeof(pb_shm_header) * 2654435761u) ^ \
+     (uint32_t)(sizeof(pb_shm_pool) * 40503u) ^ \
+     (uint32_t)(sizeof(pb_shm_client) * 9973u) ^ \
+     (uint32_t)(sizeof(pb_shm_slot) * 131u) ^ \
+     (uint32_t)(PB_SQ_ENTRIES << 20) ^ (uint32_t)(PB_HIST_BUCKETS << 26))
+
+static inline uint32_t pb_shm_hist_bucket(uint64_t us)
+{
+    uint32_t b = 0;
+    uint64_t lim = 16;
+    while (b < PB_HIST_BUCKETS - 1 && us >= lim) {
+        lim <<= 1;
+        b++;
+    }
+    return b;
+}
+
+static inline void pb_shm_hist_add(pb_hist *h, uint64_t us)
+{
+    atomic_fetch_add_explicit(&h->bucket[pb_shm_hist_bucket(us)], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&h->sum_us, us, memory_order_relaxed);
+    atomic_fetch_add_explicit(&h->count, 1, memory_order_relaxed);
+}
+
+/* ---------------------------------------------------------------- free map
+ * Shared by the client library (the lease fast path), the broker (handing
+ * slots to waiters, its janitor) and the unit tests.  `slots` points at the
+ * pool's first slot; `cap` is its slot count (<= PB_MAX_POOL_SLOTS). */
+
+/* Put slot `local` back in the map. */
+static inline void pb_freemap_put(pb_shm_pool *p, uint32_t local)
+{
+    atomic_fetch_or(&p->freemap[local / 64], 1ull << (local % 64));
+}
+
+/* Take a FREE slot: clear a bit, then CAS the slot word FREE → state(owner)
+ * with the generation bumped.  A set bit whose slot is not FREE (a duplicate,
+ * or a stale hint) is simply dropped.  Returns the local index and stores
+ * the new word in *word, or returns -1 when the map has nothing usable. */
+static inline int pb_freemap_take(pb_shm_pool *p, pb_shm_slot *slots, uint32_t cap, unsigned state,
+                                  uint32_t owner, uint64_t *word)
+{
+    for (uint32_t wi = 0; wi < (cap + 63) / 64; wi++) {
+        uint64_t m = atomic_load_explicit(&p->freemap[wi], memory_order_acquire);
+        while (m) {
+            uint32_t bit = (uint32_t)__builtin_ctzll(m);
+            if (!atomic_compare_exchange_weak(&p->freemap[wi], &m, m & ~(1ull << bit)))
+                continue;               /* m now holds the current map word */
+            uint32_t local = wi * 64 + bit;
+            if (local < cap) {
+                pb_shm_slot *sl = &slots[local];
+                uint64_t w = atomic_load_explicit(&sl->word, memory_order_acquire);
+                uint64_t mine = PB_WORD_NEXT(w, state, owner);
+                if (PB_WORD_STATE(w) == PB_SLOT_FREE && atomic_compare_exchange_strong(&sl->word, &w, mine)) {
+                    *word = mine;
+                    return (int)local;
+                }
+            }
+            m = atomic_load_explicit(&p->freemap[wi], memory_order_acquire);
+        }
+    }
+    return -1;
+}
+
+/* Re-push FREE slots whose bit was lost (a process killed between clearing
+ * a bit and winning the slot's CAS).  Returns how many were put back. */
+static inline uint32_t pb_freemap_repair(pb_shm_pool *p, pb_shm_slot *slots, uint32_t cap)
+{
+    uint32_t fixed = 0;
+    for (uint32_t i = 0; i < cap; i++) {
+        if (PB_WORD_STATE(atomic_load(&slots[i].word)) != PB_SLOT_FREE)
+            continue;
+        if (!(atomic_load(&p->freemap[i / 64]) & (1ull << (i % 64)))) {
+            pb_freemap_put(p, i);
+            fixed++;
+        }
+    }
+    return fixed;
+}
+
+/* Accessors.  All take offsets from a header the caller has validated with
+ * pb_shm_check(); they do no bounds checks themselves. */
+#define PB_SHM_AT(hdr, off) ((void *)((char *)(hdr) + (off)))
+static inline pb_shm_pool *pb_shm_pools(pb_shm_header *h)
+{ return (pb_shm_pool *)PB_SHM_AT(h, h->pool_off); }
+static inline pb_shm_client *pb_shm_clients(pb_shm_header *h)
+{ return (pb_shm_client *)PB_SHM_AT(h, h->client_off); }
+static inline pb_shm_slot *pb_shm_slots(pb_shm_header *h)
+{ return (pb_shm_slot *)PB_SHM_AT(h, h->slot_off); }
+
+/* ------------------------------------------------------- attach handshake
+ * Over the control socket (SOCK_STREAM, AF_UNIX): the client sends one
+ * pb_attach_req; the broker answers one pb_attach_resp, and on success passes
+ * two fds with SCM_RIGHTS: the segment (O_RDWR) and the doorbell eventfd.
+ * The socket then stays open for the life of the attachment; its EOF tells
+ * each side the other has gone. */
+#define PB_ATTACH_MAGIC 0x50424154u     /* "PBAT" */
+typedef struct pb_attach_req {
+    uint32_t magic;                     /* PB_ATTACH_MAGIC */
+    uint32_t version;                   /* PB_SHM_VERSION */
+    uint32_t fingerprint;               /* PB_SHM_FINGERPRINT */
+    int32_t  pid;                       /* informational; the broker uses SO_PEERCRED */
+} pb_attach_req;
+
+typedef struct pb_attach_resp {
+    uint32_t magic;                     /* PB_ATTACH_MAGIC */
+    int32_t  status;                    /* PB_OK or a PB_E* code */
+    uint32_t version;                   /* broker's PB_SHM_VERSION */
+    uint32_t fingerprint;               /* broker's PB_SHM_FINGERPRINT */
+    uint32_t client_id;                 /* 24-bit id, owner field of slot words */
+    uint32_t generation;                /* broker generation */
+    uint64_t shm_size;                  /* bytes to map */
+} pb_attach_resp;
+
+#endif /* PB_SHM_H */

@@ -1,0 +1,174 @@
+/*
+ * poolbroker.h — the client library of poolbroker (libpoolbroker).
+ *
+ * A worker process attaches to a running broker, leases a connection slot
+ * from a named pool, runs commands on it and releases it.  The broker owns
+ * every backend connection; this library encodes requests and decodes replies
+ * in the calling process, and talks to the broker only through shared memory
+ * (and, to attach, a Unix socket).
+ *
+ * This header is the whole API: anything not declared here is not part of it.
+ *
+ * Conventions
+ *   - Functions that can fail return PB_OK (0) or a negative PB_E* code;
+ *     pb_strerror() names every code.  Nothing is printed, errno is not used
+ *     as a side channel.
+ *   - Handles are opaque.  Freeing or closing a NULL handle is a no-op.
+ *   - A pb_client is not thread-safe: use one per thread (each is one
+ *     attachment).  A pb_client inherited across fork() re-attaches in the
+ *     child on first use; leases never cross a fork (PB_ESTALE in the child).
+ *   - Results (pb_result, redisReply) belong to the caller and stay valid
+ *     after the lease is released.
+ */
+#ifndef POOLBROKER_H
+#define POOLBROKER_H
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__) && defined(PB_BUILDING_LIBRARY)
+#define PB_API __attribute__((visibility("default")))
+#else
+#define PB_API
+#endif
+
+#define PB_VERSION_MAJOR  0
+#define PB_VERSION_MINOR  1
+#define PB_VERSION_PATCH  0
+#define PB_VERSION        "0.1.0"
+#define PB_VERSION_NUMBER (PB_VERSION_MAJOR * 1000000 + PB_VERSION_MINOR * 1000 + PB_VERSION_PATCH)
+
+/* Error codes.  PB_OK is 0; every error is negative. */
+enum {
+    PB_OK        =   0,
+    PB_ETIMEDOUT =  -1,  /* no slot (or no reply) within the timeout */
+    PB_ENOPOOL   =  -2,  /* no pool of that name */
+    PB_EBROKER   =  -3,  /* broker not running, died, or refused the attach */
+    PB_EBACKEND  =  -4,  /* backend unreachable, or the connection broke mid-command */
+    PB_ETOOBIG   =  -5,  /* request larger than the pool's request buffer */
+    PB_ESTALE    =  -6,  /* lease no longer valid (released, reclaimed, forked) */
+    PB_EINVAL    =  -7,  /* bad argument */
+    PB_ENOMEM    =  -8,  /* out of memory */
+    PB_ESHUTDOWN =  -9,  /* broker is draining: no new leases */
+    PB_EPROTO    = -10,  /* malformed request or reply; protocol violated */
+    PB_ETYPE     = -11,  /* PostgreSQL call on a Redis lease or the reverse */
+    PB_EVERSION  = -12,  /* library and broker disagree on the shared layout */
+    PB_EPERM     = -13,  /* the broker refused this process (uid/gid, max_clients) */
+    PB_EBUSY     = -14,  /* the lease is in a state that forbids the call (e.g. mid-COPY) */
+};
+
+typedef struct pb_client pb_client;
+typedef struct pb_lease  pb_lease;
+typedef struct pb_result pb_result;
+
+/* The library's version string ("0.1.0") and number (PB_VERSION_NUMBER's
+ * value); compare with the macros to detect a header/library mismatch. */
+PB_API const char *pb_version(void);
+PB_API int pb_version_number(void);
+
+/* A static, human-readable description of an error code (never NULL). */
+PB_API const char *pb_strerror(int err);
+
+/* ------------------------------------------------------------------ attach */
+
+/* Attach to the broker listening on socket_path (NULL: $POOLBROKER_SOCKET, or
+ * else "/run/poolbroker/poolbroker.sock").  On success *out is a new client.
+ * Errors: PB_EBROKER (no broker there), PB_EPERM (refused: uid/gid not
+ * allowed, too many clients), PB_EVERSION (other shared layout), PB_ENOMEM. */
+PB_API int pb_connect(const char *socket_path, pb_client **out);
+
+/* Detach and free the client.  Leases still held are released first. */
+PB_API void pb_disconnect(pb_client *c);
+
+/* ------------------------------------------------------------------ leases */
+
+/* Lease a connection of pool <pool>.  timeout_ms < 0 uses the pool's
+ * acquire_timeout_ms; 0 means "only if one is free now".  The fast path takes
+ * no syscall; otherwise the caller is queued (first come, first served) while
+ * the broker grows the pool.  Errors: PB_ENOPOOL, PB_ETIMEDOUT, PB_EBACKEND
+ * (backend known down: fails at once), PB_ESHUTDOWN, PB_EBROKER. */
+PB_API int pb_acquire(pb_client *c, const char *pool, int timeout_ms, pb_lease **out);
+
+/* Return a lease and free the handle; never waits for the backend.  An open
+ * or failed transaction is rolled back (and the pool's reset policy applied)
+ * by the broker before anyone else gets the connection.  PB_ESTALE when the
+ * lease was already taken back (the handle is freed all the same).  NULL is a
+ * no-op returning PB_EINVAL. */
+PB_API int pb_release(pb_lease *l);
+
+/* Backend process id of a lease's connection (for logs); -1 if stale. */
+PB_API int pb_lease_backend_pid(const pb_lease *l);
+
+/* -------------------------------------------------------------- PostgreSQL */
+
+/* Run sql (one or more statements, simple query protocol).  Returns PB_OK
+ * whenever the server answered, SQL errors included (see pb_result_status);
+ * *out then holds the result of the last statement, or the error.  A negative
+ * code only when no answer came: PB_ESTALE, PB_ETYPE, PB_ETOOBIG, PB_EBACKEND,
+ * PB_EBROKER, PB_ETIMEDOUT (command_timeout_ms), PB_EPROTO, PB_ENOMEM. */
+PB_API int pb_pg_exec(pb_lease *l, const char *sql, pb_result **out);
+
+/* Run one statement with parameters (extended protocol, unnamed statement).
+ * param_types may be NULL (server infers); values[i] NULL is SQL NULL;
+ * lengths is needed only for binary parameters (formats[i] == 1); formats NULL
+ * means all text.  result_format 0 = text, 1 = binary.  Returns as pb_pg_exec. */
+PB_API int pb_pg_exec_params(pb_lease *l, const char *sql, int nparams,
+                             const unsigned int *param_types, const char *const *values,
+                             const int *lengths, const int *formats, int result_format,
+                             pb_result **out);
+
+enum { PB_RES_COMMAND_OK, PB_RES_TUPLES_OK, PB_RES_EMPTY_QUERY, PB_RES_ERROR };
+
+/* Result accessors, as libpq's PQ* of the same name.  Out-of-range row or
+ * column give NULL / 0 / -1 rather than undefined behaviour. */
+PB_API int         pb_result_status(const pb_result *r);
+PB_API int         pb_ntuples(const pb_result *r);
+PB_API int         pb_nfields(const pb_result *r);
+PB_API const char *pb_fname(const pb_result *r, int col);
+PB_API unsigned    pb_ftype(const pb_result *r, int col);
+PB_API int         pb_fformat(const pb_result *r, int col);
+/* Value of (row, col): NUL-terminated for text; for binary use pb_getlength.
+ * NULL values read as "" (check pb_getisnull). */
+PB_API const char *pb_getvalue(const pb_result *r, int row, int col);
+PB_API int         pb_getlength(const pb_result *r, int row, int col);
+PB_API int         pb_getisnull(const pb_result *r, int row, int col);
+/* Command tag, e.g. "INSERT 0 1"; "" if none. */
+PB_API const char *pb_cmd_status(const pb_result *r);
+/* Rows affected per the command tag, -1 if it carries no count. */
+PB_API long long   pb_cmd_tuples(const pb_result *r);
+/* An error (or notice) field by its PostgreSQL code: 'S' severity,
+ * 'V' severity (unlocalised), 'C' SQLSTATE, 'M' message, 'D' detail, 'H' hint,
+ * 'P' position, 'p' internal position, 'q' internal query, 'W' where,
+ * 's' schema, 't' table, 'c' column, 'd' data type, 'n' constraint,
+ * 'F' file, 'L' line, 'R' routine.  NULL if absent. */
+PB_API const char *pb_error_field(const pb_result *r, int code);
+/* The primary error message ("" when the result is not an error). */
+PB_API const char *pb_error_message(const pb_result *r);
+PB_API void        pb_result_free(pb_result *r);
+
+/* ------------------------------------------------------------------- Redis */
+
+#include <hiredis/hiredis.h>   /* redisReply, freeReplyObject */
+
+/* Run one command, formatted as hiredis's redisCommand (printf-like, %s %b).
+ * Returns PB_OK with *out set when Redis answered — error replies included
+ * (REDIS_REPLY_ERROR); free it with freeReplyObject().  Negative codes as
+ * pb_pg_exec, plus PB_ETYPE on a PostgreSQL lease. */
+PB_API int pb_redis_command(pb_lease *l, redisReply **out, const char *fmt, ...);
+/* Run one command given as an argument vector; argvlen NULL means C strings. */
+PB_API int pb_redis_command_argv(pb_lease *l, int argc, const char **argv,
+                                 const size_t *argvlen, redisReply **out);
+/* Pipelining, as hiredis: append commands, then pb_redis_get_reply() sends
+ * what was appended in one write and returns the replies in order. */
+PB_API int pb_redis_append_command(pb_lease *l, const char *fmt, ...);
+PB_API int pb_redis_append_command_argv(pb_lease *l, int argc, const char **argv,
+                                        const size_t *argvlen);
+PB_API int pb_redis_get_reply(pb_lease *l, redisReply **out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* POOLBROKER_H */

@@ -1,0 +1,145 @@
+/*
+ * harness.h - helpers for poolbroker integration tests on real servers.
+ *
+ * Each test group gets its own temp dir (/tmp/pbtest.XXXXXX), its own
+ * throwaway PostgreSQL and/or Redis on free ports (tools/pg-start,
+ * tools/redis-start), its own broker config, control socket and shared
+ * memory name, and at teardown fails if the broker log holds a sanitizer
+ * report. Nothing is shared between tests and no server is mocked.
+ *
+ * Environment:
+ *   PB_SRCDIR    repo root holding tools/ (default: the current directory;
+ *                `make test` runs tests from the repo root)
+ *   PB_BROKER    broker binary (default: <srcdir>/build/poolbroker)
+ *   PB_KEEP_TMP  if set, th_teardown keeps the temp dir and prints its path
+ *
+ * Every wait is bounded; every child is reaped; SIGPIPE is ignored in the
+ * test process (children get the default back). If the test process gets
+ * SIGINT, SIGTERM or SIGHUP, the servers and brokers of live environments
+ * are stopped before it dies, so an interrupted run leaks no servers.
+ *
+ * Functions returning int return 0 (or a documented value) on success and
+ * -1 on failure, after printing what failed to stderr (this is test code:
+ * the diagnostics are the point).
+ */
+#ifndef PB_TEST_HARNESS_H
+#define PB_TEST_HARNESS_H
+
+#include <stddef.h>
+#include <sys/types.h>
+
+typedef struct th_env {
+    char dir[256];           /* temp dir, /tmp/pbtest.XXXXXX (mode 0755) */
+    int pg_port;             /* PostgreSQL TCP port on 127.0.0.1; 0: none */
+    char pg_host[256];       /* PostgreSQL Unix socket dir (<dir>/pgsock) */
+    int redis_port;          /* Redis TCP port on 127.0.0.1; 0: none */
+    char redis_socket[256];  /* Redis Unix socket (<dir>/redis.sock) */
+    char conf_path[300];     /* <dir>/poolbroker.conf */
+    char sock_path[300];     /* broker control socket, <dir>/pb.sock */
+    char shm_name[64];       /* broker segment, /pbtest-<pid>-<counter> */
+    pid_t broker_pid;        /* running broker; 0: none */
+    char broker_log[300];    /* <dir>/broker.log: broker stdout+stderr, appended */
+    int broker_status;       /* waitpid status of the last broker that exited; -1: none */
+    char pg_bindir[256];     /* PostgreSQL server bin dir (from pg-start), "" if none */
+    char srcdir[256];        /* repo root: PB_SRCDIR or the cwd at th_setup */
+} th_env;
+
+/*
+ * Make the temp dir and start the requested servers. Fills every path field
+ * of *e. On failure everything started so far is stopped and removed and -1
+ * is returned. Pair each successful call with th_teardown(). *e must stay
+ * at the same address until then (static, or heap via cmocka's *state):
+ * the signal-time cleanup keeps a pointer to it.
+ */
+int th_setup(th_env *e, int want_pg, int want_redis);
+
+/*
+ * Write <dir>/poolbroker.conf (mode 0600): a [broker] section with
+ * socket = sock_path, shm_name = shm_name, log_level = debug, followed by
+ * pools_ini (pool sections; may be NULL or ""). Placeholders substituted in
+ * pools_ini: @PGPORT@ @PGHOST@ @REDISPORT@ @REDISSOCK@ @DIR@ @SOCK@ @SHM@.
+ * Then start the broker with `-c <conf>` in its own process group, stdin
+ * from /dev/null, stdout+stderr appended to broker_log (after a
+ * "==== harness: starting" marker line), and wait up to 30 s for a "poolbroker ready" line written by
+ * this run. Returns 0 when ready. Returns -1 (log tail on stderr) if a broker
+ * is already running, the binary is missing, it exits first (broker_status
+ * then holds its waitpid status and broker_pid is 0), or it times out (it is
+ * then killed).
+ */
+int th_broker_start(th_env *e, const char *pools_ini);
+
+/*
+ * Like th_broker_start, but conf_text is the whole config file (no [broker]
+ * section is added; placeholders are still substituted). For config-error
+ * tests: expect -1 and inspect broker_status and broker_log.
+ */
+int th_broker_start_raw(th_env *e, const char *conf_text);
+
+/*
+ * Start the broker again with the config file last written. If one is
+ * running it is first stopped with SIGTERM. Same return as th_broker_start.
+ */
+int th_broker_restart(th_env *e);
+
+/*
+ * Send sig to the broker and wait up to 30 s for it to exit; after that,
+ * SIGKILL it. Returns its waitpid status (also stored in broker_status;
+ * test it with WIFEXITED/WEXITSTATUS), or -1 if no broker was running or it
+ * had to be killed after the timeout.
+ */
+int th_broker_stop(th_env *e, int sig);
+
+/*
+ * Stop the broker if running (SIGTERM; a broker that does not then exit 0
+ * counts as a failure), stop PostgreSQL and Redis, shm_unlink(shm_name),
+ * then scan broker_log for sanitizer reports ("ERROR: AddressSanitizer",
+ * "runtime error:", "ERROR: LeakSanitizer", "WARNING: ThreadSanitizer") and
+ * print the matching lines. Removes the dir unless PB_KEEP_TMP is set.
+ * Returns 0 if clean, -1 otherwise. Safe on a zeroed or torn-down env.
+ */
+int th_teardown(th_env *e);
+
+/*
+ * Run `psql -X -A -t -q -v ON_ERROR_STOP=1 -h pg_host -p pg_port -U postgres
+ * -d postgres -c sql` (60 s limit). The output, trailing whitespace trimmed,
+ * goes to out (always NUL-terminated; may be NULL if outlen is 0); psql's
+ * stderr goes to ours. Returns psql's exit status, or -1 if it could not be
+ * run, was killed or timed out.
+ */
+int th_psql(th_env *e, const char *sql, char *out, size_t outlen);
+
+/*
+ * Run `redis-cli -h 127.0.0.1 -p redis_port ARGS...` (60 s limit); args is
+ * split on blanks, with "double quotes" grouping words. Output as th_psql.
+ * Note redis-cli exits 0 on error replies: check the text ("ERR ...").
+ */
+int th_redis_cli(th_env *e, const char *args, char *out, size_t outlen);
+
+/*
+ * Number of lines of the file at path containing needle; -1 if it cannot
+ * be read.
+ */
+long th_count_lines(const char *path, const char *needle);
+
+/*
+ * Wait up to timeout_ms until broker_log has at least min_count lines
+ * containing needle. Returns 0, or -1 on timeout (no polling of wall-clock
+ * durations is asserted: the timeout is only a bound).
+ */
+int th_wait_log(th_env *e, const char *needle, long min_count, int timeout_ms);
+
+/*
+ * Run argv (argv[0] looked up on PATH), stdin from /dev/null, stderr to
+ * ours, stdout captured into out (trailing whitespace trimmed) until it
+ * exits; killed (with its process group) after timeout_ms. Returns its exit
+ * status, or -1 if it could not be run, died of a signal or timed out.
+ */
+int th_run(char *const argv[], char *out, size_t outlen, int timeout_ms);
+
+/*
+ * A TCP port on 127.0.0.1 that was free a moment ago (the kernel's choice
+ * for bind to port 0), e.g. for metrics_listen. Returns -1 on failure.
+ */
+int th_free_port(void);
+
+#endif /* PB_TEST_HARNESS_H */
