@@ -1,9 +1,11 @@
 # poolbroker — build, test, install, run, bench.  See README.md.
 PREFIX  ?= /usr/local
 DESTDIR ?=
-BUILD   ?= build
-CC      ?= cc
+comma   := ,
 SANITIZE ?=
+# Sanitized builds get their own directory so objects never mix.
+BUILD   ?= build$(if $(SANITIZE),-$(subst $(comma),-,$(SANITIZE)))
+CC      ?= cc
 
 SOVERSION := 0
 VERSION   := 0.1.0
@@ -19,7 +21,7 @@ endif
 
 BROKER_SRC := broker/main.c broker/log.c broker/conf.c broker/loop.c broker/loop_uring.c \
               broker/loop_epoll.c broker/shm.c broker/control.c broker/pool.c broker/pg.c \
-              broker/redis.c broker/janitor.c
+              broker/redis.c broker/janitor.c broker/cancel.c
 CLIENT_SRC := client/client.c client/pg.c client/pgproto.c client/redis.c
 
 BROKER_OBJ := $(BROKER_SRC:%.c=$(BUILD)/%.o)
@@ -28,12 +30,12 @@ BROKER_LIBS := -lpq -luring -lhiredis
 CLIENT_LIBS := -lhiredis
 
 UNIT_TESTS := test_conf test_pgproto test_slots
-INTEG_TESTS := test_harness_selftest test_pg
+INTEG_TESTS := test_harness_selftest test_pg test_redis test_death
 TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%)
 
-.PHONY: all test unit integ run install bench clean deps
+.PHONY: all test unit integ run install bench clean deps examples
 all: $(BUILD)/poolbroker $(BUILD)/libpoolbroker.so $(BUILD)/libpoolbroker.a $(BUILD)/shmstat \
-     $(BUILD)/poolbroker.pc
+     $(BUILD)/poolbroker.pc examples
 
 $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -62,6 +64,13 @@ $(BUILD)/shmstat: tools/shmstat.c include/pb_shm.h
 
 $(BUILD)/poolbroker.pc: poolbroker.pc.in
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' $< > $@
+
+# A worker linked statically against the library (see README.md).
+examples: $(BUILD)/examples/hello
+
+$(BUILD)/examples/hello: examples/hello.c include/poolbroker.h $(BUILD)/libpoolbroker.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $< $(BUILD)/libpoolbroker.a -o $@ $(LDFLAGS) -lhiredis
 
 # ---------------------------------------------------------------- tests
 $(BUILD)/tests/test_conf: tests/test_conf.c broker/conf.c broker/log.c

@@ -103,7 +103,8 @@ typedef struct conn {
     /* lifecycle */
     uint64_t created_ms, retire_at_ms, last_used_ms, cmd_start_ms;
     uint64_t leak_logged_word;
-    int cancel_sent;
+    int cancel_sent;         /* a cancel request went out for the command in flight */
+    uint64_t cancel_deadline_ms; /* close the connection if it has not answered by then */
 } conn;
 
 typedef struct waiter {
@@ -216,6 +217,11 @@ void wake_futex(_Atomic uint32_t *word, _Atomic uint32_t *sleeping);
 /* drivers */
 extern const driver pg_driver;
 extern const driver redis_driver;
+
+/* cancel.c */
+int cancel_request(void *pgconn, int backend_pid);
+void cancel_shutdown(void);
+void conn_command_timeout(conn *c);
 
 /* janitor.c */
 void janitor_run(broker *b);

@@ -314,6 +314,7 @@ int main(int argc, char **argv)
     run(b);
 
     log_info("shutting down");
+    cancel_shutdown();
     control_close(b);
     for (uint32_t s = 0; s < b->nslots; s++) {
         conn *c = b->slots[s];

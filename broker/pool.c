@@ -501,9 +501,10 @@ static void conn_finish_close(conn *c)
     pool_maybe_grow(p);
 }
 
-/* The connection failed under I/O.  Tell the lease holder, and close it as
- * soon as nobody holds it. */
-static void conn_io_failed(conn *c, const char *why)
+/* The connection failed under I/O (or is given up on: err says how the
+ * lease holder learns it).  Tell the holder, and close it as soon as nobody
+ * holds it. */
+static void conn_fail(conn *c, const char *why, int err)
 {
     if (c->broken)
         return;
@@ -518,14 +519,43 @@ static void conn_io_failed(conn *c, const char *why)
     unsigned st = PB_WORD_STATE(w);
     if (st == PB_SLOT_LEASED) {
         /* The holder finds out from io_error and releases through us. */
-        atomic_store(&c->slot->io_error, PB_EBACKEND);
+        atomic_store(&c->slot->io_error, err);
         wake_futex(&c->slot->rep_futex, &c->slot->rep_sleeping);
         return;
     }
     if (st == PB_SLOT_FREE && !slot_cas(c, &w, PB_WORD_NEXT(w, PB_SLOT_RESETTING, 0)))
         return;                     /* someone leased it this instant: they will see io_error */
-    if (PB_WORD_STATE(atomic_load(&c->slot->word)) == PB_SLOT_RESETTING)
+    st = PB_WORD_STATE(atomic_load(&c->slot->word));
+    if (st == PB_SLOT_RESETTING || st == PB_SLOT_RECLAIMING)
         conn_close(c, why);
+}
+
+static void conn_io_failed(conn *c, const char *why)
+{
+    conn_fail(c, why, PB_EBACKEND);
+}
+
+/* The command in flight has run past command_timeout_ms.  PostgreSQL gets a
+ * cancel request first (the holder then sees SQLSTATE 57014) and the
+ * connection is closed only if that does not end the command within the
+ * grace period; a Redis command cannot be cancelled, so its connection is
+ * closed and replaced at once. */
+#define CANCEL_GRACE_MS 2000
+void conn_command_timeout(conn *c)
+{
+    if (c->broken || c->state != CS_READY || !c->expect)
+        return;
+    if (c->pool->cf->type == PB_POOL_POSTGRES && !c->cancel_sent) {
+        c->cancel_sent = 1;
+        c->cancel_deadline_ms = B.now_ms + CANCEL_GRACE_MS;
+        slog(LOG_LVL_WARN, c, "command running for %llu ms (command_timeout_ms %u): cancelling",
+             (unsigned long long)(B.now_ms - c->cmd_start_ms), c->pool->cf->command_timeout_ms);
+        if (cancel_request(c->pg, c->backend_pid) == 0)
+            return;
+    } else if (c->cancel_sent && B.now_ms < c->cancel_deadline_ms) {
+        return;
+    }
+    conn_fail(c, "command timed out", PB_ETIMEDOUT);
 }
 
 /* ------------------------------------------------------------------ sending */
@@ -635,8 +665,10 @@ void conn_submit(conn *c, uint64_t lease_word, uint32_t seq)
     atomic_store_explicit(&c->slot->req_ack, seq, memory_order_release);
     if (atomic_load(&c->slot->rep_sleeping))
         wake_futex(&c->slot->rep_futex, &c->slot->rep_sleeping);
-    if (c->expect == 0)
+    if (c->expect == 0) {
         c->cmd_start_ms = B.now_ms;
+        c->cancel_sent = 0;
+    }
     expect_add(c, nrep);
     c->cmd_word = lease_word;
     c->to_sink = 0;
@@ -806,6 +838,8 @@ static void release_clean(conn *c)
         return;
     }
     atomic_fetch_add_explicit(&c->pool->shm->resets, 1, memory_order_relaxed);
+    c->cmd_start_ms = B.now_ms;
+    c->cancel_sent = 0;
     c->resetting = 1;
     c->to_sink = 1;
     expect_add(c, (uint32_t)n);

@@ -1,33 +1,465 @@
 /*
- * redis.c — the Redis driver (see broker.h's driver).  Placeholder until the
- * Redis issue lands: pools of type redis fail to connect with a clear error.
+ * redis.c — the Redis driver.
+ *
+ * hiredis opens the connection (redisConnectNonBlock / redisConnectUnixNonBlock);
+ * the broker then sends the session set-up — AUTH, SELECT, CLIENT SETNAME
+ * poolbroker:<pool>, CLIENT ID — and checks each answer with an ordinary
+ * redisReader.  After that it speaks RESP on the socket itself:
+ *
+ *   - requests are checked to be RESP arrays of bulk strings (what
+ *     redisFormatCommandArgv produces), and counted: one reply per command,
+ *     except (P|S)SUBSCRIBE (one per channel) and CLIENT REPLY OFF/SKIP
+ *     (which suppress replies — tracked per connection).  MONITOR, whose
+ *     replies never end, is refused.
+ *   - replies are counted by a small RESP2/RESP3 skipping scanner that
+ *     builds no objects and buffers no payload: a 16 MB bulk string is
+ *     skipped as it streams through the reply ring, never copied.
+ *
+ * Reset (for leases that changed session state: SELECT, MULTI, WATCH,
+ * SUBSCRIBE, CLIENT TRACKING/REPLY, HELLO, READONLY...) is RESET followed by
+ * the same set-up commands, in one write.
  */
-#include <string.h>
+#define _GNU_SOURCE
+#include <errno.h>
+#include <hiredis/hiredis.h>
+#include <poll.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "broker.h"
+#include "log.h"
 #include "poolbroker.h"
+
+#define RESP_MAX_DEPTH   64
+#define RESP_MAX_COUNT   (1ll << 31)
+#define RESP_MAX_BULK    (512ll << 20)      /* Redis's own proto-max-bulk-len default */
+
+enum { RP_TCP = 1, RP_HANDSHAKE };
+
+typedef struct rconn {
+    redisContext *ctx;      /* hiredis connection (owns the fd) */
+    int phase;              /* RP_TCP, RP_HANDSHAKE */
+    redisReader *hs;        /* handshake replies, as objects */
+    int hs_expect;          /* handshake replies still to come */
+    int reply_mode;         /* 0 on, 1 off, 2 skip-next (CLIENT REPLY) */
+    /* reply scanner */
+    int line_type;          /* type byte of the line being read, 0 = at a line start */
+    char num[24];           /* digits of a count/length line */
+    int num_len;
+    int num_bad;
+    int64_t bulk_left;      /* bytes of bulk payload (+CRLF) still to skip */
+    int depth;
+    int64_t left[RESP_MAX_DEPTH];   /* elements still due per open aggregate */
+    int top_push;           /* the open top-level aggregate is a RESP3 push */
+    int top_attr;           /* ... or an attribute (followed by the real reply) */
+} rconn;
+
+static rconn *R(conn *c)
+{
+    return c->rc;
+}
+
+/* Append the session set-up commands to the send buffer; returns how many. */
+static int append_setup(conn *c)
+{
+    conf_pool *cp = c->pool->cf;
+    char *cmd = NULL;
+    int n = 0, len;
+    char name[64], db[16];
+
+    if (cp->password) {
+        if (cp->user) {
+            const char *av[] = { "AUTH", cp->user, cp->password };
+            len = redisFormatCommandArgv(&cmd, 3, av, NULL);
+        } else {
+            const char *av[] = { "AUTH", cp->password };
+            len = redisFormatCommandArgv(&cmd, 2, av, NULL);
+        }
+        if (len < 0 || conn_sbuf_append(c, cmd, (uint32_t)len) != PB_OK)
+            goto oom;
+        free(cmd);
+        cmd = NULL;
+        n++;
+    }
+    if (cp->db) {
+        snprintf(db, sizeof db, "%d", cp->db);
+        const char *av[] = { "SELECT", db };
+        len = redisFormatCommandArgv(&cmd, 2, av, NULL);
+        if (len < 0 || conn_sbuf_append(c, cmd, (uint32_t)len) != PB_OK)
+            goto oom;
+        free(cmd);
+        cmd = NULL;
+        n++;
+    }
+    snprintf(name, sizeof name, "poolbroker:%s", cp->name);
+    const char *av[] = { "CLIENT", "SETNAME", name };
+    len = redisFormatCommandArgv(&cmd, 3, av, NULL);
+    if (len < 0 || conn_sbuf_append(c, cmd, (uint32_t)len) != PB_OK)
+        goto oom;
+    free(cmd);
+    n++;
+    return n;
+oom:
+    free(cmd);
+    return -1;
+}
 
 static int r_connect_start(conn *c)
 {
-    snprintf(c->error, sizeof c->error, "redis pools are not implemented yet");
-    return PB_EBACKEND;
+    conf_pool *cp = c->pool->cf;
+    rconn *r = calloc(1, sizeof *r);
+    if (!r) {
+        snprintf(c->error, sizeof c->error, "out of memory");
+        return PB_ENOMEM;
+    }
+    c->rc = r;
+    r->ctx = cp->unix_socket ? redisConnectUnixNonBlock(cp->unix_socket)
+                             : redisConnectNonBlock(cp->host ? cp->host : "127.0.0.1", cp->port ? cp->port : 6379);
+    if (!r->ctx || r->ctx->err) {
+        snprintf(c->error, sizeof c->error, "%s", r->ctx ? r->ctx->errstr : "out of memory");
+        return PB_EBACKEND;
+    }
+    c->fd = r->ctx->fd;
+    r->phase = RP_TCP;
+    loop_poll(B.lp, &c->poll_op, c->fd, POLLOUT);
+    return PB_OK;
 }
-static void r_connect_step(conn *c, int revents) { (void)c; (void)revents; }
-static int r_frame(conn *c, const uint8_t *req, uint32_t len, uint32_t *n)
-{ (void)c; (void)req; (void)len; (void)n; return PB_EPROTO; }
-static int r_scan(conn *c, const uint8_t *p, size_t n) { (void)c; (void)p; (void)n; return PB_EPROTO; }
-static int r_reset(conn *c, int dirty) { (void)c; (void)dirty; return 0; }
-static int r_ping(conn *c) { (void)c; return 0; }
-static void r_close(conn *c) { (void)c; }
+
+static void r_connect_step(conn *c, int revents)
+{
+    rconn *r = R(c);
+    if (r->phase == RP_TCP) {
+        int err = 0;
+        socklen_t len = sizeof err;
+        if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+            err = errno;
+        if (err || (revents & (POLLERR | POLLHUP))) {
+            snprintf(c->error, sizeof c->error, "connect: %s", strerror(err ? err : ECONNREFUSED));
+            conn_connect_failed(c, c->error);
+            return;
+        }
+        /* The set-up, plus CLIENT ID to learn what shmstat calls its pid. */
+        c->slen = c->soff = 0;
+        int n = append_setup(c);
+        static const char client_id[] = "*2\r\n$6\r\nCLIENT\r\n$2\r\nID\r\n";
+        if (n < 0 || conn_sbuf_append(c, client_id, sizeof client_id - 1) != PB_OK) {
+            conn_connect_failed(c, "out of memory");
+            return;
+        }
+        /* A fresh socket takes these few hundred bytes at once. */
+        ssize_t w = send(c->fd, c->sbuf, c->slen, MSG_NOSIGNAL | MSG_DONTWAIT);
+        int short_write = w >= 0 && (uint32_t)w != c->slen;
+        c->slen = 0;
+        if (w < 0 || short_write) {
+            snprintf(c->error, sizeof c->error, "send: %s", w < 0 ? strerror(errno) : "short write");
+            conn_connect_failed(c, c->error);
+            return;
+        }
+        r->hs = redisReaderCreate();
+        if (!r->hs) {
+            conn_connect_failed(c, "out of memory");
+            return;
+        }
+        r->hs_expect = n + 1;
+        r->phase = RP_HANDSHAKE;
+        loop_poll(B.lp, &c->poll_op, c->fd, POLLIN);
+        return;
+    }
+
+    /* RP_HANDSHAKE: read what is there, check each answer. */
+    char buf[4096];
+    ssize_t got = recv(c->fd, buf, sizeof buf, MSG_DONTWAIT);
+    if (got == 0 || (got < 0 && errno != EAGAIN && errno != EINTR)) {
+        snprintf(c->error, sizeof c->error, "set-up: %s", got == 0 ? "server closed the connection" : strerror(errno));
+        conn_connect_failed(c, c->error);
+        return;
+    }
+    if (got > 0 && redisReaderFeed(r->hs, buf, (size_t)got) != REDIS_OK) {
+        conn_connect_failed(c, "set-up: protocol error");
+        return;
+    }
+    for (;;) {
+        void *rep = NULL;
+        if (redisReaderGetReply(r->hs, &rep) != REDIS_OK) {
+            conn_connect_failed(c, "set-up: protocol error");
+            return;
+        }
+        if (!rep)
+            break;
+        redisReply *rr = rep;
+        if (rr->type == REDIS_REPLY_ERROR) {
+            /* AUTH and SELECT errors name no secret; pass them on. */
+            snprintf(c->error, sizeof c->error, "set-up: %s", rr->str);
+            freeReplyObject(rr);
+            conn_connect_failed(c, c->error);
+            return;
+        }
+        if (rr->type == REDIS_REPLY_INTEGER && r->hs_expect == 1)
+            c->backend_pid = (int)rr->integer;      /* CLIENT ID */
+        freeReplyObject(rr);
+        if (--r->hs_expect == 0) {
+            redisReaderFree(r->hs);
+            r->hs = NULL;
+            memset(&r->line_type, 0, sizeof *r - offsetof(rconn, line_type));
+            conn_connected(c);
+            return;
+        }
+    }
+    loop_poll(B.lp, &c->poll_op, c->fd, POLLIN);
+}
+
+/* --------------------------------------------------------------- requests */
+
+/* Parse "<prefix><digits>\r\n" at p[*off..len); returns the number or -1. */
+static long long resp_num(const uint8_t *p, uint32_t len, uint32_t *off, char prefix)
+{
+    uint32_t i = *off;
+    if (i >= len || p[i] != (uint8_t)prefix)
+        return -1;
+    i++;
+    long long v = 0;
+    uint32_t start = i;
+    while (i < len && p[i] >= '0' && p[i] <= '9') {
+        v = v * 10 + (p[i] - '0');
+        if (v > RESP_MAX_BULK)
+            return -1;
+        i++;
+    }
+    if (i == start || i + 1 >= len || p[i] != '\r' || p[i + 1] != '\n')
+        return -1;
+    *off = i + 2;
+    return v;
+}
+
+static int arg_is(const uint8_t *a, long long alen, const char *word)
+{
+    return (size_t)alen == strlen(word) && strncasecmp((const char *)a, word, (size_t)alen) == 0;
+}
+
+static int r_frame_request(conn *c, const uint8_t *req, uint32_t len, uint32_t *nreplies)
+{
+    rconn *r = R(c);
+    uint32_t off = 0, n = 0;
+    int mode = r->reply_mode;
+    while (off < len) {
+        long long argc = resp_num(req, len, &off, '*');
+        if (argc < 1 || argc > 1024 * 1024)
+            return PB_EPROTO;
+        const uint8_t *a0 = NULL, *a1 = NULL, *a2 = NULL;
+        long long l0 = 0, l1 = 0, l2 = 0;
+        for (long long i = 0; i < argc; i++) {
+            long long alen = resp_num(req, len, &off, '$');
+            if (alen < 0 || (uint64_t)alen + 2 > (uint64_t)(len - off))
+                return PB_EPROTO;
+            if (req[off + alen] != '\r' || req[off + alen + 1] != '\n')
+                return PB_EPROTO;
+            if (i == 0) { a0 = req + off; l0 = alen; }
+            if (i == 1) { a1 = req + off; l1 = alen; }
+            if (i == 2) { a2 = req + off; l2 = alen; }
+            off += (uint32_t)alen + 2;
+        }
+        /* How many replies this command produces. */
+        long long replies = 1;
+        if (arg_is(a0, l0, "SUBSCRIBE") || arg_is(a0, l0, "PSUBSCRIBE") || arg_is(a0, l0, "SSUBSCRIBE"))
+            replies = argc - 1;
+        else if (arg_is(a0, l0, "MONITOR") || arg_is(a0, l0, "SYNC") || arg_is(a0, l0, "PSYNC") ||
+                 arg_is(a0, l0, "QUIT") || arg_is(a0, l0, "SHUTDOWN"))
+            return PB_EPROTO;       /* never-ending or connection-ending */
+        else if ((arg_is(a0, l0, "UNSUBSCRIBE") || arg_is(a0, l0, "PUNSUBSCRIBE") ||
+                  arg_is(a0, l0, "SUNSUBSCRIBE")) && argc == 1)
+            return PB_EPROTO;       /* reply count unknowable: name the channels */
+        else if ((arg_is(a0, l0, "UNSUBSCRIBE") || arg_is(a0, l0, "PUNSUBSCRIBE") ||
+                  arg_is(a0, l0, "SUNSUBSCRIBE")))
+            replies = argc - 1;
+        int next_mode;
+        if (arg_is(a0, l0, "CLIENT") && argc == 3 && arg_is(a1, l1, "REPLY") && arg_is(a2, l2, "ON")) {
+            next_mode = 0;          /* answered, whatever the mode was */
+        } else if (arg_is(a0, l0, "CLIENT") && argc == 3 && arg_is(a1, l1, "REPLY") && arg_is(a2, l2, "OFF")) {
+            replies = 0;
+            next_mode = 1;
+        } else if (arg_is(a0, l0, "CLIENT") && argc == 3 && arg_is(a1, l1, "REPLY") && arg_is(a2, l2, "SKIP")) {
+            replies = 0;
+            next_mode = mode == 1 ? 1 : 2;
+        } else {
+            if (mode != 0)
+                replies = 0;        /* replies off, or this one skipped */
+            next_mode = mode == 2 ? 0 : mode;
+        }
+        mode = next_mode;
+        n += (uint32_t)replies;
+    }
+    r->reply_mode = mode;
+    *nreplies = n;
+    return PB_OK;
+}
+
+/* ------------------------------------------------------------------ replies */
+
+/* One complete element at the current depth. */
+static void element_done(conn *c)
+{
+    rconn *r = R(c);
+    for (;;) {
+        if (r->depth == 0) {
+            if (r->top_attr) {
+                r->top_attr = 0;    /* the attribute's map; its reply follows */
+            } else if (r->top_push) {
+                r->top_push = 0;    /* out-of-band push: not a reply */
+            } else {
+                conn_got_reply(c, 0);
+            }
+            return;
+        }
+        if (--r->left[r->depth - 1] > 0)
+            return;
+        r->depth--;                 /* the aggregate itself is now complete */
+    }
+}
+
+static int begin_aggregate(conn *c, char type, long long count)
+{
+    rconn *r = R(c);
+    if (r->depth == 0) {
+        r->top_push = type == '>';
+        r->top_attr = type == '|';
+    }
+    if (type == '%' || type == '|')
+        count *= 2;
+    if (count <= 0) {               /* empty, or null (-1) */
+        element_done(c);
+        return PB_OK;
+    }
+    if (r->depth == RESP_MAX_DEPTH)
+        return PB_EPROTO;
+    r->left[r->depth++] = count;
+    return PB_OK;
+}
+
+/* A header line is complete: act on it. */
+static int line_done(conn *c)
+{
+    rconn *r = R(c);
+    char t = (char)r->line_type;
+    r->line_type = 0;
+    switch (t) {
+    case '+': case '-': case ':': case ',': case '#': case '_': case '(':
+        element_done(c);
+        return PB_OK;
+    }
+    /* counted types: the number was collected in r->num */
+    if (r->num_bad || r->num_len == 0)
+        return PB_EPROTO;
+    r->num[r->num_len] = 0;
+    char *end;
+    long long v = strtoll(r->num, &end, 10);
+    if (*end || v < -1 || v > RESP_MAX_COUNT)
+        return PB_EPROTO;
+    switch (t) {
+    case '$': case '!': case '=':
+        if (v < 0) {                /* null bulk */
+            element_done(c);
+            return PB_OK;
+        }
+        if (v > RESP_MAX_BULK)
+            return PB_EPROTO;
+        r->bulk_left = v + 2;
+        return PB_OK;
+    case '*': case '%': case '~': case '>': case '|':
+        return begin_aggregate(c, t, v);
+    }
+    return PB_EPROTO;
+}
+
+static int r_scan_reply(conn *c, const uint8_t *p, size_t n)
+{
+    rconn *r = R(c);
+    size_t i = 0;
+    while (i < n) {
+        if (r->bulk_left) {
+            size_t k = n - i < (size_t)r->bulk_left ? n - i : (size_t)r->bulk_left;
+            i += k;
+            r->bulk_left -= (int64_t)k;
+            if (r->bulk_left == 0)
+                element_done(c);
+            continue;
+        }
+        if (r->line_type == 0) {
+            uint8_t t = p[i++];
+            if (!strchr("+-:$*,#_(!=%~>|", t) || t == 0)
+                return PB_EPROTO;
+            r->line_type = t;
+            r->num_len = 0;
+            r->num_bad = 0;
+            continue;
+        }
+        /* Inside a header line: until '\n'. */
+        const uint8_t *nl = memchr(p + i, '\n', n - i);
+        size_t end = nl ? (size_t)(nl - p) : n;
+        if (strchr("$*!=%~>|", r->line_type)) {
+            for (size_t k = i; k < end; k++) {
+                if (p[k] == '\r')
+                    continue;
+                if (r->num_len >= (int)sizeof r->num - 1 || !((p[k] >= '0' && p[k] <= '9') || p[k] == '-'))
+                    r->num_bad = 1;
+                else
+                    r->num[r->num_len++] = (char)p[k];
+            }
+        }
+        i = end;
+        if (nl) {
+            i++;
+            if (line_done(c) != PB_OK)
+                return PB_EPROTO;
+        }
+    }
+    return PB_OK;
+}
+
+/* ------------------------------------------------------------------- reset */
+
+static int r_build_reset(conn *c, int dirty)
+{
+    if (!dirty)
+        return 0;
+    static const char reset[] = "*1\r\n$5\r\nRESET\r\n";
+    if (conn_sbuf_append(c, reset, sizeof reset - 1) != PB_OK)
+        return -1;
+    R(c)->reply_mode = 0;           /* RESET turns replies back on */
+    int n = append_setup(c);
+    return n < 0 ? -1 : n + 1;
+}
+
+static int r_build_ping(conn *c)
+{
+    static const char ping[] = "*1\r\n$4\r\nPING\r\n";
+    return conn_sbuf_append(c, ping, sizeof ping - 1) == PB_OK ? 1 : -1;
+}
+
+static void r_close(conn *c)
+{
+    rconn *r = R(c);
+    if (r) {
+        if (r->hs)
+            redisReaderFree(r->hs);
+        if (r->ctx)
+            redisFree(r->ctx);      /* closes the socket */
+        free(r);
+    }
+    c->rc = NULL;
+    c->fd = -1;
+}
 
 const driver redis_driver = {
     .name = "redis",
     .connect_start = r_connect_start,
     .connect_step = r_connect_step,
-    .frame_request = r_frame,
-    .scan_reply = r_scan,
-    .build_reset = r_reset,
-    .build_ping = r_ping,
+    .frame_request = r_frame_request,
+    .scan_reply = r_scan_reply,
+    .build_reset = r_build_reset,
+    .build_ping = r_build_ping,
     .close = r_close,
 };

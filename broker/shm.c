@@ -22,19 +22,23 @@
 
 #define ALIGN_UP(x, a) (((x) + ((a) - 1)) & ~((uint64_t)(a) - 1))
 
-/* The generation of a segment previously created under this name, or 0. */
+/* The generation of a segment previously created under this name, or 0.
+ * A segment left by a broker that died is marked stopped on the way, so
+ * workers still mapping it notice on their next acquire and re-attach. */
 static uint32_t previous_generation(const char *name)
 {
-    int fd = shm_open(name, O_RDONLY, 0);
+    int fd = shm_open(name, O_RDWR, 0);
     if (fd < 0)
         return 0;
     uint32_t gen = 0;
     struct stat st;
     if (fstat(fd, &st) == 0 && (size_t)st.st_size >= sizeof(pb_shm_header)) {
-        pb_shm_header *h = mmap(NULL, sizeof *h, PROT_READ, MAP_SHARED, fd, 0);
+        pb_shm_header *h = mmap(NULL, sizeof *h, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
         if (h != MAP_FAILED) {
-            if (h->magic == PB_SHM_MAGIC)
+            if (h->magic == PB_SHM_MAGIC) {
                 gen = atomic_load(&h->generation);
+                atomic_store(&h->state, PB_BROKER_STOPPED);
+            }
             munmap(h, sizeof *h);
         }
     }

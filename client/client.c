@@ -307,6 +307,7 @@ static void lease_free(pb_lease *l)
         l->rreader = NULL;
     }
     pb_buf_free(&l->rqueue);
+    pb_buf_free(&l->rends);
     l->released = 1;
     l->next = NULL;
     if (c->retired_tail)
@@ -392,9 +393,11 @@ static int ensure_attached(pb_client *c)
         c->attached = 0;
         /* Inherited lease handles stay in the list; they are stale now. */
     }
-    if (c->attached && c->broken) {
+    /* A stopped segment: the broker exited, or died and was replaced. */
+    if (c->attached && !c->broken && atomic_load_explicit(&c->hdr->state, memory_order_relaxed) == PB_BROKER_STOPPED)
+        c->broken = 1;
+    if (c->attached && c->broken)
         detach(c);
-    }
     if (!c->attached)
         return attach(c);
     return PB_OK;

@@ -57,7 +57,8 @@ struct pb_lease {
     int released;                    /* handle is in the retired list */
     pgp_dec dec;                     /* PostgreSQL reply decoder */
     void *rreader;                   /* Redis: redisReader */
-    pb_buf rqueue;                   /* Redis: appended, not yet sent */
+    pb_buf rqueue;                   /* Redis: appended commands, not yet sent */
+    pb_buf rends;                    /* Redis: uint32 end offset of each queued command */
     uint32_t rqueued;                /* Redis: commands in rqueue */
     pb_lease *prev, *next;
 };

@@ -495,7 +495,9 @@ static void test_shmstat_sees_pools(void **state)
 {
     (void)state;
     char out[65536];
-    char *argv[] = { "build/shmstat", "-s", env.shm_name, "--json", NULL };
+    char shmstat[512];
+    snprintf(shmstat, sizeof shmstat, "%s/shmstat", getenv("PB_BUILD") ? getenv("PB_BUILD") : "build");
+    char *argv[] = { shmstat, "-s", env.shm_name, "--json", NULL };
     assert_int_equal(th_run(argv, out, sizeof out, 10000), 0);
     assert_non_null(strstr(out, "\"main\""));
     assert_non_null(strstr(out, "\"tiny\""));

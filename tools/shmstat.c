@@ -28,7 +28,6 @@
 #include <inttypes.h>
 #include <setjmp.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -78,7 +77,7 @@ typedef struct snapshot {
 } snapshot;
 
 typedef struct broker_view {
-    int64_t pid;                    /* V_UNKNOWN when <= 0 but not stopped cleanly */
+    int64_t pid;                    /* 0 after a clean stop, V_UNKNOWN when negative */
     uint32_t generation;
     const char *state;              /* NULL = impossible value */
     const char *io_backend;         /* NULL = impossible value */
@@ -118,7 +117,9 @@ typedef struct view {
     uint32_t nslots;
 } view;
 
-/* ------------------------------------------------------------ names */
+/* ------------------------------------------------------------ names
+ * Each returns the lower-case name of an enum value, or NULL for a value
+ * outside the enum (printed as "?" or null). */
 
 static const char *slot_state_name(unsigned st)
 {
@@ -744,6 +745,14 @@ static void prom_head(FILE *out, const char *name, const char *type, const char 
     fprintf(out, "# HELP poolbroker_%s %s\n# TYPE poolbroker_%s %s\n", name, help, name, type);
 }
 
+/* Whether pool pv appears in Prometheus output: selected, and not removed
+ * (a removed pool's entry stays in the table, and a pool re-added under the
+ * same name would otherwise make duplicate series). */
+static int prom_shown(const pool_view *pv)
+{
+    return pv->selected && pv->p->health != PB_HEALTH_REMOVED;
+}
+
 /* A pool name is printable ASCII already; escape what the label syntax needs. */
 static void prom_label(FILE *out, const char *s)
 {
@@ -762,7 +771,7 @@ static void prom_pool_metric(FILE *out, const view *v, const char *name, const c
     prom_head(out, name, type, help);
     for (uint32_t i = 0; i < v->s->hdr.npools; i++) {
         const pool_view *pv = &v->pools[i];
-        int64_t val = pv->selected ? get(pv) : V_UNKNOWN;
+        int64_t val = prom_shown(pv) ? get(pv) : V_UNKNOWN;
         if (val == V_UNKNOWN)
             continue;
         fprintf(out, "poolbroker_%s{pool=\"", name);
@@ -797,20 +806,21 @@ POOL_GETTER(get_leaks, CLAMP_U64(pv->p->leaks))
 POOL_GETTER(get_retired, CLAMP_U64(pv->p->retired))
 
 /* A pb_hist as a Prometheus histogram in seconds: bucket i's upper bound is
- * 16 µs * 2^i, the last is +Inf; counts are cumulative.  The +Inf bucket and
- * _count are both the sum of the buckets, so they agree even when the
- * histogram was being updated while we copied it. */
+ * 16 µs * 2^i, the last is +Inf; counts are cumulative (saturating).  The
+ * +Inf bucket and _count are both the sum of the buckets, so they agree even
+ * when the histogram was being updated while we copied it. */
 static void prom_hist(FILE *out, const view *v, const char *name, const char *help, size_t field)
 {
     prom_head(out, name, "histogram", help);
     for (uint32_t i = 0; i < v->s->hdr.npools; i++) {
         const pool_view *pv = &v->pools[i];
-        if (!pv->selected)
+        if (!prom_shown(pv))
             continue;
         const pb_hist *h = (const pb_hist *)((const char *)pv->p + field);
         uint64_t cum = 0;
         for (unsigned b = 0; b < PB_HIST_BUCKETS; b++) {
-            cum += h->bucket[b];
+            uint64_t n = h->bucket[b];
+            cum = cum + n < cum ? UINT64_MAX : cum + n;     /* garbage must not wrap */
             fprintf(out, "poolbroker_%s_bucket{pool=\"", name);
             prom_label(out, pv->name);
             if (b + 1 < PB_HIST_BUCKETS)
@@ -856,7 +866,7 @@ static void prom_pool_info(FILE *out, const view *v)
     prom_head(out, "pool_info", "gauge", "Pool type and health (value always 1).");
     for (uint32_t i = 0; i < v->s->hdr.npools; i++) {
         const pool_view *pv = &v->pools[i];
-        if (!pv->selected)
+        if (!prom_shown(pv))
             continue;
         fputs("poolbroker_pool_info{pool=\"", out);
         prom_label(out, pv->name);
@@ -866,7 +876,7 @@ static void prom_pool_info(FILE *out, const view *v)
     prom_head(out, "pool_slots", "gauge", "Slots of the pool by state.");
     for (uint32_t i = 0; i < v->s->hdr.npools; i++) {
         const pool_view *pv = &v->pools[i];
-        for (unsigned st = 0; st < PB_SLOT_STATE_MAX && pv->selected; st++) {
+        for (unsigned st = 0; st < PB_SLOT_STATE_MAX && prom_shown(pv); st++) {
             if (pv->by_state[st] < 0)
                 continue;
             fputs("poolbroker_pool_slots{pool=\"", out);
@@ -927,8 +937,8 @@ static void usage(FILE *out)
             "      --prometheus    print Prometheus text exposition format\n"
             "  -h, --help          show this help\n"
             "  -V, --version       show the shared layout version shmstat was built for\n"
-            "exit status: 0 ok, 1 usage or unknown pool, 2 cannot open the segment,\n"
-            "             3 not a poolbroker segment or another layout version\n",
+            "exit status: 0 ok, 1 usage, unknown pool or write error, 2 cannot open\n"
+            "             the segment, 3 not a poolbroker segment or another layout version\n",
             DEFAULT_SHM_NAME);
 }
 
