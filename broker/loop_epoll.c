@@ -5,9 +5,10 @@
  * a non-blocking syscall at the start of the next loop_run(); if it would
  * block, its fd is registered for the matching readiness and the syscall is
  * retried when epoll says so.  Callbacks therefore run only from loop_run(),
- * exactly as with io_uring.  Per fd there is at most one "in" operation
- * (accept, recv, read, poll for POLLIN) and one "out" operation (send, poll
- * for POLLOUT).
+ * exactly as with io_uring.  Each fd keeps two lists of waiting operations:
+ * "in" (accept, recv, read, poll for POLLIN) and "out" (send, poll for
+ * POLLOUT); readiness moves a whole list to the ready list, where each
+ * operation is simply tried again.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -22,7 +23,7 @@
 #include "loop.h"
 
 typedef struct fdent {
-    ev_op *in, *out;         /* operations waiting for readiness */
+    ev_op *in, *out;         /* operations waiting for readiness (lists via ->next) */
     uint32_t mask;           /* events registered with epoll */
 } fdent;
 
@@ -134,16 +135,17 @@ static int is_out(const ev_op *op)
     return op->kind == EV_SEND || (op->kind == EV_POLL && (op->events & POLLOUT));
 }
 
-static void unregister(epoll_loop *e, ev_op *op)
+/* Remove op from list *head; 1 if it was there. */
+static int list_remove(ev_op **head, ev_op *op)
 {
-    fdent *f = ent(e, op->fd);
-    if (!f)
-        return;
-    if (f->in == op)
-        f->in = NULL;
-    if (f->out == op)
-        f->out = NULL;
-    update_mask(e, op->fd, f);
+    for (ev_op **pp = head; *pp; pp = &(*pp)->next) {
+        if (*pp == op) {
+            *pp = op->next;
+            op->next = NULL;
+            return 1;
+        }
+    }
+    return 0;
 }
 
 static void complete(ev_op *op, int res)
@@ -157,8 +159,8 @@ static void epoll_cancel(loop *l, ev_op *op)
     epoll_loop *e = (epoll_loop *)l;
     /* Waiting for readiness: take it out and complete it as cancelled. */
     fdent *f = ent(e, op->fd);
-    if (f && (f->in == op || f->out == op)) {
-        unregister(e, op);
+    if (f && (list_remove(&f->in, op) || list_remove(&f->out, op))) {
+        update_mask(e, op->fd, f);
         ready_push(e, op);
     }
     /* Already on the ready list: it will see op->cancelled there. */
@@ -186,10 +188,9 @@ static int run_ready(epoll_loop *e)
                 n++;
                 continue;
             }
-            if (is_out(op))
-                f->out = op;
-            else
-                f->in = op;
+            ev_op **head = is_out(op) ? &f->out : &f->in;
+            op->next = *head;
+            *head = op;
             update_mask(e, op->fd, f);
         }
     }
@@ -210,14 +211,23 @@ static int epoll_run(loop *l, int timeout_ms)
         if (!f)
             continue;
         uint32_t ev = evs[i].events;
-        ev_op *in = f->in, *out = f->out;
-        if (in && (ev & (EPOLLIN | EPOLLHUP | EPOLLERR))) {
+        if (ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
+            ev_op *op = f->in;
             f->in = NULL;
-            ready_push(e, in);
+            while (op) {
+                ev_op *next = op->next;
+                ready_push(e, op);
+                op = next;
+            }
         }
-        if (out && (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR))) {
+        if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) {
+            ev_op *op = f->out;
             f->out = NULL;
-            ready_push(e, out);
+            while (op) {
+                ev_op *next = op->next;
+                ready_push(e, op);
+                op = next;
+            }
         }
         update_mask(e, evs[i].data.fd, f);
     }

@@ -815,9 +815,12 @@ int th_broker_start(th_env *e, const char *pools_ini)
     if (th_check_idle(e) != 0)
         return -1;
     char head[1024];
+    /* PB_IO_BACKEND runs the whole suite on one event-loop backend. */
+    const char *io = getenv("PB_IO_BACKEND");
     if (th_fmt(head, sizeof(head),
-               "[broker]\nsocket = %s\nshm_name = %s\nlog_level = debug\n\n",
-               e->sock_path, e->shm_name) != 0)
+               "[broker]\nsocket = %s\nshm_name = %s\nlog_level = debug\n%s%s%s\n",
+               e->sock_path, e->shm_name, io && *io ? "io_backend = " : "", io && *io ? io : "",
+               io && *io ? "\n" : "") != 0)
         return -1;
     char *body = th_subst(e, pools_ini != NULL ? pools_ini : "");
     if (body == NULL)

@@ -12,6 +12,8 @@
  *                `make test` runs tests from the repo root)
  *   PB_BROKER    broker binary (default: <srcdir>/build/poolbroker)
  *   PB_KEEP_TMP  if set, th_teardown keeps the temp dir and prints its path
+ *   PB_IO_BACKEND  if set (io_uring | epoll), th_broker_start puts
+ *                `io_backend = <it>` in the [broker] section
  *
  * Every wait is bounded; every child is reaped; SIGPIPE is ignored in the
  * test process (children get the default back). If the test process gets
