@@ -210,6 +210,8 @@ int conn_sbuf_append(conn *c, const void *p, uint32_t n);
 void conn_got_reply(conn *c, char txn);
 void conn_start_connect(conn *c);
 void conn_take_back(conn *c, uint64_t word, const char *why);
+void conn_watch_idle(conn *c);
+void conn_validate_or_offer(conn *c);
 void freemap_set(pool *p, uint32_t local);
 void freemap_clear(pool *p, uint32_t local);
 void wake_futex(_Atomic uint32_t *word, _Atomic uint32_t *sleeping);

@@ -54,14 +54,24 @@ static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
     unsigned st = PB_WORD_STATE(w);
 
     if (st == PB_SLOT_FREE) {
+        uint64_t since = atomic_load(&c->slot->idle_ms);
+        uint64_t idle_for = now > since ? now - since : 0;
         int retire = c->retire_at_ms && now >= c->retire_at_ms;
-        int idle = cp->idle_timeout_s && now - c->last_used_ms > (uint64_t)cp->idle_timeout_s * 1000 &&
+        int idle = cp->idle_timeout_s && idle_for > (uint64_t)cp->idle_timeout_s * 1000 &&
                    p->live > atomic_load(&p->shm->min_size);
         if ((retire || idle || p->removed) && take_if_free(c, PB_SLOT_CLOSING)) {
             atomic_fetch_add_explicit(&p->shm->retired, 1, memory_order_relaxed);
+            /* conn_close wants the slot broker-held: CLOSING is. */
             conn_close(c, retire ? "max_lifetime reached" : idle ? "idle timeout" : "pool removed");
             return;
         }
+        /* Idle past validate_after_idle_ms: check it in the background. */
+        if (cp->validate_after_idle_ms && idle_for > cp->validate_after_idle_ms &&
+            take_if_free(c, PB_SLOT_RESETTING)) {
+            conn_validate_or_offer(c);
+            return;
+        }
+        conn_watch_idle(c);
         (*live_free)++;
         return;
     }

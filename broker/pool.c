@@ -20,6 +20,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <poll.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <stdio.h>
@@ -44,6 +45,8 @@ static void on_poll(ev_op *op, int res);
 static void conn_arm_recv(conn *c);
 static void conn_finish_close(conn *c);
 static void make_available(conn *c);
+static void conn_io_failed(conn *c, const char *why);
+static void idle_readable(conn *c);
 
 void wake_futex(_Atomic uint32_t *word, _Atomic uint32_t *sleeping)
 {
@@ -122,6 +125,7 @@ int pools_init(broker *b)
         atomic_store(&p->shm->min_size, cp->min_size);
         atomic_store(&p->shm->max_size, cp->max_size);
         atomic_store(&p->shm->max_uses, cp->max_uses);
+        atomic_store(&p->shm->validate_after_idle_ms, cp->validate_after_idle_ms);
         atomic_store(&p->shm->acquire_timeout_ms, cp->acquire_timeout_ms);
         atomic_store(&p->shm->reset_policy, (uint32_t)cp->reset_policy);
         atomic_store(&p->shm->health, PB_HEALTH_HEALTHY);
@@ -309,6 +313,8 @@ static void make_available(conn *c)
     }
     if (hand_to_waiter(c))
         return;
+    atomic_store(&c->slot->idle_ms, B.now_ms);
+    conn_watch_idle(c);
     slot_set(c, PB_SLOT_FREE, 0);
     freemap_set(p, local_index(c));
     /* A waiter may have queued between our look at the queue and now. */
@@ -448,13 +454,55 @@ void conn_connect_failed(conn *c, const char *why)
 static void on_poll(ev_op *op, int res)
 {
     conn *c = op->data;
-    if (c->state != CS_CONNECTING || op->cancelled)
+    if (c->state == CS_CLOSING) {
+        conn_finish_close(c);
+        return;
+    }
+    if (op->cancelled)
+        return;
+    if (c->state == CS_READY) {
+        if (res > 0)
+            idle_readable(c);
+        return;
+    }
+    if (c->state != CS_CONNECTING)
         return;
     if (res < 0) {
         conn_connect_failed(c, strerror(-res));
         return;
     }
     c->pool->drv->connect_step(c, res);
+}
+
+/* ------------------------------------------------------------ idle watch
+ * A free connection has nothing to say.  If its socket becomes readable the
+ * server has closed it (pg_terminate_backend, CLIENT KILL, a restart) or sent
+ * something unasked: the broker takes the slot and replaces the connection
+ * before a worker can lease it and see its first command fail.  The poll
+ * stays armed while a worker holds the slot; it then fires on the worker's
+ * first reply and is simply ignored (the janitor re-arms it once free). */
+void conn_watch_idle(conn *c)
+{
+    if (c->state == CS_READY && !c->broken && !c->poll_op.pending && c->fd >= 0)
+        loop_poll(B.lp, &c->poll_op, c->fd, POLLIN);
+}
+
+static void idle_readable(conn *c)
+{
+    uint64_t w = atomic_load(&c->slot->word);
+    if (PB_WORD_STATE(w) != PB_SLOT_FREE || c->expect)
+        return;                     /* leased: the data is its reply */
+    if (!slot_cas(c, &w, PB_WORD_NEXT(w, PB_SLOT_RESETTING, 0)))
+        return;
+    freemap_clear(c->pool, local_index(c));
+    char b;
+    ssize_t n = recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
+        make_available(c);          /* nothing after all */
+        return;
+    }
+    conn_io_failed(c, n == 0 ? "server closed the idle connection"
+                             : n > 0 ? "unsolicited data on an idle connection" : strerror(errno));
 }
 
 /* ----------------------------------------------------------------- closing */
@@ -480,6 +528,8 @@ void conn_close(conn *c, const char *why)
         loop_cancel(B.lp, &c->send_op);
     if (c->recv_op.pending)
         loop_cancel(B.lp, &c->recv_op);
+    if (c->poll_op.pending)
+        loop_cancel(B.lp, &c->poll_op);
     conn_finish_close(c);
 }
 
@@ -834,7 +884,7 @@ static void release_clean(conn *c)
         return;
     }
     if (n == 0) {
-        make_available(c);
+        conn_validate_or_offer(c);
         return;
     }
     atomic_fetch_add_explicit(&c->pool->shm->resets, 1, memory_order_relaxed);
@@ -854,6 +904,31 @@ static void finish_reset(conn *c)
         return;
     }
     make_available(c);
+}
+
+/* A broker-held, clean connection: if it sat idle past
+ * validate_after_idle_ms, check it is alive (empty query / PING) before
+ * anyone gets it; otherwise hand it out. */
+void conn_validate_or_offer(conn *c)
+{
+    uint32_t limit = c->pool->cf->validate_after_idle_ms;
+    uint64_t idle = atomic_load(&c->slot->idle_ms);
+    if (!limit || c->broken || B.now_ms < idle || B.now_ms - idle <= limit) {
+        make_available(c);
+        return;
+    }
+    c->slen = c->soff = 0;
+    int n = c->pool->drv->build_ping(c);
+    if (n <= 0) {
+        make_available(c);
+        return;
+    }
+    c->validating = 1;
+    c->to_sink = 1;
+    c->cmd_start_ms = B.now_ms;
+    c->cancel_sent = 0;
+    expect_add(c, (uint32_t)n);
+    conn_send_private(c);
 }
 
 /* Take the slot from whoever holds it (word as read) into the broker's hands

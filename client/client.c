@@ -615,8 +615,25 @@ PB_API int pb_acquire(pb_client *c, const char *pool, int timeout_ms, pb_lease *
     uint32_t s;
     uint64_t w;
     uint64_t t0 = 0;
+    int got = 0;
     /* Waiters first: while anyone is queued, a newcomer queues too. */
-    if (atomic_load(&p->nwaiters) != 0 || !try_take_free(c, pi, &s, &w)) {
+    if (atomic_load(&p->nwaiters) == 0 && try_take_free(c, pi, &s, &w)) {
+        got = 1;
+        /* Idle too long to trust: the broker checks it before anyone uses
+         * it (we queue meanwhile, and most likely get it back). */
+        uint32_t vlimit = atomic_load_explicit(&p->validate_after_idle_ms, memory_order_relaxed);
+        uint64_t idle = atomic_load_explicit(&c->slots[s].idle_ms, memory_order_relaxed);
+        uint64_t now = coarse_ms();
+        if (vlimit && now > idle && now - idle > vlimit) {
+            uint64_t rel = PB_WORD_NEXT(w, PB_SLOT_RELEASING, c->id);
+            if (atomic_compare_exchange_strong(&c->slots[s].word, &w, rel))
+                sq_push(c, PB_SQE(PB_SQ_RELEASE, s, PB_WORD_GEN(rel)));
+            got = 0;
+            if (timeout_ms == 0)
+                timeout_ms = -1;    /* one is there; it just needs a check */
+        }
+    }
+    if (!got) {
         if (timeout_ms < 0)
             timeout_ms = (int)atomic_load(&p->acquire_timeout_ms);
         if (timeout_ms == 0 && atomic_load(&p->nwaiters) == 0)
@@ -691,6 +708,7 @@ PB_API int pb_release(pb_lease *l)
                atomic_load_explicit(&p->accepting, memory_order_relaxed);
     if (fast) {
         uint64_t freew = PB_WORD_NEXT(w, PB_SLOT_FREE, 0);
+        atomic_store_explicit(&sl->idle_ms, coarse_ms(), memory_order_relaxed);
         if (!atomic_compare_exchange_strong(&sl->word, &w, freew)) {
             lease_free(l);
             return PB_ESTALE;

@@ -173,6 +173,9 @@ typedef struct pb_shm_pool {
     _Atomic uint32_t nwaiters;      /* queued acquire waiters; broker */
     _Atomic uint32_t accepting;     /* 0 while draining or removed: acquire fails */
     _Atomic uint64_t max_uses;      /* broker; 0 = unlimited (a lease reaching it releases via the broker) */
+    _Atomic uint32_t validate_after_idle_ms; /* broker; 0 = never: a slot idle longer is checked
+                                       by the broker before anyone may use it */
+    _Atomic uint32_t pad2;
     char last_error[128];           /* broker; last connect/backend error, NUL-terminated */
 
     /* counters: updated with relaxed fetch_add by whoever does the thing */
@@ -230,6 +233,8 @@ typedef struct pb_shm_slot {
     _Atomic uint64_t conn_created_ms; /* CLOCK_MONOTONIC ms */
     _Atomic uint64_t uses;          /* completed leases of this connection */
     _Atomic uint64_t reply_done;    /* broker: complete replies (RFQ / RESP) received */
+    _Atomic uint64_t idle_ms;       /* CLOCK_MONOTONIC(_COARSE) ms when last freed: broker, or
+                                       the client that released it straight to the free map */
     /* -- lease holder-written -- */
     _Atomic uint64_t lease_ms;      /* CLOCK_MONOTONIC(_COARSE) ms when leased */
     _Atomic uint32_t client_flags;  /* PB_CF_* */
