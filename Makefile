@@ -30,10 +30,11 @@ BROKER_LIBS := -lpq -luring -lhiredis
 CLIENT_LIBS := -lhiredis
 
 UNIT_TESTS := test_conf test_pgproto test_slots
-INTEG_TESTS := test_harness_selftest test_pg test_redis test_death
+INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext
 TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%)
 
 .PHONY: all test unit integ run install bench clean deps examples
+.PHONY: bench-deps
 all: $(BUILD)/poolbroker $(BUILD)/libpoolbroker.so $(BUILD)/libpoolbroker.a $(BUILD)/shmstat \
      $(BUILD)/poolbroker.pc examples
 
@@ -72,6 +73,14 @@ $(BUILD)/examples/hello: examples/hello.c include/poolbroker.h $(BUILD)/libpoolb
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $< $(BUILD)/libpoolbroker.a -o $@ $(LDFLAGS) -lhiredis
 
+# A prefork HTTP server leasing from pools "main" and "cache" (or, with
+# --direct, connecting per request); used by `make bench`.
+examples: $(BUILD)/examples/prefork_http
+
+$(BUILD)/examples/prefork_http: examples/prefork_http.c include/poolbroker.h $(BUILD)/libpoolbroker.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $< $(BUILD)/libpoolbroker.a -o $@ $(LDFLAGS) -lpq -lhiredis
+
 # ---------------------------------------------------------------- tests
 $(BUILD)/tests/test_conf: tests/test_conf.c broker/conf.c broker/log.c
 	@mkdir -p $(dir $@)
@@ -101,8 +110,21 @@ unit: all $(UNIT_TESTS:%=$(BUILD)/tests/%)
 run: deps all
 	@bash tools/run-local $(BUILD) $(CONFIG)
 
-bench: deps all
+# `make bench` (bench/run): installs the bench packages too (pgbouncer,
+# nutcracker, wrk, gnuplot-nox), then builds, then runs; the sub-make makes
+# "install before compile" hold under -j as well.
+BENCH_BINS := $(BUILD)/bench/bench $(BUILD)/examples/prefork_http
+
+bench-deps:
+	@bash tools/install-deps --bench
+
+bench: bench-deps
+	@$(MAKE) --no-print-directory all $(BENCH_BINS)
 	@bash bench/run $(BUILD)
+
+$(BUILD)/bench/bench: bench/bench.c include/poolbroker.h $(BUILD)/libpoolbroker.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $< $(BUILD)/libpoolbroker.a -o $@ $(LDFLAGS) -lpq -lhiredis
 
 install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/sbin $(DESTDIR)$(PREFIX)/lib \

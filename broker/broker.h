@@ -89,6 +89,8 @@ typedef struct conn {
     uint64_t rep_head;       /* our copy of slot->rep_head */
     uint8_t *scratch;        /* private sink for replies nobody will read */
     int to_sink;             /* replies go to scratch (reset, or lease gone) */
+    int recv_sink;           /* the recv in flight reads into scratch (else the ring) */
+    int watch;               /* the holder waits for unasked messages (LISTEN) */
     uint64_t cmd_word;       /* slot word of the lease whose command is in flight */
     char txn;                /* last ReadyForQuery status: 'I','T','E' */
     int broken;              /* I/O failed: close as soon as nothing is in flight */
@@ -202,6 +204,7 @@ void pool_fail_waiters(pool *p, int err);
 void conn_submit(conn *c, uint64_t lease_word, uint32_t seq);
 void conn_release(conn *c, uint64_t word, int reclaim);
 void conn_drained(conn *c);
+void conn_watch(conn *c, uint64_t lease_word);
 void conn_connected(conn *c);
 void conn_connect_failed(conn *c, const char *why);
 void conn_close(conn *c, const char *why);

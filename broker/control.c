@@ -378,7 +378,8 @@ static void handle_sqe(broker *b, client *cl, uint64_t e)
         return;
     case PB_SQ_SUBMIT:
     case PB_SQ_RELEASE:
-    case PB_SQ_DRAINED: {
+    case PB_SQ_DRAINED:
+    case PB_SQ_WATCH: {
         if (arg >= b->nslots)
             break;
         conn *c = b->slots[arg];
@@ -391,6 +392,8 @@ static void handle_sqe(broker *b, client *cl, uint64_t e)
         } else if (PB_WORD_STATE(w) == PB_SLOT_LEASED) {
             if (op == PB_SQ_SUBMIT)
                 conn_submit(c, w, atomic_load(&c->slot->req_seq));
+            else if (op == PB_SQ_WATCH)
+                conn_watch(c, w);
             else
                 conn_drained(c);
         }

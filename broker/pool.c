@@ -380,7 +380,7 @@ void conn_start_connect(conn *c)
     c->broken = 0;
     expect_clear(c);
     c->txn = 'I';
-    c->resetting = c->validating = c->release_pending = c->submit_deferred = 0;
+    c->resetting = c->validating = c->release_pending = c->submit_deferred = c->watch = 0;
     c->to_sink = 0;
     c->error[0] = 0;
     c->created_ms = B.now_ms;
@@ -410,6 +410,8 @@ void conn_connected(conn *c)
     atomic_store(&c->slot->txn_status, 'I');
     atomic_store(&c->slot->flags, 0);
     atomic_store(&c->slot->io_error, 0);
+    for (int i = 0; i < PB_SLOT_STMTS; i++)
+        atomic_store(&c->slot->stmts[i], 0);
     c->rep_head = atomic_load(&c->slot->rep_head);
     atomic_fetch_add(&p->shm->size, 1);
     atomic_store(&p->shm->consecutive_failures, 0);
@@ -713,8 +715,8 @@ void conn_submit(conn *c, uint64_t lease_word, uint32_t seq)
     }
     atomic_store(&c->slot->io_error, 0);
     atomic_store_explicit(&c->slot->req_ack, seq, memory_order_release);
-    if (atomic_load(&c->slot->rep_sleeping))
-        wake_futex(&c->slot->rep_futex, &c->slot->rep_sleeping);
+    /* The holder may be waiting for its request buffer (pipelining, COPY). */
+    wake_futex(&c->slot->rep_futex, &c->slot->rep_sleeping);
     if (c->expect == 0) {
         c->cmd_start_ms = B.now_ms;
         c->cancel_sent = 0;
@@ -729,7 +731,7 @@ void conn_submit(conn *c, uint64_t lease_word, uint32_t seq)
 
 static void conn_arm_recv(conn *c)
 {
-    if (c->recv_op.pending || c->state != CS_READY || c->broken || c->expect == 0)
+    if (c->recv_op.pending || c->state != CS_READY || c->broken || (c->expect == 0 && !c->watch))
         return;
     void *buf;
     size_t len;
@@ -740,6 +742,7 @@ static void conn_arm_recv(conn *c)
         }
         buf = c->scratch;
         len = SCRATCH_SIZE;
+        c->recv_sink = 1;
     } else {
         uint64_t tail = atomic_load_explicit(&c->slot->rep_tail, memory_order_acquire);
         uint64_t used = c->rep_head - tail;
@@ -765,8 +768,22 @@ static void conn_arm_recv(conn *c)
         if (len > c->rep_size - off)
             len = c->rep_size - off;
         buf = c->rep + off;
+        c->recv_sink = 0;
     }
     loop_recv(B.lp, &c->recv_op, c->fd, buf, len);
+}
+
+/* The holder wants what the server sends unasked (LISTEN). */
+void conn_watch(conn *c, uint64_t lease_word)
+{
+    if (c->broken || c->state != CS_READY)
+        return;
+    if (c->expect && c->cmd_word != lease_word)
+        return;
+    c->watch = 1;
+    c->cmd_word = lease_word;
+    c->to_sink = 0;
+    conn_arm_recv(c);
 }
 
 void conn_drained(conn *c)
@@ -807,8 +824,10 @@ static void on_recv(ev_op *op, int res)
         conn_io_failed(c, res == 0 ? "server closed the connection" : strerror(-res));
         return;
     }
-    const uint8_t *p = c->to_sink ? c->scratch : c->rep + (c->rep_head & (c->rep_size - 1));
-    int sink = c->to_sink;
+    /* Where this recv was pointed when it was armed (to_sink may have
+     * changed since: the holder released meanwhile). */
+    int sink = c->recv_sink;
+    const uint8_t *p = sink ? c->scratch : c->rep + (c->rep_head & (c->rep_size - 1));
     if (c->pool->drv->scan_reply(c, p, (size_t)res) != PB_OK || c->broken == 2) {
         c->broken = 0;
         conn_io_failed(c, "protocol error in the server's reply");
@@ -826,6 +845,14 @@ static void on_recv(ev_op *op, int res)
     if (c->expect) {
         conn_arm_recv(c);
         return;
+    }
+    if (c->watch) {
+        /* Keep listening while the same lease holds the slot. */
+        if (!c->to_sink && atomic_load(&c->slot->word) == c->cmd_word) {
+            conn_arm_recv(c);
+            return;
+        }
+        c->watch = 0;
     }
     /* Everything owed has arrived. */
     if (c->resetting) {
@@ -903,6 +930,11 @@ static void finish_reset(conn *c)
         conn_close(c, "still in a transaction after reset");
         return;
     }
+    /* DISCARD ALL (or a custom reset, which may DEALLOCATE) dropped the
+     * connection's prepared statements. */
+    if (c->pool->cf->reset_policy != PB_RESET_ROLLBACK)
+        for (int i = 0; i < PB_SLOT_STMTS; i++)
+            atomic_store(&c->slot->stmts[i], 0);
     make_available(c);
 }
 
@@ -936,6 +968,7 @@ void conn_validate_or_offer(conn *c)
  * overstayed), 2 = continuing a release that waited for replies. */
 void conn_release(conn *c, uint64_t word, int how)
 {
+    c->watch = 0;
     if (how != 2) {
         unsigned st = how == 1 ? PB_SLOT_RECLAIMING : PB_SLOT_RESETTING;
         if (!slot_cas(c, &word, PB_WORD_NEXT(word, st, 0)))

@@ -84,7 +84,8 @@ PB_API const char *pb_strerror(int err)
     case PB_ETYPE:     return "wrong pool type for this call";
     case PB_EVERSION:  return "shared-memory layout mismatch between library and broker";
     case PB_EPERM:     return "refused by the broker";
-    case PB_EBUSY:     return "lease busy";
+    case PB_EBUSY:     return "lease busy (results, COPY or a pipeline outstanding)";
+    case PB_ESERVER:   return "the server refused the statement";
     }
     return "unknown error";
 }
@@ -203,7 +204,7 @@ static int attach(pb_client *c)
         goto fail;
     }
     if (resp.status != PB_OK) {
-        rc = resp.status < 0 && resp.status >= PB_EBUSY ? resp.status : PB_EBROKER;
+        rc = resp.status < 0 && resp.status >= PB_ESERVER ? resp.status : PB_EBROKER;
         goto fail;
     }
     if (resp.version != PB_SHM_VERSION || resp.fingerprint != PB_SHM_FINGERPRINT) {
@@ -308,6 +309,17 @@ static void lease_free(pb_lease *l)
     }
     pb_buf_free(&l->rqueue);
     pb_buf_free(&l->rends);
+    pb_buf_free(&l->cbuf);
+    pb_buf_free(&l->pipe);
+    pb_buf_free(&l->pends);
+    pb_result_free(l->held);
+    l->held = NULL;
+    while (l->nq_head) {
+        pb_notify *n = l->nq_head;
+        l->nq_head = n->next;
+        pb_notify_free(n);
+    }
+    l->nq_tail = NULL;
     l->released = 1;
     l->next = NULL;
     if (c->retired_tail)
@@ -356,6 +368,14 @@ PB_API void pb_disconnect(pb_client *c)
         free(l);
     }
     pb_buf_free(&c->scratch);
+    while (c->stmts) {
+        pb_stmt *st = c->stmts;
+        c->stmts = st->next;
+        free(st->name);
+        free(st->sql);
+        free(st->types);
+        free(st);
+    }
     free(c->socket_path);
     free(c);
 }
@@ -578,7 +598,7 @@ static int wait_for_slot(pb_client *c, uint32_t pi, int timeout_ms, uint32_t *sl
         }
         if (PB_WAITW_TICKET(w) == ticket && st == PB_WAIT_FAILED) {
             int err = -(int)PB_WAITW_SLOT(w);
-            return err < 0 && err >= PB_EBUSY ? err : PB_EBACKEND;
+            return err < 0 && err >= PB_ESERVER ? err : PB_EBACKEND;
         }
         if (st != PB_WAIT_WAITING || PB_WAITW_TICKET(w) != ticket)
             return PB_EPROTO;       /* someone scribbled on our record */
@@ -750,60 +770,99 @@ void pbi_set_preview(pb_lease *l, const char *text, size_t len)
     l->s->preview[len] = 0;
 }
 
-/* Put a request in the slot's request buffer and tell the broker. */
-int pbi_submit(pb_lease *l, const void *req, size_t len, uint32_t nreplies)
+int pbi_wait(pb_lease *l, uint32_t seen, uint64_t deadline_ns)
 {
-    pb_client *c = l->c;
-    pb_shm_slot *sl = l->s;
-    int rc;
+    return wait_change(l->c, &l->s->rep_futex, &l->s->rep_sleeping, seen, deadline_ns);
+}
 
-    if (len > l->req_size)
-        return PB_ETOOBIG;
-    /* The buffer is ours again once the broker took the previous request. */
-    for (;;) {
-        uint32_t seen = atomic_load(&sl->rep_futex);
-        if (atomic_load_explicit(&sl->req_ack, memory_order_acquire) == atomic_load(&sl->req_seq))
-            break;
-        if ((rc = pbi_lease_check(l)) != PB_OK)
-            return rc;
-        if ((rc = wait_change(c, &sl->rep_futex, &sl->rep_sleeping, seen, 0)) != PB_OK)
-            return rc;
-    }
+static int req_buffer_free(pb_lease *l)
+{
+    return atomic_load_explicit(&l->s->req_ack, memory_order_acquire) == atomic_load(&l->s->req_seq);
+}
+
+/* Hand a request to the broker: the buffer must be free. */
+static int do_submit(pb_lease *l, const void *req, size_t len, uint32_t nreplies)
+{
+    pb_shm_slot *sl = l->s;
     memcpy(l->req, req, len);
     atomic_store_explicit(&sl->req_len, (uint32_t)len, memory_order_relaxed);
     atomic_fetch_add_explicit(&sl->req_seq, 1, memory_order_release);
     l->pending += nreplies;
-    return sq_push(c, PB_SQE(PB_SQ_SUBMIT, l->slot, PB_WORD_GEN(l->word)));
+    l->watching = 0;                /* the broker's watch ends with a command */
+    return sq_push(l->c, PB_SQE(PB_SQ_SUBMIT, l->slot, PB_WORD_GEN(l->word)));
+}
+
+int pbi_submit_nowait(pb_lease *l, const void *req, size_t len, uint32_t nreplies)
+{
+    if (len > l->req_size)
+        return PB_ETOOBIG;
+    if (!req_buffer_free(l))
+        return PB_EBUSY;
+    return do_submit(l, req, len, nreplies);
+}
+
+/* Put a request in the slot's request buffer and tell the broker, waiting
+ * for the buffer if the broker has not taken the previous one yet. */
+int pbi_submit(pb_lease *l, const void *req, size_t len, uint32_t nreplies)
+{
+    int rc;
+    if (len > l->req_size)
+        return PB_ETOOBIG;
+    for (;;) {
+        uint32_t seen = atomic_load(&l->s->rep_futex);
+        if (req_buffer_free(l))
+            break;
+        if ((rc = pbi_lease_check(l)) != PB_OK)
+            return rc;
+        if ((rc = pbi_wait(l, seen, 0)) != PB_OK)
+            return rc;
+    }
+    return do_submit(l, req, len, nreplies);
+}
+
+int pbi_push_watch(pb_lease *l)
+{
+    if (l->watching)
+        return PB_OK;
+    l->watching = 1;
+    return sq_push(l->c, PB_SQE(PB_SQ_WATCH, l->slot, PB_WORD_GEN(l->word)));
+}
+
+int pbi_reply_peek(pb_lease *l, const uint8_t **p, size_t *avail)
+{
+    pb_shm_slot *sl = l->s;
+    uint64_t head = atomic_load_explicit(&sl->rep_head, memory_order_acquire);
+    *avail = 0;
+    if (head != l->rep_tail) {
+        uint64_t used = head - l->rep_tail;
+        if (used > l->rep_size)
+            return PB_EPROTO;
+        uint32_t off = (uint32_t)(l->rep_tail & (l->rep_size - 1));
+        size_t n = l->rep_size - off;
+        if (n > used)
+            n = (size_t)used;
+        *p = l->rep + off;
+        *avail = n;
+        return PB_OK;
+    }
+    if (req_buffer_free(l)) {
+        int err = atomic_load(&sl->io_error);
+        if (err < 0)
+            return err >= PB_ESERVER ? err : PB_EPROTO;
+    }
+    return PB_OK;
 }
 
 int pbi_reply_wait(pb_lease *l, const uint8_t **p, size_t *avail)
 {
-    pb_client *c = l->c;
-    pb_shm_slot *sl = l->s;
     int rc;
     for (;;) {
-        uint32_t seen = atomic_load(&sl->rep_futex);
-        uint64_t head = atomic_load_explicit(&sl->rep_head, memory_order_acquire);
-        if (head != l->rep_tail) {
-            uint64_t used = head - l->rep_tail;
-            if (used > l->rep_size)
-                return PB_EPROTO;
-            uint32_t off = (uint32_t)(l->rep_tail & (l->rep_size - 1));
-            size_t n = l->rep_size - off;
-            if (n > used)
-                n = (size_t)used;
-            *p = l->rep + off;
-            *avail = n;
-            return PB_OK;
-        }
-        if (atomic_load_explicit(&sl->req_ack, memory_order_acquire) == atomic_load(&sl->req_seq)) {
-            int err = atomic_load(&sl->io_error);
-            if (err < 0)
-                return err >= PB_EBUSY ? err : PB_EPROTO;
-        }
+        uint32_t seen = atomic_load(&l->s->rep_futex);
+        if ((rc = pbi_reply_peek(l, p, avail)) != PB_OK || *avail)
+            return rc;
         if ((rc = pbi_lease_check(l)) != PB_OK)
             return rc;
-        if ((rc = wait_change(c, &sl->rep_futex, &sl->rep_sleeping, seen, 0)) != PB_OK)
+        if ((rc = pbi_wait(l, seen, 0)) != PB_OK)
             return rc;
     }
 }

@@ -12,6 +12,23 @@
 #include "pgproto.h"
 #include "poolbroker.h"
 
+/* A statement prepared by this client (pb_pg_prepare). */
+typedef struct pb_stmt {
+    char *name;                      /* the caller's name */
+    char *sql;
+    unsigned int *types;
+    int nparams;
+    uint64_t hash;                   /* of (sql, types): the server-side name is pb_<hash> */
+    struct pb_stmt *next;
+} pb_stmt;
+
+struct pb_notify {
+    int be_pid;
+    char *channel;
+    char *payload;
+    struct pb_notify *next;
+};
+
 struct pb_client {
     char *socket_path;
     unsigned fork_gen;               /* pb_fork_gen when we attached */
@@ -37,6 +54,7 @@ struct pb_client {
     pb_buf scratch;                  /* request encoding */
     pgp_notice_fn notice_fn;
     void *notice_arg;
+    pb_stmt *stmts;                  /* prepared statements (pb_pg_prepare) */
     uint32_t spin_ns;                /* adaptive spin budget before sleeping */
 };
 
@@ -55,6 +73,14 @@ struct pb_lease {
     uint32_t pending;                /* replies submitted and not yet read */
     int desync;                      /* a reply could not be parsed: connection unusable */
     int released;                    /* handle is in the retired list */
+    int copy;                        /* LC_NONE, LC_IN, LC_OUT */
+    pb_buf cbuf;                     /* COPY IN data not yet submitted */
+    pb_buf pipe;                     /* pipelined statements not yet submitted */
+    pb_buf pends;                    /* uint32 end offset in pipe of each one */
+    uint32_t pqueued;                /* statements in pipe */
+    pb_result *held;                 /* a result for pb_pg_get_result (refused COPY, COPY end) */
+    pb_notify *nq_head, *nq_tail;    /* notifications not yet taken */
+    int watching;                    /* asked the broker for unasked messages */
     pgp_dec dec;                     /* PostgreSQL reply decoder */
     void *rreader;                   /* Redis: redisReader */
     pb_buf rqueue;                   /* Redis: appended commands, not yet sent */
@@ -63,11 +89,22 @@ struct pb_lease {
     pb_lease *prev, *next;
 };
 
+enum { LC_NONE = 0, LC_IN, LC_OUT };
+
 extern unsigned pb_fork_gen;
 
 /* client.c: shared by the protocol halves */
 int pbi_lease_check(pb_lease *l);                                /* PB_OK | PB_ESTALE | PB_EBROKER */
 int pbi_submit(pb_lease *l, const void *req, size_t len, uint32_t nreplies);
+/* As pbi_submit, but PB_EBUSY instead of waiting for the request buffer. */
+int pbi_submit_nowait(pb_lease *l, const void *req, size_t len, uint32_t nreplies);
+/* Bytes waiting in the reply ring, without waiting (0 if none); errors as pbi_reply_wait. */
+int pbi_reply_peek(pb_lease *l, const uint8_t **p, size_t *avail);
+/* Wait once for the broker to publish something on the slot (reply bytes,
+ * an ack, an error) or until deadline_ns (0: a slice).  PB_OK, PB_ETIMEDOUT,
+ * PB_EBROKER. */
+int pbi_wait(pb_lease *l, uint32_t seen, uint64_t deadline_ns);
+int pbi_push_watch(pb_lease *l);
 /* Wait until the reply ring has bytes (or an error); *avail = contiguous bytes at *p. */
 int pbi_reply_wait(pb_lease *l, const uint8_t **p, size_t *avail);
 void pbi_reply_consume(pb_lease *l, size_t n);

@@ -557,6 +557,7 @@ void pgp_dec_reset(pgp_dec *d)
     pb_buf_free(&d->partial);
     pb_result_free(d->cur);
     pb_result_free(d->last);
+    free(d->row);
     pgp_dec_init(d);
     d->notice = notice;
     d->notice_arg = notice_arg;
@@ -866,12 +867,25 @@ static int dispatch(pgp_dec *d, unsigned char type, const char *b, size_t n)
         if (check_copy_response(b, n))
             return PB_EPROTO;
         d->copy_out = 1;
-        return PB_OK;
+        return PGP_COPY_OUT;
+    case 'd':
+        if (!d->copy_out)
+            return PB_OK;           /* stray CopyData: nothing to give it to */
+        free(d->row);
+        d->row = malloc(n ? n : 1);
+        if (!d->row)
+            return PB_ENOMEM;
+        memcpy(d->row, b, n);
+        d->row_len = n;
+        return PGP_COPY_ROW;
     case 'c':
         d->copy_out = 0;
         return PB_OK;
+    case '1':
+        d->parse_complete++;
+        return PB_OK;
     case 'Z': return on_ready(d, b, n);
-    case 'S': case 'K': case '1': case '2': case '3': case 'n': case 't': case 's': case 'd':
+    case 'S': case 'K': case '2': case '3': case 'n': case 't': case 's':
         return PB_OK;
     default:
         return PB_EPROTO;

@@ -68,6 +68,9 @@ typedef struct pgp_dec {
     char txn_status;                /* from the last ReadyForQuery: 'I','T','E' */
     int copy_in;                    /* set by CopyInResponse until the next RFQ */
     int copy_out;                   /* set by CopyOutResponse until CopyDone */
+    int parse_complete;             /* ParseComplete messages seen (caller may reset) */
+    char *row;                      /* after PGP_COPY_ROW: the row, malloc'ed; caller takes it */
+    size_t row_len;
     pgp_notice_fn notice;           /* may be NULL */
     void *notice_arg;
     pgp_notify_fn notify;           /* may be NULL */
@@ -79,6 +82,8 @@ enum {
     PGP_MORE  = 0,                  /* all input consumed, no ReadyForQuery yet */
     PGP_READY = 1,                  /* ReadyForQuery reached: *consumed stops right after it */
     PGP_COPY_IN = 2,                /* CopyInResponse seen: *consumed stops right after it */
+    PGP_COPY_OUT = 3,               /* CopyOutResponse seen: *consumed stops right after it */
+    PGP_COPY_ROW = 4,               /* a CopyData row is in d->row / d->row_len */
 };
 
 void pgp_dec_init(pgp_dec *d);

@@ -39,6 +39,7 @@
 #define PB_SQ_ENTRIES     256                     /* per client, power of two */
 #define PB_HIST_BUCKETS   16                      /* latency histograms */
 #define PB_CMD_PREVIEW    48                      /* first bytes of the command */
+#define PB_SLOT_STMTS     16                      /* prepared statements remembered per connection */
 
 /* ---------------------------------------------------------------- slot word
  * 64 bits: state:8 | owner:24 | generation:32.  The single source of truth for
@@ -84,6 +85,8 @@ enum pb_sq_op {
     PB_SQ_WAIT,             /* arg: pool, val: ticket — queue me for a slot */
     PB_SQ_DRAINED,          /* arg: slot, val: lease generation — I made room in the reply ring */
     PB_SQ_CANCEL_WAIT,      /* arg: pool, val: ticket — I gave up waiting */
+    PB_SQ_WATCH,            /* arg: slot, val: lease generation — read what the server
+                               sends unasked (LISTEN) until my next command */
 };
 #define PB_SQE(op, arg, val) \
     (((uint64_t)(op) << 56) | ((uint64_t)((arg) & 0xFFFFFFu) << 32) | (uint64_t)(uint32_t)(val))
@@ -242,6 +245,12 @@ typedef struct pb_shm_slot {
     _Atomic uint32_t req_seq;       /* client bumps per submit (release order) */
     _Atomic uint32_t req_ack;       /* broker: last req_seq it took (buffer free again) */
     uint8_t preview[PB_CMD_PREVIEW];/* client: first bytes of the current command, for shmstat */
+    /* Prepared statements this connection has, as hashes of (SQL, types):
+     * the lease holder adds one after the server confirmed its Parse; the
+     * broker clears them all when the connection is replaced or reset by a
+     * policy that drops statements.  A hint: a wrong entry costs an error
+     * result, never someone else's data. */
+    _Atomic uint64_t stmts[PB_SLOT_STMTS];
 
     /* reply ring: broker produces (rep_head), lease holder consumes (rep_tail) */
     _Alignas(PB_CACHELINE)

@@ -58,6 +58,7 @@ enum {
     PB_EVERSION  = -12,  /* library and broker disagree on the shared layout */
     PB_EPERM     = -13,  /* the broker refused this process (uid/gid, max_clients) */
     PB_EBUSY     = -14,  /* the lease is in a state that forbids the call (e.g. mid-COPY) */
+    PB_ESERVER   = -15,  /* the server refused the statement: pb_pg_get_result returns why */
 };
 
 typedef struct pb_client pb_client;
@@ -148,6 +149,69 @@ PB_API const char *pb_error_field(const pb_result *r, int code);
 /* The primary error message ("" when the result is not an error). */
 PB_API const char *pb_error_message(const pb_result *r);
 PB_API void        pb_result_free(pb_result *r);
+
+/* ------------------------------------------- PostgreSQL beyond simple queries */
+
+/* Prepare sql under name for this client.  The statement then works on any
+ * later lease of the pool, whichever connection it lands on: the library
+ * knows (from a per-connection record in shared memory, cleared when the
+ * connection is reset or replaced) whether that connection already has it,
+ * and sends Parse in the same write when it does not — no extra round trip
+ * when it does.  Re-preparing a name replaces it.  *out is the server's
+ * answer to the Parse (PB_RES_COMMAND_OK, or the SQL error). */
+PB_API int pb_pg_prepare(pb_lease *l, const char *name, const char *sql, int nparams,
+                         const unsigned int *param_types, pb_result **out);
+/* Execute a statement this client prepared; arguments as pb_pg_exec_params.
+ * PB_EINVAL if name was never prepared by this client. */
+PB_API int pb_pg_exec_prepared(pb_lease *l, const char *name, int nparams, const char *const *values,
+                               const int *lengths, const int *formats, int result_format, pb_result **out);
+
+/* Pipelining.  pb_pg_send_params queues one statement (with its own Sync,
+ * so an error in one does not affect the others); pb_pg_get_result sends
+ * what is queued — as few writes as the request buffer allows, interleaved
+ * with reading so any number of statements flow through bounded buffers — and
+ * returns the results in order.  When every result has been returned it
+ * gives PB_OK with *out = NULL.  Other calls on the lease give PB_EBUSY while
+ * results are outstanding. */
+PB_API int pb_pg_send_params(pb_lease *l, const char *sql, int nparams, const unsigned int *param_types,
+                             const char *const *values, const int *lengths, const int *formats,
+                             int result_format);
+PB_API int pb_pg_get_result(pb_lease *l, pb_result **out);
+
+/* COPY ... FROM STDIN.  pb_pg_copy_in_begin returns PB_OK when the server
+ * waits for data, PB_ESERVER when it refused (pb_pg_get_result has the
+ * error).  Data is sent in request-buffer-sized pieces as it is put, so any
+ * amount streams through bounded memory.  pb_pg_put_copy_end finishes (or,
+ * with errmsg, aborts) the COPY and returns the command's result. */
+PB_API int pb_pg_copy_in_begin(pb_lease *l, const char *sql);
+PB_API int pb_pg_put_copy_data(pb_lease *l, const void *buf, size_t len);
+PB_API int pb_pg_put_copy_end(pb_lease *l, const char *errmsg, pb_result **out);
+
+/* COPY ... TO STDOUT.  pb_pg_get_copy_data returns one row's length and sets
+ * *buf (free it with pb_freemem), 0 when the COPY is over (the command's
+ * result is then available from pb_pg_get_result), or a negative code. */
+PB_API int pb_pg_copy_out_begin(pb_lease *l, const char *sql);
+PB_API int pb_pg_get_copy_data(pb_lease *l, char **buf);
+PB_API void pb_freemem(void *p);
+
+/* LISTEN/NOTIFY.  Notifications that arrive during other commands are
+ * queued on the lease; pb_pg_wait_notify returns the oldest, waiting up to
+ * timeout_ms (< 0: forever) for one: PB_ETIMEDOUT if none came.  A connection
+ * that ran LISTEN is reset (UNLISTEN *) on release, so the next holder hears
+ * nothing. */
+typedef struct pb_notify pb_notify;
+PB_API int pb_pg_wait_notify(pb_lease *l, int timeout_ms, pb_notify **out);
+PB_API const char *pb_notify_channel(const pb_notify *n);
+PB_API const char *pb_notify_payload(const pb_notify *n);
+PB_API int pb_notify_be_pid(const pb_notify *n);
+PB_API void pb_notify_free(pb_notify *n);
+
+/* Notices (NoticeResponse: warnings, RAISE NOTICE) go to fn, never into
+ * results.  The pb_result passed is valid during the call only; read its
+ * fields with pb_error_field.  fn NULL drops notices (the default).  Applies
+ * to leases acquired afterwards and to those held now. */
+typedef void (*pb_notice_handler)(void *arg, const pb_result *notice);
+PB_API void pb_set_notice_handler(pb_client *c, pb_notice_handler fn, void *arg);
 
 /* ------------------------------------------------------------------- Redis */
 

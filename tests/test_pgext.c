@@ -1,0 +1,375 @@
+/*
+ * test_pgext.c — PostgreSQL beyond simple queries, on a real server:
+ * prepared statements that survive pooling (rollback and discard_all
+ * policies), pipelining, COPY in and out through bounded buffers,
+ * LISTEN/NOTIFY, notices.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "harness.h"
+#include "poolbroker.h"
+
+static th_env env;
+
+#define CONNINFO "conninfo = host=@PGHOST@ port=@PGPORT@ user=postgres dbname=postgres sslmode=disable\n"
+#define POOLS \
+    "[pool main]\ntype = postgres\n" CONNINFO "min_size = 4\nmax_size = 4\n" \
+    "request_buffer = 64k\nreply_buffer = 256k\n\n" \
+    "[pool discard]\ntype = postgres\n" CONNINFO "min_size = 2\nmax_size = 2\nreset = discard_all\n\n" \
+    "[pool one]\ntype = postgres\n" CONNINFO "min_size = 1\nmax_size = 1\n"
+
+static int group_setup(void **state)
+{
+    (void)state;
+    if (th_setup(&env, 1, 0) < 0)
+        return -1;
+    if (th_psql(&env, "CREATE UNLOGGED TABLE big (id bigint, body text); CREATE TABLE kv (k int, v text)", NULL, 0))
+        return -1;
+    return th_broker_start(&env, POOLS) < 0 ? -1 : 0;
+}
+
+static int group_teardown(void **state)
+{
+    (void)state;
+    return th_teardown(&env);
+}
+
+static pb_client *cli(void)
+{
+    pb_client *c = NULL;
+    int rc = pb_connect(env.sock_path, &c);
+    if (rc != PB_OK)
+        fail_msg("pb_connect: %s", pb_strerror(rc));
+    return c;
+}
+
+/* Check a call that produced *rp (a pointer, read after the call). */
+static pb_result *ok(int rc, pb_result **rp, const char *what)
+{
+    pb_result *r = *rp;
+    if (rc != PB_OK)
+        fail_msg("%s: %s", what, pb_strerror(rc));
+    if (pb_result_status(r) == PB_RES_ERROR)
+        fail_msg("%s: %s", what, pb_error_message(r));
+    return r;
+}
+
+static void prepared_across_leases(const char *pool)
+{
+    pb_client *c = cli();
+    pb_lease *l[4];
+    pb_result *r = NULL;
+    unsigned types[1] = { 23 };
+    assert_int_equal(pb_acquire(c, pool, 5000, &l[0]), PB_OK);
+    pb_result_free(ok(pb_pg_prepare(l[0], "add", "SELECT $1::int4 + 1000", 1, types, &r), &r, "prepare"));
+    assert_int_equal(pb_release(l[0]), PB_OK);
+
+    /* A bad statement fails at prepare time, as an SQL error. */
+    assert_int_equal(pb_acquire(c, pool, 5000, &l[0]), PB_OK);
+    assert_int_equal(pb_pg_prepare(l[0], "bad", "SELEC nonsense", 0, NULL, &r), PB_OK);
+    assert_int_equal(pb_result_status(r), PB_RES_ERROR);
+    assert_string_equal(pb_error_field(r, 'C'), "42601");
+    pb_result_free(r);
+    assert_int_equal(pb_release(l[0]), PB_OK);
+
+    int pids[64] = { 0 }, npids = 0, execs = 0;
+    int n = strcmp(pool, "discard") == 0 ? 2 : 4;
+    for (int round = 0; execs < 100; round++) {
+        /* Hold every connection at once so all of them run it. */
+        for (int k = 0; k < n; k++)
+            assert_int_equal(pb_acquire(c, pool, 5000, &l[k]), PB_OK);
+        for (int k = 0; k < n; k++) {
+            char v[16];
+            snprintf(v, sizeof v, "%d", execs);
+            const char *vals[1] = { v };
+            pb_result_free(ok(pb_pg_exec_prepared(l[k], "add", 1, vals, NULL, NULL, 0, &r), &r, "exec_prepared"));
+            assert_int_equal(pb_pg_exec_prepared(l[k], "add", 1, vals, NULL, NULL, 0, &r), PB_OK);
+            assert_int_equal(atoi(pb_getvalue(r, 0, 0)), execs + 1000);
+            pb_result_free(r);
+            int pid = pb_lease_backend_pid(l[k]), seen = 0;
+            for (int i = 0; i < npids; i++)
+                seen |= pids[i] == pid;
+            if (!seen && npids < 64)
+                pids[npids++] = pid;
+            execs++;
+        }
+        for (int k = 0; k < n; k++)
+            assert_int_equal(pb_release(l[k]), PB_OK);
+    }
+    assert_int_equal(npids, n);
+    assert_int_equal(pb_acquire(c, pool, 5000, &l[0]), PB_OK);
+    const char *vals[1] = { "1" };
+    assert_int_equal(pb_pg_exec_prepared(l[0], "never-prepared", 1, vals, NULL, NULL, 0, &r), PB_EINVAL);
+    assert_int_equal(pb_release(l[0]), PB_OK);
+    print_message("pool %s: prepared statement ran %d times on %d connections\n", pool, execs, npids);
+    pb_disconnect(c);
+}
+
+static void test_prepared_rollback_policy(void **state)
+{
+    (void)state;
+    prepared_across_leases("main");
+    /* No extra round trip when the connection has it: the server holds one
+     * named statement per connection, not one per execution. */
+    pb_client *c = cli();
+    pb_lease *l;
+    pb_result *r = NULL;
+    assert_int_equal(pb_acquire(c, "main", 5000, &l), PB_OK);
+    pb_result_free(ok(pb_pg_exec(l, "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'pb\\_%'", &r), &r,
+                      "count"));
+    assert_int_equal(pb_pg_exec(l, "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'pb\\_%'", &r),
+                     PB_OK);
+    assert_int_equal(atoi(pb_getvalue(r, 0, 0)), 1);
+    pb_result_free(r);
+    assert_int_equal(pb_release(l), PB_OK);
+    pb_disconnect(c);
+}
+
+static void test_prepared_discard_all_policy(void **state)
+{
+    (void)state;
+    prepared_across_leases("discard");
+}
+
+static void test_pipeline_10000_with_error(void **state)
+{
+    (void)state;
+    pb_client *c = cli();
+    pb_lease *l;
+    pb_result *r = NULL;
+    assert_int_equal(pb_acquire(c, "main", 5000, &l), PB_OK);
+    char v[16];
+    for (int i = 0; i < 10000; i++) {
+        snprintf(v, sizeof v, "%d", i);
+        const char *vals[1] = { v };
+        const char *sql = i == 5000 ? "SELECT 1 / ($1::int - 5000)" : "SELECT $1::int * 2";
+        assert_int_equal(pb_pg_send_params(l, sql, 1, NULL, vals, NULL, NULL, 0), PB_OK);
+    }
+    /* Other calls wait their turn. */
+    assert_int_equal(pb_pg_exec(l, "SELECT 1", &r), PB_EBUSY);
+    int errors = 0;
+    for (int i = 0; i < 10000; i++) {
+        assert_int_equal(pb_pg_get_result(l, &r), PB_OK);
+        assert_non_null(r);
+        if (i == 5000) {
+            assert_int_equal(pb_result_status(r), PB_RES_ERROR);
+            assert_string_equal(pb_error_field(r, 'C'), "22012");
+            errors++;
+        } else {
+            assert_int_equal(pb_result_status(r), PB_RES_TUPLES_OK);
+            assert_int_equal(atoi(pb_getvalue(r, 0, 0)), i * 2);
+        }
+        pb_result_free(r);
+    }
+    assert_int_equal(pb_pg_get_result(l, &r), PB_OK);
+    assert_null(r);                                 /* all returned */
+    assert_int_equal(errors, 1);
+    pb_result_free(ok(pb_pg_exec(l, "SELECT 'after'", &r), &r, "after"));
+    assert_int_equal(pb_release(l), PB_OK);
+    pb_disconnect(c);
+}
+
+static double secs(struct timespec a, struct timespec b)
+{
+    return (double)(b.tv_sec - a.tv_sec) + (double)(b.tv_nsec - a.tv_nsec) / 1e9;
+}
+
+static void test_copy_in_out_bounded(void **state)
+{
+    (void)state;
+    /* PB_COPY_MB (default 1024) of rows in, and back out. */
+    long mb = getenv("PB_COPY_MB") ? atol(getenv("PB_COPY_MB")) : 1024;
+    pb_client *c = cli();
+    pb_lease *l;
+    pb_result *r = NULL;
+    assert_int_equal(pb_acquire(c, "main", 5000, &l), PB_OK);
+    char row[1024];
+    memset(row, 'x', sizeof row);
+    long long rows = mb * 1024;                     /* 1 KiB per row */
+    struct timespec t0, t1, t2;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    assert_int_equal(pb_pg_copy_in_begin(l, "COPY big (id, body) FROM STDIN"), PB_OK);
+    assert_int_equal(pb_pg_exec(l, "SELECT 1", &r), PB_EBUSY);
+    for (long long i = 0; i < rows; i++) {
+        int n = snprintf(row, 24, "%lld\t", i);
+        row[n] = 'x';                               /* snprintf's NUL */
+        row[sizeof row - 1] = '\n';
+        assert_int_equal(pb_pg_put_copy_data(l, row, sizeof row), PB_OK);
+    }
+    assert_int_equal(pb_pg_put_copy_end(l, NULL, &r), PB_OK);
+    ok(PB_OK, &r, "copy in");
+    assert_int_equal(pb_cmd_tuples(r), rows);
+    pb_result_free(r);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+
+    assert_int_equal(pb_pg_copy_out_begin(l, "COPY big TO STDOUT"), PB_OK);
+    long long got_rows = 0, got_bytes = 0;
+    char *buf;
+    int n;
+    while ((n = pb_pg_get_copy_data(l, &buf)) > 0) {
+        got_rows++;
+        got_bytes += n;
+        pb_freemem(buf);
+    }
+    assert_int_equal(n, 0);
+    assert_int_equal(pb_pg_get_result(l, &r), PB_OK);
+    ok(PB_OK, &r, "copy out");
+    assert_int_equal(pb_cmd_tuples(r), rows);
+    pb_result_free(r);
+    clock_gettime(CLOCK_MONOTONIC, &t2);
+    assert_int_equal(got_rows, rows);
+    assert_int_equal(got_bytes, rows * (long long)sizeof row);
+    print_message("COPY %ld MB in: %.1f s, out: %.1f s, through a 64 KiB request buffer and 256 KiB ring\n", mb,
+                  secs(t0, t1), secs(t1, t2));
+
+    /* A refused COPY, and an aborted one. */
+    assert_int_equal(pb_pg_copy_in_begin(l, "COPY no_such_table FROM STDIN"), PB_ESERVER);
+    assert_int_equal(pb_pg_get_result(l, &r), PB_OK);
+    assert_string_equal(pb_error_field(r, 'C'), "42P01");
+    pb_result_free(r);
+    assert_int_equal(pb_pg_copy_in_begin(l, "COPY kv FROM STDIN"), PB_OK);
+    assert_int_equal(pb_pg_put_copy_data(l, "1\tone\n", 6), PB_OK);
+    assert_int_equal(pb_pg_put_copy_end(l, "changed my mind", &r), PB_OK);
+    assert_int_equal(pb_result_status(r), PB_RES_ERROR);
+    pb_result_free(r);
+    assert_int_equal(pb_pg_exec(l, "SELECT count(*) FROM kv", &r), PB_OK);
+    assert_string_equal(pb_getvalue(r, 0, 0), "0");
+    pb_result_free(r);
+    pb_result_free(ok(pb_pg_exec(l, "TRUNCATE big", &r), &r, "truncate"));
+    assert_int_equal(pb_release(l), PB_OK);
+    pb_disconnect(c);
+}
+
+static void test_listen_notify(void **state)
+{
+    (void)state;
+    pb_client *c = cli();
+    pb_lease *l;
+    pb_result *r = NULL;
+    pb_notify *n = NULL;
+    assert_int_equal(pb_acquire(c, "one", 5000, &l), PB_OK);
+    pb_result_free(ok(pb_pg_exec(l, "LISTEN jobs", &r), &r, "listen"));
+    assert_int_equal(pb_pg_wait_notify(l, 0, &n), PB_ETIMEDOUT);
+
+    /* Another worker notifies while we wait. */
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid == 0) {
+        usleep(200000);
+        char out[64];
+        _exit(th_psql(&env, "NOTIFY jobs, 'job-42'", out, sizeof out) == 0 ? 0 : 1);
+    }
+    assert_int_equal(pb_pg_wait_notify(l, 10000, &n), PB_OK);
+    assert_string_equal(pb_notify_channel(n), "jobs");
+    assert_string_equal(pb_notify_payload(n), "job-42");
+    assert_true(pb_notify_be_pid(n) > 0);
+    pb_notify_free(n);
+    int st;
+    waitpid(pid, &st, 0);
+    assert_int_equal(WEXITSTATUS(st), 0);
+
+    /* Notifications during other commands are queued for the lease. */
+    pb_result_free(ok(pb_pg_exec(l, "NOTIFY jobs, 'self'", &r), &r, "notify"));
+    pb_result_free(ok(pb_pg_exec(l, "SELECT 1", &r), &r, "select"));
+    assert_int_equal(pb_pg_wait_notify(l, 1000, &n), PB_OK);
+    assert_string_equal(pb_notify_payload(n), "self");
+    pb_notify_free(n);
+    assert_int_equal(pb_release(l), PB_OK);
+
+    /* The next holder of the same connection hears nothing. */
+    assert_int_equal(pb_acquire(c, "one", 5000, &l), PB_OK);
+    assert_int_equal(pb_pg_exec(l, "SELECT count(*) FROM pg_listening_channels()", &r), PB_OK);
+    assert_string_equal(pb_getvalue(r, 0, 0), "0");
+    pb_result_free(r);
+    char out[64];
+    assert_int_equal(th_psql(&env, "NOTIFY jobs, 'nobody'", out, sizeof out), 0);
+    assert_int_equal(pb_pg_wait_notify(l, 300, &n), PB_ETIMEDOUT);
+    assert_int_equal(pb_release(l), PB_OK);
+    pb_disconnect(c);
+}
+
+static int notices_seen;
+static char notice_text[256];
+
+static void on_notice(void *arg, const pb_result *n)
+{
+    (void)arg;
+    notices_seen++;
+    snprintf(notice_text, sizeof notice_text, "%s", pb_error_field(n, 'M') ? pb_error_field(n, 'M') : "");
+}
+
+static void test_notices(void **state)
+{
+    (void)state;
+    pb_client *c = cli();
+    pb_lease *l;
+    pb_result *r = NULL;
+    pb_set_notice_handler(c, on_notice, NULL);
+    assert_int_equal(pb_acquire(c, "main", 5000, &l), PB_OK);
+    assert_int_equal(pb_pg_exec(l, "DO $$ BEGIN RAISE NOTICE 'hello %', 42; END $$", &r), PB_OK);
+    assert_int_equal(pb_result_status(r), PB_RES_COMMAND_OK);
+    assert_null(pb_error_field(r, 'M'));            /* not mixed into the result */
+    pb_result_free(r);
+    assert_int_equal(notices_seen, 1);
+    assert_string_equal(notice_text, "hello 42");
+    pb_set_notice_handler(c, NULL, NULL);
+    assert_int_equal(pb_pg_exec(l, "DO $$ BEGIN RAISE NOTICE 'dropped'; END $$", &r), PB_OK);
+    pb_result_free(r);
+    assert_int_equal(notices_seen, 1);
+    assert_int_equal(pb_release(l), PB_OK);
+    pb_disconnect(c);
+}
+
+static void test_session_state_reset(void **state)
+{
+    (void)state;
+    pb_client *c = cli();
+    pb_lease *l;
+    pb_result *r = NULL;
+    /* discard_all: SET, temp tables, advisory locks are gone. */
+    assert_int_equal(pb_acquire(c, "discard", 5000, &l), PB_OK);
+    int pid = pb_lease_backend_pid(l);
+    pb_result_free(ok(pb_pg_exec(l, "SET work_mem = '7MB'; CREATE TEMP TABLE t1 (x int); "
+                                    "SELECT pg_advisory_lock(4242)", &r), &r, "state"));
+    assert_int_equal(pb_release(l), PB_OK);
+    pb_lease *l2, *l3;
+    assert_int_equal(pb_acquire(c, "discard", 5000, &l2), PB_OK);
+    assert_int_equal(pb_acquire(c, "discard", 5000, &l3), PB_OK);
+    pb_lease *same = pb_lease_backend_pid(l2) == pid ? l2 : l3;
+    assert_int_equal(pb_pg_exec(same, "SELECT current_setting('work_mem'), to_regclass('pg_temp.t1') IS NULL, "
+                                      "(SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = "
+                                      "pg_backend_pid())",
+                                &r),
+                     PB_OK);
+    assert_string_not_equal(pb_getvalue(r, 0, 0), "7MB");
+    assert_string_equal(pb_getvalue(r, 0, 1), "t");
+    assert_string_equal(pb_getvalue(r, 0, 2), "0");
+    pb_result_free(r);
+    assert_int_equal(pb_release(l2), PB_OK);
+    assert_int_equal(pb_release(l3), PB_OK);
+    pb_disconnect(c);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_prepared_rollback_policy),
+        cmocka_unit_test(test_prepared_discard_all_policy),
+        cmocka_unit_test(test_pipeline_10000_with_error),
+        cmocka_unit_test(test_copy_in_out_bounded),
+        cmocka_unit_test(test_listen_notify),
+        cmocka_unit_test(test_notices),
+        cmocka_unit_test(test_session_state_reset),
+    };
+    return cmocka_run_group_tests_name("pgext", tests, group_setup, group_teardown);
+}
