@@ -21,7 +21,7 @@ endif
 
 BROKER_SRC := broker/main.c broker/log.c broker/conf.c broker/loop.c broker/loop_uring.c \
               broker/loop_epoll.c broker/shm.c broker/control.c broker/pool.c broker/pg.c \
-              broker/redis.c broker/janitor.c broker/cancel.c
+              broker/redis.c broker/janitor.c broker/cancel.c broker/reload.c
 CLIENT_SRC := client/client.c client/pg.c client/pgproto.c client/redis.c
 
 BROKER_OBJ := $(BROKER_SRC:%.c=$(BUILD)/%.o)
@@ -30,7 +30,7 @@ BROKER_LIBS := -lpq -luring -lhiredis
 CLIENT_LIBS := -lhiredis
 
 UNIT_TESTS := test_conf test_pgproto test_slots
-INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext
+INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops
 TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%)
 
 .PHONY: all test unit integ run install bench clean deps examples
@@ -98,6 +98,46 @@ $(BUILD)/tests/test_%: tests/test_%.c tests/harness.c tests/harness.h $(BUILD)/l
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Itests $< tests/harness.c $(BUILD)/libpoolbroker.a -o $@ $(LDFLAGS) -lcmocka -lhiredis -lpq
 
+# ---------------------------------------------------------------- fuzzing
+# libFuzzer targets (tests/fuzz/*.c), built with clang into build/fuzz/
+# whatever BUILD is.  `make fuzz` runs each for FUZZ_SECONDS on a scratch copy
+# of its seed corpus; `make fuzz-smoke` runs each for 3 s (for `make test`);
+# `make fuzz-regress` replays tests/fuzz/regress/<target>/* once each.
+# Needs clang (tools/install-deps --fuzz).
+FUZZ_CC      ?= clang
+FUZZ_SECONDS ?= 60
+FUZZ_JOBS    ?= 1
+FUZZ_BUILD   := build/fuzz
+FUZZ_CFLAGS  := -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -g -O1 -std=c11 \
+                -D_GNU_SOURCE= -Wall -Wextra -Iinclude -Ibroker -Iclient \
+                -I$(shell pg_config --includedir 2>/dev/null || echo /usr/include/postgresql)
+FUZZ_TARGETS := fuzz_pg_request fuzz_resp fuzz_pg_reply fuzz_conf fuzz_shm
+FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/%)
+
+$(FUZZ_BUILD)/fuzz_pg_request: tests/fuzz/fuzz_pg_request.c broker/pg.c broker/log.c
+$(FUZZ_BUILD)/fuzz_pg_request: FUZZ_LIBS := -lpq
+$(FUZZ_BUILD)/fuzz_resp: tests/fuzz/fuzz_resp.c broker/redis.c broker/log.c
+$(FUZZ_BUILD)/fuzz_resp: FUZZ_LIBS := -lhiredis
+$(FUZZ_BUILD)/fuzz_pg_reply: tests/fuzz/fuzz_pg_reply.c client/pgproto.c
+$(FUZZ_BUILD)/fuzz_conf: tests/fuzz/fuzz_conf.c broker/conf.c broker/log.c
+$(FUZZ_BUILD)/fuzz_shm: tests/fuzz/fuzz_shm.c include/pb_shm.h
+$(FUZZ_BINS): $(wildcard include/*.h broker/*.h client/*.h)
+	@command -v $(FUZZ_CC) >/dev/null || { echo "fuzz: $(FUZZ_CC) not found; run tools/install-deps --fuzz" >&2; exit 1; }
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) $(filter %.c,$^) -o $@ $(FUZZ_LIBS)
+
+.PHONY: fuzz fuzz-build fuzz-smoke fuzz-regress
+fuzz-build: $(FUZZ_BINS)
+
+fuzz: fuzz-build
+	@FUZZ_JOBS=$(FUZZ_JOBS) bash tests/fuzz/run-fuzz $(FUZZ_BUILD) $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
+fuzz-smoke: fuzz-build
+	@FUZZ_JOBS=$(FUZZ_JOBS) bash tests/fuzz/run-fuzz $(FUZZ_BUILD) 3 $(FUZZ_TARGETS)
+
+fuzz-regress: fuzz-build
+	@bash tests/fuzz/run-fuzz --regress $(FUZZ_BUILD) $(FUZZ_TARGETS)
+
 deps:
 	@bash tools/install-deps
 
@@ -136,6 +176,7 @@ install: all
 	ln -sf libpoolbroker.so.$(VERSION) $(DESTDIR)$(PREFIX)/lib/libpoolbroker.so
 	install -m 644 $(BUILD)/libpoolbroker.a $(DESTDIR)$(PREFIX)/lib/
 	install -m 644 include/poolbroker.h $(DESTDIR)$(PREFIX)/include/
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' poolbroker.pc.in > $(BUILD)/poolbroker.pc
 	install -m 644 $(BUILD)/poolbroker.pc $(DESTDIR)$(PREFIX)/lib/pkgconfig/
 
 clean:

@@ -162,8 +162,11 @@ typedef struct broker {
     uint8_t siginfo[128];
     pool *pools;
     uint32_t npools;
-    conn **slots;            /* global slot index -> conn */
+    conn **slots;            /* global slot index -> conn (NULL: an unused spare slot) */
     uint32_t nslots;
+    uint32_t spare_first;    /* first spare slot not yet given to a pool */
+    conf **old_confs;        /* configurations replaced by reloads: removed pools */
+    uint32_t nold_confs;     /* may still point into them, so they live until exit */
     client *clients;
     uint32_t max_clients;
     uint32_t nattached;
@@ -174,9 +177,15 @@ typedef struct broker {
     int stop;
     uint64_t next_janitor_ms;
     uint64_t now_ms;         /* CLOCK_MONOTONIC ms, updated each iteration */
+    uint64_t watchdog_ms;    /* systemd watchdog ping interval, 0 = none */
+    uint64_t last_watchdog_ms;
 } broker;
 
 extern broker B;
+
+/* Buffer sizes of spare slots (pools added by a reload use these). */
+#define SPARE_REQ (64u * 1024)
+#define SPARE_REP (256u * 1024)
 
 /* time */
 uint64_t now_ms(void);
@@ -192,8 +201,13 @@ void control_scan_rings(broker *b);
 void client_gone(broker *b, client *cl, const char *why);
 client *client_by_id(broker *b, uint32_t id);
 
+/* reload.c */
+void reload_config(broker *b);
+
 /* pool.c */
 int pools_init(broker *b);
+int pool_setup(broker *b, pool *p, uint32_t index, conf_pool *cp, uint32_t first_slot);
+void pool_publish_limits(pool *p);
 void pools_free(broker *b);
 void pool_maybe_grow(pool *p);
 void pool_serve_waiters(pool *p);

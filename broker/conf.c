@@ -109,7 +109,7 @@ static const char *const io_backends[] = { "auto", "io_uring", "epoll", NULL };
 enum {
     BK_SOCKET, BK_SOCKET_MODE, BK_SHM_NAME, BK_SHM_MODE, BK_ALLOWED_UIDS,
     BK_ALLOWED_GIDS, BK_LOG_LEVEL, BK_LOG_TARGET, BK_SHUTDOWN_TIMEOUT_MS,
-    BK_METRICS_LISTEN, BK_IO_BACKEND, BK_MAX_CLIENTS, BK_COUNT
+    BK_METRICS_LISTEN, BK_IO_BACKEND, BK_MAX_CLIENTS, BK_SPARE_SLOTS, BK_COUNT
 };
 
 #define BF(field) offsetof(conf, field)
@@ -126,6 +126,7 @@ static const keydef broker_keys[BK_COUNT] = {
     [BK_METRICS_LISTEN]      = { "metrics_listen", K_FUNC, 0, 0, 0, 0, NULL, set_metrics_listen },
     [BK_IO_BACKEND]          = { "io_backend", K_CHOICE, 0, BF(io_backend), 0, 0, io_backends, NULL },
     [BK_MAX_CLIENTS]         = { "max_clients", K_U32, 0, BF(max_clients), 1, PB_MAX_CLIENTS, NULL, NULL },
+    [BK_SPARE_SLOTS]         = { "spare_slots", K_U32, 0, BF(spare_slots), 0, PB_MAX_POOL_SLOTS, NULL, NULL },
 };
 #undef BF
 
@@ -833,6 +834,7 @@ static conf *parse_text(parser *p, char *text)
     c->log_level = LOG_LVL_INFO;
     c->shutdown_timeout_ms = 30000;
     c->max_clients = 1024;
+    c->spare_slots = 32;
     if (!c->pools || !c->path || !c->socket || !c->shm_name || !c->log_target || !c->io_backend) {
         fail(p, 0, "out of memory");
         goto bad;

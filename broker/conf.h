@@ -65,6 +65,8 @@ typedef struct conf {
     char *metrics_listen;           /* "host:port" or NULL */
     char *io_backend;               /* "auto" (default) | "io_uring" | "epoll" */
     uint32_t max_clients;           /* default 1024; 1..PB_MAX_CLIENTS */
+    uint32_t spare_slots;           /* default 32: slots (64k/256k buffers) kept for pools
+                                       that a reload adds or grows */
     conf_pool *pools;
     int npools;
 } conf;

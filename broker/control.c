@@ -347,6 +347,8 @@ void client_gone(broker *b, client *cl, const char *why)
 
     for (uint32_t s = 0; s < b->nslots; s++) {
         conn *c = b->slots[s];
+        if (!c)
+            continue;
         uint64_t w = atomic_load(&c->slot->word);
         unsigned st = PB_WORD_STATE(w);
         if (PB_WORD_OWNER(w) == id && (st == PB_SLOT_LEASED || st == PB_SLOT_RELEASING))
@@ -383,6 +385,8 @@ static void handle_sqe(broker *b, client *cl, uint64_t e)
         if (arg >= b->nslots)
             break;
         conn *c = b->slots[arg];
+        if (!c)
+            break;
         uint64_t w = atomic_load(&c->slot->word);
         if (PB_WORD_OWNER(w) != cl->id || PB_WORD_GEN(w) != val)
             return;                 /* stale: that lease is over */

@@ -44,7 +44,7 @@ static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
         return;
     /* A command (or our own reset) running too long. */
     uint32_t limit = cp->command_timeout_ms;
-    if (c->expect && (c->resetting || c->release_pending) && (!limit || limit > 10000))
+    if (c->expect && (c->resetting || c->validating || c->release_pending) && (!limit || limit > 10000))
         limit = 10000;              /* nobody is waiting: do not wait forever either */
     if (c->expect && limit && now - c->cmd_start_ms > limit)
         conn_command_timeout(c);

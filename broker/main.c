@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -66,6 +67,34 @@ static void sd_notify_(const char *msg)
     close(fd);
 }
 
+static void sd_notify_reloading(void)
+{
+    struct timespec ts;
+    char msg[64];
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    snprintf(msg, sizeof msg, "RELOADING=1\nMONOTONIC_USEC=%llu",
+             (unsigned long long)ts.tv_sec * 1000000ull + (unsigned long long)ts.tv_nsec / 1000);
+    sd_notify_(msg);
+}
+
+/* READY=1 (if ready) with a one-line STATUS= summary. */
+static void sd_notify_status(broker *b, int ready)
+{
+    char msg[256];
+    uint32_t live = 0, leased = 0;
+    for (uint32_t s = 0; s < b->nslots; s++) {
+        conn *c = b->slots[s];
+        if (!c || c->state != CS_READY)
+            continue;
+        live++;
+        leased += PB_WORD_STATE(atomic_load(&c->slot->word)) == PB_SLOT_LEASED;
+    }
+    snprintf(msg, sizeof msg, "%sSTATUS=%u pools, %u connections (%u leased), %u clients, %s",
+             ready ? "READY=1\n" : "", b->npools, live, leased, b->nattached,
+             b->draining ? "draining" : "running");
+    sd_notify_(msg);
+}
+
 static void on_doorbell(ev_op *op, int res)
 {
     broker *b = op->data;
@@ -98,8 +127,11 @@ static void on_signal(ev_op *op, int res)
         memcpy(&si, b->siginfo, sizeof si);
         if (si.ssi_signo == SIGTERM || si.ssi_signo == SIGINT)
             start_drain(b, si.ssi_signo == SIGTERM ? "SIGTERM" : "SIGINT");
-        else if (si.ssi_signo == SIGHUP)
-            log_warn("SIGHUP: configuration reload is not supported yet; keeping the current configuration");
+        else if (si.ssi_signo == SIGHUP && !b->draining) {
+            sd_notify_reloading();
+            reload_config(b);
+            sd_notify_status(b, 1);
+        }
     }
     if (!b->stop)
         loop_read(b->lp, &b->signal_op, b->signal_fd, b->siginfo, sizeof(struct signalfd_siginfo));
@@ -109,6 +141,8 @@ static void on_signal(ev_op *op, int res)
 static int leases_out(broker *b)
 {
     for (uint32_t s = 0; s < b->nslots; s++) {
+        if (!b->slots[s])
+            continue;
         unsigned st = PB_WORD_STATE(atomic_load(&b->slots[s]->slot->word));
         if (st == PB_SLOT_LEASED || st == PB_SLOT_RELEASING || st == PB_SLOT_RESETTING ||
             st == PB_SLOT_RECLAIMING)
@@ -127,9 +161,25 @@ static void usage(FILE *f)
             "  -h, --help          this help\n");
 }
 
+/* Two descriptors per attached client, plus backends: raise the soft
+ * open-file limit to the hard one. */
+static void raise_nofile(uint32_t max_clients)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur >= rl.rlim_max)
+        return;
+    rl.rlim_cur = rl.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
+        log_errno(LOG_LVL_WARN, errno, "raising the open-file limit");
+    if (rl.rlim_cur < (rlim_t)max_clients * 2 + 256)
+        log_warn("open-file limit %llu is low for max_clients %u (needs about %u)",
+                 (unsigned long long)rl.rlim_cur, max_clients, max_clients * 2 + 256);
+}
+
 static int setup(broker *b)
 {
     int chosen;
+    raise_nofile(b->cf->max_clients);
     int want = LOOP_AUTO;
     if (b->cf->io_backend && strcmp(b->cf->io_backend, "io_uring") == 0)
         want = LOOP_URING;
@@ -217,6 +267,11 @@ static void run(broker *b)
         }
         if (b->now_ms >= b->next_janitor_ms) {
             janitor_run(b);
+            if (b->watchdog_ms && b->now_ms - b->last_watchdog_ms >= b->watchdog_ms) {
+                sd_notify_("WATCHDOG=1");
+                sd_notify_status(b, 0);
+                b->last_watchdog_ms = b->now_ms;
+            }
             b->next_janitor_ms = b->now_ms + JANITOR_MS;
             if (b->draining && (!leases_out(b) || b->now_ms >= b->drain_deadline_ms)) {
                 if (leases_out(b))
@@ -309,7 +364,9 @@ int main(int argc, char **argv)
     atomic_store(&b->hdr->heartbeat_ms, now_ms());
     log_info("poolbroker ready: %u pool%s, %s, socket %s, segment %s", b->npools, b->npools == 1 ? "" : "s",
              loop_backend_name(b->lp), cf->socket, cf->shm_name);
-    sd_notify_("READY=1");
+    sd_notify_status(b, 1);
+    const char *wd = getenv("WATCHDOG_USEC");
+    b->watchdog_ms = wd ? strtoull(wd, NULL, 10) / 2000 : 0;   /* ping at half the interval */
 
     run(b);
 
@@ -318,15 +375,19 @@ int main(int argc, char **argv)
     control_close(b);
     for (uint32_t s = 0; s < b->nslots; s++) {
         conn *c = b->slots[s];
-        if (c->state != CS_EMPTY)
+        if (c && c->state != CS_EMPTY)
             c->pool->drv->close(c);
-        c->state = CS_EMPTY;
+        if (c)
+            c->state = CS_EMPTY;
     }
     shm_destroy(b, 0);
     loop_free(b->lp);
     pools_free(b);
     free(b->clients);
-    conf_free(cf);
+    for (uint32_t i = 0; i < b->nold_confs; i++)
+        conf_free(b->old_confs[i]);
+    free(b->old_confs);
+    conf_free(b->cf);
     log_info("stopped");
     return 0;
 }

@@ -99,63 +99,79 @@ static void slot_set(conn *c, unsigned state, uint32_t owner)
     atomic_store(&c->slot->word, PB_WORD_NEXT(w, state, owner));
 }
 
+/* The figures clients read from the pool table (sizes, timeouts, policy). */
+void pool_publish_limits(pool *p)
+{
+    conf_pool *cp = p->cf;
+    atomic_store(&p->shm->min_size, cp->min_size);
+    atomic_store(&p->shm->max_size, cp->max_size);
+    atomic_store(&p->shm->max_uses, cp->max_uses);
+    atomic_store(&p->shm->validate_after_idle_ms, cp->validate_after_idle_ms);
+    atomic_store(&p->shm->acquire_timeout_ms, cp->acquire_timeout_ms);
+    atomic_store(&p->shm->reset_policy, (uint32_t)cp->reset_policy);
+}
+
+/* Set up pool p (table entry index) over slots [first_slot, +max_size). */
+int pool_setup(broker *b, pool *p, uint32_t index, conf_pool *cp, uint32_t first_slot)
+{
+    pb_shm_slot *ss = pb_shm_slots(b->hdr);
+    memset(p, 0, sizeof *p);
+    p->index = index;
+    p->cf = cp;
+    p->drv = cp->type == PB_POOL_REDIS ? &redis_driver : &pg_driver;
+    p->shm = &pb_shm_pools(b->hdr)[index];
+    p->nconns = cp->max_size;
+    p->conns = calloc(p->nconns, sizeof *p->conns);
+    p->wq_cap = b->max_clients;
+    p->wq = calloc(p->wq_cap, sizeof *p->wq);
+    if (!p->conns || !p->wq)
+        return -1;
+    for (uint32_t k = 0; k < p->nconns; k++) {
+        conn *c = &p->conns[k];
+        c->pool = p;
+        c->index = first_slot + k;
+        c->slot = &ss[c->index];
+        c->slot->pool = index;
+        /* Our own copies of where the buffers are: never read back. */
+        c->req = (uint8_t *)b->hdr + c->slot->req_off;
+        c->rep = (uint8_t *)b->hdr + c->slot->rep_off;
+        c->req_size = c->slot->req_size;
+        c->rep_size = c->slot->rep_size;
+        c->fd = -1;
+        c->send_op.cb = on_send;
+        c->recv_op.cb = on_recv;
+        c->poll_op.cb = on_poll;
+        c->send_op.data = c->recv_op.data = c->poll_op.data = c;
+        c->txn = 'I';
+        b->slots[c->index] = c;
+    }
+    pb_shm_pool *sp = p->shm;
+    memset(sp, 0, sizeof *sp);
+    snprintf(sp->name, sizeof sp->name, "%s", cp->name);
+    sp->type = (uint32_t)cp->type;
+    sp->first_slot = first_slot;
+    sp->slot_capacity = cp->max_size;
+    pool_publish_limits(p);
+    atomic_store(&sp->health, PB_HEALTH_HEALTHY);
+    atomic_store(&sp->accepting, 1);
+    return 0;
+}
+
 int pools_init(broker *b)
 {
     conf *cf = b->cf;
-    pb_shm_pool *sp = pb_shm_pools(b->hdr);
-    pb_shm_slot *ss = pb_shm_slots(b->hdr);
-
-    b->npools = (uint32_t)cf->npools;
-    b->pools = calloc(b->npools, sizeof *b->pools);
+    b->pools = calloc(PB_MAX_POOLS, sizeof *b->pools);     /* reloads add in place */
     b->slots = calloc(b->nslots ? b->nslots : 1, sizeof *b->slots);
     if (!b->pools || !b->slots)
         return -1;
     uint32_t first = 0;
-    for (uint32_t i = 0; i < b->npools; i++) {
-        pool *p = &b->pools[i];
-        conf_pool *cp = &cf->pools[i];
-        p->index = i;
-        p->cf = cp;
-        p->drv = cp->type == PB_POOL_REDIS ? &redis_driver : &pg_driver;
-        p->shm = &sp[i];
-        snprintf(p->shm->name, sizeof p->shm->name, "%s", cp->name);
-        p->shm->type = (uint32_t)cp->type;
-        p->shm->first_slot = first;
-        p->shm->slot_capacity = cp->max_size;
-        atomic_store(&p->shm->min_size, cp->min_size);
-        atomic_store(&p->shm->max_size, cp->max_size);
-        atomic_store(&p->shm->max_uses, cp->max_uses);
-        atomic_store(&p->shm->validate_after_idle_ms, cp->validate_after_idle_ms);
-        atomic_store(&p->shm->acquire_timeout_ms, cp->acquire_timeout_ms);
-        atomic_store(&p->shm->reset_policy, (uint32_t)cp->reset_policy);
-        atomic_store(&p->shm->health, PB_HEALTH_HEALTHY);
-        atomic_store(&p->shm->accepting, 1);
-        p->nconns = cp->max_size;
-        p->conns = calloc(p->nconns, sizeof *p->conns);
-        p->wq_cap = b->max_clients;
-        p->wq = calloc(p->wq_cap, sizeof *p->wq);
-        if (!p->conns || !p->wq)
+    for (int i = 0; i < cf->npools; i++) {
+        if (pool_setup(b, &b->pools[i], (uint32_t)i, &cf->pools[i], first) < 0)
             return -1;
-        for (uint32_t k = 0; k < p->nconns; k++) {
-            conn *c = &p->conns[k];
-            c->pool = p;
-            c->index = first + k;
-            c->slot = &ss[c->index];
-            /* Our own copies of where the buffers are: never read back. */
-            c->req = (uint8_t *)b->hdr + c->slot->req_off;
-            c->rep = (uint8_t *)b->hdr + c->slot->rep_off;
-            c->req_size = c->slot->req_size;
-            c->rep_size = c->slot->rep_size;
-            c->fd = -1;
-            c->send_op.cb = on_send;
-            c->recv_op.cb = on_recv;
-            c->poll_op.cb = on_poll;
-            c->send_op.data = c->recv_op.data = c->poll_op.data = c;
-            c->txn = 'I';
-            b->slots[c->index] = c;
-        }
-        first += cp->max_size;
+        first += cf->pools[i].max_size;
     }
+    b->npools = (uint32_t)cf->npools;
+    b->hdr->npools = b->npools;
     return 0;
 }
 
@@ -984,11 +1000,15 @@ void conn_release(conn *c, uint64_t word, int how)
         return;
     }
     if (c->expect || c->sending) {
-        /* Replies still owed: they go to the sink, the slot waits for them. */
+        /* Replies still owed: they go to the sink, the slot waits for them.
+         * Nobody will read them, so do not wait out a long query: cancel it
+         * (PostgreSQL), or give the connection up (Redis). */
         c->release_pending = 1;
         c->to_sink = 1;
         c->submit_deferred = 0;
         conn_arm_recv(c);
+        if (how == 1 || how == 0)
+            conn_command_timeout(c);
         return;
     }
     release_clean(c);

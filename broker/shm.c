@@ -51,11 +51,12 @@ int shm_create(broker *b)
     conf *cf = b->cf;
     uint64_t off = ALIGN_UP(sizeof(pb_shm_header), PB_CACHELINE);
     uint64_t pool_off = off;
-    off += ALIGN_UP((uint64_t)cf->npools * sizeof(pb_shm_pool), PB_CACHELINE);
+    /* The pool table always has room for PB_MAX_POOLS: a reload can add. */
+    off += ALIGN_UP((uint64_t)PB_MAX_POOLS * sizeof(pb_shm_pool), PB_CACHELINE);
     uint64_t client_off = off;
     off += ALIGN_UP((uint64_t)cf->max_clients * sizeof(pb_shm_client), PB_CACHELINE);
     uint64_t slot_off = off;
-    uint32_t nslots = 0;
+    uint32_t nslots = cf->spare_slots;
     for (int i = 0; i < cf->npools; i++)
         nslots += cf->pools[i].max_size;
     off += ALIGN_UP((uint64_t)nslots * sizeof(pb_shm_slot), PB_CACHELINE);
@@ -64,6 +65,7 @@ int shm_create(broker *b)
     for (int i = 0; i < cf->npools; i++)
         off += (uint64_t)cf->pools[i].max_size *
                (ALIGN_UP(cf->pools[i].request_buffer, 4096) + ALIGN_UP(cf->pools[i].reply_buffer, 4096));
+    off += (uint64_t)cf->spare_slots * (SPARE_REQ + SPARE_REP);
     uint64_t total = ALIGN_UP(off, 4096);
 
     uint32_t gen = previous_generation(cf->shm_name) + 1;
@@ -127,6 +129,20 @@ int shm_create(broker *b)
             boff += ALIGN_UP(cp->reply_buffer, 4096);
             atomic_store(&sl->word, PB_WORD(PB_SLOT_EMPTY, 0, 1));
         }
+    }
+    /* Spare slots, for pools a reload adds: no pool yet. */
+    b->spare_first = s;
+    for (uint32_t k = 0; k < cf->spare_slots; k++, s++) {
+        pb_shm_slot *sl = &slots[s];
+        sl->pool = PB_MAX_POOLS;
+        sl->index = s;
+        sl->req_off = boff;
+        sl->req_size = SPARE_REQ;
+        boff += SPARE_REQ;
+        sl->rep_off = boff;
+        sl->rep_size = SPARE_REP;
+        boff += SPARE_REP;
+        atomic_store(&sl->word, PB_WORD(PB_SLOT_EMPTY, 0, 1));
     }
     b->hdr = h;
     b->shm_size = total;

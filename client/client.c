@@ -149,7 +149,7 @@ static int check_header(pb_client *c)
         return PB_EVERSION;
     uint64_t sz = c->shm_size;
     if (h->total_size > sz || h->npools > PB_MAX_POOLS || h->max_clients > PB_MAX_CLIENTS ||
-        h->pool_off > sz || (uint64_t)h->npools * sizeof(pb_shm_pool) > sz - h->pool_off ||
+        h->pool_off > sz || (uint64_t)PB_MAX_POOLS * sizeof(pb_shm_pool) > sz - h->pool_off ||
         h->client_off > sz || (uint64_t)h->max_clients * sizeof(pb_shm_client) > sz - h->client_off ||
         h->slot_off > sz || (uint64_t)h->nslots * sizeof(pb_shm_slot) > sz - h->slot_off)
         return PB_EPROTO;
@@ -497,14 +497,20 @@ static int wait_change(pb_client *c, _Atomic uint32_t *word, _Atomic uint32_t *s
 
 static int find_pool(pb_client *c, const char *name, uint32_t *idx)
 {
-    if (c->last_pool[0] && strcmp(c->last_pool, name) == 0) {
+    if (c->last_pool[0] && strcmp(c->last_pool, name) == 0 &&
+        atomic_load_explicit(&c->pools[c->last_pool_idx].health, memory_order_relaxed) != PB_HEALTH_REMOVED) {
         *idx = c->last_pool_idx;
         return PB_OK;
     }
     size_t n = strlen(name);
     if (n == 0 || n >= PB_NAME_MAX)
         return PB_ENOPOOL;
+    /* A reload may have added pools since we attached. */
+    uint32_t np = atomic_load_explicit(&c->hdr->npools, memory_order_acquire);
+    c->npools = np <= PB_MAX_POOLS ? np : PB_MAX_POOLS;
     for (uint32_t i = 0; i < c->npools; i++) {
+        if (atomic_load_explicit(&c->pools[i].health, memory_order_relaxed) == PB_HEALTH_REMOVED)
+            continue;               /* a pool a reload removed (it may be re-added) */
         if (strncmp(c->pools[i].name, name, PB_NAME_MAX) == 0) {
             memcpy(c->last_pool, name, n + 1);
             c->last_pool_idx = i;
@@ -660,13 +666,15 @@ PB_API int pb_acquire(pb_client *c, const char *pool, int timeout_ms, pb_lease *
             return PB_ETIMEDOUT;
         t0 = pbi_now_us();
         rc = wait_for_slot(c, pi, timeout_ms ? timeout_ms : 1, &s, &w);
-        if (rc == PB_ETIMEDOUT)
-            atomic_fetch_add_explicit(&p->timeouts, 1, memory_order_relaxed);
-        if (rc == PB_EBROKER && ensure_attached(c) == PB_OK)
-            return pb_acquire(c, pool, timeout_ms, out);   /* a new broker is up */
+        if (rc == PB_EBROKER) {
+            /* The broker died under us: the mapping p points into is about
+             * to go.  If a new broker is already up, try once more there. */
+            if (ensure_attached(c) == PB_OK)
+                return pb_acquire(c, pool, timeout_ms, out);
+            return PB_EBROKER;
+        }
         if (rc != PB_OK) {
-            if (rc != PB_ETIMEDOUT)
-                atomic_fetch_add_explicit(&p->errors, 1, memory_order_relaxed);
+            atomic_fetch_add_explicit(rc == PB_ETIMEDOUT ? &p->timeouts : &p->errors, 1, memory_order_relaxed);
             return rc;
         }
         pb_shm_hist_add(&p->acquire_wait, pbi_now_us() - t0);

@@ -45,8 +45,8 @@ int main(int argc, char **argv)
     if ((rc = pb_release(l)) != PB_OK)                    /* PB_ESTALE: the broker took it back */
         fprintf(stderr, "pb_release(main): %s\n", pb_strerror(rc));
 
-    /* Redis: optional here.  A missing pool gives PB_ENOPOOL; while Redis
-     * support is unfinished, commands give PB_EINVAL or the acquire fails. */
+    /* Redis: optional here.  Without a "cache" pool pb_acquire gives
+     * PB_ENOPOOL; any failure is printed and the program goes on. */
     if ((rc = pb_acquire(c, "cache", -1, &l)) != PB_OK) {
         fprintf(stderr, "pb_acquire(cache): %s; skipping Redis\n", pb_strerror(rc));
     } else {

@@ -132,7 +132,8 @@ typedef struct pb_shm_header {
     _Atomic uint32_t state;         /* enum pb_broker_state; release stores */
     _Atomic int32_t  broker_pid;    /* broker's pid (0 when stopped cleanly) */
     uint32_t io_backend;            /* enum pb_io_backend */
-    uint32_t npools;                /* pool table entries in use (incl. removed) */
+    _Atomic uint32_t npools;        /* pool table entries in use (incl. removed); the table
+                                       has room for PB_MAX_POOLS; a reload adds (release) */
     uint32_t nslots;                /* slot table entries */
     uint32_t max_clients;           /* client table entries */
     uint32_t pad0;

@@ -1011,3 +1011,75 @@ int th_free_port(void)
     close(fd);
     return port;
 }
+
+/* ---- stopping and restarting servers in place --------------------------- */
+
+/* Run tools/<tool> <dir> with <var>=<port> in its environment. */
+static int th_tool_port(th_env *e, const char *tool, const char *var, int port,
+                        char *out, size_t outlen)
+{
+    char val[16];
+    snprintf(val, sizeof(val), "%d", port);
+    if (setenv(var, val, 1) != 0) {
+        fprintf(stderr, "harness: setenv %s: %s\n", var, strerror(errno));
+        return -1;
+    }
+    int rc = th_tool(e, tool, out, outlen, TH_SERVER_START_MS);
+    unsetenv(var);
+    return rc;
+}
+
+int th_pg_stop(th_env *e)
+{
+    if (e->dir[0] == '\0' || e->pg_port <= 0) {
+        fprintf(stderr, "harness: th_pg_stop: no PostgreSQL in this env\n");
+        return -1;
+    }
+    return th_tool(e, "pg-stop", NULL, 0, TH_SERVER_STOP_MS) == 0 ? 0 : -1;
+}
+
+int th_pg_start_again(th_env *e)
+{
+    if (e->dir[0] == '\0' || e->pg_port <= 0) {
+        fprintf(stderr, "harness: th_pg_start_again: no PostgreSQL in this env\n");
+        return -1;
+    }
+    char out[4096];
+    int port = 0;
+    if (th_tool_port(e, "pg-start", "PB_PG_PORT", e->pg_port, out, sizeof(out)) != 0)
+        return -1;
+    if (th_env_get_port(out, "PGPORT", &port) != 0 || port != e->pg_port) {
+        fprintf(stderr, "harness: PostgreSQL restarted on port %d, not %d:\n%s\n",
+                port, e->pg_port, out);
+        return -1;
+    }
+    return 0;
+}
+
+int th_redis_stop(th_env *e)
+{
+    if (e->dir[0] == '\0' || e->redis_port <= 0) {
+        fprintf(stderr, "harness: th_redis_stop: no Redis in this env\n");
+        return -1;
+    }
+    return th_tool(e, "redis-stop", NULL, 0, TH_SERVER_STOP_MS) == 0 ? 0 : -1;
+}
+
+int th_redis_start_again(th_env *e)
+{
+    if (e->dir[0] == '\0' || e->redis_port <= 0) {
+        fprintf(stderr, "harness: th_redis_start_again: no Redis in this env\n");
+        return -1;
+    }
+    char out[4096];
+    int port = 0;
+    if (th_tool_port(e, "redis-start", "PB_REDIS_PORT", e->redis_port, out,
+                     sizeof(out)) != 0)
+        return -1;
+    if (th_env_get_port(out, "REDIS_PORT", &port) != 0 || port != e->redis_port) {
+        fprintf(stderr, "harness: Redis restarted on port %d, not %d:\n%s\n",
+                port, e->redis_port, out);
+        return -1;
+    }
+    return 0;
+}

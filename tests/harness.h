@@ -144,4 +144,24 @@ int th_run(char *const argv[], char *out, size_t outlen, int timeout_ms);
  */
 int th_free_port(void);
 
+/*
+ * Stop this env's PostgreSQL (tools/pg-stop: an immediate shutdown) but
+ * keep its data dir, socket dir and pg_port, so th_pg_start_again can bring
+ * it back where its clients (the broker) expect it. Returns 0 or -1.
+ */
+int th_pg_stop(th_env *e);
+
+/*
+ * Start this env's PostgreSQL again after th_pg_stop: same data dir, same
+ * socket dir, same TCP port (tools/pg-start with PB_PG_PORT=pg_port).
+ * Returns 0 once it accepts connections; -1 if it failed or came up on
+ * another port.
+ */
+int th_pg_start_again(th_env *e);
+
+/* The same for Redis: tools/redis-stop, then tools/redis-start with
+ * PB_REDIS_PORT=redis_port (same port, same Unix socket). 0 or -1. */
+int th_redis_stop(th_env *e);
+int th_redis_start_again(th_env *e);
+
 #endif /* PB_TEST_HARNESS_H */

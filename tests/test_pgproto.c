@@ -779,15 +779,26 @@ static void test_dec_copy(void **state)
     r = feed_pieces(&d, &(pb_buf){in.data + pos, in.len - pos, 0}, NULL, 0, NULL);
     pb_result_free(r);
 
-    /* COPY TO STDOUT: rows ignored for now, the flag tracks the copy. */
+    /* COPY TO STDOUT: the decoder stops after CopyOutResponse, then hands
+     * out each CopyData row (the caller takes d.row). */
     in.len = 0;
     bk_raw(&in, 'H', "\0\0\x01\0\0", 5);
     size_t h = in.len;
     bk_raw(&in, 'd', "1\n", 2);
     bk_raw(&in, 'd', "2\n", 2);
-    assert_int_equal(pgp_feed(&d, in.data, in.len, &c), PGP_MORE);
+    assert_int_equal(pgp_feed(&d, in.data, in.len, &c), PGP_COPY_OUT);
+    assert_int_equal(c, h);
     assert_int_equal(d.copy_out, 1);
-    (void)h;
+    size_t pos2 = c;
+    for (int row = 1; row <= 2; row++) {
+        assert_int_equal(pgp_feed(&d, in.data + pos2, in.len - pos2, &c), PGP_COPY_ROW);
+        pos2 += c;
+        assert_int_equal(d.row_len, 2);
+        assert_int_equal(d.row[0], '0' + row);
+        free(d.row);
+        d.row = NULL;
+    }
+    assert_int_equal(pos2, in.len);
     in.len = 0;
     bk_raw(&in, 'c', NULL, 0);
     assert_int_equal(pgp_feed(&d, in.data, in.len, &c), PGP_MORE);

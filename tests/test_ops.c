@@ -1,0 +1,321 @@
+/*
+ * test_ops.c — operating the broker: config checks, SIGHUP reload (grow,
+ * shrink, add, remove a pool with a lease out, an invalid file kept out),
+ * SIGTERM drain with a lease in flight, the systemd notify protocol (a fake
+ * NOTIFY_SOCKET), and shmstat against a SIGSTOPped broker.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "harness.h"
+#include "poolbroker.h"
+
+static th_env env;
+static int notify_fd = -1;
+static char notify_log[8192];
+
+#define PG "type = postgres\nconninfo = host=@PGHOST@ port=@PGPORT@ user=postgres dbname=postgres " \
+           "sslmode=disable application_name=pbops\n"
+
+static void drain_notify(void)
+{
+    char buf[1024];
+    ssize_t n;
+    while ((n = recv(notify_fd, buf, sizeof buf - 1, MSG_DONTWAIT)) > 0) {
+        buf[n] = 0;
+        strncat(notify_log, buf, sizeof notify_log - strlen(notify_log) - 2);
+        strcat(notify_log, "|");
+    }
+}
+
+static int wait_notify(const char *needle, int ms)
+{
+    for (int i = 0; i < ms / 20; i++) {
+        drain_notify();
+        if (strstr(notify_log, needle))
+            return 0;
+        usleep(20000);
+    }
+    return -1;
+}
+
+static int group_setup(void **state)
+{
+    (void)state;
+    if (th_setup(&env, 1, 0) < 0)
+        return -1;
+    /* A stand-in for systemd's notify socket. */
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    if (strlen(env.dir) + 13 >= sizeof sa.sun_path)
+        return -1;
+    memcpy(sa.sun_path, env.dir, strlen(env.dir));
+    strcat(sa.sun_path, "/notify.sock");
+    notify_fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (notify_fd < 0 || bind(notify_fd, (struct sockaddr *)&sa, sizeof sa) < 0)
+        return -1;
+    setenv("NOTIFY_SOCKET", sa.sun_path, 1);
+    return 0;
+}
+
+static int group_teardown(void **state)
+{
+    (void)state;
+    unsetenv("NOTIFY_SOCKET");
+    if (notify_fd >= 0)
+        close(notify_fd);
+    return th_teardown(&env);
+}
+
+static void write_conf(const char *text)
+{
+    /* The same header th_broker_start writes, then our pools. */
+    char path[512];
+    snprintf(path, sizeof path, "%s", env.conf_path);
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fchmod(fileno(f), 0600);
+    const char *io = getenv("PB_IO_BACKEND");
+    fprintf(f, "[broker]\nsocket = %s\nshm_name = %s\nlog_level = debug\nspare_slots = 8\n%s%s%s\n", env.sock_path,
+            env.shm_name, io && *io ? "io_backend = " : "", io && *io ? io : "", io && *io ? "\n" : "");
+    /* Substitute the placeholders the way the harness does. */
+    char port[16];
+    snprintf(port, sizeof port, "%d", env.pg_port);
+    for (const char *p = text; *p;) {
+        if (strncmp(p, "@PGHOST@", 8) == 0) {
+            fputs(env.pg_host, f);
+            p += 8;
+        } else if (strncmp(p, "@PGPORT@", 8) == 0) {
+            fputs(port, f);
+            p += 8;
+        } else {
+            fputc(*p++, f);
+        }
+    }
+    fclose(f);
+}
+
+static int run_broker_t(const char *conf_text, char *out, size_t outlen)
+{
+    char path[512];
+    snprintf(path, sizeof path, "%s/check.conf", env.dir);
+    FILE *f = fopen(path, "w");
+    fchmod(fileno(f), 0600);
+    fputs(conf_text, f);
+    fclose(f);
+    const char *broker = getenv("PB_BROKER") ? getenv("PB_BROKER") : "build/poolbroker";
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "%s -t -c %s 2>&1", broker, path);
+    FILE *p = popen(cmd, "r");
+    size_t n = fread(out, 1, outlen - 1, p);
+    out[n] = 0;
+    int st = pclose(p);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+static void test_config_check(void **state)
+{
+    (void)state;
+    char out[1024];
+    assert_int_equal(run_broker_t("[broker]\nsocket = /tmp/x.sock\n\n[pool a]\ntype = postgres\nconninfo = x\n", out,
+                                  sizeof out),
+                     0);
+    assert_non_null(strstr(out, "configuration OK"));
+    assert_int_not_equal(run_broker_t("[broker]\nsocket = /tmp/x.sock\n\n[pool a]\ntype = postgres\n"
+                                      "conninfo = x\nmax_size = lots\n",
+                                      out, sizeof out),
+                         0);
+    assert_non_null(strstr(out, "check.conf:7:"));
+    assert_non_null(strstr(out, "max_size"));
+    assert_int_not_equal(run_broker_t("[broker]\nsockett = /tmp/x.sock\n", out, sizeof out), 0);
+    assert_non_null(strstr(out, "check.conf:2:"));
+    assert_non_null(strstr(out, "sockett"));
+    /* -V and -h */
+    const char *broker = getenv("PB_BROKER") ? getenv("PB_BROKER") : "build/poolbroker";
+    char *argv[] = { (char *)broker, "-V", NULL };
+    assert_int_equal(th_run(argv, out, sizeof out, 5000), 0);
+    assert_non_null(strstr(out, PB_VERSION));
+}
+
+static int pool_size(const char *pool, char *json, size_t n)
+{
+    const char *build = getenv("PB_BUILD") ? getenv("PB_BUILD") : "build";
+    char shmstat[512];
+    snprintf(shmstat, sizeof shmstat, "%s/shmstat", build);
+    char *argv[] = { shmstat, "-s", env.shm_name, "-p", (char *)pool, "--json", NULL };
+    if (th_run(argv, json, n, 5000) != 0)
+        return -1;
+    const char *p = strstr(json, "\"size\":");
+    return p ? atoi(p + 7) : -1;
+}
+
+static int wait_pool_size(const char *pool, int want, int ms)
+{
+    char json[16384];
+    int got = -1;
+    for (int i = 0; i < ms / 100; i++) {
+        if ((got = pool_size(pool, json, sizeof json)) == want)
+            return want;
+        usleep(100000);
+    }
+    return got;
+}
+
+static void test_reload(void **state)
+{
+    (void)state;
+    write_conf("[pool main]\n" PG "min_size = 1\nmax_size = 4\n\n"
+               "[pool gone]\n" PG "min_size = 1\nmax_size = 2\n");
+    assert_int_equal(th_broker_restart(&env), 0);
+    assert_int_equal(wait_notify("READY=1", 5000), 0);
+    assert_non_null(strstr(notify_log, "STATUS="));
+
+    pb_client *c;
+    assert_int_equal(pb_connect(env.sock_path, &c), PB_OK);
+    pb_lease *held, *l;
+    pb_result *r;
+    assert_int_equal(pb_acquire(c, "gone", 5000, &held), PB_OK);
+    assert_int_equal(pb_pg_exec(held, "BEGIN", &r), PB_OK);
+    pb_result_free(r);
+
+    /* Grow main's min_size, remove "gone" (a lease is out), add "fresh". */
+    write_conf("[pool main]\n" PG "min_size = 3\nmax_size = 4\n\n"
+               "[pool fresh]\n" PG "min_size = 1\nmax_size = 2\n");
+    notify_log[0] = 0;
+    kill(env.broker_pid, SIGHUP);
+    assert_int_equal(th_wait_log(&env, "reload:", 1, 5000), 0);
+    assert_int_equal(wait_notify("RELOADING=1", 5000), 0);
+    assert_int_equal(wait_notify("READY=1", 5000), 0);
+    assert_int_equal(wait_pool_size("main", 3, 5000), 3);
+    assert_int_equal(pb_acquire(c, "fresh", 5000, &l), PB_OK);
+    assert_int_equal(pb_pg_exec(l, "SELECT 'fresh'", &r), PB_OK);
+    assert_string_equal(pb_getvalue(r, 0, 0), "fresh");
+    pb_result_free(r);
+    assert_int_equal(pb_release(l), PB_OK);
+    assert_int_equal(pb_acquire(c, "gone", 100, &l), PB_ENOPOOL);
+    /* The lease on the removed pool still works, and is not dropped. */
+    assert_int_equal(pb_pg_exec(held, "SELECT 'still here'", &r), PB_OK);
+    assert_string_equal(pb_getvalue(r, 0, 0), "still here");
+    pb_result_free(r);
+    assert_int_equal(pb_release(held), PB_OK);
+
+    /* Shrink: min_size back to 1, idle connections close down to it. */
+    write_conf("[pool main]\n" PG "min_size = 1\nmax_size = 2\nidle_timeout_s = 1\n\n"
+               "[pool fresh]\n" PG "min_size = 1\nmax_size = 2\n");
+    kill(env.broker_pid, SIGHUP);
+    assert_int_equal(th_wait_log(&env, "reload:", 3, 5000), 0);
+    assert_int_equal(wait_pool_size("main", 1, 8000), 1);
+
+    /* An invalid file is logged and the running configuration kept. */
+    write_conf("[pool main]\n" PG "min_size = 1\nmax_size = many\n");
+    kill(env.broker_pid, SIGHUP);
+    assert_int_equal(th_wait_log(&env, "keeping the current configuration", 1, 5000), 0);
+    assert_int_equal(pb_acquire(c, "fresh", 5000, &l), PB_OK);
+    assert_int_equal(pb_release(l), PB_OK);
+    /* So is one asking for what needs a restart. */
+    write_conf("[pool main]\n" PG "min_size = 1\nmax_size = 9\n\n[pool fresh]\n" PG "max_size = 2\n");
+    kill(env.broker_pid, SIGHUP);
+    assert_int_equal(th_wait_log(&env, "keeping the current configuration", 2, 5000), 0);
+    pb_disconnect(c);
+}
+
+static void test_drain_with_lease_in_flight(void **state)
+{
+    (void)state;
+    write_conf("[pool main]\n" PG "min_size = 1\nmax_size = 2\n");
+    assert_int_equal(th_broker_restart(&env), 0);
+    notify_log[0] = 0;
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid == 0) {
+        pb_client *c;
+        pb_lease *l;
+        pb_result *r;
+        if (pb_connect(env.sock_path, &c) != PB_OK || pb_acquire(c, "main", 5000, &l) != PB_OK)
+            _exit(1);
+        if (pb_pg_exec(l, "SELECT pg_sleep(1), 'done'", &r) != PB_OK || strcmp(pb_getvalue(r, 0, 1), "done"))
+            _exit(2);
+        pb_result_free(r);
+        if (pb_release(l) != PB_OK)
+            _exit(3);
+        /* No new leases while draining. */
+        int rc = pb_acquire(c, "main", 1000, &l);
+        _exit(rc == PB_ESHUTDOWN || rc == PB_EBROKER || rc == PB_ENOPOOL ? 0 : 4);
+    }
+    usleep(300000);                 /* the query is running */
+    pid_t bpid = env.broker_pid;
+    kill(bpid, SIGTERM);
+    int st;
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    assert_true(WIFEXITED(st));
+    assert_int_equal(WEXITSTATUS(st), 0);
+    st = th_broker_stop(&env, SIGTERM);
+    assert_true(st == -1 || (WIFEXITED(st) && WEXITSTATUS(st) == 0));
+    if (st == -1)                   /* it had already exited: the harness saw its status */
+        assert_true(WIFEXITED(env.broker_status) && WEXITSTATUS(env.broker_status) == 0);
+    assert_int_equal(wait_notify("STOPPING=1", 2000), 0);
+}
+
+static void test_shmstat_with_broker_stopped(void **state)
+{
+    (void)state;
+    write_conf("[pool main]\n" PG "min_size = 2\nmax_size = 3\n");
+    assert_int_equal(th_broker_restart(&env), 0);
+    pb_client *c;
+    pb_lease *l;
+    assert_int_equal(pb_connect(env.sock_path, &c), PB_OK);
+    assert_int_equal(pb_acquire(c, "main", 5000, &l), PB_OK);
+    kill(env.broker_pid, SIGSTOP);
+    const char *build = getenv("PB_BUILD") ? getenv("PB_BUILD") : "build";
+    char shmstat[512], out[65536];
+    snprintf(shmstat, sizeof shmstat, "%s/shmstat", build);
+    char *text[] = { shmstat, "-s", env.shm_name, NULL };
+    assert_int_equal(th_run(text, out, sizeof out, 5000), 0);
+    assert_non_null(strstr(out, "main"));
+    assert_non_null(strstr(out, "leased"));
+    char *json[] = { shmstat, "-s", env.shm_name, "--json", NULL };
+    int json_rc = th_run(json, out, sizeof out, 5000);
+    char mypid[32];
+    snprintf(mypid, sizeof mypid, "%d", (int)getpid());
+    int json_ok = json_rc == 0 && strstr(out, "\"leased\"") && strstr(out, mypid);
+    if (!json_ok)
+        kill(env.broker_pid, SIGCONT);
+    if (!json_ok)
+        fail_msg("shmstat --json: %s", out);
+    char *prom[] = { shmstat, "-s", env.shm_name, "--prometheus", NULL };
+    assert_int_equal(th_run(prom, out, sizeof out, 5000), 0);
+    assert_non_null(strstr(out, "poolbroker_pool_acquires_total{pool=\"main\"}"));
+    assert_non_null(strstr(out, "poolbroker_pool_acquire_wait_seconds_bucket"));
+    kill(env.broker_pid, SIGCONT);
+    assert_int_equal(pb_release(l), PB_OK);
+    pb_disconnect(c);
+    /* And with the broker gone altogether. */
+    th_broker_stop(&env, SIGKILL);
+    assert_int_equal(th_run(text, out, sizeof out, 5000), 0);
+    assert_non_null(strstr(out, "not running"));
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_config_check),
+        cmocka_unit_test(test_reload),
+        cmocka_unit_test(test_drain_with_lease_in_flight),
+        cmocka_unit_test(test_shmstat_with_broker_stopped),
+    };
+    return cmocka_run_group_tests_name("ops", tests, group_setup, group_teardown);
+}
