@@ -30,7 +30,7 @@ BROKER_LIBS := -lpq -luring -lhiredis
 CLIENT_LIBS := -lhiredis
 
 UNIT_TESTS := test_conf test_pgproto test_slots
-INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops
+INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops test_lifecycle
 TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%)
 
 .PHONY: all test unit integ run install bench clean deps examples

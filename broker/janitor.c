@@ -8,7 +8,8 @@
  *     past their own max_lifetime; mark leased ones to retire on release;
  *   - put back free-map bits lost by a process killed between clearing a
  *     bit and winning the slot CAS (the map is a hint; the slot word is truth);
- *   - warn once about leases held longer than leak_threshold_ms.
+ *   - warn once about leases held longer than leak_threshold_ms, and take
+ *     back those held longer than max_lease_ms.
  */
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -79,6 +80,16 @@ static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
         if (c->retire_at_ms && now >= c->retire_at_ms)
             atomic_fetch_or(&c->slot->flags, PB_SF_RETIRE);
         uint64_t since = atomic_load(&c->slot->lease_ms);
+        /* Past max_lease_ms the lease is taken back from a live holder:
+         * its command cancelled, its transaction rolled back; the holder's
+         * next call on it answers PB_ESTALE. */
+        if (cp->max_lease_ms && since && now > since && now - since > cp->max_lease_ms) {
+            client *cl = client_by_id(b, PB_WORD_OWNER(w));
+            slog(LOG_LVL_WARN, c, "lease held for %llu ms by pid %d: past max_lease_ms %u, taking it back",
+                 (unsigned long long)(now - since), cl ? (int)cl->pid : -1, cp->max_lease_ms);
+            conn_take_back(c, w, "max_lease_ms exceeded");
+            return;
+        }
         if (cp->leak_threshold_ms && since && now > since && now - since > cp->leak_threshold_ms &&
             c->leak_logged_word != w) {
             client *cl = client_by_id(b, PB_WORD_OWNER(w));

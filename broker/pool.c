@@ -371,6 +371,11 @@ void pool_maybe_grow(pool *p)
     if (max > p->nconns)
         max = p->nconns;
     uint32_t target = min;
+    /* A pool known down must keep probing (with backoff) even when
+     * min_size is 0: acquires fail fast without queueing, so nothing else
+     * would ever try the backend again. */
+    if (target == 0 && p->live == 0 && atomic_load(&p->shm->health) == PB_HEALTH_DOWN)
+        target = 1;
     /* Grow for waiters, but not past what they can use. */
     if (p->wq_len && p->live + p->wq_len > target)
         target = p->live + p->wq_len;
@@ -538,6 +543,8 @@ void conn_close(conn *c, const char *why)
         return;
     }
     c->state = CS_CLOSING;
+    p->live--;                      /* no longer READY: the janitor and
+                                       pool_maybe_grow must not count it */
     slot_set(c, PB_SLOT_CLOSING, 0);
     freemap_clear(p, local_index(c));
     if (c->fd >= 0)
@@ -564,7 +571,6 @@ static void conn_finish_close(conn *c)
     c->backend_pid = 0;
     atomic_store(&c->slot->backend_pid, 0);
     atomic_fetch_sub(&p->shm->size, 1);
-    p->live--;
     slot_set(c, PB_SLOT_EMPTY, 0);
     pool_maybe_grow(p);
 }
