@@ -21,16 +21,17 @@ endif
 
 BROKER_SRC := broker/main.c broker/log.c broker/conf.c broker/loop.c broker/loop_uring.c \
               broker/loop_epoll.c broker/shm.c broker/control.c broker/pool.c broker/pg.c \
-              broker/redis.c broker/janitor.c broker/cancel.c broker/reload.c
+              broker/redis.c broker/janitor.c broker/cancel.c broker/reload.c broker/tls.c broker/metrics.c \
+              tools/shmview.c
 CLIENT_SRC := client/client.c client/pg.c client/pgproto.c client/redis.c
 
 BROKER_OBJ := $(BROKER_SRC:%.c=$(BUILD)/%.o)
 CLIENT_OBJ := $(CLIENT_SRC:%.c=$(BUILD)/pic/%.o)
-BROKER_LIBS := -lpq -luring -lhiredis
+BROKER_LIBS := -lpq -luring -lhiredis -lssl -lcrypto -lmicrohttpd
 CLIENT_LIBS := -lhiredis
 
 UNIT_TESTS := test_conf test_pgproto test_slots
-INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops test_lifecycle
+INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops test_lifecycle test_metrics test_death test_tls
 TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%)
 
 .PHONY: all test unit integ run install bench clean deps examples
@@ -46,6 +47,9 @@ $(BUILD)/pic/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Iclient -fPIC -fvisibility=hidden -DPB_BUILDING_LIBRARY -MMD -MP -c $< -o $@
 
+# The metrics endpoint renders with shmstat's code (tools/shmview.c).
+$(BUILD)/broker/metrics.o: CFLAGS += -Itools
+
 $(BUILD)/poolbroker: $(BROKER_OBJ)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDFLAGS) $(BROKER_LIBS)
 
@@ -59,9 +63,9 @@ $(BUILD)/libpoolbroker.a: $(CLIENT_OBJ)
 	rm -f $@
 	ar rcs $@ $^
 
-$(BUILD)/shmstat: tools/shmstat.c include/pb_shm.h
+$(BUILD)/shmstat: tools/shmstat.c tools/shmview.c tools/shmview.h include/pb_shm.h
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) $< -o $@ $(LDFLAGS)
+	$(CC) $(CFLAGS) $(filter %.c,$^) -o $@ $(LDFLAGS)
 
 $(BUILD)/poolbroker.pc: poolbroker.pc.in
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' $< > $@
@@ -178,6 +182,12 @@ install: all
 	install -m 644 include/poolbroker.h $(DESTDIR)$(PREFIX)/include/
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' poolbroker.pc.in > $(BUILD)/poolbroker.pc
 	install -m 644 $(BUILD)/poolbroker.pc $(DESTDIR)$(PREFIX)/lib/pkgconfig/
+	install -d $(DESTDIR)$(PREFIX)/share/man/man1 $(DESTDIR)$(PREFIX)/share/man/man3 \
+	    $(DESTDIR)$(PREFIX)/share/man/man5 $(DESTDIR)$(PREFIX)/share/man/man8
+	install -m 644 man/shmstat.1 $(DESTDIR)$(PREFIX)/share/man/man1/
+	install -m 644 man/libpoolbroker.3 $(DESTDIR)$(PREFIX)/share/man/man3/
+	install -m 644 man/poolbroker.conf.5 $(DESTDIR)$(PREFIX)/share/man/man5/
+	install -m 644 man/poolbroker.8 $(DESTDIR)$(PREFIX)/share/man/man8/
 
 clean:
 	rm -rf $(BUILD)

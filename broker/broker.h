@@ -77,6 +77,10 @@ typedef struct conn {
     char error[160];         /* last connect error, for logs and the pool */
 
     ev_op send_op, recv_op, poll_op;
+    void *ssl;               /* SSL* of a TLS connection (I/O goes through tls.c), or NULL */
+    ev_op tls_poll_op;       /* tls.c: waits for the socket OpenSSL asked for */
+    struct conn *tls_next;   /* tls.c: ready list */
+    int tls_queued;
 
     /* sending: a private copy of the validated request (or reset commands) */
     uint8_t *sbuf;
@@ -106,6 +110,9 @@ typedef struct conn {
     uint64_t created_ms, retire_at_ms, last_used_ms, cmd_start_ms;
     uint64_t leak_logged_word;
     int cancel_sent;         /* a cancel request went out for the command in flight */
+    _Atomic int cancel_inflight; /* cancel requests queued or being sent (the cancel thread
+                                    decrements once the server has signalled the backend) */
+    int await_cancel;        /* release done, but a cancel may still land: hold the slot */
     uint64_t cancel_deadline_ms; /* close the connection if it has not answered by then */
 } conn;
 
@@ -143,6 +150,7 @@ typedef struct client {
     uint32_t reuse;          /* how often the record was reused (for ids) */
     int dead;                /* waiting for its ops to finish before reuse */
     int attached;            /* handshake done */
+    uint32_t active_pos;     /* our place in broker.active */
 } client;
 
 typedef struct broker {
@@ -170,8 +178,10 @@ typedef struct broker {
     client *clients;
     uint32_t max_clients;
     uint32_t nattached;
+    uint32_t *active;        /* indices of attached clients, nattached of them */
     uint32_t last_sq_seq;
     uint32_t inflight;       /* connections with replies outstanding */
+    unsigned cancels_seen;   /* cancel_delivered() when we last settled connections */
     int draining;
     uint64_t drain_deadline_ms;
     int stop;
@@ -237,8 +247,17 @@ void wake_futex(_Atomic uint32_t *word, _Atomic uint32_t *sleeping);
 extern const driver pg_driver;
 extern const driver redis_driver;
 
+/* tls.c */
+void tls_recv(conn *c, void *buf, size_t len);
+void tls_send(conn *c, const void *buf, size_t len);
+void tls_cancel(conn *c, ev_op *op);
+int tls_has_ready(void);
+int tls_run_ready(void);
+
 /* cancel.c */
-int cancel_request(void *pgconn, int backend_pid);
+int cancel_request(void *pgconn, int backend_pid, _Atomic int *inflight, int wake_fd);
+void conn_settle(conn *c);
+unsigned cancel_delivered(void);
 void cancel_shutdown(void);
 void conn_command_timeout(conn *c);
 

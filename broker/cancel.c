@@ -7,11 +7,18 @@
  * thread, started on first use, sends the requests one after another.  The
  * loop learns the outcome the usual way: the cancelled command ends with
  * SQLSTATE 57014, or the janitor closes the connection after a grace period.
+ *
+ * A cancel request names a backend, not a statement: if the statement ends
+ * on its own before the request arrives, the request would cancel whatever
+ * that backend runs next.  So each connection counts its undelivered
+ * cancels, and the broker gives it no new command (and no new holder) until
+ * the count is back to zero (conn_settle).
  */
 #define _GNU_SOURCE
 #include <libpq-fe.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include "broker.h"
 #include "log.h"
@@ -19,6 +26,8 @@
 typedef struct creq {
     PGcancel *cancel;
     int backend_pid;
+    _Atomic int *inflight;  /* the connection's count of cancels not yet delivered */
+    int wake_fd;            /* eventfd to ring when delivered (the broker's doorbell) */
     struct creq *next;
 } creq;
 
@@ -27,6 +36,12 @@ static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
 static creq *head, *tail;
 static int started, stopping;
 static pthread_t thread;
+static _Atomic unsigned delivered;  /* cancels delivered so far */
+
+unsigned cancel_delivered(void)
+{
+    return atomic_load(&delivered);
+}
 
 static void *cancel_main(void *arg)
 {
@@ -46,6 +61,13 @@ static void *cancel_main(void *arg)
         if (!PQcancel(r->cancel, err, sizeof err))
             log_warn("cancel request for backend %d failed: %s", r->backend_pid, err);
         PQfreeCancel(r->cancel);
+        /* PQcancel has returned: the server has signalled the backend, so
+         * this cancel cannot land on a later statement.  Tell the loop:
+         * the connection may be handed on (or take its next command). */
+        atomic_fetch_sub(r->inflight, 1);
+        atomic_fetch_add(&delivered, 1);
+        uint64_t one = 1;
+        (void)!write(r->wake_fd, &one, sizeof one);
         free(r);
         pthread_mutex_lock(&mu);
     }
@@ -53,7 +75,7 @@ static void *cancel_main(void *arg)
     return NULL;
 }
 
-int cancel_request(void *pgconn, int backend_pid)
+int cancel_request(void *pgconn, int backend_pid, _Atomic int *inflight, int wake_fd)
 {
     PGcancel *cn = PQgetCancel(pgconn);
     if (!cn)
@@ -65,11 +87,15 @@ int cancel_request(void *pgconn, int backend_pid)
     }
     r->cancel = cn;
     r->backend_pid = backend_pid;
+    r->inflight = inflight;
+    r->wake_fd = wake_fd;
     r->next = NULL;
+    atomic_fetch_add(inflight, 1);
     pthread_mutex_lock(&mu);
     if (!started) {
         if (pthread_create(&thread, NULL, cancel_main, NULL) != 0) {
             pthread_mutex_unlock(&mu);
+            atomic_fetch_sub(inflight, 1);
             PQfreeCancel(cn);
             free(r);
             return -1;

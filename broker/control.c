@@ -276,6 +276,8 @@ static void attach(broker *b, client *cl, const uint8_t *buf, int len)
     atomic_store_explicit(&sc->id, cl->id, memory_order_release);
 
     cl->attached = 1;
+    cl->active_pos = b->nattached;
+    b->active[b->nattached] = cl->idx;
     b->nattached++;
     atomic_store(&b->hdr->clients_attached, b->nattached);
     send_resp(b, cl->ctrl_fd, PB_OK, cl);
@@ -360,7 +362,10 @@ void client_gone(broker *b, client *cl, const char *why)
     atomic_store(&sc->pid, 0);
     cl->id = 0;
     cl->dead = 1;
-    b->nattached--;
+    /* Out of the active list: the last one takes our place. */
+    uint32_t last = b->active[--b->nattached];
+    b->active[cl->active_pos] = last;
+    b->clients[last].active_pos = cl->active_pos;
     atomic_store(&b->hdr->clients_attached, b->nattached);
     /* End both operations; the record is reused once their callbacks ran. */
     shutdown(cl->ctrl_fd, SHUT_RDWR);
@@ -421,7 +426,13 @@ void control_scan_rings(broker *b)
 {
     b->last_sq_seq = atomic_load(&b->hdr->sq_seq);
     pb_shm_client *recs = pb_shm_clients(b->hdr);
-    for (uint32_t i = 0; i < b->max_clients; i++) {
+    /* Only attached clients: a pass costs what is attached, not max_clients.
+     * Walk backwards so a client removed meanwhile (client_gone swaps the
+     * last into its place) cannot make us skip one. */
+    for (uint32_t k = b->nattached; k-- > 0;) {
+        if (k >= b->nattached)
+            continue;
+        uint32_t i = b->active[k];
         client *cl = &b->clients[i];
         if (!cl->attached || cl->dead)
             continue;

@@ -51,6 +51,7 @@ static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
         conn_command_timeout(c);
     if (c->state != CS_READY)
         return;
+    conn_settle(c);
     uint64_t w = atomic_load(&c->slot->word);
     unsigned st = PB_WORD_STATE(w);
 

@@ -25,6 +25,7 @@
 
 #include "broker.h"
 #include "log.h"
+#include "metrics.h"
 #include "poolbroker.h"
 
 #define JANITOR_MS   100
@@ -99,6 +100,15 @@ static void on_doorbell(ev_op *op, int res)
 {
     broker *b = op->data;
     (void)res;
+    /* Clients ring it, and so does the cancel thread when a cancel request
+     * was delivered: let connections waiting on one move on. */
+    unsigned done = cancel_delivered();
+    if (done != b->cancels_seen) {
+        b->cancels_seen = done;
+        for (uint32_t s = 0; s < b->nslots; s++)
+            if (b->slots[s] && (b->slots[s]->await_cancel || b->slots[s]->submit_deferred))
+                conn_settle(b->slots[s]);
+    }
     if (!b->stop)
         loop_read(b->lp, &b->doorbell_op, b->doorbell_fd, &b->doorbell_val, sizeof b->doorbell_val);
 }
@@ -195,7 +205,8 @@ static int setup(broker *b)
     b->listen_fd = -1;
     b->max_clients = b->cf->max_clients;
     b->clients = calloc(b->max_clients, sizeof *b->clients);
-    if (!b->clients)
+    b->active = calloc(b->max_clients, sizeof *b->active);
+    if (!b->clients || !b->active)
         return -1;
     for (uint32_t i = 0; i < b->max_clients; i++)
         b->clients[i].ctrl_fd = b->clients[i].pidfd = -1;
@@ -281,6 +292,10 @@ static void run(broker *b)
             }
         }
         int n;
+        if (tls_has_ready()) {
+            tls_run_ready();
+            work = 1;
+        }
         if (work) {
             n = loop_run(b->lp, 0);     /* hand over what we queued, reap what is ready */
         } else {
@@ -359,6 +374,10 @@ int main(int argc, char **argv)
         log_error("startup failed");
         return 1;
     }
+    if (cf->metrics_listen && metrics_start(cf->metrics_listen, cf->shm_name, err, sizeof err) < 0) {
+        log_error("metrics_listen: %s", err);
+        return 1;
+    }
     initial_connects(b);
     atomic_store(&b->hdr->state, PB_BROKER_RUNNING);
     atomic_store(&b->hdr->heartbeat_ms, now_ms());
@@ -371,6 +390,7 @@ int main(int argc, char **argv)
     run(b);
 
     log_info("shutting down");
+    metrics_stop();
     cancel_shutdown();
     control_close(b);
     for (uint32_t s = 0; s < b->nslots; s++) {
@@ -384,6 +404,7 @@ int main(int argc, char **argv)
     loop_free(b->lp);
     pools_free(b);
     free(b->clients);
+    free(b->active);
     for (uint32_t i = 0; i < b->nold_confs; i++)
         conf_free(b->old_confs[i]);
     free(b->old_confs);

@@ -77,10 +77,11 @@ static void pg_connect_step(conn *c, int revents)
         conn_connect_failed(c, c->error);
         return;
     }
-    if (PQsslInUse(pg)) {
-        /* Reading through the SSL* is not done yet: refuse rather than
-         * corrupt the TLS stream by writing plain bytes under it. */
-        conn_connect_failed(c, "TLS connections are not supported yet (use sslmode=disable)");
+    /* TLS: from now on the broker reads and writes through libpq's SSL*
+     * (tls.c), never the raw socket. */
+    c->ssl = PQsslInUse(pg) ? PQsslStruct(pg, "OpenSSL") : NULL;
+    if (PQsslInUse(pg) && !c->ssl) {
+        conn_connect_failed(c, "TLS connection without an OpenSSL handle");
         return;
     }
     if (PQtransactionStatus(pg) != PQTRANS_IDLE) {

@@ -86,6 +86,32 @@ static uint32_t local_index(const conn *c)
     return c->index - c->pool->shm->first_slot;
 }
 
+/* I/O on the backend socket: io_uring (or epoll) directly, or through
+ * OpenSSL for a TLS connection. */
+static void io_recv(conn *c, void *buf, size_t len)
+{
+    if (c->ssl)
+        tls_recv(c, buf, len);
+    else
+        loop_recv(B.lp, &c->recv_op, c->fd, buf, len);
+}
+
+static void io_send(conn *c, const void *buf, size_t len)
+{
+    if (c->ssl)
+        tls_send(c, buf, len);
+    else
+        loop_send(B.lp, &c->send_op, c->fd, buf, len);
+}
+
+static void io_cancel(conn *c, ev_op *op)
+{
+    if (c->ssl)
+        tls_cancel(c, op);
+    else
+        loop_cancel(B.lp, op);
+}
+
 /* Replace the slot word: only ever from a word the broker knows it holds. */
 static int slot_cas(conn *c, uint64_t *expect, uint64_t desired)
 {
@@ -322,6 +348,10 @@ static void make_available(conn *c)
     pool *p = c->pool;
 
     c->to_sink = 0;
+    c->submit_deferred = 0;
+    /* A request the previous holder left unacknowledged must not make the
+     * next one wait for its buffer. */
+    atomic_store(&c->slot->req_ack, atomic_load(&c->slot->req_seq));
     c->last_used_ms = B.now_ms;
     if (p->removed || (B.draining && 0)) {
         conn_close(c, "pool removed");
@@ -388,6 +418,7 @@ void pool_maybe_grow(pool *p)
         /* A cancelled operation of the previous connection may still be on
          * its way back: ops are reused only once their callback has run. */
         if (c->state == CS_EMPTY && !c->poll_op.pending && !c->send_op.pending && !c->recv_op.pending &&
+            !c->tls_poll_op.pending && !c->tls_queued &&
             PB_WORD_STATE(atomic_load(&c->slot->word)) == PB_SLOT_EMPTY)
             conn_start_connect(c);
     }
@@ -550,20 +581,24 @@ void conn_close(conn *c, const char *why)
     if (c->fd >= 0)
         shutdown(c->fd, SHUT_RDWR);
     if (c->send_op.pending)
-        loop_cancel(B.lp, &c->send_op);
+        io_cancel(c, &c->send_op);
     if (c->recv_op.pending)
-        loop_cancel(B.lp, &c->recv_op);
+        io_cancel(c, &c->recv_op);
     if (c->poll_op.pending)
         loop_cancel(B.lp, &c->poll_op);
+    if (c->tls_poll_op.pending)
+        loop_cancel(B.lp, &c->tls_poll_op);
     conn_finish_close(c);
 }
 
 static void conn_finish_close(conn *c)
 {
     pool *p = c->pool;
-    if (c->state != CS_CLOSING || c->send_op.pending || c->recv_op.pending || c->poll_op.pending)
+    if (c->state != CS_CLOSING || c->send_op.pending || c->recv_op.pending || c->poll_op.pending ||
+        c->tls_poll_op.pending || c->tls_queued)
         return;
     p->drv->close(c);
+    c->ssl = NULL;
     c->fd = -1;
     c->state = CS_EMPTY;
     expect_clear(c);
@@ -624,7 +659,7 @@ void conn_command_timeout(conn *c)
         c->cancel_deadline_ms = B.now_ms + CANCEL_GRACE_MS;
         slog(LOG_LVL_WARN, c, "command running for %llu ms (command_timeout_ms %u): cancelling",
              (unsigned long long)(B.now_ms - c->cmd_start_ms), c->pool->cf->command_timeout_ms);
-        if (cancel_request(c->pg, c->backend_pid) == 0)
+        if (cancel_request(c->pg, c->backend_pid, &c->cancel_inflight, B.doorbell_fd) == 0)
             return;
     } else if (c->cancel_sent && B.now_ms < c->cancel_deadline_ms) {
         return;
@@ -656,7 +691,7 @@ void conn_send_private(conn *c)
 {
     if (!c->sending && c->soff < c->slen) {
         c->sending = 1;
-        loop_send(B.lp, &c->send_op, c->fd, c->sbuf + c->soff, c->slen - c->soff);
+        io_send(c, c->sbuf + c->soff, c->slen - c->soff);
     }
     conn_arm_recv(c);
 }
@@ -691,6 +726,16 @@ static void on_send(ev_op *op, int res)
         return;
     }
     c->soff = c->slen = 0;
+    if (c->release_pending && !c->expect) {
+        /* A release (or reclaim) waited for this send, and no reply is owed. */
+        if (atomic_load(&c->cancel_inflight)) {
+            c->await_cancel = 1;
+            return;
+        }
+        c->release_pending = 0;
+        conn_release(c, atomic_load(&c->slot->word), 2);
+        return;
+    }
     retry_deferred(c);
 }
 
@@ -710,9 +755,11 @@ void conn_submit(conn *c, uint64_t lease_word, uint32_t seq)
         fail_submit(c, PB_EBACKEND, seq);
         return;
     }
-    /* One request in the private buffer at a time, and never while replies
-     * owed to somebody else are still coming. */
-    if (c->sending || c->resetting || c->validating || (c->expect && c->cmd_word != lease_word)) {
+    /* One request in the private buffer at a time, never while replies
+     * owed to somebody else are still coming, and never while a cancel
+     * request for an earlier command may still land. */
+    if (c->sending || c->resetting || c->validating || (c->expect && c->cmd_word != lease_word) ||
+        atomic_load(&c->cancel_inflight)) {
         c->submit_deferred = 1;
         return;
     }
@@ -792,7 +839,7 @@ static void conn_arm_recv(conn *c)
         buf = c->rep + off;
         c->recv_sink = 0;
     }
-    loop_recv(B.lp, &c->recv_op, c->fd, buf, len);
+    io_recv(c, buf, len);
 }
 
 /* The holder wants what the server sends unasked (LISTEN). */
@@ -884,9 +931,28 @@ static void on_recv(ev_op *op, int res)
         c->validating = 0;
         finish_reset(c);
     } else if (c->release_pending) {
+        if (atomic_load(&c->cancel_inflight)) {
+            c->await_cancel = 1;    /* conn_settle resumes once it is delivered */
+            return;
+        }
         c->release_pending = 0;
         conn_release(c, atomic_load(&c->slot->word), 2);
     } else {
+        retry_deferred(c);
+    }
+}
+
+/* Called when a cancel request was delivered (doorbell) and by the
+ * janitor: resume what waited for the connection to be quiet. */
+void conn_settle(conn *c)
+{
+    if (c->state != CS_READY || atomic_load(&c->cancel_inflight))
+        return;
+    if (c->await_cancel && !c->expect && !c->sending) {
+        c->await_cancel = 0;
+        c->release_pending = 0;
+        conn_release(c, atomic_load(&c->slot->word), 2);
+    } else if (c->submit_deferred) {
         retry_deferred(c);
     }
 }

@@ -14,7 +14,10 @@
  * load generators such as wrk can reuse connections; a worker watches all its
  * connections with epoll (the listening socket with EPOLLEXCLUSIVE, so one
  * worker wakes per new connection) and closes idle ones after
- * --keepalive-timeout seconds.
+ * --keepalive-timeout seconds.  Workers publish how many connections they
+ * hold in a small shared table; one holding more than the least loaded
+ * worker + 1 stops watching the listening socket until the others catch up,
+ * so persistent connections spread evenly over the workers.
  *
  * SIGTERM or SIGINT: the parent stops its workers (each finishes the request
  * it is serving, closes its connections and detaches), waits for them and
@@ -37,7 +40,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <stdatomic.h>
 #include <sys/epoll.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -210,6 +215,27 @@ struct conn {
 static struct conn *conns;
 static int nconns;
 
+/* Connections held per worker, shared by all workers (-1: no worker). */
+static _Atomic int *load_table;
+static int my_slot;
+
+static void publish_load(void)
+{
+    atomic_store_explicit(&load_table[my_slot], nconns, memory_order_relaxed);
+}
+
+/* Should this worker accept more connections now? */
+static int want_accept(void)
+{
+    int min = nconns;
+    for (int i = 0; i < cfg.workers; i++) {
+        int v = atomic_load_explicit(&load_table[i], memory_order_relaxed);
+        if (v >= 0 && v < min)
+            min = v;
+    }
+    return nconns < MAX_CONNS && nconns <= min + 1;
+}
+
 static void conn_close(int ep, struct conn *c)
 {
     epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
@@ -221,6 +247,7 @@ static void conn_close(int ep, struct conn *c)
     if (c->next)
         c->next->prev = c->prev;
     nconns--;
+    publish_load();
     free(c);
 }
 
@@ -431,14 +458,17 @@ static void accept_one(int ep, int lfd)
         conns->prev = c;
     conns = c;
     nconns++;
+    publish_load();
     struct epoll_event ev = { .events = EPOLLIN | EPOLLRDHUP, .data.ptr = c };
     if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) != 0)
         conn_close(ep, c);
 }
 
-static int worker_main(int lfd)
+static int worker_main(int lfd, int slot)
 {
     struct app a = { 0 };
+    my_slot = slot;
+    publish_load();
     set_handler(SIGTERM, on_stop);
     set_handler(SIGINT, on_stop);
     signal(SIGCHLD, SIG_DFL);
@@ -457,15 +487,21 @@ static int worker_main(int lfd)
         return 1;
     }
     /* data.ptr NULL marks the listening socket. */
-    struct epoll_event lev = { .events = EPOLLIN | EPOLLEXCLUSIVE, .data.ptr = NULL };
-    if (epoll_ctl(ep, EPOLL_CTL_ADD, lfd, &lev) != 0) {
-        perror("prefork_http: epoll_ctl");
-        return 1;
-    }
+    int listening = 0;
     time_t last_sweep = mono_s();
     struct epoll_event evs[64];
     while (!stopping) {
-        int n = epoll_wait(ep, evs, 64, 1000);
+        int want = want_accept();
+        if (want != listening) {
+            struct epoll_event lev = { .events = EPOLLIN | EPOLLEXCLUSIVE, .data.ptr = NULL };
+            if (epoll_ctl(ep, want ? EPOLL_CTL_ADD : EPOLL_CTL_DEL, lfd, &lev) != 0) {
+                perror("prefork_http: epoll_ctl(listen)");
+                return 1;
+            }
+            listening = want;
+        }
+        /* Not listening: look again soon, the others may have caught up. */
+        int n = epoll_wait(ep, evs, 64, listening ? 1000 : 5);
         if (n < 0 && errno != EINTR) {
             perror("prefork_http: epoll_wait");
             break;
@@ -473,7 +509,8 @@ static int worker_main(int lfd)
         for (int i = 0; i < n && !stopping; i++) {
             struct conn *c = evs[i].data.ptr;
             if (c == NULL) {
-                accept_one(ep, lfd);
+                if (listening)
+                    accept_one(ep, lfd);
                 continue;
             }
             if (conn_readable(&a, c) != 0)
@@ -501,12 +538,12 @@ static int worker_main(int lfd)
 
 static sigset_t parent_mask;     /* the mask to restore in workers */
 
-static pid_t spawn_worker(int lfd)
+static pid_t spawn_worker(int lfd, int slot)
 {
     pid_t p = fork();
     if (p == 0) {
         sigprocmask(SIG_SETMASK, &parent_mask, NULL);
-        _exit(worker_main(lfd));
+        _exit(worker_main(lfd, slot));
     }
     if (p < 0)
         perror("prefork_http: fork");
@@ -603,12 +640,20 @@ int main(int argc, char **argv)
     set_handler(SIGINT, on_stop);
     set_handler(SIGCHLD, on_child);
 
+    load_table = mmap(NULL, (size_t)cfg.workers * sizeof *load_table, PROT_READ | PROT_WRITE,
+                      MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (load_table == MAP_FAILED) {
+        perror("prefork_http: mmap");
+        return 1;
+    }
+    for (int i = 0; i < cfg.workers; i++)
+        atomic_store(&load_table[i], -1);
     pid_t *pids = calloc((size_t)cfg.workers, sizeof *pids);
     time_t *started = calloc((size_t)cfg.workers, sizeof *started);
     if (!pids || !started)
         return 1;
     for (int i = 0; i < cfg.workers; i++) {
-        pid_t p = spawn_worker(lfd);
+        pid_t p = spawn_worker(lfd, i);
         if (p < 0) {
             stopping = 1;
             break;
@@ -632,6 +677,7 @@ int main(int argc, char **argv)
                 if (pids[i] != p)
                     continue;
                 pids[i] = 0;
+                atomic_store(&load_table[i], -1);
                 if (stopping)
                     break;
                 if (WIFEXITED(st) && WEXITSTATUS(st) == 2) {
@@ -644,7 +690,7 @@ int main(int argc, char **argv)
                         WIFSIGNALED(st) ? "signal" : "status", WIFSIGNALED(st) ? WTERMSIG(st) : WEXITSTATUS(st));
                 if (mono_s() - started[i] < 1)
                     sleep(1);             /* do not fork-loop on a crashing worker */
-                pid_t np = spawn_worker(lfd);
+                pid_t np = spawn_worker(lfd, i);
                 if (np > 0) {
                     pids[i] = np;
                     started[i] = mono_s();

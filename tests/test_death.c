@@ -55,6 +55,11 @@ static th_env env;
     "max_size = 1\n" \
     "acquire_timeout_ms = 10000\n" \
     "\n" \
+    "[pool fresh]\n" \
+    "type = postgres\n" CONNINFO \
+    "min_size = 1\n" \
+    "max_size = 1\n" \
+    "\n" \
     "[pool misuse]\n" \
     "type = postgres\n" CONNINFO \
     "min_size = 1\n" \
@@ -102,7 +107,8 @@ static double now_ms(void)
 
 static void sleep_ms(double ms)
 {
-    struct timespec ts = { .tv_sec = (time_t)(ms / 1000), .tv_nsec = (long)((ms - (double)(time_t)(ms / 1000) * 1000) * 1e6) };
+    long long ns = (long long)(ms * 1e6);
+    struct timespec ts = { .tv_sec = (time_t)(ns / 1000000000), .tv_nsec = (long)(ns % 1000000000) };
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
         ;
 }
@@ -160,9 +166,13 @@ static pid_t spawn(int (*fn)(void *), void *arg)
     if (pid < 0)
         fail_msg("fork: %s", strerror(errno));
     if (pid == 0) {
-        signal(SIGINT, SIG_DFL);        /* not the harness's emergency cleanup */
-        signal(SIGTERM, SIG_DFL);
-        signal(SIGHUP, SIG_DFL);
+        /* Not the harness's emergency cleanup, and not cmocka's handlers
+         * for fatal signals: a crash in a child must be a crash (seen by the
+         * parent as a signal status), never a longjmp into the runner. */
+        static const int sigs[] = { SIGINT, SIGTERM, SIGHUP, SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT };
+        for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++)
+            signal(sigs[i], SIG_DFL);
+        memset(kids, 0, sizeof kids);
         prctl(PR_SET_PDEATHSIG, SIGKILL);
         _exit(fn(arg));
     }
@@ -199,11 +209,28 @@ static void kill_and_reap(pid_t pid)
         fprintf(stderr, "child %d did not die on SIGKILL\n", (int)pid);
 }
 
+/* If an earlier test killed the broker by accident (a crash), say so and
+ * start it again, so that one bug fails one test rather than all later ones. */
+static int broker_died(void)
+{
+    int st;
+    if (env.broker_pid <= 0 || waitpid(env.broker_pid, &st, WNOHANG) != env.broker_pid)
+        return 0;
+    env.broker_pid = 0;
+    env.broker_status = st;
+    fprintf(stderr, "broker DIED (%s %d); restarting it for the next tests\n",
+            WIFSIGNALED(st) ? "signal" : "exit status", WIFSIGNALED(st) ? WTERMSIG(st) : WEXITSTATUS(st));
+    return 1;
+}
+
 static int test_setup(void **state)
 {
     (void)state;
     memset(kids, 0, sizeof kids);
     pc = NULL;
+    /* broker_pid 0: a test found it dead (or killed it) and did not restart it. */
+    if ((broker_died() || env.broker_pid <= 0) && th_broker_restart(&env) != 0)
+        return -1;
     return 0;
 }
 
@@ -350,6 +377,24 @@ static long long pool_stat(const char *pool, const char *key)
     return json_pool_field(json, pool, key);
 }
 
+/* Print the slot table of a pool (shmstat --json), for diagnosis. */
+static void dump_slots(const char *pool)
+{
+    static char json[1 << 17];
+    if (shmstat_json(json, sizeof json) != 0)
+        return;
+    char pat[64];
+    snprintf(pat, sizeof pat, "{\"pool\": \"%s\"", pool);
+    for (const char *p = strstr(json, pat); p; p = strstr(p + 1, pat)) {
+        const char *e = strchr(p, '}');
+        print_message("  slot %.*s\n", e ? (int)(e - p + 1) : 80, p);
+    }
+    char out[4096];
+    if (th_psql(&env, "SELECT pid, state, left(query, 60), xact_start IS NOT NULL FROM pg_stat_activity "
+                      "WHERE application_name = 'pbdeath' ORDER BY pid", out, sizeof out) == 0)
+        print_message("  pg_stat_activity (pbdeath):\n%s\n", out);
+}
+
 /* ================================================================ 1. reclaim */
 
 struct reclaim_arg {
@@ -494,6 +539,69 @@ static void test_reclaim_during_query(void **state)
     assert_string_equal(pb_getvalue(r, 0, 0), "4");
     pb_result_free(r);
     assert_int_equal(psql_ll(LOCKS_SQL), 0);
+    assert_int_equal(pb_release(l), PB_OK);
+}
+
+/* The same on a connection that never needed a reset before: the first and
+ * only command of its first lease is in flight when the holder dies. */
+static int fresh_child(void *p)
+{
+    int wfd = (int)(intptr_t)p;
+    pb_client *c;
+    pb_lease *l;
+    if (pb_connect(env.sock_path, &c) != PB_OK)
+        return 10;
+    if (pb_acquire(c, "fresh", 10000, &l) != PB_OK)
+        return 11;
+    if (write(wfd, "r", 1) != 1)
+        return 15;
+    c_exec(l, "SELECT pg_sleep(1)", NULL, 0);
+    for (;;)
+        pause();
+}
+
+static void test_reclaim_mid_query_fresh_connection(void **state)
+{
+    (void)state;
+    connect_parent();
+    int fds[2];
+    assert_int_equal(pipe(fds), 0);
+    pid_t pid = spawn(fresh_child, (void *)(intptr_t)fds[1]);
+    close(fds[1]);
+    assert_int_equal(read_byte(fds[0], 10000), 'r');
+    close(fds[0]);
+    double until = now_ms() + 5000;
+    while (psql_ll("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pbdeath' "
+                   "AND state = 'active' AND query LIKE 'SELECT pg_sleep(1)%'") != 1) {
+        if (now_ms() > until)
+            fail_msg("the worker's SELECT pg_sleep(1) never showed up in pg_stat_activity");
+        sleep_ms(10);
+    }
+    double t0 = now_ms();
+    kill(pid, SIGKILL);
+    /* Poll with timeout 0 rather than wait in pb_acquire: if the broker dies
+     * here, a waiting pb_acquire would be a second victim (see
+     * test_broker_death), and this test is about the broker. */
+    pb_lease *l = NULL;
+    int rc, died = 0;
+    do {
+        rc = pb_acquire(pc, "fresh", 0, &l);
+        if (rc == PB_OK || (died = broker_died()))
+            break;
+        sleep_ms(2);
+    } while (now_ms() - t0 < 10000);
+    double t1 = now_ms();
+    int st;
+    assert_int_equal(wait_kid(pid, &st, 5000), 1);
+    print_message("fresh connection, holder killed inside its first command: acquire %s after %.0f ms; "
+                  "broker %s\n",
+                  pb_strerror(rc), t1 - t0, died ? "DIED" : "alive");
+    if (died)
+        fail_msg("the broker died reclaiming a lease whose first command was in flight");
+    assert_int_equal(rc, PB_OK);
+    pb_result *r = exec_ok(l, "SELECT 'clean'");
+    assert_string_equal(pb_getvalue(r, 0, 0), "clean");
+    pb_result_free(r);
     assert_int_equal(pb_release(l), PB_OK);
 }
 
@@ -987,6 +1095,9 @@ static void test_kill_storm(void **state)
     double t_all = now_ms();
     char out[64];
     long long locks = psql_ll(LOCKS_SQL);
+    /* Idle connections hold no lock of any kind. */
+    long long any_locks = psql_ll("SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                                  "WHERE a.application_name = 'pbdeath'");
     long long idle_in_txn = psql_ll("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pbdeath' "
                                     "AND state LIKE 'idle in transaction%'");
     assert_int_equal(th_psql(&env, "SELECT coalesce(sum(n), 0) FROM accounts", out, sizeof out), 0);
@@ -998,6 +1109,8 @@ static void test_kill_storm(void **state)
     }
     long long reclaims1 = pool_stat("storm", "reclaims");
     long long leased = pool_stat("storm", "leased");
+    if (got < STORM_SLOTS || idle_in_txn)
+        dump_slots("storm");
 
     print_message("kill storm, %d ms: %d SIGKILLs (%d of acquire/release-only workers), %ld commits and %ld "
                   "releases mid-transaction seen by workers, %ld fast cycles; broker reclaims +%lld; "
@@ -1005,9 +1118,9 @@ static void test_kill_storm(void **state)
                   STORM_MS, kills, kills_fast, atomic_load(&ss->commits), atomic_load(&ss->rollbacks),
                   atomic_load(&ss->fast_cycles), reclaims1 - reclaims0, t_drained - t_stop, STORM_SLOTS,
                   t_all - t_drained, got);
-    print_message("after the storm: sum(n) = %lld, committed rows = %lld, transactionid locks = %lld, "
-                  "idle-in-transaction backends = %lld, slots leased now = %lld\n",
-                  sum, rows, locks, idle_in_txn, leased);
+    print_message("after the storm: sum(n) = %lld, committed rows = %lld, transactionid locks = %lld "
+                  "(locks of any kind %lld), idle-in-transaction backends = %lld, slots leased now = %lld\n",
+                  sum, rows, locks, any_locks, idle_in_txn, leased);
     if (atomic_load(&ss->have_error))
         print_message("first worker error: %s\n", ss->first_error);
     if (stuck)
@@ -1017,6 +1130,7 @@ static void test_kill_storm(void **state)
                  atomic_load(&ss->errors), ss->first_error);
     assert_int_equal(got, STORM_SLOTS);
     assert_int_equal(locks, 0);
+    assert_int_equal(any_locks, 0);
     assert_int_equal(idle_in_txn, 0);
     assert_int_equal(sum, rows);
     assert_true(rows >= atomic_load(&ss->commits));
@@ -1155,20 +1269,36 @@ static void test_broker_death(void **state)
     int st = th_broker_stop(&env, SIGKILL);
     assert_true(st != -1 && WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL);
 
+    /* A worker may also die (crash) instead of answering: watch for both. */
+    int exited[BD_N], wst[BD_N];
+    for (int w = 0; w < BD_N; w++)
+        exited[w] = 0;
+#define BD_REAP(w) (exited[w] || (exited[w] = wait_kid(pids[w], &wst[w], 0) == 1))
     until = now_ms() + 8000;
     for (int w = BD_WAITER1; w < BD_N; w++)
-        while (!atomic_load(&bs->w[w].have1) && now_ms() < until)
+        while (!atomic_load(&bs->w[w].have1) && !BD_REAP(w) && now_ms() < until)
             sleep_ms(2);
     atomic_store(&bs->go_release, 1);
     for (int w = 0; w < BD_N; w++)
         if (w == BD_HOLDER || w == BD_SLEEPER)
-            while (!atomic_load(&bs->w[w].have_rel) && now_ms() < until + 5000)
+            while (!atomic_load(&bs->w[w].have_rel) && !BD_REAP(w) && now_ms() < until + 5000)
                 sleep_ms(2);
     double worst = 0;
+    int crashed = 0;
+    for (int w = 0; w < BD_N; w++) {
+        if (BD_REAP(w) && !(WIFEXITED(wst[w]) && WEXITSTATUS(wst[w]) == 0)) {
+            crashed++;
+            print_message("%s: DIED after the broker was killed (%s %d)\n", bd_name[w],
+                          WIFSIGNALED(wst[w]) ? "signal" : "exit status",
+                          WIFSIGNALED(wst[w]) ? WTERMSIG(wst[w]) : WEXITSTATUS(wst[w]));
+        }
+    }
     for (int w = BD_WAITER1; w < BD_N; w++) {
         struct bd_worker *x = &bs->w[w];
         if (!atomic_load(&x->have1)) {
-            print_message("%s: still blocked %.0f ms after the broker was killed\n", bd_name[w], now_ms() - t_kill);
+            if (!exited[w])
+                print_message("%s: still blocked %.0f ms after the broker was killed\n", bd_name[w],
+                              now_ms() - t_kill);
             worst = 1e9;
             continue;
         }
@@ -1180,10 +1310,10 @@ static void test_broker_death(void **state)
                       pb_strerror(x->rc1), dt);
     }
     for (int w = 0; w < BD_N; w++)
-        if (w == BD_HOLDER || w == BD_SLEEPER)
+        if ((w == BD_HOLDER || w == BD_SLEEPER) && !exited[w])
             print_message("%s: pb_release of the orphaned lease: %s in %.1f ms%s\n", bd_name[w],
                           atomic_load(&bs->w[w].have_rel) ? pb_strerror(bs->w[w].rc_rel) : "(no answer)",
-                          bs->w[w].rel_ms, atomic_load(&bs->w[w].have_rel) ? "" : " — STILL BLOCKED");
+                          bs->w[w].rel_ms, atomic_load(&bs->w[w].have_rel) ? "" : " - STILL BLOCKED");
 
     /* The supervisor restarts it; the same processes carry on. */
     double t_restart = now_ms();
@@ -1192,9 +1322,18 @@ static void test_broker_death(void **state)
     atomic_store(&bs->go_again, 1);
     int bad = 0;
     for (int w = 0; w < BD_N; w++) {
-        int wst;
-        if (wait_kid(pids[w], &wst, 30000) != 1 || !WIFEXITED(wst) || WEXITSTATUS(wst) != 0) {
-            print_message("%s: did not finish cleanly\n", bd_name[w]);
+        if (exited[w] && !(WIFEXITED(wst[w]) && WEXITSTATUS(wst[w]) == 0)) {
+            bad++;
+            continue;
+        }
+        if (!exited[w] && wait_kid(pids[w], &wst[w], 30000) != 1) {
+            print_message("%s: still running 30 s after the restart\n", bd_name[w]);
+            bad++;
+            continue;
+        }
+        exited[w] = 1;
+        if (!WIFEXITED(wst[w]) || WEXITSTATUS(wst[w]) != 0) {
+            print_message("%s: did not finish cleanly (status %d)\n", bd_name[w], wst[w]);
             bad++;
             continue;
         }
@@ -1205,10 +1344,12 @@ static void test_broker_death(void **state)
         if (x->rc2 != PB_OK)
             bad++;
     }
+#undef BD_REAP
     print_message("broker restart took %.0f ms\n", t_ready - t_restart);
 
     for (int w = BD_WAITER1; w < BD_N; w++)
         assert_int_equal(bs->w[w].rc1, PB_EBROKER);
+    assert_int_equal(crashed, 0);
     assert_true(worst < 3000);
     assert_true(atomic_load(&bs->w[BD_HOLDER].have_rel));
     assert_true(atomic_load(&bs->w[BD_SLEEPER].have_rel));
@@ -1230,7 +1371,13 @@ static int group_setup(void **state)
                 "CREATE TABLE dlog (seq serial PRIMARY KEY, worker int, acct int, note text)",
                 NULL, 0) != 0)
         return -1;
-    if (th_broker_start_raw(&env, CONF) < 0)
+    /* As th_broker_start: PB_IO_BACKEND picks the broker's event loop
+     * (tests/run-tests runs the suite once with each). */
+    const char *io = getenv("PB_IO_BACKEND");
+    static char conf[8192];
+    snprintf(conf, sizeof conf, "[broker]\n%s%s%s%s", io && *io ? "io_backend = " : "", io && *io ? io : "",
+             io && *io ? "\n" : "", CONF + strlen("[broker]\n"));
+    if (th_broker_start_raw(&env, conf) < 0)
         return -1;
     return 0;
 }
@@ -1262,10 +1409,14 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_misuse, test_setup, test_teardown),
         cmocka_unit_test_setup_teardown(test_reclaim_on_death, test_setup, test_teardown),
         cmocka_unit_test_setup_teardown(test_reclaim_during_query, test_setup, test_teardown),
+        cmocka_unit_test_setup_teardown(test_reclaim_mid_query_fresh_connection, test_setup, test_teardown),
         cmocka_unit_test_setup_teardown(test_max_lease_taken_back, test_setup, test_teardown),
         cmocka_unit_test_setup_teardown(test_fairness, test_setup, test_teardown),
         cmocka_unit_test_setup_teardown(test_kill_storm, test_setup, test_teardown),
         cmocka_unit_test_setup_teardown(test_broker_death, test_setup, test_teardown),
     };
+    const char *filter = getenv("PB_TEST_FILTER");      /* e.g. "test_kill_storm" */
+    if (filter && *filter)
+        cmocka_set_test_filter(filter);
     return cmocka_run_group_tests_name("death", tests, group_setup, group_teardown);
 }
