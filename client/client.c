@@ -264,10 +264,10 @@ PB_API int pb_connect(const char *socket_path, pb_client **out)
         return PB_ENOMEM;
     c->socket_path = strdup(socket_path);
     c->ctrl_fd = c->doorbell_fd = -1;
-    c->spin_ns = SPIN_NS_START;
+    c->spin_ns = c->acq_spin_ns = SPIN_NS_START;
     const char *spin = getenv("POOLBROKER_SPIN_US");
     if (spin)
-        c->spin_ns = (uint32_t)strtoul(spin, NULL, 10) * 1000;
+        c->spin_ns = c->acq_spin_ns = (uint32_t)strtoul(spin, NULL, 10) * 1000;
     if (!c->socket_path) {
         free(c);
         return PB_ENOMEM;
@@ -456,25 +456,27 @@ static int sq_push(pb_client *c, uint64_t e)
 /* Spin, then sleep on *word until it moves from seen, deadline passes
  * (returns PB_ETIMEDOUT) or the broker dies (PB_EBROKER).  Returns PB_OK
  * when woken or when it is time to look again. */
-static int wait_change(pb_client *c, _Atomic uint32_t *word, _Atomic uint32_t *sleeping, uint32_t seen,
-                       uint64_t deadline_ns)
+static int wait_change(pb_client *c, uint32_t *spin_ns, _Atomic uint32_t *word, _Atomic uint32_t *sleeping,
+                       uint32_t seen, uint64_t deadline_ns)
 {
     uint64_t t0 = now_ns();
-    uint32_t budget = c->spin_ns;
-    for (unsigned i = 0;; i++) {
+    uint32_t budget = *spin_ns;
+    for (unsigned i = 0; budget; i++) {
         if (atomic_load_explicit(word, memory_order_acquire) != seen) {
             /* Woken while spinning: spinning pays, allow a little more. */
-            if (c->spin_ns < SPIN_NS_MAX)
-                c->spin_ns += c->spin_ns / 8 + 100;
+            if (*spin_ns < SPIN_NS_MAX)
+                *spin_ns += *spin_ns / 8 + 100;
             return PB_OK;
         }
         if ((i & 31) == 31 && now_ns() - t0 >= budget)
             break;
         cpu_relax();
     }
-    /* Spinning did not pay this time: spin a little less next time. */
-    if (c->spin_ns > SPIN_NS_MIN)
-        c->spin_ns -= c->spin_ns / 16;
+    /* Spinning did not pay this time: spin a little less next time (on 2
+     * cores, a spinning waiter takes the CPU the broker and the server need). */
+    *spin_ns -= *spin_ns / 16;
+    if (*spin_ns < SPIN_NS_MIN)
+        *spin_ns = SPIN_NS_MIN;
 
     uint64_t now = now_ns();
     if (deadline_ns && now >= deadline_ns)
@@ -608,7 +610,7 @@ static int wait_for_slot(pb_client *c, uint32_t pi, int timeout_ms, uint32_t *sl
         }
         if (st != PB_WAIT_WAITING || PB_WAITW_TICKET(w) != ticket)
             return PB_EPROTO;       /* someone scribbled on our record */
-        rc = wait_change(c, &rec->wait_futex, &rec->wait_sleeping, seen, deadline);
+        rc = wait_change(c, &c->acq_spin_ns, &rec->wait_futex, &rec->wait_sleeping, seen, deadline);
         if (rc == PB_ETIMEDOUT) {
             if (atomic_compare_exchange_strong(&rec->wait_word, &waiting, PB_WAITW(PB_WAIT_CANCELLED, 0, ticket))) {
                 sq_push(c, PB_SQE(PB_SQ_CANCEL_WAIT, pi, ticket));
@@ -780,7 +782,7 @@ void pbi_set_preview(pb_lease *l, const char *text, size_t len)
 
 int pbi_wait(pb_lease *l, uint32_t seen, uint64_t deadline_ns)
 {
-    return wait_change(l->c, &l->s->rep_futex, &l->s->rep_sleeping, seen, deadline_ns);
+    return wait_change(l->c, &l->c->spin_ns, &l->s->rep_futex, &l->s->rep_sleeping, seen, deadline_ns);
 }
 
 static int req_buffer_free(pb_lease *l)

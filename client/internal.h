@@ -55,7 +55,9 @@ struct pb_client {
     pgp_notice_fn notice_fn;
     void *notice_arg;
     pb_stmt *stmts;                  /* prepared statements (pb_pg_prepare) */
-    uint32_t spin_ns;                /* adaptive spin budget before sleeping */
+    uint32_t spin_ns;                /* adaptive spin budget before sleeping for a reply */
+    uint32_t acq_spin_ns;            /* ... and for a slot (adapts separately: under
+                                        contention a queued waiter rarely wins by spinning) */
 };
 
 struct pb_lease {
