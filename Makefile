@@ -31,7 +31,7 @@ BROKER_LIBS := -lpq -luring -lhiredis -lssl -lcrypto -lmicrohttpd
 CLIENT_LIBS := -lhiredis
 
 UNIT_TESTS := test_conf test_pgproto test_slots
-INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops test_lifecycle test_metrics test_death test_tls
+INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops test_lifecycle test_metrics test_death test_tls test_security
 TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%)
 
 .PHONY: all test unit integ run install bench clean deps examples
@@ -145,7 +145,10 @@ fuzz-regress: fuzz-build
 deps:
 	@bash tools/install-deps
 
+# The fuzz targets run briefly first (and replay their regression inputs),
+# so that the test runner's summary is the last line.
 test: deps all $(TEST_BINS)
+	@$(MAKE) --no-print-directory fuzz-regress fuzz-smoke
 	@bash tests/run-tests $(BUILD) $(UNIT_TESTS) -- $(INTEG_TESTS)
 
 unit: all $(UNIT_TESTS:%=$(BUILD)/tests/%)

@@ -91,6 +91,9 @@ typedef struct conn {
     scan_state scan;
     uint32_t expect;         /* replies still to come */
     uint64_t rep_head;       /* our copy of slot->rep_head */
+    uint32_t acked_seq;      /* our copy of slot->req_ack */
+    uint64_t reply_done;     /* our copy of slot->reply_done */
+    uint32_t unpublished;    /* replies scanned in the chunk not yet published */
     uint8_t *scratch;        /* private sink for replies nobody will read */
     int to_sink;             /* replies go to scratch (reset, or lease gone) */
     int recv_sink;           /* the recv in flight reads into scratch (else the ring) */
@@ -109,6 +112,7 @@ typedef struct conn {
     /* lifecycle */
     uint64_t created_ms, retire_at_ms, last_used_ms, cmd_start_ms;
     uint64_t leak_logged_word;
+    uint64_t suspect_word;   /* janitor: a slot word that made no sense last pass */
     int cancel_sent;         /* a cancel request went out for the command in flight */
     _Atomic int cancel_inflight; /* cancel requests queued or being sent (the cancel thread
                                     decrements once the server has signalled the backend) */
@@ -124,6 +128,7 @@ typedef struct waiter {
 
 typedef struct pool {
     uint32_t index;
+    uint32_t first_slot;     /* our own copy of shm->first_slot */
     conf_pool *cf;           /* owned by the broker's current conf */
     const driver *drv;
     pb_shm_pool *shm;
@@ -159,6 +164,13 @@ typedef struct broker {
     int io_backend;
     pb_shm_header *hdr;
     size_t shm_size;
+    /* Where the tables are, computed once at creation: the offsets in the
+     * header are writable by every worker, so the broker never reads them
+     * back (the janitor rewrites them instead; see shm_republish). */
+    pb_shm_pool *shm_pools;
+    pb_shm_client *shm_clients;
+    pb_shm_slot *shm_slots;
+    pb_shm_header hdr_copy;  /* the header's fixed fields as created */
     int shm_fd;
     int doorbell_fd;         /* eventfd clients write when we sleep */
     ev_op doorbell_op;
@@ -203,6 +215,7 @@ uint64_t now_ms(void);
 /* shm.c */
 int shm_create(broker *b);
 void shm_destroy(broker *b, int unlink_it);
+void shm_republish(broker *b);
 
 /* control.c */
 int control_listen(broker *b);
@@ -218,6 +231,7 @@ void reload_config(broker *b);
 int pools_init(broker *b);
 int pool_setup(broker *b, pool *p, uint32_t index, conf_pool *cp, uint32_t first_slot);
 void pool_publish_limits(pool *p);
+void pool_republish(pool *p);
 void pools_free(broker *b);
 void pool_maybe_grow(pool *p);
 void pool_serve_waiters(pool *p);

@@ -140,7 +140,7 @@ static void send_resp(broker *b, int fd, int status, client *cl)
         .version = PB_SHM_VERSION,
         .fingerprint = PB_SHM_FINGERPRINT,
         .client_id = cl ? cl->id : 0,
-        .generation = atomic_load(&b->hdr->generation),
+        .generation = atomic_load(&b->hdr_copy.generation),
         .shm_size = b->shm_size,
     };
     struct iovec iov = { .iov_base = &resp, .iov_len = sizeof resp };
@@ -266,7 +266,7 @@ static void attach(broker *b, client *cl, const uint8_t *buf, int len)
     cl->uid = cred.uid;
     cl->sq_head = 0;
 
-    pb_shm_client *sc = &pb_shm_clients(b->hdr)[cl->idx];
+    pb_shm_client *sc = &b->shm_clients[cl->idx];
     atomic_store(&sc->pid, (int32_t)cred.pid);
     atomic_store(&sc->attach_ms, b->now_ms);
     atomic_store(&sc->wait_word, PB_WAITW(PB_WAIT_NONE, 0, 0));
@@ -357,7 +357,7 @@ void client_gone(broker *b, client *cl, const char *why)
             conn_take_back(c, w, why);
     }
 
-    pb_shm_client *sc = &pb_shm_clients(b->hdr)[cl->idx];
+    pb_shm_client *sc = &b->shm_clients[cl->idx];
     atomic_store(&sc->id, 0);
     atomic_store(&sc->pid, 0);
     cl->id = 0;
@@ -425,7 +425,7 @@ static void handle_sqe(broker *b, client *cl, uint64_t e)
 void control_scan_rings(broker *b)
 {
     b->last_sq_seq = atomic_load(&b->hdr->sq_seq);
-    pb_shm_client *recs = pb_shm_clients(b->hdr);
+    pb_shm_client *recs = b->shm_clients;
     /* Only attached clients: a pass costs what is attached, not max_clients.
      * Walk backwards so a client removed meanwhile (client_gone swaps the
      * last into its place) cannot make us skip one. */

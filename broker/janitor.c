@@ -9,7 +9,10 @@
  *   - put back free-map bits lost by a process killed between clearing a
  *     bit and winning the slot CAS (the map is a hint; the slot word is truth);
  *   - warn once about leases held longer than leak_threshold_ms, and take
- *     back those held longer than max_lease_ms.
+ *     back those held longer than max_lease_ms;
+ *   - undo what a buggy worker scribbled over the segment: the broker-owned
+ *     fields are rewritten from private copies (shm_republish), and slot
+ *     words that cannot be right are taken back (repair_word).
  */
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -19,6 +22,72 @@
 
 #define CONNECT_TIMEOUT_MS 10000
 
+/* Could this slot word have been written by the broker or an honest
+ * client, given what the broker knows of the connection? */
+static int word_plausible(broker *b, const conn *c, uint64_t w)
+{
+    switch (PB_WORD_STATE(w)) {
+    case PB_SLOT_LEASED:
+    case PB_SLOT_RELEASING:
+        return c->state == CS_READY && client_by_id(b, PB_WORD_OWNER(w)) != NULL;
+    case PB_SLOT_FREE:
+        return c->state == CS_READY;
+    case PB_SLOT_EMPTY:
+        return c->state == CS_EMPTY;
+    case PB_SLOT_CONNECTING:
+        return c->state == CS_CONNECTING;
+    case PB_SLOT_CLOSING:
+        return c->state == CS_CLOSING || c->state == CS_EMPTY;
+    case PB_SLOT_RESETTING:
+    case PB_SLOT_RECLAIMING:
+        /* Broker-held: only while the broker is doing something with it. */
+        return c->state == CS_READY && (c->expect || c->sending || c->resetting || c->validating ||
+                                        c->release_pending || c->await_cancel || c->tls_queued);
+    }
+    return 0;                       /* BROKEN is never written; anything else is garbage */
+}
+
+/* A slot word that makes no sense twice in a row (a worker scribbled it,
+ * or died mid-way through something we cannot see) is taken back: the slot
+ * is the broker's again and its connection, whose session state nobody can
+ * vouch for, is closed and replaced.  Returns 1 if it acted. */
+static int repair_word(broker *b, conn *c)
+{
+    uint64_t w = atomic_load(&c->slot->word);
+    if (word_plausible(b, c, w)) {
+        c->suspect_word = 0;
+        return 0;
+    }
+    if (c->suspect_word != w) {
+        c->suspect_word = w;        /* maybe a transition in flight: look again next pass */
+        return 0;
+    }
+    c->suspect_word = 0;
+    slog(LOG_LVL_WARN, c, "slot word %016llx is impossible (connection state %d): taking the slot back",
+         (unsigned long long)w, c->state);
+    switch (c->state) {
+    case CS_READY: {
+        uint64_t held = PB_WORD_NEXT(w, PB_SLOT_RECLAIMING, 0);
+        if (!atomic_compare_exchange_strong(&c->slot->word, &w, held))
+            return 1;               /* changed under us: judge it next pass */
+        freemap_clear(c->pool, c->index - c->pool->first_slot);
+        atomic_fetch_add_explicit(&c->pool->shm->reclaims, 1, memory_order_relaxed);
+        conn_close(c, "slot word scribbled");
+        return 1;
+    }
+    case CS_CONNECTING:
+        atomic_store(&c->slot->word, PB_WORD_NEXT(w, PB_SLOT_CONNECTING, 0));
+        return 1;
+    case CS_CLOSING:
+        atomic_store(&c->slot->word, PB_WORD_NEXT(w, PB_SLOT_CLOSING, 0));
+        return 1;
+    default:
+        atomic_store(&c->slot->word, PB_WORD_NEXT(w, PB_SLOT_EMPTY, 0));
+        freemap_clear(c->pool, c->index - c->pool->first_slot);
+        return 1;
+    }
+}
+
 /* Take a FREE slot for the broker; 1 if we got it. */
 static int take_if_free(conn *c, unsigned state)
 {
@@ -27,7 +96,7 @@ static int take_if_free(conn *c, unsigned state)
         return 0;
     if (!atomic_compare_exchange_strong(&c->slot->word, &w, PB_WORD_NEXT(w, state, 0)))
         return 0;
-    freemap_clear(c->pool, c->index - c->pool->shm->first_slot);
+    freemap_clear(c->pool, c->index - c->pool->first_slot);
     return 1;
 }
 
@@ -35,6 +104,9 @@ static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
 {
     conf_pool *cp = p->cf;
     uint64_t now = b->now_ms;
+
+    if (repair_word(b, c))
+        return;
 
     if (c->state == CS_CONNECTING) {
         if (now - c->created_ms > CONNECT_TIMEOUT_MS)
@@ -77,6 +149,17 @@ static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
         (*live_free)++;
         return;
     }
+    if (st == PB_SLOT_RELEASING) {
+        /* Given back, but its RELEASE entry never reached us (a scribbled
+         * or lost ring entry): the word itself says what to do. */
+        if (c->suspect_word == w + 1) {
+            c->suspect_word = 0;
+            conn_release(c, w, 0);
+        } else {
+            c->suspect_word = w + 1;
+        }
+        return;
+    }
     if (st == PB_SLOT_LEASED) {
         if (c->retire_at_ms && now >= c->retire_at_ms)
             atomic_fetch_or(&c->slot->flags, PB_SF_RETIRE);
@@ -105,6 +188,7 @@ static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
 void janitor_run(broker *b)
 {
     atomic_store(&b->hdr->heartbeat_ms, b->now_ms);
+    shm_republish(b);
     for (uint32_t i = 0; i < b->npools; i++) {
         pool *p = &b->pools[i];
         uint32_t free_count = 0;

@@ -194,8 +194,9 @@ static int pg_build_reset(conn *c, int dirty)
         if (append_query(c, cp->reset_sql) < 0)
             return -1;
         n++;
-    } else if (dirty) {
-        /* LISTEN and the like under the rollback policy. */
+    }
+    if (dirty && cp->reset_policy != PB_RESET_DISCARD_ALL) {
+        /* The lease ran LISTEN (DISCARD ALL would include UNLISTEN). */
         if (append_query(c, "UNLISTEN *") < 0)
             return -1;
         n++;

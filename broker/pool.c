@@ -83,7 +83,7 @@ static void expect_clear(conn *c)
 
 static uint32_t local_index(const conn *c)
 {
-    return c->index - c->pool->shm->first_slot;
+    return c->index - c->pool->first_slot;
 }
 
 /* I/O on the backend socket: io_uring (or epoll) directly, or through
@@ -137,15 +137,35 @@ void pool_publish_limits(pool *p)
     atomic_store(&p->shm->reset_policy, (uint32_t)cp->reset_policy);
 }
 
+/* Rewrite the pool's broker-owned entry from private state (janitor). */
+void pool_republish(pool *p)
+{
+    pb_shm_pool *sp = p->shm;
+    snprintf(sp->name, sizeof sp->name, "%s", p->cf->name);
+    sp->type = (uint32_t)p->cf->type;
+    sp->first_slot = p->first_slot;
+    sp->slot_capacity = p->nconns;
+    pool_publish_limits(p);
+    atomic_store(&sp->nwaiters, p->wq_len);
+    atomic_store(&sp->size, p->live - p->connecting);
+    int accepting = !p->removed && !B.draining;
+    atomic_store(&sp->accepting, (uint32_t)accepting);
+    if (p->removed)
+        atomic_store(&sp->health, PB_HEALTH_REMOVED);
+    else if (atomic_load(&sp->health) > PB_HEALTH_DOWN)
+        atomic_store(&sp->health, p->live ? PB_HEALTH_HEALTHY : PB_HEALTH_DOWN);
+}
+
 /* Set up pool p (table entry index) over slots [first_slot, +max_size). */
 int pool_setup(broker *b, pool *p, uint32_t index, conf_pool *cp, uint32_t first_slot)
 {
-    pb_shm_slot *ss = pb_shm_slots(b->hdr);
+    pb_shm_slot *ss = b->shm_slots;
     memset(p, 0, sizeof *p);
     p->index = index;
+    p->first_slot = first_slot;
     p->cf = cp;
     p->drv = cp->type == PB_POOL_REDIS ? &redis_driver : &pg_driver;
-    p->shm = &pb_shm_pools(b->hdr)[index];
+    p->shm = &b->shm_pools[index];
     p->nconns = cp->max_size;
     p->conns = calloc(p->nconns, sizeof *p->conns);
     p->wq_cap = b->max_clients;
@@ -158,7 +178,8 @@ int pool_setup(broker *b, pool *p, uint32_t index, conf_pool *cp, uint32_t first
         c->index = first_slot + k;
         c->slot = &ss[c->index];
         c->slot->pool = index;
-        /* Our own copies of where the buffers are: never read back. */
+        /* Our own copies of where the buffers are (read once, from a slot
+         * no worker could have touched yet): never read back. */
         c->req = (uint8_t *)b->hdr + c->slot->req_off;
         c->rep = (uint8_t *)b->hdr + c->slot->rep_off;
         c->req_size = c->slot->req_size;
@@ -223,7 +244,7 @@ void pools_free(broker *b)
 
 void pool_enqueue_waiter(pool *p, client *cl, uint32_t ticket)
 {
-    pb_shm_client *sc = &pb_shm_clients(B.hdr)[cl->idx];
+    pb_shm_client *sc = &B.shm_clients[cl->idx];
     uint64_t ww = PB_WAITW(PB_WAIT_WAITING, 0, ticket);
 
     if (atomic_load(&sc->wait_word) != ww)
@@ -287,7 +308,7 @@ void pool_drop_client_waiters(broker *b, client *cl)
 /* Fail every queued waiter with err (backend down, shutdown). */
 void pool_fail_waiters(pool *p, int err)
 {
-    pb_shm_client *recs = pb_shm_clients(B.hdr);
+    pb_shm_client *recs = B.shm_clients;
     while (p->wq_len) {
         waiter w = p->wq[p->wq_head];
         p->wq_head = (p->wq_head + 1) % p->wq_cap;
@@ -306,7 +327,7 @@ void pool_fail_waiters(pool *p, int err)
 static int hand_to_waiter(conn *c)
 {
     pool *p = c->pool;
-    pb_shm_client *recs = pb_shm_clients(B.hdr);
+    pb_shm_client *recs = B.shm_clients;
 
     while (p->wq_len) {
         waiter w = p->wq[p->wq_head];
@@ -351,7 +372,8 @@ static void make_available(conn *c)
     c->submit_deferred = 0;
     /* A request the previous holder left unacknowledged must not make the
      * next one wait for its buffer. */
-    atomic_store(&c->slot->req_ack, atomic_load(&c->slot->req_seq));
+    c->acked_seq = atomic_load(&c->slot->req_seq);
+    atomic_store(&c->slot->req_ack, c->acked_seq);
     c->last_used_ms = B.now_ms;
     if (p->removed || (B.draining && 0)) {
         conn_close(c, "pool removed");
@@ -465,6 +487,8 @@ void conn_connected(conn *c)
     for (int i = 0; i < PB_SLOT_STMTS; i++)
         atomic_store(&c->slot->stmts[i], 0);
     c->rep_head = atomic_load(&c->slot->rep_head);
+    c->reply_done = 0;
+    atomic_store(&c->slot->reply_done, 0);
     atomic_fetch_add(&p->shm->size, 1);
     atomic_store(&p->shm->consecutive_failures, 0);
     atomic_store(&p->shm->health, PB_HEALTH_HEALTHY);
@@ -743,13 +767,14 @@ static void on_send(ev_op *op, int res)
 static void fail_submit(conn *c, int err, uint32_t seq)
 {
     atomic_store(&c->slot->io_error, err);
+    c->acked_seq = seq;
     atomic_store_explicit(&c->slot->req_ack, seq, memory_order_release);
     wake_futex(&c->slot->rep_futex, &c->slot->rep_sleeping);
 }
 
 void conn_submit(conn *c, uint64_t lease_word, uint32_t seq)
 {
-    if (seq == atomic_load(&c->slot->req_ack))
+    if (seq == c->acked_seq)
         return;                     /* nothing new */
     if (c->broken || c->state != CS_READY) {
         fail_submit(c, PB_EBACKEND, seq);
@@ -783,6 +808,7 @@ void conn_submit(conn *c, uint64_t lease_word, uint32_t seq)
         return;
     }
     atomic_store(&c->slot->io_error, 0);
+    c->acked_seq = seq;
     atomic_store_explicit(&c->slot->req_ack, seq, memory_order_release);
     /* The holder may be waiting for its request buffer (pipelining, COPY). */
     wake_futex(&c->slot->rep_futex, &c->slot->rep_sleeping);
@@ -876,7 +902,7 @@ void conn_got_reply(conn *c, char txn)
         c->txn = txn;
     if (!c->to_sink) {
         atomic_store(&c->slot->txn_status, (uint32_t)(unsigned char)c->txn);
-        atomic_fetch_add(&c->slot->reply_done, 1);
+        c->unpublished++;           /* counted in reply_done once its bytes are published */
     }
 }
 
@@ -906,11 +932,15 @@ static void on_recv(ev_op *op, int res)
         if (atomic_load(&c->slot->word) == c->cmd_word) {
             c->rep_head += (uint64_t)res;
             atomic_store_explicit(&c->slot->rep_head, c->rep_head, memory_order_release);
+            /* After the bytes: a holder that sees reply_done sees them too. */
+            c->reply_done += c->unpublished;
+            atomic_store(&c->slot->reply_done, c->reply_done);
             wake_futex(&c->slot->rep_futex, &c->slot->rep_sleeping);
         } else {
             c->to_sink = 1;         /* the lease is gone: nobody reads these */
         }
     }
+    c->unpublished = 0;
     if (c->expect) {
         conn_arm_recv(c);
         return;

@@ -35,7 +35,7 @@
 #include "poolbroker.h"
 
 #define RESP_MAX_DEPTH   64
-#define RESP_MAX_COUNT   (1ll << 31)
+#define RESP_MAX_COUNT   (1ll << 24)     /* elements per aggregate: hiredis allocates them up front */
 #define RESP_MAX_BULK    (512ll << 20)      /* Redis's own proto-max-bulk-len default */
 
 enum { RP_TCP = 1, RP_HANDSHAKE };
@@ -51,6 +51,7 @@ typedef struct rconn {
     char num[24];           /* digits of a count/length line */
     int num_len;
     int num_bad;
+    int saw_cr;             /* the last byte of the line so far was '\r' */
     int64_t bulk_left;      /* bytes of bulk payload (+CRLF) still to skip */
     int depth;
     int64_t left[RESP_MAX_DEPTH];   /* elements still due per open aggregate */
@@ -266,6 +267,9 @@ static int r_frame_request(conn *c, const uint8_t *req, uint32_t len, uint32_t *
         long long replies = 1;
         if (arg_is(a0, l0, "SUBSCRIBE") || arg_is(a0, l0, "PSUBSCRIBE") || arg_is(a0, l0, "SSUBSCRIBE"))
             replies = argc - 1;
+        else if (arg_is(a0, l0, "HELLO") && argc >= 2 && !arg_is(a1, l1, "2"))
+            return PB_EPROTO;       /* RESP3: pushes would break reply counting, and
+                                       the client's hiredis parser speaks RESP2 */
         else if (arg_is(a0, l0, "MONITOR") || arg_is(a0, l0, "SYNC") || arg_is(a0, l0, "PSYNC") ||
                  arg_is(a0, l0, "QUIT") || arg_is(a0, l0, "SHUTDOWN"))
             return PB_EPROTO;       /* never-ending or connection-ending */
@@ -396,9 +400,14 @@ static int r_scan_reply(conn *c, const uint8_t *p, size_t n)
             r->num_bad = 0;
             continue;
         }
-        /* Inside a header line: until '\n'. */
+        /* Inside a header line: until "\r\n" (a bare '\n' is a protocol error:
+         * the client's parser would not see a line end there). */
         const uint8_t *nl = memchr(p + i, '\n', n - i);
         size_t end = nl ? (size_t)(nl - p) : n;
+        if (nl && !(end > i ? p[end - 1] == '\r' : r->saw_cr))
+            return PB_EPROTO;
+        if (end > i)
+            r->saw_cr = p[end - 1] == '\r';
         if (strchr("$*!=%~>|", r->line_type)) {
             for (size_t k = i; k < end; k++) {
                 if (p[k] == '\r')
@@ -412,6 +421,7 @@ static int r_scan_reply(conn *c, const uint8_t *p, size_t n)
         i = end;
         if (nl) {
             i++;
+            r->saw_cr = 0;
             if (line_done(c) != PB_OK)
                 return PB_EPROTO;
         }

@@ -56,6 +56,9 @@ static const char *needs_restart(broker *b, conf *nc, char *why, size_t n)
         return "io_backend cannot change without a restart";
     if (oc->spare_slots != nc->spare_slots)
         return "spare_slots cannot change without a restart";
+    if ((oc->metrics_listen == NULL) != (nc->metrics_listen == NULL) ||
+        (oc->metrics_listen && strcmp(oc->metrics_listen, nc->metrics_listen) != 0))
+        return "metrics_listen cannot change without a restart";
     uint32_t spare_needed = 0;
     for (int i = 0; i < nc->npools; i++) {
         conf_pool *np = &nc->pools[i];
@@ -92,7 +95,14 @@ static const char *needs_restart(broker *b, conf *nc, char *why, size_t n)
                  b->nslots - b->spare_first);
         return why;
     }
-    if (b->npools + (uint32_t)nc->npools > PB_MAX_POOLS) {
+    uint32_t added = 0;
+    for (int i = 0; i < nc->npools; i++) {
+        int found = 0;
+        for (uint32_t k = 0; k < b->npools; k++)
+            found |= !b->pools[k].removed && strcmp(b->pools[k].cf->name, nc->pools[i].name) == 0;
+        added += !found;
+    }
+    if (b->npools + added > PB_MAX_POOLS) {
         snprintf(why, n, "more than %d pools over the broker's life", PB_MAX_POOLS);
         return why;
     }

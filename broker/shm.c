@@ -145,6 +145,10 @@ int shm_create(broker *b)
         atomic_store(&sl->word, PB_WORD(PB_SLOT_EMPTY, 0, 1));
     }
     b->hdr = h;
+    b->shm_pools = (pb_shm_pool *)((char *)base + pool_off);
+    b->shm_clients = (pb_shm_client *)((char *)base + client_off);
+    b->shm_slots = slots;
+    memcpy(&b->hdr_copy, h, sizeof *h);
     b->shm_size = total;
     b->shm_fd = fd;
     b->nslots = nslots;
@@ -155,6 +159,63 @@ fail:
     close(fd);
     shm_unlink(cf->shm_name);
     return -1;
+}
+
+/* Rewrite every field of the segment that only the broker owns, from its
+ * private copies (janitor, each pass).  A worker that scribbles over the
+ * segment can break its own leases, but not the segment's description:
+ * within a janitor period everything is as the broker made it again. */
+void shm_republish(broker *b)
+{
+    pb_shm_header *h = b->hdr, *o = &b->hdr_copy;
+    h->magic = o->magic;
+    h->version = o->version;
+    h->fingerprint = o->fingerprint;
+    h->total_size = o->total_size;
+    h->pool_off = o->pool_off;
+    h->client_off = o->client_off;
+    h->slot_off = o->slot_off;
+    h->buf_off = o->buf_off;
+    h->nslots = o->nslots;
+    h->max_clients = o->max_clients;
+    h->start_ms = o->start_ms;
+    h->io_backend = b->io_backend == LOOP_URING ? PB_IO_URING : PB_IO_EPOLL;
+    memcpy(h->shm_name, o->shm_name, sizeof h->shm_name);
+    atomic_store(&h->generation, atomic_load(&o->generation));
+    atomic_store(&h->broker_pid, (int32_t)getpid());
+    atomic_store(&h->npools, b->npools);
+    atomic_store(&h->clients_attached, b->nattached);
+    atomic_store(&h->state, b->draining ? PB_BROKER_DRAINING : PB_BROKER_RUNNING);
+    for (uint32_t i = 0; i < b->npools; i++)
+        pool_republish(&b->pools[i]);
+    for (uint32_t s = 0; s < b->nslots; s++) {
+        pb_shm_slot *sl = &b->shm_slots[s];
+        conn *c = b->slots[s];
+        sl->index = s;
+        if (!c)
+            continue;               /* spare: no pool yet */
+        sl->pool = c->pool->index;
+        sl->req_off = (uint64_t)(c->req - (uint8_t *)h);
+        sl->rep_off = (uint64_t)(c->rep - (uint8_t *)h);
+        sl->req_size = c->req_size;
+        sl->rep_size = c->rep_size;
+        /* The broker's side of the slot's I/O words, too: a client waiting
+         * on a scribbled one sees the truth again within a pass. */
+        if (c->state == CS_READY) {
+            atomic_store(&sl->rep_head, c->rep_head);
+            atomic_store(&sl->req_ack, c->acked_seq);
+            atomic_store(&sl->reply_done, c->reply_done);
+        }
+    }
+    for (uint32_t i = 0; i < b->max_clients; i++) {
+        client *cl = &b->clients[i];
+        pb_shm_client *sc = &b->shm_clients[i];
+        int live = cl->attached && !cl->dead;
+        atomic_store(&sc->id, live ? cl->id : 0);
+        atomic_store(&sc->pid, live ? (int32_t)cl->pid : 0);
+        if (live)
+            atomic_store(&sc->sq_head, cl->sq_head);
+    }
 }
 
 void shm_destroy(broker *b, int unlink_it)

@@ -430,7 +430,17 @@ static int sq_push(pb_client *c, uint64_t e)
     pb_shm_client *rec = c->rec;
     uint32_t tail = c->sq_tail;
     int spins = 0;
-    while (tail - atomic_load_explicit(&rec->sq_head, memory_order_acquire) >= PB_SQ_ENTRIES) {
+    for (;;) {
+        uint32_t used = tail - atomic_load_explicit(&rec->sq_head, memory_order_acquire);
+        if (used < PB_SQ_ENTRIES)
+            break;
+        /* More than full can only be a scribbled ring, and a ring full for
+         * seconds with a live broker likely is too: start over from the
+         * broker's position (entries in between are lost, not replayed). */
+        if (used > PB_SQ_ENTRIES || spins > 40000) {
+            tail = atomic_load(&rec->sq_head);
+            break;
+        }
         /* Full: the broker is behind (or gone). */
         uint64_t one = 1;
         (void)!write(c->doorbell_fd, &one, sizeof one);
@@ -540,6 +550,14 @@ static int make_lease(pb_client *c, uint32_t pi, uint32_t s, uint64_t w, pb_leas
     l->fork_gen = pb_fork_gen;
     l->slot = s;
     l->pool = pi;
+    /* Our own copy: the pool's first_slot in the segment may be scribbled
+     * later, and a freed bit must land inside the pool's map. */
+    uint32_t first = c->pools[pi].first_slot;
+    if (s < first || s - first >= PB_MAX_POOL_SLOTS) {
+        free(l);
+        return PB_EPROTO;
+    }
+    l->local = s - first;
     l->type = (int)c->pools[pi].type;
     l->word = w;
     l->s = sl;
@@ -548,6 +566,9 @@ static int make_lease(pb_client *c, uint32_t pi, uint32_t s, uint64_t w, pb_leas
     l->req_size = req_size;
     l->rep_size = rep_size;
     l->rep_tail = atomic_load_explicit(&sl->rep_head, memory_order_acquire);
+    l->seq = atomic_load_explicit(&sl->req_ack, memory_order_acquire);
+    l->done_target = atomic_load_explicit(&sl->reply_done, memory_order_acquire);
+    atomic_store_explicit(&sl->req_seq, l->seq, memory_order_relaxed);
     atomic_store_explicit(&sl->rep_tail, l->rep_tail, memory_order_relaxed);
     l->pending = 0;
     l->desync = 0;
@@ -709,6 +730,12 @@ int pbi_lease_check(pb_lease *l)
         return PB_EBROKER;
     if (atomic_load_explicit(&l->s->word, memory_order_acquire) != l->word)
         return PB_ESTALE;
+    /* Our request sequence is ours alone: if it moved, something scribbled
+     * on the slot, and what is in flight on it can no longer be trusted. */
+    if (atomic_load_explicit(&l->s->req_seq, memory_order_relaxed) != l->seq) {
+        l->desync = 1;
+        return PB_EPROTO;
+    }
     return PB_OK;
 }
 
@@ -718,7 +745,9 @@ PB_API int pb_release(pb_lease *l)
         return PB_EINVAL;
     pb_client *c = l->c;
     int rc = pbi_lease_check(l);
-    if (rc != PB_OK) {
+    if (rc == PB_EPROTO && !l->released) {
+        rc = PB_OK;                 /* scribbled slot: still ours to give back (below, via the broker) */
+    } else if (rc != PB_OK) {
         if (!l->released)
             lease_free(l);
         return rc;
@@ -743,7 +772,7 @@ PB_API int pb_release(pb_lease *l)
             lease_free(l);
             return PB_ESTALE;
         }
-        pb_freemap_put(p, l->slot - p->first_slot);
+        pb_freemap_put(p, l->local);
         /* A waiter may have queued after we looked: it must not miss this
          * slot.  Setting the bit (seq_cst) before reading nwaiters pairs with
          * the broker publishing nwaiters before it scans the map. */
@@ -787,7 +816,7 @@ int pbi_wait(pb_lease *l, uint32_t seen, uint64_t deadline_ns)
 
 static int req_buffer_free(pb_lease *l)
 {
-    return atomic_load_explicit(&l->s->req_ack, memory_order_acquire) == atomic_load(&l->s->req_seq);
+    return atomic_load_explicit(&l->s->req_ack, memory_order_acquire) == l->seq;
 }
 
 /* Hand a request to the broker: the buffer must be free. */
@@ -796,8 +825,9 @@ static int do_submit(pb_lease *l, const void *req, size_t len, uint32_t nreplies
     pb_shm_slot *sl = l->s;
     memcpy(l->req, req, len);
     atomic_store_explicit(&sl->req_len, (uint32_t)len, memory_order_relaxed);
-    atomic_fetch_add_explicit(&sl->req_seq, 1, memory_order_release);
+    atomic_store_explicit(&sl->req_seq, ++l->seq, memory_order_release);
     l->pending += nreplies;
+    l->done_target += nreplies;
     l->watching = 0;                /* the broker's watch ends with a command */
     return sq_push(l->c, PB_SQE(PB_SQ_SUBMIT, l->slot, PB_WORD_GEN(l->word)));
 }
@@ -866,12 +896,34 @@ int pbi_reply_peek(pb_lease *l, const uint8_t **p, size_t *avail)
 int pbi_reply_wait(pb_lease *l, const uint8_t **p, size_t *avail)
 {
     int rc;
+    uint64_t unacked_since = 0;
     for (;;) {
         uint32_t seen = atomic_load(&l->s->rep_futex);
         if ((rc = pbi_reply_peek(l, p, avail)) != PB_OK || *avail)
             return rc;
         if ((rc = pbi_lease_check(l)) != PB_OK)
             return rc;
+        /* The broker says every reply we asked for is in the ring, and we
+         * have read it all, yet the caller still waits for more: what we
+         * read was not what the server sent (a scribbled ring). */
+        if (req_buffer_free(l) && l->pending &&
+            atomic_load(&l->s->reply_done) >= l->done_target &&
+            atomic_load_explicit(&l->s->rep_head, memory_order_acquire) == l->rep_tail) {
+            l->desync = 1;
+            return PB_EPROTO;
+        }
+        /* The broker takes a request within microseconds.  One not taken
+         * for a second lost its ring entry (a scribbled ring): push it
+         * again — the broker ignores a sequence it has already taken. */
+        if (!req_buffer_free(l)) {
+            uint64_t now = now_ns();
+            if (!unacked_since)
+                unacked_since = now;
+            else if (now - unacked_since > 1000000000ull) {
+                sq_push(l->c, PB_SQE(PB_SQ_SUBMIT, l->slot, PB_WORD_GEN(l->word)));
+                unacked_since = now;
+            }
+        }
         if ((rc = pbi_wait(l, seen, 0)) != PB_OK)
             return rc;
     }

@@ -65,6 +65,7 @@ struct pb_lease {
     uint32_t epoch;                  /* c->epoch at grant */
     unsigned fork_gen;               /* pb_fork_gen at grant */
     uint32_t slot;
+    uint32_t local;                  /* slot's index within its pool (checked at grant) */
     uint32_t pool;
     int type;                        /* PB_POOL_POSTGRES | PB_POOL_REDIS */
     uint64_t word;                   /* slot word of this lease */
@@ -72,6 +73,8 @@ struct pb_lease {
     uint8_t *req, *rep;              /* buffers (checked against the segment size) */
     uint32_t req_size, rep_size;
     uint64_t rep_tail;               /* our consumer position in the reply ring */
+    uint32_t seq;                    /* our last request sequence (slot req_seq is a copy) */
+    uint64_t done_target;            /* slot reply_done once every reply we asked for is in */
     uint32_t pending;                /* replies submitted and not yet read */
     int desync;                      /* a reply could not be parsed: connection unusable */
     int released;                    /* handle is in the retired list */

@@ -4,7 +4,7 @@
  *
  *   - redis_driver.frame_request(): a client request must be RESP arrays of
  *     bulk strings (what redisFormatCommandArgv makes), never MONITOR, SYNC,
- *     PSYNC, QUIT, SHUTDOWN or a bare UNSUBSCRIBE; it returns the number of
+ *     PSYNC, QUIT, SHUTDOWN, HELLO 3 or a bare UNSUBSCRIBE; it returns the number of
  *     replies to expect, tracking CLIENT REPLY OFF/SKIP/ON across calls.
  *   - redis_driver.scan_reply(): the RESP2/RESP3 skipping scanner that counts
  *     complete top-level replies (pushes and attributes excluded) across
@@ -137,6 +137,8 @@ static int ref_frame(const uint8_t *p, size_t len, int *mode, uint64_t *n)
         for (size_t k = 0; k < sizeof refused / sizeof *refused; k++)
             if (word(a[0], l[0], refused[k]))
                 return 0;
+        if (word(a[0], l[0], "HELLO") && argc >= 2 && !word(a[1], l[1], "2"))
+            return 0;               /* RESP3 is refused */
         int unsub = word(a[0], l[0], "UNSUBSCRIBE") || word(a[0], l[0], "PUNSUBSCRIBE") ||
                     word(a[0], l[0], "SUNSUBSCRIBE");
         int sub = word(a[0], l[0], "SUBSCRIBE") || word(a[0], l[0], "PSUBSCRIBE") ||
