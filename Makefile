@@ -32,7 +32,7 @@ CLIENT_LIBS := -lhiredis
 
 UNIT_TESTS := test_conf test_pgproto test_slots
 INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops test_lifecycle test_metrics test_death test_tls test_security
-TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%)
+TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%) $(BUILD)/tests/noring
 
 .PHONY: all test unit integ run install bench clean deps examples
 .PHONY: bench-deps
@@ -93,6 +93,11 @@ $(BUILD)/tests/test_conf: tests/test_conf.c broker/conf.c broker/log.c
 $(BUILD)/tests/test_pgproto: tests/test_pgproto.c client/pgproto.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Iclient $^ -o $@ $(LDFLAGS) -lcmocka -lhiredis
+
+# Runs a program with io_uring_setup denied (seccomp): the epoll fallback test.
+$(BUILD)/tests/noring: tests/noring.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $< -o $@ $(LDFLAGS)
 
 $(BUILD)/tests/test_slots: tests/test_slots.c include/pb_shm.h
 	@mkdir -p $(dir $@)

@@ -309,6 +309,72 @@ static void test_shmstat_with_broker_stopped(void **state)
     assert_non_null(strstr(out, "not running"));
 }
 
+static void test_max_clients_refused(void **state)
+{
+    (void)state;
+    write_conf("max_clients = 2\n\n[pool main]\n" PG "min_size = 1\nmax_size = 2\n");
+    assert_int_equal(th_broker_restart(&env), 0);
+    pb_client *a, *b, *c = NULL;
+    assert_int_equal(pb_connect(env.sock_path, &a), PB_OK);
+    assert_int_equal(pb_connect(env.sock_path, &b), PB_OK);
+    assert_int_equal(pb_connect(env.sock_path, &c), PB_EPERM);
+    assert_null(c);
+    assert_int_equal(th_wait_log(&env, "max_clients (2) reached", 1, 5000), 0);
+    /* A record frees when a client leaves (once the broker saw it go). */
+    pb_disconnect(a);
+    int rc = PB_EPERM;
+    for (int i = 0; i < 100 && rc == PB_EPERM; i++) {
+        usleep(50000);
+        rc = pb_connect(env.sock_path, &c);
+    }
+    assert_int_equal(rc, PB_OK);
+    pb_disconnect(b);
+    pb_disconnect(c);
+}
+
+/* Where io_uring_setup is denied (Docker's seccomp profile,
+ * kernel.io_uring_disabled), io_backend = auto falls back to epoll, says so,
+ * and serves. */
+static void test_io_uring_denied_falls_back(void **state)
+{
+    (void)state;
+    const char *build = getenv("PB_BUILD") ? getenv("PB_BUILD") : "build";
+    const char *real = getenv("PB_BROKER") ? getenv("PB_BROKER") : "build/poolbroker";
+    char noring[512], realbuf[512];
+    snprintf(noring, sizeof noring, "%s/tests/noring", build);
+    snprintf(realbuf, sizeof realbuf, "%s", real);
+    /* io_backend = auto, whatever backend this run of the suite uses. */
+    char io[32] = "";
+    if (getenv("PB_IO_BACKEND"))
+        snprintf(io, sizeof io, "%s", getenv("PB_IO_BACKEND"));
+    unsetenv("PB_IO_BACKEND");
+    write_conf("[pool main]\n" PG "min_size = 1\nmax_size = 2\n");
+    if (*io)
+        setenv("PB_IO_BACKEND", io, 1);
+    setenv("PB_REAL_BROKER", realbuf, 1);
+    setenv("PB_BROKER", noring, 1);
+    int rc = th_broker_restart(&env);
+    setenv("PB_BROKER", realbuf, 1);
+    unsetenv("PB_REAL_BROKER");
+    assert_int_equal(rc, 0);
+    assert_int_equal(th_wait_log(&env, "falling back to epoll", 1, 5000), 0);
+    char shmstat[512], out[65536];
+    snprintf(shmstat, sizeof shmstat, "%s/shmstat", build);
+    char *json[] = { shmstat, "-s", env.shm_name, "--json", NULL };
+    assert_int_equal(th_run(json, out, sizeof out, 5000), 0);
+    assert_non_null(strstr(out, "\"epoll\""));
+    pb_client *c;
+    pb_lease *l;
+    pb_result *r;
+    assert_int_equal(pb_connect(env.sock_path, &c), PB_OK);
+    assert_int_equal(pb_acquire(c, "main", 5000, &l), PB_OK);
+    assert_int_equal(pb_pg_exec(l, "SELECT 'via epoll'", &r), PB_OK);
+    assert_string_equal(pb_getvalue(r, 0, 0), "via epoll");
+    pb_result_free(r);
+    assert_int_equal(pb_release(l), PB_OK);
+    pb_disconnect(c);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -316,6 +382,8 @@ int main(void)
         cmocka_unit_test(test_reload),
         cmocka_unit_test(test_drain_with_lease_in_flight),
         cmocka_unit_test(test_shmstat_with_broker_stopped),
+        cmocka_unit_test(test_max_clients_refused),
+        cmocka_unit_test(test_io_uring_denied_falls_back),
     };
     return cmocka_run_group_tests_name("ops", tests, group_setup, group_teardown);
 }
