@@ -50,17 +50,21 @@ static int word_plausible(broker *b, const conn *c, uint64_t w)
 /* A slot word that makes no sense twice in a row (a worker scribbled it,
  * or died mid-way through something we cannot see) is taken back: the slot
  * is the broker's again and its connection, whose session state nobody can
- * vouch for, is closed and replaced.  Returns 1 if it acted. */
+ * vouch for, is closed and replaced.  Returns 1 if the slot is suspect or
+ * was repaired (the janitor leaves it alone otherwise this pass).
+ * c->suspect_word is shared with the stale-RELEASING check below, which
+ * stores word + 1 so that the two never mistake each other's marks. */
 static int repair_word(broker *b, conn *c)
 {
     uint64_t w = atomic_load(&c->slot->word);
     if (word_plausible(b, c, w)) {
-        c->suspect_word = 0;
+        if (c->suspect_word == w)
+            c->suspect_word = 0;
         return 0;
     }
     if (c->suspect_word != w) {
         c->suspect_word = w;        /* maybe a transition in flight: look again next pass */
-        return 0;
+        return 1;
     }
     c->suspect_word = 0;
     slog(LOG_LVL_WARN, c, "slot word %016llx is impossible (connection state %d): taking the slot back",

@@ -651,8 +651,14 @@ static void conn_fail(conn *c, const char *why, int err)
     uint64_t w = atomic_load(&c->slot->word);
     unsigned st = PB_WORD_STATE(w);
     if (st == PB_SLOT_LEASED) {
-        /* The holder finds out from io_error and releases through us. */
+        /* The holder finds out from io_error and releases through us.  A
+         * request it is still waiting to hand over will never be taken:
+         * acknowledge it, so the holder looks at io_error. */
         atomic_store(&c->slot->io_error, err);
+        c->submit_deferred = 0;
+        c->acked_seq = atomic_load(&c->slot->req_seq);
+        atomic_store(&c->slot->rep_owed, 0);
+        atomic_store_explicit(&c->slot->req_ack, c->acked_seq, memory_order_release);
         wake_futex(&c->slot->rep_futex, &c->slot->rep_sleeping);
         return;
     }
@@ -722,7 +728,15 @@ void conn_send_private(conn *c)
 
 static void retry_deferred(conn *c)
 {
-    if (!c->submit_deferred || c->sending || c->resetting || c->broken)
+    if (c->submit_deferred && c->broken) {
+        /* It will never be sent: conn_submit fails it (PB_EBACKEND). */
+        c->submit_deferred = 0;
+        uint64_t w = atomic_load(&c->slot->word);
+        if (PB_WORD_STATE(w) == PB_SLOT_LEASED)
+            conn_submit(c, w, atomic_load(&c->slot->req_seq));
+        return;
+    }
+    if (!c->submit_deferred || c->sending || c->resetting)
         return;
     uint64_t w = atomic_load(&c->slot->word);
     if (c->expect && w != c->cmd_word)
@@ -808,15 +822,17 @@ void conn_submit(conn *c, uint64_t lease_word, uint32_t seq)
         return;
     }
     atomic_store(&c->slot->io_error, 0);
-    c->acked_seq = seq;
-    atomic_store_explicit(&c->slot->req_ack, seq, memory_order_release);
-    /* The holder may be waiting for its request buffer (pipelining, COPY). */
-    wake_futex(&c->slot->rep_futex, &c->slot->rep_sleeping);
     if (c->expect == 0) {
         c->cmd_start_ms = B.now_ms;
         c->cancel_sent = 0;
     }
     expect_add(c, nrep);
+    /* What we now owe, before the ack: a holder that sees the ack sees it. */
+    atomic_store(&c->slot->rep_owed, c->expect);
+    c->acked_seq = seq;
+    atomic_store_explicit(&c->slot->req_ack, seq, memory_order_release);
+    /* The holder may be waiting for its request buffer (pipelining, COPY). */
+    wake_futex(&c->slot->rep_futex, &c->slot->rep_sleeping);
     c->cmd_word = lease_word;
     c->to_sink = 0;
     conn_send_private(c);
@@ -935,6 +951,7 @@ static void on_recv(ev_op *op, int res)
             /* After the bytes: a holder that sees reply_done sees them too. */
             c->reply_done += c->unpublished;
             atomic_store(&c->slot->reply_done, c->reply_done);
+            atomic_store(&c->slot->rep_owed, c->expect);
             wake_futex(&c->slot->rep_futex, &c->slot->rep_sleeping);
         } else {
             c->to_sink = 1;         /* the lease is gone: nobody reads these */

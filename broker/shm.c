@@ -205,6 +205,8 @@ void shm_republish(broker *b)
             atomic_store(&sl->rep_head, c->rep_head);
             atomic_store(&sl->req_ack, c->acked_seq);
             atomic_store(&sl->reply_done, c->reply_done);
+            if (!c->to_sink)
+                atomic_store(&sl->rep_owed, c->expect);
         }
     }
     for (uint32_t i = 0; i < b->max_clients; i++) {

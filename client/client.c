@@ -903,14 +903,18 @@ int pbi_reply_wait(pb_lease *l, const uint8_t **p, size_t *avail)
             return rc;
         if ((rc = pbi_lease_check(l)) != PB_OK)
             return rc;
-        /* The broker says every reply we asked for is in the ring, and we
-         * have read it all, yet the caller still waits for more: what we
-         * read was not what the server sent (a scribbled ring). */
-        if (req_buffer_free(l) && l->pending &&
-            atomic_load(&l->s->reply_done) >= l->done_target &&
-            atomic_load_explicit(&l->s->rep_head, memory_order_acquire) == l->rep_tail) {
-            l->desync = 1;
-            return PB_EPROTO;
+        /* The broker says every reply we asked for is in the ring (or that
+         * it owes us none), and we have read it all, yet the caller still
+         * waits for more: what we sent or read was not what it should have
+         * been (a scribbled request or ring). */
+        if (req_buffer_free(l) && l->pending) {
+            uint32_t owed = atomic_load(&l->s->rep_owed);
+            uint64_t done = atomic_load(&l->s->reply_done);
+            uint64_t head = atomic_load_explicit(&l->s->rep_head, memory_order_acquire);
+            if (head == l->rep_tail && (done >= l->done_target || owed == 0)) {
+                l->desync = 1;
+                return PB_EPROTO;
+            }
         }
         /* The broker takes a request within microseconds.  One not taken
          * for a second lost its ring entry (a scribbled ring): push it
