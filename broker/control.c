@@ -52,16 +52,29 @@ int control_listen(broker *b)
     }
     strcpy(sa.sun_path, path);
 
-    /* A socket file may be left by a broker that died.  If something answers
-     * on it, another broker is running: refuse rather than steal its path. */
+    /* A socket file may be left by a broker that died.  If a broker answers
+     * an attach on it, one is running: refuse rather than steal its path.
+     * A connect alone proves nothing: a broker killed a moment ago can
+     * still have the socket listening while the kernel tears down its
+     * io_uring (a supervisor restarting it at once hits exactly that). */
     int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (probe >= 0) {
+        struct timeval tv = { .tv_sec = 1 };
+        setsockopt(probe, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
         if (connect(probe, (struct sockaddr *)&sa, sizeof sa) == 0) {
+            pb_attach_req req = { PB_ATTACH_MAGIC, PB_SHM_VERSION, PB_SHM_FINGERPRINT, (int32_t)getpid() };
+            pb_attach_resp resp;
+            int answered = send(probe, &req, sizeof req, MSG_NOSIGNAL) == (ssize_t)sizeof req &&
+                           recv(probe, &resp, sizeof resp, 0) > 0;
             close(probe);
-            log_error("another broker is listening on %s", path);
-            return -1;
+            if (answered) {
+                log_error("another broker is listening on %s", path);
+                return -1;
+            }
+            log_info("%s accepts but nobody answers: a broker that just died; taking it over", path);
+        } else {
+            close(probe);
         }
-        close(probe);
     }
     if (unlink(path) == 0)
         log_info("removed stale socket %s", path);

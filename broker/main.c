@@ -211,6 +211,10 @@ static int setup(broker *b)
     for (uint32_t i = 0; i < b->max_clients; i++)
         b->clients[i].ctrl_fd = b->clients[i].pidfd = -1;
 
+    /* The socket first: if another broker is running, fail before touching
+     * its segment. */
+    if (control_listen(b) < 0)
+        return -1;
     if (shm_create(b) < 0)
         return -1;
     b->hdr->io_backend = chosen == LOOP_URING ? PB_IO_URING : PB_IO_EPOLL;
@@ -243,8 +247,6 @@ static int setup(broker *b)
     b->signal_op.data = b;
     loop_read(b->lp, &b->signal_op, b->signal_fd, b->siginfo, sizeof(struct signalfd_siginfo));
 
-    if (control_listen(b) < 0)
-        return -1;
     return 0;
 }
 
