@@ -59,7 +59,6 @@ typedef struct scan_state {
     uint8_t hdr[5];          /* PG: type byte + length, as collected so far */
     uint32_t hdr_have;
     uint64_t body_left;      /* PG: bytes left of the current message's body */
-    void *reader;            /* Redis: redisReader without objects */
 } scan_state;
 
 typedef struct conn {
@@ -107,10 +106,9 @@ typedef struct conn {
     int validating;          /* our own ping is pending (slot held by the broker) */
     int release_pending;     /* owner released while replies were outstanding */
     int submit_deferred;     /* a SUBMIT waits for the previous replies */
-    uint32_t deferred_seq;
 
     /* lifecycle */
-    uint64_t created_ms, retire_at_ms, last_used_ms, cmd_start_ms;
+    uint64_t created_ms, retire_at_ms, cmd_start_ms;
     uint64_t leak_logged_word;
     uint64_t suspect_word;   /* janitor: a slot word that made no sense last pass */
     int cancel_sent;         /* a cancel request went out for the command in flight */

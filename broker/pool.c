@@ -353,7 +353,6 @@ static int hand_to_waiter(conn *c)
             if (atomic_load(&sc->wait_sleeping))
                 atomic_fetch_add_explicit(&p->shm->wakeups, 1, memory_order_relaxed);
             wake_futex(&sc->wait_futex, &sc->wait_sleeping);
-            c->last_used_ms = B.now_ms;
             return 1;
         }
         /* It cancelled between our two CASes: take the slot back, try the next. */
@@ -374,8 +373,7 @@ static void make_available(conn *c)
      * next one wait for its buffer. */
     c->acked_seq = atomic_load(&c->slot->req_seq);
     atomic_store(&c->slot->req_ack, c->acked_seq);
-    c->last_used_ms = B.now_ms;
-    if (p->removed || (B.draining && 0)) {
+    if (p->removed) {
         conn_close(c, "pool removed");
         return;
     }
@@ -474,7 +472,6 @@ void conn_connected(conn *c)
     p->connecting--;
     c->state = CS_READY;
     c->created_ms = B.now_ms;
-    c->last_used_ms = B.now_ms;
     /* Each connection gets its own lifetime once, 0..20% short of the
      * maximum, so connections made together do not all expire together. */
     c->retire_at_ms = life ? B.now_ms + life - (uint64_t)(random() % (life / 5 + 1)) : 0;

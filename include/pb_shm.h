@@ -214,7 +214,6 @@ typedef struct pb_shm_client {
 
 /* Flags in pb_shm_slot.flags (broker-written, read by the lease holder). */
 #define PB_SF_RETIRE      0x01u     /* release through the broker: connection retires */
-#define PB_SF_PREPARED_OK 0x02u     /* reserved */
 
 /* Flags in pb_shm_slot.client_flags (lease holder writes, broker reads). */
 #define PB_CF_DIRTY       0x01u     /* session state changed: reset on release */
