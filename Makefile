@@ -103,7 +103,7 @@ $(BUILD)/tests/test_slots: tests/test_slots.c include/pb_shm.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $< -o $@ $(LDFLAGS) -lcmocka
 
-$(BUILD)/tests/test_%: tests/test_%.c tests/harness.c tests/harness.h $(BUILD)/libpoolbroker.a
+$(BUILD)/tests/test_%: tests/test_%.c tests/harness.c tests/harness.h tests/pbtest.h $(BUILD)/libpoolbroker.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Itests $< tests/harness.c $(BUILD)/libpoolbroker.a -o $@ $(LDFLAGS) -lcmocka -lhiredis -lpq
 

@@ -22,6 +22,7 @@
 
 #include "harness.h"
 #include "poolbroker.h"
+#include "pbtest.h"
 
 static th_env env;
 
@@ -67,15 +68,6 @@ static int group_teardown(void **state)
     return th_teardown(&env);
 }
 
-static pb_client *connect_or_fail(void)
-{
-    pb_client *c = NULL;
-    int rc = pb_connect(env.sock_path, &c);
-    if (rc != PB_OK)
-        fail_msg("pb_connect: %s", pb_strerror(rc));
-    return c;
-}
-
 static pb_result *exec_ok(pb_lease *l, const char *sql)
 {
     pb_result *r = NULL;
@@ -95,7 +87,7 @@ static void exec_void(pb_lease *l, const char *sql)
 static void test_select_one(void **state)
 {
     (void)state;
-    pb_client *c = connect_or_fail();
+    pb_client *c = pbt_connect(&env);
     pb_lease *l;
     assert_int_equal(pb_acquire(c, "main", -1, &l), PB_OK);
     pb_result *r = exec_ok(l, "SELECT 1 AS one, 'two' AS two");
@@ -117,7 +109,7 @@ static void test_select_one(void **state)
 static void test_transaction_across_execs(void **state)
 {
     (void)state;
-    pb_client *c = connect_or_fail();
+    pb_client *c = pbt_connect(&env);
     pb_lease *l;
     assert_int_equal(pb_acquire(c, "main", -1, &l), PB_OK);
     exec_void(l, "BEGIN");
@@ -138,7 +130,7 @@ static void test_transaction_across_execs(void **state)
 static void test_sql_error_keeps_lease(void **state)
 {
     (void)state;
-    pb_client *c = connect_or_fail();
+    pb_client *c = pbt_connect(&env);
     pb_lease *l;
     pb_result *r = NULL;
     assert_int_equal(pb_acquire(c, "main", -1, &l), PB_OK);
@@ -173,7 +165,7 @@ static void test_sql_error_keeps_lease(void **state)
 static void test_release_mid_transaction_rolls_back(void **state)
 {
     (void)state;
-    pb_client *c = connect_or_fail();
+    pb_client *c = pbt_connect(&env);
     pb_lease *l;
     pb_result *r;
     /* "tiny" has one connection, so the next lease gets the same one. */
@@ -209,7 +201,7 @@ static void test_release_mid_transaction_rolls_back(void **state)
 static void test_discard_all_policy(void **state)
 {
     (void)state;
-    pb_client *c = connect_or_fail();
+    pb_client *c = pbt_connect(&env);
     pb_lease *l;
     pb_result *r;
     assert_int_equal(pb_acquire(c, "discard", 10000, &l), PB_OK);
@@ -228,7 +220,7 @@ static void test_discard_all_policy(void **state)
 static void test_nulls_binary_empty(void **state)
 {
     (void)state;
-    pb_client *c = connect_or_fail();
+    pb_client *c = pbt_connect(&env);
     pb_lease *l;
     pb_result *r = NULL;
     assert_int_equal(pb_acquire(c, "main", -1, &l), PB_OK);
@@ -288,7 +280,7 @@ static void test_nulls_binary_empty(void **state)
 static void test_large_result_streams(void **state)
 {
     (void)state;
-    pb_client *c = connect_or_fail();
+    pb_client *c = pbt_connect(&env);
     pb_lease *l;
     /* 100,000 rows of 1,000 bytes: ~100 MB through a 256 KiB reply ring. */
     assert_int_equal(pb_acquire(c, "main", -1, &l), PB_OK);
@@ -308,7 +300,7 @@ static void test_large_result_streams(void **state)
 static void test_request_too_big(void **state)
 {
     (void)state;
-    pb_client *c = connect_or_fail();
+    pb_client *c = pbt_connect(&env);
     pb_lease *l;
     assert_int_equal(pb_acquire(c, "main", -1, &l), PB_OK);
     size_t n = 70000;
@@ -329,7 +321,7 @@ static void test_request_too_big(void **state)
 static void test_unknown_pool_and_timeout(void **state)
 {
     (void)state;
-    pb_client *c = connect_or_fail();
+    pb_client *c = pbt_connect(&env);
     pb_lease *l = NULL, *l2 = NULL;
     assert_int_equal(pb_acquire(c, "nope", -1, &l), PB_ENOPOOL);
     assert_null(l);
@@ -351,7 +343,7 @@ static void test_unknown_pool_and_timeout(void **state)
 static void test_stale_handles(void **state)
 {
     (void)state;
-    pb_client *c = connect_or_fail();
+    pb_client *c = pbt_connect(&env);
     pb_lease *l;
     pb_result *r = NULL;
     assert_int_equal(pb_acquire(c, "main", -1, &l), PB_OK);
@@ -366,7 +358,7 @@ static void test_stale_handles(void **state)
 static void test_fork_reattach(void **state)
 {
     (void)state;
-    pb_client *c = connect_or_fail();
+    pb_client *c = pbt_connect(&env);
     pb_lease *held;
     assert_int_equal(pb_acquire(c, "main", -1, &held), PB_OK);
     fflush(NULL);

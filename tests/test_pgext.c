@@ -18,6 +18,7 @@
 
 #include "harness.h"
 #include "poolbroker.h"
+#include "pbtest.h"
 
 static th_env env;
 
@@ -44,15 +45,6 @@ static int group_teardown(void **state)
     return th_teardown(&env);
 }
 
-static pb_client *cli(void)
-{
-    pb_client *c = NULL;
-    int rc = pb_connect(env.sock_path, &c);
-    if (rc != PB_OK)
-        fail_msg("pb_connect: %s", pb_strerror(rc));
-    return c;
-}
-
 /* Check a call that produced *rp (a pointer, read after the call). */
 static pb_result *ok(int rc, pb_result **rp, const char *what)
 {
@@ -66,7 +58,7 @@ static pb_result *ok(int rc, pb_result **rp, const char *what)
 
 static void prepared_across_leases(const char *pool)
 {
-    pb_client *c = cli();
+    pb_client *c = pbt_connect(&env);
     pb_lease *l[4];
     pb_result *r = NULL;
     unsigned types[1] = { 23 };
@@ -121,7 +113,7 @@ static void test_prepared_rollback_policy(void **state)
     prepared_across_leases("main");
     /* No extra round trip when the connection has it: the server holds one
      * named statement per connection, not one per execution. */
-    pb_client *c = cli();
+    pb_client *c = pbt_connect(&env);
     pb_lease *l;
     pb_result *r = NULL;
     assert_int_equal(pb_acquire(c, "main", 5000, &l), PB_OK);
@@ -144,7 +136,7 @@ static void test_prepared_discard_all_policy(void **state)
 static void test_pipeline_10000_with_error(void **state)
 {
     (void)state;
-    pb_client *c = cli();
+    pb_client *c = pbt_connect(&env);
     pb_lease *l;
     pb_result *r = NULL;
     assert_int_equal(pb_acquire(c, "main", 5000, &l), PB_OK);
@@ -189,7 +181,7 @@ static void test_copy_in_out_bounded(void **state)
     (void)state;
     /* PB_COPY_MB (default 1024) of rows in, and back out. */
     long mb = getenv("PB_COPY_MB") ? atol(getenv("PB_COPY_MB")) : 1024;
-    pb_client *c = cli();
+    pb_client *c = pbt_connect(&env);
     pb_lease *l;
     pb_result *r = NULL;
     assert_int_equal(pb_acquire(c, "main", 5000, &l), PB_OK);
@@ -253,7 +245,7 @@ static void test_copy_in_out_bounded(void **state)
 static void test_listen_notify(void **state)
 {
     (void)state;
-    pb_client *c = cli();
+    pb_client *c = pbt_connect(&env);
     pb_lease *l;
     pb_result *r = NULL;
     pb_notify *n = NULL;
@@ -311,7 +303,7 @@ static void on_notice(void *arg, const pb_result *n)
 static void test_notices(void **state)
 {
     (void)state;
-    pb_client *c = cli();
+    pb_client *c = pbt_connect(&env);
     pb_lease *l;
     pb_result *r = NULL;
     pb_set_notice_handler(c, on_notice, NULL);
@@ -333,7 +325,7 @@ static void test_notices(void **state)
 static void test_session_state_reset(void **state)
 {
     (void)state;
-    pb_client *c = cli();
+    pb_client *c = pbt_connect(&env);
     pb_lease *l;
     pb_result *r = NULL;
     /* discard_all: SET, temp tables, advisory locks are gone. */

@@ -18,6 +18,7 @@
 
 #include "harness.h"
 #include "poolbroker.h"
+#include "pbtest.h"
 
 static th_env env;
 
@@ -81,15 +82,6 @@ static int group_teardown(void **state)
     return th_teardown(&env);
 }
 
-static pb_client *cli(void)
-{
-    pb_client *c = NULL;
-    int rc = pb_connect(env.sock_path, &c);
-    if (rc != PB_OK)
-        fail_msg("pb_connect: %s", pb_strerror(rc));
-    return c;
-}
-
 static pb_lease *lease(pb_client *c, const char *pool)
 {
     pb_lease *l = NULL;
@@ -129,7 +121,7 @@ static long long reset_calls(void)
 static void test_basic_and_errors(void **state)
 {
     (void)state;
-    pb_client *c = cli();
+    pb_client *c = pbt_connect(&env);
     pb_lease *l = lease(c, "cache");
     expect_str(l, "PING", "PONG");
     redisReply *r = cmd_ok(l, "SET %s hello", "k1");
@@ -170,7 +162,7 @@ static void test_basic_and_errors(void **state)
 static void test_type_mismatch(void **state)
 {
     (void)state;
-    pb_client *c = cli();
+    pb_client *c = pbt_connect(&env);
     pb_lease *l = lease(c, "cache");
     pb_result *res = NULL;
     assert_int_equal(pb_pg_exec(l, "SELECT 1", &res), PB_ETYPE);
@@ -186,7 +178,7 @@ static void test_type_mismatch(void **state)
 static void test_pipeline_10000(void **state)
 {
     (void)state;
-    pb_client *c = cli();
+    pb_client *c = pbt_connect(&env);
     pb_lease *l = lease(c, "small");        /* 16k request buffer, 64k ring */
     char key[32];
     for (int i = 0; i < 10000; i++) {
@@ -218,7 +210,7 @@ static void test_pipeline_10000(void **state)
 static void test_big_value_small_ring(void **state)
 {
     (void)state;
-    pb_client *c = cli();
+    pb_client *c = pbt_connect(&env);
     pb_lease *l = lease(c, "cache");
     size_t n = 16u << 20;
     char *big = malloc(n);
@@ -257,7 +249,7 @@ static void test_big_value_small_ring(void **state)
 static void test_no_state_leaks(void **state)
 {
     (void)state;
-    pb_client *c = cli();
+    pb_client *c = pbt_connect(&env);
     pb_lease *l;
     redisReply *r;
 
@@ -370,7 +362,7 @@ static void test_no_state_leaks(void **state)
 static void test_db_and_password(void **state)
 {
     (void)state;
-    pb_client *c = cli();
+    pb_client *c = pbt_connect(&env);
     char out[256];
     pb_lease *l = lease(c, "db3");
     expect_str(l, "SET in-db3 yes", "OK");
@@ -395,7 +387,7 @@ static void test_db_and_password(void **state)
 static void test_blocking_command_timeout(void **state)
 {
     (void)state;
-    pb_client *c = cli();
+    pb_client *c = pbt_connect(&env);
     pb_lease *l = lease(c, "small");                /* command_timeout_ms = 500 */
     int pid1 = pb_lease_backend_pid(l);
     redisReply *r = NULL;
