@@ -81,6 +81,13 @@ static void expect_clear(conn *c)
     c->expect = 0;
 }
 
+/* Connections serving or able to serve (live, not mid-handshake): derived
+ * from the counters the broker keeps, never counted separately. */
+static void publish_size(pool *p)
+{
+    atomic_store(&p->shm->size, p->live - p->connecting);
+}
+
 static uint32_t local_index(const conn *c)
 {
     return c->index - c->pool->first_slot;
@@ -147,7 +154,7 @@ void pool_republish(pool *p)
     sp->slot_capacity = p->nconns;
     pool_publish_limits(p);
     atomic_store(&sp->nwaiters, p->wq_len);
-    atomic_store(&sp->size, p->live - p->connecting);
+    publish_size(p);
     int accepting = !p->removed && !B.draining;
     atomic_store(&sp->accepting, (uint32_t)accepting);
     if (p->removed)
@@ -486,7 +493,7 @@ void conn_connected(conn *c)
     c->rep_head = atomic_load(&c->slot->rep_head);
     c->reply_done = 0;
     atomic_store(&c->slot->reply_done, 0);
-    atomic_fetch_add(&p->shm->size, 1);
+    publish_size(p);
     atomic_store(&p->shm->consecutive_failures, 0);
     atomic_store(&p->shm->health, PB_HEALTH_HEALTHY);
     p->backoff_ms = 0;
@@ -597,6 +604,7 @@ void conn_close(conn *c, const char *why)
     c->state = CS_CLOSING;
     p->live--;                      /* no longer READY: the janitor and
                                        pool_maybe_grow must not count it */
+    publish_size(p);
     slot_set(c, PB_SLOT_CLOSING, 0);
     freemap_clear(p, local_index(c));
     if (c->fd >= 0)
@@ -626,7 +634,6 @@ static void conn_finish_close(conn *c)
     c->sending = 0;
     c->backend_pid = 0;
     atomic_store(&c->slot->backend_pid, 0);
-    atomic_fetch_sub(&p->shm->size, 1);
     slot_set(c, PB_SLOT_EMPTY, 0);
     pool_maybe_grow(p);
 }
