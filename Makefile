@@ -20,10 +20,10 @@ LDFLAGS += -fsanitize=$(SANITIZE)
 endif
 
 BROKER_SRC := broker/main.c broker/log.c broker/conf.c broker/loop.c broker/loop_uring.c \
-              broker/loop_epoll.c broker/shm.c broker/control.c broker/pool.c broker/pg.c \
+              broker/loop_epoll.c broker/shm.c broker/attach.c broker/control.c broker/pool.c broker/pg.c \
               broker/redis.c broker/janitor.c broker/cancel.c broker/reload.c broker/tls.c broker/metrics.c \
               tools/shmview.c
-CLIENT_SRC := client/client.c client/pg.c client/pgproto.c client/redis.c
+CLIENT_SRC := client/client.c client/attachcheck.c client/pg.c client/pgproto.c client/redis.c
 
 BROKER_OBJ := $(BROKER_SRC:%.c=$(BUILD)/%.o)
 CLIENT_OBJ := $(CLIENT_SRC:%.c=$(BUILD)/pic/%.o)
@@ -120,7 +120,7 @@ FUZZ_BUILD   := build/fuzz
 FUZZ_CFLAGS  := -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -g -O1 -std=c11 \
                 -D_GNU_SOURCE= -Wall -Wextra -Iinclude -Ibroker -Iclient \
                 -I$(shell pg_config --includedir 2>/dev/null || echo /usr/include/postgresql)
-FUZZ_TARGETS := fuzz_pg_request fuzz_resp fuzz_pg_reply fuzz_conf fuzz_shm
+FUZZ_TARGETS := fuzz_pg_request fuzz_resp fuzz_pg_reply fuzz_conf fuzz_shm fuzz_attach
 FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/%)
 
 $(FUZZ_BUILD)/fuzz_pg_request: tests/fuzz/fuzz_pg_request.c broker/pg.c broker/log.c
@@ -130,6 +130,7 @@ $(FUZZ_BUILD)/fuzz_resp: FUZZ_LIBS := -lhiredis
 $(FUZZ_BUILD)/fuzz_pg_reply: tests/fuzz/fuzz_pg_reply.c client/pgproto.c
 $(FUZZ_BUILD)/fuzz_conf: tests/fuzz/fuzz_conf.c broker/conf.c broker/log.c
 $(FUZZ_BUILD)/fuzz_shm: tests/fuzz/fuzz_shm.c include/pb_shm.h
+$(FUZZ_BUILD)/fuzz_attach: tests/fuzz/fuzz_attach.c broker/attach.c client/attachcheck.c
 $(FUZZ_BINS): $(wildcard include/*.h broker/*.h client/*.h)
 	@command -v $(FUZZ_CC) >/dev/null || { echo "fuzz: $(FUZZ_CC) not found; run tools/install-deps --fuzz" >&2; exit 1; }
 	@mkdir -p $(dir $@)

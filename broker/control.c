@@ -28,6 +28,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "attach.h"
 #include "broker.h"
 #include "log.h"
 #include "poolbroker.h"
@@ -130,20 +131,6 @@ client *client_by_id(broker *b, uint32_t id)
     return &b->clients[idx];
 }
 
-static int uid_allowed(broker *b, uid_t uid, gid_t gid)
-{
-    conf *cf = b->cf;
-    if (cf->n_allowed_uids == 0 && cf->n_allowed_gids == 0)
-        return uid == geteuid();
-    for (int i = 0; i < cf->n_allowed_uids; i++)
-        if (cf->allowed_uids[i] == uid)
-            return 1;
-    for (int i = 0; i < cf->n_allowed_gids; i++)
-        if (cf->allowed_gids[i] == gid)
-            return 1;
-    return 0;
-}
-
 /* Send the attach answer; fds only on success. */
 static void send_resp(broker *b, int fd, int status, client *cl)
 {
@@ -240,26 +227,28 @@ static void attach(broker *b, client *cl, const uint8_t *buf, int len)
     struct ucred cred;
     socklen_t clen = sizeof cred;
 
-    if (len != (int)sizeof req) {
+    /* attach.c judges the message; of its refusals only a bad size is logged
+     * before SO_PEERCRED, because the others name the peer's pid. */
+    int rc = attach_check_req(buf, (size_t)len, &req);
+    if (rc != PB_OK && len != (int)sizeof req) {
         log_warn("attach: bad request size %d", len);
         goto refuse_proto;
     }
-    memcpy(&req, buf, sizeof req);
     if (getsockopt(cl->ctrl_fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) < 0) {
         log_errno(LOG_LVL_WARN, errno, "SO_PEERCRED");
         goto refuse_proto;
     }
-    if (req.magic != PB_ATTACH_MAGIC) {
+    if (rc == PB_EPROTO) {
         log_warn("attach from pid %d: not a poolbroker client", (int)cred.pid);
         goto refuse_proto;
     }
-    if (req.version != PB_SHM_VERSION || req.fingerprint != PB_SHM_FINGERPRINT) {
+    if (rc == PB_EVERSION) {
         log_warn("attach from pid %d refused: layout version %u/%08x, broker has %u/%08x", (int)cred.pid,
                  req.version, req.fingerprint, PB_SHM_VERSION, PB_SHM_FINGERPRINT);
         send_resp(b, cl->ctrl_fd, PB_EVERSION, NULL);
         goto drop;
     }
-    if (!uid_allowed(b, cred.uid, cred.gid)) {
+    if (!attach_uid_allowed(b->cf, geteuid(), cred.uid, cred.gid)) {
         log_warn("attach from pid %d refused: uid %u gid %u not allowed", (int)cred.pid, (unsigned)cred.uid,
                  (unsigned)cred.gid);
         send_resp(b, cl->ctrl_fd, PB_EPERM, NULL);

@@ -139,26 +139,17 @@ static void detach(pb_client *c)
     c->attached = 0;
 }
 
-/* Check a freshly mapped header before believing any offset in it. */
+/* Check a freshly mapped header before believing any offset in it
+ * (attachcheck.c), then take the tables from it. */
 static int check_header(pb_client *c)
 {
     pb_shm_header *h = c->hdr;
-    if (c->shm_size < sizeof *h || h->magic != PB_SHM_MAGIC)
-        return PB_EBROKER;
-    if (h->version != PB_SHM_VERSION || h->fingerprint != PB_SHM_FINGERPRINT)
-        return PB_EVERSION;
-    uint64_t sz = c->shm_size;
-    if (h->total_size > sz || h->npools > PB_MAX_POOLS || h->max_clients > PB_MAX_CLIENTS ||
-        h->pool_off > sz || (uint64_t)PB_MAX_POOLS * sizeof(pb_shm_pool) > sz - h->pool_off ||
-        h->client_off > sz || (uint64_t)h->max_clients * sizeof(pb_shm_client) > sz - h->client_off ||
-        h->slot_off > sz || (uint64_t)h->nslots * sizeof(pb_shm_slot) > sz - h->slot_off)
-        return PB_EPROTO;
-    uint32_t idx = PB_CLIENT_INDEX(c->id);
-    if (c->id == 0 || idx >= h->max_clients)
-        return PB_EPROTO;
+    int rc = pbi_check_header(h, c->shm_size, c->id);
+    if (rc != PB_OK)
+        return rc;
     c->pools = pb_shm_pools(h);
     c->slots = pb_shm_slots(h);
-    c->rec = &pb_shm_clients(h)[idx];
+    c->rec = &pb_shm_clients(h)[PB_CLIENT_INDEX(c->id)];
     c->npools = h->npools;
     c->nslots = h->nslots;
     return PB_OK;
@@ -199,18 +190,9 @@ static int attach(pb_client *c)
     for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
         if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(2 * sizeof(int)))
             memcpy(fds, CMSG_DATA(cm), sizeof fds);
-    if (n != (ssize_t)sizeof resp || resp.magic != PB_ATTACH_MAGIC) {
-        rc = PB_EBROKER;
+    rc = pbi_attach_resp_check(&resp, n);
+    if (rc != PB_OK)
         goto fail;
-    }
-    if (resp.status != PB_OK) {
-        rc = resp.status < 0 && resp.status >= PB_ESERVER ? resp.status : PB_EBROKER;
-        goto fail;
-    }
-    if (resp.version != PB_SHM_VERSION || resp.fingerprint != PB_SHM_FINGERPRINT) {
-        rc = PB_EVERSION;
-        goto fail;
-    }
     struct stat st;
     if (fds[0] < 0 || fds[1] < 0 || fstat(fds[0], &st) < 0 || (uint64_t)st.st_size < resp.shm_size) {
         rc = PB_EBROKER;

@@ -116,4 +116,16 @@ void pbi_reply_consume(pb_lease *l, size_t n);
 void pbi_set_preview(pb_lease *l, const char *text, size_t len);
 uint64_t pbi_now_us(void);
 
+/* attachcheck.c: the attach-time checks, pure so that the fuzz target runs them */
+/* The broker's answer, n bytes of it received: PB_OK, PB_EBROKER (short, not
+ * a poolbroker answer, or a status that is no PB_E* code), PB_EVERSION (the
+ * broker's layout is not ours), or the PB_E* code the broker refused with. */
+int pbi_attach_resp_check(const pb_attach_resp *resp, ssize_t n);
+/* The header of a mapped segment of shm_size bytes, for client client_id:
+ * PB_OK only when the pool table (PB_MAX_POOLS entries), the client table
+ * (max_clients), the slot table (nslots) and our own client record all lie
+ * inside the mapping; else PB_EBROKER (too small, bad magic), PB_EVERSION or
+ * PB_EPROTO.  Reads only the header. */
+int pbi_check_header(const pb_shm_header *h, uint64_t shm_size, uint32_t client_id);
+
 #endif /* PB_CLIENT_INTERNAL_H */

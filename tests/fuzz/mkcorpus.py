@@ -16,6 +16,8 @@ Input formats of the targets (see each tests/fuzz/fuzz_*.c):
     fuzz_pg_reply:               4 bytes (chunking seed) + backend byte stream
     fuzz_conf:                   config text
     fuzz_shm:                    op stream (see fuzz_shm.c); seeds are random
+    fuzz_attach:                 mode byte + request, answer or segment (see
+                                 fuzz_attach.c); struct sizes from a cc probe
 """
 import argparse
 import hashlib
@@ -23,7 +25,9 @@ import os
 import random
 import socket
 import struct
+import subprocess
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(HERE, "corpus")
@@ -431,6 +435,89 @@ def shm_corpus():
         write("fuzz_shm", "random%d" % i, bytes(rng.getrandbits(8) for _ in range(n)))
 
 
+# ---------------------------------------------------------------- attach
+
+ATTACH_PROBE = r'''
+#include <stdio.h>
+#include "pb_shm.h"
+int main(void)
+{
+    printf("%zu %zu %zu %zu\n", sizeof(pb_shm_header), sizeof(pb_shm_pool), sizeof(pb_shm_client),
+           sizeof(pb_shm_slot));
+    return 0;
+}
+'''
+
+
+def layout_sizes():
+    # The segment seed needs the struct sizes of this build: ask the compiler.
+    with tempfile.TemporaryDirectory() as d:
+        src, exe = os.path.join(d, "probe.c"), os.path.join(d, "probe")
+        with open(src, "w") as f:
+            f.write(ATTACH_PROBE)
+        subprocess.run(["cc", "-std=c11", "-I", os.path.join(HERE, "..", "..", "include"), src, "-o", exe],
+                       check=True)
+        return [int(x) for x in subprocess.run([exe], check=True, capture_output=True, text=True).stdout.split()]
+
+
+def attach_corpus():
+    # Byte 0: mode (bits 0-1: 0 broker, 1 answer, 2 segment) | flags << 2, the
+    # flags stamping this build's magic (1), version (2), fingerprint (4) in
+    # place, so the seeds survive a layout change; 8: answer with n = -1;
+    # 16: segment size = end of the furthest table + a signed byte.
+    def mode(m, flags):
+        return bytes([m | flags << 2])
+    STAMP = 7
+    A_MAGIC, S_MAGIC = 0x50424154, 0x314B52424C4F4F50
+    uid = 1000
+    # broker: [nuids][ngids][euid][uid][gid] uids gids, then the request
+    creds = struct.pack("<BBIII", 0, 0, uid, uid, uid)
+    req = struct.pack("<IIIi", A_MAGIC, 0, 0, 4242)
+    write("fuzz_attach", "req_valid", mode(0, STAMP) + creds + req)
+    write("fuzz_attach", "req_lists", mode(0, STAMP) + struct.pack("<BBIII", 2, 1, 0, 1001, 50) +
+          struct.pack("<III", 7, 1001, 50) + req)
+    write("fuzz_attach", "req_bad_magic", mode(0, 6) + creds + struct.pack("<IIIi", 0x54414250, 0, 0, 1))
+    write("fuzz_attach", "req_short", mode(0, STAMP) + creds + req[:12])
+    write("fuzz_attach", "req_other_layout", mode(0, 1) + creds + struct.pack("<IIIi", A_MAGIC, 2, 0x12345678, 1))
+    write("fuzz_attach", "req_refused", mode(0, STAMP) + struct.pack("<BBIII", 0, 0, 0, uid, uid) + req)
+    # answer: pb_attach_resp
+    def resp(status, size=1 << 20):
+        return struct.pack("<IiIIIIQ", A_MAGIC, status, 0, 0, (1 << 12) | 1, 3, size)
+    write("fuzz_attach", "resp_valid", mode(1, STAMP) + resp(0))
+    write("fuzz_attach", "resp_eperm", mode(1, STAMP) + resp(-13))
+    write("fuzz_attach", "resp_bad_status", mode(1, STAMP) + resp(7))
+    write("fuzz_attach", "resp_other_layout", mode(1, 1) + resp(0)[:8] + struct.pack("<II", 2, 0x12345678) +
+          resp(0)[16:])
+    write("fuzz_attach", "resp_short", mode(1, STAMP) + resp(0)[:20])
+    write("fuzz_attach", "resp_recv_fail", mode(1, STAMP | 8) + resp(0))
+    write("fuzz_attach", "resp_bad_magic", mode(1, 6) + b"HTTP/1.1 400 Bad Request\r\n\r\n".ljust(32, b"\0"))
+    # segment: [shm_size][client_id] then the header as broker/shm.c lays it out
+    hdr_size, pool_size, client_size, slot_size = layout_sizes()
+    def up(x, a):
+        return (x + a - 1) // a * a
+    def header(npools, nslots, max_clients, total):
+        pool_off = up(hdr_size, 64)
+        client_off = pool_off + up(64 * pool_size, 64)
+        slot_off = client_off + up(max_clients * client_size, 64)
+        buf_off = up(slot_off + up(nslots * slot_size, 64), 4096)
+        total = total or buf_off + nslots * (4096 + 4096)
+        h = struct.pack("<QIIQIIiIIIII", S_MAGIC, 0, 0, total, 1, 1, 4242, 1, npools, nslots, max_clients, 0)
+        h += struct.pack("<QQQQQQII", pool_off, client_off, slot_off, buf_off, 1700000000000, 123456, 1, 0)
+        h += b"/poolbroker".ljust(64, b"\0")
+        return total, h.ljust(hdr_size, b"\0")
+    total, h = header(2, 4, 2, 0)
+    write("fuzz_attach", "seg_valid", mode(2, STAMP) + struct.pack("<II", total, (1 << 12) | 2) + h)
+    total, h = header(1, 1, 1, 0)
+    write("fuzz_attach", "seg_small", mode(2, STAMP) + struct.pack("<II", total, 1) + h)
+    write("fuzz_attach", "seg_too_small", mode(2, STAMP) + struct.pack("<II", total // 2, 1) + h)
+    write("fuzz_attach", "seg_short_header", mode(2, STAMP) + struct.pack("<II", 100, 1) + h[:100])
+    write("fuzz_attach", "seg_bad_client", mode(2, STAMP) + struct.pack("<II", total, (5 << 12) | 3) + h)
+    # Sized to end exactly where the slot table does, then one byte short.
+    total, h = header(3, 5, 3, 64)
+    write("fuzz_attach", "seg_exact_end", mode(2, STAMP | 16) + struct.pack("<II", 0, (1 << 12) | 3) + h)
+    write("fuzz_attach", "seg_one_short", mode(2, STAMP | 16) + struct.pack("<II", 0xFF, (1 << 12) | 3) + h)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--pg-sock")
@@ -439,6 +526,7 @@ def main():
     a = ap.parse_args()
     conf_corpus()
     shm_corpus()
+    attach_corpus()
     if a.pg_sock and a.pg_port:
         pg_corpus(a.pg_sock, a.pg_port)
     else:
