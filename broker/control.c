@@ -143,6 +143,15 @@ static void send_resp(broker *b, int fd, int status, client *cl)
         .generation = atomic_load(&b->hdr_copy.generation),
         .shm_size = b->shm_size,
     };
+    if (status == PB_OK)
+        resp.layout = (pb_shm_layout){
+            .pool_off = b->hdr_copy.pool_off,
+            .client_off = b->hdr_copy.client_off,
+            .slot_off = b->hdr_copy.slot_off,
+            .buf_off = b->hdr_copy.buf_off,
+            .max_clients = b->hdr_copy.max_clients,
+            .nslots = b->hdr_copy.nslots,
+        };
     struct iovec iov = { .iov_base = &resp, .iov_len = sizeof resp };
     union {
         struct cmsghdr align;

@@ -490,7 +490,10 @@ void conn_connected(conn *c)
     atomic_store(&c->slot->io_error, 0);
     for (int i = 0; i < PB_SLOT_STMTS; i++)
         atomic_store(&c->slot->stmts[i], 0);
-    c->rep_head = atomic_load(&c->slot->rep_head);
+    /* Our ring position runs on across connections of this slot; the one
+     * in the segment is only ever a copy of it (a worker may have written
+     * anything there). */
+    atomic_store(&c->slot->rep_head, c->rep_head);
     c->reply_done = 0;
     atomic_store(&c->slot->reply_done, 0);
     publish_size(p);

@@ -139,22 +139,6 @@ static void detach(pb_client *c)
     c->attached = 0;
 }
 
-/* Check a freshly mapped header before believing any offset in it
- * (attachcheck.c), then take the tables from it. */
-static int check_header(pb_client *c)
-{
-    pb_shm_header *h = c->hdr;
-    int rc = pbi_check_header(h, c->shm_size, c->id);
-    if (rc != PB_OK)
-        return rc;
-    c->pools = pb_shm_pools(h);
-    c->slots = pb_shm_slots(h);
-    c->rec = &pb_shm_clients(h)[PB_CLIENT_INDEX(c->id)];
-    c->npools = h->npools;
-    c->nslots = h->nslots;
-    return PB_OK;
-}
-
 static int attach(pb_client *c)
 {
     struct sockaddr_un sa = { .sun_family = AF_UNIX };
@@ -190,6 +174,8 @@ static int attach(pb_client *c)
     for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
         if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(2 * sizeof(int)))
             memcpy(fds, CMSG_DATA(cm), sizeof fds);
+    /* The answer, layout included, is all we go by: the segment's header is
+     * for shmstat (pb_shm_layout says why). */
     rc = pbi_attach_resp_check(&resp, n);
     if (rc != PB_OK)
         goto fail;
@@ -210,11 +196,11 @@ static int attach(pb_client *c)
     c->generation = resp.generation;
     c->ctrl_fd = fd;
     c->doorbell_fd = fds[1];
-    rc = check_header(c);
-    if (rc != PB_OK) {
-        detach(c);
-        return rc;
-    }
+    c->pools = (pb_shm_pool *)((char *)base + resp.layout.pool_off);
+    c->rec = &((pb_shm_client *)((char *)base + resp.layout.client_off))[PB_CLIENT_INDEX(c->id)];
+    c->slots = (pb_shm_slot *)((char *)base + resp.layout.slot_off);
+    c->nslots = resp.layout.nslots;
+    c->buf_off = resp.layout.buf_off;
     c->sq_tail = atomic_load(&c->rec->sq_tail);
     c->fork_gen = pb_fork_gen;
     c->attached = 1;
@@ -521,8 +507,11 @@ static int make_lease(pb_client *c, uint32_t pi, uint32_t s, uint64_t w, pb_leas
     pb_shm_slot *sl = &c->slots[s];
     uint64_t req_off = sl->req_off, rep_off = sl->rep_off;
     uint32_t req_size = sl->req_size, rep_size = sl->rep_size;
-    if (req_off > c->shm_size || req_size > c->shm_size - req_off || rep_off > c->shm_size ||
-        rep_size > c->shm_size - rep_off || rep_size == 0 || (rep_size & (rep_size - 1)))
+    /* Inside the buffer area, never over the tables: a scribbled offset must
+     * not make us write a request over somebody's slot word. */
+    if (req_off < c->buf_off || req_off > c->shm_size || req_size > c->shm_size - req_off ||
+        rep_off < c->buf_off || rep_off > c->shm_size || rep_size > c->shm_size - rep_off || rep_size == 0 ||
+        (rep_size & (rep_size - 1)))
         return PB_EPROTO;
     pb_lease *l = lease_alloc(c);
     if (!l)

@@ -37,6 +37,7 @@ struct pb_client {
     int ctrl_fd, doorbell_fd;
     pb_shm_header *hdr;
     size_t shm_size;
+    uint64_t buf_off;               /* slot buffers start here (attach answer) */
     pb_shm_pool *pools;
     pb_shm_slot *slots;
     pb_shm_client *rec;              /* our record */
@@ -119,13 +120,14 @@ uint64_t pbi_now_us(void);
 /* attachcheck.c: the attach-time checks, pure so that the fuzz target runs them */
 /* The broker's answer, n bytes of it received: PB_OK, PB_EBROKER (short, not
  * a poolbroker answer, or a status that is no PB_E* code), PB_EVERSION (the
- * broker's layout is not ours), or the PB_E* code the broker refused with. */
+ * broker's layout is not ours), the PB_E* code the broker refused with, or
+ * PB_EPROTO (the layout it sent fails pbi_check_layout). */
 int pbi_attach_resp_check(const pb_attach_resp *resp, ssize_t n);
-/* The header of a mapped segment of shm_size bytes, for client client_id:
- * PB_OK only when the pool table (PB_MAX_POOLS entries), the client table
- * (max_clients), the slot table (nslots) and our own client record all lie
- * inside the mapping; else PB_EBROKER (too small, bad magic), PB_EVERSION or
- * PB_EPROTO.  Reads only the header. */
-int pbi_check_header(const pb_shm_header *h, uint64_t shm_size, uint32_t client_id);
+/* The layout of a segment of shm_size bytes, for client client_id: PB_OK
+ * only when the pool table (PB_MAX_POOLS entries), the client table
+ * (max_clients), the slot table (nslots) lie in that order, cache-line
+ * aligned, between the header and buf_off, buf_off within the segment, and
+ * our own record exists; else PB_EPROTO. */
+int pbi_check_layout(const pb_shm_layout *L, uint64_t shm_size, uint32_t client_id);
 
 #endif /* PB_CLIENT_INTERNAL_H */

@@ -30,7 +30,7 @@
 #include <stdint.h>
 
 #define PB_SHM_MAGIC      0x314B52424C4F4F50ULL   /* "POOLBRK1", little endian */
-#define PB_SHM_VERSION    1u
+#define PB_SHM_VERSION    2u
 #define PB_CACHELINE      64
 #define PB_NAME_MAX       32                      /* pool name incl. NUL */
 #define PB_MAX_POOLS      64
@@ -373,6 +373,21 @@ typedef struct pb_attach_req {
     int32_t  pid;                       /* informational; the broker uses SO_PEERCRED */
 } pb_attach_req;
 
+/* Where the tables are.  The header holds the same numbers (for shmstat),
+ * but every attached worker can write the header, and a client that attached
+ * the instant a buggy one scribbled its offsets would put its submission ring
+ * or its requests somewhere the broker never looks.  So the library takes the
+ * layout from the attach answer (the broker's private copy, over the socket)
+ * and never derives an address from the header. */
+typedef struct pb_shm_layout {
+    uint64_t pool_off;                  /* pool table: room for PB_MAX_POOLS */
+    uint64_t client_off;                /* client table: max_clients records */
+    uint64_t slot_off;                  /* slot table: nslots */
+    uint64_t buf_off;                   /* slot buffers: buf_off .. shm_size */
+    uint32_t max_clients;
+    uint32_t nslots;
+} pb_shm_layout;
+
 typedef struct pb_attach_resp {
     uint32_t magic;                     /* PB_ATTACH_MAGIC */
     int32_t  status;                    /* PB_OK or a PB_E* code */
@@ -381,6 +396,7 @@ typedef struct pb_attach_resp {
     uint32_t client_id;                 /* 24-bit id, owner field of slot words */
     uint32_t generation;                /* broker generation */
     uint64_t shm_size;                  /* bytes to map */
+    pb_shm_layout layout;               /* on success */
 } pb_attach_resp;
 
 #endif /* PB_SHM_H */

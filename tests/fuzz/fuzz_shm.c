@@ -5,9 +5,8 @@
  * _repair), the word macros (PB_WORD*, PB_SQE*, PB_WAITW*, PB_CLIENT_INDEX)
  * and the histogram buckets (pb_shm_hist_bucket / _add).
  *
- * (The alternative, mirroring control.c's four comparisons on a
- * pb_attach_req, would test a copy rather than the code; these primitives are
- * the real shared code whose inputs a rogue worker controls.)
+ * (The attach handshake's checks are fuzz_attach.c's, which calls the real
+ * code in broker/attach.c and client/attachcheck.c.)
  *
  * Input: [u16 cap][u32 seed][u8 density] then an op stream (at most 96 ops).  The pool's free
  * map (all 4096 bits, also those past cap) and the cap slot words start from

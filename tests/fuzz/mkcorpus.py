@@ -16,7 +16,7 @@ Input formats of the targets (see each tests/fuzz/fuzz_*.c):
     fuzz_pg_reply:               4 bytes (chunking seed) + backend byte stream
     fuzz_conf:                   config text
     fuzz_shm:                    op stream (see fuzz_shm.c); seeds are random
-    fuzz_attach:                 mode byte + request, answer or segment (see
+    fuzz_attach:                 mode byte + request, answer or layout (see
                                  fuzz_attach.c); struct sizes from a cc probe
 """
 import argparse
@@ -461,14 +461,17 @@ def layout_sizes():
 
 
 def attach_corpus():
-    # Byte 0: mode (bits 0-1: 0 broker, 1 answer, 2 segment) | flags << 2, the
+    # Byte 0: mode (bits 0-1: 0 broker, 1 answer, 2 layout) | flags << 2, the
     # flags stamping this build's magic (1), version (2), fingerprint (4) in
     # place, so the seeds survive a layout change; 8: answer with n = -1;
-    # 16: segment size = end of the furthest table + a signed byte.
+    # 16: shm_size = the furthest thing the layout claims + a signed byte;
+    # 32: layout offsets are deltas from the packed layout (0 = valid, every
+    # boundary exact, whatever the struct sizes).
     def mode(m, flags):
         return bytes([m | flags << 2])
-    STAMP = 7
-    A_MAGIC, S_MAGIC = 0x50424154, 0x314B52424C4F4F50
+    STAMP, RECV_FAIL, AT_END, REL = 7, 8, 16, 32
+    A_MAGIC = 0x50424154
+    MAX_CLIENTS = (1 << 12) - 1
     uid = 1000
     # broker: [nuids][ngids][euid][uid][gid] uids gids, then the request
     creds = struct.pack("<BBIII", 0, 0, uid, uid, uid)
@@ -480,42 +483,84 @@ def attach_corpus():
     write("fuzz_attach", "req_short", mode(0, STAMP) + creds + req[:12])
     write("fuzz_attach", "req_other_layout", mode(0, 1) + creds + struct.pack("<IIIi", A_MAGIC, 2, 0x12345678, 1))
     write("fuzz_attach", "req_refused", mode(0, STAMP) + struct.pack("<BBIII", 0, 0, 0, uid, uid) + req)
-    # answer: pb_attach_resp
-    def resp(status, size=1 << 20):
-        return struct.pack("<IiIIIIQ", A_MAGIC, status, 0, 0, (1 << 12) | 1, 3, size)
-    write("fuzz_attach", "resp_valid", mode(1, STAMP) + resp(0))
-    write("fuzz_attach", "resp_eperm", mode(1, STAMP) + resp(-13))
-    write("fuzz_attach", "resp_bad_status", mode(1, STAMP) + resp(7))
-    write("fuzz_attach", "resp_other_layout", mode(1, 1) + resp(0)[:8] + struct.pack("<II", 2, 0x12345678) +
-          resp(0)[16:])
-    write("fuzz_attach", "resp_short", mode(1, STAMP) + resp(0)[:20])
-    write("fuzz_attach", "resp_recv_fail", mode(1, STAMP | 8) + resp(0))
-    write("fuzz_attach", "resp_bad_magic", mode(1, 6) + b"HTTP/1.1 400 Bad Request\r\n\r\n".ljust(32, b"\0"))
-    # segment: [shm_size][client_id] then the header as broker/shm.c lays it out
+
+    # The layout as broker/shm.c's shm_create() computes it: tables on cache
+    # lines in the order pools (room for 64), clients, slots; buffers from
+    # the next page.  Struct sizes of this build from a compiler probe.
     hdr_size, pool_size, client_size, slot_size = layout_sizes()
     def up(x, a):
         return (x + a - 1) // a * a
-    def header(npools, nslots, max_clients, total):
+    def shm_layout(max_clients, nslots, buf_per_slot=4096 + 4096):
         pool_off = up(hdr_size, 64)
         client_off = pool_off + up(64 * pool_size, 64)
         slot_off = client_off + up(max_clients * client_size, 64)
         buf_off = up(slot_off + up(nslots * slot_size, 64), 4096)
-        total = total or buf_off + nslots * (4096 + 4096)
-        h = struct.pack("<QIIQIIiIIIII", S_MAGIC, 0, 0, total, 1, 1, 4242, 1, npools, nslots, max_clients, 0)
-        h += struct.pack("<QQQQQQII", pool_off, client_off, slot_off, buf_off, 1700000000000, 123456, 1, 0)
-        h += b"/poolbroker".ljust(64, b"\0")
-        return total, h.ljust(hdr_size, b"\0")
-    total, h = header(2, 4, 2, 0)
-    write("fuzz_attach", "seg_valid", mode(2, STAMP) + struct.pack("<II", total, (1 << 12) | 2) + h)
-    total, h = header(1, 1, 1, 0)
-    write("fuzz_attach", "seg_small", mode(2, STAMP) + struct.pack("<II", total, 1) + h)
-    write("fuzz_attach", "seg_too_small", mode(2, STAMP) + struct.pack("<II", total // 2, 1) + h)
-    write("fuzz_attach", "seg_short_header", mode(2, STAMP) + struct.pack("<II", 100, 1) + h[:100])
-    write("fuzz_attach", "seg_bad_client", mode(2, STAMP) + struct.pack("<II", total, (5 << 12) | 3) + h)
-    # Sized to end exactly where the slot table does, then one byte short.
-    total, h = header(3, 5, 3, 64)
-    write("fuzz_attach", "seg_exact_end", mode(2, STAMP | 16) + struct.pack("<II", 0, (1 << 12) | 3) + h)
-    write("fuzz_attach", "seg_one_short", mode(2, STAMP | 16) + struct.pack("<II", 0xFF, (1 << 12) | 3) + h)
+        total = up(buf_off + nslots * buf_per_slot, 4096)
+        return [pool_off, client_off, slot_off, buf_off, max_clients, nslots], total
+    def pack_layout(L):
+        return struct.pack("<QQQQII", *L)
+    M64 = (1 << 64) - 1
+    def neg(x):                     # a negative delta, mod 2^64
+        return -x & M64
+
+    # answer: pb_attach_resp (header fields, then the layout)
+    def resp(status, client_id=(1 << 12) | 1, size=0, L=(0, 0, 0, 0, 0, 0), version=0, finger=0):
+        return struct.pack("<IiIIIIQ", A_MAGIC, status, version, finger, client_id, 3, size) + pack_layout(L)
+    L, total = shm_layout(2, 4)
+    ok = resp(0, size=total, L=L)
+    write("fuzz_attach", "resp_valid", mode(1, STAMP) + ok)
+    # Packed, shm_size exactly at buf_off: every boundary exact, still valid.
+    write("fuzz_attach", "resp_valid_packed", mode(1, STAMP | REL | AT_END) + resp(0, L=(0, 0, 0, 0, 3, 5),
+                                                                                client_id=(1 << 12) | 3))
+    write("fuzz_attach", "resp_big_segment", mode(1, STAMP) + resp(0, size=1 << 40, L=L))
+    write("fuzz_attach", "resp_max_clients", mode(1, STAMP | REL | AT_END) +
+          resp(0, client_id=(9 << 12) | MAX_CLIENTS, L=(0, 0, 0, 0, MAX_CLIENTS, 1)))
+    write("fuzz_attach", "resp_too_many_clients", mode(1, STAMP | REL | AT_END) +
+          resp(0, client_id=(9 << 12) | 1, L=(0, 0, 0, 0, MAX_CLIENTS + 1, 1)))
+    write("fuzz_attach", "resp_misaligned", mode(1, STAMP) + resp(0, size=total, L=[L[0] + 8] + L[1:]))
+    write("fuzz_attach", "resp_eperm", mode(1, STAMP) + resp(-13))
+    write("fuzz_attach", "resp_bad_status", mode(1, STAMP) + resp(7))
+    # A version 1 broker: 32 bytes, no layout: PB_EVERSION, or its refusal.
+    write("fuzz_attach", "resp_v1", mode(1, 1) + resp(0, size=total, version=1, finger=0x12345678)[:32])
+    write("fuzz_attach", "resp_v1_eperm", mode(1, 1) + resp(-13, version=1, finger=0x12345678)[:32])
+    write("fuzz_attach", "resp_other_fingerprint", mode(1, 1 | 2) + resp(0, size=total, L=L, finger=0x12345678))
+    # Lengths around the checks: up to the fingerprint (a refusal is read,
+    # PB_OK is not), one byte less, one byte short of the whole answer.
+    write("fuzz_attach", "resp_eperm_16", mode(1, STAMP) + resp(-13)[:16])
+    write("fuzz_attach", "resp_eperm_15", mode(1, STAMP) + resp(-13)[:15])
+    write("fuzz_attach", "resp_short", mode(1, STAMP) + ok[:20])
+    write("fuzz_attach", "resp_one_short", mode(1, STAMP) + ok[:-1])
+    write("fuzz_attach", "resp_recv_fail", mode(1, STAMP | RECV_FAIL) + ok)
+    write("fuzz_attach", "resp_bad_magic", mode(1, 6) + b"HTTP/1.1 400 Bad Request\r\n\r\n".ljust(32, b"\0"))
+
+    # layout: [u32 size][u32 client_id] then the pb_shm_layout
+    def lay(name, flags, size, client_id, L):
+        write("fuzz_attach", "lay_" + name, mode(2, flags) + struct.pack("<II", size, client_id) + pack_layout(L))
+    L, total = shm_layout(2, 4)
+    P, C, S, B = L[:4]
+    lay("valid", 0, total, (1 << 12) | 2, L)
+    # As many clients as fit in the 1 MiB the target builds; we are the last.
+    Lm, _ = shm_layout(300, 200)
+    lay("many_clients", 0, Lm[3] + 64 * 1024, (7 << 12) | 300, Lm)
+    lay("misaligned", 0, total, 1, [P, C, S + 32, B] + L[4:])
+    lay("overlap", 0, total, 1, [P, C, C, B] + L[4:])              # slots over clients
+    lay("header_overlap", 0, total, 1, [P - 64, C, S, B] + L[4:])  # pools over the header
+    lay("past_buf", 0, total, 1, [P, C, S, S + 64] + L[4:])        # slot table past buf_off
+    lay("buf_past_size", 0, B - 1, 1, L)
+    lay("bad_client", 0, total, (5 << 12) | 3, L)                  # index 2 of 2
+    lay("client_index0", 0, total, 5 << 12, L)
+    lay("wrap", 0, total, 1, [P, neg(64), S, B] + L[4:])          # off + size wraps below buf_off
+    # shm_size at buf_off (flag 16, delta 0), then one byte short.
+    Le, _ = shm_layout(3, 5)
+    lay("exact_end", AT_END, 0, (1 << 12) | 3, Le)
+    lay("one_short", AT_END, 0xFF, (1 << 12) | 3, Le)
+    # Packed (flag 32): valid with every boundary exact; then each table one
+    # cache line into the one before, and the slot table one byte past buf_off.
+    lay("packed", REL | AT_END, 0, (1 << 12) | 3, [0, 0, 0, 0, 3, 5])
+    lay("packed_pool_header", REL | AT_END, 0, (1 << 12) | 3, [neg(64), 0, 0, 0, 3, 5])
+    lay("packed_overlap", REL | AT_END, 0, (1 << 12) | 3, [0, neg(64), 0, 0, 3, 5])
+    lay("packed_slot_overlap", REL | AT_END, 0, (1 << 12) | 3, [0, 0, neg(64), 0, 3, 5])
+    lay("packed_slot_past_buf", REL | AT_END, 0, (1 << 12) | 3, [0, 0, 0, neg(1), 3, 5])
 
 
 def main():
