@@ -22,11 +22,13 @@
  * itself); run as anyone else, every test is skipped with a message.  Each
  * test starts its own broker (the previous one is stopped) on the group's
  * servers.  Library calls that might never return run in child processes
- * with a time limit (a hung child's gdb backtrace is printed when gdb is
- * installed); a crashed worker's backtrace is printed with addr2line.
+ * with a time limit (a hung child's gdb backtrace, lease and slot are printed
+ * when gdb is installed, with the broker's view of every slot: tests/gdb/);
+ * a crashed worker's backtrace is printed with addr2line.
  *
  * Environment (besides the harness's):
- *   PB_ROGUE_SEED    seed of the rogue's PRNG (default 12; "random": time-based; printed)
+ *   PB_ROGUE_SEED    seed of the rogue's PRNG for both rogue tests (defaults 12 and
+ *                    0x6b044894047ee; "random": time-based; printed)
  *   PB_ROGUE_RATE    writes per second (default 10000, each 1..8 bytes)
  *   PB_ROGUE_MS      how long the rogue writes (default 2000)
  *   PB_TEST_FILTER   run only the tests matching this cmocka filter
@@ -194,19 +196,27 @@ static void reset_child_signals(void)
 }
 
 /* Where a hung process is stuck: gdb's backtrace, when gdb is installed. */
-static void print_backtrace(pid_t pid)
+/* Attach gdb to pid and run tests/gdb/<script>: a stuck process's
+ * backtrace and state, printed before the test kills it. */
+static void gdb_report(pid_t pid, const char *script)
 {
     if (access("/usr/bin/gdb", X_OK) != 0)
         return;
-    char p[16];
+    char p[16], path[1024];
     snprintf(p, sizeof p, "%d", (int)pid);
-    char *argv[] = { (char *)"gdb", (char *)"-q", (char *)"-batch", (char *)"-p", p, (char *)"-ex", (char *)"bt",
-                     NULL };
-    static char out[16384];
+    snprintf(path, sizeof path, "%s/tests/gdb/%s", getenv("PB_SRCDIR") ? getenv("PB_SRCDIR") : ".", script);
+    char *argv[] = { (char *)"gdb", (char *)"-q", (char *)"-batch", (char *)"-p", p, (char *)"-x", path, NULL };
+    static char out[65536];
     th_run(argv, out, sizeof out, 20000);
     for (char *line = strtok(out, "\n"); line; line = strtok(NULL, "\n"))
-        if (line[0] == '#')
+        if (line[0] == '#' || line[0] == '$' || strncmp(line, "slot ", 5) == 0 ||
+            strncmp(line, "client ", 7) == 0 || strncmp(line, "sq_seq ", 7) == 0)
             fprintf(stderr, "      %s\n", line);
+}
+
+static void print_backtrace(pid_t pid)
+{
+    gdb_report(pid, "worker-wait.gdb");
 }
 
 /* Run fn(arg) in a child process — as nobody (65534) when as_nobody — so
@@ -1090,16 +1100,14 @@ static int sanitizer_report(const char *log)
     return 0;
 }
 
-static void test_rogue_process_scribbles_segment(void **state)
+static void rogue_run(uint64_t default_seed)
 {
-    (void)state;
     NEED_ROOT();
     const char *e;
-    /* A fixed seed by default, so make test is repeatable; "random" for a
-     * new one.  Known: a few random seeds (e.g. 0x6b044894047ee) still leave
-     * a Redis worker waiting for a reply after the storm — see the issue. */
+    /* A fixed seed by default, so make test is repeatable; PB_ROGUE_SEED
+     * (a number, or "random") for another. */
     e = getenv("PB_ROGUE_SEED");
-    uint64_t seed = !e || !*e                 ? 12
+    uint64_t seed = !e || !*e                 ? default_seed
                     : strcmp(e, "random") == 0 ? ((uint64_t)time(NULL) << 20) ^ (uint64_t)getpid()
                                                : strtoull(e, NULL, 0);
     int rate = (e = getenv("PB_ROGUE_RATE")) && *e ? atoi(e) : 10000;
@@ -1192,6 +1200,10 @@ static void test_rogue_process_scribbles_segment(void **state)
             int ph = atomic_load(&sh->w[i].phase);
             fprintf(stderr, "  worker %d (pid %d) HUNG in %s: killed\n", i, (int)wp[i], phase_names[ph]);
             print_backtrace(wp[i]);
+            if (!hung) {
+                fprintf(stderr, "    the broker's view:\n");
+                gdb_report(env.broker_pid, "broker-slots.gdb");
+            }
             kill(wp[i], SIGKILL);
             waitpid(wp[i], &st, 0);
             hung++;
@@ -1241,6 +1253,7 @@ static void test_rogue_process_scribbles_segment(void **state)
                 t_rec = now_ms() - killed_at;
                 break;
             }
+            fprintf(stderr, "  probe at %lld ms: %s\n", now_ms() - killed_at, why);
             sleep_ms(250);
         }
     }
@@ -1297,6 +1310,22 @@ static void test_rogue_process_scribbles_segment(void **state)
     assert_true(recovered);
 }
 
+static void test_rogue_process_scribbles_segment(void **state)
+{
+    (void)state;
+    rogue_run(12);
+}
+
+/* This seed scribbled the header's table offsets the moment a worker
+ * re-attached: a library that took its offsets from the header then pushed
+ * its requests into a ring the broker never reads, and waited forever.  The
+ * library now takes the layout from the attach answer. */
+static void test_rogue_scribbles_header_during_attach(void **state)
+{
+    (void)state;
+    rogue_run(0x6b044894047eeull);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1307,6 +1336,7 @@ int main(void)
         cmocka_unit_test(test_password_file_readable_by_others_refused),
         cmocka_unit_test(test_world_readable_conf_with_password_refused),
         cmocka_unit_test(test_rogue_process_scribbles_segment),
+        cmocka_unit_test(test_rogue_scribbles_header_during_attach),
     };
     /* PB_TEST_FILTER=test_rogue* runs only the matching tests. */
     const char *filter = getenv("PB_TEST_FILTER");
