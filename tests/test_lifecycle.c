@@ -988,6 +988,9 @@ static int outage_worker(const outage_cfg *cfg, outage_shm *sh, int idx, const c
         if (t1 - t0 > w->call_ms_max)
             w->call_ms_max = t1 - t0;
         if (rc != PB_OK) {
+            /* A call the server's stop caught in flight belongs to the
+             * outage, not to the phase it started in. */
+            ph = sh->phase;
             w->acq_fail[ph]++;
             w->acq_code[ph][code_index(rc)]++;
             w->acq_fail_ms_sum[ph] += t1 - t0;
@@ -1002,6 +1005,7 @@ static int outage_worker(const outage_cfg *cfg, outage_shm *sh, int idx, const c
             w->call_ms_max = t2 - t1;
         pb_release(l);
         if (bad) {
+            ph = sh->phase;
             w->exec_fail[ph]++;
             w->exec_code[ph][bad]++;
             if (t2 - t1 > w->exec_fail_ms_max[ph])
