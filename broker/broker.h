@@ -59,6 +59,7 @@ typedef struct scan_state {
     uint8_t hdr[5];          /* PG: type byte + length, as collected so far */
     uint32_t hdr_have;
     uint64_t body_left;      /* PG: bytes left of the current message's body */
+    uint32_t errors;         /* PG: ErrorResponses seen (zeroed when a reset starts) */
 } scan_state;
 
 typedef struct conn {

@@ -154,6 +154,8 @@ static int pg_scan_reply(conn *c, const uint8_t *p, size_t n)
                     return PB_EPROTO;
                 continue;           /* hdr_have stays 5: the status byte is next */
             }
+            if (s->hdr[0] == 'E')
+                s->errors++;
             s->hdr_have = 0;
             s->body_left = mlen - 4;
             continue;

@@ -1059,6 +1059,7 @@ static void release_clean(conn *c)
     atomic_fetch_add_explicit(&c->pool->shm->resets, 1, memory_order_relaxed);
     c->cmd_start_ms = B.now_ms;
     c->cancel_sent = 0;
+    c->scan.errors = 0;
     c->resetting = 1;
     c->to_sink = 1;
     expect_add(c, (uint32_t)n);
@@ -1068,6 +1069,18 @@ static void release_clean(conn *c)
 /* Our reset (or validation) commands have all answered. */
 static void finish_reset(conn *c)
 {
+    /* A reset the server refused (a custom reset SQL that fails) left the
+     * session as the last holder had it: the next one must not get that.
+     * A failing statement aborts the whole reset string, so nothing of it
+     * took effect.  Only PostgreSQL counts errors: a Redis reset may draw
+     * an error reply that means nothing (DISCARD without MULTI). */
+    if (c->scan.errors) {
+        slog(LOG_LVL_WARN, c, "reset failed on the server (%u error%s): connection closed", c->scan.errors,
+             c->scan.errors == 1 ? "" : "s");
+        c->scan.errors = 0;
+        conn_close(c, "reset failed");
+        return;
+    }
     if (c->txn != 'I') {
         conn_close(c, "still in a transaction after reset");
         return;
@@ -1098,6 +1111,7 @@ void conn_validate_or_offer(conn *c)
         return;
     }
     c->validating = 1;
+    c->scan.errors = 0;
     c->to_sink = 1;
     c->cmd_start_ms = B.now_ms;
     c->cancel_sent = 0;

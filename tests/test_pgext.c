@@ -2,7 +2,7 @@
  * test_pgext.c — PostgreSQL beyond simple queries, on a real server:
  * prepared statements that survive pooling (rollback and discard_all
  * policies), pipelining, COPY in and out through bounded buffers,
- * LISTEN/NOTIFY, notices.
+ * LISTEN/NOTIFY, notices, custom reset SQL.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -23,11 +23,24 @@
 static th_env env;
 
 #define CONNINFO "conninfo = host=@PGHOST@ port=@PGPORT@ user=postgres dbname=postgres sslmode=disable\n"
+/* Custom reset SQL (each pool has one connection, so the next lease is on the
+ * same backend unless the broker closed it). A ';' or '#' after whitespace
+ * starts a comment in the config, so the statements are joined with ";"
+ * right after the previous word ("ALL;" not "ALL ;"). */
+#define CUSTOM_POOLS \
+    "[pool custom]\ntype = postgres\n" CONNINFO "min_size = 1\nmax_size = 1\n" \
+    "reset = RESET ALL; SELECT pg_advisory_unlock_all()\n\n" \
+    "[pool custom_dealloc]\ntype = postgres\n" CONNINFO "min_size = 1\nmax_size = 1\nreset = DEALLOCATE ALL\n\n" \
+    "[pool custom_fail]\ntype = postgres\n" CONNINFO "min_size = 1\nmax_size = 1\nreset = SELECT 1/0\n\n" \
+    "[pool custom_fail_state]\ntype = postgres\n" CONNINFO "min_size = 1\nmax_size = 1\n" \
+    "reset = RESET ALL; SELECT 1/0\n\n" \
+    "[pool custom_begin]\ntype = postgres\n" CONNINFO "min_size = 1\nmax_size = 1\nreset = BEGIN\n\n"
 #define POOLS \
     "[pool main]\ntype = postgres\n" CONNINFO "min_size = 4\nmax_size = 4\n" \
     "request_buffer = 64k\nreply_buffer = 256k\n\n" \
     "[pool discard]\ntype = postgres\n" CONNINFO "min_size = 2\nmax_size = 2\nreset = discard_all\n\n" \
-    "[pool one]\ntype = postgres\n" CONNINFO "min_size = 1\nmax_size = 1\n"
+    "[pool one]\ntype = postgres\n" CONNINFO "min_size = 1\nmax_size = 1\n\n" \
+    CUSTOM_POOLS
 
 static int group_setup(void **state)
 {
@@ -352,6 +365,271 @@ static void test_session_state_reset(void **state)
     pb_disconnect(c);
 }
 
+/* ------------------------------------------------------------ custom reset */
+
+/* The client of the running custom-reset test. Its per-test teardown
+ * disconnects it, which releases any lease a failed assertion left out, so
+ * one failure does not starve the next test of its pool's one connection. */
+static pb_client *custom_c;
+
+static pb_client *custom_connect(void)
+{
+    if (custom_c)
+        pb_disconnect(custom_c);
+    custom_c = pbt_connect(&env);
+    return custom_c;
+}
+
+static int custom_teardown(void **state)
+{
+    (void)state;
+    if (custom_c)
+        pb_disconnect(custom_c);
+    custom_c = NULL;
+    return 0;
+}
+
+/* Run sql on l, which must succeed, and copy its first value into buf. */
+static const char *value_of(pb_lease *l, const char *sql, char *buf, size_t n)
+{
+    pb_result *r = NULL;
+    ok(pb_pg_exec(l, sql, &r), &r, sql);
+    if (pb_ntuples(r) < 1 || pb_nfields(r) < 1)
+        fail_msg("%s: no value", sql);
+    snprintf(buf, n, "%s", pb_getvalue(r, 0, 0));
+    pb_result_free(r);
+    return buf;
+}
+
+/* l is in no transaction block: SAVEPOINT outside one fails with 25P01 (it
+ * would succeed in an open transaction and fail with 25P02 in a failed one). */
+static void assert_no_transaction(pb_lease *l)
+{
+    pb_result *r = NULL;
+    assert_int_equal(pb_pg_exec(l, "SAVEPOINT pb_probe", &r), PB_OK);
+    assert_int_equal(pb_result_status(r), PB_RES_ERROR);
+    assert_string_equal(pb_error_field(r, 'C'), "25P01");
+    pb_result_free(r);
+}
+
+/* The server's default work_mem, as a fresh session sees it. */
+static void default_work_mem(char *buf, size_t n)
+{
+    assert_int_equal(th_psql(&env, "SHOW work_mem", buf, n), 0);
+    assert_string_not_equal(buf, "7MB");
+}
+
+/* Advisory locks on key 42 held by any session (classid 0, objid 42). */
+static int advisory_42_holders(void)
+{
+    char out[32];
+    assert_int_equal(th_psql(&env, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                                   "AND classid = 0 AND objid = 42", out, sizeof out), 0);
+    return atoi(out);
+}
+
+/* reset = RESET ALL; SELECT pg_advisory_unlock_all(): the next holder of the
+ * same backend sees neither the SET nor the session advisory lock, and (the
+ * UNLISTEN * the broker adds after a lease that ran LISTEN) no LISTEN. */
+static void test_custom_reset_clears_session_state(void **state)
+{
+    (void)state;
+    char def[64], v[64];
+    default_work_mem(def, sizeof def);
+    pb_client *c = custom_connect();
+    pb_lease *l;
+    pb_result *r = NULL;
+    pb_notify *n = NULL;
+    assert_int_equal(pb_acquire(c, "custom", 5000, &l), PB_OK);
+    int pid = pb_lease_backend_pid(l);
+    assert_true(pid > 0);
+    pb_result_free(ok(pb_pg_exec(l, "SET work_mem = '7MB'", &r), &r, "set"));
+    pb_result_free(ok(pb_pg_exec(l, "SELECT pg_advisory_lock(42)", &r), &r, "lock"));
+    pb_result_free(ok(pb_pg_exec(l, "LISTEN custom_jobs", &r), &r, "listen"));
+    /* The state is really there while the lease holds it. */
+    assert_string_equal(value_of(l, "SELECT current_setting('work_mem')", v, sizeof v), "7MB");
+    assert_int_equal(advisory_42_holders(), 1);
+    assert_string_equal(value_of(l, "SELECT count(*) FROM pg_listening_channels()", v, sizeof v), "1");
+    assert_int_equal(pb_release(l), PB_OK);
+
+    assert_int_equal(pb_acquire(c, "custom", 5000, &l), PB_OK);
+    assert_int_equal(pb_lease_backend_pid(l), pid);            /* same connection */
+    assert_string_equal(value_of(l, "SELECT current_setting('work_mem')", v, sizeof v), def);
+    assert_string_equal(value_of(l, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND "
+                                    "pid = pg_backend_pid()", v, sizeof v), "0");
+    assert_int_equal(advisory_42_holders(), 0);                /* nobody holds it */
+    assert_string_equal(value_of(l, "SELECT count(*) FROM pg_listening_channels()", v, sizeof v), "0");
+    assert_int_equal(th_psql(&env, "NOTIFY custom_jobs, 'nobody'", v, sizeof v), 0);
+    assert_int_equal(pb_pg_wait_notify(l, 300, &n), PB_ETIMEDOUT);
+    assert_int_equal(pb_release(l), PB_OK);
+}
+
+/* Released inside an open, then a failed, transaction: the broker sends
+ * ROLLBACK before the custom SQL, so the next holder of the same backend is
+ * in no transaction, the INSERT is gone, and the custom SQL did run (had it
+ * been sent inside the failed transaction it would have failed with 25P02,
+ * leaving work_mem and the lock). */
+static void test_custom_reset_rolls_back_first(void **state)
+{
+    (void)state;
+    char def[64], v[64];
+    default_work_mem(def, sizeof def);
+    assert_int_equal(th_psql(&env, "CREATE TABLE IF NOT EXISTS custom_reset_rows (k int)", NULL, 0), 0);
+    pb_client *c = custom_connect();
+    pb_lease *l;
+    pb_result *r = NULL;
+
+    /* An open transaction. */
+    assert_int_equal(pb_acquire(c, "custom", 5000, &l), PB_OK);
+    int pid = pb_lease_backend_pid(l);
+    pb_result_free(ok(pb_pg_exec(l, "BEGIN", &r), &r, "begin"));
+    pb_result_free(ok(pb_pg_exec(l, "INSERT INTO custom_reset_rows VALUES (1)", &r), &r, "insert"));
+    assert_int_equal(pb_release(l), PB_OK);
+    assert_int_equal(pb_acquire(c, "custom", 5000, &l), PB_OK);
+    assert_int_equal(pb_lease_backend_pid(l), pid);
+    assert_no_transaction(l);
+    assert_string_equal(value_of(l, "SELECT count(*) FROM custom_reset_rows", v, sizeof v), "0");
+    assert_int_equal(pb_release(l), PB_OK);
+
+    /* A failed transaction, after session state the custom SQL clears. */
+    assert_int_equal(pb_acquire(c, "custom", 5000, &l), PB_OK);
+    assert_int_equal(pb_lease_backend_pid(l), pid);
+    pb_result_free(ok(pb_pg_exec(l, "SET work_mem = '7MB'", &r), &r, "set"));
+    pb_result_free(ok(pb_pg_exec(l, "SELECT pg_advisory_lock(42)", &r), &r, "lock"));
+    pb_result_free(ok(pb_pg_exec(l, "BEGIN", &r), &r, "begin"));
+    pb_result_free(ok(pb_pg_exec(l, "INSERT INTO custom_reset_rows VALUES (2)", &r), &r, "insert"));
+    assert_int_equal(pb_pg_exec(l, "SELECT 1/0", &r), PB_OK);
+    assert_string_equal(pb_error_field(r, 'C'), "22012");
+    pb_result_free(r);
+    assert_int_equal(pb_release(l), PB_OK);
+    assert_int_equal(pb_acquire(c, "custom", 5000, &l), PB_OK);
+    assert_int_equal(pb_lease_backend_pid(l), pid);
+    assert_no_transaction(l);
+    assert_string_equal(value_of(l, "SELECT count(*) FROM custom_reset_rows", v, sizeof v), "0");
+    assert_string_equal(value_of(l, "SELECT current_setting('work_mem')", v, sizeof v), def);
+    assert_int_equal(advisory_42_holders(), 0);
+    assert_int_equal(pb_release(l), PB_OK);
+}
+
+/* reset = SELECT 1/0 fails on the server every time.  The broker closes a
+ * connection whose reset failed (and logs it), so every lease gets a new
+ * backend, which works at its first command, in no transaction. */
+static void test_custom_reset_that_fails(void **state)
+{
+    (void)state;
+    pb_client *c = custom_connect();
+    pb_lease *l;
+    pb_result *r = NULL;
+    int pids[32], npids = 0;
+    for (int i = 0; i < 20; i++) {
+        assert_int_equal(pb_acquire(c, "custom_fail", 5000, &l), PB_OK);
+        int pid = pb_lease_backend_pid(l), seen = 0;
+        for (int k = 0; k < npids; k++)
+            seen |= pids[k] == pid;
+        if (!seen)
+            pids[npids++] = pid;
+        char v[16];
+        assert_string_equal(value_of(l, "SELECT 42", v, sizeof v), "42");    /* the first command */
+        assert_no_transaction(l);
+        if (i % 2) {    /* every other lease also leaves a failed transaction */
+            assert_int_equal(pb_pg_exec(l, "BEGIN; SELECT 1/0", &r), PB_OK);
+            pb_result_free(r);
+        }
+        assert_int_equal(pb_release(l), PB_OK);
+    }
+    print_message("reset = SELECT 1/0: 20 leases, every first command worked, on %d backend(s)\n", npids);
+    assert_int_equal(npids, 20);
+}
+
+/* As documented: a connection still in a transaction after its reset
+ * (reset = BEGIN) is closed, not handed out; the next lease gets a new
+ * backend that works and is in no transaction. */
+static void test_custom_reset_leaving_transaction_closes(void **state)
+{
+    (void)state;
+    pb_client *c = custom_connect();
+    pb_lease *l;
+    char v[16];
+    assert_int_equal(pb_acquire(c, "custom_begin", 5000, &l), PB_OK);
+    int pid = pb_lease_backend_pid(l);
+    assert_string_equal(value_of(l, "SELECT 1", v, sizeof v), "1");
+    assert_int_equal(pb_release(l), PB_OK);
+    assert_int_equal(pb_acquire(c, "custom_begin", 5000, &l), PB_OK);
+    assert_int_not_equal(pb_lease_backend_pid(l), pid);
+    assert_string_equal(value_of(l, "SELECT 2", v, sizeof v), "2");
+    assert_no_transaction(l);
+    assert_int_equal(pb_release(l), PB_OK);
+}
+
+/* reset = RESET ALL; SELECT 1/0: a multi-statement simple query runs as one
+ * implicit transaction, so the error undoes the RESET ALL too. The safe
+ * outcome is that the next holder never sees the previous lease's SET: the
+ * failed reset's connection is closed, not reused. */
+static void test_custom_reset_failure_leaks_no_state(void **state)
+{
+    (void)state;
+    char def[64], v[64];
+    default_work_mem(def, sizeof def);
+    pb_client *c = custom_connect();
+    pb_lease *l;
+    pb_result *r = NULL;
+    assert_int_equal(pb_acquire(c, "custom_fail_state", 5000, &l), PB_OK);
+    int pid = pb_lease_backend_pid(l);
+    pb_result_free(ok(pb_pg_exec(l, "SET work_mem = '7MB'", &r), &r, "set"));
+    assert_int_equal(pb_release(l), PB_OK);
+    assert_int_equal(pb_acquire(c, "custom_fail_state", 5000, &l), PB_OK);
+    int pid2 = pb_lease_backend_pid(l);
+    value_of(l, "SELECT current_setting('work_mem')", v, sizeof v);
+    assert_int_equal(pb_release(l), PB_OK);
+    if (pid2 == pid)
+        fail_msg("the reset failed on the server and its connection was handed out anyway: backend %d, "
+                 "work_mem %s (default %s)", pid2, v, def);
+    assert_string_equal(v, def);
+}
+
+/* pb_pg_prepare under custom resets: the broker clears the connection's
+ * record of prepared statements, so the next lease re-prepares (Close +
+ * Parse in the same write). Run inside a transaction, where a Bind of a
+ * statement the server no longer has (26000) would abort the transaction
+ * and the library's retry could not recover (25P02). */
+static void prepared_custom(const char *pool)
+{
+    pb_client *c = custom_connect();
+    pb_lease *l;
+    pb_result *r = NULL;
+    unsigned types[1] = { 23 };
+    const char *one[1] = { "1" }, *five[1] = { "5" };
+    char v[16];
+    assert_int_equal(pb_acquire(c, pool, 5000, &l), PB_OK);
+    int pid = pb_lease_backend_pid(l);
+    pb_result_free(ok(pb_pg_prepare(l, "cadd", "SELECT $1::int4 + 2000", 1, types, &r), &r, "prepare"));
+    ok(pb_pg_exec_prepared(l, "cadd", 1, one, NULL, NULL, 0, &r), &r, "exec_prepared");
+    assert_string_equal(pb_getvalue(r, 0, 0), "2001");
+    pb_result_free(r);
+    assert_int_equal(pb_release(l), PB_OK);
+
+    for (int round = 0; round < 3; round++) {
+        assert_int_equal(pb_acquire(c, pool, 5000, &l), PB_OK);
+        assert_int_equal(pb_lease_backend_pid(l), pid);
+        pb_result_free(ok(pb_pg_exec(l, "BEGIN", &r), &r, "begin"));
+        ok(pb_pg_exec_prepared(l, "cadd", 1, five, NULL, NULL, 0, &r), &r, "exec_prepared after reset");
+        assert_string_equal(pb_getvalue(r, 0, 0), "2005");
+        pb_result_free(r);
+        /* One server-side statement: the re-prepare replaced, not added. */
+        assert_string_equal(value_of(l, "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'pb\\_%'",
+                                     v, sizeof v), "1");
+        pb_result_free(ok(pb_pg_exec(l, "COMMIT", &r), &r, "commit"));
+        assert_int_equal(pb_release(l), PB_OK);
+    }
+}
+
+static void test_custom_reset_prepared(void **state)
+{
+    (void)state;
+    prepared_custom("custom");          /* the statement survives on the server */
+    prepared_custom("custom_dealloc");  /* the reset drops it */
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -362,6 +640,16 @@ int main(void)
         cmocka_unit_test(test_listen_notify),
         cmocka_unit_test(test_notices),
         cmocka_unit_test(test_session_state_reset),
+        cmocka_unit_test_teardown(test_custom_reset_clears_session_state, custom_teardown),
+        cmocka_unit_test_teardown(test_custom_reset_rolls_back_first, custom_teardown),
+        cmocka_unit_test_teardown(test_custom_reset_that_fails, custom_teardown),
+        cmocka_unit_test_teardown(test_custom_reset_leaving_transaction_closes, custom_teardown),
+        cmocka_unit_test_teardown(test_custom_reset_prepared, custom_teardown),
+        cmocka_unit_test_teardown(test_custom_reset_failure_leaks_no_state, custom_teardown),
     };
+    /* PB_TEST_FILTER=test_custom* runs only the matching tests. */
+    const char *filter = getenv("PB_TEST_FILTER");
+    if (filter && *filter)
+        cmocka_set_test_filter(filter);
     return cmocka_run_group_tests_name("pgext", tests, group_setup, group_teardown);
 }
