@@ -131,7 +131,7 @@ $(FUZZ_BUILD)/fuzz_pg_reply: tests/fuzz/fuzz_pg_reply.c client/pgproto.c
 $(FUZZ_BUILD)/fuzz_conf: tests/fuzz/fuzz_conf.c broker/conf.c broker/log.c
 $(FUZZ_BUILD)/fuzz_shm: tests/fuzz/fuzz_shm.c include/pb_shm.h
 $(FUZZ_BUILD)/fuzz_attach: tests/fuzz/fuzz_attach.c broker/attach.c client/attachcheck.c
-$(FUZZ_BINS): $(wildcard include/*.h broker/*.h client/*.h)
+$(FUZZ_BINS): $(wildcard include/*.h broker/*.h client/*.h tests/fuzz/*.h)
 	@command -v $(FUZZ_CC) >/dev/null || { echo "fuzz: $(FUZZ_CC) not found; run tools/install-deps --fuzz" >&2; exit 1; }
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) $(filter %.c,$^) -o $@ $(FUZZ_LIBS)
