@@ -132,7 +132,7 @@ static const keydef broker_keys[BK_COUNT] = {
 
 enum {
     PK_TYPE, PK_CONNINFO, PK_HOST, PK_PORT, PK_UNIX_SOCKET, PK_PASSWORD_FILE,
-    PK_USER, PK_DB, PK_MIN_SIZE, PK_MAX_SIZE, PK_ACQUIRE_TIMEOUT_MS,
+    PK_USER, PK_DB, PK_MIN_SIZE, PK_MAX_SIZE, PK_SLOTS, PK_ACQUIRE_TIMEOUT_MS,
     PK_COMMAND_TIMEOUT_MS, PK_MAX_LIFETIME_S, PK_IDLE_TIMEOUT_S, PK_MAX_USES,
     PK_VALIDATE_AFTER_IDLE_MS, PK_RESET, PK_LEAK_THRESHOLD_MS, PK_MAX_LEASE_MS,
     PK_REQUEST_BUFFER, PK_REPLY_BUFFER, PK_COUNT
@@ -150,6 +150,7 @@ static const keydef pool_keys[PK_COUNT] = {
     [PK_DB]                    = { "db", K_INT, T_REDIS, PF(db), 0, 1000, NULL, NULL },
     [PK_MIN_SIZE]              = { "min_size", K_U32, T_ANY, PF(min_size), 0, PB_MAX_POOL_SLOTS, NULL, NULL },
     [PK_MAX_SIZE]              = { "max_size", K_U32, T_ANY, PF(max_size), 1, PB_MAX_POOL_SLOTS, NULL, NULL },
+    [PK_SLOTS]                 = { "slots", K_U32, T_ANY, PF(slots), 1, PB_MAX_POOL_SLOTS, NULL, NULL },
     [PK_ACQUIRE_TIMEOUT_MS]    = { "acquire_timeout_ms", K_U32, T_ANY, PF(acquire_timeout_ms), 0, UINT32_MAX, NULL, NULL },
     [PK_COMMAND_TIMEOUT_MS]    = { "command_timeout_ms", K_U32, T_ANY, PF(command_timeout_ms), 0, UINT32_MAX, NULL, NULL },
     [PK_MAX_LIFETIME_S]        = { "max_lifetime_s", K_U32, T_ANY, PF(max_lifetime_s), 0, UINT32_MAX, NULL, NULL },
@@ -680,6 +681,9 @@ static int finish_pool(parser *p)
         return fail_key(p, seen[PK_MIN_SIZE], "min_size", "%" PRIu32 " is greater than max_size %" PRIu32 "%s",
                         cp->min_size, cp->max_size, seen[PK_MAX_SIZE] ? "" : " (the default)");
     }
+    if (seen[PK_SLOTS] && cp->slots < cp->max_size)
+        return fail_key(p, seen[PK_SLOTS], "slots", "%" PRIu32 " is less than max_size %" PRIu32 "; slots is the room "
+                        "reserved for max_size to grow into", cp->slots, cp->max_size);
     return 0;
 }
 

@@ -34,6 +34,8 @@ typedef struct conf_pool {
     /* generic */
     uint32_t min_size;              /* default 0 */
     uint32_t max_size;              /* default 10; 1..PB_MAX_POOL_SLOTS; >= min_size */
+    uint32_t slots;                 /* slots reserved at start (buffers, free-map room): a reload
+                                       can raise max_size up to it; 0 = max_size (conf_pool_slots) */
     uint32_t acquire_timeout_ms;    /* default 5000 */
     uint32_t command_timeout_ms;    /* default 0 = none */
     uint32_t max_lifetime_s;        /* default 3600; 0 = unlimited */
@@ -83,5 +85,11 @@ void conf_free(conf *c);
 
 /* The pool named name, or NULL. */
 conf_pool *conf_find_pool(conf *c, const char *name);
+
+/* How many slots the pool gets when the segment is made. */
+static inline uint32_t conf_pool_slots(const conf_pool *cp)
+{
+    return cp->slots > cp->max_size ? cp->slots : cp->max_size;
+}
 
 #endif /* PB_CONF_H */

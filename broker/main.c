@@ -63,8 +63,13 @@ static void sd_notify_(const char *msg)
     int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return;
-    (void)!sendto(fd, msg, strlen(msg), MSG_NOSIGNAL, (struct sockaddr *)&sa,
-                  (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n));
+    /* Never wait for the supervisor: a notify socket nobody reads fills up,
+     * and a blocking send would stop the whole event loop with it.  A
+     * status the supervisor has no room for is dropped. */
+    if (sendto(fd, msg, strlen(msg), MSG_NOSIGNAL | MSG_DONTWAIT, (struct sockaddr *)&sa,
+               (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n)) < 0 &&
+        (errno == EAGAIN || errno == EWOULDBLOCK))
+        log_debug("NOTIFY_SOCKET full: dropped \"%.40s\"", msg);
     close(fd);
 }
 

@@ -163,7 +163,7 @@ void pool_republish(pool *p)
         atomic_store(&sp->health, p->live ? PB_HEALTH_HEALTHY : PB_HEALTH_DOWN);
 }
 
-/* Set up pool p (table entry index) over slots [first_slot, +max_size). */
+/* Set up pool p (table entry index) over slots [first_slot, +slots). */
 int pool_setup(broker *b, pool *p, uint32_t index, conf_pool *cp, uint32_t first_slot)
 {
     pb_shm_slot *ss = b->shm_slots;
@@ -173,7 +173,7 @@ int pool_setup(broker *b, pool *p, uint32_t index, conf_pool *cp, uint32_t first
     p->cf = cp;
     p->drv = cp->type == PB_POOL_REDIS ? &redis_driver : &pg_driver;
     p->shm = &b->shm_pools[index];
-    p->nconns = cp->max_size;
+    p->nconns = conf_pool_slots(cp);
     p->conns = calloc(p->nconns, sizeof *p->conns);
     p->wq_cap = b->max_clients;
     p->wq = calloc(p->wq_cap, sizeof *p->wq);
@@ -204,7 +204,7 @@ int pool_setup(broker *b, pool *p, uint32_t index, conf_pool *cp, uint32_t first
     snprintf(sp->name, sizeof sp->name, "%s", cp->name);
     sp->type = (uint32_t)cp->type;
     sp->first_slot = first_slot;
-    sp->slot_capacity = cp->max_size;
+    sp->slot_capacity = p->nconns;
     pool_publish_limits(p);
     atomic_store(&sp->health, PB_HEALTH_HEALTHY);
     atomic_store(&sp->accepting, 1);
@@ -222,7 +222,7 @@ int pools_init(broker *b)
     for (int i = 0; i < cf->npools; i++) {
         if (pool_setup(b, &b->pools[i], (uint32_t)i, &cf->pools[i], first) < 0)
             return -1;
-        first += cf->pools[i].max_size;
+        first += conf_pool_slots(&cf->pools[i]);
     }
     b->npools = (uint32_t)cf->npools;
     b->hdr->npools = b->npools;

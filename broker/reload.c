@@ -7,7 +7,8 @@
  *
  *   - sizes, timeouts, limits, reset policy: take effect at once (the
  *     figures clients read are republished; the janitor grows or shrinks);
- *   - max_size can grow only up to the slots the pool was started with;
+ *   - max_size can grow only up to the slots the pool was started with
+ *     (its `slots` key, max_size by default);
  *   - connection settings (conninfo, host, port, password, db, ...): new
  *     connections use them, and existing ones retire as they come free;
  *   - a pool that is new gets slots from the spare region (spare_slots);
@@ -72,7 +73,7 @@ static const char *needs_restart(broker *b, conf *nc, char *why, size_t n)
                          "(request_buffer <= %uk, reply_buffer <= %uk)", np->name, SPARE_REQ / 1024, SPARE_REP / 1024);
                 return why;
             }
-            spare_needed += np->max_size;
+            spare_needed += conf_pool_slots(np);
             continue;
         }
         if (p->cf->type != np->type) {
@@ -86,7 +87,11 @@ static const char *needs_restart(broker *b, conf *nc, char *why, size_t n)
         }
         if (np->max_size > p->nconns) {
             snprintf(why, n, "pool %s: max_size %u is more than the %u slots it started with (a restart "
-                     "can grow it)", np->name, np->max_size, p->nconns);
+                     "can grow it; 'slots' reserves room to grow by reload)", np->name, np->max_size, p->nconns);
+            return why;
+        }
+        if (np->slots && np->slots != p->nconns) {
+            snprintf(why, n, "pool %s: slots cannot change without a restart (%u now)", np->name, p->nconns);
             return why;
         }
     }
@@ -155,9 +160,9 @@ void reload_config(broker *b)
             log_error("reload: pool %s: out of memory", np->name);
             continue;
         }
-        b->spare_first += np->max_size;
+        b->spare_first += p->nconns;
         atomic_store_explicit(&b->hdr->npools, ++b->npools, memory_order_release);
-        log_info("reload: pool %s added (%u slots)", np->name, np->max_size);
+        log_info("reload: pool %s added (%u slots)", np->name, p->nconns);
     }
     /* Pools that are gone. */
     for (uint32_t k = 0; k < b->npools; k++) {

@@ -58,12 +58,12 @@ int shm_create(broker *b)
     uint64_t slot_off = off;
     uint32_t nslots = cf->spare_slots;
     for (int i = 0; i < cf->npools; i++)
-        nslots += cf->pools[i].max_size;
+        nslots += conf_pool_slots(&cf->pools[i]);
     off += ALIGN_UP((uint64_t)nslots * sizeof(pb_shm_slot), PB_CACHELINE);
     uint64_t buf_off = ALIGN_UP(off, 4096);
     off = buf_off;
     for (int i = 0; i < cf->npools; i++)
-        off += (uint64_t)cf->pools[i].max_size *
+        off += (uint64_t)conf_pool_slots(&cf->pools[i]) *
                (ALIGN_UP(cf->pools[i].request_buffer, 4096) + ALIGN_UP(cf->pools[i].reply_buffer, 4096));
     off += (uint64_t)cf->spare_slots * (SPARE_REQ + SPARE_REP);
     uint64_t total = ALIGN_UP(off, 4096);
@@ -117,7 +117,7 @@ int shm_create(broker *b)
     uint32_t s = 0;
     for (int i = 0; i < cf->npools; i++) {
         conf_pool *cp = &cf->pools[i];
-        for (uint32_t k = 0; k < cp->max_size; k++, s++) {
+        for (uint32_t k = 0; k < conf_pool_slots(cp); k++, s++) {
             pb_shm_slot *sl = &slots[s];
             sl->pool = (uint32_t)i;
             sl->index = s;

@@ -476,6 +476,17 @@ static void test_pool_sizes(void **state)
     expect_error(PG_POOL "min_size = 11\n", "t.conf:4:", "key 'min_size': 11 is greater than max_size 10 (the default)");
     conf *c = expect_ok(PG_POOL "min_size = 4096\nmax_size = 4096\n");
     assert_int_equal(c->pools[0].max_size, PB_MAX_POOL_SLOTS);
+    assert_int_equal(conf_pool_slots(&c->pools[0]), PB_MAX_POOL_SLOTS);
+    conf_free(c);
+    /* slots: room reserved for max_size to grow into by reload. */
+    expect_error(PG_POOL "max_size = 8\nslots = 4\n", "t.conf:5:", "key 'slots': 4 is less than max_size 8");
+    expect_error(PG_POOL "slots = 4\n", "t.conf:4:", "key 'slots': 4 is less than max_size 10");
+    expect_error(PG_POOL "slots = 4097\n", "t.conf:4:", "key 'slots'");
+    c = expect_ok(PG_POOL "max_size = 2\nslots = 16\n");
+    assert_int_equal(conf_pool_slots(&c->pools[0]), 16);
+    conf_free(c);
+    c = expect_ok(PG_POOL "max_size = 3\n");
+    assert_int_equal(conf_pool_slots(&c->pools[0]), 3);
     conf_free(c);
 }
 

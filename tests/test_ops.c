@@ -233,6 +233,66 @@ static void test_reload(void **state)
     pb_disconnect(c);
 }
 
+/* Backend pids of n leases held at once on pool, or -1 if one could not be
+ * had within timeout_ms. */
+static int hold_leases(pb_client *c, const char *pool, int n, int timeout_ms)
+{
+    pb_lease *l[16];
+    int got = 0, pids = 0;
+    for (; got < n; got++) {
+        if (pb_acquire(c, pool, timeout_ms, &l[got]) != PB_OK)
+            break;
+        pb_result *r;
+        if (pb_pg_exec(l[got], "SELECT 1", &r) == PB_OK && pb_result_status(r) == PB_RES_TUPLES_OK)
+            pids++;
+        pb_result_free(r);
+    }
+    for (int i = 0; i < got; i++)
+        pb_release(l[i]);
+    return got == n && pids == n ? n : -1;
+}
+
+/* A pool started with slots = 6 and max_size = 2 grows to 6 connections
+ * with a reload, and no further: past its slots, or changing them, needs a
+ * restart and is refused with the reason.  (This test found the broker
+ * blocking on a full NOTIFY_SOCKET: it never reads it.) */
+static void test_reload_grows_into_slots(void **state)
+{
+    (void)state;
+    write_conf("[pool main]\n" PG "min_size = 1\nmax_size = 2\nslots = 6\n");
+    assert_int_equal(th_broker_restart(&env), 0);
+    pb_client *c;
+    assert_int_equal(pb_connect(env.sock_path, &c), PB_OK);
+    assert_int_equal(hold_leases(c, "main", 2, 5000), 2);
+    assert_int_equal(hold_leases(c, "main", 3, 300), -1);      /* max_size 2 */
+
+    write_conf("[pool main]\n" PG "min_size = 1\nmax_size = 6\nslots = 6\n");
+    kill(env.broker_pid, SIGHUP);
+    assert_int_equal(th_wait_log(&env, "reload:", 1, 5000), 0);
+    assert_int_equal(hold_leases(c, "main", 6, 5000), 6);
+    assert_int_equal(wait_pool_size("main", 6, 5000), 6);
+
+    write_conf("[pool main]\n" PG "min_size = 1\nmax_size = 7\n");
+    kill(env.broker_pid, SIGHUP);
+    assert_int_equal(th_wait_log(&env, "max_size 7 is more than the 6 slots it started with", 1, 5000), 0);
+    write_conf("[pool main]\n" PG "min_size = 1\nmax_size = 6\nslots = 8\n");
+    kill(env.broker_pid, SIGHUP);
+    assert_int_equal(th_wait_log(&env, "slots cannot change without a restart", 1, 5000), 0);
+    assert_int_equal(hold_leases(c, "main", 7, 300), -1);       /* still 6 */
+
+    /* Nobody reads the notify socket meanwhile: 40 more reloads (each
+     * sends RELOADING=1 and READY=1) overflow it, and the broker must carry
+     * on, not block in the send. */
+    write_conf("[pool main]\n" PG "min_size = 1\nmax_size = 6\nslots = 6\n");
+    long applied = th_count_lines(env.broker_log, "applied");
+    for (int i = 1; i <= 40; i++) {
+        kill(env.broker_pid, SIGHUP);
+        assert_int_equal(th_wait_log(&env, "applied", applied + i, 5000), 0);
+    }
+    assert_int_equal(hold_leases(c, "main", 6, 5000), 6);
+    pb_disconnect(c);
+}
+
 static void test_drain_with_lease_in_flight(void **state)
 {
     (void)state;
@@ -380,10 +440,15 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_config_check),
         cmocka_unit_test(test_reload),
+        cmocka_unit_test(test_reload_grows_into_slots),
         cmocka_unit_test(test_drain_with_lease_in_flight),
         cmocka_unit_test(test_shmstat_with_broker_stopped),
         cmocka_unit_test(test_max_clients_refused),
         cmocka_unit_test(test_io_uring_denied_falls_back),
     };
+    /* PB_TEST_FILTER=test_reload* runs only the matching tests. */
+    const char *filter = getenv("PB_TEST_FILTER");
+    if (filter && *filter)
+        cmocka_set_test_filter(filter);
     return cmocka_run_group_tests_name("ops", tests, group_setup, group_teardown);
 }
