@@ -15,6 +15,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
+#include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -293,6 +295,139 @@ static void test_reload_grows_into_slots(void **state)
     pb_disconnect(c);
 }
 
+/* ---------------------------------------------------------- log_target = syslog
+ * syslog(3) writes to /dev/log, a path no test may take over on the host.
+ * So a child gets a private mount namespace with a tmpfs over /dev (the few
+ * device files the broker needs bound back in from the real one) and its
+ * own datagram socket at /dev/log, and runs the broker there.  It returns 0
+ * when every check passed, else the number of the first that failed. */
+static char syslog_msgs[64][512];
+static int syslog_n;
+
+/* Read datagrams into syslog_msgs until one contains needle or timeout_ms. */
+static int syslog_wait(int s, const char *needle, int timeout_ms)
+{
+    for (int waited = 0; waited < timeout_ms; waited += 50) {
+        for (int i = 0; i < syslog_n; i++)
+            if (strstr(syslog_msgs[i], needle))
+                return i;
+        char buf[512];
+        ssize_t n;
+        while ((n = recv(s, buf, sizeof buf - 1, MSG_DONTWAIT)) > 0) {
+            buf[n] = 0;
+            if (syslog_n < 64)
+                memcpy(syslog_msgs[syslog_n++], buf, (size_t)n + 1);
+        }
+        usleep(50000);
+    }
+    return -1;
+}
+
+static int syslog_child(void)
+{
+    char real[600], p[700];
+    snprintf(real, sizeof real, "%s/realdev", env.dir);
+    if (mkdir(real, 0755) < 0 && errno != EEXIST)
+        return 1;
+    if (unshare(CLONE_NEWNS) < 0 || mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+        return 2;
+    if (mount("/dev", real, NULL, MS_BIND | MS_REC, NULL) < 0 || mount("tmpfs", "/dev", "tmpfs", 0, "mode=0755") < 0)
+        return 3;
+    static const char *const files[] = { "null", "zero", "urandom", "random" };
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+        snprintf(p, sizeof p, "/dev/%s", files[i]);
+        int fd = open(p, O_CREAT | O_WRONLY, 0666);
+        if (fd < 0)
+            return 4;
+        close(fd);
+        char from[700];
+        snprintf(from, sizeof from, "%s/%s", real, files[i]);
+        if (mount(from, p, NULL, MS_BIND, NULL) < 0)
+            return 4;
+    }
+    snprintf(p, sizeof p, "%s/shm", real);
+    if (mkdir("/dev/shm", 01777) < 0 || mount(p, "/dev/shm", NULL, MS_BIND, NULL) < 0)
+        return 5;
+    int s = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_un sa = { .sun_family = AF_UNIX, .sun_path = "/dev/log" };
+    if (s < 0 || bind(s, (struct sockaddr *)&sa, sizeof sa) < 0)
+        return 6;
+
+    pid_t b = fork();
+    if (b == 0) {
+        int log = open(env.broker_log, O_WRONLY | O_APPEND | O_CREAT, 0644);
+        if (log >= 0) {
+            dup2(log, 1);
+            dup2(log, 2);
+        }
+        execl(getenv("PB_BROKER") ? getenv("PB_BROKER") : "build/poolbroker", "poolbroker", "-c", env.conf_path,
+              (char *)NULL);
+        _exit(127);
+    }
+    char tag[64];
+    snprintf(tag, sizeof tag, "poolbroker[%d]: ", (int)b);
+    int rc = 0, i;
+    /* <30> is daemon.info: LOG_DAEMON (3) * 8 + LOG_INFO (6). */
+    if ((i = syslog_wait(s, "poolbroker ready", 10000)) < 0)
+        rc = 7;
+    else if (strncmp(syslog_msgs[i], "<30>", 4) != 0 || !strstr(syslog_msgs[i], tag))
+        rc = 8;
+    /* An error: a reload of a broken file, at daemon.err (<27>). */
+    FILE *f = rc ? NULL : fopen(env.conf_path, "a");
+    if (f) {
+        fputs("max_size = many\n", f);
+        fclose(f);
+        kill(b, SIGHUP);
+        if ((i = syslog_wait(s, "keeping the current configuration", 5000)) < 0)
+            rc = 9;
+        else if (strncmp(syslog_msgs[i], "<27>", 4) != 0 || !strstr(syslog_msgs[i], "key 'max_size'"))
+            rc = 10;
+    }
+    kill(b, SIGTERM);
+    int st;
+    waitpid(b, &st, 0);
+    if (!rc && !(WIFEXITED(st) && WEXITSTATUS(st) == 0))
+        rc = 11;
+    for (i = 0; i < syslog_n && rc; i++)
+        fprintf(stderr, "  syslog: %s\n", syslog_msgs[i]);
+    return rc;
+}
+
+static void test_log_target_syslog(void **state)
+{
+    (void)state;
+    if (geteuid() != 0) {
+        print_message("log_target = syslog: needs root (a mount namespace); skipped\n");
+        skip();
+    }
+    write_conf("log_target = syslog\n\n[pool main]\n" PG "min_size = 1\nmax_size = 2\n");
+    th_broker_stop(&env, SIGTERM);
+    long before = th_count_lines(env.broker_log, "");
+    if (before < 0)
+        before = 0;                 /* no log file yet */
+    fflush(NULL);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0)
+        _exit(syslog_child());
+    int st = 0;
+    pid_t w = 0;
+    for (int i = 0; i < 600 && (w = waitpid(pid, &st, WNOHANG)) == 0; i++)
+        usleep(50000);
+    if (w == 0) {
+        kill(pid, SIGKILL);
+        waitpid(pid, &st, 0);
+        fail_msg("the syslog child did not finish in 30 s");
+    }
+    if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
+        fail_msg("syslog check %d failed (see the numbered checks in syslog_child)",
+                 WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+    /* Nothing went to stderr meanwhile: the log went to syslog only. */
+    assert_int_equal(th_count_lines(env.broker_log, ""), before);
+    print_message("log_target = syslog: ready (daemon.info) and a refused reload (daemon.err) arrived at /dev/log "
+                  "with the tag poolbroker[pid]; nothing on stderr\n");
+}
+
 static void test_drain_with_lease_in_flight(void **state)
 {
     (void)state;
@@ -441,6 +576,7 @@ int main(void)
         cmocka_unit_test(test_config_check),
         cmocka_unit_test(test_reload),
         cmocka_unit_test(test_reload_grows_into_slots),
+        cmocka_unit_test(test_log_target_syslog),
         cmocka_unit_test(test_drain_with_lease_in_flight),
         cmocka_unit_test(test_shmstat_with_broker_stopped),
         cmocka_unit_test(test_max_clients_refused),
