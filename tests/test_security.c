@@ -611,6 +611,40 @@ static void test_password_file_readable_by_others_refused(void **state)
 }
 
 /* A config file others may read whose conninfo holds a password. */
+/* The same rule on reload: a password_file that became readable by others
+ * is refused, naming the file, and the running configuration is kept. */
+static void test_password_file_readable_by_others_refused_on_reload(void **state)
+{
+    (void)state;
+    NEED_ROOT();
+    char pwpath[300];
+    snprintf(pwpath, sizeof pwpath, "%s/pw", env.dir);
+    FILE *f = fopen(pwpath, "w");
+    assert_non_null(f);
+    fputs(REFUSED_SECRET "\n", f);
+    fclose(f);
+    assert_int_equal(chmod(pwpath, 0600), 0);
+    assert_int_equal(start_broker(BROKER_SECTION("")
+                                  "[pool cache]\n"
+                                  "type = redis\n"
+                                  "host = 127.0.0.1\nport = @REDISPORT@\n"
+                                  "password_file = @DIR@/pw\n"),
+                     0);
+    assert_int_equal(chmod(pwpath, 0640), 0);
+    kill(env.broker_pid, SIGHUP);
+    assert_int_equal(th_wait_log(&env, "keeping the current configuration", 1, 5000), 0);
+    char *log = log_since_mark();
+    const char *line = strstr(log, "keeping the current configuration");
+    while (line > log && line[-1] != '\n')
+        line--;
+    fprintf(stderr, "  broker said: %.*s\n", (int)strcspn(line, "\n"), line);
+    assert_non_null(strstr(line, pwpath));
+    assert_non_null(strstr(line, "0640"));
+    assert_null(strstr(log, REFUSED_SECRET));
+    free(log);
+    assert_true(broker_alive(NULL));
+}
+
 static void test_world_readable_conf_with_password_refused(void **state)
 {
     (void)state;
@@ -1334,6 +1368,7 @@ int main(void)
         cmocka_unit_test(test_allowed_uid_can_attach_and_lease),
         cmocka_unit_test_teardown(test_no_password_in_segment_or_log, clear_redis_password),
         cmocka_unit_test(test_password_file_readable_by_others_refused),
+        cmocka_unit_test(test_password_file_readable_by_others_refused_on_reload),
         cmocka_unit_test(test_world_readable_conf_with_password_refused),
         cmocka_unit_test(test_rogue_process_scribbles_segment),
         cmocka_unit_test(test_rogue_scribbles_header_during_attach),
