@@ -4,8 +4,9 @@
  *   - keep every pool at min_size, with at most a few connects in flight
  *     and backoff after failures (pool.c: pool_maybe_grow);
  *   - give up on handshakes that take too long;
- *   - close free connections idle past idle_timeout_s (down to min_size) or
- *     past their own max_lifetime; mark leased ones to retire on release;
+ *   - close free connections idle past idle_timeout_s (down to min_size),
+ *     above max_size (a reload lowered it), or past their own max_lifetime;
+ *     mark leased ones to retire on release;
  *   - put back free-map bits lost by a process killed between clearing a
  *     bit and winning the slot CAS (the map is a hint; the slot word is truth);
  *   - warn once about leases held longer than leak_threshold_ms, and take
@@ -136,11 +137,15 @@ static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
         uint64_t idle_for = now > since ? now - since : 0;
         int retire = c->retire_at_ms && now >= c->retire_at_ms;
         int idle = cp->idle_timeout_s && idle_for > (uint64_t)cp->idle_timeout_s * 1000 &&
-                   p->live > atomic_load(&p->shm->min_size);
-        if ((retire || idle || p->removed) && take_if_free(c, PB_SLOT_CLOSING)) {
+                   p->live > cp->min_size;
+        /* A reload lowered max_size: free connections beyond it go now
+         * (leased ones when they come back free). */
+        int over = p->live > cp->max_size;
+        if ((retire || idle || over || p->removed) && take_if_free(c, PB_SLOT_CLOSING)) {
             atomic_fetch_add_explicit(&p->shm->retired, 1, memory_order_relaxed);
             /* conn_close wants the slot broker-held: CLOSING is. */
-            conn_close(c, retire ? "max_lifetime reached" : idle ? "idle timeout" : "pool removed");
+            conn_close(c, retire ? "max_lifetime reached" : idle ? "idle timeout" : over ? "above max_size"
+                                                                                    : "pool removed");
             return;
         }
         /* Idle past validate_after_idle_ms: check it in the background. */

@@ -423,8 +423,10 @@ void pool_maybe_grow(pool *p)
 {
     if (p->removed || B.draining)
         return;
-    uint32_t min = atomic_load(&p->shm->min_size);
-    uint32_t max = atomic_load(&p->shm->max_size);
+    /* Our own configuration, not the figures published in the segment (a
+     * worker can write those). */
+    uint32_t min = p->cf->min_size;
+    uint32_t max = p->cf->max_size;
     if (max > p->nconns)
         max = p->nconns;
     uint32_t target = min;

@@ -256,7 +256,8 @@ static int hold_leases(pb_client *c, const char *pool, int n, int timeout_ms)
 
 /* A pool started with slots = 6 and max_size = 2 grows to 6 connections
  * with a reload, and no further: past its slots, or changing them, needs a
- * restart and is refused with the reason.  (This test found the broker
+ * restart and is refused with the reason; lowered again, the pool closes
+ * what is above it.  (This test found the broker
  * blocking on a full NOTIFY_SOCKET: it never reads it.) */
 static void test_reload_grows_into_slots(void **state)
 {
@@ -292,6 +293,14 @@ static void test_reload_grows_into_slots(void **state)
         assert_int_equal(th_wait_log(&env, "applied", applied + i, 5000), 0);
     }
     assert_int_equal(hold_leases(c, "main", 6, 5000), 6);
+
+    /* And back down: the free connections above the new max_size close at
+     * once, not only after idle_timeout_s (300 s here). */
+    write_conf("[pool main]\n" PG "min_size = 1\nmax_size = 2\nslots = 6\n");
+    kill(env.broker_pid, SIGHUP);
+    assert_int_equal(wait_pool_size("main", 2, 5000), 2);
+    assert_int_equal(hold_leases(c, "main", 2, 5000), 2);
+    assert_int_equal(hold_leases(c, "main", 3, 300), -1);
     pb_disconnect(c);
 }
 
