@@ -139,6 +139,8 @@ typedef struct pool {
     uint32_t wq_head, wq_len, wq_cap;
     uint64_t backoff_until_ms;
     uint32_t backoff_ms;
+    uint32_t health;         /* enum pb_pool_health, published in shm->health */
+    uint32_t fails;          /* connects failed in a row, published in shm->consecutive_failures */
     int removed;             /* dropped by a reload: close as leases return */
 } pool;
 

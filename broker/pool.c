@@ -157,10 +157,8 @@ void pool_republish(pool *p)
     publish_size(p);
     int accepting = !p->removed && !B.draining;
     atomic_store(&sp->accepting, (uint32_t)accepting);
-    if (p->removed)
-        atomic_store(&sp->health, PB_HEALTH_REMOVED);
-    else if (atomic_load(&sp->health) > PB_HEALTH_DOWN)
-        atomic_store(&sp->health, p->live ? PB_HEALTH_HEALTHY : PB_HEALTH_DOWN);
+    atomic_store(&sp->health, p->removed ? PB_HEALTH_REMOVED : p->health);
+    atomic_store(&sp->consecutive_failures, p->fails);
 }
 
 /* Set up pool p (table entry index) over slots [first_slot, +slots). */
@@ -257,9 +255,11 @@ void pool_enqueue_waiter(pool *p, client *cl, uint32_t ticket)
     if (atomic_load(&sc->wait_word) != ww)
         return;                     /* already cancelled */
     int err = 0;
-    if (!atomic_load(&p->shm->accepting))
-        err = B.draining ? PB_ESHUTDOWN : PB_ENOPOOL;
-    else if (atomic_load(&p->shm->health) == PB_HEALTH_DOWN && p->live == 0)
+    if (B.draining)
+        err = PB_ESHUTDOWN;
+    else if (p->removed)
+        err = PB_ENOPOOL;
+    else if (p->health == PB_HEALTH_DOWN && p->live == 0)
         err = PB_EBACKEND;          /* fail fast: the backend is known down */
     else if (p->wq_len == p->wq_cap)
         err = PB_EBUSY;
@@ -433,7 +433,7 @@ void pool_maybe_grow(pool *p)
     /* A pool known down must keep probing (with backoff) even when
      * min_size is 0: acquires fail fast without queueing, so nothing else
      * would ever try the backend again. */
-    if (target == 0 && p->live == 0 && atomic_load(&p->shm->health) == PB_HEALTH_DOWN)
+    if (target == 0 && p->live == 0 && p->health == PB_HEALTH_DOWN)
         target = 1;
     /* Grow for waiters, but not past what they can use. */
     if (p->wq_len && p->live + p->wq_len > target)
@@ -499,6 +499,8 @@ void conn_connected(conn *c)
     c->reply_done = 0;
     atomic_store(&c->slot->reply_done, 0);
     publish_size(p);
+    p->fails = 0;
+    p->health = PB_HEALTH_HEALTHY;
     atomic_store(&p->shm->consecutive_failures, 0);
     atomic_store(&p->shm->health, PB_HEALTH_HEALTHY);
     p->backoff_ms = 0;
@@ -520,7 +522,8 @@ void conn_connect_failed(conn *c, const char *why)
     c->state = CS_EMPTY;
     slot_set(c, PB_SLOT_EMPTY, 0);
     atomic_fetch_add_explicit(&p->shm->connect_failures, 1, memory_order_relaxed);
-    uint32_t fails = atomic_fetch_add(&p->shm->consecutive_failures, 1) + 1;
+    uint32_t fails = ++p->fails;
+    atomic_store(&p->shm->consecutive_failures, fails);
     snprintf(p->shm->last_error, sizeof p->shm->last_error, "%s", why);
     /* Exponential backoff with jitter, capped. */
     p->backoff_ms = p->backoff_ms ? p->backoff_ms * 2 : BACKOFF_MIN_MS;
@@ -529,12 +532,11 @@ void conn_connect_failed(conn *c, const char *why)
     p->backoff_until_ms = B.now_ms + p->backoff_ms / 2 + (uint64_t)(random() % (p->backoff_ms / 2 + 1));
     if (fails == 1 || fails % 20 == 0)
         log_warn("pool %s: connect failed (%u in a row): %s", p->cf->name, fails, why);
+    p->health = p->live == 0 ? PB_HEALTH_DOWN : PB_HEALTH_DEGRADED;
+    atomic_store(&p->shm->health, p->health);
     if (p->live == 0) {
-        atomic_store(&p->shm->health, PB_HEALTH_DOWN);
         /* Nobody will get a connection soon: fail fast rather than time out. */
         pool_fail_waiters(p, PB_EBACKEND);
-    } else {
-        atomic_store(&p->shm->health, PB_HEALTH_DEGRADED);
     }
 }
 
