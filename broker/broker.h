@@ -191,6 +191,7 @@ typedef struct broker {
     client *clients;
     uint32_t max_clients;
     uint32_t nattached;
+    uint32_t repairs;        /* shm_note_repair: published in hdr->repairs */
     uint32_t *active;        /* indices of attached clients, nattached of them */
     uint32_t last_sq_seq;
     uint32_t inflight;       /* connections with replies outstanding */
@@ -217,6 +218,9 @@ uint64_t now_ms(void);
 int shm_create(broker *b);
 void shm_destroy(broker *b, int unlink_it);
 void shm_republish(broker *b);
+/* Count one thing a worker scribbled that the broker found and undid
+ * (the caller logs what it was). */
+void shm_note_repair(broker *b);
 
 /* control.c */
 int control_listen(broker *b);

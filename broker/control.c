@@ -431,6 +431,7 @@ static void handle_sqe(broker *b, client *cl, uint64_t e)
     }
     log_warn("client %u (pid %d): bad submission entry %016llx ignored", cl->id, (int)cl->pid,
              (unsigned long long)e);
+    shm_note_repair(b);
 }
 
 void control_scan_rings(broker *b)
@@ -455,6 +456,7 @@ void control_scan_rings(broker *b)
         if (n > PB_SQ_ENTRIES) {
             log_warn("client %u (pid %d): submission ring tail %u impossible (head %u); resynchronised",
                      cl->id, (int)cl->pid, tail, cl->sq_head);
+            shm_note_repair(b);
             cl->sq_head = tail;
             atomic_store_explicit(&sc->sq_head, tail, memory_order_release);
             continue;

@@ -70,6 +70,7 @@ static int repair_word(broker *b, conn *c)
     c->suspect_word = 0;
     slog(LOG_LVL_WARN, c, "slot word %016llx is impossible (connection state %d): taking the slot back",
          (unsigned long long)w, c->state);
+    shm_note_repair(b);
     switch (c->state) {
     case CS_READY: {
         uint64_t held = PB_WORD_NEXT(w, PB_SLOT_RECLAIMING, 0);

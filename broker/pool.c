@@ -815,6 +815,8 @@ void conn_submit(conn *c, uint64_t lease_word, uint32_t seq)
     }
     uint32_t len = atomic_load(&c->slot->req_len);   /* read once */
     if (len == 0 || len > c->req_size) {
+        slog(LOG_LVL_WARN, c, "request length %u impossible (buffer %u): rejected", len, c->req_size);
+        shm_note_repair(&B);
         fail_submit(c, PB_EPROTO, seq);
         return;
     }
@@ -829,6 +831,7 @@ void conn_submit(conn *c, uint64_t lease_word, uint32_t seq)
     if (c->pool->drv->frame_request(c, c->sbuf, len, &nrep) != PB_OK) {
         c->slen = 0;
         slog(LOG_LVL_WARN, c, "malformed request rejected");
+        shm_note_repair(&B);
         fail_submit(c, PB_EPROTO, seq);
         return;
     }
@@ -871,6 +874,7 @@ static void conn_arm_recv(conn *c)
         if (used > c->rep_size) {
             /* The holder wrote an impossible tail: its replies are lost to it. */
             slog(LOG_LVL_WARN, c, "reply ring tail corrupted; replies discarded");
+            shm_note_repair(&B);
             atomic_store(&c->slot->io_error, PB_EPROTO);
             c->to_sink = 1;
             conn_arm_recv(c);

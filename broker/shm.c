@@ -161,6 +161,12 @@ fail:
     return -1;
 }
 
+void shm_note_repair(broker *b)
+{
+    b->repairs++;
+    atomic_store(&b->hdr->repairs, b->repairs);
+}
+
 /* Rewrite every field of the segment that only the broker owns, from its
  * private copies (janitor, each pass).  A worker that scribbles over the
  * segment can break its own leases, but not the segment's description:
@@ -185,6 +191,7 @@ void shm_republish(broker *b)
     atomic_store(&h->broker_pid, (int32_t)getpid());
     atomic_store(&h->npools, b->npools);
     atomic_store(&h->clients_attached, b->nattached);
+    atomic_store(&h->repairs, b->repairs);
     atomic_store(&h->state, b->draining ? PB_BROKER_DRAINING : PB_BROKER_RUNNING);
     for (uint32_t i = 0; i < b->npools; i++)
         pool_republish(&b->pools[i]);

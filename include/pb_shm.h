@@ -144,7 +144,8 @@ typedef struct pb_shm_header {
     uint64_t start_ms;              /* CLOCK_REALTIME ms at broker start */
     _Atomic uint64_t heartbeat_ms;  /* CLOCK_MONOTONIC ms, broker, each loop tick */
     _Atomic uint32_t clients_attached; /* broker */
-    _Atomic uint32_t pad1;
+    _Atomic uint32_t repairs;       /* broker: scribbles it found and undid (slot words taken
+                                       back, rings resynchronised, bad entries or requests) */
     char shm_name[64];              /* as configured */
     /* --- hot: doorbell (own cache line) --- */
     _Alignas(PB_CACHELINE)

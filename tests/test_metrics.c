@@ -394,7 +394,7 @@ static void test_metrics_and_health(void **state)
         "poolbroker_pool_broken{pool=\"main\"}", "poolbroker_pool_timeouts_total{pool=\"main\"}",
         "poolbroker_pool_acquire_wait_seconds_bucket{pool=\"main\",le=\"+Inf\"}",
         "poolbroker_pool_acquire_wait_seconds_sum{pool=\"main\"}", "poolbroker_broker_clients_attached",
-        "poolbroker_uptime_seconds", "poolbroker_broker_up",
+        "poolbroker_uptime_seconds", "poolbroker_broker_up", "poolbroker_segment_repairs_total",
     };
     for (size_t i = 0; i < sizeof gauges / sizeof gauges[0]; i++)
         if (sample(metrics, gauges[i]) < 0)
@@ -404,6 +404,8 @@ static void test_metrics_and_health(void **state)
     assert_true(sample(metrics, "poolbroker_pool_command_latency_seconds_count{pool=\"main\"}") >= 1);
     assert_true(sample(metrics, "poolbroker_broker_clients_attached") >= 1);
     assert_true(sample(metrics, "poolbroker_broker_up") == 1);
+    /* Nobody scribbled: nothing to repair. */
+    assert_true(sample(metrics, "poolbroker_segment_repairs_total") == 0);
     const char *io = getenv("PB_IO_BACKEND");
     if (io && *io) {
         char info[128];

@@ -66,6 +66,7 @@ typedef struct broker_view {
     int64_t heartbeat_age_ms;       /* V_NONE before the first tick */
     int64_t uptime_ms;
     uint32_t clients_attached;
+    uint32_t repairs;               /* scribbles the broker found and undid */
 } broker_view;
 
 typedef struct pool_view {
@@ -434,6 +435,7 @@ static void broker_view_fill(broker_view *b, const snapshot *s)
     b->heartbeat_age_ms = age_ms(s->mono_ms, h->heartbeat_ms);
     b->uptime_ms = h->start_ms ? age_ms(s->real_ms, h->start_ms) : V_UNKNOWN;
     b->clients_attached = h->clients_attached;
+    b->repairs = h->repairs;
     int starting = h->state == PB_BROKER_STARTING && b->heartbeat_age_ms == V_NONE;
     b->responding = b->alive && (starting || (b->heartbeat_age_ms >= 0 &&
                                               b->heartbeat_age_ms <= HEARTBEAT_STALE_MS));
@@ -567,7 +569,10 @@ static void text_broker(FILE *out, const char *shm_name, const broker_view *b)
         fprintf(out, "not responding (heartbeat %" PRId64 " s old)", b->heartbeat_age_ms / 1000);
     else
         fprintf(out, "not responding (heartbeat %s)", b->heartbeat_age_ms == V_NONE ? "never" : "?");
-    fprintf(out, ", %" PRIu32 " client%s attached\n", b->clients_attached, b->clients_attached == 1 ? "" : "s");
+    fprintf(out, ", %" PRIu32 " client%s attached", b->clients_attached, b->clients_attached == 1 ? "" : "s");
+    if (b->repairs)
+        fprintf(out, ", %" PRIu32 " segment repair%s (see the broker log)", b->repairs, b->repairs == 1 ? "" : "s");
+    fputc('\n', out);
 }
 
 /* Width of the pool-name column: the longest selected name, at least 4. */
@@ -677,7 +682,8 @@ static void json_broker(FILE *out, const broker_view *b)
     json_num(out, b->heartbeat_age_ms == V_NONE ? V_UNKNOWN : b->heartbeat_age_ms);
     fputs(", \"uptime_ms\": ", out);
     json_num(out, b->uptime_ms);
-    fprintf(out, ", \"clients_attached\": %" PRIu32 "}", b->clients_attached);
+    fprintf(out, ", \"clients_attached\": %" PRIu32 ", \"segment_repairs\": %" PRIu32 "}", b->clients_attached,
+            b->repairs);
 }
 
 static void json_pool(FILE *out, const pool_view *pv)
@@ -870,6 +876,9 @@ static void prom_broker(FILE *out, const view *v, unsigned flags)
     }
     prom_head(out, "broker_clients_attached", "gauge", "Worker processes attached to the broker.");
     fprintf(out, "poolbroker_broker_clients_attached %" PRIu32 "\n", b->clients_attached);
+    prom_head(out, "segment_repairs_total", "counter",
+              "Things a worker wrote into shared memory that the broker found impossible and undid.");
+    fprintf(out, "poolbroker_segment_repairs_total %" PRIu32 "\n", b->repairs);
     if ((flags & SHMVIEW_PROM_UPTIME) && b->uptime_ms >= 0) {
         prom_head(out, "uptime_seconds", "gauge", "Seconds since the broker started.");
         fprintf(out, "poolbroker_uptime_seconds %" PRId64 ".%03" PRId64 "\n", b->uptime_ms / 1000,
