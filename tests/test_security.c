@@ -580,17 +580,23 @@ static int clear_redis_password(void **state)
 }
 
 /* A password_file others may read: the broker refuses to start, naming it. */
+/* <dir>/pw holding REFUSED_SECRET, with the given mode; its path in path. */
+static void write_secret_file(char *path, size_t n, mode_t mode)
+{
+    snprintf(path, n, "%s/pw", env.dir);
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fputs(REFUSED_SECRET "\n", f);
+    fclose(f);
+    assert_int_equal(chmod(path, mode), 0);
+}
+
 static void test_password_file_readable_by_others_refused(void **state)
 {
     (void)state;
     NEED_ROOT();
     char pwpath[300];
-    snprintf(pwpath, sizeof pwpath, "%s/pw", env.dir);
-    FILE *f = fopen(pwpath, "w");
-    assert_non_null(f);
-    fputs(REFUSED_SECRET "\n", f);
-    fclose(f);
-    assert_int_equal(chmod(pwpath, 0644), 0);
+    write_secret_file(pwpath, sizeof pwpath, 0644);
     int rc = start_broker(BROKER_SECTION("")
                           "[pool cache]\n"
                           "type = redis\n"
@@ -618,12 +624,7 @@ static void test_password_file_readable_by_others_refused_on_reload(void **state
     (void)state;
     NEED_ROOT();
     char pwpath[300];
-    snprintf(pwpath, sizeof pwpath, "%s/pw", env.dir);
-    FILE *f = fopen(pwpath, "w");
-    assert_non_null(f);
-    fputs(REFUSED_SECRET "\n", f);
-    fclose(f);
-    assert_int_equal(chmod(pwpath, 0600), 0);
+    write_secret_file(pwpath, sizeof pwpath, 0600);
     assert_int_equal(start_broker(BROKER_SECTION("")
                                   "[pool cache]\n"
                                   "type = redis\n"
