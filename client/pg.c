@@ -146,17 +146,29 @@ static void note_session_state(pb_lease *l, const char *sql)
         atomic_fetch_or_explicit(&l->s->client_flags, PB_CF_DIRTY, memory_order_relaxed);
 }
 
-PB_API int pb_pg_exec(pb_lease *l, const char *sql, pb_result **out)
+/* A simple-protocol Query for sql, in the client's scratch buffer, on a
+ * lease with nothing else in flight. */
+static int simple_query(pb_lease *l, const char *sql, pb_buf **out)
 {
-    if (!sql || !out)
-        return PB_EINVAL;
-    *out = NULL;
     int rc = pg_idle_lease(l);
     if (rc != PB_OK)
         return rc;
     pb_buf *b = &l->c->scratch;
     b->len = 0;
     if ((rc = pgp_query(b, sql)) != PB_OK)
+        return rc;
+    *out = b;
+    return PB_OK;
+}
+
+PB_API int pb_pg_exec(pb_lease *l, const char *sql, pb_result **out)
+{
+    if (!sql || !out)
+        return PB_EINVAL;
+    *out = NULL;
+    pb_buf *b;
+    int rc = simple_query(l, sql, &b);
+    if (rc != PB_OK)
         return rc;
     note_session_state(l, sql);
     return run(l, sql, out);
@@ -474,12 +486,9 @@ static int copy_begin(pb_lease *l, const char *sql, int want)
 {
     if (!sql)
         return PB_EINVAL;
-    int rc = pg_idle_lease(l);
+    pb_buf *b;
+    int rc = simple_query(l, sql, &b);
     if (rc != PB_OK)
-        return rc;
-    pb_buf *b = &l->c->scratch;
-    b->len = 0;
-    if ((rc = pgp_query(b, sql)) != PB_OK)
         return rc;
     pbi_set_preview(l, sql, strlen(sql));
     if ((rc = pbi_submit(l, b->data, b->len, 1)) != PB_OK)
