@@ -1029,57 +1029,53 @@ static int th_tool_port(th_env *e, const char *tool, const char *var, int port,
     return rc;
 }
 
-int th_pg_stop(th_env *e)
+/* Stop the server of this env that runs on port (tool: pg-stop,
+ * redis-stop). */
+static int server_stop(th_env *e, int port, const char *what, const char *tool)
 {
-    if (e->dir[0] == '\0' || e->pg_port <= 0) {
-        fprintf(stderr, "harness: th_pg_stop: no PostgreSQL in this env\n");
+    if (e->dir[0] == '\0' || port <= 0) {
+        fprintf(stderr, "harness: no %s in this env to stop\n", what);
         return -1;
     }
-    return th_tool(e, "pg-stop", NULL, 0, TH_SERVER_STOP_MS) == 0 ? 0 : -1;
+    return th_tool(e, tool, NULL, 0, TH_SERVER_STOP_MS) == 0 ? 0 : -1;
+}
+
+/* Start it again on the same port: the tool gets the port in port_var and
+ * prints it back as out_var=N. */
+static int server_start_again(th_env *e, int port, const char *what, const char *tool, const char *port_var,
+                              const char *out_var)
+{
+    if (e->dir[0] == '\0' || port <= 0) {
+        fprintf(stderr, "harness: no %s in this env to start again\n", what);
+        return -1;
+    }
+    char out[4096];
+    int got = 0;
+    if (th_tool_port(e, tool, port_var, port, out, sizeof(out)) != 0)
+        return -1;
+    if (th_env_get_port(out, out_var, &got) != 0 || got != port) {
+        fprintf(stderr, "harness: %s restarted on port %d, not %d:\n%s\n", what, got, port, out);
+        return -1;
+    }
+    return 0;
+}
+
+int th_pg_stop(th_env *e)
+{
+    return server_stop(e, e->pg_port, "PostgreSQL", "pg-stop");
 }
 
 int th_pg_start_again(th_env *e)
 {
-    if (e->dir[0] == '\0' || e->pg_port <= 0) {
-        fprintf(stderr, "harness: th_pg_start_again: no PostgreSQL in this env\n");
-        return -1;
-    }
-    char out[4096];
-    int port = 0;
-    if (th_tool_port(e, "pg-start", "PB_PG_PORT", e->pg_port, out, sizeof(out)) != 0)
-        return -1;
-    if (th_env_get_port(out, "PGPORT", &port) != 0 || port != e->pg_port) {
-        fprintf(stderr, "harness: PostgreSQL restarted on port %d, not %d:\n%s\n",
-                port, e->pg_port, out);
-        return -1;
-    }
-    return 0;
+    return server_start_again(e, e->pg_port, "PostgreSQL", "pg-start", "PB_PG_PORT", "PGPORT");
 }
 
 int th_redis_stop(th_env *e)
 {
-    if (e->dir[0] == '\0' || e->redis_port <= 0) {
-        fprintf(stderr, "harness: th_redis_stop: no Redis in this env\n");
-        return -1;
-    }
-    return th_tool(e, "redis-stop", NULL, 0, TH_SERVER_STOP_MS) == 0 ? 0 : -1;
+    return server_stop(e, e->redis_port, "Redis", "redis-stop");
 }
 
 int th_redis_start_again(th_env *e)
 {
-    if (e->dir[0] == '\0' || e->redis_port <= 0) {
-        fprintf(stderr, "harness: th_redis_start_again: no Redis in this env\n");
-        return -1;
-    }
-    char out[4096];
-    int port = 0;
-    if (th_tool_port(e, "redis-start", "PB_REDIS_PORT", e->redis_port, out,
-                     sizeof(out)) != 0)
-        return -1;
-    if (th_env_get_port(out, "REDIS_PORT", &port) != 0 || port != e->redis_port) {
-        fprintf(stderr, "harness: Redis restarted on port %d, not %d:\n%s\n",
-                port, e->redis_port, out);
-        return -1;
-    }
-    return 0;
+    return server_start_again(e, e->redis_port, "Redis", "redis-start", "PB_REDIS_PORT", "REDIS_PORT");
 }
