@@ -117,6 +117,7 @@ typedef struct conn {
                                     decrements once the server has signalled the backend) */
     int await_cancel;        /* release done, but a cancel may still land: hold the slot */
     uint64_t cancel_deadline_ms; /* close the connection if it has not answered by then */
+    uint32_t settings_gen;   /* the pool's settings_gen when this connection was started */
 } conn;
 
 typedef struct waiter {
@@ -140,6 +141,7 @@ typedef struct pool {
     uint64_t backoff_until_ms;
     uint32_t backoff_ms;
     uint32_t health;         /* enum pb_pool_health, published in shm->health */
+    uint32_t settings_gen;   /* bumped by a reload that changes connection settings */
     uint32_t fails;          /* connects failed in a row, published in shm->consecutive_failures */
     int removed;             /* dropped by a reload: close as leases return */
 } pool;

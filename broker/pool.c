@@ -465,6 +465,7 @@ void conn_start_connect(conn *c)
     c->to_sink = 0;
     c->error[0] = 0;
     c->created_ms = B.now_ms;
+    c->settings_gen = p->settings_gen;
     memset(&c->scan, 0, sizeof c->scan);
     p->connecting++;
     p->live++;
@@ -506,6 +507,14 @@ void conn_connected(conn *c)
     p->backoff_ms = 0;
     p->backoff_until_ms = 0;
     slog(LOG_LVL_DEBUG, c, "connected");
+    if (c->settings_gen != p->settings_gen) {
+        /* A reload changed the connection settings while this handshake
+         * ran on the old ones: nobody gets it. */
+        atomic_fetch_add_explicit(&p->shm->retired, 1, memory_order_relaxed);
+        conn_close(c, "connection settings changed during its handshake");
+        pool_maybe_grow(p);
+        return;
+    }
     make_available(c);
     pool_maybe_grow(p);
 }

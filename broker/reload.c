@@ -116,9 +116,10 @@ static const char *needs_restart(broker *b, conf *nc, char *why, size_t n)
 
 static void retire_all(pool *p, const char *why)
 {
+    p->settings_gen++;              /* handshakes in flight are closed when they finish */
     for (uint32_t k = 0; k < p->nconns; k++) {
         conn *c = &p->conns[k];
-        if (c->state == CS_READY || c->state == CS_CONNECTING) {
+        if (c->state == CS_READY) {
             c->retire_at_ms = B.now_ms;     /* closed when next free */
             atomic_fetch_or(&c->slot->flags, PB_SF_RETIRE);
         }

@@ -14,9 +14,12 @@
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
+#include <netinet/in.h>
+#include <poll.h>
 #include <sched.h>
+#include <string.h>
 #include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -437,6 +440,112 @@ static void test_log_target_syslog(void **state)
                   "with the tag poolbroker[pid]; nothing on stderr\n");
 }
 
+/* ------------------------------------------------ reload during a handshake
+ * A TCP proxy to PostgreSQL's Unix socket that holds each connection until
+ * the test opens the gate (writes a byte to gate_fd), so a reload can land
+ * while the broker's handshake through it is in flight. */
+static void gate_proxy(int lfd, int gate_fd)
+{
+    char b;
+    /* Not the harness's emergency cleanup (it would stop the servers), and
+     * gone with the test, even one that failed before stopping us. */
+    signal(SIGINT, SIG_DFL);
+    signal(SIGTERM, SIG_DFL);
+    signal(SIGHUP, SIG_DFL);
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    for (;;) {
+        int cfd = accept(lfd, NULL, NULL);
+        if (cfd < 0)
+            _exit(0);
+        if (read(gate_fd, &b, 1) != 1)        /* the gate; EOF: the test is done */
+            _exit(0);
+        if (fork() != 0) {
+            close(cfd);
+            continue;
+        }
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        int sfd = socket(AF_UNIX, SOCK_STREAM, 0);
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        char path[300];
+        int plen = snprintf(path, sizeof path, "%s/.s.PGSQL.%d", env.pg_host, env.pg_port);
+        if (plen < 0 || (size_t)plen >= sizeof sa.sun_path)
+            _exit(1);
+        memcpy(sa.sun_path, path, (size_t)plen + 1);
+        if (sfd < 0 || connect(sfd, (struct sockaddr *)&sa, sizeof sa) < 0)
+            _exit(1);
+        struct pollfd pf[2] = { { .fd = cfd, .events = POLLIN }, { .fd = sfd, .events = POLLIN } };
+        char buf[16384];
+        for (;;) {
+            if (poll(pf, 2, -1) < 0)
+                _exit(1);
+            for (int i = 0; i < 2; i++) {
+                if (!pf[i].revents)
+                    continue;
+                ssize_t n = read(pf[i].fd, buf, sizeof buf);
+                if (n <= 0 || write(pf[1 - i].fd, buf, (size_t)n) != n)
+                    _exit(0);
+            }
+        }
+    }
+}
+
+/* A reload that changes a pool's conninfo while a connection's handshake
+ * still runs on the old one: that connection must not be handed out. */
+static void test_reload_during_handshake(void **state)
+{
+    (void)state;
+    int lfd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    socklen_t sl = sizeof sin;
+    assert_true(lfd >= 0);
+    assert_int_equal(bind(lfd, (struct sockaddr *)&sin, sizeof sin), 0);
+    assert_int_equal(listen(lfd, 8), 0);
+    assert_int_equal(getsockname(lfd, (struct sockaddr *)&sin, &sl), 0);
+    int gate[2];
+    assert_int_equal(pipe2(gate, O_CLOEXEC), 0);     /* the broker must not hold it */
+    fflush(NULL);
+    pid_t proxy = fork();
+    assert_true(proxy >= 0);
+    if (proxy == 0) {
+        close(gate[1]);
+        gate_proxy(lfd, gate[0]);
+    }
+    close(lfd);
+    close(gate[0]);
+
+    char conf[1024];
+    snprintf(conf, sizeof conf,
+             "[pool gate]\ntype = postgres\nconninfo = host=127.0.0.1 port=%d user=postgres dbname=postgres "
+             "sslmode=disable application_name=old_settings\nmin_size = 1\nmax_size = 1\n",
+             ntohs(sin.sin_port));
+    write_conf(conf);
+    assert_int_equal(th_broker_restart(&env), 0);
+    usleep(200000);                 /* the broker's handshake waits at the gate */
+    write_conf("[pool gate]\ntype = postgres\nconninfo = host=@PGHOST@ port=@PGPORT@ user=postgres "
+               "dbname=postgres sslmode=disable application_name=new_settings\nmin_size = 1\nmax_size = 1\n");
+    long applied = th_count_lines(env.broker_log, "applied");
+    kill(env.broker_pid, SIGHUP);
+    assert_int_equal(th_wait_log(&env, "applied", applied + 1, 5000), 0);
+    assert_int_equal(write(gate[1], "g", 1), 1);  /* the old handshake completes now */
+
+    /* The pool's one connection, when a worker gets it, is on the new
+     * settings (the lease waits while the old one is closed and replaced). */
+    pb_client *c;
+    pb_lease *l;
+    pb_result *r;
+    assert_int_equal(pb_connect(env.sock_path, &c), PB_OK);
+    assert_int_equal(pb_acquire(c, "gate", 5000, &l), PB_OK);
+    assert_int_equal(pb_pg_exec(l, "SHOW application_name", &r), PB_OK);
+    assert_string_equal(pb_getvalue(r, 0, 0), "new_settings");
+    pb_result_free(r);
+    assert_int_equal(pb_release(l), PB_OK);
+    pb_disconnect(c);
+    assert_int_equal(th_wait_log(&env, "connection settings changed during its handshake", 1, 5000), 0);
+    close(gate[1]);
+    kill(proxy, SIGKILL);
+    waitpid(proxy, NULL, 0);
+}
+
 static void test_drain_with_lease_in_flight(void **state)
 {
     (void)state;
@@ -586,6 +695,7 @@ int main(void)
         cmocka_unit_test(test_reload),
         cmocka_unit_test(test_reload_grows_into_slots),
         cmocka_unit_test(test_log_target_syslog),
+        cmocka_unit_test(test_reload_during_handshake),
         cmocka_unit_test(test_drain_with_lease_in_flight),
         cmocka_unit_test(test_shmstat_with_broker_stopped),
         cmocka_unit_test(test_max_clients_refused),
