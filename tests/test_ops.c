@@ -238,6 +238,21 @@ static void test_reload(void **state)
     pb_disconnect(c);
 }
 
+/* A fresh client leases pool, runs sql, and gets want in the first field. */
+static void query_gives(const char *pool, const char *sql, const char *want)
+{
+    pb_client *c;
+    pb_lease *l;
+    pb_result *r;
+    assert_int_equal(pb_connect(env.sock_path, &c), PB_OK);
+    assert_int_equal(pb_acquire(c, pool, 5000, &l), PB_OK);
+    assert_int_equal(pb_pg_exec(l, sql, &r), PB_OK);
+    assert_string_equal(pb_getvalue(r, 0, 0), want);
+    pb_result_free(r);
+    assert_int_equal(pb_release(l), PB_OK);
+    pb_disconnect(c);
+}
+
 /* Backend pids of n leases held at once on pool, or -1 if one could not be
  * had within timeout_ms. */
 static int hold_leases(pb_client *c, const char *pool, int n, int timeout_ms)
@@ -530,16 +545,7 @@ static void test_reload_during_handshake(void **state)
 
     /* The pool's one connection, when a worker gets it, is on the new
      * settings (the lease waits while the old one is closed and replaced). */
-    pb_client *c;
-    pb_lease *l;
-    pb_result *r;
-    assert_int_equal(pb_connect(env.sock_path, &c), PB_OK);
-    assert_int_equal(pb_acquire(c, "gate", 5000, &l), PB_OK);
-    assert_int_equal(pb_pg_exec(l, "SHOW application_name", &r), PB_OK);
-    assert_string_equal(pb_getvalue(r, 0, 0), "new_settings");
-    pb_result_free(r);
-    assert_int_equal(pb_release(l), PB_OK);
-    pb_disconnect(c);
+    query_gives("gate", "SHOW application_name", "new_settings");
     assert_int_equal(th_wait_log(&env, "connection settings changed during its handshake", 1, 5000), 0);
     close(gate[1]);
     kill(proxy, SIGKILL);
@@ -676,16 +682,7 @@ static void test_io_uring_denied_falls_back(void **state)
     char *json[] = { shmstat, "-s", env.shm_name, "--json", NULL };
     assert_int_equal(th_run(json, out, sizeof out, 5000), 0);
     assert_non_null(strstr(out, "\"epoll\""));
-    pb_client *c;
-    pb_lease *l;
-    pb_result *r;
-    assert_int_equal(pb_connect(env.sock_path, &c), PB_OK);
-    assert_int_equal(pb_acquire(c, "main", 5000, &l), PB_OK);
-    assert_int_equal(pb_pg_exec(l, "SELECT 'via epoll'", &r), PB_OK);
-    assert_string_equal(pb_getvalue(r, 0, 0), "via epoll");
-    pb_result_free(r);
-    assert_int_equal(pb_release(l), PB_OK);
-    pb_disconnect(c);
+    query_gives("main", "SELECT 'via epoll'", "via epoll");
 }
 
 int main(void)
