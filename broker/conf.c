@@ -5,7 +5,8 @@
  * The text is split into lines in place; each line is blank, a comment, a
  * [section] header or "key = value".  A comment starts with ';' or '#' at the
  * start of a line or right after whitespace, so "password=a;b" in a conninfo
- * survives while "max_size = 20  ; note" loses its note.  Every key is one row
+ * survives while "max_size = 20  ; note" loses its note; a value in double
+ * quotes keeps everything between them ("RESET ALL ; SELECT 1").  Every key is one row
  * of a static table (kind, range, field offset, pool types that accept it), so
  * what differs between keys is data, not code.  Checks that need the whole
  * section (keys that do not fit the pool's type, min_size <= max_size, the
@@ -240,14 +241,58 @@ static char *trim(char *s)
     return s;
 }
 
-/* Cut the line at the first ';' or '#' that starts it or follows whitespace. */
+/* Cut the line at the first ';' or '#' that starts it or follows
+ * whitespace, outside a quoted value (one that starts with '"' right after
+ * the '='; unquote() takes it apart). */
 static void strip_comment(char *s)
 {
-    for (size_t i = 0; s[i]; i++)
+    int seen_eq = 0;
+    for (size_t i = 0; s[i]; i++) {
+        if (!seen_eq && s[i] == '=') {
+            seen_eq = 1;
+            size_t j = i + 1;
+            while (s[j] == ' ' || s[j] == '\t')
+                j++;
+            if (s[j] == '"') {
+                for (j++; s[j] && s[j] != '"'; j++)
+                    if (s[j] == '\\' && s[j + 1])
+                        j++;
+                if (!s[j])
+                    return;         /* unterminated: unquote() says so */
+                i = j;              /* the closing quote */
+            }
+            continue;
+        }
         if ((s[i] == ';' || s[i] == '#') && (i == 0 || s[i - 1] == ' ' || s[i - 1] == '\t')) {
             s[i] = '\0';
             return;
         }
+    }
+}
+
+/* A value in double quotes keeps what is between them, comment characters
+ * and surrounding spaces included; \" and \\ stand for " and \.  Unquotes
+ * v in place.  0, or -1 with *why set. */
+static int unquote(char *v, const char **why)
+{
+    if (*v != '"')
+        return 0;
+    char *w = v, *r = v + 1;
+    for (; *r && *r != '"'; r++) {
+        if (*r == '\\' && (r[1] == '"' || r[1] == '\\'))
+            r++;
+        *w++ = *r;
+    }
+    if (*r != '"') {
+        *why = "unterminated quote";
+        return -1;
+    }
+    if (r[1] != '\0') {
+        *why = "text after the closing quote (a comment needs a space before it)";
+        return -1;
+    }
+    *w = '\0';
+    return 0;
 }
 
 /* Parse a string of decimal digits.  Returns 0, -1 if s is empty or holds
@@ -791,6 +836,9 @@ static int parse_assignment(parser *p, char *key, char *val)
     }
     if (p->seen[i])
         return fail_key(p, p->line, key, "duplicate key (first set on line %d)", p->seen[i]);
+    const char *why;
+    if (unquote(val, &why) < 0)
+        return fail_key(p, p->line, key, "%s", why);
     if (*val == '\0')
         return fail_key(p, p->line, key, "empty value");
     p->seen[i] = p->line;

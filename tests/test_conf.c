@@ -289,6 +289,28 @@ static void test_value_keeps_equals_and_spaces(void **state)
     conf_free(c);
 }
 
+/* A value in double quotes keeps comment characters after spaces, and the
+ * spaces at its ends; \" and \\ are a quote and a backslash. */
+static void test_quoted_values(void **state)
+{
+    (void)state;
+    conf *c = expect_ok(PG_POOL "reset = \"RESET ALL ; SELECT pg_advisory_unlock_all() # keep\"   ; a comment\n");
+    assert_string_equal(c->pools[0].reset_sql, "RESET ALL ; SELECT pg_advisory_unlock_all() # keep");
+    conf_free(c);
+    c = expect_ok("[pool main]\ntype = postgres\nconninfo = \" dbname=app password=a\\\"b\\\\c ; d\"\n"
+                  "reset = SET x = \"y\"\n");
+    assert_string_equal(c->pools[0].conninfo, " dbname=app password=a\"b\\c ; d");
+    /* Only a value that starts with a quote is quoted. */
+    assert_string_equal(c->pools[0].reset_sql, "SET x = \"y\"");
+    conf_free(c);
+    expect_error(PG_POOL "reset = \"RESET ALL ; SELECT 1\n", "t.conf:4:", "key 'reset': unterminated quote");
+    expect_error(PG_POOL "reset = \"RESET ALL\";SELECT 1\n", "t.conf:4:", "key 'reset': text after the closing quote");
+    expect_error(PG_POOL "reset = \"\"\n", "t.conf:4:", "key 'reset': empty value");
+    /* An error in a quoted secret does not echo it. */
+    expect_error("[pool main]\ntype = postgres\nconninfo = \"password=" SECRET "\n", "t.conf:3:",
+                 "key 'conninfo': unterminated quote");
+}
+
 static void test_reset_values(void **state)
 {
     (void)state;
@@ -795,6 +817,7 @@ int main(void)
         cmocka_unit_test(test_defaults),
         cmocka_unit_test(test_comments_and_whitespace),
         cmocka_unit_test(test_value_keeps_equals_and_spaces),
+        cmocka_unit_test(test_quoted_values),
         cmocka_unit_test(test_reset_values),
         cmocka_unit_test(test_size_suffixes),
         cmocka_unit_test(test_size_limits),
