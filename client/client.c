@@ -158,10 +158,10 @@ static int attach(pb_client *c)
         return errno == EACCES ? PB_EPERM : PB_EBROKER;
     }
     pb_attach_req req = { PB_ATTACH_MAGIC, PB_SHM_VERSION, PB_SHM_FINGERPRINT, (int32_t)getpid() };
-    if (send(fd, &req, sizeof req, MSG_NOSIGNAL) != (ssize_t)sizeof req) {
-        close(fd);
-        return PB_EBROKER;
-    }
+    /* A broker that refuses at accept (max_clients) answers and closes
+     * without reading: our send can then fail, but its answer is there to
+     * read, and says why. */
+    int sent = send(fd, &req, sizeof req, MSG_NOSIGNAL) == (ssize_t)sizeof req;
     pb_attach_resp resp;
     union {
         struct cmsghdr align;
@@ -177,6 +177,8 @@ static int attach(pb_client *c)
     /* The answer, layout included, is all we go by: the segment's header is
      * for shmstat (pb_shm_layout says why). */
     rc = pbi_attach_resp_check(&resp, n);
+    if (rc == PB_OK && !sent)
+        rc = PB_EBROKER;
     if (rc != PB_OK)
         goto fail;
     struct stat st;
