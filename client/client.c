@@ -161,7 +161,14 @@ static int attach(pb_client *c)
     /* A broker that refuses at accept (max_clients) answers and closes
      * without reading: our send can then fail, but its answer is there to
      * read, and says why. */
-    int sent = send(fd, &req, sizeof req, MSG_NOSIGNAL) == (ssize_t)sizeof req;
+    /* EINTR: a socket timeout makes these fail on any interruption (no
+     * SA_RESTART), and io_uring completions for this process (async.c)
+     * interrupt like signals do.  Try again; the timeouts still bound it. */
+    ssize_t sn;
+    do
+        sn = send(fd, &req, sizeof req, MSG_NOSIGNAL);
+    while (sn < 0 && errno == EINTR);
+    int sent = sn == (ssize_t)sizeof req;
     pb_attach_resp resp;
     union {
         struct cmsghdr align;
@@ -169,7 +176,10 @@ static int attach(pb_client *c)
     } u;
     struct iovec iov = { .iov_base = &resp, .iov_len = sizeof resp };
     struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof u.buf };
-    ssize_t n = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC);
+    ssize_t n;
+    do
+        n = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC);
+    while (n < 0 && errno == EINTR);
     int fds[2] = { -1, -1 };
     for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
         if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(2 * sizeof(int)))
