@@ -86,6 +86,7 @@ PB_API const char *pb_strerror(int err)
     case PB_EPERM:     return "refused by the broker";
     case PB_EBUSY:     return "lease busy (results, COPY or a pipeline outstanding)";
     case PB_ESERVER:   return "the server refused the statement";
+    case PB_EINPROGRESS: return "in progress: wait for pb_client_fd and poll again";
     }
     return "unknown error";
 }
@@ -281,11 +282,16 @@ static void lease_unlink(pb_lease *l)
 static void lease_free(pb_lease *l)
 {
     pb_client *c = l->c;
+    pbi_nb_lease_gone(l);
     lease_unlink(l);
     pgp_dec_reset(&l->dec);
     if (l->rreader) {
         redisReaderFree(l->rreader);
         l->rreader = NULL;
+    }
+    if (l->rheld) {
+        freeReplyObject(l->rheld);
+        l->rheld = NULL;
     }
     pb_buf_free(&l->rqueue);
     pb_buf_free(&l->rends);
@@ -347,6 +353,7 @@ PB_API void pb_disconnect(pb_client *c)
         c->retired_head = l->next;
         free(l);
     }
+    pbi_nb_free(c);
     pb_buf_free(&c->scratch);
     while (c->stmts) {
         pb_stmt *st = c->stmts;
@@ -665,6 +672,8 @@ PB_API int pb_acquire(pb_client *c, const char *pool, int timeout_ms, pb_lease *
                 timeout_ms = -1;    /* one is there; it just needs a check */
         }
     }
+    if (!got && pbi_nb_waiting(c))
+        return PB_EBUSY;            /* the wait word is a non-blocking acquire's (async.c) */
     if (!got) {
         if (timeout_ms < 0)
             timeout_ms = (int)atomic_load(&p->acquire_timeout_ms);
@@ -781,6 +790,18 @@ PB_API int pb_lease_backend_pid(const pb_lease *l)
         return -1;
     return atomic_load(&l->s->backend_pid);
 }
+
+/* The non-blocking API (async.c) reuses these; each is the static function
+ * of the same name above. */
+int pbi_ensure_attached(pb_client *c) { return ensure_attached(c); }
+int pbi_find_pool(pb_client *c, const char *name, uint32_t *idx) { return find_pool(c, name, idx); }
+int pbi_try_take_free(pb_client *c, uint32_t pi, uint32_t *slot, uint64_t *word)
+{ return try_take_free(c, pi, slot, word); }
+int pbi_make_lease(pb_client *c, uint32_t pi, uint32_t s, uint64_t w, pb_lease **out)
+{ return make_lease(c, pi, s, w, out); }
+int pbi_sq_push(pb_client *c, uint64_t e) { return sq_push(c, e); }
+int pbi_broker_alive(pb_client *c) { return broker_alive(c); }
+uint64_t pbi_coarse_ms(void) { return coarse_ms(); }
 
 /* ---------------------------------------------------------------- commands */
 
