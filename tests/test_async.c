@@ -12,6 +12,7 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include <errno.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
@@ -72,7 +73,10 @@ static int wait_fd(pb_client *c)
 {
     struct pollfd p = { .fd = pb_client_fd(c), .events = POLLIN };
     assert_true(p.fd >= 0);
-    int r = poll(&p, 1, FD_WAIT_MS);
+    int r;
+    do
+        r = poll(&p, 1, FD_WAIT_MS);
+    while (r < 0 && errno == EINTR);
     if (r != 1 && getenv("PB_ASYNC_DIAG")) {
         char cmd[600];
         snprintf(cmd, sizeof cmd, "%s/shmstat -s %s >&2", getenv("PB_BUILD") ? getenv("PB_BUILD") : "build",
