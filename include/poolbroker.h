@@ -249,8 +249,11 @@ PB_API int pb_redis_get_reply(pb_lease *l, redisReply **out);
  *      that answers "not yet" (PB_EINPROGRESS, or pb_is_busy's 1) has armed
  *      a notification for exactly that operation;
  *   3. wait until pb_client_fd(c) is readable (poll, epoll,
- *      loop.add_reader), call pb_client_consume(c), go to 2 for the
- *      operations still in progress.
+ *      loop.add_reader), call pb_client_consume(c), go to 2 for EVERY
+ *      operation still in progress.  A notification that consume reaped is
+ *      not delivered again (consume may even finish a queued acquire), so
+ *      an operation not polled after a consume may wait forever: never
+ *      consume in a loop that polls only one of several operations.
  *
  * Notification: the fd becomes readable once after a broker event that
  * concerns an armed operation (a slot granted or refused, reply bytes or an
@@ -297,8 +300,8 @@ PB_API int pb_client_fd_polls(pb_client *c);
 PB_API int pb_client_consume(pb_client *c);
 
 /* A pending acquire: created by pb_acquire_start, gone once
- * pb_acquire_poll answers anything but PB_EINPROGRESS, or after
- * pb_acquire_cancel. */
+ * pb_acquire_poll answers anything but PB_EINPROGRESS, after
+ * pb_acquire_cancel, or (with the rest of the client) after pb_disconnect. */
 typedef struct pb_acquiring pb_acquiring;
 
 /* Start leasing a connection of pool <pool>.  Returns PB_OK with *out set
