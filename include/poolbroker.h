@@ -279,6 +279,11 @@ PB_API int pb_redis_get_reply(pb_lease *l, redisReply **out);
  * client takes a free slot or answers PB_EBUSY (a client has one wait word).
  * Blocking calls on a lease are allowed whenever nothing is outstanding on
  * it.  After fork() the child's pb_client_fd is a new fd: call it again.
+ * io_uring completes a wait by interrupting the thread that armed it, as a
+ * signal without a handler would: system calls that fail with EINTR on any
+ * signal (socket calls with SO_RCVTIMEO/SO_SNDTIMEO, for instance) can do
+ * so in that thread while an operation is armed; retry them (this library
+ * does).
  */
 #define PB_NB_TICK_MS 1
 
