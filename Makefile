@@ -23,7 +23,7 @@ BROKER_SRC := broker/main.c broker/log.c broker/conf.c broker/loop.c broker/loop
               broker/loop_epoll.c broker/shm.c broker/attach.c broker/control.c broker/pool.c broker/pg.c \
               broker/redis.c broker/janitor.c broker/cancel.c broker/reload.c broker/tls.c broker/metrics.c \
               tools/shmview.c
-CLIENT_SRC := client/client.c client/attachcheck.c client/pg.c client/pgproto.c client/redis.c
+CLIENT_SRC := client/client.c client/attachcheck.c client/pg.c client/pgproto.c client/redis.c client/async.c
 
 BROKER_OBJ := $(BROKER_SRC:%.c=$(BUILD)/%.o)
 CLIENT_OBJ := $(CLIENT_SRC:%.c=$(BUILD)/pic/%.o)
@@ -31,7 +31,7 @@ BROKER_LIBS := -lpq -luring -lhiredis -lssl -lcrypto -lmicrohttpd
 CLIENT_LIBS := -lhiredis
 
 UNIT_TESTS := test_conf test_pgproto test_slots
-INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops test_lifecycle test_metrics test_death test_tls test_security
+INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops test_lifecycle test_metrics test_death test_tls test_security test_async
 TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%) $(BUILD)/tests/noring
 
 .PHONY: all test unit integ run install bench clean deps examples

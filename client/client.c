@@ -86,6 +86,7 @@ PB_API const char *pb_strerror(int err)
     case PB_EPERM:     return "refused by the broker";
     case PB_EBUSY:     return "lease busy (results, COPY or a pipeline outstanding)";
     case PB_ESERVER:   return "the server refused the statement";
+    case PB_EINPROGRESS: return "in progress: wait for pb_client_fd and poll again";
     }
     return "unknown error";
 }
@@ -161,7 +162,14 @@ static int attach(pb_client *c)
     /* A broker that refuses at accept (max_clients) answers and closes
      * without reading: our send can then fail, but its answer is there to
      * read, and says why. */
-    int sent = send(fd, &req, sizeof req, MSG_NOSIGNAL) == (ssize_t)sizeof req;
+    /* EINTR: a socket timeout makes these fail on any interruption (no
+     * SA_RESTART), and io_uring completions for this process (async.c)
+     * interrupt like signals do.  Try again; the timeouts still bound it. */
+    ssize_t sn;
+    do
+        sn = send(fd, &req, sizeof req, MSG_NOSIGNAL);
+    while (sn < 0 && errno == EINTR);
+    int sent = sn == (ssize_t)sizeof req;
     pb_attach_resp resp;
     union {
         struct cmsghdr align;
@@ -169,7 +177,10 @@ static int attach(pb_client *c)
     } u;
     struct iovec iov = { .iov_base = &resp, .iov_len = sizeof resp };
     struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof u.buf };
-    ssize_t n = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC);
+    ssize_t n;
+    do
+        n = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC);
+    while (n < 0 && errno == EINTR);
     int fds[2] = { -1, -1 };
     for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
         if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(2 * sizeof(int)))
@@ -271,11 +282,16 @@ static void lease_unlink(pb_lease *l)
 static void lease_free(pb_lease *l)
 {
     pb_client *c = l->c;
+    pbi_nb_lease_gone(l);
     lease_unlink(l);
     pgp_dec_reset(&l->dec);
     if (l->rreader) {
         redisReaderFree(l->rreader);
         l->rreader = NULL;
+    }
+    if (l->rheld) {
+        freeReplyObject(l->rheld);
+        l->rheld = NULL;
     }
     pb_buf_free(&l->rqueue);
     pb_buf_free(&l->rends);
@@ -337,6 +353,7 @@ PB_API void pb_disconnect(pb_client *c)
         c->retired_head = l->next;
         free(l);
     }
+    pbi_nb_free(c);
     pb_buf_free(&c->scratch);
     while (c->stmts) {
         pb_stmt *st = c->stmts;
@@ -655,6 +672,8 @@ PB_API int pb_acquire(pb_client *c, const char *pool, int timeout_ms, pb_lease *
                 timeout_ms = -1;    /* one is there; it just needs a check */
         }
     }
+    if (!got && pbi_nb_waiting(c))
+        return PB_EBUSY;            /* the wait word is a non-blocking acquire's (async.c) */
     if (!got) {
         if (timeout_ms < 0)
             timeout_ms = (int)atomic_load(&p->acquire_timeout_ms);
@@ -771,6 +790,18 @@ PB_API int pb_lease_backend_pid(const pb_lease *l)
         return -1;
     return atomic_load(&l->s->backend_pid);
 }
+
+/* The non-blocking API (async.c) reuses these; each is the static function
+ * of the same name above. */
+int pbi_ensure_attached(pb_client *c) { return ensure_attached(c); }
+int pbi_find_pool(pb_client *c, const char *name, uint32_t *idx) { return find_pool(c, name, idx); }
+int pbi_try_take_free(pb_client *c, uint32_t pi, uint32_t *slot, uint64_t *word)
+{ return try_take_free(c, pi, slot, word); }
+int pbi_make_lease(pb_client *c, uint32_t pi, uint32_t s, uint64_t w, pb_lease **out)
+{ return make_lease(c, pi, s, w, out); }
+int pbi_sq_push(pb_client *c, uint64_t e) { return sq_push(c, e); }
+int pbi_broker_alive(pb_client *c) { return broker_alive(c); }
+uint64_t pbi_coarse_ms(void) { return coarse_ms(); }
 
 /* ---------------------------------------------------------------- commands */
 

@@ -59,6 +59,7 @@ struct pb_client {
     uint32_t spin_ns;                /* adaptive spin budget before sleeping for a reply */
     uint32_t acq_spin_ns;            /* ... and for a slot (adapts separately: under
                                         contention a queued waiter rarely wins by spinning) */
+    struct pb_nb *nb;                /* non-blocking API state (async.c); NULL until used */
 };
 
 struct pb_lease {
@@ -92,6 +93,8 @@ struct pb_lease {
     pb_buf rqueue;                   /* Redis: appended commands, not yet sent */
     pb_buf rends;                    /* Redis: uint32 end offset of each queued command */
     uint32_t rqueued;                /* Redis: commands in rqueue */
+    void *rheld;                     /* Redis: a reply pb_is_busy parsed, not yet taken */
+    int nb_armed;                    /* async.c: a futex wait on rep_futex is outstanding */
     pb_lease *prev, *next;
 };
 
@@ -116,6 +119,31 @@ int pbi_reply_wait(pb_lease *l, const uint8_t **p, size_t *avail);
 void pbi_reply_consume(pb_lease *l, size_t n);
 void pbi_set_preview(pb_lease *l, const char *text, size_t len);
 uint64_t pbi_now_us(void);
+
+/* client.c, for async.c: the pieces of pb_acquire and of waiting that the
+ * non-blocking API reuses (each is the static function of the same name). */
+int pbi_ensure_attached(pb_client *c);
+int pbi_find_pool(pb_client *c, const char *name, uint32_t *idx);
+int pbi_try_take_free(pb_client *c, uint32_t pi, uint32_t *slot, uint64_t *word);
+int pbi_make_lease(pb_client *c, uint32_t pi, uint32_t s, uint64_t w, pb_lease **out);
+int pbi_sq_push(pb_client *c, uint64_t e);
+int pbi_broker_alive(pb_client *c);
+uint64_t pbi_coarse_ms(void);
+
+/* pg.c, for async.c: submit what fits of the queued statements without
+ * waiting; feed the decoder what the ring holds without waiting (a PGP_* or
+ * a negative code); mark the slot dirty for session-changing SQL. */
+int pbi_pg_flush(pb_lease *l);
+int pbi_pg_pump(pb_lease *l);
+void pbi_pg_note_session(pb_lease *l, const char *sql);
+
+/* async.c: the client's non-blocking state, freed by pb_disconnect; whether
+ * a non-blocking acquire is queued with the broker (the one wait word is
+ * then taken, and pb_acquire must not wait). */
+void pbi_nb_free(pb_client *c);
+/* A lease handle is retired: cancel its armed futex wait, if any. */
+void pbi_nb_lease_gone(pb_lease *l);
+int pbi_nb_waiting(const pb_client *c);
 
 /* attachcheck.c: the attach-time checks, pure so that the fuzz target runs them */
 /* The broker's answer, n bytes of it received: PB_OK, PB_EBROKER (short, not

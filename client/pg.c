@@ -479,6 +479,11 @@ PB_API int pb_pg_get_result(pb_lease *l, pb_result **out)
     }
 }
 
+/* For the non-blocking API (async.c): the static helpers above. */
+int pbi_pg_flush(pb_lease *l) { return pipe_flush_some(l); }
+int pbi_pg_pump(pb_lease *l) { return pump(l, 0); }
+void pbi_pg_note_session(pb_lease *l, const char *sql) { note_session_state(l, sql); }
+
 /* -------------------------------------------------------------------- COPY */
 
 /* Start a COPY: send sql, read until the server says which way it goes. */

@@ -193,6 +193,13 @@ PB_API int pb_redis_get_reply(pb_lease *l, redisReply **out)
         return rc;
     if (!out)
         return PB_EINVAL;
+    if (l->rheld) {                 /* parsed by pb_is_busy (async.c) */
+        *out = l->rheld;
+        l->rheld = NULL;
+        if (l->pending)
+            l->pending--;
+        return PB_OK;
+    }
     if (!l->rreader && !(l->rreader = redisReaderCreate()))
         return PB_ENOMEM;
     if (l->rqueued && (rc = flush_queue(l)) != PB_OK)

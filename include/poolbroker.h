@@ -59,6 +59,7 @@ enum {
     PB_EPERM     = -13,  /* the broker refused this process (uid/gid, max_clients) */
     PB_EBUSY     = -14,  /* the lease is in a state that forbids the call (e.g. mid-COPY) */
     PB_ESERVER   = -15,  /* the server refused the statement: pb_pg_get_result returns why */
+    PB_EINPROGRESS = -16, /* non-blocking call: not done yet; wait for pb_client_fd, call again */
 };
 
 typedef struct pb_client pb_client;
@@ -231,6 +232,135 @@ PB_API int pb_redis_append_command(pb_lease *l, const char *fmt, ...);
 PB_API int pb_redis_append_command_argv(pb_lease *l, int argc, const char **argv,
                                         const size_t *argvlen);
 PB_API int pb_redis_get_reply(pb_lease *l, redisReply **out);
+
+/* ------------------------------------------------------ non-blocking use
+ *
+ * For event loops (asyncio, libuv, epoll servers): many logical requests in
+ * one thread share one pb_client and one pool, with no thread per call.  The
+ * model is libpq's asynchronous API: PQsocket → pb_client_fd,
+ * PQsendQuery → pb_pg_send_query, PQconsumeInput → pb_consume_input,
+ * PQisBusy → pb_is_busy, PQgetResult → pb_pg_get_result; acquiring a lease
+ * is split the same way (pb_acquire_start / pb_acquire_poll).
+ *
+ * The loop:
+ *   1. start work: pb_acquire_start, pb_pg_send_query / pb_pg_send_params,
+ *      pb_redis_send_argv;
+ *   2. poll it: pb_acquire_poll, pb_is_busy, pb_redis_poll_reply.  A call
+ *      that answers "not yet" (PB_EINPROGRESS, or pb_is_busy's 1) has armed
+ *      a notification for exactly that operation;
+ *   3. wait until pb_client_fd(c) is readable (poll, epoll,
+ *      loop.add_reader), call pb_client_consume(c), go to 2 for EVERY
+ *      operation still in progress.  A notification that consume reaped is
+ *      not delivered again (consume may even finish a queued acquire), so
+ *      an operation not polled after a consume may wait forever: never
+ *      consume in a loop that polls only one of several operations.
+ *
+ * Notification: the fd becomes readable once after a broker event that
+ * concerns an armed operation (a slot granted or refused, reply bytes or an
+ * error published, the request buffer taken, the broker's control socket
+ * hung up) — one wake-up per event, no periodic polling.  It stays readable
+ * (level-triggered) until pb_client_consume reaps it; a readable fd means
+ * "something may be ready", so an operation may still answer "not yet" and
+ * re-arm.  Underneath it is an io_uring whose FUTEX_WAIT requests sleep on
+ * the same shared futex words the blocking calls sleep on (Linux >= 6.7).
+ * Where that is unavailable (older kernel, io_uring denied by seccomp or
+ * io_uring_disabled, or POOLBROKER_ASYNC_NOTIFY=timer in the environment)
+ * the fd is a one-shot timerfd of PB_NB_TICK_MS armed while something is
+ * armed: correct, but it polls at that granularity.  pb_client_fd_polls
+ * says which.
+ *
+ * Timeouts are the caller's: nothing here waits, and nothing times out on
+ * its own (the pool's acquire_timeout_ms is not applied).  Give up on an
+ * acquire with pb_acquire_cancel; on a command by releasing the lease (the
+ * broker cancels the query on the server and resets the connection).
+ *
+ * Rules: one pb_client per thread, as for the blocking calls.  While a
+ * non-blocking acquire is queued with the broker, pb_acquire on the same
+ * client takes a free slot or answers PB_EBUSY (a client has one wait word).
+ * Blocking calls on a lease are allowed whenever nothing is outstanding on
+ * it.  After fork() the child's pb_client_fd is a new fd: call it again.
+ * io_uring completes a wait by interrupting the thread that armed it, as a
+ * signal without a handler would: system calls that fail with EINTR on any
+ * signal (socket calls with SO_RCVTIMEO/SO_SNDTIMEO, for instance) can do
+ * so in that thread while an operation is armed; retry them (this library
+ * does).
+ */
+#define PB_NB_TICK_MS 1
+
+/* The fd to wait on for readability (created on first call, the same fd
+ * afterwards; owned by the client, closed by pb_disconnect; never read or
+ * close it yourself).  Returns the fd (>= 0) or PB_EINVAL, PB_ENOMEM (no
+ * fd could be made). */
+PB_API int pb_client_fd(pb_client *c);
+
+/* 1 when pb_client_fd is the timerfd fallback (wakes every PB_NB_TICK_MS
+ * while something is armed), 0 when it wakes only on events, PB_EINVAL. */
+PB_API int pb_client_fd_polls(pb_client *c);
+
+/* Reap what made the fd readable (never waits) and move queued acquires
+ * along (when one is granted, the next is queued with the broker).  Returns
+ * the number of notifications reaped (>= 0; 0 is fine: a spurious wake-up),
+ * or PB_EINVAL.  A broker found dead here fails every pending acquire with
+ * PB_EBROKER and makes lease calls answer PB_EBROKER. */
+PB_API int pb_client_consume(pb_client *c);
+
+/* A pending acquire: created by pb_acquire_start, gone once
+ * pb_acquire_poll answers anything but PB_EINPROGRESS, after
+ * pb_acquire_cancel, or (with the rest of the client) after pb_disconnect. */
+typedef struct pb_acquiring pb_acquiring;
+
+/* Start leasing a connection of pool <pool>.  Returns PB_OK with *out set
+ * when a slot was free at once (no operation is created, *op is NULL), or
+ * PB_EINPROGRESS with *op set: the request is queued — in this client first
+ * come, first served, and with the broker behind other processes' waiters
+ * (only the oldest of a client's acquires is with the broker at a time).
+ * Errors (nothing created): PB_EINVAL, PB_ENOPOOL, PB_ESHUTDOWN, PB_EBROKER,
+ * PB_ENOMEM, PB_EPROTO. */
+PB_API int pb_acquire_start(pb_client *c, const char *pool, pb_acquiring **op, pb_lease **out);
+
+/* Poll a pending acquire, never waiting.  PB_OK: *out is the lease and op
+ * is freed.  PB_EINPROGRESS: still queued (notification armed).  Otherwise
+ * the error that ended it (op is freed): PB_EBACKEND (backend down),
+ * PB_ESHUTDOWN, PB_ENOPOOL (pool removed), PB_EBUSY (the broker's queue is
+ * full), PB_EBROKER, PB_EPROTO, PB_ENOMEM, PB_EINVAL (NULL arguments; op
+ * untouched). */
+PB_API int pb_acquire_poll(pb_acquiring *op, pb_lease **out);
+
+/* Give up a pending acquire (the caller's timeout) and free op.  A slot
+ * the broker granted in the meantime is released.  NULL is a no-op. */
+PB_API void pb_acquire_cancel(pb_acquiring *op);
+
+/* Queue one simple-protocol Query (one or more statements; the result is
+ * the last one's, as pb_pg_exec) and submit what the request buffer takes
+ * now, without waiting.  Results come from pb_pg_get_result in order, after
+ * any statements queued before (pb_pg_send_params queues the same way).
+ * Errors: PB_EINVAL, PB_ESTALE, PB_ETYPE, PB_EBUSY (a COPY or a held
+ * result), PB_ETOOBIG, PB_ENOMEM, PB_EBROKER. */
+PB_API int pb_pg_send_query(pb_lease *l, const char *sql);
+
+/* Submit what is queued on the lease (PostgreSQL statements or appended
+ * Redis commands) as far as the request buffer allows, and read the reply
+ * bytes the broker has published into the lease's decoder; never waits.
+ * PB_OK, or an error as pb_pg_get_result / pb_redis_get_reply would give it
+ * (the lease is then unusable: release it). */
+PB_API int pb_consume_input(pb_lease *l);
+
+/* Would the next pb_pg_get_result / pb_redis_get_reply wait?  Consumes
+ * input first (pb_consume_input).  0: no — a result (or, after the last
+ * one, the end: *out NULL) is ready; 1: yes — notification armed; a
+ * negative code: the error the get call would return.  For PostgreSQL, the
+ * ready result is parsed already: pb_pg_get_result then returns at once. */
+PB_API int pb_is_busy(pb_lease *l);
+
+/* Redis: append a command (as pb_redis_append_command_argv) and submit what
+ * fits at once, without waiting.  Errors as pb_redis_append_command_argv. */
+PB_API int pb_redis_send_argv(pb_lease *l, int argc, const char **argv, const size_t *argvlen);
+
+/* Redis: the next reply without waiting.  PB_OK with *out (free it with
+ * freeReplyObject; error replies included, as pb_redis_get_reply);
+ * PB_EINPROGRESS when it is not complete yet (notification armed); PB_EINVAL
+ * when nothing is outstanding; other errors as pb_redis_get_reply. */
+PB_API int pb_redis_poll_reply(pb_lease *l, redisReply **out);
 
 #ifdef __cplusplus
 }
