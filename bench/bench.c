@@ -5,8 +5,10 @@
  *   bench lease  --workers N --seconds S --socket PATH [--pool main]
  *   bench pg     --mode poolbroker|pgbouncer|direct|connect --workers N --seconds S
  *                [--socket PATH] [--pool main] [--conninfo STR] [--query SQL] [--cpu-pid PID]
+ *                [--server-pid PID]
  *   bench redis  --mode poolbroker|twemproxy|direct --workers N --seconds S
  *                [--socket PATH] [--pool cache] [--host H] [--port N] [--key K] [--cpu-pid PID]
+ *                [--server-pid PID]
  *   bench attach --workers N --socket PATH --broker-pid PID --shm NAME [--settle S]
  *
  * Every run forks its worker processes; they set up (attach, connect), wait
@@ -21,6 +23,17 @@
  * stderr.  With --cpu-pid, the user+system CPU time that process used during
  * the measured window is reported too (cpu_s, cpu_s_per_mop = CPU seconds per
  * million operations).
+ *
+ * Where the time goes, per process class (the "perf stat" line of
+ * bench/run): every run reports the workers' CPU and context switches per
+ * operation (worker_cpu_ns_per_op, worker_cs_per_op: CLOCK_PROCESS_CPUTIME_ID
+ * and getrusage's nvcsw + nivcsw, in the measured window).  --cpu-pid adds
+ * the same for the proxy (cpu_us_per_op, cpu_cs_per_op: the broker,
+ * PgBouncer or twemproxy), and --server-pid for the server: that pid and its
+ * children, i.e. a postmaster and every backend, or redis-server
+ * (server_us_per_op, server_cs_per_op).  CPU time comes from
+ * /proc/PID/schedstat (nanoseconds on CPU) where the kernel has it, else from
+ * /proc/PID/stat ticks; context switches from /proc/PID/status.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -38,6 +51,7 @@
 #include <dirent.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -125,6 +139,7 @@ enum { PH_WAIT = 0, PH_WARMUP, PH_MEASURE, PH_STOP };
 struct wstat {
     uint64_t ops, errors;
     uint64_t cpu_ns;            /* this worker's CPU time in the measured window */
+    uint64_t csw;               /* this worker's context switches in the measured window */
     uint32_t hist[HIST_BUCKETS];
 };
 
@@ -186,6 +201,7 @@ struct opts {
     int port;
     const char *key;
     int cpu_pid;
+    int server_pid;
     int broker_pid;
     const char *shm;
     const char *label;
@@ -456,6 +472,120 @@ static uint64_t read_cpu_ticks(int pid)
     return ut + st;
 }
 
+/* Context switches (voluntary + involuntary) of the calling process. */
+static uint64_t own_csw(void)
+{
+    struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru) != 0)
+        return 0;
+    return (uint64_t)ru.ru_nvcsw + (uint64_t)ru.ru_nivcsw;
+}
+
+/* CPU time and context switches of one process, from /proc. */
+struct proc_cost {
+    uint64_t cpu_ns;            /* on-CPU time */
+    uint64_t csw;               /* voluntary + nonvoluntary context switches */
+};
+
+static int read_file(const char *path, char *buf, size_t size)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = read(fd, buf, size - 1);
+    close(fd);
+    if (n <= 0)
+        return -1;
+    buf[n] = '\0';
+    return 0;
+}
+
+/* 0 and *out filled, or -1 when the process is gone. */
+static int read_proc_cost(int pid, struct proc_cost *out)
+{
+    char path[64], buf[4096];
+    snprintf(path, sizeof path, "/proc/%d/schedstat", pid);
+    unsigned long long ns = 0;
+    if (read_file(path, buf, sizeof buf) == 0 && sscanf(buf, "%llu", &ns) == 1) {
+        out->cpu_ns = ns;
+    } else {
+        uint64_t ticks = read_cpu_ticks(pid);
+        if (ticks == UINT64_MAX)
+            return -1;
+        out->cpu_ns = ticks * (1000000000u / (uint64_t)sysconf(_SC_CLK_TCK));
+    }
+    snprintf(path, sizeof path, "/proc/%d/status", pid);
+    out->csw = 0;
+    if (read_file(path, buf, sizeof buf) == 0) {
+        for (char *line = strtok(buf, "\n"); line; line = strtok(NULL, "\n")) {
+            unsigned long long v;
+            if (sscanf(line, "voluntary_ctxt_switches: %llu", &v) == 1 ||
+                sscanf(line, "nonvoluntary_ctxt_switches: %llu", &v) == 1)
+                out->csw += v;
+        }
+    }
+    return 0;
+}
+
+/* Parent pid of a process, or -1. */
+static int read_ppid(int pid)
+{
+    char path[64], buf[2048];
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    if (read_file(path, buf, sizeof buf) != 0)
+        return -1;
+    char *p = strrchr(buf, ')');
+    int ppid;
+    char state;
+    if (!p || sscanf(p + 1, " %c %d", &state, &ppid) != 2)
+        return -1;
+    return ppid;
+}
+
+/* Cost of a server: pid itself and every process whose parent it is (a
+ * postmaster's backends).  Backends that come and go between the two samples
+ * are missed; in these closed-loop runs the pooled backends live throughout,
+ * and for "direct" mode every worker's backend lives from set-up to stop. */
+#define MAX_SERVER_PROCS 1024
+struct server_cost {
+    int n;
+    int pid[MAX_SERVER_PROCS];
+    struct proc_cost c[MAX_SERVER_PROCS];
+};
+
+static void read_server_cost(int pid, struct server_cost *out)
+{
+    out->n = 0;
+    if (read_proc_cost(pid, &out->c[0]) == 0)
+        out->pid[out->n++] = pid;
+    DIR *d = opendir("/proc");
+    if (!d)
+        return;
+    struct dirent *de;
+    while ((de = readdir(d)) && out->n < MAX_SERVER_PROCS) {
+        int child = atoi(de->d_name);
+        if (child <= 0 || child == pid || read_ppid(child) != pid)
+            continue;
+        if (read_proc_cost(child, &out->c[out->n]) == 0)
+            out->pid[out->n++] = child;
+    }
+    closedir(d);
+}
+
+/* What the processes alive in both samples spent between them. */
+static struct proc_cost server_cost_delta(const struct server_cost *a, const struct server_cost *b)
+{
+    struct proc_cost d = { 0, 0 };
+    for (int i = 0; i < b->n; i++)
+        for (int j = 0; j < a->n; j++)
+            if (a->pid[j] == b->pid[i]) {
+                d.cpu_ns += b->c[i].cpu_ns - a->c[j].cpu_ns;
+                d.csw += b->c[i].csw - a->c[j].csw;
+                break;
+            }
+    return d;
+}
+
 static void child_init(void)
 {
     prctl(PR_SET_PDEATHSIG, SIGKILL);
@@ -480,16 +610,19 @@ static void worker_main(const struct bench_ops *b, const struct opts *o, struct 
     atomic_fetch_add(&sh->ready, 1);
     wait_phase_past(sh, PH_WAIT);
 
-    uint64_t ops = 0, errors = 0, t0 = 0, t1 = 0, cpu0 = 0;
+    uint64_t ops = 0, errors = 0, t0 = 0, t1 = 0, cpu0 = 0, csw0 = 0;
     uint32_t last_ph = PH_WAIT;
     unsigned consecutive_errors = 0;
     for (;;) {
         uint32_t ph = atomic_load_explicit(&sh->phase, memory_order_relaxed);
         if (ph != last_ph) {
-            if (ph == PH_MEASURE)
+            if (ph == PH_MEASURE) {
                 cpu0 = cpu_now_ns();
-            else if (last_ph == PH_MEASURE)
+                csw0 = own_csw();
+            } else if (last_ph == PH_MEASURE) {
                 mine->cpu_ns = cpu_now_ns() - cpu0;
+                mine->csw = own_csw() - csw0;
+            }
             last_ph = ph;
         }
         if (ph >= PH_STOP)
@@ -603,6 +736,11 @@ static int run_workers(const struct bench_ops *b, const struct opts *o)
 
     set_phase(sh, PH_WARMUP);
     sleep_until(now_ns() + (uint64_t)(o->warmup * 1e9));
+    static struct server_cost srv0, srv1;
+    struct proc_cost px0 = { 0, 0 }, px1 = { 0, 0 };
+    int px_ok = o->cpu_pid > 0 && read_proc_cost(o->cpu_pid, &px0) == 0;
+    if (o->server_pid > 0)
+        read_server_cost(o->server_pid, &srv0);
     uint64_t cpu0 = o->cpu_pid > 0 ? read_cpu_ticks(o->cpu_pid) : 0;
     uint64_t t0 = now_ns();
     set_phase(sh, PH_MEASURE);
@@ -610,13 +748,17 @@ static int run_workers(const struct bench_ops *b, const struct opts *o)
     uint64_t t1 = now_ns();
     set_phase(sh, PH_STOP);
     uint64_t cpu1 = o->cpu_pid > 0 ? read_cpu_ticks(o->cpu_pid) : 0;
+    px_ok = px_ok && read_proc_cost(o->cpu_pid, &px1) == 0;
+    if (o->server_pid > 0)
+        read_server_cost(o->server_pid, &srv1);
     reap_all(pids, n, 30000);
 
     uint64_t *hist = calloc(HIST_BUCKETS, sizeof *hist);
-    uint64_t ops = 0, errors = 0, wcpu = 0;
+    uint64_t ops = 0, errors = 0, wcpu = 0, wcsw = 0;
     for (int i = 0; i < n; i++) {
         ops += sh->w[i].ops;
         wcpu += sh->w[i].cpu_ns;
+        wcsw += sh->w[i].csw;
         errors += sh->w[i].errors;
         for (unsigned k = 0; k < HIST_BUCKETS; k++)
             hist[k] += sh->w[i].hist[k];
@@ -633,7 +775,16 @@ static int run_workers(const struct bench_ops *b, const struct opts *o)
     /* CPU the workers themselves spent per op (client library, spinning,
      * syscalls), from CLOCK_PROCESS_CPUTIME_ID: immune to descheduling. */
     if (ops > 0)
-        printf(" worker_cpu_ns_per_op=%.1f", (double)wcpu / (double)ops);
+        printf(" worker_cpu_ns_per_op=%.1f worker_cs_per_op=%.3f", (double)wcpu / (double)ops,
+               (double)wcsw / (double)ops);
+    if (ops > 0 && px_ok)
+        printf(" cpu_us_per_op=%.2f cpu_cs_per_op=%.3f", (double)(px1.cpu_ns - px0.cpu_ns) / 1e3 / (double)ops,
+               (double)(px1.csw - px0.csw) / (double)ops);
+    if (ops > 0 && o->server_pid > 0) {
+        struct proc_cost d = server_cost_delta(&srv0, &srv1);
+        printf(" server_us_per_op=%.2f server_cs_per_op=%.3f server_procs=%d", (double)d.cpu_ns / 1e3 / (double)ops,
+               (double)d.csw / (double)ops, srv1.n);
+    }
     if (b->timed) {
         printf(" p50_us=%.1f p90_us=%.1f p99_us=%.1f p999_us=%.1f",
                hist_percentile(hist, ops, 0.50) / 1e3, hist_percentile(hist, ops, 0.90) / 1e3,
@@ -795,8 +946,10 @@ static void usage(FILE *f)
             "usage: bench lease  --workers N --seconds S --socket PATH [--pool main]\n"
             "       bench pg     --mode poolbroker|pgbouncer|direct|connect --workers N --seconds S\n"
             "                    [--socket PATH] [--pool main] [--conninfo STR] [--query SQL] [--cpu-pid PID]\n"
+            "                    [--server-pid PID]\n"
             "       bench redis  --mode poolbroker|twemproxy|direct --workers N --seconds S\n"
             "                    [--socket PATH] [--pool cache] [--host H] [--port N] [--key K] [--cpu-pid PID]\n"
+            "                    [--server-pid PID]\n"
             "       bench attach --workers N --socket PATH --broker-pid PID --shm NAME [--settle S]\n"
             "common: [--warmup S] (default 0.5)\n"
             "prints one line: RESULT bench=... mode=... workers=... key=value ...\n");
@@ -820,6 +973,7 @@ int main(int argc, char **argv)
         { "conninfo", required_argument, NULL, 'c' }, { "query", required_argument, NULL, 'q' },
         { "host", required_argument, NULL, 'H' },    { "port", required_argument, NULL, 'p' },
         { "key", required_argument, NULL, 'k' },     { "cpu-pid", required_argument, NULL, 'C' },
+        { "server-pid", required_argument, NULL, 'V' },
         { "broker-pid", required_argument, NULL, 'B' }, { "shm", required_argument, NULL, 'n' },
         { "settle", required_argument, NULL, 'T' },  { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
@@ -840,6 +994,7 @@ int main(int argc, char **argv)
         case 'p': o.port = atoi(optarg); break;
         case 'k': o.key = optarg; break;
         case 'C': o.cpu_pid = atoi(optarg); break;
+        case 'V': o.server_pid = atoi(optarg); break;
         case 'B': o.broker_pid = atoi(optarg); break;
         case 'n': o.shm = optarg; break;
         case 'T': o.settle = atof(optarg); break;
