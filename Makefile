@@ -202,3 +202,16 @@ clean:
 	rm -rf $(BUILD)
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
+
+# ---------------------------------------------------------------- soak
+# `make soak` (soak/run, docs/soak.md): real PostgreSQL, Redis and broker, 12
+# workers under injected faults for SOAK_SECONDS (default 300), invariant
+# checks, then the scale step.  Not part of `make test`.
+SOAK_SRC := soak/soak.c soak/worker.c soak/sampler.c soak/check.c soak/scale.c
+.PHONY: soak
+$(BUILD)/soak/soak: $(SOAK_SRC) soak/soak.h include/poolbroker.h $(BUILD)/libpoolbroker.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Isoak $(SOAK_SRC) $(BUILD)/libpoolbroker.a -o $@ $(LDFLAGS) -lpq -lhiredis
+
+soak: all $(BUILD)/soak/soak
+	@bash soak/run $(BUILD)

@@ -1,0 +1,472 @@
+/*
+ * scale.c — the soak's scale step: many attached processes.
+ *
+ *   soak scale attach --socket PATH --pool NAME --broker-pid PID [--n 2000] [--leases 20] [--cap 120]
+ *   soak scale idle   --socket PATH --pool NAME --broker-pid PID [--idle 1000] [--busy 16] [--seconds 5]
+ *
+ * attach: forks n processes that each attach (pb_connect) and wait; once all
+ * are attached it reads the broker's RSS and open fds, then lets them all
+ * lease at once, `leases` times each (acquire, SELECT 1, release), timing
+ * each acquire, for at most --cap seconds (what has not completed by then is
+ * reported as cut by the cap).  Reports attach time, RSS, fds, acquire-wait
+ * percentiles over every lease asked for (-1: beyond the cap) and errors.
+ *
+ * idle: the throughput of `busy` processes leasing and running SELECT 1 with
+ * no other client attached (twice, after a 1 s warm-up that is not counted),
+ * then beside `idle` attached-but-idle processes (each leased once, then
+ * waits; three runs), then alone again (twice); reports the ratio of the
+ * median beside the idle ones to the median alone (issue 19's target is
+ * >= 0.97; reported, not asserted) and the broker's CPU per query.
+ *
+ * Each prints `RESULT key=value ...` lines for soak/run.  Every wait is
+ * bounded; children die with the parent (PR_SET_PDEATHSIG).
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <dirent.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <poolbroker.h>
+
+#include "soak.h"
+
+struct shared {
+    _Atomic uint32_t ready, failed;
+    _Atomic uint64_t timeouts;    /* attach: acquires cut by the lease-phase cap */
+    uint64_t deadline_us;         /* attach: end of the lease phase (monotonic) */
+    _Atomic uint64_t ops;
+    _Atomic uint64_t errs[16];    /* by -PB_E* code */
+    uint32_t waits_us[];          /* attach: n * leases; UINT32_MAX = failed */
+};
+
+static void child_init(void)
+{
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    signal(SIGPIPE, SIG_IGN);
+    signal(SIGTERM, SIG_DFL);
+}
+
+static void count_err(struct shared *sh, int rc)
+{
+    atomic_fetch_add(&sh->errs[rc < 0 && rc > -16 ? -rc : 0], 1);
+}
+
+static long status_kb(int pid, const char *key)
+{
+    char path[64], line[256];
+    snprintf(path, sizeof path, "/proc/%d/status", pid);
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return -1;
+    long v = -1;
+    size_t kl = strlen(key);
+    while (fgets(line, sizeof line, f))
+        if (!strncmp(line, key, kl) && line[kl] == ':') {
+            v = strtol(line + kl + 1, NULL, 10);
+            break;
+        }
+    fclose(f);
+    return v;
+}
+
+static int count_fds(int pid)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/fd", pid);
+    DIR *d = opendir(path);
+    if (!d)
+        return -1;
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL)
+        n += e->d_name[0] != '.';
+    closedir(d);
+    return n;
+}
+
+/* utime + stime of pid in clock ticks; -1 if unreadable. */
+static long long cpu_ticks(int pid)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return -1;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    const char *p = strrchr(buf, ')');
+    if (!p)
+        return -1;
+    unsigned long long ut = 0, st = 0;
+    /* fields after ")": state(3) ... utime(14) stime(15) */
+    if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
+        return -1;
+    return (long long)(ut + st);
+}
+
+/* Wait for every pid (0 entries skipped) up to timeout_ms, then SIGKILL the rest. */
+static void reap_all(pid_t *pids, int n, unsigned timeout_ms)
+{
+    uint64_t deadline = soak_mono_us() + (uint64_t)timeout_ms * 1000u;
+    int left = 0;
+    for (int i = 0; i < n; i++)
+        left += pids[i] > 0;
+    while (left > 0 && soak_mono_us() < deadline) {
+        pid_t p = waitpid(-1, NULL, WNOHANG);
+        if (p > 0) {
+            for (int i = 0; i < n; i++)
+                if (pids[i] == p) {
+                    pids[i] = 0;
+                    left--;
+                    break;
+                }
+        } else if (p == 0) {
+            soak_sleep_ms(5);
+        } else if (errno == ECHILD) {
+            break;
+        }
+    }
+    for (int i = 0; i < n; i++)
+        if (pids[i] > 0) {
+            kill(pids[i], SIGKILL);
+            waitpid(pids[i], NULL, 0);
+            pids[i] = 0;
+        }
+}
+
+static int cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
+struct scale_opts {
+    const char *socket, *pool;
+    int broker_pid, n, leases, idle, busy;
+    double seconds, cap_s;   /* idle: measured seconds; attach: lease-phase cap */
+};
+
+static void print_errs(const char *prefix, struct shared *sh)
+{
+    printf("%s", prefix);
+    for (int i = 0; i < 16; i++) {
+        uint64_t e = atomic_load(&sh->errs[i]);
+        if (e)
+            printf(" %s=%" PRIu64, soak_code_name(-i), e);
+    }
+    printf("\n");
+}
+
+static int scale_attach(const struct scale_opts *o)
+{
+    size_t nw = (size_t)o->n * (size_t)o->leases;
+    size_t size = sizeof(struct shared) + nw * sizeof(uint32_t);
+    struct shared *sh = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (sh == MAP_FAILED)
+        return 1;
+    memset(sh->waits_us, 0xff, nw * sizeof(uint32_t));
+    int gate[2];
+    if (pipe(gate) != 0)
+        return 1;
+    pid_t *pids = calloc((size_t)o->n, sizeof *pids);
+    if (!pids)
+        return 1;
+    long rss_before = status_kb(o->broker_pid, "VmRSS");
+    int fds_before = count_fds(o->broker_pid);
+    uint64_t t0 = soak_mono_us();
+    fflush(NULL);
+    int forked = 0;
+    for (int i = 0; i < o->n; i++) {
+        pid_t p = fork();
+        if (p < 0) {
+            fprintf(stderr, "soak scale: fork %d: %s\n", i, strerror(errno));
+            break;
+        }
+        if (p == 0) {
+            child_init();
+            close(gate[1]);
+            pb_client *c = NULL;
+            int rc = pb_connect(o->socket, &c);
+            if (rc != PB_OK) {
+                count_err(sh, rc);
+                atomic_fetch_add(&sh->failed, 1);
+                _exit(1);
+            }
+            atomic_fetch_add(&sh->ready, 1);
+            char b;
+            while (read(gate[0], &b, 1) < 0 && errno == EINTR)
+                ;
+            for (int j = 0; j < o->leases; j++) {
+                pb_lease *l = NULL;
+                uint64_t a0 = soak_mono_us();
+                if (a0 + 1000 >= sh->deadline_us)
+                    break;   /* the lease phase is over: the rest never ran */
+                int left_ms = (int)((sh->deadline_us - a0) / 1000);
+                rc = pb_acquire(c, o->pool, left_ms, &l);
+                uint64_t waited = soak_mono_us() - a0;
+                if (rc == PB_ETIMEDOUT && soak_mono_us() + 1000 >= sh->deadline_us) {
+                    atomic_fetch_add(&sh->timeouts, 1);
+                    break;
+                }
+                if (rc != PB_OK) {
+                    count_err(sh, rc);
+                    continue;
+                }
+                sh->waits_us[(size_t)i * (size_t)o->leases + (size_t)j] =
+                    waited > UINT32_MAX - 1 ? UINT32_MAX - 1 : (uint32_t)waited;
+                pb_result *r = NULL;
+                rc = pb_pg_exec(l, "SELECT 1", &r);
+                if (rc != PB_OK)
+                    count_err(sh, rc);
+                pb_result_free(r);
+                pb_release(l);
+                atomic_fetch_add(&sh->ops, 1);
+            }
+            pb_disconnect(c);
+            _exit(0);
+        }
+        pids[i] = p;
+        forked++;
+    }
+    close(gate[0]);
+    uint64_t deadline = soak_mono_us() + 180u * 1000000u;
+    while (atomic_load(&sh->ready) + atomic_load(&sh->failed) < (uint32_t)forked && soak_mono_us() < deadline)
+        soak_sleep_ms(10);
+    double attach_s = (double)(soak_mono_us() - t0) / 1e6;
+    soak_sleep_ms(500);
+    long rss = status_kb(o->broker_pid, "VmRSS");
+    int fds = count_fds(o->broker_pid);
+    uint32_t ready = atomic_load(&sh->ready), failed = atomic_load(&sh->failed);
+    uint64_t t1 = soak_mono_us();
+    sh->deadline_us = t1 + (uint64_t)(o->cap_s * 1e6);
+    close(gate[1]);   /* go */
+    reap_all(pids, o->n, (unsigned)(o->cap_s * 1000) + 60000);
+    double lease_s = (double)(soak_mono_us() - t1) / 1e6;
+
+    size_t got = 0;
+    for (size_t i = 0; i < nw; i++)
+        if (sh->waits_us[i] != UINT32_MAX)
+            sh->waits_us[got++] = sh->waits_us[i];
+    qsort(sh->waits_us, got, sizeof(uint32_t), cmp_u32);
+    /* Percentiles over every lease asked for: one that did not complete
+     * within the cap waited at least until the cap (-1 = "more than the cap"). */
+    double p50 = got > nw / 2 ? sh->waits_us[nw / 2] / 1000.0 : -1;
+    double p99 = got > (nw * 99) / 100 ? sh->waits_us[(nw * 99) / 100] / 1000.0 : -1;
+    double mx = got == nw ? sh->waits_us[got - 1] / 1000.0 : -1;
+    printf("RESULT scale=attach processes=%d attached=%u attach_failed=%u attach_s=%.2f rss_before_kb=%ld rss_kb=%ld"
+           " fds_before=%d fds=%d leases=%zu of=%zu lease_phase_s=%.2f cap_s=%.0f cut_by_cap=%" PRIu64
+           " wait_p50_ms=%.2f wait_p99_ms=%.2f wait_max_ms=%.2f\n",
+           forked, ready, failed, attach_s, rss_before, rss, fds_before, fds, got, nw, lease_s, o->cap_s,
+           atomic_load(&sh->timeouts), p50, p99, mx);
+    print_errs("RESULT scale=attach_errors", sh);
+    fflush(stdout);
+    free(pids);
+    munmap(sh, size);
+    return 0;
+}
+
+/* busy processes leasing for seconds; ops/s (and broker CPU µs per op). */
+static double run_busy(const struct scale_opts *o, double *cpu_us_per_op, struct shared *sh)
+{
+    atomic_store(&sh->ops, 0);
+    atomic_store(&sh->ready, 0);
+    int gate[2];
+    if (pipe(gate) != 0)
+        return -1;
+    pid_t pids[256] = { 0 };
+    int n = o->busy < 256 ? o->busy : 256;
+    fflush(NULL);
+    for (int i = 0; i < n; i++) {
+        pid_t p = fork();
+        if (p == 0) {
+            child_init();
+            close(gate[1]);
+            pb_client *c = NULL;
+            int rc = pb_connect(o->socket, &c);
+            if (rc != PB_OK) {
+                count_err(sh, rc);
+                _exit(1);
+            }
+            atomic_fetch_add(&sh->ready, 1);
+            char b;
+            while (read(gate[0], &b, 1) < 0 && errno == EINTR)
+                ;
+            uint64_t end = soak_mono_us() + (uint64_t)(o->seconds * 1e6);
+            uint64_t ops = 0;
+            while (soak_mono_us() < end) {
+                pb_lease *l = NULL;
+                rc = pb_acquire(c, o->pool, -1, &l);
+                if (rc != PB_OK) {
+                    count_err(sh, rc);
+                    continue;
+                }
+                pb_result *r = NULL;
+                rc = pb_pg_exec(l, "SELECT 1", &r);
+                pb_result_free(r);
+                pb_release(l);
+                if (rc == PB_OK)
+                    ops++;
+                else
+                    count_err(sh, rc);
+            }
+            atomic_fetch_add(&sh->ops, ops);
+            pb_disconnect(c);
+            _exit(0);
+        }
+        pids[i] = p > 0 ? p : 0;
+    }
+    close(gate[0]);
+    uint64_t deadline = soak_mono_us() + 60u * 1000000u;
+    while (atomic_load(&sh->ready) < (uint32_t)n && soak_mono_us() < deadline)
+        soak_sleep_ms(5);
+    long long c0 = cpu_ticks(o->broker_pid);
+    uint64_t t0 = soak_mono_us();
+    close(gate[1]);
+    reap_all(pids, n, (unsigned)(o->seconds * 1000) + 30000);
+    double el = (double)(soak_mono_us() - t0) / 1e6;
+    long long c1 = cpu_ticks(o->broker_pid);
+    uint64_t ops = atomic_load(&sh->ops);
+    *cpu_us_per_op = (c0 >= 0 && c1 >= 0 && ops) ? (double)(c1 - c0) * 1e6 / (double)sysconf(_SC_CLK_TCK) / (double)ops
+                                                 : -1;
+    return el > 0 ? (double)ops / (o->seconds < el ? o->seconds : el) : 0;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+/* Throughput alone (2 runs), beside the idle processes (3), alone again (2);
+ * medians, so one disturbed run on a shared machine does not decide. */
+static int scale_idle(const struct scale_opts *o)
+{
+    struct shared *sh = mmap(NULL, sizeof *sh, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (sh == MAP_FAILED)
+        return 1;
+    double base[4], with[3], cpu_base[4], cpu_with[3], cpu_w = -1;
+    /* Warm-up (not counted): the pool opens its connections. */
+    struct scale_opts warm = *o;
+    warm.seconds = 1;
+    run_busy(&warm, &cpu_w, sh);
+    base[0] = run_busy(o, &cpu_base[0], sh);
+    base[1] = run_busy(o, &cpu_base[1], sh);
+
+    struct shared *ish = mmap(NULL, sizeof *ish, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (ish == MAP_FAILED)
+        return 1;
+    int gate[2];
+    if (pipe(gate) != 0)
+        return 1;
+    pid_t *pids = calloc((size_t)o->idle, sizeof *pids);
+    if (!pids)
+        return 1;
+    fflush(NULL);
+    int forked = 0;
+    uint64_t t0 = soak_mono_us();
+    for (int i = 0; i < o->idle; i++) {
+        pid_t p = fork();
+        if (p < 0)
+            break;
+        if (p == 0) {
+            child_init();
+            close(gate[1]);
+            pb_client *c = NULL;
+            int rc = pb_connect(o->socket, &c);
+            if (rc == PB_OK) {
+                pb_lease *l = NULL;
+                rc = pb_acquire(c, o->pool, -1, &l);
+                if (rc == PB_OK)
+                    pb_release(l);
+            }
+            if (rc != PB_OK) {
+                count_err(ish, rc);
+                atomic_fetch_add(&ish->failed, 1);
+                _exit(1);
+            }
+            atomic_fetch_add(&ish->ready, 1);
+            char b;
+            while (read(gate[0], &b, 1) < 0 && errno == EINTR)
+                ;
+            pb_disconnect(c);
+            _exit(0);
+        }
+        pids[i] = p;
+        forked++;
+    }
+    close(gate[0]);
+    uint64_t deadline = soak_mono_us() + 180u * 1000000u;
+    while (atomic_load(&ish->ready) + atomic_load(&ish->failed) < (uint32_t)forked && soak_mono_us() < deadline)
+        soak_sleep_ms(10);
+    double attach_s = (double)(soak_mono_us() - t0) / 1e6;
+    soak_sleep_ms(500);
+    for (int r = 0; r < 3; r++)
+        with[r] = run_busy(o, &cpu_with[r], sh);
+    close(gate[1]);
+    reap_all(pids, o->idle, 120000);
+    base[2] = run_busy(o, &cpu_base[2], sh);
+    base[3] = run_busy(o, &cpu_base[3], sh);
+    printf("RESULT scale=idle_runs base=%.0f,%.0f with_idle=%.0f,%.0f,%.0f base_after=%.0f,%.0f\n", base[0],
+           base[1], with[0], with[1], with[2], base[2], base[3]);
+    double mb = median(base, 4), mw = median(with, 3);
+    double cb = median(cpu_base, 4), cw = median(cpu_with, 3);
+    printf("RESULT scale=idle busy=%d idle=%d idle_attached=%u idle_failed=%u idle_attach_s=%.2f seconds=%.1f"
+           " base_ops=%.0f with_idle_ops=%.0f ratio=%.3f broker_cpu_us_per_op_base=%.2f"
+           " broker_cpu_us_per_op_idle=%.2f\n",
+           o->busy, o->idle, atomic_load(&ish->ready), atomic_load(&ish->failed), attach_s, o->seconds, mb, mw,
+           mb > 0 ? mw / mb : -1, cb, cw);
+    print_errs("RESULT scale=idle_errors", sh);
+    fflush(stdout);
+    free(pids);
+    return 0;
+}
+
+int soak_scale_main(int argc, char **argv)
+{
+    struct scale_opts o = { .pool = "scale", .n = 2000, .leases = 20, .idle = 1000, .busy = 16, .seconds = 5,
+                             .cap_s = 120 };
+    if (argc < 2) {
+        fprintf(stderr, "soak scale: attach|idle [options]\n");
+        return 2;
+    }
+    const char *what = argv[1];
+    for (int i = 2; i + 1 < argc; i += 2) {
+        const char *k = argv[i], *v = argv[i + 1];
+        if (!strcmp(k, "--socket")) o.socket = v;
+        else if (!strcmp(k, "--pool")) o.pool = v;
+        else if (!strcmp(k, "--broker-pid")) o.broker_pid = atoi(v);
+        else if (!strcmp(k, "--n")) o.n = atoi(v);
+        else if (!strcmp(k, "--leases")) o.leases = atoi(v);
+        else if (!strcmp(k, "--idle")) o.idle = atoi(v);
+        else if (!strcmp(k, "--busy")) o.busy = atoi(v);
+        else if (!strcmp(k, "--seconds")) o.seconds = atof(v);
+        else if (!strcmp(k, "--cap")) o.cap_s = atof(v);
+        else { fprintf(stderr, "soak scale: unknown option %s\n", k); return 2; }
+    }
+    if (!o.socket || o.broker_pid <= 0 || o.n < 1 || o.n > 4000 || o.leases < 1 || o.leases > 1000 ||
+        o.idle < 0 || o.idle > 4000 || o.busy < 1 || o.busy > 256 || o.seconds <= 0 || o.seconds > 600 || o.cap_s < 1 || o.cap_s > 3600) {
+        fprintf(stderr, "soak scale: --socket and --broker-pid are required; counts out of range\n");
+        return 2;
+    }
+    if (!strcmp(what, "attach"))
+        return scale_attach(&o);
+    if (!strcmp(what, "idle"))
+        return scale_idle(&o);
+    fprintf(stderr, "soak scale: attach|idle\n");
+    return 2;
+}
