@@ -67,8 +67,14 @@ $(BUILD)/shmstat: tools/shmstat.c tools/shmview.c tools/shmview.h include/pb_shm
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(filter %.c,$^) -o $@ $(LDFLAGS)
 
+# Outside /usr, the .pc also gives the linker an rpath, so that a program
+# built with `pkg-config --libs poolbroker` finds libpoolbroker.so.0 at run
+# time without ldconfig or LD_LIBRARY_PATH.
+PC_RPATH := $(if $(filter /usr /usr/,$(PREFIX)),,-Wl$(comma)-rpath$(comma)$${libdir} )
+PC_SED    = sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' -e 's|@RPATH@|$(PC_RPATH)|'
+
 $(BUILD)/poolbroker.pc: poolbroker.pc.in
-	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' $< > $@
+	$(PC_SED) $< > $@
 
 # A worker linked statically against the library (see README.md).
 examples: $(BUILD)/examples/hello
@@ -189,7 +195,7 @@ install: all
 	ln -sf libpoolbroker.so.$(VERSION) $(DESTDIR)$(PREFIX)/lib/libpoolbroker.so
 	install -m 644 $(BUILD)/libpoolbroker.a $(DESTDIR)$(PREFIX)/lib/
 	install -m 644 include/poolbroker.h $(DESTDIR)$(PREFIX)/include/
-	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' poolbroker.pc.in > $(BUILD)/poolbroker.pc
+	$(PC_SED) poolbroker.pc.in > $(BUILD)/poolbroker.pc
 	install -m 644 $(BUILD)/poolbroker.pc $(DESTDIR)$(PREFIX)/lib/pkgconfig/
 	install -d $(DESTDIR)$(PREFIX)/share/man/man1 $(DESTDIR)$(PREFIX)/share/man/man3 \
 	    $(DESTDIR)$(PREFIX)/share/man/man5 $(DESTDIR)$(PREFIX)/share/man/man8
