@@ -34,7 +34,7 @@ UNIT_TESTS := test_conf test_pgproto test_slots
 INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops test_lifecycle test_metrics test_death test_tls test_security
 TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%) $(BUILD)/tests/noring
 
-.PHONY: all test unit integ run install bench clean deps examples
+.PHONY: all test unit integ run install bench clean deps examples check-docs
 .PHONY: bench-deps
 all: $(BUILD)/poolbroker $(BUILD)/libpoolbroker.so $(BUILD)/libpoolbroker.a $(BUILD)/shmstat \
      $(BUILD)/poolbroker.pc examples
@@ -157,11 +157,18 @@ fuzz-regress: fuzz-build
 deps:
 	@bash tools/install-deps
 
-# The fuzz targets run briefly first (and replay their regression inputs),
-# so that the test runner's summary is the last line.
+# The documentation check and the fuzz targets (briefly, and their
+# regression inputs) run first, so that the test runner's summary is the
+# last line.
 test: deps all $(TEST_BINS)
+	@/usr/bin/python3 tools/check-docs $(BUILD)
 	@$(MAKE) --no-print-directory fuzz-regress fuzz-smoke
 	@bash tests/run-tests $(BUILD) $(UNIT_TESTS) -- $(INTEG_TESTS)
+
+# Config keys, exported symbols and error codes are documented; no document
+# links a missing file (tools/check-docs says what it checks).
+check-docs: all
+	@/usr/bin/python3 tools/check-docs $(BUILD)
 
 unit: all $(UNIT_TESTS:%=$(BUILD)/tests/%)
 	@bash tests/run-tests $(BUILD) $(UNIT_TESTS) --
