@@ -99,9 +99,9 @@ PB_API int pb_acquire(pb_client *c, const char *pool, int timeout_ms, pb_lease *
 /* Return a lease and free the handle; never waits for the backend.  An open
  * or failed transaction is rolled back (and the pool's reset policy applied)
  * by the broker before anyone else gets the connection.  PB_ESTALE when the
- * lease was already taken back; PB_EBROKER when the broker died or was
- * restarted since the lease began (the connection went with it).  Either way
- * the handle is freed all the same.  NULL is a no-op returning PB_EINVAL. */
+ * lease was already taken back; PB_EBROKER when the library has seen the
+ * broker die or restart since the lease began (the connection went with
+ * it).  Either way the handle is freed all the same.  NULL is a no-op returning PB_EINVAL. */
 PB_API int pb_release(pb_lease *l);
 
 /* Backend process id of a lease's connection (for logs); -1 if stale. */
