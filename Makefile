@@ -34,7 +34,7 @@ UNIT_TESTS := test_conf test_pgproto test_slots
 INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops test_lifecycle test_metrics test_death test_tls test_security test_async
 TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%) $(BUILD)/tests/noring
 
-.PHONY: all test unit integ run install bench clean deps examples
+.PHONY: all test unit integ run install bench clean deps examples check-docs
 .PHONY: bench-deps
 all: $(BUILD)/poolbroker $(BUILD)/libpoolbroker.so $(BUILD)/libpoolbroker.a $(BUILD)/shmstat \
      $(BUILD)/poolbroker.pc examples
@@ -67,8 +67,14 @@ $(BUILD)/shmstat: tools/shmstat.c tools/shmview.c tools/shmview.h include/pb_shm
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(filter %.c,$^) -o $@ $(LDFLAGS)
 
+# Outside /usr, the .pc also gives the linker an rpath, so that a program
+# built with `pkg-config --libs poolbroker` finds libpoolbroker.so.0 at run
+# time without ldconfig or LD_LIBRARY_PATH.
+PC_RPATH := $(if $(filter /usr /usr/,$(PREFIX)),,-Wl$(comma)-rpath$(comma)$${libdir} )
+PC_SED    = sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' -e 's|@RPATH@|$(PC_RPATH)|'
+
 $(BUILD)/poolbroker.pc: poolbroker.pc.in
-	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' $< > $@
+	$(PC_SED) $< > $@
 
 # A worker linked statically against the library (see README.md).
 examples: $(BUILD)/examples/hello
@@ -151,11 +157,18 @@ fuzz-regress: fuzz-build
 deps:
 	@bash tools/install-deps
 
-# The fuzz targets run briefly first (and replay their regression inputs),
-# so that the test runner's summary is the last line.
+# The documentation check and the fuzz targets (briefly, and their
+# regression inputs) run first, so that the test runner's summary is the
+# last line.
 test: deps all $(TEST_BINS)
+	@/usr/bin/python3 tools/check-docs $(BUILD)
 	@$(MAKE) --no-print-directory fuzz-regress fuzz-smoke
 	@bash tests/run-tests $(BUILD) $(UNIT_TESTS) -- $(INTEG_TESTS)
+
+# Config keys, exported symbols and error codes are documented; no document
+# links a missing file (tools/check-docs says what it checks).
+check-docs: all
+	@/usr/bin/python3 tools/check-docs $(BUILD)
 
 unit: all $(UNIT_TESTS:%=$(BUILD)/tests/%)
 	@bash tests/run-tests $(BUILD) $(UNIT_TESTS) --
@@ -189,7 +202,7 @@ install: all
 	ln -sf libpoolbroker.so.$(VERSION) $(DESTDIR)$(PREFIX)/lib/libpoolbroker.so
 	install -m 644 $(BUILD)/libpoolbroker.a $(DESTDIR)$(PREFIX)/lib/
 	install -m 644 include/poolbroker.h $(DESTDIR)$(PREFIX)/include/
-	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' poolbroker.pc.in > $(BUILD)/poolbroker.pc
+	$(PC_SED) poolbroker.pc.in > $(BUILD)/poolbroker.pc
 	install -m 644 $(BUILD)/poolbroker.pc $(DESTDIR)$(PREFIX)/lib/pkgconfig/
 	install -d $(DESTDIR)$(PREFIX)/share/man/man1 $(DESTDIR)$(PREFIX)/share/man/man3 \
 	    $(DESTDIR)$(PREFIX)/share/man/man5 $(DESTDIR)$(PREFIX)/share/man/man8

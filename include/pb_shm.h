@@ -130,7 +130,7 @@ typedef struct pb_shm_header {
     uint64_t total_size;            /* bytes in the segment */
     _Atomic uint32_t generation;    /* broker start count for this segment name */
     _Atomic uint32_t state;         /* enum pb_broker_state; release stores */
-    _Atomic int32_t  broker_pid;    /* broker's pid (0 when stopped cleanly) */
+    _Atomic int32_t  broker_pid;    /* broker's pid; left in place when it stops (see state) */
     uint32_t io_backend;            /* enum pb_io_backend */
     _Atomic uint32_t npools;        /* pool table entries in use (incl. removed); the table
                                        has room for PB_MAX_POOLS; a reload adds (release) */
@@ -164,26 +164,30 @@ typedef struct pb_hist {
 } pb_hist;
 
 typedef struct pb_shm_pool {
+    /* Up to last_error: broker only, republished from its private copy on
+     * every janitor pass; the broker never reads them back. */
     char name[PB_NAME_MAX];         /* broker */
-    uint32_t type;                  /* enum pb_pool_type */
-    uint32_t first_slot;            /* slots [first_slot, first_slot+max_size) are this pool's */
+    uint32_t type;                  /* broker: enum pb_pool_type */
+    uint32_t first_slot;            /* broker: slots [first_slot, first_slot+slot_capacity) are this pool's */
     _Atomic uint32_t min_size;      /* broker; may change on reload */
-    _Atomic uint32_t max_size;
-    uint32_t slot_capacity;         /* slots reserved for the pool (>= max_size) */
-    _Atomic uint32_t acquire_timeout_ms;
-    _Atomic uint32_t reset_policy;  /* enum pb_reset_policy */
-    _Atomic uint32_t health;        /* enum pb_pool_health; broker */
-    _Atomic uint32_t consecutive_failures;
-    _Atomic uint32_t size;          /* live connections (free+leased+busy); broker */
-    _Atomic uint32_t nwaiters;      /* queued acquire waiters; broker */
-    _Atomic uint32_t accepting;     /* 0 while draining or removed: acquire fails */
+    _Atomic uint32_t max_size;      /* broker; may change on reload */
+    uint32_t slot_capacity;         /* broker: slots reserved for the pool (>= max_size) */
+    _Atomic uint32_t acquire_timeout_ms; /* broker; may change on reload */
+    _Atomic uint32_t reset_policy;  /* broker: enum pb_reset_policy; may change on reload */
+    _Atomic uint32_t health;        /* broker: enum pb_pool_health */
+    _Atomic uint32_t consecutive_failures; /* broker */
+    _Atomic uint32_t size;          /* broker: live connections (free+leased+busy) */
+    _Atomic uint32_t nwaiters;      /* broker: queued acquire waiters */
+    _Atomic uint32_t accepting;     /* broker: 0 while draining or removed: acquire fails */
     _Atomic uint64_t max_uses;      /* broker; 0 = unlimited (a lease reaching it releases via the broker) */
     _Atomic uint32_t validate_after_idle_ms; /* broker; 0 = never: a slot idle longer is checked
                                        by the broker before anyone may use it */
     _Atomic uint32_t pad2;
     char last_error[128];           /* broker; last connect/backend error, NUL-terminated */
 
-    /* counters: updated with relaxed fetch_add by whoever does the thing */
+    /* counters: updated with relaxed fetch_add by whoever does the thing:
+     * clients count acquires, timeouts and failed acquires (errors); the
+     * broker counts errors of connections and everything else */
     _Atomic uint64_t acquires, waits, timeouts, errors, reclaims, resets;
     _Atomic uint64_t connects, connect_failures, handoffs, wakeups, leaks, retired;
     pb_hist acquire_wait;           /* client, on acquire that waited */
@@ -216,7 +220,7 @@ typedef struct pb_shm_client {
 /* Flags in pb_shm_slot.flags (broker-written, read by the lease holder). */
 #define PB_SF_RETIRE      0x01u     /* release through the broker: connection retires */
 
-/* Flags in pb_shm_slot.client_flags (lease holder writes, broker reads). */
+/* Flags in pb_shm_slot.client_flags (lease holder sets, broker reads on release). */
 #define PB_CF_DIRTY       0x01u     /* session state changed: reset on release */
 
 typedef struct pb_shm_slot {
@@ -235,16 +239,19 @@ typedef struct pb_shm_slot {
     _Atomic uint32_t flags;         /* PB_SF_* */
     _Atomic int32_t  io_error;      /* PB_E* code for the command in flight, or 0 */
     _Atomic uint64_t conn_created_ms; /* CLOCK_MONOTONIC ms */
-    _Atomic uint64_t uses;          /* completed leases of this connection */
+    _Atomic uint64_t uses;          /* leases of this connection: incremented by whoever grants
+                                       one (client fast path, broker hand-off); broker zeroes it */
     _Atomic uint64_t reply_done;    /* broker: complete replies (RFQ / RESP) received */
     _Atomic uint32_t rep_owed;      /* broker: replies it still expects for the holder's commands
                                        (stored before req_ack, after rep_head/reply_done) */
     _Atomic uint32_t pad3;
     _Atomic uint64_t idle_ms;       /* CLOCK_MONOTONIC(_COARSE) ms when last freed: broker, or
                                        the client that released it straight to the free map */
-    /* -- lease holder-written -- */
-    _Atomic uint64_t lease_ms;      /* CLOCK_MONOTONIC(_COARSE) ms when leased */
-    _Atomic uint32_t client_flags;  /* PB_CF_* */
+    /* -- lease holder-written (lease_ms and client_flags: by whoever grants the lease) -- */
+    _Atomic uint64_t lease_ms;      /* CLOCK_MONOTONIC(_COARSE) ms when leased: client fast path
+                                       or broker hand-off; the broker reads it (leaks, max_lease_ms) */
+    _Atomic uint32_t client_flags;  /* PB_CF_*: cleared by whoever grants the lease, set by the
+                                       holder, read by the broker on release */
     _Atomic uint32_t req_len;       /* bytes of request in the request buffer */
     _Atomic uint32_t req_seq;       /* client bumps per submit (release order) */
     _Atomic uint32_t req_ack;       /* broker: last req_seq it took (buffer free again) */

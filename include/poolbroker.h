@@ -79,7 +79,10 @@ PB_API const char *pb_strerror(int err);
 /* Attach to the broker listening on socket_path (NULL: $POOLBROKER_SOCKET, or
  * else "/run/poolbroker/poolbroker.sock").  On success *out is a new client.
  * Errors: PB_EBROKER (no broker there), PB_EPERM (refused: uid/gid not
- * allowed, too many clients), PB_EVERSION (other shared layout), PB_ENOMEM. */
+ * allowed, socket permissions, too many clients), PB_ESHUTDOWN (the broker
+ * is draining), PB_EVERSION (other shared layout), PB_EPROTO (the broker's
+ * answer describes an impossible segment), PB_EINVAL (out NULL, path too
+ * long), PB_ENOMEM. */
 PB_API int pb_connect(const char *socket_path, pb_client **out);
 
 /* Detach and free the client.  Leases still held are released first. */
@@ -97,8 +100,9 @@ PB_API int pb_acquire(pb_client *c, const char *pool, int timeout_ms, pb_lease *
 /* Return a lease and free the handle; never waits for the backend.  An open
  * or failed transaction is rolled back (and the pool's reset policy applied)
  * by the broker before anyone else gets the connection.  PB_ESTALE when the
- * lease was already taken back (the handle is freed all the same).  NULL is a
- * no-op returning PB_EINVAL. */
+ * lease was already taken back; PB_EBROKER when the library has seen the
+ * broker die or restart since the lease began (the connection went with
+ * it).  Either way the handle is freed all the same.  NULL is a no-op returning PB_EINVAL. */
 PB_API int pb_release(pb_lease *l);
 
 /* Backend process id of a lease's connection (for logs); -1 if stale. */

@@ -1,6 +1,6 @@
 /*
  * test_death.c — worker death, misuse and fairness, end to end on a real
- * PostgreSQL (DESIGN.md §2, §3, §6).
+ * PostgreSQL (docs/architecture.md: the lease path and the trust model).
  *
  * The group starts its own PostgreSQL and broker in a temp dir.  Workers are
  * forked processes, each with its own pb_client, exactly as a prefork server

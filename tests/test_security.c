@@ -1,6 +1,6 @@
 /*
- * test_security.c — the trust model of DESIGN.md §7 and the "hostile shared
- * memory" row of §6, end to end on a real PostgreSQL, a real Redis and a real
+ * test_security.c — the trust model of docs/architecture.md, hostile shared
+ * memory included, end to end on a real PostgreSQL, a real Redis and a real
  * broker:
  *
  *   - a client of another uid is refused: by the socket's file mode (0660,

@@ -3,7 +3,7 @@
  *
  * shmstat maps the broker's segment with PROT_READ and prints who holds what:
  * the broker's liveness, a summary per pool and one line per connection slot
- * (DESIGN.md §10).  It needs nothing from the broker, so it works when the
+ * (shmstat(1)).  It needs nothing from the broker, so it works when the
  * broker is stopped, hung or gone — the cases where it is needed most.
  *
  * This file is the command line: options, the -w loop and exit statuses.

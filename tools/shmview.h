@@ -51,7 +51,7 @@ void shmview_free(shmview *v);
 void shmview_print_text(FILE *out, const shmview *v);
 
 /* One JSON object on one line, newline-terminated: {"broker": {...},
- * "pools": [...], "slots": [...]} (DESIGN.md §10, shmstat(1)). */
+ * "pools": [...], "slots": [...]} (shmstat(1) describes every field). */
 void shmview_print_json(FILE *out, const shmview *v);
 
 /* The Prometheus text exposition format (version 0.0.4): broker gauges, then
