@@ -24,14 +24,40 @@
 struct pool;
 struct conn;
 
-/* Private connection state (the slot word says who holds the slot; this says
- * what the broker is doing with the connection behind it). */
-enum conn_state {
-    CS_EMPTY = 0,            /* no connection */
-    CS_CONNECTING,           /* libpq / hiredis handshake in progress */
-    CS_READY,                /* connected */
-    CS_CLOSING,              /* shutting down: waiting for in-flight ops */
+/* What the broker is doing with a connection.  Every change goes through
+ * conn_set_phase() (pool.c), which refuses a move the diagram below does not
+ * have; event handlers record what happened (a reply, a completed send, a
+ * delivered cancel) and conn_next() decides what the connection does next.
+ *
+ * The slot word in shared memory says who holds the slot; the phase says what
+ * the broker is doing with the connection behind it.  In PH_READY a client
+ * may lease a free slot and give it back on its own (the fast paths), so
+ * "idle" and "leased" are the slot word's to say, not the phase's.
+ *
+ *   EMPTY ─▶ CONNECTING ─▶ READY ─▶ DRAINING ─▶ AWAIT_CANCEL
+ *              │             │         │             │
+ *              ▼             ▼         ▼             ▼
+ *            EMPTY     RESETTING / VALIDATING / READY (release done)
+ *                            │
+ *                            ▼
+ *   every connected phase ─▶ CLOSING ─▶ EMPTY
+ */
+enum conn_phase {
+    PH_EMPTY = 0,            /* no connection */
+    PH_CONNECTING,           /* driver handshake in progress (libpq, hiredis) */
+    PH_READY,                /* in service: free, leased, or being handed on */
+    PH_DRAINING,             /* released with replies still owed: they go to the
+                                sink, then the release resumes */
+    PH_AWAIT_CANCEL,         /* released, nothing owed, but a cancel request may
+                                still land: held until it is delivered */
+    PH_RESETTING,            /* the replies to our reset commands are pending */
+    PH_VALIDATING,           /* the reply to our liveness check is pending */
+    PH_CLOSING,              /* shut down: waiting for in-flight operations */
+    PH_COUNT
 };
+
+/* Connected and not closing: the phases in which the socket carries traffic. */
+#define PH_UP(ph) ((ph) >= PH_READY && (ph) <= PH_VALIDATING)
 
 /* Driver: what differs between PostgreSQL and Redis. */
 typedef struct driver {
@@ -69,7 +95,7 @@ typedef struct conn {
     uint8_t *req;            /* request buffer in shm (private copy of its address) */
     uint8_t *rep;            /* reply ring in shm */
     uint32_t req_size, rep_size;
-    int state;               /* enum conn_state */
+    enum conn_phase phase;   /* change only through conn_set_phase() */
     int fd;
     int backend_pid;
     void *pg;                /* PGconn * */
@@ -95,17 +121,22 @@ typedef struct conn {
     uint64_t reply_done;     /* our copy of slot->reply_done */
     uint32_t unpublished;    /* replies scanned in the chunk not yet published */
     uint8_t *scratch;        /* private sink for replies nobody will read */
-    int to_sink;             /* replies go to scratch (reset, or lease gone) */
+    /* Not a phase: set on entering the broker's own phases (their replies
+     * are nobody's), and also in PH_READY when the lease that sent the
+     * command is gone or its ring is unusable (the phase has not changed:
+     * the release is still on its way). */
+    int to_sink;             /* replies go to scratch */
+    /* Not a phase: where the one recv in flight was pointed when armed
+     * (to_sink may change while it is in flight). */
     int recv_sink;           /* the recv in flight reads into scratch (else the ring) */
     int watch;               /* the holder waits for unasked messages (LISTEN) */
     uint64_t cmd_word;       /* slot word of the lease whose command is in flight */
     char txn;                /* last ReadyForQuery status: 'I','T','E' */
-    int broken;              /* I/O failed: close as soon as nothing is in flight */
-
-    /* what the broker is doing with it (when not just serving a lease) */
-    int resetting;           /* replies of our own reset commands are pending */
-    int validating;          /* our own ping is pending (slot held by the broker) */
-    int release_pending;     /* owner released while replies were outstanding */
+    /* Not a phase: a property of the connection in any connected phase (a
+     * leased one stays leased until its holder has read io_error). */
+    int broken;              /* I/O failed: close as soon as nobody holds it */
+    /* Not a phase: an event recorded in PH_READY (the holder asked while
+     * the connection was busy); cleared on leaving PH_READY. */
     int submit_deferred;     /* a SUBMIT waits for the previous replies */
 
     /* lifecycle */
@@ -115,7 +146,6 @@ typedef struct conn {
     int cancel_sent;         /* a cancel request went out for the command in flight */
     _Atomic int cancel_inflight; /* cancel requests queued or being sent (the cancel thread
                                     decrements once the server has signalled the backend) */
-    int await_cancel;        /* release done, but a cancel may still land: hold the slot */
     uint64_t cancel_deadline_ms; /* close the connection if it has not answered by then */
     uint32_t settings_gen;   /* the pool's settings_gen when this connection was started */
 } conn;
@@ -135,7 +165,7 @@ typedef struct pool {
     conn *conns;             /* slot_capacity of them */
     uint32_t nconns;
     uint32_t connecting;     /* handshakes in flight */
-    uint32_t live;           /* connections CS_READY or CONNECTING */
+    uint32_t live;           /* connections connecting or PH_UP */
     waiter *wq;              /* FIFO of waiters: ring of max_clients entries */
     uint32_t wq_head, wq_len, wq_cap;
     uint64_t backoff_until_ms;
@@ -247,7 +277,7 @@ void pool_cancel_waiter(pool *p, client *cl, uint32_t ticket);
 void pool_drop_client_waiters(broker *b, client *cl);
 void pool_fail_waiters(pool *p, int err);
 void conn_submit(conn *c, uint64_t lease_word, uint32_t seq);
-void conn_release(conn *c, uint64_t word, int reclaim);
+void conn_release(conn *c, uint64_t word);
 void conn_drained(conn *c);
 void conn_watch(conn *c, uint64_t lease_word);
 void conn_connected(conn *c);
@@ -255,9 +285,13 @@ void conn_connect_failed(conn *c, const char *why);
 void conn_close(conn *c, const char *why);
 void conn_send_private(conn *c);
 int conn_sbuf_append(conn *c, const void *p, uint32_t n);
-void conn_got_reply(conn *c, char txn);
+int conn_got_reply(conn *c, char txn);
 void conn_start_connect(conn *c);
 void conn_take_back(conn *c, uint64_t word, const char *why);
+int conn_set_phase(conn *c, enum conn_phase to);
+int conn_phase_allowed(enum conn_phase from, enum conn_phase to);
+const char *conn_phase_name(enum conn_phase ph);
+void conn_shutdown(conn *c);
 void conn_watch_idle(conn *c);
 void conn_validate_or_offer(conn *c);
 void freemap_set(pool *p, uint32_t local);

@@ -30,20 +30,19 @@ static int word_plausible(broker *b, const conn *c, uint64_t w)
     switch (PB_WORD_STATE(w)) {
     case PB_SLOT_LEASED:
     case PB_SLOT_RELEASING:
-        return c->state == CS_READY && client_by_id(b, PB_WORD_OWNER(w)) != NULL;
+        return PH_UP(c->phase) && client_by_id(b, PB_WORD_OWNER(w)) != NULL;
     case PB_SLOT_FREE:
-        return c->state == CS_READY;
+        return PH_UP(c->phase);
     case PB_SLOT_EMPTY:
-        return c->state == CS_EMPTY;
+        return c->phase == PH_EMPTY;
     case PB_SLOT_CONNECTING:
-        return c->state == CS_CONNECTING;
+        return c->phase == PH_CONNECTING;
     case PB_SLOT_CLOSING:
-        return c->state == CS_CLOSING || c->state == CS_EMPTY;
+        return c->phase == PH_CLOSING || c->phase == PH_EMPTY;
     case PB_SLOT_RESETTING:
     case PB_SLOT_RECLAIMING:
         /* Broker-held: only while the broker is doing something with it. */
-        return c->state == CS_READY && (c->expect || c->sending || c->resetting || c->validating ||
-                                        c->release_pending || c->await_cancel || c->tls_queued);
+        return PH_UP(c->phase) && (c->phase != PH_READY || c->expect || c->sending || c->tls_queued);
     }
     return 0;                       /* BROKEN is never written; anything else is garbage */
 }
@@ -68,11 +67,15 @@ static int repair_word(broker *b, conn *c)
         return 1;
     }
     c->suspect_word = 0;
-    slog(LOG_LVL_WARN, c, "slot word %016llx is impossible (connection state %d): taking the slot back",
-         (unsigned long long)w, c->state);
+    slog(LOG_LVL_WARN, c, "slot word %016llx is impossible (connection %s): taking the slot back",
+         (unsigned long long)w, conn_phase_name(c->phase));
     shm_note_repair(b);
-    switch (c->state) {
-    case CS_READY: {
+    switch (c->phase) {
+    case PH_READY:
+    case PH_DRAINING:
+    case PH_AWAIT_CANCEL:
+    case PH_RESETTING:
+    case PH_VALIDATING: {
         uint64_t held = PB_WORD_NEXT(w, PB_SLOT_RECLAIMING, 0);
         if (!atomic_compare_exchange_strong(&c->slot->word, &w, held))
             return 1;               /* changed under us: judge it next pass */
@@ -81,10 +84,10 @@ static int repair_word(broker *b, conn *c)
         conn_close(c, "slot word scribbled");
         return 1;
     }
-    case CS_CONNECTING:
+    case PH_CONNECTING:
         atomic_store(&c->slot->word, PB_WORD_NEXT(w, PB_SLOT_CONNECTING, 0));
         return 1;
-    case CS_CLOSING:
+    case PH_CLOSING:
         atomic_store(&c->slot->word, PB_WORD_NEXT(w, PB_SLOT_CLOSING, 0));
         return 1;
     default:
@@ -114,20 +117,20 @@ static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
     if (repair_word(b, c))
         return;
 
-    if (c->state == CS_CONNECTING) {
+    if (c->phase == PH_CONNECTING) {
         if (now - c->created_ms > CONNECT_TIMEOUT_MS)
             conn_connect_failed(c, "connect timed out");
         return;
     }
-    if (c->state != CS_READY)
+    if (!PH_UP(c->phase))
         return;
     /* A command (or our own reset) running too long. */
     uint32_t limit = cp->command_timeout_ms;
-    if (c->expect && (c->resetting || c->validating || c->release_pending) && (!limit || limit > 10000))
+    if (c->expect && c->phase != PH_READY && (!limit || limit > 10000))
         limit = 10000;              /* nobody is waiting: do not wait forever either */
     if (c->expect && limit && now - c->cmd_start_ms > limit)
         conn_command_timeout(c);
-    if (c->state != CS_READY)
+    if (!PH_UP(c->phase))
         return;
     conn_settle(c);
     uint64_t w = atomic_load(&c->slot->word);
@@ -164,7 +167,7 @@ static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
          * or lost ring entry): the word itself says what to do. */
         if (c->suspect_word == w + 1) {
             c->suspect_word = 0;
-            conn_release(c, w, 0);
+            conn_release(c, w);
         } else {
             c->suspect_word = w + 1;
         }

@@ -165,7 +165,8 @@ static int pg_scan_reply(conn *c, const uint8_t *p, size_t n)
         s->hdr_have = 0;
         if (st != 'I' && st != 'T' && st != 'E')
             return PB_EPROTO;
-        conn_got_reply(c, (char)st);
+        if (conn_got_reply(c, (char)st) != PB_OK)
+            return PB_EPROTO;       /* more replies than requests */
     }
     return PB_OK;
 }

@@ -31,6 +31,7 @@
 #include <unistd.h>
 
 #include "broker.h"
+#include "invariant.h"
 #include "log.h"
 #include "poolbroker.h"
 
@@ -233,8 +234,7 @@ void pools_free(broker *b)
         pool *p = &b->pools[i];
         for (uint32_t k = 0; k < p->nconns; k++) {
             conn *c = &p->conns[k];
-            if (c->state != CS_EMPTY)
-                p->drv->close(c);
+            conn_shutdown(c);
             free(c->sbuf);
             free(c->scratch);
         }
@@ -374,7 +374,9 @@ static void make_available(conn *c)
 {
     pool *p = c->pool;
 
-    c->to_sink = 0;
+    if (c->phase != PH_READY && conn_set_phase(c, PH_READY) != PB_OK)
+        return;
+    c->to_sink = 0;                 /* the last lease's replies are over */
     c->submit_deferred = 0;
     /* A request the previous holder left unacknowledged must not make the
      * next one wait for its buffer. */
@@ -446,29 +448,177 @@ void pool_maybe_grow(pool *p)
         conn *c = &p->conns[k];
         /* A cancelled operation of the previous connection may still be on
          * its way back: ops are reused only once their callback has run. */
-        if (c->state == CS_EMPTY && !c->poll_op.pending && !c->send_op.pending && !c->recv_op.pending &&
+        if (c->phase == PH_EMPTY && !c->poll_op.pending && !c->send_op.pending && !c->recv_op.pending &&
             !c->tls_poll_op.pending && !c->tls_queued &&
             PB_WORD_STATE(atomic_load(&c->slot->word)) == PB_SLOT_EMPTY)
             conn_start_connect(c);
     }
 }
 
+/* ------------------------------------------------------------------ phases */
+
+static const char *const phase_names[PH_COUNT] = {
+    [PH_EMPTY] = "empty",         [PH_CONNECTING] = "connecting",     [PH_READY] = "ready",
+    [PH_DRAINING] = "draining",   [PH_AWAIT_CANCEL] = "await_cancel", [PH_RESETTING] = "resetting",
+    [PH_VALIDATING] = "validating", [PH_CLOSING] = "closing",
+};
+
+const char *conn_phase_name(enum conn_phase ph)
+{
+    return (unsigned)ph < PH_COUNT ? phase_names[ph] : "invalid";
+}
+
+/* The moves the diagram in broker.h has, and no others. */
+int conn_phase_allowed(enum conn_phase from, enum conn_phase to)
+{
+    switch (from) {
+    case PH_EMPTY:
+        return to == PH_CONNECTING;
+    case PH_CONNECTING:
+        return to == PH_READY || to == PH_EMPTY;
+    case PH_READY:
+        return to == PH_DRAINING || to == PH_RESETTING || to == PH_VALIDATING || to == PH_CLOSING;
+    case PH_DRAINING:
+        return to == PH_AWAIT_CANCEL || to == PH_READY || to == PH_RESETTING || to == PH_VALIDATING ||
+               to == PH_CLOSING;
+    case PH_AWAIT_CANCEL:
+        return to == PH_READY || to == PH_RESETTING || to == PH_VALIDATING || to == PH_CLOSING;
+    case PH_RESETTING:
+    case PH_VALIDATING:
+        return to == PH_READY || to == PH_CLOSING;
+    case PH_CLOSING:
+        return to == PH_EMPTY;
+    case PH_COUNT:
+        break;
+    }
+    return 0;
+}
+
+/* The one place a connection changes phase: one switch for what leaving the
+ * old phase undoes, one for what entering the new one sets up.  Slot words
+ * are not written here (slot.c does, at the call sites that own the CAS).
+ * Returns PB_OK, or PB_EINVAL for a move the diagram does not have (logged as
+ * an error; an abort in debug builds), leaving the phase as it was. */
+int conn_set_phase(conn *c, enum conn_phase to)
+{
+    pool *p = c->pool;
+    enum conn_phase from = c->phase;
+
+    if (NEVER(!conn_phase_allowed(from, to))) {
+        slog(LOG_LVL_ERROR, c, "impossible phase change %s -> %s refused", conn_phase_name(from),
+             conn_phase_name(to));
+        return PB_EINVAL;
+    }
+    if (log_level <= LOG_LVL_DEBUG)
+        slog(LOG_LVL_DEBUG, c, "phase %s -> %s", conn_phase_name(from), conn_phase_name(to));
+
+    switch (from) {
+    case PH_CONNECTING:
+        if (ALWAYS(p->connecting > 0))
+            p->connecting--;
+        break;
+    case PH_READY:
+        /* Whatever the holder asked for is the lease's, and the lease is over. */
+        c->submit_deferred = 0;
+        break;
+    default:
+        break;
+    }
+
+    c->phase = to;
+    switch (to) {
+    case PH_CONNECTING:
+        p->connecting++;
+        p->live++;
+        c->broken = 0;
+        expect_clear(c);
+        c->txn = 'I';
+        c->submit_deferred = c->watch = 0;
+        c->to_sink = 0;
+        c->error[0] = 0;
+        memset(&c->scan, 0, sizeof c->scan);
+        break;
+    case PH_READY:
+        c->to_sink = 0;
+        c->submit_deferred = 0;
+        break;
+    case PH_DRAINING:
+    case PH_RESETTING:
+    case PH_VALIDATING:
+        c->to_sink = 1;             /* nobody reads these replies */
+        break;
+    case PH_CLOSING:
+        /* No longer up: the janitor and pool_maybe_grow must not count it. */
+        if (ALWAYS(p->live > 0))
+            p->live--;
+        publish_size(p);
+        break;
+    case PH_EMPTY:
+        if (from == PH_CONNECTING && ALWAYS(p->live > 0))
+            p->live--;
+        break;
+    case PH_AWAIT_CANCEL:
+    case PH_COUNT:
+        break;
+    }
+    return PB_OK;
+}
+
+static void release_clean(conn *c);
+static void finish_reset(conn *c);
+static void retry_deferred(conn *c);
+
+/* Decide what a connection does once nothing is owed on it any more: the
+ * last reply arrived, the last byte of a release's command went out, or a
+ * cancel request was delivered.  The event handlers call this; they never
+ * pick the next phase themselves. */
+static void conn_next(conn *c)
+{
+    switch (c->phase) {
+    case PH_RESETTING:
+    case PH_VALIDATING:
+        finish_reset(c);
+        return;
+    case PH_DRAINING:
+    case PH_AWAIT_CANCEL:
+        if (atomic_load(&c->cancel_inflight)) {
+            /* conn_settle resumes once it is delivered. */
+            if (c->phase == PH_DRAINING)
+                conn_set_phase(c, PH_AWAIT_CANCEL);
+            return;
+        }
+        c->watch = 0;
+        if (c->broken) {
+            conn_close(c, "broken");
+            return;
+        }
+        if (c->expect || c->sending) {
+            /* The replies are in but the request is still going out (its
+             * tail asks for none: Parse/Bind without Sync): on_send comes
+             * back here. */
+            conn_arm_recv(c);
+            return;
+        }
+        release_clean(c);
+        return;
+    case PH_READY:
+        retry_deferred(c);
+        return;
+    default:
+        return;
+    }
+}
+
+/* ------------------------------------------------------------ connecting */
+
 void conn_start_connect(conn *c)
 {
     pool *p = c->pool;
     slot_set(c, PB_SLOT_CONNECTING, 0);
-    c->state = CS_CONNECTING;
-    c->broken = 0;
-    expect_clear(c);
-    c->txn = 'I';
-    c->resetting = c->validating = c->release_pending = c->submit_deferred = c->watch = 0;
-    c->to_sink = 0;
-    c->error[0] = 0;
+    if (conn_set_phase(c, PH_CONNECTING) != PB_OK)
+        return;
     c->created_ms = B.now_ms;
     c->settings_gen = p->settings_gen;
-    memset(&c->scan, 0, sizeof c->scan);
-    p->connecting++;
-    p->live++;
     atomic_fetch_add_explicit(&p->shm->connects, 1, memory_order_relaxed);
     if (p->drv->connect_start(c) != PB_OK)
         conn_connect_failed(c, c->error[0] ? c->error : "connect failed");
@@ -479,8 +629,8 @@ void conn_connected(conn *c)
     pool *p = c->pool;
     uint64_t life = (uint64_t)p->cf->max_lifetime_s * 1000;
 
-    p->connecting--;
-    c->state = CS_READY;
+    if (conn_set_phase(c, PH_READY) != PB_OK)
+        return;
     c->created_ms = B.now_ms;
     /* Each connection gets its own lifetime once, 0..20% short of the
      * maximum, so connections made together do not all expire together. */
@@ -526,9 +676,8 @@ void conn_connect_failed(conn *c, const char *why)
     if (c->poll_op.pending)
         loop_cancel(B.lp, &c->poll_op);
     p->drv->close(c);
-    p->connecting--;
-    p->live--;
-    c->state = CS_EMPTY;
+    if (conn_set_phase(c, PH_EMPTY) != PB_OK)
+        return;
     slot_set(c, PB_SLOT_EMPTY, 0);
     atomic_fetch_add_explicit(&p->shm->connect_failures, 1, memory_order_relaxed);
     uint32_t fails = ++p->fails;
@@ -552,18 +701,18 @@ void conn_connect_failed(conn *c, const char *why)
 static void on_poll(ev_op *op, int res)
 {
     conn *c = op->data;
-    if (c->state == CS_CLOSING) {
+    if (c->phase == PH_CLOSING) {
         conn_finish_close(c);
         return;
     }
     if (op->cancelled)
         return;
-    if (c->state == CS_READY) {
+    if (PH_UP(c->phase)) {
         if (res > 0)
             idle_readable(c);
         return;
     }
-    if (c->state != CS_CONNECTING)
+    if (c->phase != PH_CONNECTING)
         return;
     if (res < 0) {
         conn_connect_failed(c, strerror(-res));
@@ -581,7 +730,7 @@ static void on_poll(ev_op *op, int res)
  * first reply and is simply ignored (the janitor re-arms it once free). */
 void conn_watch_idle(conn *c)
 {
-    if (c->state == CS_READY && !c->broken && !c->poll_op.pending && c->fd >= 0)
+    if (PH_UP(c->phase) && !c->broken && !c->poll_op.pending && c->fd >= 0)
         loop_poll(B.lp, &c->poll_op, c->fd, POLLIN);
 }
 
@@ -610,17 +759,15 @@ static void idle_readable(conn *c)
 void conn_close(conn *c, const char *why)
 {
     pool *p = c->pool;
-    if (c->state == CS_EMPTY || c->state == CS_CLOSING)
+    if (c->phase == PH_EMPTY || c->phase == PH_CLOSING)
         return;
     slog(LOG_LVL_DEBUG, c, "closing: %s", why);
-    if (c->state == CS_CONNECTING) {
+    if (c->phase == PH_CONNECTING) {
         conn_connect_failed(c, why);
         return;
     }
-    c->state = CS_CLOSING;
-    p->live--;                      /* no longer READY: the janitor and
-                                       pool_maybe_grow must not count it */
-    publish_size(p);
+    if (conn_set_phase(c, PH_CLOSING) != PB_OK)
+        return;
     slot_set(c, PB_SLOT_CLOSING, 0);
     freemap_clear(p, local_index(c));
     if (c->fd >= 0)
@@ -639,13 +786,14 @@ void conn_close(conn *c, const char *why)
 static void conn_finish_close(conn *c)
 {
     pool *p = c->pool;
-    if (c->state != CS_CLOSING || c->send_op.pending || c->recv_op.pending || c->poll_op.pending ||
+    if (c->phase != PH_CLOSING || c->send_op.pending || c->recv_op.pending || c->poll_op.pending ||
         c->tls_poll_op.pending || c->tls_queued)
         return;
     p->drv->close(c);
     c->ssl = NULL;
     c->fd = -1;
-    c->state = CS_EMPTY;
+    if (conn_set_phase(c, PH_EMPTY) != PB_OK)
+        return;
     expect_clear(c);
     c->sending = 0;
     c->backend_pid = 0;
@@ -702,7 +850,7 @@ static void conn_io_failed(conn *c, const char *why)
 #define CANCEL_GRACE_MS 2000
 void conn_command_timeout(conn *c)
 {
-    if (c->broken || c->state != CS_READY || !c->expect)
+    if (c->broken || !PH_UP(c->phase) || !c->expect)
         return;
     if (c->pool->cf->type == PB_POOL_POSTGRES && !c->cancel_sent) {
         c->cancel_sent = 1;
@@ -746,6 +894,7 @@ void conn_send_private(conn *c)
     conn_arm_recv(c);
 }
 
+/* PH_READY: take up a SUBMIT that had to wait, if it can go now. */
 static void retry_deferred(conn *c)
 {
     if (c->submit_deferred && c->broken) {
@@ -756,7 +905,7 @@ static void retry_deferred(conn *c)
             conn_submit(c, w, atomic_load(&c->slot->req_seq));
         return;
     }
-    if (!c->submit_deferred || c->sending || c->resetting)
+    if (!c->submit_deferred || c->sending || c->phase != PH_READY)
         return;
     uint64_t w = atomic_load(&c->slot->word);
     if (c->expect && w != c->cmd_word)
@@ -770,7 +919,7 @@ static void on_send(ev_op *op, int res)
 {
     conn *c = op->data;
     c->sending = 0;
-    if (c->state == CS_CLOSING) {
+    if (c->phase == PH_CLOSING) {
         conn_finish_close(c);
         return;
     }
@@ -784,17 +933,10 @@ static void on_send(ev_op *op, int res)
         return;
     }
     c->soff = c->slen = 0;
-    if (c->release_pending && !c->expect) {
-        /* A release (or reclaim) waited for this send, and no reply is owed. */
-        if (atomic_load(&c->cancel_inflight)) {
-            c->await_cancel = 1;
-            return;
-        }
-        c->release_pending = 0;
-        conn_release(c, atomic_load(&c->slot->word), 2);
-        return;
-    }
-    retry_deferred(c);
+    /* A release that waited for this send resumes if no reply is owed; a
+     * lease's deferred SUBMIT may go now. */
+    if (c->phase == PH_READY || (c->phase == PH_DRAINING && !c->expect))
+        conn_next(c);
 }
 
 /* Fail the command the lease holder just submitted (nothing was sent). */
@@ -810,14 +952,15 @@ void conn_submit(conn *c, uint64_t lease_word, uint32_t seq)
 {
     if (seq == c->acked_seq)
         return;                     /* nothing new */
-    if (c->broken || c->state != CS_READY) {
+    if (c->broken || !PH_UP(c->phase)) {
         fail_submit(c, PB_EBACKEND, seq);
         return;
     }
     /* One request in the private buffer at a time, never while replies
-     * owed to somebody else are still coming, and never while a cancel
-     * request for an earlier command may still land. */
-    if (c->sending || c->resetting || c->validating || (c->expect && c->cmd_word != lease_word) ||
+     * owed to somebody else are still coming, never while the broker has
+     * the connection (a scribbled slot word can get us here), and never
+     * while a cancel request for an earlier command may still land. */
+    if (c->sending || c->phase != PH_READY || (c->expect && c->cmd_word != lease_word) ||
         atomic_load(&c->cancel_inflight)) {
         c->submit_deferred = 1;
         return;
@@ -865,7 +1008,7 @@ void conn_submit(conn *c, uint64_t lease_word, uint32_t seq)
 
 static void conn_arm_recv(conn *c)
 {
-    if (c->recv_op.pending || c->state != CS_READY || c->broken || (c->expect == 0 && !c->watch))
+    if (c->recv_op.pending || !PH_UP(c->phase) || c->broken || (c->expect == 0 && !c->watch))
         return;
     void *buf;
     size_t len;
@@ -911,7 +1054,7 @@ static void conn_arm_recv(conn *c)
 /* The holder wants what the server sends unasked (LISTEN). */
 void conn_watch(conn *c, uint64_t lease_word)
 {
-    if (c->broken || c->state != CS_READY)
+    if (c->broken || c->phase != PH_READY)
         return;
     if (c->expect && c->cmd_word != lease_word)
         return;
@@ -927,14 +1070,12 @@ void conn_drained(conn *c)
         conn_arm_recv(c);
 }
 
-/* The scanner saw one complete reply. */
-void conn_got_reply(conn *c, char txn)
+/* The scanner saw one complete reply.  PB_EPROTO if none was owed (the
+ * stream is out of step with the requests). */
+int conn_got_reply(conn *c, char txn)
 {
-    if (c->expect == 0) {
-        /* More replies than requests: the stream is out of step. */
-        c->broken = 2;
-        return;
-    }
+    if (c->expect == 0)
+        return PB_EPROTO;
     c->expect--;
     if (c->expect == 0)
         B.inflight--;
@@ -944,14 +1085,13 @@ void conn_got_reply(conn *c, char txn)
         atomic_store(&c->slot->txn_status, (uint32_t)(unsigned char)c->txn);
         c->unpublished++;           /* counted in reply_done once its bytes are published */
     }
+    return PB_OK;
 }
-
-static void finish_reset(conn *c);
 
 static void on_recv(ev_op *op, int res)
 {
     conn *c = op->data;
-    if (c->state == CS_CLOSING) {
+    if (c->phase == PH_CLOSING) {
         conn_finish_close(c);
         return;
     }
@@ -963,8 +1103,7 @@ static void on_recv(ev_op *op, int res)
      * changed since: the holder released meanwhile). */
     int sink = c->recv_sink;
     const uint8_t *p = sink ? c->scratch : c->rep + (c->rep_head & (c->rep_size - 1));
-    if (c->pool->drv->scan_reply(c, p, (size_t)res) != PB_OK || c->broken == 2) {
-        c->broken = 0;
+    if (c->pool->drv->scan_reply(c, p, (size_t)res) != PB_OK) {
         conn_io_failed(c, "protocol error in the server's reply");
         return;
     }
@@ -994,38 +1133,18 @@ static void on_recv(ev_op *op, int res)
         }
         c->watch = 0;
     }
-    /* Everything owed has arrived. */
-    if (c->resetting) {
-        c->resetting = 0;
-        finish_reset(c);
-    } else if (c->validating) {
-        c->validating = 0;
-        finish_reset(c);
-    } else if (c->release_pending) {
-        if (atomic_load(&c->cancel_inflight)) {
-            c->await_cancel = 1;    /* conn_settle resumes once it is delivered */
-            return;
-        }
-        c->release_pending = 0;
-        conn_release(c, atomic_load(&c->slot->word), 2);
-    } else {
-        retry_deferred(c);
-    }
+    conn_next(c);                   /* everything owed has arrived */
 }
 
 /* Called when a cancel request was delivered (doorbell) and by the
  * janitor: resume what waited for the connection to be quiet. */
 void conn_settle(conn *c)
 {
-    if (c->state != CS_READY || atomic_load(&c->cancel_inflight))
+    if (!PH_UP(c->phase) || atomic_load(&c->cancel_inflight))
         return;
-    if (c->await_cancel && !c->expect && !c->sending) {
-        c->await_cancel = 0;
-        c->release_pending = 0;
-        conn_release(c, atomic_load(&c->slot->word), 2);
-    } else if (c->submit_deferred) {
-        retry_deferred(c);
-    }
+    if (c->phase == PH_AWAIT_CANCEL ? !c->expect && !c->sending
+                                    : c->phase == PH_READY && c->submit_deferred)
+        conn_next(c);
 }
 
 /* ---------------------------------------------------------------- releasing */
@@ -1052,6 +1171,19 @@ static int should_retire(conn *c, const char **why)
     return 0;
 }
 
+/* Start a broker-private command (reset or liveness check) that the driver
+ * has put in sbuf: n replies to come, into the sink. */
+static void start_private(conn *c, enum conn_phase ph, int n)
+{
+    if (conn_set_phase(c, ph) != PB_OK)
+        return;
+    c->cmd_start_ms = B.now_ms;
+    c->cancel_sent = 0;
+    c->scan.errors = 0;
+    expect_add(c, (uint32_t)n);
+    conn_send_private(c);
+}
+
 /* The broker holds c (RESETTING) and nothing is in flight: reset, retire or
  * hand out. */
 static void release_clean(conn *c)
@@ -1074,13 +1206,7 @@ static void release_clean(conn *c)
         return;
     }
     atomic_fetch_add_explicit(&c->pool->shm->resets, 1, memory_order_relaxed);
-    c->cmd_start_ms = B.now_ms;
-    c->cancel_sent = 0;
-    c->scan.errors = 0;
-    c->resetting = 1;
-    c->to_sink = 1;
-    expect_add(c, (uint32_t)n);
-    conn_send_private(c);
+    start_private(c, PH_RESETTING, n);
 }
 
 /* Our reset (or validation) commands have all answered. */
@@ -1127,52 +1253,64 @@ void conn_validate_or_offer(conn *c)
         make_available(c);
         return;
     }
-    c->validating = 1;
-    c->scan.errors = 0;
-    c->to_sink = 1;
-    c->cmd_start_ms = B.now_ms;
-    c->cancel_sent = 0;
-    expect_add(c, (uint32_t)n);
-    conn_send_private(c);
+    start_private(c, PH_VALIDATING, n);
 }
 
 /* Take the slot from whoever holds it (word as read) into the broker's hands
- * and clean it.  how: 0 = the holder released it, 1 = reclaim (holder died or
- * overstayed), 2 = continuing a release that waited for replies. */
-void conn_release(conn *c, uint64_t word, int how)
+ * (RECLAIMING for a reclaim, else RESETTING) and clean it. */
+static void release_take(conn *c, uint64_t word, int reclaim)
 {
     c->watch = 0;
-    if (how != 2) {
-        unsigned st = how == 1 ? PB_SLOT_RECLAIMING : PB_SLOT_RESETTING;
-        if (!slot_cas(c, &word, PB_WORD_NEXT(word, st, 0)))
-            return;
-        if (how == 1)
-            atomic_fetch_add_explicit(&c->pool->shm->reclaims, 1, memory_order_relaxed);
-    }
-    if (c->state != CS_READY || c->broken) {
-        if (c->state == CS_READY || c->state == CS_CONNECTING)
+    if (!slot_cas(c, &word, PB_WORD_NEXT(word, reclaim ? PB_SLOT_RECLAIMING : PB_SLOT_RESETTING, 0)))
+        return;
+    if (reclaim)
+        atomic_fetch_add_explicit(&c->pool->shm->reclaims, 1, memory_order_relaxed);
+    if (!PH_UP(c->phase) || c->broken) {
+        if (PH_UP(c->phase) || c->phase == PH_CONNECTING)
             conn_close(c, "broken");
-        else if (c->state == CS_EMPTY)
+        else if (c->phase == PH_EMPTY)
             slot_set(c, PB_SLOT_EMPTY, 0);
+        return;
+    }
+    if (c->phase != PH_READY) {
+        /* The broker has the connection already: a worker wrote the word we
+         * just took (a runtime check, never an assertion).  What the broker
+         * was doing goes on. */
+        slog(LOG_LVL_WARN, c, "release of a slot the broker holds (%s): ignored", conn_phase_name(c->phase));
+        shm_note_repair(&B);
         return;
     }
     if (c->expect || c->sending) {
         /* Replies still owed: they go to the sink, the slot waits for them.
          * Nobody will read them, so do not wait out a long query: cancel it
          * (PostgreSQL), or give the connection up (Redis). */
-        c->release_pending = 1;
-        c->to_sink = 1;
-        c->submit_deferred = 0;
+        if (conn_set_phase(c, PH_DRAINING) != PB_OK)
+            return;
         conn_arm_recv(c);
-        if (how == 1 || how == 0)
-            conn_command_timeout(c);
+        conn_command_timeout(c);
         return;
     }
     release_clean(c);
 }
 
+/* The holder gave the slot back (word: RELEASING, as read). */
+void conn_release(conn *c, uint64_t word)
+{
+    release_take(c, word, 0);
+}
+
+/* Take a lease back from a holder that died or overstayed. */
 void conn_take_back(conn *c, uint64_t word, const char *why)
 {
     slog(LOG_LVL_INFO, c, "reclaiming lease: %s", why);
-    conn_release(c, word, 1);
+    release_take(c, word, 1);
+}
+
+/* Process exit: free the driver state whatever the phase (no transition: the
+ * machine stops here). */
+void conn_shutdown(conn *c)
+{
+    if (c->phase != PH_EMPTY)
+        c->pool->drv->close(c);
+    c->phase = PH_EMPTY;
 }

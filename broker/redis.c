@@ -303,8 +303,9 @@ static int r_frame_request(conn *c, const uint8_t *req, uint32_t len, uint32_t *
 
 /* ------------------------------------------------------------------ replies */
 
-/* One complete element at the current depth. */
-static void element_done(conn *c)
+/* One complete element at the current depth.  PB_EPROTO if it completes a
+ * reply nobody asked for. */
+static int element_done(conn *c)
 {
     rconn *r = R(c);
     for (;;) {
@@ -314,12 +315,12 @@ static void element_done(conn *c)
             } else if (r->top_push) {
                 r->top_push = 0;    /* out-of-band push: not a reply */
             } else {
-                conn_got_reply(c, 0);
+                return conn_got_reply(c, 0);
             }
-            return;
+            return PB_OK;
         }
         if (--r->left[r->depth - 1] > 0)
-            return;
+            return PB_OK;
         r->depth--;                 /* the aggregate itself is now complete */
     }
 }
@@ -333,10 +334,8 @@ static int begin_aggregate(conn *c, char type, long long count)
     }
     if (type == '%' || type == '|')
         count *= 2;
-    if (count <= 0) {               /* empty, or null (-1) */
-        element_done(c);
-        return PB_OK;
-    }
+    if (count <= 0)                 /* empty, or null (-1) */
+        return element_done(c);
     if (r->depth == RESP_MAX_DEPTH)
         return PB_EPROTO;
     r->left[r->depth++] = count;
@@ -351,8 +350,7 @@ static int line_done(conn *c)
     r->line_type = 0;
     switch (t) {
     case '+': case '-': case ':': case ',': case '#': case '_': case '(':
-        element_done(c);
-        return PB_OK;
+        return element_done(c);
     }
     /* counted types: the number was collected in r->num */
     if (r->num_bad || r->num_len == 0)
@@ -364,10 +362,8 @@ static int line_done(conn *c)
         return PB_EPROTO;
     switch (t) {
     case '$': case '!': case '=':
-        if (v < 0) {                /* null bulk */
-            element_done(c);
-            return PB_OK;
-        }
+        if (v < 0)                  /* null bulk */
+            return element_done(c);
         if (v > RESP_MAX_BULK)
             return PB_EPROTO;
         r->bulk_left = v + 2;
@@ -387,8 +383,8 @@ static int r_scan_reply(conn *c, const uint8_t *p, size_t n)
             size_t k = n - i < (size_t)r->bulk_left ? n - i : (size_t)r->bulk_left;
             i += k;
             r->bulk_left -= (int64_t)k;
-            if (r->bulk_left == 0)
-                element_done(c);
+            if (r->bulk_left == 0 && element_done(c) != PB_OK)
+                return PB_EPROTO;
             continue;
         }
         if (r->line_type == 0) {

@@ -49,11 +49,12 @@
 
 static uint64_t replies;
 
-void conn_got_reply(conn *c, char txn)
+int conn_got_reply(conn *c, char txn)
 {
     (void)c;
     (void)txn;
     replies++;
+    return PB_OK;
 }
 
 
