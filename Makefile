@@ -20,7 +20,7 @@ LDFLAGS += -fsanitize=$(SANITIZE)
 endif
 
 BROKER_SRC := broker/main.c broker/log.c broker/conf.c broker/loop.c broker/loop_uring.c \
-              broker/loop_epoll.c broker/shm.c broker/attach.c broker/control.c broker/pool.c broker/pg.c \
+              broker/loop_epoll.c broker/shm.c broker/attach.c broker/control.c broker/pool.c broker/slot.c broker/conn.c broker/connio.c broker/release.c broker/pg.c \
               broker/redis.c broker/janitor.c broker/cancel.c broker/reload.c broker/tls.c broker/metrics.c \
               tools/shmview.c
 CLIENT_SRC := client/client.c client/attachcheck.c client/pg.c client/pgproto.c client/redis.c

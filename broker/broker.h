@@ -4,10 +4,18 @@
  *   main.c     command line, signals, the main loop
  *   shm.c      creating and laying out the shared segment
  *   control.c  the control socket: attach, client records, pidfds
- *   pool.c     slots and their lifecycle: leases, waiters, release, reset
+ *   pool.c     pools: shm entry, sizing, the queue of waiting acquirers
+ *   slot.c     every slot-word write and the free map (the CAS rules)
+ *   conn.c     connection phases: connect, idle watch, close, failure
+ *   connio.c   requests out, replies in (the reply ring or the sink)
+ *   release.c  release, reclaim, reset, validation
  *   pg.c       PostgreSQL driver: connect with libpq, frame, count replies
  *   redis.c    Redis driver: connect with hiredis, frame, count replies
  *   janitor.c  periodic work: sizing, recycling, repairs, leak warnings
+ *   cancel.c   PostgreSQL cancel requests, off the event loop
+ *   tls.c      backend I/O through OpenSSL for TLS connections
+ *   reload.c   SIGHUP: the new configuration, pool by pool
+ *   metrics.c  the Prometheus endpoint
  *
  * Nothing here is visible to clients: what they see is pb_shm.h.
  */
@@ -25,7 +33,7 @@ struct pool;
 struct conn;
 
 /* What the broker is doing with a connection.  Every change goes through
- * conn_set_phase() (pool.c), which refuses a move the diagram below does not
+ * conn_set_phase() (conn.c), which refuses a move the diagram below does not
  * have; event handlers record what happened (a reply, a completed send, a
  * delivered cancel) and conn_next() decides what the connection does next.
  *
@@ -264,6 +272,22 @@ client *client_by_id(broker *b, uint32_t id);
 /* reload.c */
 void reload_config(broker *b);
 
+/* Slot index within its pool (its free-map bit). */
+static inline uint32_t conn_local(const conn *c)
+{
+    return c->index - c->pool->first_slot;
+}
+
+/* slot.c: every slot-word write (the CAS rules are at the top of slot.c) */
+int slot_take(conn *c, uint64_t *seen, unsigned state);
+int slot_take_free(conn *c, unsigned state);
+conn *slot_pop_free(pool *p);
+void slot_set(conn *c, unsigned state);
+void slot_put_free(conn *c);
+int slot_grant(conn *c, uint32_t client_id, uint64_t *leased);
+void slot_repair(conn *c, uint64_t seen, unsigned state);
+void freemap_clear(pool *p, uint32_t local);
+
 /* pool.c */
 int pools_init(broker *b);
 int pool_setup(broker *b, pool *p, uint32_t index, conf_pool *cp, uint32_t first_slot);
@@ -294,9 +318,6 @@ const char *conn_phase_name(enum conn_phase ph);
 void conn_shutdown(conn *c);
 void conn_watch_idle(conn *c);
 void conn_validate_or_offer(conn *c);
-void freemap_set(pool *p, uint32_t local);
-void freemap_clear(pool *p, uint32_t local);
-void wake_futex(_Atomic uint32_t *word, _Atomic uint32_t *sleeping);
 
 /* drivers */
 extern const driver pg_driver;

@@ -76,37 +76,23 @@ static int repair_word(broker *b, conn *c)
     case PH_AWAIT_CANCEL:
     case PH_RESETTING:
     case PH_VALIDATING: {
-        uint64_t held = PB_WORD_NEXT(w, PB_SLOT_RECLAIMING, 0);
-        if (!atomic_compare_exchange_strong(&c->slot->word, &w, held))
+        if (!slot_take(c, &w, PB_SLOT_RECLAIMING))
             return 1;               /* changed under us: judge it next pass */
-        freemap_clear(c->pool, c->index - c->pool->first_slot);
+        freemap_clear(c->pool, conn_local(c));
         atomic_fetch_add_explicit(&c->pool->shm->reclaims, 1, memory_order_relaxed);
         conn_close(c, "slot word scribbled");
         return 1;
     }
     case PH_CONNECTING:
-        atomic_store(&c->slot->word, PB_WORD_NEXT(w, PB_SLOT_CONNECTING, 0));
+        slot_repair(c, w, PB_SLOT_CONNECTING);
         return 1;
     case PH_CLOSING:
-        atomic_store(&c->slot->word, PB_WORD_NEXT(w, PB_SLOT_CLOSING, 0));
+        slot_repair(c, w, PB_SLOT_CLOSING);
         return 1;
     default:
-        atomic_store(&c->slot->word, PB_WORD_NEXT(w, PB_SLOT_EMPTY, 0));
-        freemap_clear(c->pool, c->index - c->pool->first_slot);
+        slot_repair(c, w, PB_SLOT_EMPTY);
         return 1;
     }
-}
-
-/* Take a FREE slot for the broker; 1 if we got it. */
-static int take_if_free(conn *c, unsigned state)
-{
-    uint64_t w = atomic_load(&c->slot->word);
-    if (PB_WORD_STATE(w) != PB_SLOT_FREE)
-        return 0;
-    if (!atomic_compare_exchange_strong(&c->slot->word, &w, PB_WORD_NEXT(w, state, 0)))
-        return 0;
-    freemap_clear(c->pool, c->index - c->pool->first_slot);
-    return 1;
 }
 
 static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
@@ -145,7 +131,7 @@ static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
         /* A reload lowered max_size: free connections beyond it go now
          * (leased ones when they come back free). */
         int over = p->live > cp->max_size;
-        if ((retire || idle || over || p->removed) && take_if_free(c, PB_SLOT_CLOSING)) {
+        if ((retire || idle || over || p->removed) && slot_take_free(c, PB_SLOT_CLOSING)) {
             atomic_fetch_add_explicit(&p->shm->retired, 1, memory_order_relaxed);
             /* conn_close wants the slot broker-held: CLOSING is. */
             conn_close(c, retire ? "max_lifetime reached" : idle ? "idle timeout" : over ? "above max_size"
@@ -154,7 +140,7 @@ static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
         }
         /* Idle past validate_after_idle_ms: check it in the background. */
         if (cp->validate_after_idle_ms && idle_for > cp->validate_after_idle_ms &&
-            take_if_free(c, PB_SLOT_RESETTING)) {
+            slot_take_free(c, PB_SLOT_RESETTING)) {
             conn_validate_or_offer(c);
             return;
         }
