@@ -19,10 +19,13 @@ CFLAGS  += -fsanitize=$(SANITIZE) -fno-omit-frame-pointer
 LDFLAGS += -fsanitize=$(SANITIZE)
 endif
 
+# The segment reader and its renderings: linked into the broker (/metrics,
+# /health) and into shmstat.
+SHMVIEW_SRC := common/shmview_load.c common/shmview_text.c common/shmview_json.c common/shmview_prom.c
 BROKER_SRC := broker/main.c broker/log.c broker/conf.c broker/loop.c broker/loop_uring.c \
               broker/loop_epoll.c broker/shm.c broker/attach.c broker/control.c broker/pool.c broker/slot.c broker/conn.c broker/connio.c broker/release.c broker/pg.c \
               broker/redis.c broker/janitor.c broker/cancel.c broker/reload.c broker/tls.c broker/metrics.c \
-              tools/shmview.c
+              $(SHMVIEW_SRC)
 CLIENT_SRC := client/client.c client/attachcheck.c client/pg.c client/pgproto.c client/redis.c
 
 BROKER_OBJ := $(BROKER_SRC:%.c=$(BUILD)/%.o)
@@ -47,8 +50,9 @@ $(BUILD)/pic/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Iclient -fPIC -fvisibility=hidden -DPB_BUILDING_LIBRARY -MMD -MP -c $< -o $@
 
-# The metrics endpoint renders with shmstat's code (tools/shmview.c).
-$(BUILD)/broker/metrics.o: CFLAGS += -Itools
+# The metrics endpoint renders with shmstat's code (common/shmview*.c).
+$(BUILD)/broker/metrics.o: CFLAGS += -Icommon
+$(BUILD)/common/%.o: CFLAGS += -Icommon
 
 $(BUILD)/poolbroker: $(BROKER_OBJ)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDFLAGS) $(BROKER_LIBS)
@@ -63,9 +67,9 @@ $(BUILD)/libpoolbroker.a: $(CLIENT_OBJ)
 	rm -f $@
 	ar rcs $@ $^
 
-$(BUILD)/shmstat: tools/shmstat.c tools/shmview.c tools/shmview.h include/pb_shm.h
+$(BUILD)/shmstat: tools/shmstat.c $(SHMVIEW_SRC) common/shmview.h common/shmview_int.h include/pb_shm.h
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) $(filter %.c,$^) -o $@ $(LDFLAGS)
+	$(CC) $(CFLAGS) -Icommon $(filter %.c,$^) -o $@ $(LDFLAGS)
 
 $(BUILD)/poolbroker.pc: poolbroker.pc.in
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' $< > $@

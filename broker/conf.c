@@ -1,6 +1,6 @@
 /*
  * conf.c — poolbroker.conf: a small hand-written INI parser and the checks on
- * every key (see conf.h and DESIGN.md §8).
+ * every key (see conf.h, and README.md for what each key means).
  *
  * The text is split into lines in place; each line is blank, a comment, a
  * [section] header or "key = value".  A comment starts with ';' or '#' at the

@@ -2,14 +2,14 @@
  * shmstat.c — inspect a poolbroker shared-memory segment (read-only).
  *
  * shmstat maps the broker's segment with PROT_READ and prints who holds what:
- * the broker's liveness, a summary per pool and one line per connection slot
- * (DESIGN.md §10).  It needs nothing from the broker, so it works when the
+ * the broker's liveness, a summary per pool and one line per connection slot.
+ * It needs nothing from the broker, so it works when the
  * broker is stopped, hung or gone — the cases where it is needed most.
  *
  * This file is the command line: options, the -w loop and exit statuses.
  * Reading the segment (it is untrusted input) and rendering it as text, JSON
- * or Prometheus live in shmview.c, which the broker's /metrics endpoint uses
- * too.
+ * or Prometheus live in common/shmview_*.c, which the broker's /metrics
+ * endpoint uses too.
  *
  * Exit codes: 0 ok; 1 usage, no such pool, or output failed; 2 cannot open
  * the segment; 3 not a poolbroker segment, another layout version, or a

@@ -60,7 +60,7 @@ static uint32_t be32(const uint8_t *p)
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
-/* Frontend messages a worker may send (DESIGN.md §4: Query, Parse, Bind,
+/* Frontend messages a worker may send (broker/pg.c allowed_type: Query, Parse, Bind,
  * Describe, Execute, Sync, Close, Flush, plus COPY data/done/fail). */
 static int ref_allowed(uint8_t t)
 {
