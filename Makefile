@@ -18,6 +18,12 @@ ifneq ($(SANITIZE),)
 CFLAGS  += -fsanitize=$(SANITIZE) -fno-omit-frame-pointer
 LDFLAGS += -fsanitize=$(SANITIZE)
 endif
+# Debug and sanitizer builds abort on a broken broker invariant
+# (broker/invariant.h: ALWAYS/NEVER); release builds log it and go on.
+DEBUG ?=
+ifneq ($(SANITIZE)$(DEBUG),)
+CFLAGS  += -DPB_DEBUG
+endif
 
 # The segment reader and its renderings: linked into the broker (/metrics,
 # /health) and into shmstat.

@@ -35,7 +35,7 @@ void conn_expect_add(conn *c, uint32_t n)
 
 void conn_expect_clear(conn *c)
 {
-    if (c->expect)
+    if (c->expect && ALWAYS(B.inflight > 0))
         B.inflight--;
     c->expect = 0;
 }

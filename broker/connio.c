@@ -265,7 +265,7 @@ int conn_got_reply(conn *c, char txn)
     if (c->expect == 0)
         return PB_EPROTO;
     c->expect--;
-    if (c->expect == 0)
+    if (c->expect == 0 && ALWAYS(B.inflight > 0))
         B.inflight--;
     if (txn)
         c->txn = txn;
