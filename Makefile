@@ -39,7 +39,7 @@ CLIENT_OBJ := $(CLIENT_SRC:%.c=$(BUILD)/pic/%.o)
 BROKER_LIBS := -lpq -luring -lhiredis -lssl -lcrypto -lmicrohttpd
 CLIENT_LIBS := -lhiredis
 
-UNIT_TESTS := test_conf test_pgproto test_slots
+UNIT_TESTS := test_conf test_pgproto test_slots test_conn
 INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops test_lifecycle test_metrics test_death test_tls test_security
 TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%) $(BUILD)/tests/noring
 
@@ -112,6 +112,13 @@ $(BUILD)/tests/noring: tests/noring.c
 $(BUILD)/tests/test_slots: tests/test_slots.c include/pb_shm.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $< -o $@ $(LDFLAGS) -lcmocka
+
+# The connection state machine with a fake driver and a fake loop.  Built
+# without PB_DEBUG: it checks that impossible phase changes are refused.
+CONN_SRC := broker/pool.c broker/slot.c broker/conn.c broker/connio.c broker/release.c broker/loop.c broker/log.c
+$(BUILD)/tests/test_conn: tests/test_conn.c $(CONN_SRC)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -UPB_DEBUG -Ibroker $^ -o $@ $(LDFLAGS) -lcmocka
 
 $(BUILD)/tests/test_%: tests/test_%.c tests/harness.c tests/harness.h tests/pbtest.h $(BUILD)/libpoolbroker.a
 	@mkdir -p $(dir $@)
