@@ -84,6 +84,11 @@ typedef struct driver {
     int (*build_reset)(struct conn *c, int dirty);
     /* Append a cheap liveness check (empty query / PING); returns replies. */
     int (*build_ping)(struct conn *c);
+    /* Ask the server to cancel the command in flight, off the loop:
+     * PB_OK once queued (the count in *inflight drops when it has been
+     * delivered, and wake_fd is written), else a PB_E* code.  NULL: the
+     * protocol cannot cancel a command (Redis). */
+    int (*cancel)(struct conn *c, _Atomic int *inflight, int wake_fd);
     /* Free driver state (libpq handle, hiredis context); closes c->fd. */
     void (*close)(struct conn *c);
 } driver;
@@ -106,8 +111,8 @@ typedef struct conn {
     enum conn_phase phase;   /* change only through conn_set_phase() */
     int fd;
     int backend_pid;
-    void *pg;                /* PGconn * */
-    void *rc;                /* redisContext * */
+    void *drv;               /* the driver's state for this connection (PGconn *, Redis
+                                rconn *): only the driver looks inside */
     char error[160];         /* last connect error, for logs and the pool */
 
     ev_op send_op, recv_op, poll_op;

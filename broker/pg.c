@@ -34,7 +34,7 @@ static void set_error(conn *c, const char *msg)
 
 static void pg_poll_for(conn *c, PostgresPollingStatusType st)
 {
-    PGconn *pg = c->pg;
+    PGconn *pg = c->drv;
     int fd = PQsocket(pg);      /* may change between hosts of a multi-host conninfo */
     if (fd < 0) {
         conn_connect_failed(c, "libpq has no socket");
@@ -50,7 +50,7 @@ static int pg_connect_start(conn *c)
         set_error(c, "out of memory");
         return PB_ENOMEM;
     }
-    c->pg = pg;
+    c->drv = pg;
     if (PQstatus(pg) == CONNECTION_BAD) {
         set_error(c, PQerrorMessage(pg));
         return PB_EBACKEND;
@@ -63,7 +63,7 @@ static int pg_connect_start(conn *c)
 static void pg_connect_step(conn *c, int revents)
 {
     (void)revents;
-    PGconn *pg = c->pg;
+    PGconn *pg = c->drv;
     PostgresPollingStatusType st = PQconnectPoll(pg);
     switch (st) {
     case PGRES_POLLING_READING:
@@ -214,10 +214,18 @@ static int pg_build_ping(conn *c)
 
 static void pg_close(conn *c)
 {
-    if (c->pg)
-        PQfinish(c->pg);        /* sends Terminate and closes the socket */
-    c->pg = NULL;
+    if (c->drv)
+        PQfinish(c->drv);       /* sends Terminate and closes the socket */
+    c->drv = NULL;
     c->fd = -1;
+}
+
+/* cancel.c sends it from its own thread (PQcancel blocks). */
+static int pg_cancel(conn *c, _Atomic int *inflight, int wake_fd)
+{
+    if (!c->drv || cancel_request(c->drv, c->backend_pid, inflight, wake_fd) != 0)
+        return PB_ENOMEM;       /* no PGcancel, or no memory or thread for the request */
+    return PB_OK;
 }
 
 const driver pg_driver = {
@@ -228,5 +236,6 @@ const driver pg_driver = {
     .scan_reply = pg_scan_reply,
     .build_reset = pg_build_reset,
     .build_ping = pg_build_ping,
+    .cancel = pg_cancel,
     .close = pg_close,
 };

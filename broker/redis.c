@@ -61,7 +61,7 @@ typedef struct rconn {
 
 static rconn *R(conn *c)
 {
-    return c->rc;
+    return c->drv;
 }
 
 /* Append the session set-up commands to the send buffer; returns how many. */
@@ -117,7 +117,7 @@ static int r_connect_start(conn *c)
         snprintf(c->error, sizeof c->error, "out of memory");
         return PB_ENOMEM;
     }
-    c->rc = r;
+    c->drv = r;
     r->ctx = cp->unix_socket ? redisConnectUnixNonBlock(cp->unix_socket)
                              : redisConnectNonBlock(cp->host ? cp->host : "127.0.0.1", cp->port ? cp->port : 6379);
     if (!r->ctx || r->ctx->err) {
@@ -455,7 +455,7 @@ static void r_close(conn *c)
             redisFree(r->ctx);      /* closes the socket */
         free(r);
     }
-    c->rc = NULL;
+    c->drv = NULL;
     c->fd = -1;
 }
 

@@ -126,6 +126,18 @@ static int fake_build_ping(conn *c)
     return conn_sbuf_append(c, "Q", 1) == PB_OK ? 1 : -1;
 }
 
+static int cancels;
+
+/* Queued at once; "delivered" when the test sets the count back to 0. */
+static int fake_cancel_cmd(conn *c, _Atomic int *inflight, int wake_fd)
+{
+    (void)c;
+    (void)wake_fd;
+    cancels++;
+    atomic_fetch_add(inflight, 1);
+    return PB_OK;
+}
+
 static int fake_closed;
 
 static void fake_close(conn *c)
@@ -142,6 +154,7 @@ static const driver fake_driver = {
     .scan_reply = fake_scan_reply,
     .build_reset = fake_build_reset,
     .build_ping = fake_build_ping,
+    .cancel = fake_cancel_cmd,
     .close = fake_close,
 };
 
@@ -162,14 +175,6 @@ void tls_recv(conn *c, void *buf, size_t len) { (void)c; (void)buf; (void)len; f
 void tls_send(conn *c, const void *buf, size_t len) { (void)c; (void)buf; (void)len; fail(); }
 void tls_cancel(conn *c, ev_op *op) { (void)c; (void)op; fail(); }
 
-static int cancels;
-int cancel_request(void *pgconn, int backend_pid, _Atomic int *inflight, int wake_fd)
-{
-    (void)pgconn; (void)backend_pid; (void)wake_fd;
-    cancels++;
-    atomic_fetch_add(inflight, 1);  /* "delivered" when the test sets it back to 0 */
-    return 0;
-}
 
 /* ------------------------------------------------------------ the fixture */
 

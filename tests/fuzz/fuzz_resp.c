@@ -27,7 +27,7 @@
  *                   disagreement would leave the broker and the client out
  *                   of step on a connection.
  *
- * conn->rc is the driver's private rconn; it is zeroed memory of ample size
+ * conn->drv is the driver's private rconn; it is zeroed memory of ample size
  * (rconn is private to redis.c and well under 4 KiB).  Links broker/redis.c,
  * broker/log.c and hiredis; the rest of the broker is stubbed below.
  */
@@ -157,7 +157,7 @@ static void fresh(fconn *f)
     memset(&f->c, 0, sizeof f->c);
     f->c.fd = -1;
     f->rc = calloc(1, RCONN_BYTES);
-    f->c.rc = f->rc;
+    f->c.drv = f->rc;
     replies = 0;
 }
 
