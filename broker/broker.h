@@ -26,6 +26,7 @@
 #include <sys/types.h>
 
 #include "conf.h"
+#include "driver.h"
 #include "loop.h"
 #include "pb_shm.h"
 
@@ -67,40 +68,6 @@ enum conn_phase {
 /* Connected and not closing: the phases in which the socket carries traffic. */
 #define PH_UP(ph) ((ph) >= PH_READY && (ph) <= PH_VALIDATING)
 
-/* Driver: what differs between PostgreSQL and Redis. */
-typedef struct driver {
-    const char *name;
-    /* Start connecting c; PB_OK or a PB_E* code (c->error says why). */
-    int (*connect_start)(struct conn *c);
-    /* Continue a handshake after the poll on c->fd fired. */
-    void (*connect_step)(struct conn *c, int revents);
-    /* Check a client request (len bytes) and count the replies it will
-     * produce into *nreplies; PB_OK or PB_EPROTO. */
-    int (*frame_request)(struct conn *c, const uint8_t *req, uint32_t len, uint32_t *nreplies);
-    /* Scan n freshly received reply bytes: count complete replies. */
-    int (*scan_reply)(struct conn *c, const uint8_t *p, size_t n);
-    /* Append the commands that reset the connection's session; returns how
-     * many replies they produce (0: nothing needed). */
-    int (*build_reset)(struct conn *c, int dirty);
-    /* Append a cheap liveness check (empty query / PING); returns replies. */
-    int (*build_ping)(struct conn *c);
-    /* Ask the server to cancel the command in flight, off the loop:
-     * PB_OK once queued (the count in *inflight drops when it has been
-     * delivered, and wake_fd is written), else a PB_E* code.  NULL: the
-     * protocol cannot cancel a command (Redis). */
-    int (*cancel)(struct conn *c, _Atomic int *inflight, int wake_fd);
-    /* Free driver state (libpq handle, hiredis context); closes c->fd. */
-    void (*close)(struct conn *c);
-} driver;
-
-/* A reply scanner's state, carried across recv completions. */
-typedef struct scan_state {
-    uint8_t hdr[5];          /* PG: type byte + length, as collected so far */
-    uint32_t hdr_have;
-    uint64_t body_left;      /* PG: bytes left of the current message's body */
-    uint32_t errors;         /* PG: ErrorResponses seen (zeroed when a reset starts) */
-} scan_state;
-
 typedef struct conn {
     struct pool *pool;
     uint32_t index;          /* global slot index */
@@ -122,12 +89,12 @@ typedef struct conn {
     int tls_queued;
 
     /* sending: a private copy of the validated request (or reset commands) */
-    uint8_t *sbuf;
-    uint32_t slen, soff, scap;
+    drv_buf sbuf;            /* what to send: sbuf.p[soff..sbuf.len) is still to go */
+    uint32_t soff;
     int sending;
 
     /* receiving */
-    scan_state scan;
+    uint32_t reply_errors;   /* error replies since our reset or check started (PostgreSQL) */
     uint32_t expect;         /* replies still to come */
     uint64_t rep_head;       /* our copy of slot->rep_head */
     uint32_t acked_seq;      /* our copy of slot->req_ack */
@@ -309,12 +276,9 @@ void conn_submit(conn *c, uint64_t lease_word, uint32_t seq);
 void conn_release(conn *c, uint64_t word);
 void conn_drained(conn *c);
 void conn_watch(conn *c, uint64_t lease_word);
-void conn_connected(conn *c);
 void conn_connect_failed(conn *c, const char *why);
 void conn_close(conn *c, const char *why);
 void conn_send_private(conn *c);
-int conn_sbuf_append(conn *c, const void *p, uint32_t n);
-int conn_got_reply(conn *c, char txn);
 void conn_start_connect(conn *c);
 void conn_take_back(conn *c, uint64_t word, const char *why);
 int conn_set_phase(conn *c, enum conn_phase to);
@@ -323,10 +287,6 @@ const char *conn_phase_name(enum conn_phase ph);
 void conn_shutdown(conn *c);
 void conn_watch_idle(conn *c);
 void conn_validate_or_offer(conn *c);
-
-/* drivers */
-extern const driver pg_driver;
-extern const driver redis_driver;
 
 /* tls.c */
 void tls_recv(conn *c, void *buf, size_t len);

@@ -119,7 +119,7 @@ int conn_set_phase(conn *c, enum conn_phase to)
         c->submit_deferred = c->watch = 0;
         c->to_sink = 0;
         c->error[0] = 0;
-        memset(&c->scan, 0, sizeof c->scan);
+        c->reply_errors = 0;
         break;
     case PH_READY:
         c->to_sink = 0;
@@ -190,6 +190,29 @@ void conn_next(conn *c)
 
 /* ------------------------------------------------------------ connecting */
 
+static void conn_connected(conn *c);
+
+/* What the driver said of a handshake step: wait for the poll it wants,
+ * or it is connected, or it failed. */
+static void connect_went(conn *c, int rc, const drv_poll *want)
+{
+    switch (rc) {
+    case DRV_AGAIN:
+        if (want->fd < 0) {
+            conn_connect_failed(c, "driver asked to poll no socket");
+            return;
+        }
+        loop_poll(B.lp, &c->poll_op, want->fd, want->events);
+        return;
+    case DRV_OK:
+        conn_connected(c);
+        return;
+    default:
+        conn_connect_failed(c, c->error[0] ? c->error : "connect failed");
+        return;
+    }
+}
+
 void conn_start_connect(conn *c)
 {
     pool *p = c->pool;
@@ -199,11 +222,12 @@ void conn_start_connect(conn *c)
     c->created_ms = B.now_ms;
     c->settings_gen = p->settings_gen;
     atomic_fetch_add_explicit(&p->shm->connects, 1, memory_order_relaxed);
-    if (p->drv->connect_start(c) != PB_OK)
-        conn_connect_failed(c, c->error[0] ? c->error : "connect failed");
+    drv_poll want = { -1, 0 };
+    connect_went(c, p->drv->connect_start(c, &want), &want);
 }
 
-void conn_connected(conn *c)
+/* The handshake is done: the connection is READY and offered. */
+static void conn_connected(conn *c)
 {
     pool *p = c->pool;
     uint64_t life = (uint64_t)p->cf->max_lifetime_s * 1000;
@@ -299,7 +323,8 @@ void conn_on_poll(ev_op *op, int res)
         conn_connect_failed(c, strerror(-res));
         return;
     }
-    c->pool->drv->connect_step(c, res);
+    drv_poll want = { -1, 0 };
+    connect_went(c, c->pool->drv->connect_step(c, res, &want), &want);
 }
 
 /* ------------------------------------------------------------ idle watch

@@ -55,29 +55,12 @@ void conn_io_cancel(conn *c, ev_op *op)
 
 /* ------------------------------------------------------------------ sending */
 
-int conn_sbuf_append(conn *c, const void *p, uint32_t n)
-{
-    if (c->slen + n > c->scap) {
-        uint32_t cap = c->scap ? c->scap : 4096;
-        while (cap < c->slen + n)
-            cap *= 2;
-        uint8_t *nb = realloc(c->sbuf, cap);
-        if (!nb)
-            return PB_ENOMEM;
-        c->sbuf = nb;
-        c->scap = cap;
-    }
-    memcpy(c->sbuf + c->slen, p, n);
-    c->slen += n;
-    return PB_OK;
-}
-
-/* Send sbuf[soff..slen) and arm the receive. */
+/* Send sbuf.p[soff..sbuf.len) and arm the receive. */
 void conn_send_private(conn *c)
 {
-    if (!c->sending && c->soff < c->slen) {
+    if (!c->sending && c->soff < c->sbuf.len) {
         c->sending = 1;
-        conn_io_send(c, c->sbuf + c->soff, c->slen - c->soff);
+        conn_io_send(c, c->sbuf.p + c->soff, c->sbuf.len - c->soff);
     }
     conn_arm_recv(c);
 }
@@ -116,11 +99,11 @@ void conn_on_send(ev_op *op, int res)
         return;
     }
     c->soff += (uint32_t)res;
-    if (c->soff < c->slen) {
+    if (c->soff < c->sbuf.len) {
         conn_send_private(c);
         return;
     }
-    c->soff = c->slen = 0;
+    c->soff = c->sbuf.len = 0;
     /* A release that waited for this send resumes if no reply is owed; a
      * lease's deferred SUBMIT may go now. */
     if (c->phase == PH_READY || (c->phase == PH_DRAINING && !c->expect))
@@ -160,16 +143,16 @@ void conn_submit(conn *c, uint64_t lease_word, uint32_t seq)
         fail_submit(c, PB_EPROTO, seq);
         return;
     }
-    c->slen = c->soff = 0;
+    c->sbuf.len = c->soff = 0;
     /* Copy first, then validate the copy: the client cannot change what we
      * checked after we checked it. */
-    if (conn_sbuf_append(c, c->req, len) != PB_OK) {
+    if (drv_buf_append(&c->sbuf, c->req, len) != PB_OK) {
         fail_submit(c, PB_ENOMEM, seq);
         return;
     }
     uint32_t nrep = 0;
-    if (c->pool->drv->frame_request(c, c->sbuf, len, &nrep) != PB_OK) {
-        c->slen = 0;
+    if (c->pool->drv->frame_request(c, c->sbuf.p, len, &nrep) != PB_OK) {
+        c->sbuf.len = 0;
         slog(LOG_LVL_WARN, c, "malformed request rejected");
         shm_note_repair(&B);
         fail_submit(c, PB_EPROTO, seq);
@@ -258,12 +241,14 @@ void conn_drained(conn *c)
         conn_arm_recv(c);
 }
 
-/* The scanner saw one complete reply.  PB_EPROTO if none was owed (the
+/* The scanner found one complete reply.  PB_EPROTO if none was owed (the
  * stream is out of step with the requests). */
-int conn_got_reply(conn *c, char txn)
+static int got_reply(conn *c, const drv_reply *r)
 {
+    char txn = r->txn;
     if (c->expect == 0)
         return PB_EPROTO;
+    c->reply_errors += r->errors;
     c->expect--;
     if (c->expect == 0 && ALWAYS(B.inflight > 0))
         B.inflight--;
@@ -272,6 +257,25 @@ int conn_got_reply(conn *c, char txn)
     if (!c->to_sink) {
         atomic_store(&c->slot->txn_status, (uint32_t)(unsigned char)c->txn);
         c->unpublished++;           /* counted in reply_done once its bytes are published */
+    }
+    return PB_OK;
+}
+
+/* Let the driver find the complete replies in n fresh bytes, one at a time. */
+static int scan_replies(conn *c, const uint8_t *p, size_t n)
+{
+    size_t off = 0;
+    while (off < n) {
+        size_t used = 0;
+        drv_reply r = { 0, 0 };
+        int rc = c->pool->drv->scan_reply(c, p + off, n - off, &used, &r);
+        if (rc == DRV_ERROR || used > n - off)
+            return PB_EPROTO;
+        off += used;
+        if (rc == DRV_AGAIN)
+            break;
+        if (got_reply(c, &r) != PB_OK)
+            return PB_EPROTO;
     }
     return PB_OK;
 }
@@ -291,7 +295,7 @@ void conn_on_recv(ev_op *op, int res)
      * changed since: the holder released meanwhile). */
     int sink = c->recv_sink;
     const uint8_t *p = sink ? c->scratch : c->rep + (c->rep_head & (c->rep_size - 1));
-    if (c->pool->drv->scan_reply(c, p, (size_t)res) != PB_OK) {
+    if (scan_replies(c, p, (size_t)res) != PB_OK) {
         conn_io_failed(c, "protocol error in the server's reply");
         return;
     }

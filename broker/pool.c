@@ -135,7 +135,7 @@ void pools_free(broker *b)
         for (uint32_t k = 0; k < p->nconns; k++) {
             conn *c = &p->conns[k];
             conn_shutdown(c);
-            free(c->sbuf);
+            free(c->sbuf.p);
             free(c->scratch);
         }
         free(p->conns);

@@ -49,7 +49,7 @@ static void start_private(conn *c, enum conn_phase ph, int n)
         return;
     c->cmd_start_ms = B.now_ms;
     c->cancel_sent = 0;
-    c->scan.errors = 0;
+    c->reply_errors = 0;
     conn_expect_add(c, (uint32_t)n);
     conn_send_private(c);
 }
@@ -65,8 +65,8 @@ void conn_release_clean(conn *c)
         return;
     }
     uint32_t dirty = atomic_load(&c->slot->client_flags) & PB_CF_DIRTY;
-    c->slen = c->soff = 0;
-    int n = c->pool->drv->build_reset(c, dirty);
+    c->sbuf.len = c->soff = 0;
+    int n = c->pool->drv->build_reset(c, dirty, &c->sbuf);
     if (n < 0) {
         conn_close(c, "cannot build reset");
         return;
@@ -87,10 +87,10 @@ void conn_finish_reset(conn *c)
      * A failing statement aborts the whole reset string, so nothing of it
      * took effect.  Only PostgreSQL counts errors: a Redis reset may draw
      * an error reply that means nothing (DISCARD without MULTI). */
-    if (c->scan.errors) {
-        slog(LOG_LVL_WARN, c, "reset failed on the server (%u error%s): connection closed", c->scan.errors,
-             c->scan.errors == 1 ? "" : "s");
-        c->scan.errors = 0;
+    if (c->reply_errors) {
+        slog(LOG_LVL_WARN, c, "reset failed on the server (%u error%s): connection closed", c->reply_errors,
+             c->reply_errors == 1 ? "" : "s");
+        c->reply_errors = 0;
         conn_close(c, "reset failed");
         return;
     }
@@ -117,8 +117,8 @@ void conn_validate_or_offer(conn *c)
         pool_offer(c);
         return;
     }
-    c->slen = c->soff = 0;
-    int n = c->pool->drv->build_ping(c);
+    c->sbuf.len = c->soff = 0;
+    int n = c->pool->drv->build_ping(c, &c->sbuf);
     if (n <= 0) {
         pool_offer(c);
         return;

@@ -14,6 +14,7 @@
  * Built without PB_DEBUG (see the Makefile), so a refused move returns
  * PB_EINVAL instead of aborting.
  */
+#include <poll.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -77,18 +78,24 @@ loop *loop_epoll_new(void) { return NULL; }
 
 static int fake_connect_result = PB_OK;
 
-static int fake_connect_start(conn *c)
+static int fake_connect_start(conn *c, drv_poll *want)
 {
     c->fd = 1000 + (int)c->index;  /* no such descriptor: shutdown() on it fails harmlessly */
-    if (fake_connect_result != PB_OK)
+    if (fake_connect_result != PB_OK) {
         snprintf(c->error, sizeof c->error, "fake connect failed");
-    return fake_connect_result;
+        return DRV_ERROR;
+    }
+    want->fd = c->fd;
+    want->events = POLLOUT;
+    return DRV_AGAIN;
 }
 
-static void fake_connect_step(conn *c, int revents)
+/* The handshake is one round: the poll fired, it is done. */
+static int fake_connect_step(conn *c, int revents, drv_poll *want)
 {
-    (void)revents;
-    conn_connected(c);
+    (void)c;
+    (void)want;
+    return revents > 0 ? DRV_OK : DRV_ERROR;
 }
 
 static int fake_frame_request(conn *c, const uint8_t *req, uint32_t len, uint32_t *nreplies)
@@ -101,29 +108,35 @@ static int fake_frame_request(conn *c, const uint8_t *req, uint32_t len, uint32_
     return PB_OK;
 }
 
-static int fake_scan_reply(conn *c, const uint8_t *p, size_t n)
+static int fake_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_reply *out)
 {
+    (void)c;
     for (size_t i = 0; i < n; i++) {
         if (p[i] == '!')
-            return PB_EPROTO;
-        if (p[i] == 'E')
-            c->scan.errors++;
-        if ((p[i] == 'R' || p[i] == 'E') && conn_got_reply(c, 'I') != PB_OK)
-            return PB_EPROTO;
+            return DRV_ERROR;
+        if (p[i] == 'R' || p[i] == 'E') {
+            out->txn = 'I';
+            out->errors = p[i] == 'E';
+            *used = i + 1;
+            return DRV_OK;
+        }
     }
-    return PB_OK;
+    *used = n;
+    return DRV_AGAIN;
 }
 
-static int fake_build_reset(conn *c, int dirty)
+static int fake_build_reset(conn *c, int dirty, drv_buf *out)
 {
+    (void)c;
     if (!dirty)
         return 0;
-    return conn_sbuf_append(c, "Q", 1) == PB_OK ? 1 : -1;
+    return drv_buf_append(out, "Q", 1) == PB_OK ? 1 : -1;
 }
 
-static int fake_build_ping(conn *c)
+static int fake_build_ping(conn *c, drv_buf *out)
 {
-    return conn_sbuf_append(c, "Q", 1) == PB_OK ? 1 : -1;
+    (void)c;
+    return drv_buf_append(out, "Q", 1) == PB_OK ? 1 : -1;
 }
 
 static int cancels;
@@ -240,7 +253,7 @@ static int teardown(void **state)
 {
     (void)state;
     for (uint32_t k = 0; k < P->nconns; k++) {
-        free(P->conns[k].sbuf);
+        free(P->conns[k].sbuf.p);
         free(P->conns[k].scratch);
     }
     free(P->conns);
@@ -265,7 +278,8 @@ static conn *connected(void)
     assert_int_equal(slot_state(c), PB_SLOT_CONNECTING);
     assert_int_equal(P->connecting, 1);
     assert_int_equal(P->live, 1);
-    c->pool->drv->connect_step(c, 0);
+    assert_true(c->poll_op.pending);    /* the driver asked to wait for POLLOUT */
+    complete(&c->poll_op, POLLOUT);
     assert_int_equal(c->phase, PH_READY);
     assert_int_equal(slot_state(c), PB_SLOT_FREE);
     assert_int_equal(P->connecting, 0);
@@ -340,6 +354,21 @@ static void test_connect_failed(void **state)
     assert_int_equal(P->fails, 1);
     assert_int_equal(P->health, PB_HEALTH_DOWN);
     assert_true(P->backoff_until_ms > B.now_ms);
+}
+
+/* The driver's handshake step fails after the poll: back to EMPTY. */
+static void test_connect_step_failed(void **state)
+{
+    (void)state;
+    conn *c = &P->conns[0];
+    conn_start_connect(c);
+    assert_int_equal(c->phase, PH_CONNECTING);
+    complete(&c->poll_op, 0);           /* fake_connect_step: DRV_ERROR */
+    assert_int_equal(c->phase, PH_EMPTY);
+    assert_int_equal(slot_state(c), PB_SLOT_EMPTY);
+    assert_int_equal(P->live, 0);
+    assert_int_equal(P->connecting, 0);
+    assert_int_equal(fake_closed, 1);
 }
 
 static void test_serve_and_release(void **state)
@@ -586,6 +615,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_connect, setup, teardown),
         cmocka_unit_test_setup_teardown(test_connect_failed, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_connect_step_failed, setup, teardown),
         cmocka_unit_test_setup_teardown(test_serve_and_release, setup, teardown),
         cmocka_unit_test_setup_teardown(test_release_with_replies_owed, setup, teardown),
         cmocka_unit_test_setup_teardown(test_release_awaits_cancel, setup, teardown),
