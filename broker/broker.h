@@ -11,13 +11,16 @@
  *   release.c  release, reclaim, reset, validation
  *   pg.c       PostgreSQL driver: connect with libpq, frame, count replies
  *   redis.c    Redis driver: connect with hiredis, frame, count replies
+ *              (both below the pool: driver.h is all they share with it)
  *   janitor.c  periodic work: sizing, recycling, repairs, leak warnings
  *   cancel.c   PostgreSQL cancel requests, off the event loop
  *   tls.c      backend I/O through OpenSSL for TLS connections
  *   reload.c   SIGHUP: the new configuration, pool by pool
  *   metrics.c  the Prometheus endpoint
  *
- * Nothing here is visible to clients: what they see is pb_shm.h.
+ * conn.h is what pool.c, conn.c, connio.c and release.c share among
+ * themselves; invariant.h has ALWAYS()/NEVER().  Nothing here is visible to
+ * clients: what they see is pb_shm.h.
  */
 #ifndef PB_BROKER_H
 #define PB_BROKER_H
