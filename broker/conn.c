@@ -343,8 +343,9 @@ void conn_watch_idle(conn *c)
 static void idle_readable(conn *c)
 {
     uint64_t w = atomic_load(&c->slot->word);
-    if (PB_WORD_STATE(w) != PB_SLOT_FREE || c->expect)
-        return;                     /* leased: the data is its reply */
+    if (PB_WORD_STATE(w) != PB_SLOT_FREE || c->expect || c->phase != PH_READY)
+        return;                     /* leased (the data is its reply), or the broker's own
+                                       command is answering (a FREE word then is a scribble) */
     if (!slot_take(c, &w, PB_SLOT_RESETTING))
         return;
     freemap_clear(c->pool, conn_local(c));

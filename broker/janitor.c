@@ -30,9 +30,11 @@ static int word_plausible(broker *b, const conn *c, uint64_t w)
     switch (PB_WORD_STATE(w)) {
     case PB_SLOT_LEASED:
     case PB_SLOT_RELEASING:
-        return PH_UP(c->phase) && client_by_id(b, PB_WORD_OWNER(w)) != NULL;
+        return c->phase == PH_READY && client_by_id(b, PB_WORD_OWNER(w)) != NULL;
     case PB_SLOT_FREE:
-        return PH_UP(c->phase);
+        /* The broker puts a slot FREE (or hands it on) only in PH_READY, and
+         * takes the word before the phase leaves it. */
+        return c->phase == PH_READY;
     case PB_SLOT_EMPTY:
         return c->phase == PH_EMPTY;
     case PB_SLOT_CONNECTING:
@@ -122,7 +124,7 @@ static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
     uint64_t w = atomic_load(&c->slot->word);
     unsigned st = PB_WORD_STATE(w);
 
-    if (st == PB_SLOT_FREE) {
+    if (st == PB_SLOT_FREE && c->phase == PH_READY) {
         uint64_t since = atomic_load(&c->slot->idle_ms);
         uint64_t idle_for = now > since ? now - since : 0;
         int retire = c->retire_at_ms && now >= c->retire_at_ms;

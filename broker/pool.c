@@ -297,6 +297,13 @@ void pool_serve_waiters(pool *p)
         conn *c = slot_pop_free(p);
         if (!c)
             break;
+        if (c->phase != PH_READY) {
+            /* A worker wrote FREE (and its bit) over a slot the broker is
+             * busy with: the pop took the word back, the broker goes on. */
+            slog(LOG_LVL_WARN, c, "free slot in phase %s: taken back", conn_phase_name(c->phase));
+            shm_note_repair(&B);
+            continue;
+        }
         if (!hand_to_waiter(c)) {
             slot_put_free(c);
             break;
