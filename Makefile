@@ -18,11 +18,20 @@ ifneq ($(SANITIZE),)
 CFLAGS  += -fsanitize=$(SANITIZE) -fno-omit-frame-pointer
 LDFLAGS += -fsanitize=$(SANITIZE)
 endif
+# Debug and sanitizer builds abort on a broken broker invariant
+# (broker/invariant.h: ALWAYS/NEVER); release builds log it and go on.
+DEBUG ?=
+ifneq ($(SANITIZE)$(DEBUG),)
+CFLAGS  += -DPB_DEBUG
+endif
 
+# The segment reader and its renderings: linked into the broker (/metrics,
+# /health) and into shmstat.
+SHMVIEW_SRC := common/shmview_load.c common/shmview_text.c common/shmview_json.c common/shmview_prom.c
 BROKER_SRC := broker/main.c broker/log.c broker/conf.c broker/loop.c broker/loop_uring.c \
-              broker/loop_epoll.c broker/shm.c broker/attach.c broker/control.c broker/pool.c broker/pg.c \
+              broker/loop_epoll.c broker/shm.c broker/attach.c broker/control.c broker/pool.c broker/slot.c broker/conn.c broker/connio.c broker/release.c broker/pg.c \
               broker/redis.c broker/janitor.c broker/cancel.c broker/reload.c broker/tls.c broker/metrics.c \
-              tools/shmview.c
+              $(SHMVIEW_SRC)
 CLIENT_SRC := client/client.c client/attachcheck.c client/pg.c client/pgproto.c client/redis.c client/async.c
 
 BROKER_OBJ := $(BROKER_SRC:%.c=$(BUILD)/%.o)
@@ -30,7 +39,7 @@ CLIENT_OBJ := $(CLIENT_SRC:%.c=$(BUILD)/pic/%.o)
 BROKER_LIBS := -lpq -luring -lhiredis -lssl -lcrypto -lmicrohttpd
 CLIENT_LIBS := -lhiredis
 
-UNIT_TESTS := test_conf test_pgproto test_slots
+UNIT_TESTS := test_conf test_pgproto test_slots test_conn
 INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops test_lifecycle test_metrics test_death test_tls test_security test_async
 TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%) $(BUILD)/tests/noring
 
@@ -47,8 +56,9 @@ $(BUILD)/pic/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Iclient -fPIC -fvisibility=hidden -DPB_BUILDING_LIBRARY -MMD -MP -c $< -o $@
 
-# The metrics endpoint renders with shmstat's code (tools/shmview.c).
-$(BUILD)/broker/metrics.o: CFLAGS += -Itools
+# The metrics endpoint renders with shmstat's code (common/shmview*.c).
+$(BUILD)/broker/metrics.o: CFLAGS += -Icommon
+$(BUILD)/common/%.o: CFLAGS += -Icommon
 
 $(BUILD)/poolbroker: $(BROKER_OBJ)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDFLAGS) $(BROKER_LIBS)
@@ -63,9 +73,9 @@ $(BUILD)/libpoolbroker.a: $(CLIENT_OBJ)
 	rm -f $@
 	ar rcs $@ $^
 
-$(BUILD)/shmstat: tools/shmstat.c tools/shmview.c tools/shmview.h include/pb_shm.h
+$(BUILD)/shmstat: tools/shmstat.c $(SHMVIEW_SRC) common/shmview.h common/shmview_int.h include/pb_shm.h
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) $(filter %.c,$^) -o $@ $(LDFLAGS)
+	$(CC) $(CFLAGS) -Icommon $(filter %.c,$^) -o $@ $(LDFLAGS)
 
 # Outside /usr, the .pc also gives the linker an rpath, so that a program
 # built with `pkg-config --libs poolbroker` finds libpoolbroker.so.0 at run
@@ -109,6 +119,13 @@ $(BUILD)/tests/test_slots: tests/test_slots.c include/pb_shm.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $< -o $@ $(LDFLAGS) -lcmocka
 
+# The connection state machine with a fake driver and a fake loop.  Built
+# without PB_DEBUG: it checks that impossible phase changes are refused.
+CONN_SRC := broker/pool.c broker/slot.c broker/conn.c broker/connio.c broker/release.c broker/loop.c broker/log.c
+$(BUILD)/tests/test_conn: tests/test_conn.c $(CONN_SRC)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -UPB_DEBUG -Ibroker $^ -o $@ $(LDFLAGS) -lcmocka
+
 $(BUILD)/tests/test_%: tests/test_%.c tests/harness.c tests/harness.h tests/pbtest.h $(BUILD)/libpoolbroker.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Itests $< tests/harness.c $(BUILD)/libpoolbroker.a -o $@ $(LDFLAGS) -lcmocka -lhiredis -lpq
@@ -129,7 +146,7 @@ FUZZ_CFLAGS  := -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -g
 FUZZ_TARGETS := fuzz_pg_request fuzz_resp fuzz_pg_reply fuzz_conf fuzz_shm fuzz_attach
 FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/%)
 
-$(FUZZ_BUILD)/fuzz_pg_request: tests/fuzz/fuzz_pg_request.c broker/pg.c broker/log.c
+$(FUZZ_BUILD)/fuzz_pg_request: tests/fuzz/fuzz_pg_request.c broker/pg.c broker/cancel.c broker/log.c
 $(FUZZ_BUILD)/fuzz_pg_request: FUZZ_LIBS := -lpq
 $(FUZZ_BUILD)/fuzz_resp: tests/fuzz/fuzz_resp.c broker/redis.c broker/log.c
 $(FUZZ_BUILD)/fuzz_resp: FUZZ_LIBS := -lhiredis

@@ -4,12 +4,23 @@
  *   main.c     command line, signals, the main loop
  *   shm.c      creating and laying out the shared segment
  *   control.c  the control socket: attach, client records, pidfds
- *   pool.c     slots and their lifecycle: leases, waiters, release, reset
+ *   pool.c     pools: shm entry, sizing, the queue of waiting acquirers
+ *   slot.c     every slot-word write and the free map (the CAS rules)
+ *   conn.c     connection phases: connect, idle watch, close, failure
+ *   connio.c   requests out, replies in (the reply ring or the sink)
+ *   release.c  release, reclaim, reset, validation
  *   pg.c       PostgreSQL driver: connect with libpq, frame, count replies
  *   redis.c    Redis driver: connect with hiredis, frame, count replies
+ *              (both below the pool: driver.h is all they share with it)
  *   janitor.c  periodic work: sizing, recycling, repairs, leak warnings
+ *   cancel.c   PostgreSQL cancel requests, off the event loop
+ *   tls.c      backend I/O through OpenSSL for TLS connections
+ *   reload.c   SIGHUP: the new configuration, pool by pool
+ *   metrics.c  the Prometheus endpoint
  *
- * Nothing here is visible to clients: what they see is pb_shm.h.
+ * conn.h is what pool.c, conn.c, connio.c and release.c share among
+ * themselves; invariant.h has ALWAYS()/NEVER().  Nothing here is visible to
+ * clients: what they see is pb_shm.h.
  */
 #ifndef PB_BROKER_H
 #define PB_BROKER_H
@@ -18,49 +29,47 @@
 #include <sys/types.h>
 
 #include "conf.h"
+#include "driver.h"
 #include "loop.h"
 #include "pb_shm.h"
 
 struct pool;
 struct conn;
 
-/* Private connection state (the slot word says who holds the slot; this says
- * what the broker is doing with the connection behind it). */
-enum conn_state {
-    CS_EMPTY = 0,            /* no connection */
-    CS_CONNECTING,           /* libpq / hiredis handshake in progress */
-    CS_READY,                /* connected */
-    CS_CLOSING,              /* shutting down: waiting for in-flight ops */
+/* What the broker is doing with a connection.  Every change goes through
+ * conn_set_phase() (conn.c), which refuses a move the diagram below does not
+ * have; event handlers record what happened (a reply, a completed send, a
+ * delivered cancel) and conn_next() decides what the connection does next.
+ *
+ * The slot word in shared memory says who holds the slot; the phase says what
+ * the broker is doing with the connection behind it.  In PH_READY a client
+ * may lease a free slot and give it back on its own (the fast paths), so
+ * "idle" and "leased" are the slot word's to say, not the phase's.
+ *
+ *   EMPTY ─▶ CONNECTING ─▶ READY ─▶ DRAINING ─▶ AWAIT_CANCEL
+ *              │             │         │             │
+ *              ▼             ▼         ▼             ▼
+ *            EMPTY     RESETTING / VALIDATING / READY (release done)
+ *                            │
+ *                            ▼
+ *   every connected phase ─▶ CLOSING ─▶ EMPTY
+ */
+enum conn_phase {
+    PH_EMPTY = 0,            /* no connection */
+    PH_CONNECTING,           /* driver handshake in progress (libpq, hiredis) */
+    PH_READY,                /* in service: free, leased, or being handed on */
+    PH_DRAINING,             /* released with replies still owed: they go to the
+                                sink, then the release resumes */
+    PH_AWAIT_CANCEL,         /* released, nothing owed, but a cancel request may
+                                still land: held until it is delivered */
+    PH_RESETTING,            /* the replies to our reset commands are pending */
+    PH_VALIDATING,           /* the reply to our liveness check is pending */
+    PH_CLOSING,              /* shut down: waiting for in-flight operations */
+    PH_COUNT
 };
 
-/* Driver: what differs between PostgreSQL and Redis. */
-typedef struct driver {
-    const char *name;
-    /* Start connecting c; PB_OK or a PB_E* code (c->error says why). */
-    int (*connect_start)(struct conn *c);
-    /* Continue a handshake after the poll on c->fd fired. */
-    void (*connect_step)(struct conn *c, int revents);
-    /* Check a client request (len bytes) and count the replies it will
-     * produce into *nreplies; PB_OK or PB_EPROTO. */
-    int (*frame_request)(struct conn *c, const uint8_t *req, uint32_t len, uint32_t *nreplies);
-    /* Scan n freshly received reply bytes: count complete replies. */
-    int (*scan_reply)(struct conn *c, const uint8_t *p, size_t n);
-    /* Append the commands that reset the connection's session; returns how
-     * many replies they produce (0: nothing needed). */
-    int (*build_reset)(struct conn *c, int dirty);
-    /* Append a cheap liveness check (empty query / PING); returns replies. */
-    int (*build_ping)(struct conn *c);
-    /* Free driver state (libpq handle, hiredis context); closes c->fd. */
-    void (*close)(struct conn *c);
-} driver;
-
-/* A reply scanner's state, carried across recv completions. */
-typedef struct scan_state {
-    uint8_t hdr[5];          /* PG: type byte + length, as collected so far */
-    uint32_t hdr_have;
-    uint64_t body_left;      /* PG: bytes left of the current message's body */
-    uint32_t errors;         /* PG: ErrorResponses seen (zeroed when a reset starts) */
-} scan_state;
+/* Connected and not closing: the phases in which the socket carries traffic. */
+#define PH_UP(ph) ((ph) >= PH_READY && (ph) <= PH_VALIDATING)
 
 typedef struct conn {
     struct pool *pool;
@@ -69,11 +78,11 @@ typedef struct conn {
     uint8_t *req;            /* request buffer in shm (private copy of its address) */
     uint8_t *rep;            /* reply ring in shm */
     uint32_t req_size, rep_size;
-    int state;               /* enum conn_state */
+    enum conn_phase phase;   /* change only through conn_set_phase() */
     int fd;
     int backend_pid;
-    void *pg;                /* PGconn * */
-    void *rc;                /* redisContext * */
+    void *drv;               /* the driver's state for this connection (PGconn *, Redis
+                                rconn *): only the driver looks inside */
     char error[160];         /* last connect error, for logs and the pool */
 
     ev_op send_op, recv_op, poll_op;
@@ -83,29 +92,34 @@ typedef struct conn {
     int tls_queued;
 
     /* sending: a private copy of the validated request (or reset commands) */
-    uint8_t *sbuf;
-    uint32_t slen, soff, scap;
+    drv_buf sbuf;            /* what to send: sbuf.p[soff..sbuf.len) is still to go */
+    uint32_t soff;
     int sending;
 
     /* receiving */
-    scan_state scan;
+    uint32_t reply_errors;   /* error replies since our reset or check started (PostgreSQL) */
     uint32_t expect;         /* replies still to come */
     uint64_t rep_head;       /* our copy of slot->rep_head */
     uint32_t acked_seq;      /* our copy of slot->req_ack */
     uint64_t reply_done;     /* our copy of slot->reply_done */
     uint32_t unpublished;    /* replies scanned in the chunk not yet published */
     uint8_t *scratch;        /* private sink for replies nobody will read */
-    int to_sink;             /* replies go to scratch (reset, or lease gone) */
+    /* Not a phase: set on entering the broker's own phases (their replies
+     * are nobody's), and also in PH_READY when the lease that sent the
+     * command is gone or its ring is unusable (the phase has not changed:
+     * the release is still on its way). */
+    int to_sink;             /* replies go to scratch */
+    /* Not a phase: where the one recv in flight was pointed when armed
+     * (to_sink may change while it is in flight). */
     int recv_sink;           /* the recv in flight reads into scratch (else the ring) */
     int watch;               /* the holder waits for unasked messages (LISTEN) */
     uint64_t cmd_word;       /* slot word of the lease whose command is in flight */
     char txn;                /* last ReadyForQuery status: 'I','T','E' */
-    int broken;              /* I/O failed: close as soon as nothing is in flight */
-
-    /* what the broker is doing with it (when not just serving a lease) */
-    int resetting;           /* replies of our own reset commands are pending */
-    int validating;          /* our own ping is pending (slot held by the broker) */
-    int release_pending;     /* owner released while replies were outstanding */
+    /* Not a phase: a property of the connection in any connected phase (a
+     * leased one stays leased until its holder has read io_error). */
+    int broken;              /* I/O failed: close as soon as nobody holds it */
+    /* Not a phase: an event recorded in PH_READY (the holder asked while
+     * the connection was busy); cleared on leaving PH_READY. */
     int submit_deferred;     /* a SUBMIT waits for the previous replies */
 
     /* lifecycle */
@@ -115,7 +129,6 @@ typedef struct conn {
     int cancel_sent;         /* a cancel request went out for the command in flight */
     _Atomic int cancel_inflight; /* cancel requests queued or being sent (the cancel thread
                                     decrements once the server has signalled the backend) */
-    int await_cancel;        /* release done, but a cancel may still land: hold the slot */
     uint64_t cancel_deadline_ms; /* close the connection if it has not answered by then */
     uint32_t settings_gen;   /* the pool's settings_gen when this connection was started */
 } conn;
@@ -135,7 +148,7 @@ typedef struct pool {
     conn *conns;             /* slot_capacity of them */
     uint32_t nconns;
     uint32_t connecting;     /* handshakes in flight */
-    uint32_t live;           /* connections CS_READY or CONNECTING */
+    uint32_t live;           /* connections connecting or PH_UP */
     waiter *wq;              /* FIFO of waiters: ring of max_clients entries */
     uint32_t wq_head, wq_len, wq_cap;
     uint64_t backoff_until_ms;
@@ -234,6 +247,22 @@ client *client_by_id(broker *b, uint32_t id);
 /* reload.c */
 void reload_config(broker *b);
 
+/* Slot index within its pool (its free-map bit). */
+static inline uint32_t conn_local(const conn *c)
+{
+    return c->index - c->pool->first_slot;
+}
+
+/* slot.c: every slot-word write (the CAS rules are at the top of slot.c) */
+int slot_take(conn *c, uint64_t *seen, unsigned state);
+int slot_take_free(conn *c, unsigned state);
+conn *slot_pop_free(pool *p);
+void slot_set(conn *c, unsigned state);
+void slot_put_free(conn *c);
+int slot_grant(conn *c, uint32_t client_id, uint64_t *leased);
+void slot_repair(conn *c, uint64_t seen, unsigned state);
+void freemap_clear(pool *p, uint32_t local);
+
 /* pool.c */
 int pools_init(broker *b);
 int pool_setup(broker *b, pool *p, uint32_t index, conf_pool *cp, uint32_t first_slot);
@@ -247,26 +276,20 @@ void pool_cancel_waiter(pool *p, client *cl, uint32_t ticket);
 void pool_drop_client_waiters(broker *b, client *cl);
 void pool_fail_waiters(pool *p, int err);
 void conn_submit(conn *c, uint64_t lease_word, uint32_t seq);
-void conn_release(conn *c, uint64_t word, int reclaim);
+void conn_release(conn *c, uint64_t word);
 void conn_drained(conn *c);
 void conn_watch(conn *c, uint64_t lease_word);
-void conn_connected(conn *c);
 void conn_connect_failed(conn *c, const char *why);
 void conn_close(conn *c, const char *why);
 void conn_send_private(conn *c);
-int conn_sbuf_append(conn *c, const void *p, uint32_t n);
-void conn_got_reply(conn *c, char txn);
 void conn_start_connect(conn *c);
 void conn_take_back(conn *c, uint64_t word, const char *why);
+int conn_set_phase(conn *c, enum conn_phase to);
+int conn_phase_allowed(enum conn_phase from, enum conn_phase to);
+const char *conn_phase_name(enum conn_phase ph);
+void conn_shutdown(conn *c);
 void conn_watch_idle(conn *c);
 void conn_validate_or_offer(conn *c);
-void freemap_set(pool *p, uint32_t local);
-void freemap_clear(pool *p, uint32_t local);
-void wake_futex(_Atomic uint32_t *word, _Atomic uint32_t *sleeping);
-
-/* drivers */
-extern const driver pg_driver;
-extern const driver redis_driver;
 
 /* tls.c */
 void tls_recv(conn *c, void *buf, size_t len);

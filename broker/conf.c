@@ -14,6 +14,10 @@
  * required keys) run when the section ends.  The first error stops the parse;
  * its message names the file, the line and the key, and never holds a secret:
  * values of secret-bearing keys (conninfo, password files) are never echoed.
+ *
+ * Longer than the broker's other files on purpose: the key table, the parser
+ * and each key's checks are one concern, and splitting them would put a key's
+ * rules in several places.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE

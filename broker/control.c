@@ -408,7 +408,7 @@ static void handle_sqe(broker *b, client *cl, uint64_t e)
             return;                 /* stale: that lease is over */
         if (op == PB_SQ_RELEASE) {
             if (PB_WORD_STATE(w) == PB_SLOT_RELEASING)
-                conn_release(c, w, 0);
+                conn_release(c, w);
         } else if (PB_WORD_STATE(w) == PB_SLOT_LEASED) {
             if (op == PB_SQ_SUBMIT)
                 conn_submit(c, w, atomic_load(&c->slot->req_seq));

@@ -30,20 +30,21 @@ static int word_plausible(broker *b, const conn *c, uint64_t w)
     switch (PB_WORD_STATE(w)) {
     case PB_SLOT_LEASED:
     case PB_SLOT_RELEASING:
-        return c->state == CS_READY && client_by_id(b, PB_WORD_OWNER(w)) != NULL;
+        return c->phase == PH_READY && client_by_id(b, PB_WORD_OWNER(w)) != NULL;
     case PB_SLOT_FREE:
-        return c->state == CS_READY;
+        /* The broker puts a slot FREE (or hands it on) only in PH_READY, and
+         * takes the word before the phase leaves it. */
+        return c->phase == PH_READY;
     case PB_SLOT_EMPTY:
-        return c->state == CS_EMPTY;
+        return c->phase == PH_EMPTY;
     case PB_SLOT_CONNECTING:
-        return c->state == CS_CONNECTING;
+        return c->phase == PH_CONNECTING;
     case PB_SLOT_CLOSING:
-        return c->state == CS_CLOSING || c->state == CS_EMPTY;
+        return c->phase == PH_CLOSING || c->phase == PH_EMPTY;
     case PB_SLOT_RESETTING:
     case PB_SLOT_RECLAIMING:
         /* Broker-held: only while the broker is doing something with it. */
-        return c->state == CS_READY && (c->expect || c->sending || c->resetting || c->validating ||
-                                        c->release_pending || c->await_cancel || c->tls_queued);
+        return PH_UP(c->phase) && (c->phase != PH_READY || c->expect || c->sending || c->tls_queued);
     }
     return 0;                       /* BROKEN is never written; anything else is garbage */
 }
@@ -68,42 +69,32 @@ static int repair_word(broker *b, conn *c)
         return 1;
     }
     c->suspect_word = 0;
-    slog(LOG_LVL_WARN, c, "slot word %016llx is impossible (connection state %d): taking the slot back",
-         (unsigned long long)w, c->state);
+    slog(LOG_LVL_WARN, c, "slot word %016llx is impossible (connection %s): taking the slot back",
+         (unsigned long long)w, conn_phase_name(c->phase));
     shm_note_repair(b);
-    switch (c->state) {
-    case CS_READY: {
-        uint64_t held = PB_WORD_NEXT(w, PB_SLOT_RECLAIMING, 0);
-        if (!atomic_compare_exchange_strong(&c->slot->word, &w, held))
+    switch (c->phase) {
+    case PH_READY:
+    case PH_DRAINING:
+    case PH_AWAIT_CANCEL:
+    case PH_RESETTING:
+    case PH_VALIDATING: {
+        if (!slot_take(c, &w, PB_SLOT_RECLAIMING))
             return 1;               /* changed under us: judge it next pass */
-        freemap_clear(c->pool, c->index - c->pool->first_slot);
+        freemap_clear(c->pool, conn_local(c));
         atomic_fetch_add_explicit(&c->pool->shm->reclaims, 1, memory_order_relaxed);
         conn_close(c, "slot word scribbled");
         return 1;
     }
-    case CS_CONNECTING:
-        atomic_store(&c->slot->word, PB_WORD_NEXT(w, PB_SLOT_CONNECTING, 0));
+    case PH_CONNECTING:
+        slot_repair(c, w, PB_SLOT_CONNECTING);
         return 1;
-    case CS_CLOSING:
-        atomic_store(&c->slot->word, PB_WORD_NEXT(w, PB_SLOT_CLOSING, 0));
+    case PH_CLOSING:
+        slot_repair(c, w, PB_SLOT_CLOSING);
         return 1;
     default:
-        atomic_store(&c->slot->word, PB_WORD_NEXT(w, PB_SLOT_EMPTY, 0));
-        freemap_clear(c->pool, c->index - c->pool->first_slot);
+        slot_repair(c, w, PB_SLOT_EMPTY);
         return 1;
     }
-}
-
-/* Take a FREE slot for the broker; 1 if we got it. */
-static int take_if_free(conn *c, unsigned state)
-{
-    uint64_t w = atomic_load(&c->slot->word);
-    if (PB_WORD_STATE(w) != PB_SLOT_FREE)
-        return 0;
-    if (!atomic_compare_exchange_strong(&c->slot->word, &w, PB_WORD_NEXT(w, state, 0)))
-        return 0;
-    freemap_clear(c->pool, c->index - c->pool->first_slot);
-    return 1;
 }
 
 static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
@@ -114,26 +105,26 @@ static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
     if (repair_word(b, c))
         return;
 
-    if (c->state == CS_CONNECTING) {
+    if (c->phase == PH_CONNECTING) {
         if (now - c->created_ms > CONNECT_TIMEOUT_MS)
             conn_connect_failed(c, "connect timed out");
         return;
     }
-    if (c->state != CS_READY)
+    if (!PH_UP(c->phase))
         return;
     /* A command (or our own reset) running too long. */
     uint32_t limit = cp->command_timeout_ms;
-    if (c->expect && (c->resetting || c->validating || c->release_pending) && (!limit || limit > 10000))
+    if (c->expect && c->phase != PH_READY && (!limit || limit > 10000))
         limit = 10000;              /* nobody is waiting: do not wait forever either */
     if (c->expect && limit && now - c->cmd_start_ms > limit)
         conn_command_timeout(c);
-    if (c->state != CS_READY)
+    if (!PH_UP(c->phase))
         return;
     conn_settle(c);
     uint64_t w = atomic_load(&c->slot->word);
     unsigned st = PB_WORD_STATE(w);
 
-    if (st == PB_SLOT_FREE) {
+    if (st == PB_SLOT_FREE && c->phase == PH_READY) {
         uint64_t since = atomic_load(&c->slot->idle_ms);
         uint64_t idle_for = now > since ? now - since : 0;
         int retire = c->retire_at_ms && now >= c->retire_at_ms;
@@ -142,7 +133,7 @@ static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
         /* A reload lowered max_size: free connections beyond it go now
          * (leased ones when they come back free). */
         int over = p->live > cp->max_size;
-        if ((retire || idle || over || p->removed) && take_if_free(c, PB_SLOT_CLOSING)) {
+        if ((retire || idle || over || p->removed) && slot_take_free(c, PB_SLOT_CLOSING)) {
             atomic_fetch_add_explicit(&p->shm->retired, 1, memory_order_relaxed);
             /* conn_close wants the slot broker-held: CLOSING is. */
             conn_close(c, retire ? "max_lifetime reached" : idle ? "idle timeout" : over ? "above max_size"
@@ -151,7 +142,7 @@ static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
         }
         /* Idle past validate_after_idle_ms: check it in the background. */
         if (cp->validate_after_idle_ms && idle_for > cp->validate_after_idle_ms &&
-            take_if_free(c, PB_SLOT_RESETTING)) {
+            slot_take_free(c, PB_SLOT_RESETTING)) {
             conn_validate_or_offer(c);
             return;
         }
@@ -164,7 +155,7 @@ static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
          * or lost ring entry): the word itself says what to do. */
         if (c->suspect_word == w + 1) {
             c->suspect_word = 0;
-            conn_release(c, w, 0);
+            conn_release(c, w);
         } else {
             c->suspect_word = w + 1;
         }

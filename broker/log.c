@@ -3,12 +3,14 @@
  */
 #define _GNU_SOURCE
 #include <stdarg.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 #include <syslog.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "invariant.h"
 #include "log.h"
 
 int log_level = LOG_LVL_INFO;
@@ -66,4 +68,14 @@ void log_msg(int level, const char *file, int line, int err, const char *fmt, ..
                        ts.tv_nsec / 1000000, level_names[level & 3], (int)getpid(), msg, file, line);
     if (len > 0)
         (void)!write(STDERR_FILENO, line_buf, (size_t)len < sizeof line_buf ? (size_t)len : sizeof line_buf - 1);
+}
+
+/* invariant.h: a broken invariant is an error in the log always, and the end
+ * of the process in debug and sanitizer builds. */
+void pb_invariant_failed(const char *file, int line, const char *expr)
+{
+    log_msg(LOG_LVL_ERROR, file, line, 0, "broken invariant: %s", expr);
+#ifdef PB_DEBUG
+    abort();
+#endif
 }

@@ -90,7 +90,7 @@ static void sd_notify_status(broker *b, int ready)
     uint32_t live = 0, leased = 0;
     for (uint32_t s = 0; s < b->nslots; s++) {
         conn *c = b->slots[s];
-        if (!c || c->state != CS_READY)
+        if (!c || !PH_UP(c->phase))
             continue;
         live++;
         leased += PB_WORD_STATE(atomic_load(&c->slot->word)) == PB_SLOT_LEASED;
@@ -111,7 +111,7 @@ static void on_doorbell(ev_op *op, int res)
     if (done != b->cancels_seen) {
         b->cancels_seen = done;
         for (uint32_t s = 0; s < b->nslots; s++)
-            if (b->slots[s] && (b->slots[s]->await_cancel || b->slots[s]->submit_deferred))
+            if (b->slots[s] && (b->slots[s]->phase == PH_AWAIT_CANCEL || b->slots[s]->submit_deferred))
                 conn_settle(b->slots[s]);
     }
     if (!b->stop)
@@ -402,10 +402,8 @@ int main(int argc, char **argv)
     control_close(b);
     for (uint32_t s = 0; s < b->nslots; s++) {
         conn *c = b->slots[s];
-        if (c && c->state != CS_EMPTY)
-            c->pool->drv->close(c);
         if (c)
-            c->state = CS_EMPTY;
+            conn_shutdown(c);
     }
     shm_destroy(b, 0);
     loop_free(b->lp);

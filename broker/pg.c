@@ -8,13 +8,17 @@
  * after checking their framing against a whitelist of frontend message types,
  * and counts ReadyForQuery messages in the reply stream (remembering their
  * transaction status) without building anything.  The libpq handle is kept
- * for PQfinish and, later, PQgetCancel.
+ * for PQfinish and PQgetCancel.
+ *
+ * Its state per connection (c->drv) is a pgconn: the libpq handle and the
+ * reply scanner's position.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <libpq-fe.h>
 #include <poll.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "broker.h"
@@ -22,6 +26,20 @@
 #include "poolbroker.h"
 
 #define PG_MAX_MESSAGE (1u << 30)   /* the server's own limit on a message */
+
+typedef struct pgconn {
+    PGconn *pg;              /* libpq: the handshake, cancel keys, PQfinish */
+    /* reply scanner, carried across receives */
+    uint8_t hdr[5];          /* type byte + length, as collected so far */
+    uint32_t hdr_have;
+    uint64_t body_left;      /* bytes left of the current message's body */
+    uint32_t errors;         /* ErrorResponses since the last ReadyForQuery */
+} pgconn;
+
+static pgconn *PG(conn *c)
+{
+    return c->drv;
+}
 
 static void set_error(conn *c, const char *msg)
 {
@@ -32,66 +50,70 @@ static void set_error(conn *c, const char *msg)
         c->error[--n] = 0;
 }
 
-static void pg_poll_for(conn *c, PostgresPollingStatusType st)
+/* The poll libpq asked for: DRV_AGAIN with *want filled, or DRV_ERROR. */
+static int pg_poll_for(conn *c, PostgresPollingStatusType st, drv_poll *want)
 {
-    PGconn *pg = c->pg;
-    int fd = PQsocket(pg);      /* may change between hosts of a multi-host conninfo */
+    int fd = PQsocket(PG(c)->pg);   /* may change between hosts of a multi-host conninfo */
     if (fd < 0) {
-        conn_connect_failed(c, "libpq has no socket");
-        return;
+        set_error(c, "libpq has no socket");
+        return DRV_ERROR;
     }
-    loop_poll(B.lp, &c->poll_op, fd, st == PGRES_POLLING_READING ? POLLIN : POLLOUT);
+    want->fd = fd;
+    want->events = st == PGRES_POLLING_READING ? POLLIN : POLLOUT;
+    return DRV_AGAIN;
 }
 
-static int pg_connect_start(conn *c)
+static int pg_connect_start(conn *c, drv_poll *want)
 {
-    PGconn *pg = PQconnectStart(c->pool->cf->conninfo);
-    if (!pg) {
+    pgconn *st = calloc(1, sizeof *st);
+    if (!st) {
         set_error(c, "out of memory");
-        return PB_ENOMEM;
+        return DRV_ERROR;
     }
-    c->pg = pg;
-    if (PQstatus(pg) == CONNECTION_BAD) {
-        set_error(c, PQerrorMessage(pg));
-        return PB_EBACKEND;
+    c->drv = st;
+    st->pg = PQconnectStart(c->pool->cf->conninfo);
+    if (!st->pg) {
+        set_error(c, "out of memory");
+        return DRV_ERROR;
+    }
+    if (PQstatus(st->pg) == CONNECTION_BAD) {
+        set_error(c, PQerrorMessage(st->pg));
+        return DRV_ERROR;
     }
     /* As the libpq manual says: start as if PQconnectPoll asked to write. */
-    pg_poll_for(c, PGRES_POLLING_WRITING);
-    return PB_OK;
+    return pg_poll_for(c, PGRES_POLLING_WRITING, want);
 }
 
-static void pg_connect_step(conn *c, int revents)
+static int pg_connect_step(conn *c, int revents, drv_poll *want)
 {
     (void)revents;
-    PGconn *pg = c->pg;
+    PGconn *pg = PG(c)->pg;
     PostgresPollingStatusType st = PQconnectPoll(pg);
     switch (st) {
     case PGRES_POLLING_READING:
     case PGRES_POLLING_WRITING:
-        pg_poll_for(c, st);
-        return;
+        return pg_poll_for(c, st, want);
     case PGRES_POLLING_OK:
         break;
     default:
         set_error(c, PQerrorMessage(pg));
-        conn_connect_failed(c, c->error);
-        return;
+        return DRV_ERROR;
     }
     /* TLS: from now on the broker reads and writes through libpq's SSL*
      * (tls.c), never the raw socket. */
     c->ssl = PQsslInUse(pg) ? PQsslStruct(pg, "OpenSSL") : NULL;
     if (PQsslInUse(pg) && !c->ssl) {
-        conn_connect_failed(c, "TLS connection without an OpenSSL handle");
-        return;
+        set_error(c, "TLS connection without an OpenSSL handle");
+        return DRV_ERROR;
     }
     if (PQtransactionStatus(pg) != PQTRANS_IDLE) {
-        conn_connect_failed(c, "connection not idle after startup");
-        return;
+        set_error(c, "connection not idle after startup");
+        return DRV_ERROR;
     }
     c->fd = PQsocket(pg);
     c->backend_pid = PQbackendPID(pg);
     c->txn = 'I';
-    conn_connected(c);
+    return DRV_OK;
 }
 
 /* Frontend message types a client may send: the extended and simple query
@@ -130,9 +152,9 @@ static int pg_frame_request(conn *c, const uint8_t *req, uint32_t len, uint32_t 
 /* Walk the reply stream: headers are collected byte by byte across calls (a
  * header can straddle two receives); bodies are skipped, except the one
  * status byte of ReadyForQuery. */
-static int pg_scan_reply(conn *c, const uint8_t *p, size_t n)
+static int pg_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_reply *out)
 {
-    scan_state *s = &c->scan;
+    pgconn *s = PG(c);
     size_t i = 0;
     while (i < n) {
         if (s->body_left) {
@@ -148,10 +170,10 @@ static int pg_scan_reply(conn *c, const uint8_t *p, size_t n)
             uint32_t mlen = ((uint32_t)s->hdr[1] << 24) | ((uint32_t)s->hdr[2] << 16) |
                             ((uint32_t)s->hdr[3] << 8) | (uint32_t)s->hdr[4];
             if (mlen < 4 || mlen > PG_MAX_MESSAGE)
-                return PB_EPROTO;
+                return DRV_ERROR;
             if (s->hdr[0] == 'Z') {
                 if (mlen != 5)
-                    return PB_EPROTO;
+                    return DRV_ERROR;
                 continue;           /* hdr_have stays 5: the status byte is next */
             }
             if (s->hdr[0] == 'E')
@@ -164,59 +186,75 @@ static int pg_scan_reply(conn *c, const uint8_t *p, size_t n)
         uint8_t st = p[i++];
         s->hdr_have = 0;
         if (st != 'I' && st != 'T' && st != 'E')
-            return PB_EPROTO;
-        conn_got_reply(c, (char)st);
+            return DRV_ERROR;
+        out->txn = (char)st;
+        out->errors = s->errors;
+        s->errors = 0;
+        *used = i;
+        return DRV_OK;
     }
-    return PB_OK;
+    *used = n;
+    return DRV_AGAIN;
 }
 
-static int append_query(conn *c, const char *sql)
+static int append_query(drv_buf *out, const char *sql)
 {
     uint32_t len = (uint32_t)strlen(sql) + 1 + 4;
     uint8_t h[5] = { 'Q', (uint8_t)(len >> 24), (uint8_t)(len >> 16), (uint8_t)(len >> 8), (uint8_t)len };
-    if (conn_sbuf_append(c, h, 5) != PB_OK || conn_sbuf_append(c, sql, len - 4) != PB_OK)
+    if (drv_buf_append(out, h, 5) != PB_OK || drv_buf_append(out, sql, len - 4) != PB_OK)
         return -1;
     return 1;
 }
 
-static int pg_build_reset(conn *c, int dirty)
+static int pg_build_reset(conn *c, int dirty, drv_buf *out)
 {
     int n = 0;
     conf_pool *cp = c->pool->cf;
     if (c->txn != 'I') {
-        if (append_query(c, "ROLLBACK") < 0)
+        if (append_query(out, "ROLLBACK") < 0)
             return -1;
         n++;
     }
     if (cp->reset_policy == PB_RESET_DISCARD_ALL) {
-        if (append_query(c, "DISCARD ALL") < 0)
+        if (append_query(out, "DISCARD ALL") < 0)
             return -1;
         n++;
     } else if (cp->reset_policy == PB_RESET_CUSTOM && cp->reset_sql) {
-        if (append_query(c, cp->reset_sql) < 0)
+        if (append_query(out, cp->reset_sql) < 0)
             return -1;
         n++;
     }
     if (dirty && cp->reset_policy != PB_RESET_DISCARD_ALL) {
         /* The lease ran LISTEN (DISCARD ALL would include UNLISTEN). */
-        if (append_query(c, "UNLISTEN *") < 0)
+        if (append_query(out, "UNLISTEN *") < 0)
             return -1;
         n++;
     }
     return n;
 }
 
-static int pg_build_ping(conn *c)
+static int pg_build_ping(conn *c, drv_buf *out)
 {
-    return append_query(c, "");
+    (void)c;
+    return append_query(out, "");
 }
 
 static void pg_close(conn *c)
 {
-    if (c->pg)
-        PQfinish(c->pg);        /* sends Terminate and closes the socket */
-    c->pg = NULL;
+    pgconn *st = PG(c);
+    if (st && st->pg)
+        PQfinish(st->pg);       /* sends Terminate and closes the socket */
+    free(st);
+    c->drv = NULL;
     c->fd = -1;
+}
+
+/* cancel.c sends it from its own thread (PQcancel blocks). */
+static int pg_cancel(conn *c, _Atomic int *inflight, int wake_fd)
+{
+    if (!PG(c) || !PG(c)->pg || cancel_request(PG(c)->pg, c->backend_pid, inflight, wake_fd) != 0)
+        return PB_ENOMEM;       /* no PGcancel, or no memory or thread for the request */
+    return PB_OK;
 }
 
 const driver pg_driver = {
@@ -227,5 +265,6 @@ const driver pg_driver = {
     .scan_reply = pg_scan_reply,
     .build_reset = pg_build_reset,
     .build_ping = pg_build_ping,
+    .cancel = pg_cancel,
     .close = pg_close,
 };

@@ -57,15 +57,16 @@ typedef struct rconn {
     int64_t left[RESP_MAX_DEPTH];   /* elements still due per open aggregate */
     int top_push;           /* the open top-level aggregate is a RESP3 push */
     int top_attr;           /* ... or an attribute (followed by the real reply) */
+    int complete;           /* a top-level reply just ended: r_scan_reply returns */
 } rconn;
 
 static rconn *R(conn *c)
 {
-    return c->rc;
+    return c->drv;
 }
 
-/* Append the session set-up commands to the send buffer; returns how many. */
-static int append_setup(conn *c)
+/* Append the session set-up commands to out; returns how many. */
+static int append_setup(conn *c, drv_buf *out)
 {
     conf_pool *cp = c->pool->cf;
     char *cmd = NULL;
@@ -80,7 +81,7 @@ static int append_setup(conn *c)
             const char *av[] = { "AUTH", cp->password };
             len = redisFormatCommandArgv(&cmd, 2, av, NULL);
         }
-        if (len < 0 || conn_sbuf_append(c, cmd, (uint32_t)len) != PB_OK)
+        if (len < 0 || drv_buf_append(out, cmd, (uint32_t)len) != PB_OK)
             goto oom;
         free(cmd);
         cmd = NULL;
@@ -90,7 +91,7 @@ static int append_setup(conn *c)
         snprintf(db, sizeof db, "%d", cp->db);
         const char *av[] = { "SELECT", db };
         len = redisFormatCommandArgv(&cmd, 2, av, NULL);
-        if (len < 0 || conn_sbuf_append(c, cmd, (uint32_t)len) != PB_OK)
+        if (len < 0 || drv_buf_append(out, cmd, (uint32_t)len) != PB_OK)
             goto oom;
         free(cmd);
         cmd = NULL;
@@ -99,7 +100,7 @@ static int append_setup(conn *c)
     snprintf(name, sizeof name, "poolbroker:%s", cp->name);
     const char *av[] = { "CLIENT", "SETNAME", name };
     len = redisFormatCommandArgv(&cmd, 3, av, NULL);
-    if (len < 0 || conn_sbuf_append(c, cmd, (uint32_t)len) != PB_OK)
+    if (len < 0 || drv_buf_append(out, cmd, (uint32_t)len) != PB_OK)
         goto oom;
     free(cmd);
     n++;
@@ -109,28 +110,39 @@ oom:
     return -1;
 }
 
-static int r_connect_start(conn *c)
+/* The handshake failed: c->error says why. */
+static int r_fail(conn *c, const char *why)
+{
+    if (why != c->error)
+        snprintf(c->error, sizeof c->error, "%s", why);
+    return DRV_ERROR;
+}
+
+/* Wait for fd to be ready for events. */
+static int r_poll(conn *c, uint32_t events, drv_poll *want)
+{
+    want->fd = c->fd;
+    want->events = events;
+    return DRV_AGAIN;
+}
+
+static int r_connect_start(conn *c, drv_poll *want)
 {
     conf_pool *cp = c->pool->cf;
     rconn *r = calloc(1, sizeof *r);
-    if (!r) {
-        snprintf(c->error, sizeof c->error, "out of memory");
-        return PB_ENOMEM;
-    }
-    c->rc = r;
+    if (!r)
+        return r_fail(c, "out of memory");
+    c->drv = r;
     r->ctx = cp->unix_socket ? redisConnectUnixNonBlock(cp->unix_socket)
                              : redisConnectNonBlock(cp->host ? cp->host : "127.0.0.1", cp->port ? cp->port : 6379);
-    if (!r->ctx || r->ctx->err) {
-        snprintf(c->error, sizeof c->error, "%s", r->ctx ? r->ctx->errstr : "out of memory");
-        return PB_EBACKEND;
-    }
+    if (!r->ctx || r->ctx->err)
+        return r_fail(c, r->ctx ? r->ctx->errstr : "out of memory");
     c->fd = r->ctx->fd;
     r->phase = RP_TCP;
-    loop_poll(B.lp, &c->poll_op, c->fd, POLLOUT);
-    return PB_OK;
+    return r_poll(c, POLLOUT, want);
 }
 
-static void r_connect_step(conn *c, int revents)
+static int r_connect_step(conn *c, int revents, drv_poll *want)
 {
     rconn *r = R(c);
     if (r->phase == RP_TCP) {
@@ -140,35 +152,31 @@ static void r_connect_step(conn *c, int revents)
             err = errno;
         if (err || (revents & (POLLERR | POLLHUP))) {
             snprintf(c->error, sizeof c->error, "connect: %s", strerror(err ? err : ECONNREFUSED));
-            conn_connect_failed(c, c->error);
-            return;
+            return DRV_ERROR;
         }
         /* The set-up, plus CLIENT ID to learn what shmstat calls its pid. */
-        c->slen = c->soff = 0;
-        int n = append_setup(c);
+        drv_buf setup = { 0 };
+        int n = append_setup(c, &setup);
         static const char client_id[] = "*2\r\n$6\r\nCLIENT\r\n$2\r\nID\r\n";
-        if (n < 0 || conn_sbuf_append(c, client_id, sizeof client_id - 1) != PB_OK) {
-            conn_connect_failed(c, "out of memory");
-            return;
+        if (n < 0 || drv_buf_append(&setup, client_id, sizeof client_id - 1) != PB_OK) {
+            free(setup.p);
+            return r_fail(c, "out of memory");
         }
         /* A fresh socket takes these few hundred bytes at once. */
-        ssize_t w = send(c->fd, c->sbuf, c->slen, MSG_NOSIGNAL | MSG_DONTWAIT);
-        int short_write = w >= 0 && (uint32_t)w != c->slen;
-        c->slen = 0;
+        ssize_t w = send(c->fd, setup.p, setup.len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        int send_err = errno;
+        int short_write = w >= 0 && (uint32_t)w != setup.len;
+        free(setup.p);
         if (w < 0 || short_write) {
-            snprintf(c->error, sizeof c->error, "send: %s", w < 0 ? strerror(errno) : "short write");
-            conn_connect_failed(c, c->error);
-            return;
+            snprintf(c->error, sizeof c->error, "send: %s", w < 0 ? strerror(send_err) : "short write");
+            return DRV_ERROR;
         }
         r->hs = redisReaderCreate();
-        if (!r->hs) {
-            conn_connect_failed(c, "out of memory");
-            return;
-        }
+        if (!r->hs)
+            return r_fail(c, "out of memory");
         r->hs_expect = n + 1;
         r->phase = RP_HANDSHAKE;
-        loop_poll(B.lp, &c->poll_op, c->fd, POLLIN);
-        return;
+        return r_poll(c, POLLIN, want);
     }
 
     /* RP_HANDSHAKE: read what is there, check each answer. */
@@ -176,19 +184,14 @@ static void r_connect_step(conn *c, int revents)
     ssize_t got = recv(c->fd, buf, sizeof buf, MSG_DONTWAIT);
     if (got == 0 || (got < 0 && errno != EAGAIN && errno != EINTR)) {
         snprintf(c->error, sizeof c->error, "set-up: %s", got == 0 ? "server closed the connection" : strerror(errno));
-        conn_connect_failed(c, c->error);
-        return;
+        return DRV_ERROR;
     }
-    if (got > 0 && redisReaderFeed(r->hs, buf, (size_t)got) != REDIS_OK) {
-        conn_connect_failed(c, "set-up: protocol error");
-        return;
-    }
+    if (got > 0 && redisReaderFeed(r->hs, buf, (size_t)got) != REDIS_OK)
+        return r_fail(c, "set-up: protocol error");
     for (;;) {
         void *rep = NULL;
-        if (redisReaderGetReply(r->hs, &rep) != REDIS_OK) {
-            conn_connect_failed(c, "set-up: protocol error");
-            return;
-        }
+        if (redisReaderGetReply(r->hs, &rep) != REDIS_OK)
+            return r_fail(c, "set-up: protocol error");
         if (!rep)
             break;
         redisReply *rr = rep;
@@ -196,8 +199,7 @@ static void r_connect_step(conn *c, int revents)
             /* AUTH and SELECT errors name no secret; pass them on. */
             snprintf(c->error, sizeof c->error, "set-up: %s", rr->str);
             freeReplyObject(rr);
-            conn_connect_failed(c, c->error);
-            return;
+            return DRV_ERROR;
         }
         if (rr->type == REDIS_REPLY_INTEGER && r->hs_expect == 1)
             c->backend_pid = (int)rr->integer;      /* CLIENT ID */
@@ -206,11 +208,10 @@ static void r_connect_step(conn *c, int revents)
             redisReaderFree(r->hs);
             r->hs = NULL;
             memset(&r->line_type, 0, sizeof *r - offsetof(rconn, line_type));
-            conn_connected(c);
-            return;
+            return DRV_OK;
         }
     }
-    loop_poll(B.lp, &c->poll_op, c->fd, POLLIN);
+    return r_poll(c, POLLIN, want);
 }
 
 /* --------------------------------------------------------------- requests */
@@ -303,8 +304,9 @@ static int r_frame_request(conn *c, const uint8_t *req, uint32_t len, uint32_t *
 
 /* ------------------------------------------------------------------ replies */
 
-/* One complete element at the current depth. */
-static void element_done(conn *c)
+/* One complete element at the current depth; a complete top-level reply
+ * sets r->complete (the scanner returns it). */
+static int element_done(conn *c)
 {
     rconn *r = R(c);
     for (;;) {
@@ -314,12 +316,12 @@ static void element_done(conn *c)
             } else if (r->top_push) {
                 r->top_push = 0;    /* out-of-band push: not a reply */
             } else {
-                conn_got_reply(c, 0);
+                r->complete = 1;
             }
-            return;
+            return PB_OK;
         }
         if (--r->left[r->depth - 1] > 0)
-            return;
+            return PB_OK;
         r->depth--;                 /* the aggregate itself is now complete */
     }
 }
@@ -333,10 +335,8 @@ static int begin_aggregate(conn *c, char type, long long count)
     }
     if (type == '%' || type == '|')
         count *= 2;
-    if (count <= 0) {               /* empty, or null (-1) */
-        element_done(c);
-        return PB_OK;
-    }
+    if (count <= 0)                 /* empty, or null (-1) */
+        return element_done(c);
     if (r->depth == RESP_MAX_DEPTH)
         return PB_EPROTO;
     r->left[r->depth++] = count;
@@ -351,8 +351,7 @@ static int line_done(conn *c)
     r->line_type = 0;
     switch (t) {
     case '+': case '-': case ':': case ',': case '#': case '_': case '(':
-        element_done(c);
-        return PB_OK;
+        return element_done(c);
     }
     /* counted types: the number was collected in r->num */
     if (r->num_bad || r->num_len == 0)
@@ -364,10 +363,8 @@ static int line_done(conn *c)
         return PB_EPROTO;
     switch (t) {
     case '$': case '!': case '=':
-        if (v < 0) {                /* null bulk */
-            element_done(c);
-            return PB_OK;
-        }
+        if (v < 0)                  /* null bulk */
+            return element_done(c);
         if (v > RESP_MAX_BULK)
             return PB_EPROTO;
         r->bulk_left = v + 2;
@@ -378,23 +375,30 @@ static int line_done(conn *c)
     return PB_EPROTO;
 }
 
-static int r_scan_reply(conn *c, const uint8_t *p, size_t n)
+static int r_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_reply *out)
 {
     rconn *r = R(c);
     size_t i = 0;
+    out->txn = 0;
+    out->errors = 0;
+    r->complete = 0;
     while (i < n) {
         if (r->bulk_left) {
             size_t k = n - i < (size_t)r->bulk_left ? n - i : (size_t)r->bulk_left;
             i += k;
             r->bulk_left -= (int64_t)k;
-            if (r->bulk_left == 0)
-                element_done(c);
+            if (r->bulk_left == 0 && element_done(c) != PB_OK)
+                return DRV_ERROR;
+            if (r->complete) {
+                *used = i;
+                return DRV_OK;
+            }
             continue;
         }
         if (r->line_type == 0) {
             uint8_t t = p[i++];
             if (!strchr("+-:$*,#_(!=%~>|", t) || t == 0)
-                return PB_EPROTO;
+                return DRV_ERROR;
             r->line_type = t;
             r->num_len = 0;
             r->num_bad = 0;
@@ -405,7 +409,7 @@ static int r_scan_reply(conn *c, const uint8_t *p, size_t n)
         const uint8_t *nl = memchr(p + i, '\n', n - i);
         size_t end = nl ? (size_t)(nl - p) : n;
         if (nl && !(end > i ? p[end - 1] == '\r' : r->saw_cr))
-            return PB_EPROTO;
+            return DRV_ERROR;
         if (end > i)
             r->saw_cr = p[end - 1] == '\r';
         if (strchr("$*!=%~>|", r->line_type)) {
@@ -423,30 +427,36 @@ static int r_scan_reply(conn *c, const uint8_t *p, size_t n)
             i++;
             r->saw_cr = 0;
             if (line_done(c) != PB_OK)
-                return PB_EPROTO;
+                return DRV_ERROR;
+            if (r->complete) {
+                *used = i;
+                return DRV_OK;
+            }
         }
     }
-    return PB_OK;
+    *used = n;
+    return DRV_AGAIN;
 }
 
 /* ------------------------------------------------------------------- reset */
 
-static int r_build_reset(conn *c, int dirty)
+static int r_build_reset(conn *c, int dirty, drv_buf *out)
 {
     if (!dirty)
         return 0;
     static const char reset[] = "*1\r\n$5\r\nRESET\r\n";
-    if (conn_sbuf_append(c, reset, sizeof reset - 1) != PB_OK)
+    if (drv_buf_append(out, reset, sizeof reset - 1) != PB_OK)
         return -1;
     R(c)->reply_mode = 0;           /* RESET turns replies back on */
-    int n = append_setup(c);
+    int n = append_setup(c, out);
     return n < 0 ? -1 : n + 1;
 }
 
-static int r_build_ping(conn *c)
+static int r_build_ping(conn *c, drv_buf *out)
 {
+    (void)c;
     static const char ping[] = "*1\r\n$4\r\nPING\r\n";
-    return conn_sbuf_append(c, ping, sizeof ping - 1) == PB_OK ? 1 : -1;
+    return drv_buf_append(out, ping, sizeof ping - 1) == PB_OK ? 1 : -1;
 }
 
 static void r_close(conn *c)
@@ -459,7 +469,7 @@ static void r_close(conn *c)
             redisFree(r->ctx);      /* closes the socket */
         free(r);
     }
-    c->rc = NULL;
+    c->drv = NULL;
     c->fd = -1;
 }
 

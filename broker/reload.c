@@ -119,7 +119,7 @@ static void retire_all(pool *p, const char *why)
     p->settings_gen++;              /* handshakes in flight are closed when they finish */
     for (uint32_t k = 0; k < p->nconns; k++) {
         conn *c = &p->conns[k];
-        if (c->state == CS_READY) {
+        if (PH_UP(c->phase)) {
             c->retire_at_ms = B.now_ms;     /* closed when next free */
             atomic_fetch_or(&c->slot->flags, PB_SF_RETIRE);
         }

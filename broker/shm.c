@@ -208,7 +208,7 @@ void shm_republish(broker *b)
         sl->rep_size = c->rep_size;
         /* The broker's side of the slot's I/O words, too: a client waiting
          * on a scribbled one sees the truth again within a pass. */
-        if (c->state == CS_READY) {
+        if (PH_UP(c->phase)) {
             atomic_store(&sl->rep_head, c->rep_head);
             atomic_store(&sl->req_ack, c->acked_seq);
             atomic_store(&sl->reply_done, c->reply_done);

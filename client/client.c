@@ -110,20 +110,6 @@ static uint64_t coarse_ms(void)
     return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
-static long futex_wait(_Atomic uint32_t *addr, uint32_t val, int ms)
-{
-    struct timespec ts = { .tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000 };
-    return syscall(SYS_futex, addr, FUTEX_WAIT, val, &ts, NULL, 0);
-}
-
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
 
 /* ------------------------------------------------------------------ attach */
 
@@ -467,7 +453,7 @@ static int wait_change(pb_client *c, uint32_t *spin_ns, _Atomic uint32_t *word, 
         }
         if ((i & 31) == 31 && now_ns() - t0 >= budget)
             break;
-        cpu_relax();
+        pb_cpu_relax();
     }
     /* Spinning did not pay this time: spin a little less next time (on 2
      * cores, a spinning waiter takes the CPU the broker and the server need). */
@@ -483,7 +469,7 @@ static int wait_change(pb_client *c, uint32_t *spin_ns, _Atomic uint32_t *word, 
         ms = (int)((deadline_ns - now + 999999) / 1000000);
     atomic_store(sleeping, 1);
     if (atomic_load(word) == seen)
-        futex_wait(word, seen, ms);
+        pb_futex_wait(word, seen, ms);
     atomic_store(sleeping, 0);
     if (atomic_load(word) == seen && !broker_alive(c)) {
         c->broken = 1;
@@ -696,9 +682,7 @@ PB_API int pb_acquire(pb_client *c, const char *pool, int timeout_ms, pb_lease *
     }
     pb_shm_slot *sl = &c->slots[s];
     if (!t0) {
-        atomic_store_explicit(&sl->lease_ms, coarse_ms(), memory_order_relaxed);
-        atomic_store_explicit(&sl->client_flags, 0, memory_order_relaxed);
-        atomic_fetch_add_explicit(&sl->uses, 1, memory_order_relaxed);
+        pb_slot_stamp_lease(sl, coarse_ms());
     }
     atomic_fetch_add_explicit(&p->acquires, 1, memory_order_relaxed);
     rc = make_lease(c, pi, s, w, out);

@@ -17,17 +17,25 @@
  *
  * Who writes what is said next to every field.  "broker" fields are written
  * only by the broker; "client" fields by the process that holds the lease (or
- * owns the client record); every reader of a client-written field treats it as
- * untrusted input.  All cross-process fields are C11 atomics; memory orders are
+ * owns the client record); "granter" fields by whoever grants a lease (the
+ * client itself on the fast path, the broker when it hands a slot to a
+ * waiter: pb_slot_stamp_lease).  Every reader of a field a client can write
+ * treats it as untrusted input: the broker checks it at run time and never
+ * asserts on it.  All cross-process fields are C11 atomics; memory orders are
  * given where they matter.  Everything is a plain fixed-width type so that a
  * 32-bit-free, padding-free layout can be fingerprinted (PB_SHM_FINGERPRINT).
  */
 #ifndef PB_SHM_H
 #define PB_SHM_H
 
+#include <limits.h>
+#include <linux/futex.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 
 #define PB_SHM_MAGIC      0x314B52424C4F4F50ULL   /* "POOLBRK1", little endian */
 #define PB_SHM_VERSION    2u
@@ -125,33 +133,33 @@ enum pb_reset_policy { PB_RESET_ROLLBACK = 0, PB_RESET_DISCARD_ALL, PB_RESET_CUS
 
 typedef struct pb_shm_header {
     uint64_t magic;                 /* PB_SHM_MAGIC; broker, at creation */
-    uint32_t version;               /* PB_SHM_VERSION */
-    uint32_t fingerprint;           /* PB_SHM_FINGERPRINT of the creator's build */
-    uint64_t total_size;            /* bytes in the segment */
-    _Atomic uint32_t generation;    /* broker start count for this segment name */
-    _Atomic uint32_t state;         /* enum pb_broker_state; release stores */
-    _Atomic int32_t  broker_pid;    /* broker's pid; left in place when it stops (see state) */
-    uint32_t io_backend;            /* enum pb_io_backend */
+    uint32_t version;               /* PB_SHM_VERSION; broker, at creation */
+    uint32_t fingerprint;           /* PB_SHM_FINGERPRINT of the creator's build; broker */
+    uint64_t total_size;            /* bytes in the segment; broker */
+    _Atomic uint32_t generation;    /* broker: start count for this segment name */
+    _Atomic uint32_t state;         /* broker: enum pb_broker_state; release stores */
+    _Atomic int32_t  broker_pid;    /* broker: its pid, left in place when it stops (see state) */
+    uint32_t io_backend;            /* broker: enum pb_io_backend */
     _Atomic uint32_t npools;        /* pool table entries in use (incl. removed); the table
                                        has room for PB_MAX_POOLS; a reload adds (release) */
-    uint32_t nslots;                /* slot table entries */
-    uint32_t max_clients;           /* client table entries */
+    uint32_t nslots;                /* broker: slot table entries */
+    uint32_t max_clients;           /* broker: client table entries */
     uint32_t pad0;
-    uint64_t pool_off;              /* byte offsets from the segment base */
-    uint64_t client_off;
-    uint64_t slot_off;
-    uint64_t buf_off;               /* start of the slot buffers */
-    uint64_t start_ms;              /* CLOCK_REALTIME ms at broker start */
+    uint64_t pool_off;              /* broker: byte offsets from the segment base (for */
+    uint64_t client_off;            /*   shmstat; the broker and the library never read */
+    uint64_t slot_off;              /*   them back: see pb_shm_layout) */
+    uint64_t buf_off;               /* broker: start of the slot buffers */
+    uint64_t start_ms;              /* broker: CLOCK_REALTIME ms at start */
     _Atomic uint64_t heartbeat_ms;  /* CLOCK_MONOTONIC ms, broker, each loop tick */
     _Atomic uint32_t clients_attached; /* broker */
     _Atomic uint32_t repairs;       /* broker: scribbles it found and undid (slot words taken
                                        back, rings resynchronised, bad entries or requests) */
-    char shm_name[64];              /* as configured */
+    char shm_name[64];              /* broker: as configured */
     /* --- hot: doorbell (own cache line) --- */
     _Alignas(PB_CACHELINE)
     _Atomic uint32_t broker_sleeping; /* broker sets 1 before it sleeps; a client that
                                          CASes it 1→0 writes the doorbell eventfd */
-    _Atomic uint32_t sq_seq;          /* clients bump after each SQ push (broker skips
+    _Atomic uint32_t sq_seq;          /* clients: bump after each SQ push (broker skips
                                          scanning rings when unchanged) */
 } pb_shm_header;
 
@@ -164,18 +172,19 @@ typedef struct pb_hist {
 } pb_hist;
 
 typedef struct pb_shm_pool {
-    /* Up to last_error: broker only, republished from its private copy on
-     * every janitor pass; the broker never reads them back. */
+    /* Every field down to the counters is the broker's; the janitor
+     * rewrites them from private copies each pass (pool_republish), so a
+     * worker's scribble lasts one pass at most. */
     char name[PB_NAME_MAX];         /* broker */
     uint32_t type;                  /* broker: enum pb_pool_type */
-    uint32_t first_slot;            /* broker: slots [first_slot, first_slot+slot_capacity) are this pool's */
+    uint32_t first_slot;            /* broker: slots [first_slot, +slot_capacity) are this pool's */
     _Atomic uint32_t min_size;      /* broker; may change on reload */
     _Atomic uint32_t max_size;      /* broker; may change on reload */
     uint32_t slot_capacity;         /* broker: slots reserved for the pool (>= max_size) */
-    _Atomic uint32_t acquire_timeout_ms; /* broker; may change on reload */
-    _Atomic uint32_t reset_policy;  /* broker: enum pb_reset_policy; may change on reload */
+    _Atomic uint32_t acquire_timeout_ms; /* broker */
+    _Atomic uint32_t reset_policy;  /* broker: enum pb_reset_policy */
     _Atomic uint32_t health;        /* broker: enum pb_pool_health */
-    _Atomic uint32_t consecutive_failures; /* broker */
+    _Atomic uint32_t consecutive_failures; /* broker: connects failed in a row */
     _Atomic uint32_t size;          /* broker: live connections (free+leased+busy) */
     _Atomic uint32_t nwaiters;      /* broker: queued acquire waiters */
     _Atomic uint32_t accepting;     /* broker: 0 while draining or removed: acquire fails */
@@ -185,9 +194,10 @@ typedef struct pb_shm_pool {
     _Atomic uint32_t pad2;
     char last_error[128];           /* broker; last connect/backend error, NUL-terminated */
 
-    /* counters: updated with relaxed fetch_add by whoever does the thing:
-     * clients count acquires, timeouts and failed acquires (errors); the
-     * broker counts errors of connections and everything else */
+    /* counters: relaxed fetch_add by whoever does the thing.  Clients:
+     * acquires, timeouts, errors (acquires that failed); broker: waits,
+     * reclaims, resets, connects, connect_failures, handoffs, wakeups, leaks,
+     * retired, errors (connections lost). */
     _Atomic uint64_t acquires, waits, timeouts, errors, reclaims, resets;
     _Atomic uint64_t connects, connect_failures, handoffs, wakeups, leaks, retired;
     pb_hist acquire_wait;           /* client, on acquire that waited */
@@ -206,7 +216,7 @@ typedef struct pb_shm_client {
     _Atomic int32_t  pid;           /* broker: from SO_PEERCRED */
     _Atomic uint64_t attach_ms;     /* broker: CLOCK_MONOTONIC ms */
     _Atomic uint64_t wait_word;     /* client+broker by CAS, see enum pb_wait_state */
-    _Atomic uint32_t wait_futex;    /* broker bumps after deciding wait_word */
+    _Atomic uint32_t wait_futex;    /* broker: bumps after deciding wait_word (pb_futex_wake) */
     _Atomic uint32_t wait_sleeping; /* client: 1 while asleep on wait_futex */
     /* submission ring, SPSC: client produces at tail, broker consumes at head */
     _Alignas(PB_CACHELINE)
@@ -234,26 +244,24 @@ typedef struct pb_shm_slot {
     uint32_t req_size;              /* bytes */
     uint32_t rep_size;              /* bytes, a power of two */
     /* -- broker-written status -- */
-    _Atomic int32_t  backend_pid;   /* PostgreSQL backend pid / Redis client id */
-    _Atomic uint32_t txn_status;    /* last ReadyForQuery status byte ('I','T','E'), 0 if none */
-    _Atomic uint32_t flags;         /* PB_SF_* */
-    _Atomic int32_t  io_error;      /* PB_E* code for the command in flight, or 0 */
-    _Atomic uint64_t conn_created_ms; /* CLOCK_MONOTONIC ms */
-    _Atomic uint64_t uses;          /* leases of this connection: incremented by whoever grants
-                                       one (client fast path, broker hand-off); broker zeroes it */
+    _Atomic int32_t  backend_pid;   /* broker: PostgreSQL backend pid / Redis client id */
+    _Atomic uint32_t txn_status;    /* broker: last ReadyForQuery status byte ('I','T','E'), 0 if none */
+    _Atomic uint32_t flags;         /* broker: PB_SF_* */
+    _Atomic int32_t  io_error;      /* broker: PB_E* code for the command in flight, or 0 */
+    _Atomic uint64_t conn_created_ms; /* broker: CLOCK_MONOTONIC ms */
+    _Atomic uint64_t uses;          /* granter: leases of this connection, counted as granted
+                                       (the broker zeroes it for a new connection) */
     _Atomic uint64_t reply_done;    /* broker: complete replies (RFQ / RESP) received */
     _Atomic uint32_t rep_owed;      /* broker: replies it still expects for the holder's commands
                                        (stored before req_ack, after rep_head/reply_done) */
     _Atomic uint32_t pad3;
     _Atomic uint64_t idle_ms;       /* CLOCK_MONOTONIC(_COARSE) ms when last freed: broker, or
                                        the client that released it straight to the free map */
-    /* -- lease holder-written (lease_ms and client_flags: by whoever grants the lease) -- */
-    _Atomic uint64_t lease_ms;      /* CLOCK_MONOTONIC(_COARSE) ms when leased: client fast path
-                                       or broker hand-off; the broker reads it (leaks, max_lease_ms) */
-    _Atomic uint32_t client_flags;  /* PB_CF_*: cleared by whoever grants the lease, set by the
-                                       holder, read by the broker on release */
-    _Atomic uint32_t req_len;       /* bytes of request in the request buffer */
-    _Atomic uint32_t req_seq;       /* client bumps per submit (release order) */
+    /* -- lease holder-written (the first two stamped by the granter) -- */
+    _Atomic uint64_t lease_ms;      /* granter: CLOCK_MONOTONIC(_COARSE) ms when leased */
+    _Atomic uint32_t client_flags;  /* granter zeroes, holder sets: PB_CF_* */
+    _Atomic uint32_t req_len;       /* client: bytes of request in the request buffer */
+    _Atomic uint32_t req_seq;       /* client: bumps per submit (release order) */
     _Atomic uint32_t req_ack;       /* broker: last req_seq it took (buffer free again) */
     uint8_t preview[PB_CMD_PREVIEW];/* client: first bytes of the current command, for shmstat */
     /* Prepared statements this connection has, as hashes of (SQL, types):
@@ -299,6 +307,49 @@ static inline void pb_shm_hist_add(pb_hist *h, uint64_t us)
     atomic_fetch_add_explicit(&h->bucket[pb_shm_hist_bucket(us)], 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&h->sum_us, us, memory_order_relaxed);
     atomic_fetch_add_explicit(&h->count, 1, memory_order_relaxed);
+}
+
+/* ------------------------------------------------------- protocol halves
+ * Both sides of each cross-process step, for the library and the broker alike.
+ */
+
+/* Spin-wait hint for a CPU polling a shared word. */
+static inline void pb_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Futex pair.  The waiter sets *sleeping, checks the word is still the value
+ * it saw, waits (pb_futex_wait), then clears *sleeping.  The waker changes the
+ * word first and makes the syscall only if someone sleeps (pb_futex_wake):
+ * whichever order the two run in, the waiter either sees the new value or is
+ * woken. */
+static inline long pb_futex_wait(_Atomic uint32_t *word, uint32_t seen, int ms)
+{
+    struct timespec ts = { .tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000 };
+    return syscall(SYS_futex, word, FUTEX_WAIT, seen, &ts, NULL, 0);
+}
+
+static inline void pb_futex_wake(_Atomic uint32_t *word, _Atomic uint32_t *sleeping)
+{
+    atomic_fetch_add(word, 1);
+    if (atomic_load(sleeping))
+        syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+/* Lease stamp: whoever grants a lease stamps the slot, so the broker's
+ * janitor can time it (max_lease_ms, leak_threshold_ms).  The client does it
+ * on the fast path right after winning the slot word; the broker, for a
+ * waiter, before the CAS that hands the slot over. */
+static inline void pb_slot_stamp_lease(pb_shm_slot *sl, uint64_t now_ms)
+{
+    atomic_store_explicit(&sl->lease_ms, now_ms, memory_order_relaxed);
+    atomic_store_explicit(&sl->client_flags, 0, memory_order_relaxed);
+    atomic_fetch_add_explicit(&sl->uses, 1, memory_order_relaxed);
 }
 
 /* ---------------------------------------------------------------- free map
@@ -357,8 +408,10 @@ static inline uint32_t pb_freemap_repair(pb_shm_pool *p, pb_shm_slot *slots, uin
     return fixed;
 }
 
-/* Accessors.  All take offsets from a header the caller has validated with
- * pb_shm_check(); they do no bounds checks themselves. */
+/* Accessors, from the offsets in the header.  They do no bounds checks: the
+ * caller must have checked the offsets against the segment size itself
+ * (shmstat's loader does), or wrote them (the broker, at creation).  The
+ * library never uses them (it takes the layout from the attach answer). */
 #define PB_SHM_AT(hdr, off) ((void *)((char *)(hdr) + (off)))
 static inline pb_shm_pool *pb_shm_pools(pb_shm_header *h)
 { return (pb_shm_pool *)PB_SHM_AT(h, h->pool_off); }

@@ -8,8 +8,8 @@
  *
  * This file is the command line: options, the -w loop and exit statuses.
  * Reading the segment (it is untrusted input) and rendering it as text, JSON
- * or Prometheus live in shmview.c, which the broker's /metrics endpoint uses
- * too.
+ * or Prometheus live in common/shmview_*.c, which the broker's /metrics
+ * endpoint uses too.
  *
  * Exit codes: 0 ok; 1 usage, no such pool, or output failed; 2 cannot open
  * the segment; 3 not a poolbroker segment, another layout version, or a

@@ -21,11 +21,15 @@
  *   scan_reply      fed whole, fed in two pieces at the split point, and fed
  *                   one byte at a time: same status, same ReadyForQuery
  *                   count and the same sequence of transaction-status bytes
- *                   (the resumption state in conn.scan must be exact); and
- *                   the count matches an independent reference scanner.
+ *                   (the resumption state in the driver's must be exact);
+ *                   and the count matches an independent reference scanner.
+ *                   The scanner is driven as broker/connio.c drives it: one
+ *                   complete reply per call (DRV_OK), the rest fed again.
  *
- * Only broker/pg.c and broker/log.c are linked; the rest of the broker the
- * driver refers to is stubbed below.
+ * The real driver is linked (broker/pg.c, broker/cancel.c, broker/log.c):
+ * it calls nothing of the pool, so nothing is stubbed.  conn->drv is the
+ * driver's private state; zeroed memory of ample size stands in for it
+ * (pg.c's pgconn is well under DRV_BYTES).
  */
 #include <assert.h>
 #include <stdint.h>
@@ -36,19 +40,35 @@
 #include "broker.h"
 #include "poolbroker.h"
 
-/* ------------------------------------------------------------------ stubs */
-#include "broker_stubs.h"
+#define DRV_BYTES 1024
 
 static struct {
     uint64_t replies;
     uint64_t txn_hash;      /* order-sensitive hash of the status bytes */
 } G;
 
-void conn_got_reply(conn *c, char txn)
+static _Alignas(16) uint8_t drv_mem[DRV_BYTES];
+
+/* Feed p[0..n) to the scanner as broker/connio.c does: each DRV_OK is one
+ * complete reply (counted, its status hashed), then the rest again. */
+static int scan(conn *c, const uint8_t *p, size_t n)
 {
-    (void)c;
-    G.replies++;
-    G.txn_hash = G.txn_hash * 1099511628211ull + (uint8_t)txn + 1;
+    size_t off = 0;
+    while (off < n) {
+        size_t used = 0;
+        drv_reply r = { 0, 0 };
+        int rc = pg_driver.scan_reply(c, p + off, n - off, &used, &r);
+        if (rc == DRV_ERROR)
+            return PB_EPROTO;
+        assert(rc == DRV_OK || rc == DRV_AGAIN);
+        assert(rc == DRV_AGAIN ? used == n - off : used > 0 && used <= n - off);
+        off += used;
+        if (rc == DRV_AGAIN)
+            break;
+        G.replies++;
+        G.txn_hash = G.txn_hash * 1099511628211ull + (uint8_t)r.txn + 1;
+    }
+    return PB_OK;
 }
 
 
@@ -121,6 +141,8 @@ static void fresh(conn *c)
 {
     memset(c, 0, sizeof *c);
     c->fd = -1;
+    memset(drv_mem, 0, sizeof drv_mem);
+    c->drv = drv_mem;
     memset(&G, 0, sizeof G);
 }
 
@@ -163,7 +185,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     /* ---- scan_reply: whole */
     fresh(&c);
-    int s_whole = len ? pg_driver.scan_reply(&c, buf, len) : PB_OK;
+    int s_whole = len ? scan(&c, buf, len) : PB_OK;
     uint64_t r_whole = G.replies, h_whole = G.txn_hash;
     assert(s_whole == PB_OK || s_whole == PB_EPROTO);
 
@@ -173,13 +195,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (split) {
         uint8_t *a = malloc(split);
         memcpy(a, buf, split);
-        s_split = pg_driver.scan_reply(&c, a, split);
+        s_split = scan(&c, a, split);
         free(a);
     }
     if (s_split == PB_OK && len - split) {
         uint8_t *b = malloc(len - split);
         memcpy(b, buf + split, len - split);
-        s_split = pg_driver.scan_reply(&c, b, len - split);
+        s_split = scan(&c, b, len - split);
         free(b);
     }
     if (s_split != s_whole || G.replies != r_whole || G.txn_hash != h_whole) {
@@ -194,7 +216,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         int s_byte = PB_OK;
         for (size_t i = 0; i < len && s_byte == PB_OK; i++) {
             uint8_t one = buf[i];
-            s_byte = pg_driver.scan_reply(&c, &one, 1);
+            s_byte = scan(&c, &one, 1);
         }
         if (s_byte != s_whole || G.replies != r_whole || G.txn_hash != h_whole) {
             fprintf(stderr, "scan_reply: whole %d/%llu, bytewise %d/%llu\n", s_whole,

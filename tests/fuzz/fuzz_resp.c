@@ -27,9 +27,10 @@
  *                   disagreement would leave the broker and the client out
  *                   of step on a connection.
  *
- * conn->rc is the driver's private rconn; it is zeroed memory of ample size
- * (rconn is private to redis.c and well under 4 KiB).  Links broker/redis.c,
- * broker/log.c and hiredis; the rest of the broker is stubbed below.
+ * conn->drv is the driver's private rconn; it is zeroed memory of ample size
+ * (rconn is private to redis.c and well under 4 KiB).  Links the real driver
+ * (broker/redis.c, broker/log.c and hiredis): it calls nothing of the pool,
+ * so nothing is stubbed.
  */
 #include <assert.h>
 #include <hiredis/hiredis.h>
@@ -44,16 +45,27 @@
 
 #define RCONN_BYTES 4096
 
-/* ------------------------------------------------------------------ stubs */
-#include "broker_stubs.h"
-
 static uint64_t replies;
 
-void conn_got_reply(conn *c, char txn)
+/* Feed p[0..n) to the scanner as broker/connio.c does: each DRV_OK is one
+ * complete reply, then the rest again.  PB_OK or PB_EPROTO. */
+static int scan(conn *c, const uint8_t *p, size_t n)
 {
-    (void)c;
-    (void)txn;
-    replies++;
+    size_t off = 0;
+    while (off < n) {
+        size_t used = 0;
+        drv_reply r = { 0, 0 };
+        int rc = redis_driver.scan_reply(c, p + off, n - off, &used, &r);
+        if (rc == DRV_ERROR)
+            return PB_EPROTO;
+        assert(rc == DRV_OK || rc == DRV_AGAIN);
+        assert(rc == DRV_AGAIN ? used == n - off : used > 0 && used <= n - off);
+        off += used;
+        if (rc == DRV_AGAIN)
+            break;
+        replies++;
+    }
+    return PB_OK;
 }
 
 
@@ -156,7 +168,7 @@ static void fresh(fconn *f)
     memset(&f->c, 0, sizeof f->c);
     f->c.fd = -1;
     f->rc = calloc(1, RCONN_BYTES);
-    f->c.rc = f->rc;
+    f->c.drv = f->rc;
     replies = 0;
 }
 
@@ -171,7 +183,7 @@ static int scan_piece(fconn *f, const uint8_t *p, size_t n)
         return PB_OK;
     uint8_t *b = malloc(n);             /* exact size: ASan sees over-reads */
     memcpy(b, p, n);
-    int rc = redis_driver.scan_reply(&f->c, b, n);
+    int rc = scan(&f->c, b, n);
     free(b);
     assert(rc == PB_OK || rc == PB_EPROTO);
     return rc;
@@ -315,7 +327,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         fresh(&f);
         int s_byte = PB_OK;
         for (size_t i = 0; i < len && s_byte == PB_OK; i++)
-            s_byte = redis_driver.scan_reply(&f.c, buf + i, 1);
+            s_byte = scan(&f.c, buf + i, 1);
         if (s_byte != s_whole || replies != r_whole) {
             fprintf(stderr, "scan_reply whole %d/%llu, bytewise %d/%llu\n", s_whole,
                     (unsigned long long)r_whole, s_byte, (unsigned long long)replies);

@@ -5,8 +5,9 @@
  * /metrics and /health endpoint (broker/metrics.c): copy the segment into
  * private memory, check it, derive what a person or a scraper wants to see
  * (slot counts by state, lease ages, owner pids, broker liveness), and print
- * that as text, JSON or the Prometheus text format.  Not installed, not a
- * library: it is compiled into both programs.
+ * that as text, JSON or the Prometheus text format.  Not installed: the
+ * sources in common/ are compiled into both programs (shmview_load.c loads,
+ * shmview_text.c, shmview_json.c and shmview_prom.c render).
  *
  * The segment is untrusted input (any client maps it read-write), so a view
  * is a validated private copy: nothing in it changes after shmview_load

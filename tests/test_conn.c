@@ -1,0 +1,634 @@
+/*
+ * test_conn.c — unit test of the connection state machine (broker/conn.c,
+ * connio.c, release.c, pool.c, slot.c) with a fake driver and a fake event
+ * loop: no sockets, no servers.  The loop records each operation the broker
+ * submits; the test completes them by hand (complete()), as the real loop
+ * would, and checks the phase, the slot word and the pool's counters after
+ * every step.
+ *
+ * Covered: every move of the phase diagram the integration tests rely on
+ * (connect, connect failure, serve and release, release with replies owed,
+ * release waiting for a cancel, reset, validation, reclaim, failure and
+ * close), and the impossible moves refused.
+ *
+ * Built without PB_DEBUG (see the Makefile), so a refused move returns
+ * PB_EINVAL instead of aborting.
+ */
+#include <poll.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "broker.h"
+#include "log.h"
+#include "poolbroker.h"
+
+broker B;
+
+/* ------------------------------------------------------------- fake loop */
+
+static void fake_submit(loop *l, ev_op *op)
+{
+    (void)l;
+    (void)op;                       /* the op stays pending until complete() */
+}
+
+static void fake_cancel(loop *l, ev_op *op)
+{
+    (void)l;
+    (void)op;                       /* the test completes it, as a real loop would */
+}
+
+static int fake_run(loop *l, int timeout_ms)
+{
+    (void)l;
+    (void)timeout_ms;
+    return 0;
+}
+
+static void fake_destroy(loop *l)
+{
+    (void)l;
+}
+
+static const struct loop_ops fake_ops = { "fake", fake_submit, fake_cancel, fake_run, fake_destroy };
+static loop fake_loop = { &fake_ops, LOOP_EPOLL };
+
+/* The loop delivers op's completion. */
+static void complete(ev_op *op, int res)
+{
+    assert_true(op->pending);
+    op->pending = 0;
+    op->cb(op, res);
+}
+
+/* The backends loop.c would choose between: not used here. */
+loop *loop_uring_new(void) { return NULL; }
+loop *loop_epoll_new(void) { return NULL; }
+
+/* ----------------------------------------------------------- fake driver
+ * A request is any bytes and asks for one reply per byte 'Q'.  In the reply
+ * stream each 'R' is one complete reply (transaction status idle), 'E' an
+ * error reply, anything else filler; '!' is a protocol error. */
+
+static int fake_connect_result = PB_OK;
+
+static int fake_connect_start(conn *c, drv_poll *want)
+{
+    c->fd = 1000 + (int)c->index;  /* no such descriptor: shutdown() on it fails harmlessly */
+    if (fake_connect_result != PB_OK) {
+        snprintf(c->error, sizeof c->error, "fake connect failed");
+        return DRV_ERROR;
+    }
+    want->fd = c->fd;
+    want->events = POLLOUT;
+    return DRV_AGAIN;
+}
+
+/* The handshake is one round: the poll fired, it is done. */
+static int fake_connect_step(conn *c, int revents, drv_poll *want)
+{
+    (void)c;
+    (void)want;
+    return revents > 0 ? DRV_OK : DRV_ERROR;
+}
+
+static int fake_frame_request(conn *c, const uint8_t *req, uint32_t len, uint32_t *nreplies)
+{
+    (void)c;
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < len; i++)
+        n += req[i] == 'Q';
+    *nreplies = n;
+    return PB_OK;
+}
+
+static int fake_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_reply *out)
+{
+    (void)c;
+    for (size_t i = 0; i < n; i++) {
+        if (p[i] == '!')
+            return DRV_ERROR;
+        if (p[i] == 'R' || p[i] == 'E') {
+            out->txn = 'I';
+            out->errors = p[i] == 'E';
+            *used = i + 1;
+            return DRV_OK;
+        }
+    }
+    *used = n;
+    return DRV_AGAIN;
+}
+
+static int fake_build_reset(conn *c, int dirty, drv_buf *out)
+{
+    (void)c;
+    if (!dirty)
+        return 0;
+    return drv_buf_append(out, "Q", 1) == PB_OK ? 1 : -1;
+}
+
+static int fake_build_ping(conn *c, drv_buf *out)
+{
+    (void)c;
+    return drv_buf_append(out, "Q", 1) == PB_OK ? 1 : -1;
+}
+
+static int cancels;
+
+/* Queued at once; "delivered" when the test sets the count back to 0. */
+static int fake_cancel_cmd(conn *c, _Atomic int *inflight, int wake_fd)
+{
+    (void)c;
+    (void)wake_fd;
+    cancels++;
+    atomic_fetch_add(inflight, 1);
+    return PB_OK;
+}
+
+static int fake_closed;
+
+static void fake_close(conn *c)
+{
+    fake_closed++;
+    c->fd = -1;
+}
+
+static const driver fake_driver = {
+    .name = "fake",
+    .connect_start = fake_connect_start,
+    .connect_step = fake_connect_step,
+    .frame_request = fake_frame_request,
+    .scan_reply = fake_scan_reply,
+    .build_reset = fake_build_reset,
+    .build_ping = fake_build_ping,
+    .cancel = fake_cancel_cmd,
+    .close = fake_close,
+};
+
+/* pool_setup picks one of these by pool type; the test swaps in its own. */
+const driver pg_driver = { .name = "pg (unused)" };
+const driver redis_driver = { .name = "redis (unused)" };
+
+/* --------------------------------------------------- the rest of the broker */
+
+static int repairs;
+void shm_note_repair(broker *b)
+{
+    (void)b;
+    repairs++;
+}
+
+void tls_recv(conn *c, void *buf, size_t len) { (void)c; (void)buf; (void)len; fail(); }
+void tls_send(conn *c, const void *buf, size_t len) { (void)c; (void)buf; (void)len; fail(); }
+void tls_cancel(conn *c, ev_op *op) { (void)c; (void)op; fail(); }
+
+
+/* ------------------------------------------------------------ the fixture */
+
+#define REQ_SIZE 256
+#define REP_SIZE 256
+#define NSLOTS   2
+#define CLIENT_ID 0x1001u
+
+static struct {
+    pb_shm_header hdr;
+    pb_shm_pool pools[1];
+    pb_shm_client clients[1];
+    pb_shm_slot slots[NSLOTS];
+    uint8_t bufs[NSLOTS][REQ_SIZE + REP_SIZE];
+} *seg;
+
+static conf_pool cp;
+static pool *P;
+
+static int setup(void **state)
+{
+    (void)state;
+    log_level = LOG_LVL_ERROR;      /* the refused moves log an error: expected */
+    seg = calloc(1, sizeof *seg);
+    assert_non_null(seg);
+    for (uint32_t i = 0; i < NSLOTS; i++) {
+        pb_shm_slot *sl = &seg->slots[i];
+        sl->req_off = (uint64_t)((uint8_t *)seg->bufs[i] - (uint8_t *)seg);
+        sl->rep_off = sl->req_off + REQ_SIZE;
+        sl->req_size = REQ_SIZE;
+        sl->rep_size = REP_SIZE;
+        atomic_store(&sl->word, PB_WORD(PB_SLOT_EMPTY, 0, 1));
+    }
+    memset(&B, 0, sizeof B);
+    B.lp = &fake_loop;
+    B.hdr = &seg->hdr;
+    B.shm_pools = seg->pools;
+    B.shm_clients = seg->clients;
+    B.shm_slots = seg->slots;
+    B.max_clients = 1;
+    B.nslots = NSLOTS;
+    B.now_ms = 1000000;
+    B.doorbell_fd = -1;
+    memset(&cp, 0, sizeof cp);
+    snprintf(cp.name, sizeof cp.name, "t");
+    cp.type = PB_POOL_POSTGRES;
+    cp.max_size = NSLOTS;
+    cp.reset_policy = PB_RESET_ROLLBACK;
+    B.pools = calloc(1, sizeof *B.pools);
+    B.slots = calloc(NSLOTS, sizeof *B.slots);
+    assert_non_null(B.pools);
+    assert_non_null(B.slots);
+    assert_int_equal(pool_setup(&B, &B.pools[0], 0, &cp, 0), 0);
+    B.npools = 1;
+    P = &B.pools[0];
+    P->drv = &fake_driver;
+    fake_connect_result = PB_OK;
+    fake_closed = repairs = cancels = 0;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    for (uint32_t k = 0; k < P->nconns; k++) {
+        free(P->conns[k].sbuf.p);
+        free(P->conns[k].scratch);
+    }
+    free(P->conns);
+    free(P->wq);
+    free(B.pools);
+    free(B.slots);
+    free(seg);
+    return 0;
+}
+
+static unsigned slot_state(const conn *c)
+{
+    return PB_WORD_STATE(atomic_load(&c->slot->word));
+}
+
+/* Start slot 0's connection and finish its handshake: READY and FREE. */
+static conn *connected(void)
+{
+    conn *c = &P->conns[0];
+    conn_start_connect(c);
+    assert_int_equal(c->phase, PH_CONNECTING);
+    assert_int_equal(slot_state(c), PB_SLOT_CONNECTING);
+    assert_int_equal(P->connecting, 1);
+    assert_int_equal(P->live, 1);
+    assert_true(c->poll_op.pending);    /* the driver asked to wait for POLLOUT */
+    complete(&c->poll_op, POLLOUT);
+    assert_int_equal(c->phase, PH_READY);
+    assert_int_equal(slot_state(c), PB_SLOT_FREE);
+    assert_int_equal(P->connecting, 0);
+    assert_int_equal(P->live, 1);
+    assert_true(atomic_load(&P->shm->freemap[0]) & 1u);
+    return c;
+}
+
+/* What a client does to lease a free slot on the fast path. */
+static uint64_t client_lease(conn *c)
+{
+    uint64_t w = atomic_load(&c->slot->word);
+    assert_int_equal(PB_WORD_STATE(w), PB_SLOT_FREE);
+    atomic_fetch_and(&P->shm->freemap[0], ~1ull);
+    uint64_t leased = PB_WORD_NEXT(w, PB_SLOT_LEASED, CLIENT_ID);
+    assert_true(atomic_compare_exchange_strong(&c->slot->word, &w, leased));
+    pb_slot_stamp_lease(c->slot, B.now_ms);
+    return leased;
+}
+
+/* The holder writes a request and submits it; the broker sends it. */
+static void client_submit(conn *c, uint64_t lease, const char *req)
+{
+    uint32_t len = (uint32_t)strlen(req);
+    memcpy(c->req, req, len);
+    atomic_store(&c->slot->req_len, len);
+    uint32_t seq = atomic_fetch_add(&c->slot->req_seq, 1) + 1;
+    conn_submit(c, lease, seq);
+    assert_int_equal(atomic_load(&c->slot->req_ack), seq);
+    assert_true(c->send_op.pending);
+    complete(&c->send_op, (int)len);
+}
+
+/* The server's bytes arrive for the recv in flight. */
+static void server_replies(conn *c, const char *bytes)
+{
+    size_t n = strlen(bytes);
+    assert_true(c->recv_op.pending);
+    assert_true(n <= c->recv_op.len);
+    memcpy(c->recv_op.buf, bytes, n);
+    complete(&c->recv_op, (int)n);
+}
+
+/* The holder gives the slot back through the broker (LEASED → RELEASING). */
+static void client_release(conn *c, uint64_t lease)
+{
+    uint64_t rel = PB_WORD_NEXT(lease, PB_SLOT_RELEASING, CLIENT_ID);
+    assert_true(atomic_compare_exchange_strong(&c->slot->word, &lease, rel));
+    conn_release(c, rel);
+}
+
+/* ----------------------------------------------------------------- tests */
+
+static void test_connect(void **state)
+{
+    (void)state;
+    (void)connected();
+    assert_int_equal(atomic_load(&P->shm->size), 1);
+    assert_int_equal(P->health, PB_HEALTH_HEALTHY);
+}
+
+static void test_connect_failed(void **state)
+{
+    (void)state;
+    conn *c = &P->conns[0];
+    fake_connect_result = PB_EBACKEND;
+    conn_start_connect(c);
+    assert_int_equal(c->phase, PH_EMPTY);
+    assert_int_equal(slot_state(c), PB_SLOT_EMPTY);
+    assert_int_equal(P->connecting, 0);
+    assert_int_equal(P->live, 0);
+    assert_int_equal(P->fails, 1);
+    assert_int_equal(P->health, PB_HEALTH_DOWN);
+    assert_true(P->backoff_until_ms > B.now_ms);
+}
+
+/* The driver's handshake step fails after the poll: back to EMPTY. */
+static void test_connect_step_failed(void **state)
+{
+    (void)state;
+    conn *c = &P->conns[0];
+    conn_start_connect(c);
+    assert_int_equal(c->phase, PH_CONNECTING);
+    complete(&c->poll_op, 0);           /* fake_connect_step: DRV_ERROR */
+    assert_int_equal(c->phase, PH_EMPTY);
+    assert_int_equal(slot_state(c), PB_SLOT_EMPTY);
+    assert_int_equal(P->live, 0);
+    assert_int_equal(P->connecting, 0);
+    assert_int_equal(fake_closed, 1);
+}
+
+static void test_serve_and_release(void **state)
+{
+    (void)state;
+    conn *c = connected();
+    uint64_t lease = client_lease(c);
+    client_submit(c, lease, "QQ");
+    assert_int_equal(c->expect, 2);
+    assert_int_equal(B.inflight, 1);
+    server_replies(c, "xR");
+    assert_int_equal(c->expect, 1);
+    assert_int_equal(atomic_load(&c->slot->reply_done), 1);
+    server_replies(c, "R");
+    assert_int_equal(c->expect, 0);
+    assert_int_equal(B.inflight, 0);
+    assert_int_equal(atomic_load(&c->slot->reply_done), 2);
+    assert_int_equal(c->phase, PH_READY);
+    client_release(c, lease);
+    /* Nothing owed, nothing to reset: straight back to the free map. */
+    assert_int_equal(c->phase, PH_READY);
+    assert_int_equal(slot_state(c), PB_SLOT_FREE);
+}
+
+static void test_release_with_replies_owed(void **state)
+{
+    (void)state;
+    conn *c = connected();
+    uint64_t lease = client_lease(c);
+    client_submit(c, lease, "Q");
+    client_release(c, lease);
+    assert_int_equal(c->phase, PH_DRAINING);
+    assert_int_equal(slot_state(c), PB_SLOT_RESETTING);
+    assert_true(c->to_sink);
+    assert_int_equal(cancels, 1);       /* nobody reads it: PostgreSQL cancels it */
+    atomic_store(&c->cancel_inflight, 0);   /* delivered */
+    server_replies(c, "R");
+    assert_int_equal(c->phase, PH_READY);
+    assert_int_equal(slot_state(c), PB_SLOT_FREE);
+    assert_false(c->to_sink);
+}
+
+static void test_release_awaits_cancel(void **state)
+{
+    (void)state;
+    conn *c = connected();
+    uint64_t lease = client_lease(c);
+    client_submit(c, lease, "Q");
+    client_release(c, lease);
+    assert_int_equal(c->phase, PH_DRAINING);
+    assert_int_equal(atomic_load(&c->cancel_inflight), 1);
+    /* The reply arrives before the cancel request was delivered: hold. */
+    server_replies(c, "R");
+    assert_int_equal(c->phase, PH_AWAIT_CANCEL);
+    assert_int_equal(slot_state(c), PB_SLOT_RESETTING);
+    conn_settle(c);                     /* still in flight: nothing happens */
+    assert_int_equal(c->phase, PH_AWAIT_CANCEL);
+    atomic_store(&c->cancel_inflight, 0);
+    conn_settle(c);
+    assert_int_equal(c->phase, PH_READY);
+    assert_int_equal(slot_state(c), PB_SLOT_FREE);
+}
+
+static void test_reset_after_dirty_lease(void **state)
+{
+    (void)state;
+    conn *c = connected();
+    uint64_t lease = client_lease(c);
+    atomic_fetch_or(&c->slot->client_flags, PB_CF_DIRTY);
+    client_release(c, lease);
+    assert_int_equal(c->phase, PH_RESETTING);
+    assert_int_equal(slot_state(c), PB_SLOT_RESETTING);
+    assert_int_equal(c->expect, 1);
+    complete(&c->send_op, 1);
+    server_replies(c, "R");
+    assert_int_equal(c->phase, PH_READY);
+    assert_int_equal(slot_state(c), PB_SLOT_FREE);
+    assert_int_equal(atomic_load(&P->shm->resets), 1);
+}
+
+static void test_reset_refused_closes(void **state)
+{
+    (void)state;
+    conn *c = connected();
+    uint64_t lease = client_lease(c);
+    atomic_fetch_or(&c->slot->client_flags, PB_CF_DIRTY);
+    client_release(c, lease);
+    complete(&c->send_op, 1);
+    server_replies(c, "E");             /* the server refused the reset */
+    assert_int_equal(c->phase, PH_CLOSING);
+    assert_int_equal(slot_state(c), PB_SLOT_CLOSING);
+    assert_int_equal(P->live, 0);
+}
+
+static void test_validate_after_idle(void **state)
+{
+    (void)state;
+    cp.validate_after_idle_ms = 100;
+    conn *c = connected();
+    atomic_store(&c->slot->idle_ms, B.now_ms - 1000);
+    /* What the janitor does with a slot idle too long. */
+    assert_true(slot_take_free(c, PB_SLOT_RESETTING));
+    conn_validate_or_offer(c);
+    assert_int_equal(c->phase, PH_VALIDATING);
+    complete(&c->send_op, 1);
+    server_replies(c, "R");
+    assert_int_equal(c->phase, PH_READY);
+    assert_int_equal(slot_state(c), PB_SLOT_FREE);
+}
+
+static void test_reclaim(void **state)
+{
+    (void)state;
+    conn *c = connected();
+    uint64_t lease = client_lease(c);
+    conn_take_back(c, lease, "test");
+    assert_int_equal(c->phase, PH_READY);
+    assert_int_equal(slot_state(c), PB_SLOT_FREE);
+    assert_int_equal(atomic_load(&P->shm->reclaims), 1);
+}
+
+static void test_failure_and_close(void **state)
+{
+    (void)state;
+    conn *c = connected();
+    uint64_t lease = client_lease(c);
+    client_submit(c, lease, "Q");
+    complete(&c->recv_op, 0);           /* the server hung up */
+    assert_true(c->broken);
+    assert_int_equal(atomic_load(&c->slot->io_error), PB_EBACKEND);
+    assert_int_equal(c->phase, PH_READY);   /* still leased: the holder learns first */
+    client_release(c, lease);
+    assert_int_equal(c->phase, PH_CLOSING);
+    assert_int_equal(P->live, 0);
+    /* In-flight operations end before the driver state goes. */
+    if (c->poll_op.pending)
+        complete(&c->poll_op, -125);
+    assert_int_equal(c->phase, PH_EMPTY);
+    assert_int_equal(slot_state(c), PB_SLOT_EMPTY);
+    assert_true(fake_closed >= 1);
+}
+
+static void test_close_waits_for_ops(void **state)
+{
+    (void)state;
+    conn *c = connected();
+    uint64_t lease = client_lease(c);
+    client_submit(c, lease, "Q");
+    assert_true(c->recv_op.pending);
+    client_release(c, lease);
+    assert_int_equal(c->phase, PH_DRAINING);
+    conn_close(c, "test");
+    assert_int_equal(c->phase, PH_CLOSING);
+    complete(&c->recv_op, -125);        /* the cancelled recv comes back */
+    if (c->poll_op.pending)
+        complete(&c->poll_op, -125);
+    assert_int_equal(c->phase, PH_EMPTY);
+    assert_int_equal(B.inflight, 0);
+}
+
+static void test_protocol_error(void **state)
+{
+    (void)state;
+    conn *c = connected();
+    uint64_t lease = client_lease(c);
+    client_submit(c, lease, "Q");
+    server_replies(c, "RR");            /* one more reply than asked for */
+    assert_true(c->broken);
+    assert_int_equal(atomic_load(&c->slot->io_error), PB_EBACKEND);
+}
+
+/* The diagram, as a table: every pair not listed is refused. */
+static void test_phase_table(void **state)
+{
+    (void)state;
+    static const struct { enum conn_phase from, to; } ok[] = {
+        { PH_EMPTY, PH_CONNECTING },
+        { PH_CONNECTING, PH_READY },       { PH_CONNECTING, PH_EMPTY },
+        { PH_READY, PH_DRAINING },         { PH_READY, PH_RESETTING },
+        { PH_READY, PH_VALIDATING },       { PH_READY, PH_CLOSING },
+        { PH_DRAINING, PH_AWAIT_CANCEL },  { PH_DRAINING, PH_READY },
+        { PH_DRAINING, PH_RESETTING },     { PH_DRAINING, PH_VALIDATING },
+        { PH_DRAINING, PH_CLOSING },
+        { PH_AWAIT_CANCEL, PH_READY },     { PH_AWAIT_CANCEL, PH_RESETTING },
+        { PH_AWAIT_CANCEL, PH_VALIDATING }, { PH_AWAIT_CANCEL, PH_CLOSING },
+        { PH_RESETTING, PH_READY },        { PH_RESETTING, PH_CLOSING },
+        { PH_VALIDATING, PH_READY },       { PH_VALIDATING, PH_CLOSING },
+        { PH_CLOSING, PH_EMPTY },
+    };
+    for (int f = 0; f < PH_COUNT; f++)
+        for (int t = 0; t < PH_COUNT; t++) {
+            int want = 0;
+            for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++)
+                want |= ok[i].from == (enum conn_phase)f && ok[i].to == (enum conn_phase)t;
+            if (conn_phase_allowed((enum conn_phase)f, (enum conn_phase)t) != want)
+                fail_msg("%s -> %s: allowed %d, want %d", conn_phase_name((enum conn_phase)f),
+                         conn_phase_name((enum conn_phase)t), !want, want);
+        }
+}
+
+static void test_impossible_moves_refused(void **state)
+{
+    (void)state;
+    log_level = LOG_LVL_ERROR + 1;  /* each refusal logs two errors: expected, not shown */
+    conn *c = &P->conns[0];
+    assert_int_equal(conn_set_phase(c, PH_READY), PB_EINVAL);      /* EMPTY -> READY */
+    assert_int_equal(c->phase, PH_EMPTY);
+    assert_int_equal(conn_set_phase(c, PH_CLOSING), PB_EINVAL);
+    assert_int_equal(P->live, 0);                                   /* nothing was undone */
+    c = connected();
+    assert_int_equal(conn_set_phase(c, PH_CONNECTING), PB_EINVAL);
+    assert_int_equal(conn_set_phase(c, PH_AWAIT_CANCEL), PB_EINVAL);
+    assert_int_equal(conn_set_phase(c, PH_EMPTY), PB_EINVAL);
+    assert_int_equal(c->phase, PH_READY);
+    assert_int_equal(P->live, 1);
+    assert_int_equal(conn_set_phase(c, (enum conn_phase)PH_COUNT), PB_EINVAL);
+    assert_int_equal(c->phase, PH_READY);
+}
+
+/* A worker writing a RELEASING word over a slot the broker holds must not
+ * derail (or crash) the broker: the release is ignored and counted. */
+static void test_scribbled_release_ignored(void **state)
+{
+    (void)state;
+    conn *c = connected();
+    uint64_t lease = client_lease(c);
+    atomic_fetch_or(&c->slot->client_flags, PB_CF_DIRTY);
+    client_release(c, lease);
+    assert_int_equal(c->phase, PH_RESETTING);
+    uint64_t w = atomic_load(&c->slot->word);
+    uint64_t bad = PB_WORD_NEXT(w, PB_SLOT_RELEASING, CLIENT_ID);
+    atomic_store(&c->slot->word, bad);
+    conn_release(c, bad);
+    assert_int_equal(c->phase, PH_RESETTING);
+    assert_int_equal(repairs, 1);
+    complete(&c->send_op, 1);
+    server_replies(c, "R");
+    assert_int_equal(c->phase, PH_READY);
+    assert_int_equal(slot_state(c), PB_SLOT_FREE);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_connect, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_connect_failed, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_connect_step_failed, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_serve_and_release, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_release_with_replies_owed, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_release_awaits_cancel, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_reset_after_dirty_lease, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_reset_refused_closes, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_validate_after_idle, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_reclaim, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_failure_and_close, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_close_waits_for_ops, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_protocol_error, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_phase_table, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_impossible_moves_refused, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_scribbled_release_ignored, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
