@@ -34,7 +34,7 @@ UNIT_TESTS := test_conf test_pgproto test_slots
 INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops test_lifecycle test_metrics test_death test_tls test_security
 TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%) $(BUILD)/tests/noring
 
-.PHONY: all test unit integ run install bench clean deps examples
+.PHONY: all test unit integ run install bench clean deps examples python python-test
 .PHONY: bench-deps
 all: $(BUILD)/poolbroker $(BUILD)/libpoolbroker.so $(BUILD)/libpoolbroker.a $(BUILD)/shmstat \
      $(BUILD)/poolbroker.pc examples
@@ -84,6 +84,22 @@ examples: $(BUILD)/examples/prefork_http
 $(BUILD)/examples/prefork_http: examples/prefork_http.c include/poolbroker.h $(BUILD)/libpoolbroker.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $< $(BUILD)/libpoolbroker.a -o $@ $(LDFLAGS) -lpq -lhiredis
+
+# ---------------------------------------------------------------- python
+# The `poolbroker` Python package (python/, docs/python.md), built in place
+# so that `PYTHONPATH=python /usr/bin/python3 -c 'import poolbroker'` works
+# from here.  The extension links the static library (-fPIC objects) and
+# shmstat's reader (tools/shmview.c), so it needs no libpoolbroker.so at run
+# time.  /usr/bin/python3: Debian's, which has the python3-* packages.
+PYTHON ?= /usr/bin/python3
+
+python: $(BUILD)/libpoolbroker.a $(BUILD)/pic/tools/shmview.o
+	cd python && POOLBROKER_BUILD=$(abspath $(BUILD)) $(PYTHON) setup.py -q build_ext --inplace --force
+
+# The pytest suite (python/tests) on real servers and a real broker of this
+# build.  Sanitizer builds skip it: see python-test in docs/python.md.
+python-test: all python
+	@bash python/tests/run-pytest $(BUILD) "$(SANITIZE)"
 
 # ---------------------------------------------------------------- tests
 $(BUILD)/tests/test_conf: tests/test_conf.c broker/conf.c broker/log.c
@@ -153,9 +169,11 @@ deps:
 
 # The fuzz targets run briefly first (and replay their regression inputs),
 # so that the test runner's summary is the last line.
-test: deps all $(TEST_BINS)
+# The Python suite runs last inside run-tests (PB_PYTEST); sanitizer builds
+# skip it and do not build the extension.
+test: deps all $(TEST_BINS) $(if $(SANITIZE),,python)
 	@$(MAKE) --no-print-directory fuzz-regress fuzz-smoke
-	@bash tests/run-tests $(BUILD) $(UNIT_TESTS) -- $(INTEG_TESTS)
+	@PB_PYTEST=1 PB_SANITIZE=$(SANITIZE) bash tests/run-tests $(BUILD) $(UNIT_TESTS) -- $(INTEG_TESTS)
 
 unit: all $(UNIT_TESTS:%=$(BUILD)/tests/%)
 	@bash tests/run-tests $(BUILD) $(UNIT_TESTS) --
