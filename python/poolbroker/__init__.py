@@ -50,3 +50,20 @@ def stats(shm_name=None, pool=None):
     if shm_name is None:
         shm_name = _os.environ.get("POOLBROKER_SHM") or "/poolbroker"
     return _json.loads(_poolbroker.stats_json(shm_name, pool))
+
+
+def _register_sqlalchemy():
+    # Importing SQLAlchemy costs most of a second: register the dialect here
+    # only when the application has imported it already (otherwise the
+    # entry point, or `import poolbroker.sqlalchemy`, does).
+    import sys
+    if "sqlalchemy" in sys.modules:
+        try:
+            from sqlalchemy.dialects import registry
+        except ImportError:
+            return
+        registry.register("postgresql.poolbroker", "poolbroker.sqlalchemy", "PGDialect_poolbroker")
+        registry.register("poolbroker", "poolbroker.sqlalchemy", "PGDialect_poolbroker")
+
+
+_register_sqlalchemy()
