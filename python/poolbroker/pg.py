@@ -364,7 +364,6 @@ class Connection:
         self.isolation_level = None      # None: server default; else e.g. 'SERIALIZABLE'
         self.readonly = None
         self.deferrable = None
-        self.notices = []
 
     # -- state ------------------------------------------------------------
 
