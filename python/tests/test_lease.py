@@ -79,9 +79,10 @@ def test_stats_matches_shmstat(env):
 
 def test_idle_connection_holds_nothing(env):
     """Pool tiny has one connection: a committed Connection kept alive
-    does not stop another from getting it."""
+    does not stop another from getting it (if it held the lease, b would
+    time out: tiny's acquire_timeout_ms is 300)."""
     a = poolbroker.connect("tiny", socket=env.socket)
-    b = poolbroker.connect("tiny", socket=env.socket, acquire_timeout_ms=200)
+    b = poolbroker.connect("tiny", socket=env.socket, acquire_timeout_ms=10000)
     for _ in range(5):
         a.cursor().execute("SELECT 1")
         a.commit()
