@@ -35,7 +35,7 @@ INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops test
 TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%) $(BUILD)/tests/noring
 
 .PHONY: all test unit integ run install bench clean deps examples python python-test
-.PHONY: bench-deps
+.PHONY: bench-deps bench-python
 all: $(BUILD)/poolbroker $(BUILD)/libpoolbroker.so $(BUILD)/libpoolbroker.a $(BUILD)/shmstat \
      $(BUILD)/poolbroker.pc examples
 
@@ -190,8 +190,15 @@ bench-deps:
 	@bash tools/install-deps --bench
 
 bench: bench-deps
-	@$(MAKE) --no-print-directory all $(BENCH_BINS)
+	@$(MAKE) --no-print-directory all $(BENCH_BINS) python
 	@bash bench/run $(BUILD)
+	@$(PYTHON) python/bench/run $(BUILD)
+
+# The Python rows alone (python/bench/run: per-query cost, FastAPI under
+# gunicorn vs asyncpg); writes python/bench/results-python.md.
+bench-python: bench-deps
+	@$(MAKE) --no-print-directory all python
+	@$(PYTHON) python/bench/run $(BUILD)
 
 $(BUILD)/bench/bench: bench/bench.c include/poolbroker.h $(BUILD)/libpoolbroker.a
 	@mkdir -p $(dir $@)

@@ -10,6 +10,7 @@ Endpoints
                 PostgreSQL table hits in one transaction; returns
                 {"hit": <the INCR value>, "pid": <worker pid>}
   GET  /count   {"rows": <rows in hits>, "redis": <the counter>}
+  GET  /q       {"v": 1}: one `SELECT 1` (what python/bench/run measures)
   GET  /health  200 {"status": "ok", ...} or 503 {"status": "degraded", ...}:
                 the broker's pools from poolbroker.stats() (shared memory,
                 no query sent)
@@ -69,6 +70,14 @@ def count():
     cur.execute("SELECT count(*) FROM hits")
     rows = cur.fetchone()[0]
     return {"rows": rows, "redis": int(redis.get("hits") or 0)}
+
+
+@app.get("/q")
+def q():
+    conn = poolbroker.connect(pool=PG_POOL, autocommit=True)
+    cur = conn.cursor()
+    cur.execute("SELECT 1")
+    return {"v": cur.fetchone()[0]}
 
 
 @app.get("/health")
