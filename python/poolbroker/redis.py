@@ -194,6 +194,13 @@ def _parse(command, response, options):
     return cb(response, **options) if cb is not None else response
 
 
+def _command_name(a):
+    """The reply-callback key of a command's first argument: a str name in
+    any case ("get", "GET"); a bytes name matches no callback and its reply
+    stays raw, as in redis-py (its callback table has str keys)."""
+    return a.upper() if isinstance(a, str) else None
+
+
 def _encode(v):
     """redis-py's Encoder.encode: bytes as is, int/float by repr, str as
     UTF-8; bool, None and anything else raise DataError."""
@@ -555,7 +562,7 @@ class Redis(_Commands):
             raise _lib_error(e) from None
         if isinstance(reply, ResponseError):
             raise reply
-        return _parse(str(args[0]).upper(), reply, options)
+        return _parse(_command_name(args[0]), reply, options)
 
     def pipeline(self, transaction=True, shard_hint=None):
         """A Pipeline (redis-py's default transaction=True wraps the commands
@@ -606,7 +613,7 @@ class Pipeline(_Commands):
         self.transaction = True
 
     def execute_command(self, *args, **options):
-        self.command_stack.append(([_encode(a) for a in args], str(args[0]).upper(), options))
+        self.command_stack.append(([_encode(a) for a in args], _command_name(args[0]), options))
         return self
 
     def execute(self, raise_on_error=True):

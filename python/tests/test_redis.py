@@ -61,6 +61,7 @@ def script(c):
     f((cur, sorted(keys))); f(sorted(c.scan_iter(match="h*")))
     f(c.publish("chan", "msg")); f(c.ping()); f(c.dbsize())
     f(c.execute_command("SET", "raw", "1")); f(c.execute_command("GET", "raw"))
+    f(c.execute_command(b"set", "raw2", "2")); f(c.execute_command(b"SISMEMBER", "st", "a"))
     f(c.execute_command("STRLEN", "raw"))
     p = c.pipeline(transaction=False)
     p.set("pa", 1).incr("pa").get("pa").hgetall("h").zscore("z", "b").smembers("st").sismember("st", "a")
