@@ -364,6 +364,7 @@ class Connection:
         self.isolation_level = None      # None: server default; else e.g. 'SERIALIZABLE'
         self.readonly = None
         self.deferrable = None
+        self.notices = []                # psycopg2's: server notices, last 50
 
     # -- state ------------------------------------------------------------
 
@@ -483,16 +484,27 @@ class Connection:
             except _common.LibError as e:
                 # No answer: the connection's state is unknown; give it back
                 # (the broker resets it) and make the caller start over.
+                self._take_notices(lease)
                 self._drop_lease()
                 raise _lib_error(e) from None
             except (T.ConversionError, UnicodeDecodeError) as e:
+                self._take_notices(lease)
                 raise DataError(str(e)) from None
+            self._take_notices(lease)
             for r in results:
                 self._check_result(r)
             return results
         finally:
             if self._autocommit:
                 self._drop_lease()
+
+    def _take_notices(self, lease):
+        """Move the server's notices of the last call into self.notices
+        (psycopg2: a list of "SEVERITY:  message\\n", the last 50 kept)."""
+        new = lease.take_notices()
+        if new:
+            self.notices.extend(new)
+            del self.notices[:-50]
 
     # -- PEP 249 ------------------------------------------------------------
 

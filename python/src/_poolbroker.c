@@ -50,12 +50,52 @@ static PyObject *raise_lib(int rc, const char *what)
 
 /* ------------------------------------------------------------------ Client */
 
+#define NOTICES_MAX 50               /* kept per client, oldest dropped (psycopg2 keeps 50) */
+
 typedef struct {
     PyObject_HEAD
     pb_client *c;
     PyThread_type_lock lock;        /* serialises calls on c and its leases */
     pid_t pid;                      /* process the lock belongs to */
+    char *notices[NOTICES_MAX];     /* "SEVERITY:  message\n", oldest first; under lock */
+    int nnotices;
 } ClientObject;
+
+/* pb_notice_handler: runs inside a library call (client lock held, GIL
+ * released), so it only stores C strings; take_notices() hands them to
+ * Python after the call. */
+static void on_notice(void *arg, const pb_result *n)
+{
+    ClientObject *cl = arg;
+    const char *sev = pb_error_field(n, 'S'), *msg = pb_error_field(n, 'M');
+    char *s = NULL;
+    if (asprintf(&s, "%s:  %s\n", sev ? sev : "NOTICE", msg ? msg : "") < 0)
+        return;
+    if (cl->nnotices == NOTICES_MAX) {
+        free(cl->notices[0]);
+        memmove(cl->notices, cl->notices + 1, (NOTICES_MAX - 1) * sizeof cl->notices[0]);
+        cl->nnotices--;
+    }
+    cl->notices[cl->nnotices++] = s;
+}
+
+/* The notices stored since the last call, as a list of str; clears them. */
+static PyObject *client_take_notices(ClientObject *cl)
+{
+    PyThread_type_lock lock = cl->lock;
+    PyThread_acquire_lock(lock, WAIT_LOCK);   /* holders never wait for the GIL */
+    PyObject *l = PyList_New(0);
+    for (int i = 0; i < cl->nnotices; i++) {
+        PyObject *s = l ? PyUnicode_DecodeUTF8(cl->notices[i], (Py_ssize_t)strlen(cl->notices[i]), "replace") : NULL;
+        if (l && (!s || PyList_Append(l, s) < 0))
+            Py_CLEAR(l);
+        Py_XDECREF(s);
+        free(cl->notices[i]);
+    }
+    cl->nnotices = 0;
+    PyThread_release_lock(lock);
+    return l;
+}
 
 static PyTypeObject ClientType;
 static PyTypeObject LeaseType;
@@ -98,6 +138,7 @@ static int Client_init(ClientObject *self, PyObject *args, PyObject *kw)
         return -1;
     }
     self->c = c;
+    pb_set_notice_handler(c, on_notice, self);
     return 0;
 }
 
@@ -105,6 +146,8 @@ static void Client_dealloc(ClientObject *self)
 {
     if (self->c)
         pb_disconnect(self->c);
+    for (int i = 0; i < self->nnotices; i++)
+        free(self->notices[i]);
     if (self->lock && self->pid == getpid())
         PyThread_free_lock(self->lock);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -186,6 +229,16 @@ static PyObject *Lease_release(LeaseObject *self, PyObject *unused)
 {
     (void)unused;
     return PyLong_FromLong(lease_release(self));
+}
+
+/* take_notices() -> [str]: notices (RAISE NOTICE, warnings) the server sent
+ * on any lease of this lease's client since the last take, oldest first,
+ * each "SEVERITY:  message\n" as psycopg2's connection.notices. */
+static PyObject *Lease_take_notices(LeaseObject *self, PyObject *unused)
+{
+    (void)unused;
+    (void)client_lock(self->client);
+    return client_take_notices(self->client);
 }
 
 static PyObject *Lease_get_released(LeaseObject *self, void *unused)
@@ -845,6 +898,8 @@ static PyMethodDef Client_methods[] = {
 static PyMethodDef Lease_methods[] = {
     { "release", (PyCFunction)Lease_release, METH_NOARGS,
       "release() -> int\n\npb_release; 0, or PB_ESTALE when the broker had taken the lease back.  Idempotent." },
+    { "take_notices", (PyCFunction)Lease_take_notices, METH_NOARGS,
+      "take_notices() -> [str]: server notices since the last take (\"NOTICE:  msg\\n\")" },
     { "pg_exec", (PyCFunction)Lease_pg_exec, METH_VARARGS,
       "pg_exec(sql, converters) -> (status, fields, rows, cmd_status, cmd_tuples, error)" },
     { "pg_exec_params", (PyCFunction)Lease_pg_exec_params, METH_VARARGS,

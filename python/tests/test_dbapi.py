@@ -249,3 +249,13 @@ def test_command_timeout_is_query_canceled(env):
     assert isinstance(ei.value, poolbroker.QueryCanceledError)
     assert ei.value.sqlstate == "57014"
     c.close()
+
+
+def test_notices(conn):
+    cur = conn.cursor()
+    cur.execute("DO $$ BEGIN RAISE NOTICE 'hello %', 1; RAISE WARNING 'careful'; END $$")
+    assert conn.notices == ["NOTICE:  hello 1\n", "WARNING:  careful\n"]
+    for i in range(60):
+        cur.execute("DO $$ BEGIN RAISE NOTICE 'n%', %s; END $$".replace("%s", str(i)))
+    assert len(conn.notices) == 50 and conn.notices[-1] == "NOTICE:  n59\n"
+    conn.rollback()
