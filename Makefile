@@ -93,12 +93,18 @@ $(BUILD)/examples/prefork_http: examples/prefork_http.c include/poolbroker.h $(B
 # time.  /usr/bin/python3: Debian's, which has the python3-* packages.
 PYTHON ?= /usr/bin/python3
 
+ifneq ($(SANITIZE),)
+python:
+	@echo "make python: not in a SANITIZE build: an instrumented libpoolbroker.a cannot load" \
+	    "into an uninstrumented python3 (see docs/python.md)" >&2; exit 1
+else
 python: $(BUILD)/libpoolbroker.a $(BUILD)/pic/tools/shmview.o
 	cd python && POOLBROKER_BUILD=$(abspath $(BUILD)) $(PYTHON) setup.py -q build_ext --inplace --force
+endif
 
 # The pytest suite (python/tests) on real servers and a real broker of this
 # build.  Sanitizer builds skip it: see python-test in docs/python.md.
-python-test: all python
+python-test: all $(if $(SANITIZE),,python)
 	@bash python/tests/run-pytest $(BUILD) "$(SANITIZE)"
 
 # ---------------------------------------------------------------- tests
