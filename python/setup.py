@@ -43,6 +43,8 @@ setup(
     name="poolbroker",
     version="0.1.0",
     description="PostgreSQL (DB-API 2.0) and Redis (redis-py style) through the poolbroker broker",
+    long_description=open(os.path.join(here, "README.md")).read(),
+    long_description_content_type="text/markdown",
     packages=["poolbroker"],
     ext_modules=[ext],
     python_requires=">=3.9",
