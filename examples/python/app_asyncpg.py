@@ -1,7 +1,7 @@
 """The same GET /q as app.py, the way teams build it without poolbroker:
-asyncpg with a pool per worker process (PB_APP_MODE=pool, asyncpg's default
-pool size 10... PB_ASYNCPG_MAX) or asyncpg.connect per request
-(PB_APP_MODE=connect).  The baseline python/bench/run compares app.py with.
+asyncpg with a pool per worker process (PB_APP_MODE=pool; asyncpg's default
+size, 10 connections opened at start, PB_ASYNCPG_MAX) or asyncpg.connect per
+request (PB_APP_MODE=connect).  The baseline python/bench/run compares app.py with.
 
 Environment: PB_PG_DSN (a libpq URI, e.g. postgresql://postgres@/postgres?host=/tmp&port=5432),
 PB_APP_MODE (pool | connect), PB_ASYNCPG_MAX (pool max_size, default 10).
@@ -22,7 +22,7 @@ async def startup():
     global pool
     if MODE == "pool":
         n = int(os.environ.get("PB_ASYNCPG_MAX", "10"))
-        pool = await asyncpg.create_pool(DSN, min_size=1, max_size=n)
+        pool = await asyncpg.create_pool(DSN, min_size=n, max_size=n)     # asyncpg's defaults: 10 and 10
 
 
 @app.get("/q")
