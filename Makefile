@@ -43,8 +43,8 @@ UNIT_TESTS := test_conf test_pgproto test_slots test_conn
 INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops test_lifecycle test_metrics test_death test_tls test_security test_async
 TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%) $(BUILD)/tests/noring
 
-.PHONY: all test unit integ run install bench clean deps examples check-docs
-.PHONY: bench-deps
+.PHONY: all test unit integ run install bench clean deps examples check-docs python python-test
+.PHONY: bench-deps bench-python
 all: $(BUILD)/poolbroker $(BUILD)/libpoolbroker.so $(BUILD)/libpoolbroker.a $(BUILD)/shmstat \
      $(BUILD)/poolbroker.pc examples
 
@@ -100,6 +100,35 @@ examples: $(BUILD)/examples/prefork_http
 $(BUILD)/examples/prefork_http: examples/prefork_http.c include/poolbroker.h $(BUILD)/libpoolbroker.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $< $(BUILD)/libpoolbroker.a -o $@ $(LDFLAGS) -lpq -lhiredis
+
+# ---------------------------------------------------------------- python
+# The `poolbroker` Python package (python/, docs/python.md), built in place
+# so that `PYTHONPATH=python /usr/bin/python3 -c 'import poolbroker'` works
+# from here.  The extension links the static library (-fPIC objects) and
+# shmstat's reader (common/shmview*.c), so it needs no libpoolbroker.so at run
+# time.  /usr/bin/python3: Debian's, which has the python3-* packages.
+PYTHON ?= /usr/bin/python3
+
+ifneq ($(SANITIZE),)
+python:
+	@echo "make python: not in a SANITIZE build: an instrumented libpoolbroker.a cannot load" \
+	    "into an uninstrumented python3 (see docs/python.md)" >&2; exit 1
+else
+# The segment reader (common/shmview*.c), position-independent, for the
+# extension's poolbroker.stats().
+$(BUILD)/pic/common/%.o: CFLAGS += -Icommon
+$(BUILD)/libshmview_pic.a: $(SHMVIEW_SRC:%.c=$(BUILD)/pic/%.o)
+	rm -f $@
+	ar rcs $@ $^
+
+python: $(BUILD)/libpoolbroker.a $(BUILD)/libshmview_pic.a
+	cd python && POOLBROKER_BUILD=$(abspath $(BUILD)) $(PYTHON) setup.py -q build_ext --inplace --force
+endif
+
+# The pytest suite (python/tests) on real servers and a real broker of this
+# build.  Sanitizer builds skip it: see python-test in docs/python.md.
+python-test: all $(if $(SANITIZE),,python)
+	@bash python/tests/run-pytest $(BUILD) "$(SANITIZE)"
 
 # ---------------------------------------------------------------- tests
 $(BUILD)/tests/test_conf: tests/test_conf.c broker/conf.c broker/log.c
@@ -176,11 +205,12 @@ deps:
 
 # The documentation check and the fuzz targets (briefly, and their
 # regression inputs) run first, so that the test runner's summary is the
-# last line.
-test: deps all $(TEST_BINS)
+# last line.  The Python suite runs last inside run-tests (PB_PYTEST); sanitizer builds
+# skip it and do not build the extension.
+test: deps all $(TEST_BINS) $(if $(SANITIZE),,python)
 	@/usr/bin/python3 tools/check-docs $(BUILD)
 	@$(MAKE) --no-print-directory fuzz-regress fuzz-smoke
-	@bash tests/run-tests $(BUILD) $(UNIT_TESTS) -- $(INTEG_TESTS)
+	@PB_PYTEST=1 PB_SANITIZE=$(SANITIZE) bash tests/run-tests $(BUILD) $(UNIT_TESTS) -- $(INTEG_TESTS)
 
 # Config keys, exported symbols and error codes are documented; no document
 # links a missing file (tools/check-docs says what it checks).
@@ -202,8 +232,15 @@ bench-deps:
 	@bash tools/install-deps --bench
 
 bench: bench-deps
-	@$(MAKE) --no-print-directory all $(BENCH_BINS)
+	@$(MAKE) --no-print-directory all $(BENCH_BINS) python
 	@bash bench/run $(BUILD)
+	@$(PYTHON) python/bench/run $(BUILD)
+
+# The Python rows alone (python/bench/run: per-query cost, FastAPI under
+# gunicorn vs asyncpg); writes python/bench/results-python.md.
+bench-python: bench-deps
+	@$(MAKE) --no-print-directory all python
+	@$(PYTHON) python/bench/run $(BUILD)
 
 $(BUILD)/bench/bench: bench/bench.c include/poolbroker.h $(BUILD)/libpoolbroker.a
 	@mkdir -p $(dir $@)
