@@ -23,6 +23,7 @@
 #include <linux/futex.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -493,7 +494,12 @@ static int find_pool(pb_client *c, const char *name, uint32_t *idx)
     for (uint32_t i = 0; i < c->npools; i++) {
         if (atomic_load_explicit(&c->pools[i].health, memory_order_relaxed) == PB_HEALTH_REMOVED)
             continue;               /* a pool a reload removed (it may be re-added) */
-        if (strncmp(c->pools[i].name, name, PB_NAME_MAX) == 0) {
+        /* Compared on a consistent copy: the broker may be rewriting the
+         * name this instant (undoing a scribble), see pb_pool_ident. */
+        pb_pool_ident id;
+        for (int tries = 0; pb_shm_pool_ident_read(&c->pools[i], &id, 64) < 0 && tries < 100; tries++)
+            sched_yield();
+        if (memcmp(id.name, name, n + 1) == 0) {
             memcpy(c->last_pool, name, n + 1);
             c->last_pool_idx = i;
             *idx = i;

@@ -164,7 +164,10 @@ typedef struct pb_hist {
 } pb_hist;
 
 typedef struct pb_shm_pool {
-    char name[PB_NAME_MAX];         /* broker */
+    /* The pool's identity (name, type, first_slot, slot_capacity): written by
+     * the broker before the pool is published (npools), then only to undo a
+     * scribble, under ident_seq; read with pb_shm_pool_ident_read(). */
+    char name[PB_NAME_MAX];         /* broker, NUL-terminated */
     uint32_t type;                  /* enum pb_pool_type */
     uint32_t first_slot;            /* slots [first_slot, first_slot+max_size) are this pool's */
     _Atomic uint32_t min_size;      /* broker; may change on reload */
@@ -180,7 +183,8 @@ typedef struct pb_shm_pool {
     _Atomic uint64_t max_uses;      /* broker; 0 = unlimited (a lease reaching it releases via the broker) */
     _Atomic uint32_t validate_after_idle_ms; /* broker; 0 = never: a slot idle longer is checked
                                        by the broker before anyone may use it */
-    _Atomic uint32_t pad2;
+    _Atomic uint32_t ident_seq;     /* broker: seqlock over the identity fields above, odd
+                                       while it rewrites them (pb_shm_pool_ident_publish) */
     char last_error[128];           /* broker; last connect/backend error, NUL-terminated */
 
     /* counters: updated with relaxed fetch_add by whoever does the thing */
@@ -292,6 +296,64 @@ static inline void pb_shm_hist_add(pb_hist *h, uint64_t us)
     atomic_fetch_add_explicit(&h->bucket[pb_shm_hist_bucket(us)], 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&h->sum_us, us, memory_order_relaxed);
     atomic_fetch_add_explicit(&h->count, 1, memory_order_relaxed);
+}
+
+/* ------------------------------------------------------------ pool identity
+ * A pool's name, type and slot range never change once the pool is published
+ * (a reload appends pools, it never reuses an entry).  The broker rewrites
+ * them only when they differ from its private copy — a worker scribbled on
+ * them — and then under the seqlock ident_seq, so that a reader never sees a
+ * half-written name: it copies the fields between two reads of an even,
+ * unchanged ident_seq (issue #19: a name rewritten on every janitor pass made
+ * find_pool see "" and return PB_ENOPOOL for a pool that exists). */
+typedef struct pb_pool_ident {
+    char name[PB_NAME_MAX];         /* NUL-terminated (forced) */
+    uint32_t type, first_slot, slot_capacity;
+} pb_pool_ident;
+
+/* Broker: make sp's identity (name, type, first, cap), writing nothing when
+ * it already is.  An odd ident_seq left by a scribbler is made even. */
+static inline void pb_shm_pool_ident_publish(pb_shm_pool *sp, const char *name, uint32_t type,
+                                             uint32_t first, uint32_t cap)
+{
+    char want[PB_NAME_MAX] = { 0 };
+    for (size_t i = 0; i < PB_NAME_MAX - 1 && name[i]; i++)
+        want[i] = name[i];
+    uint32_t seq = atomic_load_explicit(&sp->ident_seq, memory_order_relaxed);
+    int same = __builtin_memcmp(sp->name, want, sizeof want) == 0 && sp->type == type &&
+               sp->first_slot == first && sp->slot_capacity == cap;
+    if (same && !(seq & 1))
+        return;
+    seq |= 1;                       /* odd: readers retry */
+    atomic_store_explicit(&sp->ident_seq, seq, memory_order_relaxed);
+    atomic_thread_fence(memory_order_release);
+    __builtin_memcpy(sp->name, want, sizeof want);
+    sp->type = type;
+    sp->first_slot = first;
+    sp->slot_capacity = cap;
+    atomic_store_explicit(&sp->ident_seq, seq + 1, memory_order_release);
+}
+
+/* Reader (client library): a consistent copy of sp's identity.  Retries
+ * while the broker rewrites it; returns 0, or -1 when ident_seq stayed odd
+ * for `tries` reads (a scribbled seqlock: the broker's next janitor pass
+ * makes it even again) — *out then holds the last, possibly torn, copy. */
+static inline int pb_shm_pool_ident_read(pb_shm_pool *sp, pb_pool_ident *out, unsigned tries)
+{
+    for (unsigned i = 0;; i++) {
+        uint32_t s1 = atomic_load_explicit(&sp->ident_seq, memory_order_acquire);
+        __builtin_memcpy(out->name, sp->name, sizeof out->name);
+        out->type = sp->type;
+        out->first_slot = sp->first_slot;
+        out->slot_capacity = sp->slot_capacity;
+        atomic_thread_fence(memory_order_acquire);
+        uint32_t s2 = atomic_load_explicit(&sp->ident_seq, memory_order_relaxed);
+        out->name[PB_NAME_MAX - 1] = 0;
+        if (s1 == s2 && !(s1 & 1))
+            return 0;
+        if (i + 1 >= tries)
+            return -1;
+    }
 }
 
 /* ---------------------------------------------------------------- free map
