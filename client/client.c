@@ -237,8 +237,11 @@ PB_API int pb_connect(const char *socket_path, pb_client **out)
     c->ctrl_fd = c->doorbell_fd = -1;
     c->spin_ns = c->acq_spin_ns = SPIN_NS_START;
     const char *spin = getenv("POOLBROKER_SPIN_US");
-    if (spin)
-        c->spin_ns = c->acq_spin_ns = (uint32_t)strtoul(spin, NULL, 10) * 1000;
+    if (spin) {
+        /* In µs; clamped to what the nanosecond counter holds. */
+        unsigned long us = strtoul(spin, NULL, 10);
+        c->spin_ns = c->acq_spin_ns = us > UINT32_MAX / 1000 ? UINT32_MAX / 1000 * 1000 : (uint32_t)us * 1000;
+    }
     if (!c->socket_path) {
         free(c);
         return PB_ENOMEM;
@@ -577,8 +580,10 @@ static int try_take_free(pb_client *c, uint32_t pi, uint32_t *slot, uint64_t *wo
     return 1;
 }
 
-/* Queue for a slot and wait for the broker to hand us one. */
-static int wait_for_slot(pb_client *c, uint32_t pi, int timeout_ms, uint32_t *slot, uint64_t *word)
+/* Queue for a slot and wait for the broker to hand us one, at most
+ * timeout_ms (1 .. UINT32_MAX: the whole range of acquire_timeout_ms; the
+ * deadline is computed in 64-bit nanoseconds, which cannot overflow). */
+static int wait_for_slot(pb_client *c, uint32_t pi, uint32_t timeout_ms, uint32_t *slot, uint64_t *word)
 {
     pb_shm_client *rec = c->rec;
     uint32_t ticket = ++c->ticket;
@@ -644,6 +649,11 @@ PB_API int pb_acquire(pb_client *c, const char *pool, int timeout_ms, pb_lease *
     uint64_t w;
     uint64_t t0 = 0;
     int got = 0;
+    /* The wait, in ms: the caller's, or (timeout_ms < 0) the pool's
+     * acquire_timeout_ms, which is a uint32_t up to 4294967295 — never
+     * squeezed through an int (issue #18: the top of the range timed out at
+     * once). */
+    int64_t wait_ms = timeout_ms;
     /* Waiters first: while anyone is queued, a newcomer queues too. */
     if (atomic_load(&p->nwaiters) == 0 && try_take_free(c, pi, &s, &w)) {
         got = 1;
@@ -657,17 +667,17 @@ PB_API int pb_acquire(pb_client *c, const char *pool, int timeout_ms, pb_lease *
             if (atomic_compare_exchange_strong(&c->slots[s].word, &w, rel))
                 sq_push(c, PB_SQE(PB_SQ_RELEASE, s, PB_WORD_GEN(rel)));
             got = 0;
-            if (timeout_ms == 0)
-                timeout_ms = -1;    /* one is there; it just needs a check */
+            if (wait_ms == 0)
+                wait_ms = -1;       /* one is there; it just needs a check */
         }
     }
     if (!got) {
-        if (timeout_ms < 0)
-            timeout_ms = (int)atomic_load(&p->acquire_timeout_ms);
-        if (timeout_ms == 0 && atomic_load(&p->nwaiters) == 0)
+        if (wait_ms < 0)
+            wait_ms = (int64_t)atomic_load(&p->acquire_timeout_ms);
+        if (wait_ms == 0 && atomic_load(&p->nwaiters) == 0)
             return PB_ETIMEDOUT;
         t0 = pbi_now_us();
-        rc = wait_for_slot(c, pi, timeout_ms ? timeout_ms : 1, &s, &w);
+        rc = wait_for_slot(c, pi, wait_ms ? (uint32_t)wait_ms : 1, &s, &w);
         if (rc == PB_EBROKER) {
             /* The broker died under us: the mapping p points into is about
              * to go.  If a new broker is already up, try once more there. */

@@ -87,7 +87,8 @@ PB_API void pb_disconnect(pb_client *c);
 /* ------------------------------------------------------------------ leases */
 
 /* Lease a connection of pool <pool>.  timeout_ms < 0 uses the pool's
- * acquire_timeout_ms; 0 means "only if one is free now".  The fast path takes
+ * acquire_timeout_ms (its whole range, 0 to 4294967295 ms, which an int
+ * argument cannot carry); 0 means "only if one is free now".  The fast path takes
  * no syscall; otherwise the caller is queued (first come, first served) while
  * the broker grows the pool.  Errors: PB_ENOPOOL, PB_ETIMEDOUT, PB_EBACKEND
  * (backend known down: fails at once), PB_ESHUTDOWN, PB_EBROKER. */

@@ -810,6 +810,104 @@ static void test_api_edges(void **state)
     conf_free(c);
 }
 
+/* ------------------------------------------------------------ ranges */
+
+/* One numeric key and its documented range (man/poolbroker.conf.5): the
+ * bottom and the top parse to exactly that value; one below the bottom and
+ * one above the top are errors naming the line and the key (issue #18). */
+typedef struct range_case {
+    const char *key;
+    int broker;                     /* 1: [broker] key; 0: pool key */
+    const char *pool;               /* pool section head, the key's line last */
+    uint64_t lo, hi;                /* documented range */
+    const char *lo_text, *hi_text;  /* how they are written ("1k", "0777"), NULL: decimal */
+    const char *below, *above;      /* out of range, NULL: none (lo == 0, hi == 2^64-1) */
+    size_t off;                     /* field offset */
+    int width;                      /* 4 or 8 bytes (int fields are 4) */
+} range_case;
+
+#define REDIS_HEAD "[pool r]\ntype = redis\n"
+#define PG_HEAD    "[pool p]\ntype = postgres\nconninfo = dbname=app\n"
+#define BOFF(f) offsetof(conf, f)
+#define POFF(f) offsetof(conf_pool, f)
+
+static const range_case ranges[] = {
+    { "socket_mode", 1, NULL, 0, 0777, "0", "0777", NULL, "01000", BOFF(socket_mode), 4 },
+    { "shm_mode", 1, NULL, 0, 0777, "0", "0777", NULL, "01000", BOFF(shm_mode), 4 },
+    { "shutdown_timeout_ms", 1, NULL, 0, UINT32_MAX, NULL, NULL, NULL, "4294967296", BOFF(shutdown_timeout_ms), 4 },
+    { "max_clients", 1, NULL, 1, 4095, NULL, NULL, "0", "4096", BOFF(max_clients), 4 },
+    { "spare_slots", 1, NULL, 0, 4096, NULL, NULL, NULL, "4097", BOFF(spare_slots), 4 },
+    { "port", 0, REDIS_HEAD, 1, 65535, NULL, NULL, "0", "65536", POFF(port), 4 },
+    { "db", 0, REDIS_HEAD, 0, 1000, NULL, NULL, NULL, "1001", POFF(db), 4 },
+    { "min_size", 0, PG_HEAD "max_size = 4096\n", 0, 4096, NULL, NULL, NULL, "4097", POFF(min_size), 4 },
+    { "max_size", 0, PG_HEAD, 1, 4096, NULL, NULL, "0", "4097", POFF(max_size), 4 },
+    { "slots", 0, PG_HEAD "max_size = 1\n", 1, 4096, NULL, NULL, "0", "4097", POFF(slots), 4 },
+    { "acquire_timeout_ms", 0, PG_HEAD, 0, UINT32_MAX, NULL, NULL, NULL, "4294967296", POFF(acquire_timeout_ms), 4 },
+    { "command_timeout_ms", 0, PG_HEAD, 0, UINT32_MAX, NULL, NULL, NULL, "4294967296", POFF(command_timeout_ms), 4 },
+    { "max_lifetime_s", 0, PG_HEAD, 0, UINT32_MAX, NULL, NULL, NULL, "4294967296", POFF(max_lifetime_s), 4 },
+    { "idle_timeout_s", 0, PG_HEAD, 0, UINT32_MAX, NULL, NULL, NULL, "4294967296", POFF(idle_timeout_s), 4 },
+    { "max_uses", 0, PG_HEAD, 0, UINT64_MAX, NULL, NULL, NULL, "18446744073709551616", POFF(max_uses), 8 },
+    { "validate_after_idle_ms", 0, PG_HEAD, 0, UINT32_MAX, NULL, NULL, NULL, "4294967296",
+      POFF(validate_after_idle_ms), 4 },
+    { "leak_threshold_ms", 0, PG_HEAD, 0, UINT32_MAX, NULL, NULL, NULL, "4294967296", POFF(leak_threshold_ms), 4 },
+    { "max_lease_ms", 0, PG_HEAD, 0, UINT32_MAX, NULL, NULL, NULL, "4294967296", POFF(max_lease_ms), 4 },
+    { "request_buffer", 0, PG_HEAD, 1024, 64u << 20, "1k", "64m", "1023", "67108865", POFF(request_buffer), 4 },
+    { "request_buffer", 0, PG_HEAD, 1024, 64u << 20, "1024", "67108864", "0k", "65537k", POFF(request_buffer), 4 },
+    { "reply_buffer", 0, PG_HEAD, 4096, 256u << 20, "4k", "256m", "4095", "257m", POFF(reply_buffer), 4 },
+    { "reply_buffer", 0, PG_HEAD, 4096, 256u << 20, "4096", "268435456", "3k", "268435457", POFF(reply_buffer), 4 },
+};
+
+static uint64_t field_value(const void *obj, const range_case *rc)
+{
+    const char *f = (const char *)obj + rc->off;
+    if (rc->width == 8)
+        return *(const uint64_t *)f;
+    return *(const uint32_t *)f;
+}
+
+/* Build the text with key = val on a line of its own; *line gets its number. */
+static void range_text(const range_case *rc, const char *val, char *buf, size_t n, int *line)
+{
+    const char *head = rc->broker ? "[broker]\n" : rc->pool;
+    int lines = 0;
+    for (const char *s = head; *s; s++)
+        lines += *s == '\n';
+    *line = lines + 1;
+    snprintf(buf, n, "%s%s = %s\n%s", head, rc->key, val, rc->broker ? PG_POOL : "");
+}
+
+static void test_range_edges(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < sizeof ranges / sizeof ranges[0]; i++) {
+        const range_case *rc = &ranges[i];
+        char text[512], num[32], where[32], err[CONF_ERR_MAX];
+        int line;
+        for (int top = 0; top < 2; top++) {
+            uint64_t want = top ? rc->hi : rc->lo;
+            const char *lit = top ? rc->hi_text : rc->lo_text;
+            snprintf(num, sizeof num, "%llu", (unsigned long long)want);
+            range_text(rc, lit ? lit : num, text, sizeof text, &line);
+            conf *c = parse(text, err);
+            if (!c)
+                fail_msg("%s = %s: %s", rc->key, lit ? lit : num, err);
+            const void *obj = rc->broker ? (const void *)c : (const void *)&c->pools[0];
+            if (field_value(obj, rc) != want)
+                fail_msg("%s = %s parsed as %llu", rc->key, lit ? lit : num,
+                         (unsigned long long)field_value(obj, rc));
+            conf_free(c);
+            const char *bad = top ? rc->above : rc->below;
+            if (!bad)
+                continue;
+            range_text(rc, bad, text, sizeof text, &line);
+            char key[64];
+            snprintf(where, sizeof where, "t.conf:%d:", line);
+            snprintf(key, sizeof key, "key '%s'", rc->key);
+            expect_error(text, where, key);
+        }
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -851,6 +949,7 @@ int main(void)
         cmocka_unit_test(test_load_relative_password_file),
         cmocka_unit_test(test_load_errors_name_file),
         cmocka_unit_test(test_api_edges),
+        cmocka_unit_test(test_range_edges),
     };
     return cmocka_run_group_tests_name("conf", tests, group_setup, group_teardown);
 }
