@@ -542,7 +542,7 @@ static int set_log_level(parser *p, void *obj, const keydef *k, char *val)
     conf *c = obj;
     int lvl = log_level_parse(val);
     if (lvl < 0)
-        return fail_key(p, p->line, k->name, "unknown level '%.32s' (expected debug, info, warn or error)", val);
+        return fail_key(p, p->line, k->name, "unknown level '%.32s' (expected debug, info, warn (or warning) or error)", val);
     c->log_level = lvl;
     return 0;
 }

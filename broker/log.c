@@ -5,6 +5,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <strings.h>
 #include <syslog.h>
 #include <time.h>
 #include <unistd.h>
@@ -19,8 +20,11 @@ static const char *const level_names[] = { "debug", "info", "warn", "error" };
 int log_level_parse(const char *s)
 {
     for (int i = 0; i < 4; i++)
-        if (strcmp(s, level_names[i]) == 0)
+        if (strcasecmp(s, level_names[i]) == 0)
             return i;
+    /* PostgreSQL's spelling, which its users type (issue #18). */
+    if (strcasecmp(s, "warning") == 0)
+        return LOG_LVL_WARN;
     return -1;
 }
 

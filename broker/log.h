@@ -10,7 +10,8 @@ enum { LOG_LVL_DEBUG = 0, LOG_LVL_INFO, LOG_LVL_WARN, LOG_LVL_ERROR };
 
 extern int log_level;                 /* messages below it are dropped */
 
-/* "debug" | "info" | "warn" | "error" → LOG_LVL_*, or -1. */
+/* "debug" | "info" | "warn" | "error" → LOG_LVL_*, or -1.  Case does not
+ * matter, and "warning" (PostgreSQL's name) is "warn". */
 int log_level_parse(const char *s);
 /* Send logs to syslog (ident "poolbroker") instead of stderr. */
 void log_use_syslog(int on);

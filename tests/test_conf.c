@@ -610,6 +610,17 @@ static void test_log_keys(void **state)
         assert_int_equal(c->log_level, i);
         conf_free(c);
     }
+    /* PostgreSQL's spelling, and any case (issue #18). */
+    static const char *const synonyms[][2] = { { "warning", "2" }, { "WARNING", "2" }, { "Warn", "2" },
+                                               { "ERROR", "3" }, { "Debug", "0" } };
+    for (size_t i = 0; i < sizeof synonyms / sizeof synonyms[0]; i++) {
+        char text[256];
+        snprintf(text, sizeof text, "[broker]\nlog_level = %s\n" PG_POOL, synonyms[i][0]);
+        conf *c = expect_ok(text);
+        assert_int_equal(c->log_level, atoi(synonyms[i][1]));
+        conf_free(c);
+    }
+    expect_error("[broker]\nlog_level = warnings\n" PG_POOL, "t.conf:2:", "key 'log_level': unknown level 'warnings'");
     expect_error("[broker]\nlog_level = verbose\n" PG_POOL, "t.conf:2:", "key 'log_level': unknown level 'verbose'");
     expect_error("[broker]\nlog_target = file\n" PG_POOL, "t.conf:2:", "key 'log_target': unknown value 'file'");
 }
