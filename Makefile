@@ -88,7 +88,7 @@ $(BUILD)/examples/prefork_http: examples/prefork_http.c include/poolbroker.h $(B
 # ---------------------------------------------------------------- tests
 $(BUILD)/tests/test_conf: tests/test_conf.c broker/conf.c broker/log.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -Ibroker $^ -o $@ $(LDFLAGS) -lcmocka
+	$(CC) $(CFLAGS) -Ibroker $^ -o $@ $(LDFLAGS) -lcmocka -lpq
 
 $(BUILD)/tests/test_pgproto: tests/test_pgproto.c client/pgproto.c
 	@mkdir -p $(dir $@)
@@ -129,6 +129,7 @@ $(FUZZ_BUILD)/fuzz_resp: tests/fuzz/fuzz_resp.c broker/redis.c broker/log.c
 $(FUZZ_BUILD)/fuzz_resp: FUZZ_LIBS := -lhiredis
 $(FUZZ_BUILD)/fuzz_pg_reply: tests/fuzz/fuzz_pg_reply.c client/pgproto.c
 $(FUZZ_BUILD)/fuzz_conf: tests/fuzz/fuzz_conf.c broker/conf.c broker/log.c
+$(FUZZ_BUILD)/fuzz_conf: FUZZ_LIBS := -lpq
 $(FUZZ_BUILD)/fuzz_shm: tests/fuzz/fuzz_shm.c include/pb_shm.h
 $(FUZZ_BUILD)/fuzz_attach: tests/fuzz/fuzz_attach.c broker/attach.c client/attachcheck.c
 $(FUZZ_BINS): $(wildcard include/*.h broker/*.h client/*.h tests/fuzz/*.h)

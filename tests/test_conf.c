@@ -297,9 +297,9 @@ static void test_quoted_values(void **state)
     conf *c = expect_ok(PG_POOL "reset = \"RESET ALL ; SELECT pg_advisory_unlock_all() # keep\"   ; a comment\n");
     assert_string_equal(c->pools[0].reset_sql, "RESET ALL ; SELECT pg_advisory_unlock_all() # keep");
     conf_free(c);
-    c = expect_ok("[pool main]\ntype = postgres\nconninfo = \" dbname=app password=a\\\"b\\\\c ; d\"\n"
+    c = expect_ok("[pool main]\ntype = postgres\nconninfo = \" dbname=app password='a\\\"b\\\\c ; d'\"\n"
                   "reset = SET x = \"y\"\n");
-    assert_string_equal(c->pools[0].conninfo, " dbname=app password=a\"b\\c ; d");
+    assert_string_equal(c->pools[0].conninfo, " dbname=app password='a\"b\\c ; d'");
     /* Only a value that starts with a quote is quoted. */
     assert_string_equal(c->pools[0].reset_sql, "SET x = \"y\"");
     conf_free(c);
@@ -325,7 +325,7 @@ static void test_size_suffixes(void **state)
 {
     (void)state;
     conf *c = expect_ok(PG_POOL "request_buffer = 2K\nreply_buffer = 4M\n"
-                        "[pool b]\ntype = postgres\nconninfo = x=y\nrequest_buffer = 1024\nreply_buffer = 64m\n");
+                        "[pool b]\ntype = postgres\nconninfo = dbname=y\nrequest_buffer = 1024\nreply_buffer = 64m\n");
     assert_int_equal(c->pools[0].request_buffer, 2048);
     assert_int_equal(c->pools[0].reply_buffer, 4u << 20);
     assert_int_equal(c->pools[1].request_buffer, 1024);
@@ -392,7 +392,7 @@ static void test_duplicate_key(void **state)
     expect_error(PG_POOL "max_size = 3\nmax_size = 4\n", "t.conf:5:", "key 'max_size': duplicate key (first set on line 4)");
     expect_error("[broker]\nlog_level = info\n\nlog_level = debug\n" PG_POOL, "t.conf:4:", "key 'log_level': duplicate");
     /* The same key in two pools is fine. */
-    conf *c = expect_ok(PG_POOL "max_size = 3\n[pool b]\ntype = postgres\nconninfo = a=b\nmax_size = 3\n");
+    conf *c = expect_ok(PG_POOL "max_size = 3\n[pool b]\ntype = postgres\nconninfo = dbname=b\nmax_size = 3\n");
     conf_free(c);
 }
 
@@ -821,6 +821,62 @@ static void test_api_edges(void **state)
     conf_free(c);
 }
 
+/* conninfo is checked as libpq and the server will read it (issue #18):
+ * unknown keys, bad syntax and values libpq would only refuse at connect
+ * time are errors naming the file, the line and the key; never the password. */
+static void test_conninfo_checked(void **state)
+{
+    (void)state;
+#define CI(v) "[pool p]\ntype = postgres\nconninfo = " v "\n"
+    static const char *const good[] = {
+        "host=/tmp port=5432 dbname=app user=app sslmode=disable application_name=x",
+        "host=a,b,c port=5432",
+        "host=a,b port=5432,5433 target_session_attrs=read-write connect_timeout=5",
+        "hostaddr=127.0.0.1,::1 host=a,b port=,5433",
+        "options='-c statement_timeout=5s --search_path=app -cwork_mem=4MB' keepalives=1",
+        "postgresql://app@db.example:5432/app?sslmode=require&application_name=web",
+        "replication=false dbname=app",
+    };
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+        char text[512];
+        snprintf(text, sizeof text, CI("%s"), good[i]);
+        conf *c = expect_ok(text);
+        assert_string_equal(c->pools[0].conninfo, good[i]);
+        conf_free(c);
+    }
+    static const char *const bad[][2] = {
+        { "dbname=app bogus_option=1", "invalid connection option \"bogus_option\"" },
+        { "postgresql://h/app?bogus=1", "invalid URI query parameter: \"bogus\"" },
+        { "dbname", "missing \"=\"" },
+        { "dbname='app", "unterminated quoted string" },
+        { "host=h port=0", "port '0' is not a number in 1..65535" },
+        { "host=h port=65536", "port '65536' is not a number in 1..65535" },
+        { "host=h port=pg", "port 'pg' is not a number in 1..65535" },
+        { "host=a,b port=1,2,3", "3 port numbers for 2 hosts" },
+        { "host=a,b hostaddr=127.0.0.1", "2 host names but 1 hostaddr values" },
+        { "hostaddr=db.example", "hostaddr 'db.example' is not a numeric" },
+        { "dbname=app sslmode=maybe", "sslmode=maybe: not one of disable,allow,prefer,require,verify-ca,verify-full" },
+        { "dbname=app gssencmode=yes", "gssencmode=yes: not one of" },
+        { "dbname=app target_session_attrs=master", "target_session_attrs=master: not one of" },
+        { "dbname=app connect_timeout=5s", "connect_timeout=5s: not an integer" },
+        { "dbname=app keepalives_idle=x", "keepalives_idle=x: not an integer" },
+        { "dbname=app options=-e", "options: '-e' is not a -c name=value setting" },
+        { "dbname=app options='-c'", "options: -c needs name=value" },
+        { "dbname=app replication=database", "cannot be replication connections" },
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char text[512];
+        snprintf(text, sizeof text, CI("%s"), bad[i][0]);
+        expect_error(text, "t.conf:3: key 'conninfo': ", bad[i][1]);
+    }
+    /* With a password in the string, libpq's message could quote it: only
+     * the messages that name a key are passed on. */
+    expect_error(CI("dbname=app password=" SECRET " bogus=1"), "t.conf:3:", "invalid connection option \"bogus\"");
+    expect_error(CI("postgresql://u:" SECRET "%zz@h/app"), "t.conf:3: key 'conninfo'", "withheld");
+    expect_error(CI("dbname=app password='" SECRET), "t.conf:3: key 'conninfo'", "withheld");
+#undef CI
+}
+
 /* ------------------------------------------------------------ ranges */
 
 /* One numeric key and its documented range (man/poolbroker.conf.5): the
@@ -961,6 +1017,7 @@ int main(void)
         cmocka_unit_test(test_load_errors_name_file),
         cmocka_unit_test(test_api_edges),
         cmocka_unit_test(test_range_edges),
+        cmocka_unit_test(test_conninfo_checked),
     };
     return cmocka_run_group_tests_name("conf", tests, group_setup, group_teardown);
 }

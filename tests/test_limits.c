@@ -3,6 +3,9 @@
  * broker, PostgreSQL and Redis:
  *   - acquire_timeout_ms at the top of its range (4294967295) waits instead
  *     of timing out at once, and at the bottom (0) fails at once;
+ *   - a conninfo libpq would refuse (`bogus_option=1`) fails `poolbroker -t`
+ *     naming file, line and key, and a SIGHUP with it is refused: the
+ *     running pool keeps its configuration and its connection;
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -121,10 +124,92 @@ static void test_acquire_timeout_range(void **state)
     assert_int_equal(contended_acquire("bottom", -1, &waited), PB_ETIMEDOUT);
 }
 
+/* Read a whole small file into buf (NUL-terminated). */
+static void slurp(const char *path, char *buf, size_t n)
+{
+    FILE *f = fopen(path, "r");
+    assert_non_null(f);
+    size_t got = fread(buf, 1, n - 1, f);
+    buf[got] = 0;
+    fclose(f);
+}
+
+static void put_file(const char *path, const char *text)
+{
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fchmod(fileno(f), 0600);
+    fputs(text, f);
+    fclose(f);
+}
+
+/* The line number of the first line of text holding needle (1-based). */
+static int line_of(const char *text, const char *needle)
+{
+    const char *at = strstr(text, needle);
+    assert_non_null(at);
+    int line = 1;
+    for (const char *s = text; s < at; s++)
+        line += *s == '\n';
+    return line;
+}
+
+static void test_conninfo_checked_by_t_and_reload(void **state)
+{
+    (void)state;
+    assert_int_equal(th_broker_start(&env, "[pool main]\n" PG "min_size = 1\nmax_size = 2\n"), 0);
+    pb_client *c = pbt_connect(&env);
+    pb_lease *l = NULL;
+    assert_int_equal(pb_acquire(c, "main", 5000, &l), PB_OK);
+    int pid_before = pb_lease_backend_pid(l);
+    assert_true(pid_before > 0);
+    assert_int_equal(pb_release(l), PB_OK);
+
+    /* The same file with a key libpq does not know. */
+    char text[8192], bad[8400], out[2048];
+    slurp(env.conf_path, text, sizeof text);
+    char *at = strstr(text, "application_name=pblimits");
+    assert_non_null(at);
+    snprintf(bad, sizeof bad, "%.*sbogus_option=1 %s", (int)(at - text), text, at);
+    char check[400];
+    snprintf(check, sizeof check, "%s/check.conf", env.dir);
+    put_file(check, bad);
+    const char *broker = getenv("PB_BROKER") ? getenv("PB_BROKER") : "build/poolbroker";
+    char cmd[1024], expect[512];
+    snprintf(cmd, sizeof cmd, "%s -t -c %s 2>&1", broker, check);
+    FILE *pp = popen(cmd, "r");
+    assert_non_null(pp);
+    size_t n = fread(out, 1, sizeof out - 1, pp);
+    out[n] = 0;
+    int st = pclose(pp);
+    assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 1);
+    snprintf(expect, sizeof expect, "%s:%d: key 'conninfo': invalid connection option \"bogus_option\"", check,
+             line_of(bad, "conninfo"));
+    if (!strstr(out, expect))
+        fail_msg("-t said \"%s\", not \"%s\"", out, expect);
+
+    /* The reload with it is refused; the pool keeps working on the same
+     * connection. */
+    put_file(env.conf_path, bad);
+    kill(env.broker_pid, SIGHUP);
+    assert_int_equal(th_wait_log(&env, "keeping the current configuration", 1, 10000), 0);
+    assert_true(th_count_lines(env.broker_log, "invalid connection option \"bogus_option\"") >= 1);
+    assert_int_equal(pb_acquire(c, "main", 5000, &l), PB_OK);
+    pb_result *r = NULL;
+    assert_int_equal(pb_pg_exec(l, "SELECT 1", &r), PB_OK);
+    assert_int_equal(pb_result_status(r), PB_RES_TUPLES_OK);
+    pb_result_free(r);
+    assert_int_equal(pb_lease_backend_pid(l), pid_before);
+    assert_int_equal(pb_release(l), PB_OK);
+    pb_disconnect(c);
+    put_file(env.conf_path, text);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_acquire_timeout_range, stop_broker),
+        cmocka_unit_test_teardown(test_conninfo_checked_by_t_and_reload, stop_broker),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
