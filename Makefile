@@ -23,7 +23,7 @@ BROKER_SRC := broker/main.c broker/log.c broker/conf.c broker/loop.c broker/loop
               broker/loop_epoll.c broker/shm.c broker/attach.c broker/control.c broker/pool.c broker/pg.c \
               broker/redis.c broker/janitor.c broker/cancel.c broker/reload.c broker/tls.c broker/metrics.c \
               tools/shmview.c
-CLIENT_SRC := client/client.c client/attachcheck.c client/pg.c client/pgproto.c client/redis.c
+CLIENT_SRC := client/client.c client/attachcheck.c client/pg.c client/pgproto.c client/redis.c client/compat.c
 
 BROKER_OBJ := $(BROKER_SRC:%.c=$(BUILD)/%.o)
 CLIENT_OBJ := $(CLIENT_SRC:%.c=$(BUILD)/pic/%.o)

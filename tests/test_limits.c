@@ -6,6 +6,11 @@
  *   - a conninfo libpq would refuse (`bogus_option=1`) fails `poolbroker -t`
  *     naming file, line and key, and a SIGHUP with it is refused: the
  *     running pool keeps its configuration and its connection;
+ *   - libpq parity: pb_escape_literal / pb_escape_identifier give exactly
+ *     what libpq's PQescapeLiteral / PQescapeIdentifier give (and what they
+ *     refuse), pb_transaction_status follows BEGIN / error / ROLLBACK, and
+ *     pb_result_verbose_error_message matches PQresultVerboseErrorMessage
+ *     for every verbosity and context setting;
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -21,6 +26,8 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+#include <libpq-fe.h>
 
 #include "harness.h"
 #include "poolbroker.h"
@@ -205,11 +212,169 @@ static void test_conninfo_checked_by_t_and_reload(void **state)
     put_file(env.conf_path, text);
 }
 
+static PGconn *libpq_conn(void)
+{
+    char ci[512];
+    snprintf(ci, sizeof ci, "host=%s port=%d user=postgres dbname=postgres sslmode=disable", env.pg_host,
+             env.pg_port);
+    PGconn *pq = PQconnectdb(ci);
+    if (PQstatus(pq) != CONNECTION_OK)
+        fail_msg("libpq: %s", PQerrorMessage(pq));
+    return pq;
+}
+
+static void test_escape_like_libpq(void **state)
+{
+    (void)state;
+    PGconn *pq = libpq_conn();
+    assert_string_equal(PQparameterStatus(pq, "client_encoding"), "UTF8");
+    assert_string_equal(PQparameterStatus(pq, "standard_conforming_strings"), "on");
+    static const struct { const char *s; size_t len; } cases[] = {
+        { "", 0 }, { "plain", 5 }, { "it's", 4 }, { "''", 2 }, { "back\\slash", 10 }, { "\\'\\'", 4 },
+        { "say \"hi\"", 8 }, { "tab\there\nnewline", 16 }, { "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80", 14 },
+        { "stops\0here", 10 }, { "shorter than the string", 7 }, { "E'x'; DROP TABLE t; --", 22 },
+        /* not UTF-8: a stray continuation byte, a cut-off character, an overlong '/', a surrogate, > U+10FFFF */
+        { "bad\x80", 4 }, { "cut\xe2\x82", 5 }, { "\xc0\xaf", 2 }, { "\xed\xa0\x80", 3 }, { "\xf4\x90\x80\x80", 4 },
+        { "len cuts \xe2\x82\xac", 11 },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        for (int ident = 0; ident < 2; ident++) {
+            const char *s = cases[i].s;
+            size_t n = cases[i].len;
+            char *want = ident ? PQescapeIdentifier(pq, s, n) : PQescapeLiteral(pq, s, n);
+            int err = 12345;
+            char *got = ident ? pb_escape_identifier(s, n, &err) : pb_escape_literal(s, n, &err);
+            if ((want == NULL) != (got == NULL) || (want && strcmp(want, got) != 0))
+                fail_msg("case %zu (%s): libpq %s, pb %s", i, ident ? "identifier" : "literal", want ? want : "NULL",
+                         got ? got : "NULL");
+            assert_int_equal(err, got ? PB_OK : PB_EINVAL);
+            PQfreemem(want);
+            pb_freemem(got);
+        }
+    }
+    int err = 0;
+    assert_null(pb_escape_literal(NULL, 3, &err));
+    assert_int_equal(err, PB_EINVAL);
+    assert_null(pb_escape_identifier("\xff", 1, NULL));  /* err may be NULL */
+    PQfinish(pq);
+
+    /* What the server reads back is the original string. */
+    assert_int_equal(th_broker_start(&env, "[pool main]\n" PG "max_size = 1\n"), 0);
+    pb_client *c = pbt_connect(&env);
+    pb_lease *l = NULL;
+    assert_int_equal(pb_acquire(c, "main", 5000, &l), PB_OK);
+    const char *orig = "a'b\\c\"d caf\xc3\xa9";
+    char *lit = pb_escape_literal(orig, strlen(orig), NULL), *id = pb_escape_identifier(orig, strlen(orig), NULL);
+    char sql[256];
+    snprintf(sql, sizeof sql, "SELECT %s AS %s", lit, id);
+    pb_result *r = NULL;
+    assert_int_equal(pb_pg_exec(l, sql, &r), PB_OK);
+    assert_int_equal(pb_result_status(r), PB_RES_TUPLES_OK);
+    assert_string_equal(pb_getvalue(r, 0, 0), orig);
+    assert_string_equal(pb_fname(r, 0), orig);
+    pb_result_free(r);
+    pb_freemem(lit);
+    pb_freemem(id);
+    pb_release(l);
+    pb_disconnect(c);
+}
+
+static void test_transaction_status(void **state)
+{
+    (void)state;
+    assert_int_equal(th_broker_start(&env, "[pool main]\n" PG "max_size = 1\n[pool cache]\n" RD "max_size = 1\n"), 0);
+    pb_client *c = pbt_connect(&env);
+    pb_lease *l = NULL, *rl = NULL;
+    pb_result *r = NULL;
+    assert_int_equal(pb_transaction_status(NULL), PB_TRANS_UNKNOWN);
+    assert_int_equal(pb_acquire(c, "main", 5000, &l), PB_OK);
+    assert_int_equal(pb_transaction_status(l), PB_TRANS_IDLE);
+    assert_int_equal(pb_pg_exec(l, "BEGIN", &r), PB_OK);
+    pb_result_free(r);
+    assert_int_equal(pb_transaction_status(l), PB_TRANS_INTRANS);
+    assert_int_equal(pb_pg_exec(l, "SELECT 1/0", &r), PB_OK);
+    assert_int_equal(pb_result_status(r), PB_RES_ERROR);
+    pb_result_free(r);
+    assert_int_equal(pb_transaction_status(l), PB_TRANS_INERROR);
+    assert_int_equal(pb_pg_exec(l, "ROLLBACK", &r), PB_OK);
+    pb_result_free(r);
+    assert_int_equal(pb_transaction_status(l), PB_TRANS_IDLE);
+    /* A statement queued and not yet read: ACTIVE, as libpq while busy. */
+    assert_int_equal(pb_pg_send_params(l, "SELECT pg_sleep(0.05)", 0, NULL, NULL, NULL, NULL, 0), PB_OK);
+    assert_int_equal(pb_transaction_status(l), PB_TRANS_ACTIVE);
+    while (pb_pg_get_result(l, &r) == PB_OK && r)
+        pb_result_free(r);
+    assert_int_equal(pb_transaction_status(l), PB_TRANS_IDLE);
+    assert_int_equal(pb_release(l), PB_OK);
+    /* A handle no longer valid, a Redis lease: UNKNOWN. */
+    assert_int_equal(pb_transaction_status(l), PB_TRANS_UNKNOWN);
+    assert_int_equal(pb_acquire(c, "cache", 5000, &rl), PB_OK);
+    assert_int_equal(pb_transaction_status(rl), PB_TRANS_UNKNOWN);
+    pb_release(rl);
+    pb_disconnect(c);
+}
+
+static void test_verbose_error_like_libpq(void **state)
+{
+    (void)state;
+    char out[256];
+    assert_int_equal(th_psql(&env, "CREATE TABLE IF NOT EXISTS lim_u (id int CONSTRAINT lim_u_pk PRIMARY KEY); "
+                                   "INSERT INTO lim_u VALUES (1) ON CONFLICT DO NOTHING",
+                             out, sizeof out),
+                     0);
+    assert_int_equal(th_broker_start(&env, "[pool main]\n" PG "max_size = 1\n"), 0);
+    PGconn *pq = libpq_conn();
+    pb_client *c = pbt_connect(&env);
+    pb_lease *l = NULL;
+    assert_int_equal(pb_acquire(c, "main", 5000, &l), PB_OK);
+    static const char *const stmts[] = {
+        "DO $$ BEGIN RAISE EXCEPTION 'boom' USING DETAIL = 'the detail', HINT = 'the hint', ERRCODE = '22023'; END $$",
+        "INSERT INTO lim_u VALUES (1)",
+        "SELECT 1/0",
+    };
+    for (size_t i = 0; i < sizeof stmts / sizeof stmts[0]; i++) {
+        PGresult *want = PQexec(pq, stmts[i]);
+        assert_int_equal(PQresultStatus(want), PGRES_FATAL_ERROR);
+        pb_result *got = NULL;
+        assert_int_equal(pb_pg_exec(l, stmts[i], &got), PB_OK);
+        assert_int_equal(pb_result_status(got), PB_RES_ERROR);
+        for (int v = PB_ERRORS_TERSE; v <= PB_ERRORS_SQLSTATE; v++)
+            for (int ctx = PB_SHOW_CONTEXT_NEVER; ctx <= PB_SHOW_CONTEXT_ALWAYS; ctx++) {
+                char *w = PQresultVerboseErrorMessage(want, (PGVerbosity)v, (PGContextVisibility)ctx);
+                char *g = pb_result_verbose_error_message(got, v, ctx);
+                assert_non_null(g);
+                if (strcmp(w, g) != 0)
+                    fail_msg("statement %zu, verbosity %d, context %d:\nlibpq:\n%spb:\n%s", i, v, ctx, w, g);
+                PQfreemem(w);
+                pb_freemem(g);
+            }
+        if (i == 0) {
+            char *g = pb_result_verbose_error_message(got, PB_ERRORS_DEFAULT, PB_SHOW_CONTEXT_NEVER);
+            assert_string_equal(g, "ERROR:  boom\nDETAIL:  the detail\nHINT:  the hint\n");
+            pb_freemem(g);
+        }
+        PQclear(want);
+        pb_result_free(got);
+    }
+    pb_result *ok = NULL;
+    assert_int_equal(pb_pg_exec(l, "SELECT 1", &ok), PB_OK);
+    char *g = pb_result_verbose_error_message(ok, PB_ERRORS_DEFAULT, PB_SHOW_CONTEXT_ERRORS);
+    assert_string_equal(g, "PGresult is not an error result\n");
+    pb_freemem(g);
+    pb_result_free(ok);
+    pb_release(l);
+    pb_disconnect(c);
+    PQfinish(pq);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_acquire_timeout_range, stop_broker),
         cmocka_unit_test_teardown(test_conninfo_checked_by_t_and_reload, stop_broker),
+        cmocka_unit_test_teardown(test_escape_like_libpq, stop_broker),
+        cmocka_unit_test_teardown(test_transaction_status, stop_broker),
+        cmocka_unit_test_teardown(test_verbose_error_like_libpq, stop_broker),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
