@@ -131,8 +131,9 @@ client *client_by_id(broker *b, uint32_t id)
     return &b->clients[idx];
 }
 
-/* Send the attach answer; fds only on success. */
-static void send_resp(broker *b, int fd, int status, client *cl)
+/* Send the attach answer; fds only on success.  A refusal carries why
+ * (pb_attach_refusal), for the client to tell its caller. */
+static void send_answer(broker *b, int fd, int status, client *cl, pb_attach_refusal why)
 {
     pb_attach_resp resp = {
         .magic = PB_ATTACH_MAGIC,
@@ -143,6 +144,8 @@ static void send_resp(broker *b, int fd, int status, client *cl)
         .generation = atomic_load(&b->hdr_copy.generation),
         .shm_size = b->shm_size,
     };
+    if (status != PB_OK)
+        resp.refusal = why;
     if (status == PB_OK)
         resp.layout = (pb_shm_layout){
             .pool_off = b->hdr_copy.pool_off,
@@ -176,6 +179,11 @@ static void send_resp(broker *b, int fd, int status, client *cl)
         log_errno(LOG_LVL_WARN, errno, "sending attach answer");
 }
 
+static void send_refusal(broker *b, int fd, int status, pb_attach_refusal why)
+{
+    send_answer(b, fd, status, NULL, why);
+}
+
 static client *alloc_client(broker *b)
 {
     for (uint32_t i = 0; i < b->max_clients; i++) {
@@ -197,7 +205,8 @@ static void on_accept(ev_op *op, int res)
         client *cl = alloc_client(b);
         if (!cl) {
             log_warn("refused a client: max_clients (%u) reached", b->max_clients);
-            send_resp(b, res, PB_EPERM, NULL);
+            send_refusal(b, res, PB_EPERM,
+                         (pb_attach_refusal){ .reason = PB_REFUSED_MAX_CLIENTS, .limit = b->max_clients });
             close(res);
         } else {
             cl->ctrl_fd = res;
@@ -254,23 +263,24 @@ static void attach(broker *b, client *cl, const uint8_t *buf, int len)
     if (rc == PB_EVERSION) {
         log_warn("attach from pid %d refused: layout version %u/%08x, broker has %u/%08x", (int)cred.pid,
                  req.version, req.fingerprint, PB_SHM_VERSION, PB_SHM_FINGERPRINT);
-        send_resp(b, cl->ctrl_fd, PB_EVERSION, NULL);
+        send_refusal(b, cl->ctrl_fd, PB_EVERSION, (pb_attach_refusal){ .reason = PB_REFUSED_VERSION });
         goto drop;
     }
     if (!attach_uid_allowed(b->cf, geteuid(), cred.uid, cred.gid)) {
         log_warn("attach from pid %d refused: uid %u gid %u not allowed", (int)cred.pid, (unsigned)cred.uid,
                  (unsigned)cred.gid);
-        send_resp(b, cl->ctrl_fd, PB_EPERM, NULL);
+        send_refusal(b, cl->ctrl_fd, PB_EPERM,
+                     (pb_attach_refusal){ .reason = PB_REFUSED_UID, .uid = cred.uid, .gid = cred.gid });
         goto drop;
     }
     if (b->draining) {
-        send_resp(b, cl->ctrl_fd, PB_ESHUTDOWN, NULL);
+        send_refusal(b, cl->ctrl_fd, PB_ESHUTDOWN, (pb_attach_refusal){ .reason = PB_REFUSED_DRAINING });
         goto drop;
     }
     cl->pidfd = pidfd_open_(cred.pid);
     if (cl->pidfd < 0) {
         log_errno(LOG_LVL_WARN, errno, "pidfd_open(%d)", (int)cred.pid);
-        send_resp(b, cl->ctrl_fd, PB_EBROKER, NULL);
+        send_refusal(b, cl->ctrl_fd, PB_EBROKER, (pb_attach_refusal){ .reason = PB_REFUSED_TRACKING });
         goto drop;
     }
     cl->pid = cred.pid;
@@ -291,7 +301,7 @@ static void attach(broker *b, client *cl, const uint8_t *buf, int len)
     b->active[b->nattached] = cl->idx;
     b->nattached++;
     atomic_store(&b->hdr->clients_attached, b->nattached);
-    send_resp(b, cl->ctrl_fd, PB_OK, cl);
+    send_answer(b, cl->ctrl_fd, PB_OK, cl, (pb_attach_refusal){ 0 });
     log_debug("client %u attached: pid %d uid %u", cl->id, (int)cl->pid, (unsigned)cl->uid);
 
     cl->pid_op.cb = on_pidfd;
@@ -301,7 +311,7 @@ static void attach(broker *b, client *cl, const uint8_t *buf, int len)
     return;
 
 refuse_proto:
-    send_resp(b, cl->ctrl_fd, PB_EPROTO, NULL);
+    send_refusal(b, cl->ctrl_fd, PB_EPROTO, (pb_attach_refusal){ .reason = PB_REFUSED_MALFORMED });
 drop:
     cl->id = 0;
     client_finalize(b, cl);

@@ -451,6 +451,24 @@ typedef struct pb_shm_layout {
     uint32_t nslots;
 } pb_shm_layout;
 
+/* Why an attach was refused (pb_attach_refusal.reason), so that the client
+ * can say it, not only the broker's log (issue #18). */
+enum pb_attach_reason {
+    PB_REFUSED_UNSAID = 0,              /* an older broker: the status code only */
+    PB_REFUSED_UID,                     /* uid/gid not in allowed_uids/allowed_gids; uid, gid */
+    PB_REFUSED_MAX_CLIENTS,             /* all max_clients records in use; limit */
+    PB_REFUSED_VERSION,                 /* layout version/fingerprint differ */
+    PB_REFUSED_DRAINING,                /* the broker is shutting down */
+    PB_REFUSED_MALFORMED,               /* not a poolbroker attach request */
+    PB_REFUSED_TRACKING,                /* the broker cannot watch the process (pidfd_open) */
+};
+
+typedef struct pb_attach_refusal {
+    uint32_t reason;                    /* enum pb_attach_reason */
+    uint32_t uid, gid;                  /* PB_REFUSED_UID: the peer's, from SO_PEERCRED */
+    uint32_t limit;                     /* PB_REFUSED_MAX_CLIENTS: max_clients */
+} pb_attach_refusal;
+
 typedef struct pb_attach_resp {
     uint32_t magic;                     /* PB_ATTACH_MAGIC */
     int32_t  status;                    /* PB_OK or a PB_E* code */
@@ -459,7 +477,10 @@ typedef struct pb_attach_resp {
     uint32_t client_id;                 /* 24-bit id, owner field of slot words */
     uint32_t generation;                /* broker generation */
     uint64_t shm_size;                  /* bytes to map */
-    pb_shm_layout layout;               /* on success */
+    union {
+        pb_shm_layout layout;           /* on success */
+        pb_attach_refusal refusal;      /* on a refusal (status != PB_OK) */
+    };
 } pb_attach_resp;
 
 #endif /* PB_SHM_H */

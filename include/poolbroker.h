@@ -81,6 +81,13 @@ PB_API const char *pb_strerror(int err);
  * allowed, too many clients), PB_EVERSION (other shared layout), PB_ENOMEM. */
 PB_API int pb_connect(const char *socket_path, pb_client **out);
 
+/* pb_connect, and on failure a sentence in errbuf (errlen bytes, always
+ * NUL-terminated; "" on success) saying what failed and why, as libpq's
+ * PQerrorMessage would: the uid and gid the broker refused, max_clients
+ * reached, the socket's mode and owner against this process's ids, no
+ * broker at the path, a layout mismatch.  errbuf may be NULL. */
+PB_API int pb_connect_err(const char *socket_path, pb_client **out, char *errbuf, size_t errlen);
+
 /* Detach and free the client.  Leases still held are released first. */
 PB_API void pb_disconnect(pb_client *c);
 

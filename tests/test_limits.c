@@ -11,6 +11,8 @@
  *     refuse), pb_transaction_status follows BEGIN / error / ROLLBACK, and
  *     pb_result_verbose_error_message matches PQresultVerboseErrorMessage
  *     for every verbosity and context setting;
+ *   - a refused attach says why through pb_connect_err: uid/gid not
+ *     allowed, max_clients reached, the socket's permissions, no broker;
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -367,6 +369,68 @@ static void test_verbose_error_like_libpq(void **state)
     PQfinish(pq);
 }
 
+static void expect_refusal(const char *path, int code, const char *needle)
+{
+    char why[512] = "untouched";
+    pb_client *c = (pb_client *)1;
+    int rc = pb_connect_err(path, &c, why, sizeof why);
+    if (rc != code || c != NULL || !strstr(why, needle))
+        fail_msg("pb_connect_err(%s) = %s, \"%s\"; expected %s with \"%s\"", path, pb_strerror(rc), why,
+                 pb_strerror(code), needle);
+}
+
+static void test_attach_refusals_say_why(void **state)
+{
+    (void)state;
+    /* max_clients reached. */
+    assert_int_equal(th_broker_start(&env, "max_clients = 1\n[pool cache]\n" RD "max_size = 1\n"), 0);
+    char why[512] = "x";
+    pb_client *a = NULL;
+    assert_int_equal(pb_connect_err(env.sock_path, &a, why, sizeof why), PB_OK);
+    assert_string_equal(why, "");
+    expect_refusal(env.sock_path, PB_EPERM, "refused by the broker: max_clients (1) reached");
+    pb_disconnect(a);
+    th_broker_stop(&env, SIGTERM);
+
+    /* uid/gid not allowed. */
+    assert_int_equal(th_broker_start(&env, "allowed_uids = 65534\n[pool cache]\n" RD "max_size = 1\n"), 0);
+    char want[128];
+    snprintf(want, sizeof want, "refused by the broker: uid %u gid %u is not allowed", (unsigned)geteuid(),
+             (unsigned)getegid());
+    expect_refusal(env.sock_path, PB_EPERM, want);
+    th_broker_stop(&env, SIGTERM);
+
+    /* No broker there. */
+    char none[400];
+    snprintf(none, sizeof none, "%s/nobody-here.sock", env.dir);
+    expect_refusal(none, PB_EBROKER, "no broker socket at");
+
+    /* The socket's permissions keep another user out (needs root to be
+     * that other user). */
+    if (geteuid() != 0) {
+        print_message("not root: socket-permission case skipped\n");
+        return;
+    }
+    assert_int_equal(th_broker_start(&env, "socket_mode = 0600\n[pool cache]\n" RD "max_size = 1\n"), 0);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        char msg[512] = "";
+        pb_client *c = NULL;
+        if (setgid(65534) < 0 || setuid(65534) < 0)
+            _exit(3);
+        int rc = pb_connect_err(env.sock_path, &c, msg, sizeof msg);
+        _exit(rc == PB_EPERM && strstr(msg, "permission denied connecting to") && strstr(msg, "mode 0600") &&
+                      strstr(msg, "this process is uid 65534")
+                  ? 0
+                  : 1);
+    }
+    int st;
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    assert_true(WIFEXITED(st));
+    assert_int_equal(WEXITSTATUS(st), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -375,6 +439,7 @@ int main(void)
         cmocka_unit_test_teardown(test_escape_like_libpq, stop_broker),
         cmocka_unit_test_teardown(test_transaction_status, stop_broker),
         cmocka_unit_test_teardown(test_verbose_error_like_libpq, stop_broker),
+        cmocka_unit_test_teardown(test_attach_refusals_say_why, stop_broker),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
