@@ -32,7 +32,10 @@ CLIENT_LIBS := -lhiredis
 
 UNIT_TESTS := test_conf test_pgproto test_slots
 INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops test_lifecycle test_metrics test_death test_tls test_security test_republish test_limits
-TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%) $(BUILD)/tests/noring
+# Script-level tests of the tools (tests/*.sh), run once (not per io backend).
+SCRIPT_TESTS := test_tools
+TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%) $(BUILD)/tests/noring \
+             $(SCRIPT_TESTS:%=$(BUILD)/tests/%) $(BUILD)/tests/shmstat_fixture
 
 .PHONY: all test unit integ run install bench clean deps examples
 .PHONY: bench-deps
@@ -99,6 +102,15 @@ $(BUILD)/tests/noring: tests/noring.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $< -o $@ $(LDFLAGS)
 
+# A fake segment for shmstat's tests (tests/test_tools.sh).
+$(BUILD)/tests/shmstat_fixture: tests/shmstat_fixture.c include/pb_shm.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $< -o $@ $(LDFLAGS)
+
+$(BUILD)/tests/test_tools: tests/test_tools.sh
+	@mkdir -p $(dir $@)
+	install -m 755 $< $@
+
 $(BUILD)/tests/test_slots: tests/test_slots.c include/pb_shm.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $< -o $@ $(LDFLAGS) -lcmocka
@@ -156,7 +168,7 @@ deps:
 # so that the test runner's summary is the last line.
 test: deps all $(TEST_BINS)
 	@$(MAKE) --no-print-directory fuzz-regress fuzz-smoke
-	@bash tests/run-tests $(BUILD) $(UNIT_TESTS) -- $(INTEG_TESTS)
+	@bash tests/run-tests $(BUILD) $(UNIT_TESTS) -- $(INTEG_TESTS) -- $(SCRIPT_TESTS)
 
 unit: all $(UNIT_TESTS:%=$(BUILD)/tests/%)
 	@bash tests/run-tests $(BUILD) $(UNIT_TESTS) --
