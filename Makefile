@@ -30,7 +30,7 @@ CLIENT_OBJ := $(CLIENT_SRC:%.c=$(BUILD)/pic/%.o)
 BROKER_LIBS := -lpq -luring -lhiredis -lssl -lcrypto -lmicrohttpd
 CLIENT_LIBS := -lhiredis
 
-UNIT_TESTS := test_conf test_pgproto test_slots
+UNIT_TESTS := test_conf test_pgproto test_slots test_log
 INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops test_lifecycle test_metrics test_death test_tls test_security test_republish test_limits
 # Script-level tests of the tools (tests/*.sh), run once (not per io backend).
 SCRIPT_TESTS := test_tools
@@ -92,6 +92,10 @@ $(BUILD)/examples/prefork_http: examples/prefork_http.c include/poolbroker.h $(B
 $(BUILD)/tests/test_conf: tests/test_conf.c broker/conf.c broker/log.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Ibroker $^ -o $@ $(LDFLAGS) -lcmocka -lpq
+
+$(BUILD)/tests/test_log: tests/test_log.c broker/log.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Ibroker $^ -o $@ $(LDFLAGS) -lcmocka
 
 $(BUILD)/tests/test_pgproto: tests/test_pgproto.c client/pgproto.c
 	@mkdir -p $(dir $@)

@@ -257,17 +257,17 @@ static void attach(broker *b, client *cl, const uint8_t *buf, int len)
         goto refuse_proto;
     }
     if (rc == PB_EPROTO) {
-        log_warn("attach from pid %d: not a poolbroker client", (int)cred.pid);
+        log_warn("attach from worker=%d: not a poolbroker client", (int)cred.pid);
         goto refuse_proto;
     }
     if (rc == PB_EVERSION) {
-        log_warn("attach from pid %d refused: layout version %u/%08x, broker has %u/%08x", (int)cred.pid,
+        log_warn("attach from worker=%d refused: layout version %u/%08x, broker has %u/%08x", (int)cred.pid,
                  req.version, req.fingerprint, PB_SHM_VERSION, PB_SHM_FINGERPRINT);
         send_refusal(b, cl->ctrl_fd, PB_EVERSION, (pb_attach_refusal){ .reason = PB_REFUSED_VERSION });
         goto drop;
     }
     if (!attach_uid_allowed(b->cf, geteuid(), cred.uid, cred.gid)) {
-        log_warn("attach from pid %d refused: uid %u gid %u not allowed", (int)cred.pid, (unsigned)cred.uid,
+        log_warn("attach from worker=%d refused: uid %u gid %u not allowed", (int)cred.pid, (unsigned)cred.uid,
                  (unsigned)cred.gid);
         send_refusal(b, cl->ctrl_fd, PB_EPERM,
                      (pb_attach_refusal){ .reason = PB_REFUSED_UID, .uid = cred.uid, .gid = cred.gid });
@@ -279,7 +279,7 @@ static void attach(broker *b, client *cl, const uint8_t *buf, int len)
     }
     cl->pidfd = pidfd_open_(cred.pid);
     if (cl->pidfd < 0) {
-        log_errno(LOG_LVL_WARN, errno, "pidfd_open(%d)", (int)cred.pid);
+        log_errno(LOG_LVL_WARN, errno, "pidfd_open(worker=%d)", (int)cred.pid);
         send_refusal(b, cl->ctrl_fd, PB_EBROKER, (pb_attach_refusal){ .reason = PB_REFUSED_TRACKING });
         goto drop;
     }
@@ -302,7 +302,7 @@ static void attach(broker *b, client *cl, const uint8_t *buf, int len)
     b->nattached++;
     atomic_store(&b->hdr->clients_attached, b->nattached);
     send_answer(b, cl->ctrl_fd, PB_OK, cl, (pb_attach_refusal){ 0 });
-    log_debug("client %u attached: pid %d uid %u", cl->id, (int)cl->pid, (unsigned)cl->uid);
+    log_debug("client %u attached: worker=%d uid %u", cl->id, (int)cl->pid, (unsigned)cl->uid);
 
     cl->pid_op.cb = on_pidfd;
     cl->pid_op.data = cl;
@@ -362,12 +362,15 @@ void client_gone(broker *b, client *cl, const char *why)
     if (cl->dead || !cl->attached)
         return;
     uint32_t id = cl->id;
-    log_debug("client %u (pid %d) %s", id, (int)cl->pid, why);
+    log_debug("client %u (worker=%d) %s", id, (int)cl->pid, why);
 
     /* What it had already asked for is still worth doing (a release, say). */
     control_scan_rings(b);
     pool_drop_client_waiters(b, cl);
 
+    /* The reclaim's log line names the worker it takes the lease from. */
+    char reason[128];
+    snprintf(reason, sizeof reason, "worker=%d %s", (int)cl->pid, why);
     for (uint32_t s = 0; s < b->nslots; s++) {
         conn *c = b->slots[s];
         if (!c)
@@ -375,7 +378,7 @@ void client_gone(broker *b, client *cl, const char *why)
         uint64_t w = atomic_load(&c->slot->word);
         unsigned st = PB_WORD_STATE(w);
         if (PB_WORD_OWNER(w) == id && (st == PB_SLOT_LEASED || st == PB_SLOT_RELEASING))
-            conn_take_back(c, w, why);
+            conn_take_back(c, w, reason);
     }
 
     pb_shm_client *sc = &b->shm_clients[cl->idx];
@@ -439,7 +442,7 @@ static void handle_sqe(broker *b, client *cl, uint64_t e)
             pool_cancel_waiter(&b->pools[arg], cl, val);
         return;
     }
-    log_warn("client %u (pid %d): bad submission entry %016llx ignored", cl->id, (int)cl->pid,
+    log_warn("client %u (worker=%d): bad submission entry %016llx ignored", cl->id, (int)cl->pid,
              (unsigned long long)e);
     shm_note_repair(b);
 }
@@ -464,7 +467,7 @@ void control_scan_rings(broker *b)
         if (n == 0)
             continue;
         if (n > PB_SQ_ENTRIES) {
-            log_warn("client %u (pid %d): submission ring tail %u impossible (head %u); resynchronised",
+            log_warn("client %u (worker=%d): submission ring tail %u impossible (head %u); resynchronised",
                      cl->id, (int)cl->pid, tail, cl->sq_head);
             shm_note_repair(b);
             cl->sq_head = tail;

@@ -13,6 +13,9 @@
  *     for every verbosity and context setting;
  *   - a refused attach says why through pb_connect_err: uid/gid not
  *     allowed, max_clients reached, the socket's permissions, no broker;
+ *   - log lines: a reclaim names the dead worker (worker=PID), a
+ *     connection's lines its backend (backend=PID), and a multi-host
+ *     connect failure (libpq's message has newlines) is one line.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -431,6 +434,47 @@ static void test_attach_refusals_say_why(void **state)
     assert_int_equal(WEXITSTATUS(st), 0);
 }
 
+static void test_log_lines(void **state)
+{
+    (void)state;
+    assert_int_equal(th_broker_start(&env, "[pool main]\n" PG "max_size = 1\n"
+                                           "[pool nowhere]\ntype = postgres\nconninfo = host=127.0.0.1,127.0.0.1 "
+                                           "port=1,2 user=postgres dbname=postgres sslmode=disable\nmin_size = 1\n"),
+                     0);
+    /* A worker that dies holding a lease: the reclaim names it. */
+    int fds[2];
+    assert_int_equal(pipe(fds), 0);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        pb_client *c = NULL;
+        pb_lease *l = NULL;
+        char ok = pb_connect(env.sock_path, &c) == PB_OK && pb_acquire(c, "main", 5000, &l) == PB_OK;
+        (void)!write(fds[1], &ok, 1);
+        _exit(0);                   /* lease still held */
+    }
+    close(fds[1]);
+    char ok = 0;
+    assert_int_equal(read(fds[0], &ok, 1), 1);
+    close(fds[0]);
+    assert_true(ok);
+    waitpid(pid, NULL, 0);
+    char needle[96];
+    snprintf(needle, sizeof needle, "reclaiming lease: worker=%d ", (int)pid);
+    assert_int_equal(th_wait_log(&env, needle, 1, 10000), 0);
+    assert_int_equal(th_wait_log(&env, "backend=", 1, 1000), 0);
+    /* The multi-host failure: the line with it is whole. */
+    assert_int_equal(th_wait_log(&env, "pool nowhere: connect failed (1 in a row)", 1, 15000), 0);
+    char text[65536];
+    slurp(env.broker_log, text, sizeof text);
+    const char *at = strstr(text, "pool nowhere: connect failed (1 in a row)");
+    const char *eol = strchr(at, '\n');
+    assert_non_null(eol);
+    if (!strstr(at, "port 1 failed") || eol - at < 20 || memcmp(eol - 1, ")", 1) != 0 ||
+        !memmem(at, (size_t)(eol - at), "(broker/pool.c:", 15))
+        fail_msg("not one whole line: %.*s", (int)(eol - at), at);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -440,6 +484,7 @@ int main(void)
         cmocka_unit_test_teardown(test_transaction_status, stop_broker),
         cmocka_unit_test_teardown(test_verbose_error_like_libpq, stop_broker),
         cmocka_unit_test_teardown(test_attach_refusals_say_why, stop_broker),
+        cmocka_unit_test_teardown(test_log_lines, stop_broker),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
