@@ -107,7 +107,6 @@ static int set_type(parser *p, void *obj, const keydef *k, char *val);
 static int set_password_file(parser *p, void *obj, const keydef *k, char *val);
 static int set_reset(parser *p, void *obj, const keydef *k, char *val);
 static int set_conninfo(parser *p, void *obj, const keydef *k, char *val);
-static bool conninfo_has_password(const char *ci);
 
 static const char *const log_targets[] = { "stderr", "syslog", NULL };
 static const char *const io_backends[] = { "auto", "io_uring", "epoll", NULL };
@@ -638,6 +637,21 @@ static const ci_choice ci_choices[] = {
 static const char *const ci_ints[] = { "connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval",
                                        "keepalives_count", "tcp_user_timeout", NULL };
 
+/* The n bytes at v for an error message, or "(not shown)" unless they are
+ * few and all of [A-Za-z0-9_.,-] and blanks: a value of any other shape
+ * could be, or hold, a password (a quoted "password=..." inside another
+ * key's value, a "user:secret" of a URI).  buf has 48 bytes. */
+static const char *shown(const char *v, size_t n, char *buf)
+{
+    if (n > 40)
+        return "(not shown)";
+    for (size_t i = 0; i < n; i++)
+        if (!isalnum((unsigned char)v[i]) && !strchr("_.,- ", v[i]))
+            return "(not shown)";
+    snprintf(buf, 48, "%.*s", (int)n, v);
+    return buf;
+}
+
 /* Entries of a comma-separated list (libpq's multi-host form); empty
  * entries count. */
 static int list_len(const char *v)
@@ -651,22 +665,31 @@ static int list_len(const char *v)
 static int set_conninfo(parser *p, void *obj, const keydef *k, char *val)
 {
     conf_pool *cp = obj;
-    char *errmsg = NULL;
+    char *errmsg = NULL, sbuf[48];
     PQconninfoOption *opts = PQconninfoParse(val, &errmsg);
     if (opts == NULL) {
-        /* libpq's message, on one line, unless it might quote a secret:
-         * with a password in the string only the messages that name a key
-         * are passed on. */
-        char msg[200] = "out of memory";
+        /* libpq's message, on one line, with what it quotes from the string
+         * (in double quotes, as all its conninfo messages do) passed through
+         * shown(): a misplaced password must not reach the log. */
+        char msg[256] = "out of memory";
         if (errmsg) {
-            snprintf(msg, sizeof msg, "%s", errmsg);
-            for (char *c = msg; *c; c++)
-                if (*c == '\n' || *c == '\r')
-                    *c = ' ';
+            size_t w = 0;
+            for (const char *r = errmsg; *r && w < sizeof msg - 1;) {
+                const char *q = *r == '"' ? strchr(r + 1, '"') : NULL;
+                if (q) {
+                    size_t n = (size_t)(q - r - 1);
+                    const char *txt = n < 6 ? NULL : shown(r + 1, n, sbuf);
+                    int k2 = txt ? snprintf(msg + w, sizeof msg - w, "\"%s\"", txt)
+                                 : snprintf(msg + w, sizeof msg - w, "\"%.*s\"", (int)n, r + 1);
+                    w = k2 < 0 ? w : w + (size_t)k2 < sizeof msg ? w + (size_t)k2 : sizeof msg - 1;
+                    r = q + 1;
+                    continue;
+                }
+                msg[w++] = (*r == '\n' || *r == '\r' || *r == '\t') ? ' ' : *r;
+                r++;
+            }
+            msg[w] = 0;
             trim(msg);
-            if (conninfo_has_password(val) && strncmp(msg, "invalid connection option", 25) != 0 &&
-                strncmp(msg, "invalid URI query parameter", 27) != 0)
-                snprintf(msg, sizeof msg, "libpq cannot parse it (its message is withheld: the string holds a password)");
             PQfreemem(errmsg);
         }
         return fail_key(p, p->line, k->name, "%s", msg);
@@ -686,8 +709,8 @@ static int set_conninfo(parser *p, void *obj, const keydef *k, char *val)
         else if (strcmp(o->keyword, "replication") == 0) {
             if (strcmp(v, "0") != 0 && strcasecmp(v, "false") != 0 && strcasecmp(v, "off") != 0 &&
                 strcasecmp(v, "no") != 0)
-                rc = fail_key(p, p->line, k->name, "replication=%.32s: a pool's connections cannot be "
-                              "replication connections", v);
+                rc = fail_key(p, p->line, k->name, "replication=%s: a pool's connections cannot be "
+                              "replication connections", shown(v, strlen(v), sbuf));
         } else if (strcmp(o->keyword, "options") == 0) {
             /* The server reads -c name=value / --name=value settings; anything
              * else in it ends the session at startup. */
@@ -710,8 +733,8 @@ static int set_conninfo(parser *p, void *obj, const keydef *k, char *val)
                         rc = fail_key(p, p->line, k->name, "options: -c needs name=value");
                 } else if (!((strncmp(tok, "-c", 2) == 0 || strncmp(tok, "--", 2) == 0) &&
                              memchr(tok, '=', (size_t)(s - tok)))) {
-                    rc = fail_key(p, p->line, k->name, "options: '%.*s' is not a -c name=value setting",
-                                  (int)(s - tok > 40 ? 40 : s - tok), tok);
+                    rc = fail_key(p, p->line, k->name, "options: '%s' is not a -c name=value setting",
+                                  shown(tok, (size_t)(s - tok), sbuf));
                 }
             }
         } else {
@@ -721,8 +744,9 @@ static int set_conninfo(parser *p, void *obj, const keydef *k, char *val)
                 char want[40];
                 snprintf(want, sizeof want, ",%.36s,", v);
                 if (strlen(v) > 36 || !strstr(ci_choices[i].values, want))
-                    rc = fail_key(p, p->line, k->name, "%s=%.32s: not one of %.*s", o->keyword, v,
-                                  (int)strlen(ci_choices[i].values) - 2, ci_choices[i].values + 1);
+                    rc = fail_key(p, p->line, k->name, "%s=%s: not one of %.*s", o->keyword,
+                                  shown(v, strlen(v), sbuf), (int)strlen(ci_choices[i].values) - 2,
+                                  ci_choices[i].values + 1);
             }
             for (const char *const *ik = ci_ints; *ik && rc == 0; ik++) {
                 if (strcmp(o->keyword, *ik) != 0)
@@ -733,7 +757,8 @@ static int set_conninfo(parser *p, void *obj, const keydef *k, char *val)
                 while (*end == ' ')
                     end++;
                 if (end == v || *end || errno || n < INT32_MIN || n > INT32_MAX)
-                    rc = fail_key(p, p->line, k->name, "%s=%.32s: not an integer", o->keyword, v);
+                    rc = fail_key(p, p->line, k->name, "%s=%s: not an integer", o->keyword,
+                                  shown(v, strlen(v), sbuf));
             }
         }
     }
@@ -746,8 +771,7 @@ static int set_conninfo(parser *p, void *obj, const keydef *k, char *val)
             if (n > 0) {
                 snprintf(one, sizeof one, "%.*s", (int)(n < 15 ? n : 15), s);
                 if (n >= sizeof one || parse_dec(one, &pv) < 0 || pv < 1 || pv > 65535)
-                    rc = fail_key(p, p->line, k->name, "port '%.*s' is not a number in 1..65535",
-                                  (int)(n > 32 ? 32 : n), s);
+                    rc = fail_key(p, p->line, k->name, "port '%s' is not a number in 1..65535", shown(s, n, sbuf));
             }
             if (!s[n])
                 break;
@@ -763,8 +787,8 @@ static int set_conninfo(parser *p, void *obj, const keydef *k, char *val)
             if (n > 0) {
                 snprintf(one, sizeof one, "%.*s", (int)(n < sizeof one - 1 ? n : sizeof one - 1), s);
                 if (n >= sizeof one || (inet_pton(AF_INET, one, buf) != 1 && inet_pton(AF_INET6, one, buf) != 1))
-                    rc = fail_key(p, p->line, k->name, "hostaddr '%.*s' is not a numeric IPv4 or IPv6 address",
-                                  (int)(n > 48 ? 48 : n), s);
+                    rc = fail_key(p, p->line, k->name, "hostaddr '%s' is not a numeric IPv4 or IPv6 address",
+                                  shown(s, n, sbuf));
             }
             if (!s[n])
                 break;

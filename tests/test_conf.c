@@ -869,11 +869,19 @@ static void test_conninfo_checked(void **state)
         snprintf(text, sizeof text, CI("%s"), bad[i][0]);
         expect_error(text, "t.conf:3: key 'conninfo': ", bad[i][1]);
     }
-    /* With a password in the string, libpq's message could quote it: only
-     * the messages that name a key are passed on. */
+    /* libpq's message could quote a password: what it quotes is shown only
+     * when it has the shape of a key or a word. */
     expect_error(CI("dbname=app password=" SECRET " bogus=1"), "t.conf:3:", "invalid connection option \"bogus\"");
-    expect_error(CI("postgresql://u:" SECRET "%zz@h/app"), "t.conf:3: key 'conninfo'", "withheld");
-    expect_error(CI("dbname=app password='" SECRET), "t.conf:3: key 'conninfo'", "withheld");
+    expect_error(CI("postgresql://u:" SECRET "%zz@h/app"), "t.conf:3: key 'conninfo'", "\"(not shown)\"");
+    expect_error(CI("dbname=app password='" SECRET), "t.conf:3: key 'conninfo'", "unterminated quoted string");
+    expect_error(CI("x://u:" SECRET "@h=1"), "t.conf:3: key 'conninfo'", "invalid connection option \"(not shown)\"");
+    expect_error(CI("dbname=a x://u:" SECRET "@h"), "t.conf:3: key 'conninfo'", "missing \"=\" after \"(not shown)\"");
+    /* A value of another key that could hold a password is not echoed
+     * (quoted "password=...", or the "user:secret" shape of a URI). */
+    expect_error(CI("sslmode='x password=" SECRET "'"), "t.conf:3: key 'conninfo'", "sslmode=(not shown)");
+    expect_error(CI("host=x://u sslmode=u:" SECRET), "t.conf:3: key 'conninfo'", "sslmode=(not shown)");
+    expect_error(CI("options='password=" SECRET "'"), "t.conf:3: key 'conninfo'", "options: '(not shown)'");
+    expect_error(CI("host=h port=u:" SECRET), "t.conf:3: key 'conninfo'", "port '(not shown)'");
 #undef CI
 }
 
