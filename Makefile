@@ -32,16 +32,19 @@ BROKER_SRC := broker/main.c broker/log.c broker/conf.c broker/loop.c broker/loop
               broker/loop_epoll.c broker/shm.c broker/attach.c broker/control.c broker/pool.c broker/slot.c broker/conn.c broker/connio.c broker/release.c broker/pg.c \
               broker/redis.c broker/janitor.c broker/cancel.c broker/reload.c broker/tls.c broker/metrics.c \
               $(SHMVIEW_SRC)
-CLIENT_SRC := client/client.c client/attachcheck.c client/pg.c client/pgproto.c client/redis.c client/async.c
+CLIENT_SRC := client/client.c client/attachcheck.c client/pg.c client/pgproto.c client/redis.c client/async.c client/compat.c
 
 BROKER_OBJ := $(BROKER_SRC:%.c=$(BUILD)/%.o)
 CLIENT_OBJ := $(CLIENT_SRC:%.c=$(BUILD)/pic/%.o)
 BROKER_LIBS := -lpq -luring -lhiredis -lssl -lcrypto -lmicrohttpd
 CLIENT_LIBS := -lhiredis
 
-UNIT_TESTS := test_conf test_pgproto test_slots test_conn
-INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops test_lifecycle test_metrics test_death test_tls test_security test_async
-TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%) $(BUILD)/tests/noring
+UNIT_TESTS := test_conf test_pgproto test_slots test_conn test_log
+INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops test_lifecycle test_metrics test_death test_tls test_security test_async test_republish test_limits
+# Script-level tests of the tools (tests/*.sh), run once (not per io backend).
+SCRIPT_TESTS := test_tools
+TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%) $(BUILD)/tests/noring \
+             $(SCRIPT_TESTS:%=$(BUILD)/tests/%) $(BUILD)/tests/shmstat_fixture
 
 .PHONY: all test unit integ run install bench clean deps examples check-docs python python-test
 .PHONY: bench-deps bench-python
@@ -133,6 +136,10 @@ python-test: all $(if $(SANITIZE),,python)
 # ---------------------------------------------------------------- tests
 $(BUILD)/tests/test_conf: tests/test_conf.c broker/conf.c broker/log.c
 	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Ibroker $^ -o $@ $(LDFLAGS) -lcmocka -lpq
+
+$(BUILD)/tests/test_log: tests/test_log.c broker/log.c
+	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Ibroker $^ -o $@ $(LDFLAGS) -lcmocka
 
 $(BUILD)/tests/test_pgproto: tests/test_pgproto.c client/pgproto.c
@@ -143,6 +150,15 @@ $(BUILD)/tests/test_pgproto: tests/test_pgproto.c client/pgproto.c
 $(BUILD)/tests/noring: tests/noring.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $< -o $@ $(LDFLAGS)
+
+# A fake segment for shmstat's tests (tests/test_tools.sh).
+$(BUILD)/tests/shmstat_fixture: tests/shmstat_fixture.c include/pb_shm.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $< -o $@ $(LDFLAGS)
+
+$(BUILD)/tests/test_tools: tests/test_tools.sh
+	@mkdir -p $(dir $@)
+	install -m 755 $< $@
 
 $(BUILD)/tests/test_slots: tests/test_slots.c include/pb_shm.h
 	@mkdir -p $(dir $@)
@@ -181,6 +197,7 @@ $(FUZZ_BUILD)/fuzz_resp: tests/fuzz/fuzz_resp.c broker/redis.c broker/log.c
 $(FUZZ_BUILD)/fuzz_resp: FUZZ_LIBS := -lhiredis
 $(FUZZ_BUILD)/fuzz_pg_reply: tests/fuzz/fuzz_pg_reply.c client/pgproto.c
 $(FUZZ_BUILD)/fuzz_conf: tests/fuzz/fuzz_conf.c broker/conf.c broker/log.c
+$(FUZZ_BUILD)/fuzz_conf: FUZZ_LIBS := -lpq
 $(FUZZ_BUILD)/fuzz_shm: tests/fuzz/fuzz_shm.c include/pb_shm.h
 $(FUZZ_BUILD)/fuzz_attach: tests/fuzz/fuzz_attach.c broker/attach.c client/attachcheck.c
 $(FUZZ_BINS): $(wildcard include/*.h broker/*.h client/*.h tests/fuzz/*.h)
@@ -210,7 +227,7 @@ deps:
 test: deps all $(TEST_BINS) $(if $(SANITIZE),,python)
 	@/usr/bin/python3 tools/check-docs $(BUILD)
 	@$(MAKE) --no-print-directory fuzz-regress fuzz-smoke
-	@PB_PYTEST=1 PB_SANITIZE=$(SANITIZE) bash tests/run-tests $(BUILD) $(UNIT_TESTS) -- $(INTEG_TESTS)
+	@PB_PYTEST=1 PB_SANITIZE=$(SANITIZE) bash tests/run-tests $(BUILD) $(UNIT_TESTS) -- $(INTEG_TESTS) -- $(SCRIPT_TESTS)
 
 # Config keys, exported symbols and error codes are documented; no document
 # links a missing file (tools/check-docs says what it checks).

@@ -59,7 +59,7 @@ static void *cancel_main(void *arg)
         pthread_mutex_unlock(&mu);
         char err[256];
         if (!PQcancel(r->cancel, err, sizeof err))
-            log_warn("cancel request for backend %d failed: %s", r->backend_pid, err);
+            log_warn("cancel request for backend=%d failed: %s", r->backend_pid, err);
         PQfreeCancel(r->cancel);
         /* PQcancel has returned: the server has signalled the backend, so
          * this cancel cannot land on a later statement.  Tell the loop:

@@ -38,6 +38,9 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <arpa/inet.h>
+#include <libpq-fe.h>
+
 #include "conf.h"
 #include "log.h"
 
@@ -108,6 +111,7 @@ static int set_metrics_listen(parser *p, void *obj, const keydef *k, char *val);
 static int set_type(parser *p, void *obj, const keydef *k, char *val);
 static int set_password_file(parser *p, void *obj, const keydef *k, char *val);
 static int set_reset(parser *p, void *obj, const keydef *k, char *val);
+static int set_conninfo(parser *p, void *obj, const keydef *k, char *val);
 
 static const char *const log_targets[] = { "stderr", "syslog", NULL };
 static const char *const io_backends[] = { "auto", "io_uring", "epoll", NULL };
@@ -147,7 +151,7 @@ enum {
 #define PF(field) offsetof(conf_pool, field)
 static const keydef pool_keys[PK_COUNT] = {
     [PK_TYPE]                  = { "type", K_FUNC, T_ANY, 0, 0, 0, NULL, set_type },
-    [PK_CONNINFO]              = { "conninfo", K_STR, T_PG, PF(conninfo), 0, 0, NULL, NULL },
+    [PK_CONNINFO]              = { "conninfo", K_FUNC, T_PG, PF(conninfo), 0, 0, NULL, set_conninfo },
     [PK_HOST]                  = { "host", K_STR, T_REDIS, PF(host), 0, 0, NULL, NULL },
     [PK_PORT]                  = { "port", K_INT, T_REDIS, PF(port), 1, 65535, NULL, NULL },
     [PK_UNIX_SOCKET]           = { "unix_socket", K_PATH, T_REDIS, PF(unix_socket), 0, 0, NULL, NULL },
@@ -547,7 +551,7 @@ static int set_log_level(parser *p, void *obj, const keydef *k, char *val)
     conf *c = obj;
     int lvl = log_level_parse(val);
     if (lvl < 0)
-        return fail_key(p, p->line, k->name, "unknown level '%.32s' (expected debug, info, warn or error)", val);
+        return fail_key(p, p->line, k->name, "unknown level '%.32s' (expected debug, info, warn (or warning) or error)", val);
     c->log_level = lvl;
     return 0;
 }
@@ -606,6 +610,215 @@ static int set_reset(parser *p, void *obj, const keydef *k, char *val)
         if ((cp->reset_sql = strdup(val)) == NULL)
             return oom(p);
     }
+    return 0;
+}
+
+/* ------------------------------------------------------------ conninfo
+ * A conninfo is checked the way libpq and the server will read it, so that
+ * `poolbroker -t` and a reload refuse what could never connect (issue #18:
+ * `bogus_option=1` passed -t, and a reload with it took a healthy pool
+ * down).  libpq's own parser (PQconninfoParse) rejects unknown keys and bad
+ * syntax; then the values libpq would only reject at connect time are
+ * checked here: ports, host/hostaddr/port list lengths, numeric addresses,
+ * integers, and the keys with a fixed set of values.  Nothing is resolved
+ * or contacted: a server that is down is not a configuration error. */
+
+typedef struct ci_choice {
+    const char *key;
+    const char *values;             /* ",a,b,c," */
+} ci_choice;
+
+static const ci_choice ci_choices[] = {
+    { "sslmode", ",disable,allow,prefer,require,verify-ca,verify-full," },
+    { "gssencmode", ",disable,prefer,require," },
+    { "channel_binding", ",disable,prefer,require," },
+    { "target_session_attrs", ",any,read-write,read-only,primary,standby,prefer-standby," },
+    { "load_balance_hosts", ",disable,random," },
+    { "sslnegotiation", ",postgres,direct," },
+    { "sslcertmode", ",disable,allow,require," },
+};
+
+/* libpq reads these with its integer parser (trailing blanks allowed). */
+static const char *const ci_ints[] = { "connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval",
+                                       "keepalives_count", "tcp_user_timeout", NULL };
+
+/* The n bytes at v for an error message, or "(not shown)" unless they are
+ * few and all of [A-Za-z0-9_.,-] and blanks: a value of any other shape
+ * could be, or hold, a password (a quoted "password=..." inside another
+ * key's value, a "user:secret" of a URI).  buf has 48 bytes. */
+static const char *shown(const char *v, size_t n, char *buf)
+{
+    if (n > 40)
+        return "(not shown)";
+    for (size_t i = 0; i < n; i++)
+        if (!isalnum((unsigned char)v[i]) && !strchr("_.,- ", v[i]))
+            return "(not shown)";
+    snprintf(buf, 48, "%.*s", (int)n, v);
+    return buf;
+}
+
+/* Entries of a comma-separated list (libpq's multi-host form); empty
+ * entries count. */
+static int list_len(const char *v)
+{
+    int n = 1;
+    for (; *v; v++)
+        n += *v == ',';
+    return n;
+}
+
+static int set_conninfo(parser *p, void *obj, const keydef *k, char *val)
+{
+    conf_pool *cp = obj;
+    char *errmsg = NULL, sbuf[48];
+    PQconninfoOption *opts = PQconninfoParse(val, &errmsg);
+    if (opts == NULL) {
+        /* libpq's message, on one line, with what it quotes from the string
+         * (in double quotes, as all its conninfo messages do) passed through
+         * shown(): a misplaced password must not reach the log. */
+        char msg[256] = "out of memory";
+        if (errmsg) {
+            size_t w = 0;
+            for (const char *r = errmsg; *r && w < sizeof msg - 1;) {
+                const char *q = *r == '"' ? strchr(r + 1, '"') : NULL;
+                if (q) {
+                    size_t n = (size_t)(q - r - 1);
+                    const char *txt = n < 6 ? NULL : shown(r + 1, n, sbuf);
+                    int k2 = txt ? snprintf(msg + w, sizeof msg - w, "\"%s\"", txt)
+                                 : snprintf(msg + w, sizeof msg - w, "\"%.*s\"", (int)n, r + 1);
+                    w = k2 < 0 ? w : w + (size_t)k2 < sizeof msg ? w + (size_t)k2 : sizeof msg - 1;
+                    r = q + 1;
+                    continue;
+                }
+                msg[w++] = (*r == '\n' || *r == '\r' || *r == '\t') ? ' ' : *r;
+                r++;
+            }
+            msg[w] = 0;
+            trim(msg);
+            PQfreemem(errmsg);
+        }
+        return fail_key(p, p->line, k->name, "%s", msg);
+    }
+    const char *host = NULL, *hostaddr = NULL, *port = NULL;
+    int rc = 0;
+    for (PQconninfoOption *o = opts; o->keyword && rc == 0; o++) {
+        const char *v = o->val;
+        if (v == NULL)
+            continue;
+        if (strcmp(o->keyword, "host") == 0)
+            host = v;
+        else if (strcmp(o->keyword, "hostaddr") == 0)
+            hostaddr = v;
+        else if (strcmp(o->keyword, "port") == 0)
+            port = v;
+        else if (strcmp(o->keyword, "replication") == 0) {
+            if (strcmp(v, "0") != 0 && strcasecmp(v, "false") != 0 && strcasecmp(v, "off") != 0 &&
+                strcasecmp(v, "no") != 0)
+                rc = fail_key(p, p->line, k->name, "replication=%s: a pool's connections cannot be "
+                              "replication connections", shown(v, strlen(v), sbuf));
+        } else if (strcmp(o->keyword, "options") == 0) {
+            /* The server reads -c name=value / --name=value settings; anything
+             * else in it ends the session at startup. */
+            const char *s = v;
+            while (*s && rc == 0) {
+                while (*s == ' ' || *s == '\t')
+                    s++;
+                if (!*s)
+                    break;
+                const char *tok = s;
+                while (*s && *s != ' ' && *s != '\t')
+                    s++;
+                if (strncmp(tok, "-c", 2) == 0 && (size_t)(s - tok) == 2) {
+                    while (*s == ' ' || *s == '\t')
+                        s++;
+                    tok = s;
+                    while (*s && *s != ' ' && *s != '\t')
+                        s++;
+                    if (s == tok || !memchr(tok, '=', (size_t)(s - tok)))
+                        rc = fail_key(p, p->line, k->name, "options: -c needs name=value");
+                } else if (!((strncmp(tok, "-c", 2) == 0 || strncmp(tok, "--", 2) == 0) &&
+                             memchr(tok, '=', (size_t)(s - tok)))) {
+                    rc = fail_key(p, p->line, k->name, "options: '%s' is not a -c name=value setting",
+                                  shown(tok, (size_t)(s - tok), sbuf));
+                }
+            }
+        } else {
+            for (size_t i = 0; i < sizeof ci_choices / sizeof ci_choices[0]; i++) {
+                if (strcmp(o->keyword, ci_choices[i].key) != 0)
+                    continue;
+                char want[40];
+                snprintf(want, sizeof want, ",%.36s,", v);
+                if (strlen(v) > 36 || !strstr(ci_choices[i].values, want))
+                    rc = fail_key(p, p->line, k->name, "%s=%s: not one of %.*s", o->keyword,
+                                  shown(v, strlen(v), sbuf), (int)strlen(ci_choices[i].values) - 2,
+                                  ci_choices[i].values + 1);
+            }
+            for (const char *const *ik = ci_ints; *ik && rc == 0; ik++) {
+                if (strcmp(o->keyword, *ik) != 0)
+                    continue;
+                char *end;
+                errno = 0;
+                long n = strtol(v, &end, 10);
+                while (*end == ' ')
+                    end++;
+                if (end == v || *end || errno || n < INT32_MIN || n > INT32_MAX)
+                    rc = fail_key(p, p->line, k->name, "%s=%s: not an integer", o->keyword,
+                                  shown(v, strlen(v), sbuf));
+            }
+        }
+    }
+    /* Ports: each 1..65535 (an empty entry means the default). */
+    if (rc == 0 && port) {
+        for (const char *s = port; rc == 0;) {
+            size_t n = strcspn(s, ",");
+            char one[16];
+            uint64_t pv;
+            if (n > 0) {
+                snprintf(one, sizeof one, "%.*s", (int)(n < 15 ? n : 15), s);
+                if (n >= sizeof one || parse_dec(one, &pv) < 0 || pv < 1 || pv > 65535)
+                    rc = fail_key(p, p->line, k->name, "port '%s' is not a number in 1..65535", shown(s, n, sbuf));
+            }
+            if (!s[n])
+                break;
+            s += n + 1;
+        }
+    }
+    /* hostaddr: numeric addresses only (libpq does not resolve them). */
+    if (rc == 0 && hostaddr) {
+        for (const char *s = hostaddr; rc == 0;) {
+            size_t n = strcspn(s, ",");
+            char one[INET6_ADDRSTRLEN + 8];
+            unsigned char buf[16];
+            if (n > 0) {
+                snprintf(one, sizeof one, "%.*s", (int)(n < sizeof one - 1 ? n : sizeof one - 1), s);
+                if (n >= sizeof one || (inet_pton(AF_INET, one, buf) != 1 && inet_pton(AF_INET6, one, buf) != 1))
+                    rc = fail_key(p, p->line, k->name, "hostaddr '%s' is not a numeric IPv4 or IPv6 address",
+                                  shown(s, n, sbuf));
+            }
+            if (!s[n])
+                break;
+            s += n + 1;
+        }
+    }
+    /* libpq's rules for multi-host lists. */
+    if (rc == 0) {
+        int nh = host ? list_len(host) : 0, na = hostaddr ? list_len(hostaddr) : 0;
+        int hosts = nh ? nh : na ? na : 1;
+        if (nh && na && nh != na)
+            rc = fail_key(p, p->line, k->name, "%d host names but %d hostaddr values (libpq needs as many of each)",
+                          nh, na);
+        else if (port && list_len(port) > 1 && list_len(port) != hosts)
+            rc = fail_key(p, p->line, k->name, "%d port numbers for %d hosts (libpq needs one, or one per host)",
+                          list_len(port), hosts);
+    }
+    PQconninfoFree(opts);
+    if (rc < 0)
+        return -1;
+    char *s = strdup(val);
+    if (s == NULL)
+        return oom(p);
+    wipe_free(cp->conninfo);
+    cp->conninfo = s;
     return 0;
 }
 

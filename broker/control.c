@@ -131,8 +131,9 @@ client *client_by_id(broker *b, uint32_t id)
     return &b->clients[idx];
 }
 
-/* Send the attach answer; fds only on success. */
-static void send_resp(broker *b, int fd, int status, client *cl)
+/* Send the attach answer; fds only on success.  A refusal carries why
+ * (pb_attach_refusal), for the client to tell its caller. */
+static void send_answer(broker *b, int fd, int status, client *cl, pb_attach_refusal why)
 {
     pb_attach_resp resp = {
         .magic = PB_ATTACH_MAGIC,
@@ -143,6 +144,8 @@ static void send_resp(broker *b, int fd, int status, client *cl)
         .generation = atomic_load(&b->hdr_copy.generation),
         .shm_size = b->shm_size,
     };
+    if (status != PB_OK)
+        resp.refusal = why;
     if (status == PB_OK)
         resp.layout = (pb_shm_layout){
             .pool_off = b->hdr_copy.pool_off,
@@ -176,6 +179,11 @@ static void send_resp(broker *b, int fd, int status, client *cl)
         log_errno(LOG_LVL_WARN, errno, "sending attach answer");
 }
 
+static void send_refusal(broker *b, int fd, int status, pb_attach_refusal why)
+{
+    send_answer(b, fd, status, NULL, why);
+}
+
 static client *alloc_client(broker *b)
 {
     for (uint32_t i = 0; i < b->max_clients; i++) {
@@ -197,7 +205,8 @@ static void on_accept(ev_op *op, int res)
         client *cl = alloc_client(b);
         if (!cl) {
             log_warn("refused a client: max_clients (%u) reached", b->max_clients);
-            send_resp(b, res, PB_EPERM, NULL);
+            send_refusal(b, res, PB_EPERM,
+                         (pb_attach_refusal){ .reason = PB_REFUSED_MAX_CLIENTS, .limit = b->max_clients });
             close(res);
         } else {
             cl->ctrl_fd = res;
@@ -248,29 +257,30 @@ static void attach(broker *b, client *cl, const uint8_t *buf, int len)
         goto refuse_proto;
     }
     if (rc == PB_EPROTO) {
-        log_warn("attach from pid %d: not a poolbroker client", (int)cred.pid);
+        log_warn("attach from worker=%d: not a poolbroker client", (int)cred.pid);
         goto refuse_proto;
     }
     if (rc == PB_EVERSION) {
-        log_warn("attach from pid %d refused: layout version %u/%08x, broker has %u/%08x", (int)cred.pid,
+        log_warn("attach from worker=%d refused: layout version %u/%08x, broker has %u/%08x", (int)cred.pid,
                  req.version, req.fingerprint, PB_SHM_VERSION, PB_SHM_FINGERPRINT);
-        send_resp(b, cl->ctrl_fd, PB_EVERSION, NULL);
+        send_refusal(b, cl->ctrl_fd, PB_EVERSION, (pb_attach_refusal){ .reason = PB_REFUSED_VERSION });
         goto drop;
     }
     if (!attach_uid_allowed(b->cf, geteuid(), cred.uid, cred.gid)) {
-        log_warn("attach from pid %d refused: uid %u gid %u not allowed", (int)cred.pid, (unsigned)cred.uid,
+        log_warn("attach from worker=%d refused: uid %u gid %u not allowed", (int)cred.pid, (unsigned)cred.uid,
                  (unsigned)cred.gid);
-        send_resp(b, cl->ctrl_fd, PB_EPERM, NULL);
+        send_refusal(b, cl->ctrl_fd, PB_EPERM,
+                     (pb_attach_refusal){ .reason = PB_REFUSED_UID, .uid = cred.uid, .gid = cred.gid });
         goto drop;
     }
     if (b->draining) {
-        send_resp(b, cl->ctrl_fd, PB_ESHUTDOWN, NULL);
+        send_refusal(b, cl->ctrl_fd, PB_ESHUTDOWN, (pb_attach_refusal){ .reason = PB_REFUSED_DRAINING });
         goto drop;
     }
     cl->pidfd = pidfd_open_(cred.pid);
     if (cl->pidfd < 0) {
-        log_errno(LOG_LVL_WARN, errno, "pidfd_open(%d)", (int)cred.pid);
-        send_resp(b, cl->ctrl_fd, PB_EBROKER, NULL);
+        log_errno(LOG_LVL_WARN, errno, "pidfd_open(worker=%d)", (int)cred.pid);
+        send_refusal(b, cl->ctrl_fd, PB_EBROKER, (pb_attach_refusal){ .reason = PB_REFUSED_TRACKING });
         goto drop;
     }
     cl->pid = cred.pid;
@@ -291,8 +301,8 @@ static void attach(broker *b, client *cl, const uint8_t *buf, int len)
     b->active[b->nattached] = cl->idx;
     b->nattached++;
     atomic_store(&b->hdr->clients_attached, b->nattached);
-    send_resp(b, cl->ctrl_fd, PB_OK, cl);
-    log_debug("client %u attached: pid %d uid %u", cl->id, (int)cl->pid, (unsigned)cl->uid);
+    send_answer(b, cl->ctrl_fd, PB_OK, cl, (pb_attach_refusal){ 0 });
+    log_debug("client %u attached: worker=%d uid %u", cl->id, (int)cl->pid, (unsigned)cl->uid);
 
     cl->pid_op.cb = on_pidfd;
     cl->pid_op.data = cl;
@@ -301,7 +311,7 @@ static void attach(broker *b, client *cl, const uint8_t *buf, int len)
     return;
 
 refuse_proto:
-    send_resp(b, cl->ctrl_fd, PB_EPROTO, NULL);
+    send_refusal(b, cl->ctrl_fd, PB_EPROTO, (pb_attach_refusal){ .reason = PB_REFUSED_MALFORMED });
 drop:
     cl->id = 0;
     client_finalize(b, cl);
@@ -352,12 +362,15 @@ void client_gone(broker *b, client *cl, const char *why)
     if (cl->dead || !cl->attached)
         return;
     uint32_t id = cl->id;
-    log_debug("client %u (pid %d) %s", id, (int)cl->pid, why);
+    log_debug("client %u (worker=%d) %s", id, (int)cl->pid, why);
 
     /* What it had already asked for is still worth doing (a release, say). */
     control_scan_rings(b);
     pool_drop_client_waiters(b, cl);
 
+    /* The reclaim's log line names the worker it takes the lease from. */
+    char reason[128];
+    snprintf(reason, sizeof reason, "worker=%d %s", (int)cl->pid, why);
     for (uint32_t s = 0; s < b->nslots; s++) {
         conn *c = b->slots[s];
         if (!c)
@@ -365,7 +378,7 @@ void client_gone(broker *b, client *cl, const char *why)
         uint64_t w = atomic_load(&c->slot->word);
         unsigned st = PB_WORD_STATE(w);
         if (PB_WORD_OWNER(w) == id && (st == PB_SLOT_LEASED || st == PB_SLOT_RELEASING))
-            conn_take_back(c, w, why);
+            conn_take_back(c, w, reason);
     }
 
     pb_shm_client *sc = &b->shm_clients[cl->idx];
@@ -429,7 +442,7 @@ static void handle_sqe(broker *b, client *cl, uint64_t e)
             pool_cancel_waiter(&b->pools[arg], cl, val);
         return;
     }
-    log_warn("client %u (pid %d): bad submission entry %016llx ignored", cl->id, (int)cl->pid,
+    log_warn("client %u (worker=%d): bad submission entry %016llx ignored", cl->id, (int)cl->pid,
              (unsigned long long)e);
     shm_note_repair(b);
 }
@@ -454,7 +467,7 @@ void control_scan_rings(broker *b)
         if (n == 0)
             continue;
         if (n > PB_SQ_ENTRIES) {
-            log_warn("client %u (pid %d): submission ring tail %u impossible (head %u); resynchronised",
+            log_warn("client %u (worker=%d): submission ring tail %u impossible (head %u); resynchronised",
                      cl->id, (int)cl->pid, tail, cl->sq_head);
             shm_note_repair(b);
             cl->sq_head = tail;

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
+#include <strings.h>
 #include <syslog.h>
 #include <time.h>
 #include <unistd.h>
@@ -21,8 +22,11 @@ static const char *const level_names[] = { "debug", "info", "warn", "error" };
 int log_level_parse(const char *s)
 {
     for (int i = 0; i < 4; i++)
-        if (strcmp(s, level_names[i]) == 0)
+        if (strcasecmp(s, level_names[i]) == 0)
             return i;
+    /* PostgreSQL's spelling, which its users type (issue #18). */
+    if (strcasecmp(s, "warning") == 0)
+        return LOG_LVL_WARN;
     return -1;
 }
 
@@ -33,6 +37,31 @@ void log_use_syslog(int on)
     else if (!on && use_syslog)
         closelog();
     use_syslog = on;
+}
+
+/* One event, one line (issue #18): libpq's messages carry newlines (a
+ * multi-host failure is one line per host, with a tab-indented hint), which
+ * split a log entry in two.  Every run of control characters becomes one
+ * space, and trailing ones go. */
+static void flatten(char *s)
+{
+    char *w = s;
+    int in_ctl = 0;
+    for (const char *r = s; *r; r++) {
+        if ((unsigned char)*r < 0x20 || *r == 0x7f) {
+            in_ctl = 1;
+            continue;
+        }
+        if (in_ctl && w != s && w[-1] != ' ')
+            *w++ = ' ';
+        if (in_ctl && *r == ' ' && w != s && w[-1] == ' ') {
+            in_ctl = 0;
+            continue;               /* "a \n b": one space, not two */
+        }
+        in_ctl = 0;
+        *w++ = *r;
+    }
+    *w = '\0';
 }
 
 void log_msg(int level, const char *file, int line, int err, const char *fmt, ...)
@@ -48,6 +77,8 @@ void log_msg(int level, const char *file, int line, int err, const char *fmt, ..
     va_end(ap);
     if (n < 0)
         return;
+    flatten(msg);
+    n = (int)strlen(msg);
     if (err && (size_t)n < sizeof msg)
         snprintf(msg + n, sizeof msg - (size_t)n, ": %s", strerror(err));
 

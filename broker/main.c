@@ -28,10 +28,15 @@
 #include "metrics.h"
 #include "poolbroker.h"
 
-#define JANITOR_MS   100
+#define JANITOR_MS   100            /* default janitor period */
 #define SPIN_NS      20000          /* poll the rings this long before sleeping */
 
 broker B;
+
+/* The janitor's period in ms: JANITOR_MS, or PB_TEST_JANITOR_MS (1..1000) from
+ * the environment — a test knob, so that races with the janitor's pass (say,
+ * its republishing of the segment) show up in seconds, not hours. */
+static uint64_t janitor_ms = JANITOR_MS;
 
 uint64_t now_ms(void)
 {
@@ -275,7 +280,7 @@ static void initial_connects(broker *b)
 
 static void run(broker *b)
 {
-    b->next_janitor_ms = b->now_ms + JANITOR_MS;
+    b->next_janitor_ms = b->now_ms + janitor_ms;
     while (!b->stop) {
         b->now_ms = now_ms();
         int work = 0;
@@ -290,7 +295,7 @@ static void run(broker *b)
                 sd_notify_status(b, 0);
                 b->last_watchdog_ms = b->now_ms;
             }
-            b->next_janitor_ms = b->now_ms + JANITOR_MS;
+            b->next_janitor_ms = b->now_ms + janitor_ms;
             if (b->draining && (!leases_out(b) || b->now_ms >= b->drain_deadline_ms)) {
                 if (leases_out(b))
                     log_warn("shutdown_timeout_ms reached with leases still out; closing anyway");
@@ -369,6 +374,9 @@ int main(int argc, char **argv)
         conf_free(cf);
         return 0;
     }
+    const char *jms = getenv("PB_TEST_JANITOR_MS");
+    if (jms && strtoul(jms, NULL, 10) >= 1 && strtoul(jms, NULL, 10) <= 1000)
+        janitor_ms = strtoul(jms, NULL, 10);
     log_level = cf->log_level;
     if (cf->log_target && strcmp(cf->log_target, "syslog") == 0)
         log_use_syslog(1);

@@ -49,10 +49,7 @@ void pool_publish_limits(pool *p)
 void pool_republish(pool *p)
 {
     pb_shm_pool *sp = p->shm;
-    snprintf(sp->name, sizeof sp->name, "%s", p->cf->name);
-    sp->type = (uint32_t)p->cf->type;
-    sp->first_slot = p->first_slot;
-    sp->slot_capacity = p->nconns;
+    pb_shm_pool_ident_publish(sp, p->cf->name, (uint32_t)p->cf->type, p->first_slot, p->nconns);
     pool_publish_limits(p);
     atomic_store(&sp->nwaiters, p->wq_len);
     pool_publish_size(p);

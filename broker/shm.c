@@ -167,63 +167,86 @@ void shm_note_repair(broker *b)
     atomic_store(&b->hdr->repairs, b->repairs);
 }
 
+/* Store v into a plain field / an atomic one only when it differs: a reader
+ * of a field the broker republishes must never see anything but the value
+ * (issue #19), and an unchanged cache line is not dirtied for every
+ * attached process each pass. */
+#define SET_IF(field, v)                                                    \
+    do {                                                                    \
+        if ((field) != (v))                                                 \
+            (field) = (v);                                                  \
+    } while (0)
+#define ASET_IF(field, v)                                                   \
+    do {                                                                    \
+        if (atomic_load_explicit(&(field), memory_order_relaxed) != (v))    \
+            atomic_store(&(field), (v));                                    \
+    } while (0)
+
 /* Rewrite every field of the segment that only the broker owns, from its
  * private copies (janitor, each pass).  A worker that scribbles over the
  * segment can break its own leases, but not the segment's description:
- * within a janitor period everything is as the broker made it again. */
+ * within a janitor period everything is as the broker made it again.  A field
+ * is written only when it differs from the copy, so a concurrent reader sees
+ * either the scribble or the repair, never a value in between; the pool
+ * names (several bytes) go through the pool's seqlock (pb_pool_ident). */
 void shm_republish(broker *b)
 {
     pb_shm_header *h = b->hdr, *o = &b->hdr_copy;
-    h->magic = o->magic;
-    h->version = o->version;
-    h->fingerprint = o->fingerprint;
-    h->total_size = o->total_size;
-    h->pool_off = o->pool_off;
-    h->client_off = o->client_off;
-    h->slot_off = o->slot_off;
-    h->buf_off = o->buf_off;
-    h->nslots = o->nslots;
-    h->max_clients = o->max_clients;
-    h->start_ms = o->start_ms;
-    h->io_backend = b->io_backend == LOOP_URING ? PB_IO_URING : PB_IO_EPOLL;
-    memcpy(h->shm_name, o->shm_name, sizeof h->shm_name);
-    atomic_store(&h->generation, atomic_load(&o->generation));
-    atomic_store(&h->broker_pid, (int32_t)getpid());
-    atomic_store(&h->npools, b->npools);
-    atomic_store(&h->clients_attached, b->nattached);
-    atomic_store(&h->repairs, b->repairs);
-    atomic_store(&h->state, b->draining ? PB_BROKER_DRAINING : PB_BROKER_RUNNING);
+    SET_IF(h->magic, o->magic);
+    SET_IF(h->version, o->version);
+    SET_IF(h->fingerprint, o->fingerprint);
+    SET_IF(h->total_size, o->total_size);
+    SET_IF(h->pool_off, o->pool_off);
+    SET_IF(h->client_off, o->client_off);
+    SET_IF(h->slot_off, o->slot_off);
+    SET_IF(h->buf_off, o->buf_off);
+    SET_IF(h->nslots, o->nslots);
+    SET_IF(h->max_clients, o->max_clients);
+    SET_IF(h->start_ms, o->start_ms);
+    uint32_t io = b->io_backend == LOOP_URING ? PB_IO_URING : PB_IO_EPOLL;
+    SET_IF(h->io_backend, io);
+    /* shmstat reads the name; only a scribbled one is rewritten, and then
+     * byte by byte to the same bytes where they agree. */
+    if (memcmp(h->shm_name, o->shm_name, sizeof h->shm_name) != 0)
+        for (size_t i = 0; i < sizeof h->shm_name; i++)
+            SET_IF(h->shm_name[i], o->shm_name[i]);
+    ASET_IF(h->generation, atomic_load(&o->generation));
+    ASET_IF(h->broker_pid, (int32_t)getpid());
+    ASET_IF(h->npools, b->npools);
+    ASET_IF(h->clients_attached, b->nattached);
+    ASET_IF(h->repairs, b->repairs);
+    ASET_IF(h->state, (uint32_t)(b->draining ? PB_BROKER_DRAINING : PB_BROKER_RUNNING));
     for (uint32_t i = 0; i < b->npools; i++)
         pool_republish(&b->pools[i]);
     for (uint32_t s = 0; s < b->nslots; s++) {
         pb_shm_slot *sl = &b->shm_slots[s];
         conn *c = b->slots[s];
-        sl->index = s;
+        SET_IF(sl->index, s);
         if (!c)
             continue;               /* spare: no pool yet */
-        sl->pool = c->pool->index;
-        sl->req_off = (uint64_t)(c->req - (uint8_t *)h);
-        sl->rep_off = (uint64_t)(c->rep - (uint8_t *)h);
-        sl->req_size = c->req_size;
-        sl->rep_size = c->rep_size;
+        SET_IF(sl->pool, c->pool->index);
+        SET_IF(sl->req_off, (uint64_t)(c->req - (uint8_t *)h));
+        SET_IF(sl->rep_off, (uint64_t)(c->rep - (uint8_t *)h));
+        SET_IF(sl->req_size, c->req_size);
+        SET_IF(sl->rep_size, c->rep_size);
         /* The broker's side of the slot's I/O words, too: a client waiting
          * on a scribbled one sees the truth again within a pass. */
         if (PH_UP(c->phase)) {
-            atomic_store(&sl->rep_head, c->rep_head);
-            atomic_store(&sl->req_ack, c->acked_seq);
-            atomic_store(&sl->reply_done, c->reply_done);
+            ASET_IF(sl->rep_head, c->rep_head);
+            ASET_IF(sl->req_ack, c->acked_seq);
+            ASET_IF(sl->reply_done, c->reply_done);
             if (!c->to_sink)
-                atomic_store(&sl->rep_owed, c->expect);
+                ASET_IF(sl->rep_owed, c->expect);
         }
     }
     for (uint32_t i = 0; i < b->max_clients; i++) {
         client *cl = &b->clients[i];
         pb_shm_client *sc = &b->shm_clients[i];
         int live = cl->attached && !cl->dead;
-        atomic_store(&sc->id, live ? cl->id : 0);
-        atomic_store(&sc->pid, live ? (int32_t)cl->pid : 0);
+        ASET_IF(sc->id, live ? cl->id : 0);
+        ASET_IF(sc->pid, live ? (int32_t)cl->pid : 0);
         if (live)
-            atomic_store(&sc->sq_head, cl->sq_head);
+            ASET_IF(sc->sq_head, cl->sq_head);
     }
 }
 

@@ -121,7 +121,7 @@ static int attempt(conn *c, ev_op *op, short *want)
     }
     unsigned long e = ERR_peek_error();
     if (e)
-        log_warn("TLS %s on backend %d: %s", op->kind == EV_RECV ? "read" : "write", c->backend_pid,
+        log_warn("TLS %s on backend=%d: %s", op->kind == EV_RECV ? "read" : "write", c->backend_pid,
                  ERR_reason_error_string(e));
     complete(op, err == SSL_ERROR_SYSCALL && errno ? -errno : -EIO);
     return 1;

@@ -23,7 +23,11 @@
 #include <linux/futex.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -126,23 +130,97 @@ static void detach(pb_client *c)
     c->attached = 0;
 }
 
-static int attach(pb_client *c)
+static void say(char *buf, size_t n, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* Write why an attach failed into buf (n bytes; nothing when n is 0). */
+static void say(char *buf, size_t n, const char *fmt, ...)
+{
+    if (!buf || n == 0)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, n, fmt, ap);
+    va_end(ap);
+}
+
+/* Why connect() to the broker's socket failed with err, in the words a
+ * user can act on: who may connect is decided by the socket's mode and
+ * owner (socket_mode, allowed_gids) and by the directories above it. */
+static void say_connect_failed(const char *path, int err, char *buf, size_t n)
+{
+    struct stat st;
+    if (err == EACCES || err == EPERM) {
+        if (stat(path, &st) == 0)
+            say(buf, n, "permission denied connecting to %s: the socket is mode %04o, owner uid %u gid %u, and "
+                "this process is uid %u gid %u (the broker's socket_mode and allowed_gids decide who may "
+                "connect)", path, (unsigned)(st.st_mode & 07777), (unsigned)st.st_uid, (unsigned)st.st_gid,
+                (unsigned)geteuid(), (unsigned)getegid());
+        else
+            say(buf, n, "permission denied reaching %s: a directory on the path is not searchable by uid %u "
+                "gid %u", path, (unsigned)geteuid(), (unsigned)getegid());
+    } else if (err == ENOENT) {
+        say(buf, n, "no broker socket at %s (is poolbroker running, with this 'socket'?)", path);
+    } else if (err == ECONNREFUSED) {
+        say(buf, n, "nothing listens on %s (a broker that stopped left the socket)", path);
+    } else {
+        say(buf, n, "cannot connect to %s: %s", path, strerror(err));
+    }
+}
+
+/* The broker's refusal, as it explained it (pb_attach_refusal). */
+static void say_refused(const pb_attach_resp *resp, ssize_t n, char *buf, size_t len)
+{
+    uint32_t reason = n == (ssize_t)sizeof *resp ? resp->refusal.reason : PB_REFUSED_UNSAID;
+    switch (reason) {
+    case PB_REFUSED_UID:
+        say(buf, len, "refused by the broker: uid %u gid %u is not allowed to attach (its allowed_uids and "
+            "allowed_gids; with neither set, only the broker's own uid)", resp->refusal.uid, resp->refusal.gid);
+        return;
+    case PB_REFUSED_MAX_CLIENTS:
+        say(buf, len, "refused by the broker: max_clients (%u) reached: every client record is in use",
+            resp->refusal.limit);
+        return;
+    case PB_REFUSED_VERSION:
+        say(buf, len, "refused by the broker: shared-memory layout %u/%08x, this library has %u/%08x (build "
+            "the library and the broker from the same release)", resp->version, resp->fingerprint,
+            PB_SHM_VERSION, (unsigned)PB_SHM_FINGERPRINT);
+        return;
+    case PB_REFUSED_DRAINING:
+        say(buf, len, "refused by the broker: it is shutting down");
+        return;
+    case PB_REFUSED_MALFORMED:
+        say(buf, len, "refused by the broker: it did not understand the attach request");
+        return;
+    case PB_REFUSED_TRACKING:
+        say(buf, len, "refused by the broker: it cannot watch this process (pidfd_open failed; see its log)");
+        return;
+    }
+    say(buf, len, "refused by the broker: %s", pb_strerror(resp->status));
+}
+
+static int attach(pb_client *c, char *why, size_t whylen)
 {
     struct sockaddr_un sa = { .sun_family = AF_UNIX };
     int fd = -1, rc;
 
-    if (strlen(c->socket_path) >= sizeof sa.sun_path)
+    if (strlen(c->socket_path) >= sizeof sa.sun_path) {
+        say(why, whylen, "socket path longer than %zu bytes", sizeof sa.sun_path - 1);
         return PB_EINVAL;
+    }
     strcpy(sa.sun_path, c->socket_path);
     fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0)
+    if (fd < 0) {
+        say(why, whylen, "socket: %s", strerror(errno));
         return errno == ENOMEM || errno == ENOBUFS ? PB_ENOMEM : PB_EBROKER;
+    }
     struct timeval tv = { .tv_sec = 5 };
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
     if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+        int err = errno;
         close(fd);
-        return errno == EACCES ? PB_EPERM : PB_EBROKER;
+        say_connect_failed(c->socket_path, err, why, whylen);
+        return err == EACCES || err == EPERM ? PB_EPERM : PB_EBROKER;
     }
     pb_attach_req req = { PB_ATTACH_MAGIC, PB_SHM_VERSION, PB_SHM_FINGERPRINT, (int32_t)getpid() };
     /* A broker that refuses at accept (max_clients) answers and closes
@@ -167,6 +245,7 @@ static int attach(pb_client *c)
     do
         n = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC);
     while (n < 0 && errno == EINTR);
+    int recv_err = n < 0 ? errno : 0;
     int fds[2] = { -1, -1 };
     for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
         if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(2 * sizeof(int)))
@@ -176,15 +255,30 @@ static int attach(pb_client *c)
     rc = pbi_attach_resp_check(&resp, n);
     if (rc == PB_OK && !sent)
         rc = PB_EBROKER;
-    if (rc != PB_OK)
+    if (rc != PB_OK) {
+        if (n < 0)
+            say(why, whylen, "no answer from the broker on %s: %s", c->socket_path,
+                recv_err == EAGAIN ? "none within 5 s" : strerror(recv_err));
+        else if (n >= (ssize_t)offsetof(pb_attach_resp, client_id) && resp.magic == PB_ATTACH_MAGIC &&
+                 resp.status != PB_OK)
+            say_refused(&resp, n, why, whylen);
+        else if (rc == PB_EVERSION)
+            say(why, whylen, "the broker's shared-memory layout is %u/%08x, this library's %u/%08x (build the "
+                "library and the broker from the same release)", resp.version, resp.fingerprint,
+                PB_SHM_VERSION, (unsigned)PB_SHM_FINGERPRINT);
+        else
+            say(why, whylen, "the answer on %s is not a poolbroker attach answer (%zd bytes)", c->socket_path, n);
         goto fail;
+    }
     struct stat st;
     if (fds[0] < 0 || fds[1] < 0 || fstat(fds[0], &st) < 0 || (uint64_t)st.st_size < resp.shm_size) {
+        say(why, whylen, "the broker's answer came without a usable segment");
         rc = PB_EBROKER;
         goto fail;
     }
     void *base = mmap(NULL, resp.shm_size, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
     if (base == MAP_FAILED) {
+        say(why, whylen, "mapping the segment (%llu bytes): %s", (unsigned long long)resp.shm_size, strerror(errno));
         rc = PB_ENOMEM;
         goto fail;
     }
@@ -218,8 +312,17 @@ fail:
 
 PB_API int pb_connect(const char *socket_path, pb_client **out)
 {
-    if (!out)
+    return pb_connect_err(socket_path, out, NULL, 0);
+}
+
+PB_API int pb_connect_err(const char *socket_path, pb_client **out, char *errbuf, size_t errlen)
+{
+    if (errbuf && errlen)
+        errbuf[0] = '\0';
+    if (!out) {
+        say(errbuf, errlen, "out is NULL");
         return PB_EINVAL;
+    }
     *out = NULL;
     pthread_once(&atfork_once, register_atfork);
     if (!socket_path)
@@ -227,19 +330,25 @@ PB_API int pb_connect(const char *socket_path, pb_client **out)
     if (!socket_path || !*socket_path)
         socket_path = DEFAULT_SOCKET;
     pb_client *c = calloc(1, sizeof *c);
-    if (!c)
+    if (!c) {
+        say(errbuf, errlen, "out of memory");
         return PB_ENOMEM;
+    }
     c->socket_path = strdup(socket_path);
     c->ctrl_fd = c->doorbell_fd = -1;
     c->spin_ns = c->acq_spin_ns = SPIN_NS_START;
     const char *spin = getenv("POOLBROKER_SPIN_US");
-    if (spin)
-        c->spin_ns = c->acq_spin_ns = (uint32_t)strtoul(spin, NULL, 10) * 1000;
+    if (spin) {
+        /* In µs; clamped to what the nanosecond counter holds. */
+        unsigned long us = strtoul(spin, NULL, 10);
+        c->spin_ns = c->acq_spin_ns = us > UINT32_MAX / 1000 ? UINT32_MAX / 1000 * 1000 : (uint32_t)us * 1000;
+    }
     if (!c->socket_path) {
         free(c);
+        say(errbuf, errlen, "out of memory");
         return PB_ENOMEM;
     }
-    int rc = attach(c);
+    int rc = attach(c, errbuf, errlen);
     if (rc != PB_OK) {
         free(c->socket_path);
         free(c);
@@ -392,7 +501,7 @@ static int ensure_attached(pb_client *c)
     if (c->attached && c->broken)
         detach(c);
     if (!c->attached)
-        return attach(c);
+        return attach(c, NULL, 0);
     return PB_OK;
 }
 
@@ -496,7 +605,12 @@ static int find_pool(pb_client *c, const char *name, uint32_t *idx)
     for (uint32_t i = 0; i < c->npools; i++) {
         if (atomic_load_explicit(&c->pools[i].health, memory_order_relaxed) == PB_HEALTH_REMOVED)
             continue;               /* a pool a reload removed (it may be re-added) */
-        if (strncmp(c->pools[i].name, name, PB_NAME_MAX) == 0) {
+        /* Compared on a consistent copy: the broker may be rewriting the
+         * name this instant (undoing a scribble), see pb_pool_ident. */
+        pb_pool_ident id;
+        for (int tries = 0; pb_shm_pool_ident_read(&c->pools[i], &id, 64) < 0 && tries < 100; tries++)
+            sched_yield();
+        if (memcmp(id.name, name, n + 1) == 0) {
             memcpy(c->last_pool, name, n + 1);
             c->last_pool_idx = i;
             *idx = i;
@@ -574,8 +688,10 @@ static int try_take_free(pb_client *c, uint32_t pi, uint32_t *slot, uint64_t *wo
     return 1;
 }
 
-/* Queue for a slot and wait for the broker to hand us one. */
-static int wait_for_slot(pb_client *c, uint32_t pi, int timeout_ms, uint32_t *slot, uint64_t *word)
+/* Queue for a slot and wait for the broker to hand us one, at most
+ * timeout_ms (1 .. UINT32_MAX: the whole range of acquire_timeout_ms; the
+ * deadline is computed in 64-bit nanoseconds, which cannot overflow). */
+static int wait_for_slot(pb_client *c, uint32_t pi, uint32_t timeout_ms, uint32_t *slot, uint64_t *word)
 {
     pb_shm_client *rec = c->rec;
     uint32_t ticket = ++c->ticket;
@@ -641,6 +757,11 @@ PB_API int pb_acquire(pb_client *c, const char *pool, int timeout_ms, pb_lease *
     uint64_t w;
     uint64_t t0 = 0;
     int got = 0;
+    /* The wait, in ms: the caller's, or (timeout_ms < 0) the pool's
+     * acquire_timeout_ms, which is a uint32_t up to 4294967295 — never
+     * squeezed through an int (issue #18: the top of the range timed out at
+     * once). */
+    int64_t wait_ms = timeout_ms;
     /* Waiters first: while anyone is queued, a newcomer queues too. */
     if (atomic_load(&p->nwaiters) == 0 && try_take_free(c, pi, &s, &w)) {
         got = 1;
@@ -654,19 +775,19 @@ PB_API int pb_acquire(pb_client *c, const char *pool, int timeout_ms, pb_lease *
             if (atomic_compare_exchange_strong(&c->slots[s].word, &w, rel))
                 sq_push(c, PB_SQE(PB_SQ_RELEASE, s, PB_WORD_GEN(rel)));
             got = 0;
-            if (timeout_ms == 0)
-                timeout_ms = -1;    /* one is there; it just needs a check */
+            if (wait_ms == 0)
+                wait_ms = -1;       /* one is there; it just needs a check */
         }
     }
     if (!got && pbi_nb_waiting(c))
         return PB_EBUSY;            /* the wait word is a non-blocking acquire's (async.c) */
     if (!got) {
-        if (timeout_ms < 0)
-            timeout_ms = (int)atomic_load(&p->acquire_timeout_ms);
-        if (timeout_ms == 0 && atomic_load(&p->nwaiters) == 0)
+        if (wait_ms < 0)
+            wait_ms = (int64_t)atomic_load(&p->acquire_timeout_ms);
+        if (wait_ms == 0 && atomic_load(&p->nwaiters) == 0)
             return PB_ETIMEDOUT;
         t0 = pbi_now_us();
-        rc = wait_for_slot(c, pi, timeout_ms ? timeout_ms : 1, &s, &w);
+        rc = wait_for_slot(c, pi, wait_ms ? (uint32_t)wait_ms : 1, &s, &w);
         if (rc == PB_EBROKER) {
             /* The broker died under us: the mapping p points into is about
              * to go.  If a new broker is already up, try once more there. */

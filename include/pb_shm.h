@@ -172,10 +172,13 @@ typedef struct pb_hist {
 } pb_hist;
 
 typedef struct pb_shm_pool {
-    /* Every field down to the counters is the broker's; the janitor
-     * rewrites them from private copies each pass (pool_republish), so a
-     * worker's scribble lasts one pass at most. */
-    char name[PB_NAME_MAX];         /* broker */
+    /* Every field down to the counters is the broker's.  The identity
+     * (name, type, first_slot, slot_capacity) is written before the pool is
+     * published (npools), then only to undo a scribble, under ident_seq; read
+     * it with pb_shm_pool_ident_read().  The janitor rewrites the rest from
+     * private copies each pass (pool_republish), writing only what differs, so
+     * a worker's scribble lasts one pass at most. */
+    char name[PB_NAME_MAX];         /* broker, NUL-terminated */
     uint32_t type;                  /* broker: enum pb_pool_type */
     uint32_t first_slot;            /* broker: slots [first_slot, +slot_capacity) are this pool's */
     _Atomic uint32_t min_size;      /* broker; may change on reload */
@@ -191,7 +194,8 @@ typedef struct pb_shm_pool {
     _Atomic uint64_t max_uses;      /* broker; 0 = unlimited (a lease reaching it releases via the broker) */
     _Atomic uint32_t validate_after_idle_ms; /* broker; 0 = never: a slot idle longer is checked
                                        by the broker before anyone may use it */
-    _Atomic uint32_t pad2;
+    _Atomic uint32_t ident_seq;     /* broker: seqlock over the identity fields above, odd
+                                       while it rewrites them (pb_shm_pool_ident_publish) */
     char last_error[128];           /* broker; last connect/backend error, NUL-terminated */
 
     /* counters: relaxed fetch_add by whoever does the thing.  Clients:
@@ -352,6 +356,64 @@ static inline void pb_slot_stamp_lease(pb_shm_slot *sl, uint64_t now_ms)
     atomic_fetch_add_explicit(&sl->uses, 1, memory_order_relaxed);
 }
 
+/* ------------------------------------------------------------ pool identity
+ * A pool's name, type and slot range never change once the pool is published
+ * (a reload appends pools, it never reuses an entry).  The broker rewrites
+ * them only when they differ from its private copy — a worker scribbled on
+ * them — and then under the seqlock ident_seq, so that a reader never sees a
+ * half-written name: it copies the fields between two reads of an even,
+ * unchanged ident_seq (issue #19: a name rewritten on every janitor pass made
+ * find_pool see "" and return PB_ENOPOOL for a pool that exists). */
+typedef struct pb_pool_ident {
+    char name[PB_NAME_MAX];         /* NUL-terminated (forced) */
+    uint32_t type, first_slot, slot_capacity;
+} pb_pool_ident;
+
+/* Broker: make sp's identity (name, type, first, cap), writing nothing when
+ * it already is.  An odd ident_seq left by a scribbler is made even. */
+static inline void pb_shm_pool_ident_publish(pb_shm_pool *sp, const char *name, uint32_t type,
+                                             uint32_t first, uint32_t cap)
+{
+    char want[PB_NAME_MAX] = { 0 };
+    for (size_t i = 0; i < PB_NAME_MAX - 1 && name[i]; i++)
+        want[i] = name[i];
+    uint32_t seq = atomic_load_explicit(&sp->ident_seq, memory_order_relaxed);
+    int same = __builtin_memcmp(sp->name, want, sizeof want) == 0 && sp->type == type &&
+               sp->first_slot == first && sp->slot_capacity == cap;
+    if (same && !(seq & 1))
+        return;
+    seq |= 1;                       /* odd: readers retry */
+    atomic_store_explicit(&sp->ident_seq, seq, memory_order_relaxed);
+    atomic_thread_fence(memory_order_release);
+    __builtin_memcpy(sp->name, want, sizeof want);
+    sp->type = type;
+    sp->first_slot = first;
+    sp->slot_capacity = cap;
+    atomic_store_explicit(&sp->ident_seq, seq + 1, memory_order_release);
+}
+
+/* Reader (client library): a consistent copy of sp's identity.  Retries
+ * while the broker rewrites it; returns 0, or -1 when ident_seq stayed odd
+ * for `tries` reads (a scribbled seqlock: the broker's next janitor pass
+ * makes it even again) — *out then holds the last, possibly torn, copy. */
+static inline int pb_shm_pool_ident_read(pb_shm_pool *sp, pb_pool_ident *out, unsigned tries)
+{
+    for (unsigned i = 0;; i++) {
+        uint32_t s1 = atomic_load_explicit(&sp->ident_seq, memory_order_acquire);
+        __builtin_memcpy(out->name, sp->name, sizeof out->name);
+        out->type = sp->type;
+        out->first_slot = sp->first_slot;
+        out->slot_capacity = sp->slot_capacity;
+        atomic_thread_fence(memory_order_acquire);
+        uint32_t s2 = atomic_load_explicit(&sp->ident_seq, memory_order_relaxed);
+        out->name[PB_NAME_MAX - 1] = 0;
+        if (s1 == s2 && !(s1 & 1))
+            return 0;
+        if (i + 1 >= tries)
+            return -1;
+    }
+}
+
 /* ---------------------------------------------------------------- free map
  * Shared by the client library (the lease fast path), the broker (handing
  * slots to waiters, its janitor) and the unit tests.  `slots` points at the
@@ -449,6 +511,24 @@ typedef struct pb_shm_layout {
     uint32_t nslots;
 } pb_shm_layout;
 
+/* Why an attach was refused (pb_attach_refusal.reason), so that the client
+ * can say it, not only the broker's log (issue #18). */
+enum pb_attach_reason {
+    PB_REFUSED_UNSAID = 0,              /* an older broker: the status code only */
+    PB_REFUSED_UID,                     /* uid/gid not in allowed_uids/allowed_gids; uid, gid */
+    PB_REFUSED_MAX_CLIENTS,             /* all max_clients records in use; limit */
+    PB_REFUSED_VERSION,                 /* layout version/fingerprint differ */
+    PB_REFUSED_DRAINING,                /* the broker is shutting down */
+    PB_REFUSED_MALFORMED,               /* not a poolbroker attach request */
+    PB_REFUSED_TRACKING,                /* the broker cannot watch the process (pidfd_open) */
+};
+
+typedef struct pb_attach_refusal {
+    uint32_t reason;                    /* enum pb_attach_reason */
+    uint32_t uid, gid;                  /* PB_REFUSED_UID: the peer's, from SO_PEERCRED */
+    uint32_t limit;                     /* PB_REFUSED_MAX_CLIENTS: max_clients */
+} pb_attach_refusal;
+
 typedef struct pb_attach_resp {
     uint32_t magic;                     /* PB_ATTACH_MAGIC */
     int32_t  status;                    /* PB_OK or a PB_E* code */
@@ -457,7 +537,10 @@ typedef struct pb_attach_resp {
     uint32_t client_id;                 /* 24-bit id, owner field of slot words */
     uint32_t generation;                /* broker generation */
     uint64_t shm_size;                  /* bytes to map */
-    pb_shm_layout layout;               /* on success */
+    union {
+        pb_shm_layout layout;           /* on success */
+        pb_attach_refusal refusal;      /* on a refusal (status != PB_OK) */
+    };
 } pb_attach_resp;
 
 #endif /* PB_SHM_H */

@@ -85,13 +85,21 @@ PB_API const char *pb_strerror(int err);
  * long), PB_ENOMEM. */
 PB_API int pb_connect(const char *socket_path, pb_client **out);
 
+/* pb_connect, and on failure a sentence in errbuf (errlen bytes, always
+ * NUL-terminated; "" on success) saying what failed and why, as libpq's
+ * PQerrorMessage would: the uid and gid the broker refused, max_clients
+ * reached, the socket's mode and owner against this process's ids, no
+ * broker at the path, a layout mismatch.  errbuf may be NULL. */
+PB_API int pb_connect_err(const char *socket_path, pb_client **out, char *errbuf, size_t errlen);
+
 /* Detach and free the client.  Leases still held are released first. */
 PB_API void pb_disconnect(pb_client *c);
 
 /* ------------------------------------------------------------------ leases */
 
 /* Lease a connection of pool <pool>.  timeout_ms < 0 uses the pool's
- * acquire_timeout_ms; 0 means "only if one is free now".  The fast path takes
+ * acquire_timeout_ms (its whole range, 0 to 4294967295 ms, which an int
+ * argument cannot carry); 0 means "only if one is free now".  The fast path takes
  * no syscall; otherwise the caller is queued (first come, first served) while
  * the broker grows the pool.  Errors: PB_ENOPOOL, PB_ETIMEDOUT, PB_EBACKEND
  * (backend known down: fails at once), PB_ESHUTDOWN, PB_EBROKER. */
@@ -365,6 +373,50 @@ PB_API int pb_redis_send_argv(pb_lease *l, int argc, const char **argv, const si
  * PB_EINPROGRESS when it is not complete yet (notification armed); PB_EINVAL
  * when nothing is outstanding; other errors as pb_redis_get_reply. */
 PB_API int pb_redis_poll_reply(pb_lease *l, redisReply **out);
+
+/* ============================================================ libpq parity
+ * What a program ported from libpq reaches for besides queries, with libpq's
+ * behaviour under pb_ names (issue #18).  Kept in its own section. */
+
+/* PQescapeLiteral / PQescapeIdentifier for the broker's connections (UTF-8,
+ * standard_conforming_strings on).  Escapes str up to length bytes or its
+ * first NUL: a literal in single quotes with ' doubled — and, when it holds
+ * a backslash, \ doubled and libpq's " E" prefix (" E'a\\b'"); an
+ * identifier in double quotes with " doubled.  Returns a new string (free it
+ * with pb_freemem), or NULL with *err (err may be NULL) set to PB_EINVAL
+ * (str NULL, or not valid UTF-8: an invalid or cut-off character) or
+ * PB_ENOMEM.  No lease is needed: escaping does not depend on one. */
+PB_API char *pb_escape_literal(const char *str, size_t length, int *err);
+PB_API char *pb_escape_identifier(const char *str, size_t length, int *err);
+
+/* PQtransactionStatus: the values are libpq's PQTRANS_* numbers. */
+enum {
+    PB_TRANS_IDLE    = 0,   /* no transaction open */
+    PB_TRANS_ACTIVE  = 1,   /* a command, pipeline or COPY is under way on the lease */
+    PB_TRANS_INTRANS = 2,   /* idle in a transaction block */
+    PB_TRANS_INERROR = 3,   /* idle in a failed transaction block */
+    PB_TRANS_UNKNOWN = 4,   /* NULL, stale, or not a PostgreSQL lease */
+};
+/* The transaction status of a PostgreSQL lease, from the last
+ * ReadyForQuery of its connection (the slot's txn_status, written by the
+ * broker).  Never blocks. */
+PB_API int pb_transaction_status(const pb_lease *l);
+
+/* PQresultVerboseErrorMessage.  verbosity and show_context take libpq's
+ * PQERRORS_* and PQSHOW_CONTEXT_* values. */
+enum { PB_ERRORS_TERSE = 0, PB_ERRORS_DEFAULT = 1, PB_ERRORS_VERBOSE = 2, PB_ERRORS_SQLSTATE = 3 };
+enum { PB_SHOW_CONTEXT_NEVER = 0, PB_SHOW_CONTEXT_ERRORS = 1, PB_SHOW_CONTEXT_ALWAYS = 2 };
+/* The error (or notice) of r as libpq formats it: "SEVERITY:  message\n",
+ * then with PB_ERRORS_DEFAULT "DETAIL:  ...", "HINT:  ...", "QUERY:  ..."
+ * lines; with PB_ERRORS_VERBOSE also the SQLSTATE after the severity, the
+ * SCHEMA/TABLE/COLUMN/DATATYPE/CONSTRAINT NAME lines and "LOCATION:  routine,
+ * file:line"; PB_ERRORS_SQLSTATE gives "SEVERITY:  SQLSTATE\n".  Unless
+ * terse, "CONTEXT:" follows per show_context.  One difference: a pb_result does not keep the
+ * query text, so a statement position is " at character N" (as libpq writes
+ * it when it lacks the text) rather than a LINE with a caret.  A result that
+ * is not an error gives "PGresult is not an error result\n", as libpq.
+ * Returns a new string (pb_freemem), or NULL when out of memory. */
+PB_API char *pb_result_verbose_error_message(const pb_result *r, int verbosity, int show_context);
 
 #ifdef __cplusplus
 }

@@ -297,9 +297,9 @@ static void test_quoted_values(void **state)
     conf *c = expect_ok(PG_POOL "reset = \"RESET ALL ; SELECT pg_advisory_unlock_all() # keep\"   ; a comment\n");
     assert_string_equal(c->pools[0].reset_sql, "RESET ALL ; SELECT pg_advisory_unlock_all() # keep");
     conf_free(c);
-    c = expect_ok("[pool main]\ntype = postgres\nconninfo = \" dbname=app password=a\\\"b\\\\c ; d\"\n"
+    c = expect_ok("[pool main]\ntype = postgres\nconninfo = \" dbname=app password='a\\\"b\\\\c ; d'\"\n"
                   "reset = SET x = \"y\"\n");
-    assert_string_equal(c->pools[0].conninfo, " dbname=app password=a\"b\\c ; d");
+    assert_string_equal(c->pools[0].conninfo, " dbname=app password='a\"b\\c ; d'");
     /* Only a value that starts with a quote is quoted. */
     assert_string_equal(c->pools[0].reset_sql, "SET x = \"y\"");
     conf_free(c);
@@ -325,7 +325,7 @@ static void test_size_suffixes(void **state)
 {
     (void)state;
     conf *c = expect_ok(PG_POOL "request_buffer = 2K\nreply_buffer = 4M\n"
-                        "[pool b]\ntype = postgres\nconninfo = x=y\nrequest_buffer = 1024\nreply_buffer = 64m\n");
+                        "[pool b]\ntype = postgres\nconninfo = dbname=y\nrequest_buffer = 1024\nreply_buffer = 64m\n");
     assert_int_equal(c->pools[0].request_buffer, 2048);
     assert_int_equal(c->pools[0].reply_buffer, 4u << 20);
     assert_int_equal(c->pools[1].request_buffer, 1024);
@@ -392,7 +392,7 @@ static void test_duplicate_key(void **state)
     expect_error(PG_POOL "max_size = 3\nmax_size = 4\n", "t.conf:5:", "key 'max_size': duplicate key (first set on line 4)");
     expect_error("[broker]\nlog_level = info\n\nlog_level = debug\n" PG_POOL, "t.conf:4:", "key 'log_level': duplicate");
     /* The same key in two pools is fine. */
-    conf *c = expect_ok(PG_POOL "max_size = 3\n[pool b]\ntype = postgres\nconninfo = a=b\nmax_size = 3\n");
+    conf *c = expect_ok(PG_POOL "max_size = 3\n[pool b]\ntype = postgres\nconninfo = dbname=b\nmax_size = 3\n");
     conf_free(c);
 }
 
@@ -610,6 +610,17 @@ static void test_log_keys(void **state)
         assert_int_equal(c->log_level, i);
         conf_free(c);
     }
+    /* PostgreSQL's spelling, and any case (issue #18). */
+    static const char *const synonyms[][2] = { { "warning", "2" }, { "WARNING", "2" }, { "Warn", "2" },
+                                               { "ERROR", "3" }, { "Debug", "0" } };
+    for (size_t i = 0; i < sizeof synonyms / sizeof synonyms[0]; i++) {
+        char text[256];
+        snprintf(text, sizeof text, "[broker]\nlog_level = %s\n" PG_POOL, synonyms[i][0]);
+        conf *c = expect_ok(text);
+        assert_int_equal(c->log_level, atoi(synonyms[i][1]));
+        conf_free(c);
+    }
+    expect_error("[broker]\nlog_level = warnings\n" PG_POOL, "t.conf:2:", "key 'log_level': unknown level 'warnings'");
     expect_error("[broker]\nlog_level = verbose\n" PG_POOL, "t.conf:2:", "key 'log_level': unknown level 'verbose'");
     expect_error("[broker]\nlog_target = file\n" PG_POOL, "t.conf:2:", "key 'log_target': unknown value 'file'");
 }
@@ -810,6 +821,168 @@ static void test_api_edges(void **state)
     conf_free(c);
 }
 
+/* conninfo is checked as libpq and the server will read it (issue #18):
+ * unknown keys, bad syntax and values libpq would only refuse at connect
+ * time are errors naming the file, the line and the key; never the password. */
+static void test_conninfo_checked(void **state)
+{
+    (void)state;
+#define CI(v) "[pool p]\ntype = postgres\nconninfo = " v "\n"
+    static const char *const good[] = {
+        "host=/tmp port=5432 dbname=app user=app sslmode=disable application_name=x",
+        "host=a,b,c port=5432",
+        "host=a,b port=5432,5433 target_session_attrs=read-write connect_timeout=5",
+        "hostaddr=127.0.0.1,::1 host=a,b port=,5433",
+        "options='-c statement_timeout=5s --search_path=app -cwork_mem=4MB' keepalives=1",
+        "postgresql://app@db.example:5432/app?sslmode=require&application_name=web",
+        "replication=false dbname=app",
+    };
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+        char text[512];
+        snprintf(text, sizeof text, CI("%s"), good[i]);
+        conf *c = expect_ok(text);
+        assert_string_equal(c->pools[0].conninfo, good[i]);
+        conf_free(c);
+    }
+    static const char *const bad[][2] = {
+        { "dbname=app bogus_option=1", "invalid connection option \"bogus_option\"" },
+        { "postgresql://h/app?bogus=1", "invalid URI query parameter: \"bogus\"" },
+        { "dbname", "missing \"=\"" },
+        { "dbname='app", "unterminated quoted string" },
+        { "host=h port=0", "port '0' is not a number in 1..65535" },
+        { "host=h port=65536", "port '65536' is not a number in 1..65535" },
+        { "host=h port=pg", "port 'pg' is not a number in 1..65535" },
+        { "host=a,b port=1,2,3", "3 port numbers for 2 hosts" },
+        { "host=a,b hostaddr=127.0.0.1", "2 host names but 1 hostaddr values" },
+        { "hostaddr=db.example", "hostaddr 'db.example' is not a numeric" },
+        { "dbname=app sslmode=maybe", "sslmode=maybe: not one of disable,allow,prefer,require,verify-ca,verify-full" },
+        { "dbname=app gssencmode=yes", "gssencmode=yes: not one of" },
+        { "dbname=app target_session_attrs=master", "target_session_attrs=master: not one of" },
+        { "dbname=app connect_timeout=5s", "connect_timeout=5s: not an integer" },
+        { "dbname=app keepalives_idle=x", "keepalives_idle=x: not an integer" },
+        { "dbname=app options=-e", "options: '-e' is not a -c name=value setting" },
+        { "dbname=app options='-c'", "options: -c needs name=value" },
+        { "dbname=app replication=database", "cannot be replication connections" },
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char text[512];
+        snprintf(text, sizeof text, CI("%s"), bad[i][0]);
+        expect_error(text, "t.conf:3: key 'conninfo': ", bad[i][1]);
+    }
+    /* libpq's message could quote a password: what it quotes is shown only
+     * when it has the shape of a key or a word. */
+    expect_error(CI("dbname=app password=" SECRET " bogus=1"), "t.conf:3:", "invalid connection option \"bogus\"");
+    expect_error(CI("postgresql://u:" SECRET "%zz@h/app"), "t.conf:3: key 'conninfo'", "\"(not shown)\"");
+    expect_error(CI("dbname=app password='" SECRET), "t.conf:3: key 'conninfo'", "unterminated quoted string");
+    expect_error(CI("x://u:" SECRET "@h=1"), "t.conf:3: key 'conninfo'", "invalid connection option \"(not shown)\"");
+    expect_error(CI("dbname=a x://u:" SECRET "@h"), "t.conf:3: key 'conninfo'", "missing \"=\" after \"(not shown)\"");
+    /* A value of another key that could hold a password is not echoed
+     * (quoted "password=...", or the "user:secret" shape of a URI). */
+    expect_error(CI("sslmode='x password=" SECRET "'"), "t.conf:3: key 'conninfo'", "sslmode=(not shown)");
+    expect_error(CI("host=x://u sslmode=u:" SECRET), "t.conf:3: key 'conninfo'", "sslmode=(not shown)");
+    expect_error(CI("options='password=" SECRET "'"), "t.conf:3: key 'conninfo'", "options: '(not shown)'");
+    expect_error(CI("host=h port=u:" SECRET), "t.conf:3: key 'conninfo'", "port '(not shown)'");
+#undef CI
+}
+
+/* ------------------------------------------------------------ ranges */
+
+/* One numeric key and its documented range (man/poolbroker.conf.5): the
+ * bottom and the top parse to exactly that value; one below the bottom and
+ * one above the top are errors naming the line and the key (issue #18). */
+typedef struct range_case {
+    const char *key;
+    int broker;                     /* 1: [broker] key; 0: pool key */
+    const char *pool;               /* pool section head, the key's line last */
+    uint64_t lo, hi;                /* documented range */
+    const char *lo_text, *hi_text;  /* how they are written ("1k", "0777"), NULL: decimal */
+    const char *below, *above;      /* out of range, NULL: none (lo == 0, hi == 2^64-1) */
+    size_t off;                     /* field offset */
+    int width;                      /* 4 or 8 bytes (int fields are 4) */
+} range_case;
+
+#define REDIS_HEAD "[pool r]\ntype = redis\n"
+#define PG_HEAD    "[pool p]\ntype = postgres\nconninfo = dbname=app\n"
+#define BOFF(f) offsetof(conf, f)
+#define POFF(f) offsetof(conf_pool, f)
+
+static const range_case ranges[] = {
+    { "socket_mode", 1, NULL, 0, 0777, "0", "0777", NULL, "01000", BOFF(socket_mode), 4 },
+    { "shm_mode", 1, NULL, 0, 0777, "0", "0777", NULL, "01000", BOFF(shm_mode), 4 },
+    { "shutdown_timeout_ms", 1, NULL, 0, UINT32_MAX, NULL, NULL, NULL, "4294967296", BOFF(shutdown_timeout_ms), 4 },
+    { "max_clients", 1, NULL, 1, 4095, NULL, NULL, "0", "4096", BOFF(max_clients), 4 },
+    { "spare_slots", 1, NULL, 0, 4096, NULL, NULL, NULL, "4097", BOFF(spare_slots), 4 },
+    { "port", 0, REDIS_HEAD, 1, 65535, NULL, NULL, "0", "65536", POFF(port), 4 },
+    { "db", 0, REDIS_HEAD, 0, 1000, NULL, NULL, NULL, "1001", POFF(db), 4 },
+    { "min_size", 0, PG_HEAD "max_size = 4096\n", 0, 4096, NULL, NULL, NULL, "4097", POFF(min_size), 4 },
+    { "max_size", 0, PG_HEAD, 1, 4096, NULL, NULL, "0", "4097", POFF(max_size), 4 },
+    { "slots", 0, PG_HEAD "max_size = 1\n", 1, 4096, NULL, NULL, "0", "4097", POFF(slots), 4 },
+    { "acquire_timeout_ms", 0, PG_HEAD, 0, UINT32_MAX, NULL, NULL, NULL, "4294967296", POFF(acquire_timeout_ms), 4 },
+    { "command_timeout_ms", 0, PG_HEAD, 0, UINT32_MAX, NULL, NULL, NULL, "4294967296", POFF(command_timeout_ms), 4 },
+    { "max_lifetime_s", 0, PG_HEAD, 0, UINT32_MAX, NULL, NULL, NULL, "4294967296", POFF(max_lifetime_s), 4 },
+    { "idle_timeout_s", 0, PG_HEAD, 0, UINT32_MAX, NULL, NULL, NULL, "4294967296", POFF(idle_timeout_s), 4 },
+    { "max_uses", 0, PG_HEAD, 0, UINT64_MAX, NULL, NULL, NULL, "18446744073709551616", POFF(max_uses), 8 },
+    { "validate_after_idle_ms", 0, PG_HEAD, 0, UINT32_MAX, NULL, NULL, NULL, "4294967296",
+      POFF(validate_after_idle_ms), 4 },
+    { "leak_threshold_ms", 0, PG_HEAD, 0, UINT32_MAX, NULL, NULL, NULL, "4294967296", POFF(leak_threshold_ms), 4 },
+    { "max_lease_ms", 0, PG_HEAD, 0, UINT32_MAX, NULL, NULL, NULL, "4294967296", POFF(max_lease_ms), 4 },
+    { "request_buffer", 0, PG_HEAD, 1024, 64u << 20, "1k", "64m", "1023", "67108865", POFF(request_buffer), 4 },
+    { "request_buffer", 0, PG_HEAD, 1024, 64u << 20, "1024", "67108864", "0k", "65537k", POFF(request_buffer), 4 },
+    { "reply_buffer", 0, PG_HEAD, 4096, 256u << 20, "4k", "256m", "4095", "257m", POFF(reply_buffer), 4 },
+    { "reply_buffer", 0, PG_HEAD, 4096, 256u << 20, "4096", "268435456", "3k", "268435457", POFF(reply_buffer), 4 },
+};
+
+static uint64_t field_value(const void *obj, const range_case *rc)
+{
+    const char *f = (const char *)obj + rc->off;
+    if (rc->width == 8)
+        return *(const uint64_t *)f;
+    return *(const uint32_t *)f;
+}
+
+/* Build the text with key = val on a line of its own; *line gets its number. */
+static void range_text(const range_case *rc, const char *val, char *buf, size_t n, int *line)
+{
+    const char *head = rc->broker ? "[broker]\n" : rc->pool;
+    int lines = 0;
+    for (const char *s = head; *s; s++)
+        lines += *s == '\n';
+    *line = lines + 1;
+    snprintf(buf, n, "%s%s = %s\n%s", head, rc->key, val, rc->broker ? PG_POOL : "");
+}
+
+static void test_range_edges(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < sizeof ranges / sizeof ranges[0]; i++) {
+        const range_case *rc = &ranges[i];
+        char text[512], num[32], where[32], err[CONF_ERR_MAX];
+        int line;
+        for (int top = 0; top < 2; top++) {
+            uint64_t want = top ? rc->hi : rc->lo;
+            const char *lit = top ? rc->hi_text : rc->lo_text;
+            snprintf(num, sizeof num, "%llu", (unsigned long long)want);
+            range_text(rc, lit ? lit : num, text, sizeof text, &line);
+            conf *c = parse(text, err);
+            if (!c)
+                fail_msg("%s = %s: %s", rc->key, lit ? lit : num, err);
+            const void *obj = rc->broker ? (const void *)c : (const void *)&c->pools[0];
+            if (field_value(obj, rc) != want)
+                fail_msg("%s = %s parsed as %llu", rc->key, lit ? lit : num,
+                         (unsigned long long)field_value(obj, rc));
+            conf_free(c);
+            const char *bad = top ? rc->above : rc->below;
+            if (!bad)
+                continue;
+            range_text(rc, bad, text, sizeof text, &line);
+            char key[64];
+            snprintf(where, sizeof where, "t.conf:%d:", line);
+            snprintf(key, sizeof key, "key '%s'", rc->key);
+            expect_error(text, where, key);
+        }
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -851,6 +1024,8 @@ int main(void)
         cmocka_unit_test(test_load_relative_password_file),
         cmocka_unit_test(test_load_errors_name_file),
         cmocka_unit_test(test_api_edges),
+        cmocka_unit_test(test_range_edges),
+        cmocka_unit_test(test_conninfo_checked),
     };
     return cmocka_run_group_tests_name("conf", tests, group_setup, group_teardown);
 }

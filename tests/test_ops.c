@@ -136,12 +136,12 @@ static void test_config_check(void **state)
 {
     (void)state;
     char out[1024];
-    assert_int_equal(run_broker_t("[broker]\nsocket = /tmp/x.sock\n\n[pool a]\ntype = postgres\nconninfo = x\n", out,
+    assert_int_equal(run_broker_t("[broker]\nsocket = /tmp/x.sock\n\n[pool a]\ntype = postgres\nconninfo = dbname=x\n", out,
                                   sizeof out),
                      0);
     assert_non_null(strstr(out, "configuration OK"));
     assert_int_not_equal(run_broker_t("[broker]\nsocket = /tmp/x.sock\n\n[pool a]\ntype = postgres\n"
-                                      "conninfo = x\nmax_size = lots\n",
+                                      "conninfo = dbname=x\nmax_size = lots\n",
                                       out, sizeof out),
                          0);
     assert_non_null(strstr(out, "check.conf:7:"));

@@ -251,6 +251,52 @@ static void test_kill_storm(void **state)
     free_fixture(f);
 }
 
+/* The pool identity seqlock (issue #19): a process republishing a pool's
+ * name between two different values while another reads it never lets the
+ * reader see anything but one of the two whole names; and republishing an
+ * unchanged identity writes nothing (the seqlock does not move). */
+static void test_pool_ident_seqlock(void **state)
+{
+    (void)state;
+    fixture *f = new_fixture();
+    static const char *const names[2] = { "pool07", "a-longer-name-for-pool-7" };
+    pb_shm_pool_ident_publish(&f->pool, names[0], 1, 3, 5);
+    uint32_t seq = atomic_load(&f->pool.ident_seq);
+    pb_shm_pool_ident_publish(&f->pool, names[0], 1, 3, 5);
+    assert_int_equal(atomic_load(&f->pool.ident_seq), seq);       /* unchanged: not written */
+    pb_shm_pool_ident_publish(&f->pool, names[1], 1, 3, 5);
+    assert_int_equal(atomic_load(&f->pool.ident_seq), seq + 2);
+    atomic_store(&f->pool.ident_seq, 7);                          /* a scribbled, odd seqlock */
+    pb_pool_ident id;
+    assert_int_equal(pb_shm_pool_ident_read(&f->pool, &id, 4), -1);
+    pb_shm_pool_ident_publish(&f->pool, names[1], 1, 3, 5);       /* the janitor makes it even */
+    assert_int_equal(pb_shm_pool_ident_read(&f->pool, &id, 4), 0);
+    assert_string_equal(id.name, names[1]);
+
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        for (long i = 0; atomic_load(&f->ops) == 0; i++)
+            pb_shm_pool_ident_publish(&f->pool, names[i & 1], 1, 3, 5);
+        _exit(0);
+    }
+    long torn = 0, reads = 0, retried = 0;
+    for (; reads < 2000000; reads++) {
+        if (pb_shm_pool_ident_read(&f->pool, &id, 1000) < 0) {
+            retried++;
+            continue;
+        }
+        if (strcmp(id.name, names[0]) != 0 && strcmp(id.name, names[1]) != 0)
+            torn++;
+    }
+    atomic_store(&f->ops, 1);
+    int st;
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    print_message("%ld reads, %ld torn, %ld gave up\n", reads, torn, retried);
+    assert_int_equal(torn, 0);
+    munmap(f, sizeof *f);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -261,6 +307,7 @@ int main(void)
         cmocka_unit_test(test_lost_entries_repaired),
         cmocka_unit_test(test_concurrent_processes),
         cmocka_unit_test(test_kill_storm),
+        cmocka_unit_test(test_pool_ident_seqlock),
     };
     return cmocka_run_group_tests_name("slots", tests, NULL, NULL);
 }
