@@ -103,9 +103,9 @@ $(BUILD)/tests/test_slots: tests/test_slots.c include/pb_shm.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $< -o $@ $(LDFLAGS) -lcmocka
 
-$(BUILD)/tests/test_%: tests/test_%.c tests/harness.c tests/harness.h tests/pbtest.h $(BUILD)/libpoolbroker.a
+$(BUILD)/tests/test_%: tests/test_%.c tests/harness.c tests/harness.h tests/pbtest.c tests/pbtest.h $(wildcard tests/*_fixture.h) $(BUILD)/libpoolbroker.a
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -Itests $< tests/harness.c $(BUILD)/libpoolbroker.a -o $@ $(LDFLAGS) -lcmocka -lhiredis -lpq
+	$(CC) $(CFLAGS) -Itests $< tests/harness.c tests/pbtest.c $(BUILD)/libpoolbroker.a -o $@ $(LDFLAGS) -lcmocka -lhiredis -lpq
 
 # ---------------------------------------------------------------- fuzzing
 # libFuzzer targets (tests/fuzz/*.c), built with clang into build/fuzz/
