@@ -99,6 +99,21 @@ int pbt_cleanup(void **state)
     return 0;
 }
 
+int pbt_group_start(th_env *e, int want_pg, int want_redis, const char *pools_ini)
+{
+    if (th_setup(e, want_pg, want_redis) < 0)
+        return -1;
+    if (th_broker_start(e, pools_ini) < 0)
+        return -1;
+    return 0;
+}
+
+int pbt_group_stop(th_env *e)
+{
+    pbt_cleanup(NULL);
+    return th_teardown(e);
+}
+
 pb_lease *pbt_lease(pb_client *c, const char *pool, int timeout_ms)
 {
     pb_lease *l = NULL;

@@ -36,6 +36,12 @@ void pbt_track_child(pid_t p);
 void pbt_untrack_child(pid_t p);
 int pbt_cleanup(void **state);      /* SIGKILL+reap children, disconnect clients */
 
+/* ---- a test group's servers and broker (cmocka group setup / teardown) */
+/* th_setup(e, want_pg, want_redis), then th_broker_start(e, pools_ini); 0 or -1. */
+int pbt_group_start(th_env *e, int want_pg, int want_redis, const char *pools_ini);
+/* pbt_cleanup, then th_teardown(e); its result. */
+int pbt_group_stop(th_env *e);
+
 /* ---- leases and PostgreSQL */
 pb_lease *pbt_lease(pb_client *c, const char *pool, int timeout_ms);  /* or fail */
 long long pbt_pg_int(pb_lease *l, const char *sql);  /* first value as an integer, or fail */

@@ -49,18 +49,13 @@ static th_env env_redis;
 static int pg_group_setup(void **state)
 {
     (void)state;
-    if (th_setup(&env_pg, 1, 0) < 0)
-        return -1;
-    if (th_broker_start(&env_pg, PG_POOLS) < 0)
-        return -1;
-    return 0;
+    return pbt_group_start(&env_pg, 1, 0, PG_POOLS);
 }
 
 static int pg_group_teardown(void **state)
 {
     (void)state;
-    pbt_cleanup(NULL);
-    return th_teardown(&env_pg);
+    return pbt_group_stop(&env_pg);
 }
 
 /* 1. Idle connections killed by the server are replaced before anyone leases
@@ -173,18 +168,13 @@ static void test_pg_idle_kill_then_lease_0ms(void **state)
 static int redis_group_setup(void **state)
 {
     (void)state;
-    if (th_setup(&env_redis, 0, 1) < 0)
-        return -1;
-    if (th_broker_start(&env_redis, REDIS_POOLS) < 0)
-        return -1;
-    return 0;
+    return pbt_group_start(&env_redis, 0, 1, REDIS_POOLS);
 }
 
 static int redis_group_teardown(void **state)
 {
     (void)state;
-    pbt_cleanup(NULL);
-    return th_teardown(&env_redis);
+    return pbt_group_stop(&env_redis);
 }
 
 /* 1 (Redis). CLIENT KILL of idle pooled connections: 200 ms later, the

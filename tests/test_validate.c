@@ -38,18 +38,13 @@ static th_env env_pg;
 static int pg_group_setup(void **state)
 {
     (void)state;
-    if (th_setup(&env_pg, 1, 0) < 0)
-        return -1;
-    if (th_broker_start(&env_pg, PG_POOLS) < 0)
-        return -1;
-    return 0;
+    return pbt_group_start(&env_pg, 1, 0, PG_POOLS);
 }
 
 static int pg_group_teardown(void **state)
 {
     (void)state;
-    pbt_cleanup(NULL);
-    return th_teardown(&env_pg);
+    return pbt_group_stop(&env_pg);
 }
 
 /* 5. validate_after_idle_ms = 300: validations (empty queries) keep a
