@@ -34,7 +34,7 @@ UNIT_TESTS := test_conf test_pgproto test_slots
 INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops \
                test_idle_kill test_command_timeout test_pool_size test_recycle test_validate test_multi_host test_outage \
                test_metrics \
-               test_death \
+               test_reclaim test_misuse test_max_lease test_fairness test_kill_storm test_broker_death \
                test_tls \
                test_security
 TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%) $(BUILD)/tests/noring
