@@ -36,7 +36,7 @@ INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops \
                test_metrics \
                test_reclaim test_misuse test_max_lease test_fairness test_kill_storm test_broker_death \
                test_tls \
-               test_security
+               test_access test_secrets test_rogue
 TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%) $(BUILD)/tests/noring
 
 .PHONY: all test unit integ run install bench clean deps examples
