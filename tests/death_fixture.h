@@ -39,6 +39,7 @@
 
 #include "harness.h"
 #include "poolbroker.h"
+#include "pbtest.h"
 
 /* Not every file uses every helper. */
 #pragma GCC diagnostic push
@@ -448,14 +449,6 @@ static int group_teardown(void **state)
     if (th_teardown(&env) != 0)
         rc = -1;
     return rc;
-}
-
-/* PB_TEST_FILTER, e.g. "test_kill_storm": run only the matching tests. */
-static void apply_test_filter(void)
-{
-    const char *filter = getenv("PB_TEST_FILTER");
-    if (filter && *filter)
-        cmocka_set_test_filter(filter);
 }
 
 #pragma GCC diagnostic pop

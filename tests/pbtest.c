@@ -20,6 +20,13 @@
 #include "poolbroker.h"
 #include "pbtest.h"
 
+void pbt_apply_test_filter(void)
+{
+    const char *filter = getenv("PB_TEST_FILTER");
+    if (filter && *filter)
+        cmocka_set_test_filter(filter);
+}
+
 double pbt_now_ms(void)
 {
     struct timespec ts;

@@ -25,6 +25,10 @@ static inline pb_client *pbt_connect(th_env *e)
     return c;
 }
 
+/* PB_TEST_FILTER, if set (e.g. "test_kill_storm", "test_rogue*"): run only
+ * the tests matching this cmocka filter.  Call before running the groups. */
+void pbt_apply_test_filter(void);
+
 /* ---- time */
 double pbt_now_ms(void);            /* CLOCK_MONOTONIC, ms */
 void pbt_sleep_ms(double ms);

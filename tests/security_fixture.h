@@ -357,14 +357,6 @@ static int group_teardown(void **state)
     return th_teardown(&env);
 }
 
-/* PB_TEST_FILTER, e.g. "test_rogue*": run only the matching tests. */
-static void apply_test_filter(void)
-{
-    const char *filter = getenv("PB_TEST_FILTER");
-    if (filter && *filter)
-        cmocka_set_test_filter(filter);
-}
-
 #pragma GCC diagnostic pop
 
 #endif /* PB_TEST_SECURITY_FIXTURE_H */

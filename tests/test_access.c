@@ -91,6 +91,6 @@ int main(void)
         cmocka_unit_test(test_other_uid_refused_by_peercred),
         cmocka_unit_test(test_allowed_uid_can_attach_and_lease),
     };
-    apply_test_filter();
+    pbt_apply_test_filter();
     return cmocka_run_group_tests_name("access", tests, group_setup, group_teardown);
 }

@@ -132,6 +132,6 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_misuse, test_setup, test_teardown),
     };
-    apply_test_filter();
+    pbt_apply_test_filter();
     return cmocka_run_group_tests_name("misuse", tests, group_setup, group_teardown);
 }

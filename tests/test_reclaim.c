@@ -229,6 +229,6 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_reclaim_during_query, test_setup, test_teardown),
         cmocka_unit_test_setup_teardown(test_reclaim_mid_query_fresh_connection, test_setup, test_teardown),
     };
-    apply_test_filter();
+    pbt_apply_test_filter();
     return cmocka_run_group_tests_name("reclaim", tests, group_setup, group_teardown);
 }

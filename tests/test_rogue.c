@@ -717,6 +717,6 @@ int main(void)
         cmocka_unit_test(test_rogue_process_scribbles_segment),
         cmocka_unit_test(test_rogue_scribbles_header_during_attach),
     };
-    apply_test_filter();
+    pbt_apply_test_filter();
     return cmocka_run_group_tests_name("rogue", tests, group_setup, group_teardown);
 }

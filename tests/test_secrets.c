@@ -250,6 +250,6 @@ int main(void)
         cmocka_unit_test(test_password_file_readable_by_others_refused_on_reload),
         cmocka_unit_test(test_world_readable_conf_with_password_refused),
     };
-    apply_test_filter();
+    pbt_apply_test_filter();
     return cmocka_run_group_tests_name("secrets", tests, group_setup, group_teardown);
 }
