@@ -40,7 +40,13 @@ BROKER_LIBS := -lpq -luring -lhiredis -lssl -lcrypto -lmicrohttpd
 CLIENT_LIBS := -lhiredis
 
 UNIT_TESTS := test_conf test_pgproto test_slots test_conn test_log
-INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops test_lifecycle test_metrics test_death test_tls test_security test_async test_republish test_limits
+INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops \
+               test_idle_kill test_command_timeout test_pool_size test_recycle test_validate test_multi_host test_outage \
+               test_metrics \
+               test_reclaim test_misuse test_max_lease test_fairness test_kill_storm test_broker_death \
+               test_tls \
+               test_access test_secrets test_rogue \
+               test_async test_republish test_limits
 # Script-level tests of the tools (tests/*.sh), run once (not per io backend).
 SCRIPT_TESTS := test_tools
 TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%) $(BUILD)/tests/noring \
@@ -171,9 +177,9 @@ $(BUILD)/tests/test_conn: tests/test_conn.c $(CONN_SRC)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -UPB_DEBUG -Ibroker $^ -o $@ $(LDFLAGS) -lcmocka
 
-$(BUILD)/tests/test_%: tests/test_%.c tests/harness.c tests/harness.h tests/pbtest.h $(BUILD)/libpoolbroker.a
+$(BUILD)/tests/test_%: tests/test_%.c tests/harness.c tests/harness.h tests/pbtest.c tests/pbtest.h $(wildcard tests/*_fixture.h) $(BUILD)/libpoolbroker.a
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -Itests $< tests/harness.c $(BUILD)/libpoolbroker.a -o $@ $(LDFLAGS) -lcmocka -lhiredis -lpq
+	$(CC) $(CFLAGS) -Itests $< tests/harness.c tests/pbtest.c $(BUILD)/libpoolbroker.a -o $@ $(LDFLAGS) -lcmocka -lhiredis -lpq
 
 # ---------------------------------------------------------------- fuzzing
 # libFuzzer targets (tests/fuzz/*.c), built with clang into build/fuzz/
