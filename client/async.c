@@ -882,16 +882,6 @@ static int redis_consume(pb_lease *l)
     }
 }
 
-static int lease_usable(pb_lease *l)
-{
-    if (!l)
-        return PB_EINVAL;
-    int rc = pbi_lease_check(l);
-    if (rc != PB_OK)
-        return rc;
-    return l->desync ? PB_EPROTO : PB_OK;
-}
-
 static int consume(pb_lease *l)
 {
     return l->type == PB_POOL_POSTGRES ? pg_consume(l) : redis_consume(l);
@@ -899,7 +889,7 @@ static int consume(pb_lease *l)
 
 PB_API int pb_consume_input(pb_lease *l)
 {
-    int rc = lease_usable(l);
+    int rc = pbi_lease_usable(l, 0);
     if (rc != PB_OK)
         return rc;
     rc = consume(l);
@@ -908,7 +898,7 @@ PB_API int pb_consume_input(pb_lease *l)
 
 PB_API int pb_is_busy(pb_lease *l)
 {
-    int rc = lease_usable(l);
+    int rc = pbi_lease_usable(l, 0);
     if (rc != PB_OK)
         return rc;
     uint32_t seen = atomic_load(&l->s->rep_futex);     /* before looking: see the file comment */
@@ -925,11 +915,9 @@ PB_API int pb_pg_send_query(pb_lease *l, const char *sql)
 {
     if (!sql)
         return PB_EINVAL;
-    int rc = lease_usable(l);
+    int rc = pbi_lease_usable(l, PB_POOL_POSTGRES);
     if (rc != PB_OK)
         return rc;
-    if (l->type != PB_POOL_POSTGRES)
-        return PB_ETYPE;
     if (l->copy)
         return PB_EBUSY;
     size_t before = l->pipe.len;
@@ -966,13 +954,11 @@ PB_API int pb_redis_poll_reply(pb_lease *l, redisReply **out)
 {
     if (out)
         *out = NULL;
-    int rc = lease_usable(l);
+    int rc = pbi_lease_usable(l, PB_POOL_REDIS);
     if (rc != PB_OK)
         return rc;
     if (!out)
         return PB_EINVAL;
-    if (l->type != PB_POOL_REDIS)
-        return PB_ETYPE;
     uint32_t seen = atomic_load(&l->s->rep_futex);
     rc = redis_consume(l);
     if (rc < 0)

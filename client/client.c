@@ -836,6 +836,20 @@ int pbi_lease_check(pb_lease *l)
     return PB_OK;
 }
 
+/* A lease a call may use: checked as pbi_lease_check, of pool type `type`
+ * (0: either), and not out of step with its connection. */
+int pbi_lease_usable(pb_lease *l, unsigned type)
+{
+    if (!l)
+        return PB_EINVAL;
+    int rc = pbi_lease_check(l);
+    if (rc != PB_OK)
+        return rc;
+    if (type && (unsigned)l->type != type)
+        return PB_ETYPE;
+    return l->desync ? PB_EPROTO : PB_OK;
+}
+
 PB_API int pb_release(pb_lease *l)
 {
     if (!l)

@@ -104,6 +104,7 @@ extern unsigned pb_fork_gen;
 
 /* client.c: shared by the protocol halves */
 int pbi_lease_check(pb_lease *l);                                /* PB_OK | PB_ESTALE | PB_EBROKER */
+int pbi_lease_usable(pb_lease *l, unsigned type);                /* ... | PB_EINVAL | PB_ETYPE | PB_EPROTO */
 int pbi_submit(pb_lease *l, const void *req, size_t len, uint32_t nreplies);
 /* As pbi_submit, but PB_EBUSY instead of waiting for the request buffer. */
 int pbi_submit_nowait(pb_lease *l, const void *req, size_t len, uint32_t nreplies);

@@ -23,16 +23,7 @@
 
 static int pg_lease(pb_lease *l)
 {
-    if (!l)
-        return PB_EINVAL;
-    int rc = pbi_lease_check(l);
-    if (rc != PB_OK)
-        return rc;
-    if (l->type != PB_POOL_POSTGRES)
-        return PB_ETYPE;
-    if (l->desync)
-        return PB_EPROTO;
-    return PB_OK;
+    return pbi_lease_usable(l, PB_POOL_POSTGRES);
 }
 
 /* A lease free for a new command: nothing outstanding. */

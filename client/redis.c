@@ -24,16 +24,7 @@
 
 static int redis_lease(pb_lease *l)
 {
-    if (!l)
-        return PB_EINVAL;
-    int rc = pbi_lease_check(l);
-    if (rc != PB_OK)
-        return rc;
-    if (l->type != PB_POOL_REDIS)
-        return PB_ETYPE;
-    if (l->desync)
-        return PB_EPROTO;
-    return PB_OK;
+    return pbi_lease_usable(l, PB_POOL_REDIS);
 }
 
 /* Argument i of a command we formatted (RESP array of bulk strings). */
