@@ -52,7 +52,7 @@ from .pg import (  # noqa: F401  (the same exception classes as the sync driver)
     NotSupportedError, OperationalError, ProgrammingError, QueryCanceledError,
     TransactionRollbackError)
 
-__all__ = ["connect", "Connection", "Transaction", "Record", "Redis", "Pipeline"]
+__all__ = ["connect", "create_pool", "Connection", "Pool", "Transaction", "Record", "Redis", "Pipeline"]
 
 
 # ------------------------------------------------------------ the loop's client
@@ -552,6 +552,7 @@ class Transaction:
         failure)."""
         self._check_top("commit")
         conn = self._conn
+        conn._check()                  # not while another task's statement uses the lease
         if conn._tx_lost:
             why = conn._tx_lost
             self._pop("failed")
@@ -580,6 +581,7 @@ class Transaction:
         back and the broker rolls back, no round trip."""
         self._check_top("rollback")
         conn = self._conn
+        conn._check()
         opening = f"SAVEPOINT {self._savepoint}" if self._savepoint else None
         if self._savepoint is None or conn._tx_lost:
             self._pop("rolledback")
@@ -628,6 +630,128 @@ async def connect(pool="main", socket=None):
     except _common.LibError as e:
         raise _pg._lib_error(e) from None
     return Connection(pool, socket)
+
+
+class Pool:
+    """asyncpg.Pool's surface, for ports: the broker is the pool, so this
+    holds no connections.  ``acquire()`` hands out a new Connection (which
+    leases at its first statement, as any), ``release()`` closes it (an open
+    transaction is rolled back), and ``fetch``/``fetchrow``/``fetchval``/
+    ``execute``/``executemany`` run one statement on a Connection of their
+    own.  Made by :func:`create_pool`; ``await`` it or ``async with`` it."""
+
+    def __init__(self, pool, socket):
+        if not isinstance(pool, str) or not pool:
+            raise InterfaceError("pool must be a non-empty str")
+        self._pool = pool
+        self._socket = socket
+        self._closed = False
+
+    async def _attach(self):
+        try:
+            _loop_client(self._socket)
+        except _common.LibError as e:
+            raise _pg._lib_error(e) from None
+        return self
+
+    def __await__(self):
+        return self._attach().__await__()
+
+    async def __aenter__(self):
+        return await self._attach()
+
+    async def __aexit__(self, *exc):
+        await self.close()
+        return False
+
+    def _connection(self):
+        if self._closed:
+            raise InterfaceError("pool is closed")
+        return Connection(self._pool, self._socket)
+
+    def acquire(self):
+        """A Connection: ``conn = await pool.acquire()`` (then
+        ``await pool.release(conn)``) or ``async with pool.acquire() as
+        conn:`` (released at the end of the block)."""
+        return _PoolAcquire(self)
+
+    async def release(self, connection):
+        """Close connection (its lease, if any, goes back; an open
+        transaction is rolled back)."""
+        if not isinstance(connection, Connection):
+            raise InterfaceError(f"release() takes a Connection, not {type(connection).__name__}")
+        await connection.close()
+
+    async def _one(self, method, *args, **kw):
+        conn = self._connection()
+        try:
+            return await getattr(conn, method)(*args, **kw)
+        finally:
+            await conn.close()
+
+    async def execute(self, query, *args, timeout=None):
+        """Connection.execute on a Connection of its own."""
+        return await self._one("execute", query, *args, timeout=timeout)
+
+    async def executemany(self, command, args, *, timeout=None):
+        """Connection.executemany on a Connection of its own."""
+        return await self._one("executemany", command, args, timeout=timeout)
+
+    async def fetch(self, query, *args, timeout=None):
+        """Connection.fetch on a Connection of its own."""
+        return await self._one("fetch", query, *args, timeout=timeout)
+
+    async def fetchrow(self, query, *args, timeout=None):
+        """Connection.fetchrow on a Connection of its own."""
+        return await self._one("fetchrow", query, *args, timeout=timeout)
+
+    async def fetchval(self, query, *args, column=0, timeout=None):
+        """Connection.fetchval on a Connection of its own."""
+        return await self._one("fetchval", query, *args, column=column, timeout=timeout)
+
+    async def close(self):
+        """Refuse further acquire() calls; Connections handed out keep
+        working until they are released."""
+        self._closed = True
+
+    def terminate(self):
+        """As close(), without awaiting."""
+        self._closed = True
+
+    def __repr__(self):
+        return f"<poolbroker.aio.Pool pool={self._pool!r} socket={self._socket!r}>"
+
+
+class _PoolAcquire:
+    """What Pool.acquire() returns: awaitable and an async context manager."""
+
+    def __init__(self, pool):
+        self._pool = pool
+        self._conn = None
+
+    def __await__(self):
+        return self._get().__await__()
+
+    async def _get(self):
+        return self._pool._connection()
+
+    async def __aenter__(self):
+        self._conn = self._pool._connection()
+        return self._conn
+
+    async def __aexit__(self, *exc):
+        await self._pool.release(self._conn)
+        return False
+
+
+def create_pool(pool="main", socket=None):
+    """A :class:`Pool` (asyncpg.create_pool's surface) for ``pool`` of the
+    broker at ``socket``: ``pool = await create_pool(...)`` or ``async with
+    create_pool(...) as pool:``.  Awaiting it attaches this loop's client
+    (OperationalError if there is no broker).  Sizes, timeouts and
+    connection settings are the broker's ``[pool NAME]`` configuration, so
+    asyncpg's min_size, max_size, ... are not accepted."""
+    return Pool(pool, socket)
 
 
 # ------------------------------------------------------------ Redis

@@ -193,6 +193,30 @@ async def test_one_operation_at_a_time(env):
     assert await conn.fetchval("SELECT 2") == 2
 
 
+@pytest.mark.asyncio
+async def test_create_pool_surface(env):
+    async with aio.create_pool("main", socket=env.socket) as pool:
+        assert await pool.fetchval("SELECT $1::int * 3", 5) == 15
+        assert [tuple(r) for r in await pool.fetch("SELECT 1, 'a'")] == [(1, "a")]
+        assert await pool.execute("SELECT 1") == "SELECT 1"
+        async with pool.acquire() as conn:
+            async with conn.transaction():
+                await conn.execute("SELECT 1")
+                assert conn.leased
+        assert conn.is_closed() and not conn.leased
+        conn = await pool.acquire()
+        await conn.execute("BEGIN; SELECT 1")          # a transaction left open ...
+        await pool.release(conn)                       # ... is rolled back with the lease
+        results = await asyncio.wait_for(asyncio.gather(*(pool.fetchval("SELECT $1::int", i)
+                                                          for i in range(40))), 60)
+        assert results == list(range(40))
+        with pytest.raises(poolbroker.InterfaceError):
+            await pool.release("not a connection")
+    with pytest.raises(poolbroker.InterfaceError, match="closed"):
+        await pool.acquire()
+    assert stats_leased(env, "main") == 0
+
+
 # ------------------------------------------------------------ errors
 
 @pytest.mark.asyncio
