@@ -64,6 +64,21 @@ async def test_hundred_tasks_on_pool_of_four(env):
     assert 1.2 <= elapsed < 30
     assert await settle_leased(env, "main") == 0
     assert not any(c.leased for c in conns)
+    assert aio._loop_client(env.socket).client.fd_polls() is False     # io_uring: woken by events only
+
+
+@pytest.mark.asyncio
+async def test_timerfd_fallback_gives_the_same_results(env, monkeypatch):
+    """POOLBROKER_ASYNC_NOTIFY=timer (what a kernel without io_uring futex
+    waits gets): the fd polls, the results are the same."""
+    monkeypatch.setenv("POOLBROKER_ASYNC_NOTIFY", "timer")
+    monkeypatch.setattr(aio, "_clients", {})           # a new client reads the variable
+    conns = [await aio.connect("main", socket=env.socket) for _ in range(20)]
+    assert aio._loop_client(env.socket).client.fd_polls() is True
+    vals = await asyncio.wait_for(asyncio.gather(*(c.fetchval("SELECT $1::int, pg_sleep(0.01)", i)
+                                                   for i, c in enumerate(conns))), 60)
+    assert vals == list(range(20))
+    assert await settle_leased(env, "main") == 0
 
 
 # ------------------------------------------------------------ methods and types
