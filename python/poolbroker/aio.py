@@ -64,7 +64,6 @@ class _LoopClient:
 
     def __init__(self, socket):
         self.client = _pb.Client(socket)         # pb_connect: LibError if no broker
-        self.pid = os.getpid()
         self.fd = None                            # registered with the loop while _pending is not empty
         self._pending = {}                        # future -> poll function
 
@@ -109,7 +108,7 @@ class _LoopClient:
                 continue
             try:
                 done, value = poll()
-            except BaseException as e:            # noqa: B902  (handed to the awaiting task)
+            except Exception as e:                # handed to the awaiting task
                 fut.set_exception(e)
                 continue
             if done:
@@ -342,11 +341,16 @@ class Connection:
                     for s in stmts:
                         lease.pg_send_params(*s)
                 results = []
+                bad = []                   # conversion errors: the results are read to the end all the same
                 conv = T.CONVERTERS
 
                 def poll():
                     while True:
-                        ready, res = lease.pg_poll(conv)
+                        try:
+                            ready, res = lease.pg_poll(conv)
+                        except (T.ConversionError, UnicodeDecodeError) as e:
+                            bad.append(e)
+                            continue
                         if not ready:
                             return False, None
                         if res is None:
@@ -362,10 +366,6 @@ class Connection:
             except _common.LibError as e:
                 self._lose_tx("no answer from the broker")
                 raise _pg._lib_error(e) from None
-            except (T.ConversionError, UnicodeDecodeError) as e:
-                if not self._tx:
-                    self._drop_lease()
-                raise DataError(str(e)) from None
             except BaseException:
                 self._lose_tx("an operation on it failed")
                 raise
@@ -376,6 +376,8 @@ class Connection:
             results = results[len(prelude):]
             if not self._tx:
                 self._drop_lease()
+            if bad:
+                raise DataError(f"cannot convert a value of the result: {bad[0]}") from None
             for r in results:
                 if r[0] == _pb.RES_ERROR:
                     raise _pg._server_error(r[5])

@@ -135,6 +135,15 @@ async def test_types_round_trip(env):
     assert sync_row[:3] == tuple(arow)[:3] and arow[3] != arow[3]
     with pytest.raises(poolbroker.InterfaceError, match=r"\$1"):
         await conn.fetchval("SELECT $1", object())
+    # A value Python cannot hold: DataError (as the sync driver), and the
+    # transaction goes on: the other results were read to the end.
+    await conn.execute("CREATE TABLE aio_conv (a int)")
+    async with conn.transaction():
+        with pytest.raises(poolbroker.DataError, match="infinity"):
+            await conn.fetch("SELECT 'infinity'::timestamp FROM generate_series(1, 3)")
+        await conn.execute("INSERT INTO aio_conv VALUES ($1)", 1)
+        assert await conn.fetchval("SELECT 5") == 5
+    assert await conn.fetchval("SELECT count(*) FROM aio_conv") == 1
     await conn.close()
 
 
