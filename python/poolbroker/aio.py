@@ -66,6 +66,7 @@ class _LoopClient:
         self.client = _pb.Client(socket)         # pb_connect: LibError if no broker
         self.fd = None                            # registered with the loop while _pending is not empty
         self._pending = {}                        # future -> poll function
+        self.wakeups = 0                          # _on_readable calls (tests: no spinning)
 
     async def wait(self, poll, on_abandon=None):
         """Run ``poll()`` until it reports done: it returns (done, value) and
@@ -96,6 +97,7 @@ class _LoopClient:
                 self.fd = None
 
     def _on_readable(self):
+        self.wakeups += 1
         try:
             self.client.consume()
         except _common.LibError as e:             # cannot happen with a live client; say so loudly
