@@ -52,7 +52,11 @@ from .pg import (  # noqa: F401  (the same exception classes as the sync driver)
     NotSupportedError, OperationalError, ProgrammingError, QueryCanceledError,
     TransactionRollbackError)
 
-__all__ = ["connect", "create_pool", "Connection", "Pool", "Transaction", "Record", "Redis", "Pipeline"]
+__all__ = ["connect", "create_pool", "Connection", "Pool", "Transaction", "Record", "Redis", "Pipeline",
+           # the sync driver's exception classes, re-exported
+           "DatabaseError", "DataError", "Error", "IntegrityError", "InterfaceError", "InternalError",
+           "NotSupportedError", "OperationalError", "ProgrammingError", "QueryCanceledError",
+           "TransactionRollbackError"]
 
 
 # ------------------------------------------------------------ the loop's client
