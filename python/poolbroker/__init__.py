@@ -56,7 +56,7 @@ def stats(shm_name=None, pool=None):
 
 
 def __getattr__(name):
-    # poolbroker.aio imports asyncio: only when it is asked for.
+    # poolbroker.aio is loaded when first used (poolbroker.aio.connect).
     if name == "aio":
         import importlib
         return importlib.import_module(".aio", __name__)
