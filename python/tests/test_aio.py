@@ -354,6 +354,13 @@ async def test_redis_basics(env):
     with pytest.raises(pbredis.ConnectionError):
         await aio.Redis(pool="nope", socket=env.socket).get("k")
     assert stats_leased(env, "cache") == 0
+    # A command abandoned mid-flight (a blocking pop, timed out by the
+    # caller) gives its lease back; the pool keeps serving.
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(r.execute_command("BLPOP", "empty-list", 5), 0.2)
+    assert stats_leased(env, "cache") == 0
+    assert sorted(await asyncio.wait_for(asyncio.gather(*(r.incr("after") for _ in range(8))), 30)) \
+        == list(range(1, 9))
 
 
 @pytest.mark.asyncio
