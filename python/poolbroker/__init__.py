@@ -15,6 +15,9 @@ Redis: redis-py's names and return types::
     r = poolbroker.Redis(pool="cache")
     r.incr("hits")
 
+asyncio: ``poolbroker.aio`` (asyncpg's ``connect``/``fetch``/``execute``/
+``transaction()``, redis-py's asyncio ``Redis``), imported on first use.
+
 Health: ``poolbroker.stats()`` is the segment as ``shmstat --json`` prints it.
 SQLAlchemy: ``create_engine("postgresql+poolbroker:///?pool=main",
 poolclass=NullPool)`` (``poolbroker.sqlalchemy``).
@@ -50,6 +53,14 @@ def stats(shm_name=None, pool=None):
     if shm_name is None:
         shm_name = _os.environ.get("POOLBROKER_SHM") or "/poolbroker"
     return _json.loads(_poolbroker.stats_json(shm_name, pool))
+
+
+def __getattr__(name):
+    # poolbroker.aio is loaded when first used (poolbroker.aio.connect).
+    if name == "aio":
+        import importlib
+        return importlib.import_module(".aio", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _register_sqlalchemy():

@@ -194,6 +194,49 @@ def _parse(command, response, options):
     return cb(response, **options) if cb is not None else response
 
 
+def _reply(args, reply, options):
+    """A command's reply as the caller gets it: an error reply raised,
+    anything else through redis-py's callback for the command (shared by
+    Redis and poolbroker.aio.Redis)."""
+    if isinstance(reply, ResponseError):
+        raise reply
+    return _parse(_command_name(args[0]), reply, options)
+
+
+def _pipeline_commands(stack, transaction):
+    """The argument lists a pipeline sends for its buffered stack (entries
+    (encoded args, command name, options)), MULTI/EXEC around them when
+    transaction."""
+    cmds = [c for c, _, _ in stack]
+    if transaction:
+        cmds = [[b"MULTI"]] + cmds + [[b"EXEC"]]
+    return cmds
+
+
+def _pipeline_results(stack, replies, transaction, raise_on_error):
+    """The results of a pipeline's execute() from the replies to
+    _pipeline_commands(stack, transaction), as redis-py gives them (shared
+    by Pipeline and poolbroker.aio.Pipeline)."""
+    if transaction:
+        queued_errors = [r for r in replies[1:-1] if isinstance(r, ResponseError)]
+        exec_reply = replies[-1]
+        if isinstance(exec_reply, ResponseError):
+            raise (queued_errors[0] if queued_errors else exec_reply)
+        if exec_reply is None:
+            raise RedisError("transaction aborted (EXEC returned nil)")
+        replies = exec_reply
+    out = []
+    for (args, name, options), r in zip(stack, replies):
+        if isinstance(r, ResponseError):
+            if raise_on_error:
+                raise type(r)(f"Command # {len(out) + 1} ({' '.join(_str(a) for a in args)}) "
+                              f"of pipeline caused error: {r}")
+            out.append(r)
+        else:
+            out.append(_parse(name, r, options))
+    return out
+
+
 def _command_name(a):
     """The reply-callback key of a command's first argument: a str name in
     any case ("get", "GET"); a bytes name matches no callback and its reply
@@ -560,9 +603,7 @@ class Redis(_Commands):
                 self.pool, self.acquire_timeout_ms, cmd, self.decode_responses, _make_error)
         except _common.LibError as e:
             raise _lib_error(e) from None
-        if isinstance(reply, ResponseError):
-            raise reply
-        return _parse(_command_name(args[0]), reply, options)
+        return _reply(args, reply, options)
 
     def pipeline(self, transaction=True, shard_hint=None):
         """A Pipeline (redis-py's default transaction=True wraps the commands
@@ -624,9 +665,7 @@ class Pipeline(_Commands):
         stack, self.command_stack = self.command_stack, []
         if not stack:
             return []
-        cmds = [c for c, _, _ in stack]
-        if self.transaction:
-            cmds = [[b"MULTI"]] + cmds + [[b"EXEC"]]
+        cmds = _pipeline_commands(stack, self.transaction)
         c = self.client
         try:
             lease = _common.client_for(c.socket).acquire(c.pool, c.acquire_timeout_ms)
@@ -636,21 +675,4 @@ class Pipeline(_Commands):
                 lease.release()
         except _common.LibError as e:
             raise _lib_error(e) from None
-        if self.transaction:
-            queued_errors = [r for r in replies[1:-1] if isinstance(r, ResponseError)]
-            exec_reply = replies[-1]
-            if isinstance(exec_reply, ResponseError):
-                raise (queued_errors[0] if queued_errors else exec_reply)
-            if exec_reply is None:
-                raise RedisError("transaction aborted (EXEC returned nil)")
-            replies = exec_reply
-        out = []
-        for (args, name, options), r in zip(stack, replies):
-            if isinstance(r, ResponseError):
-                if raise_on_error:
-                    raise type(r)(f"Command # {len(out) + 1} ({' '.join(_str(a) for a in args)}) "
-                                  f"of pipeline caused error: {r}")
-                out.append(r)
-            else:
-                out.append(_parse(name, r, options))
-        return out
+        return _pipeline_results(stack, replies, self.transaction, raise_on_error)

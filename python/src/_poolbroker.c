@@ -5,9 +5,12 @@
  * pb_client (one attachment to the broker), a Lease is one pb_lease.  The
  * Python modules (poolbroker/pg.py, poolbroker/redis.py) build the DB-API 2.0
  * and redis-py surfaces on these objects; this file only moves bytes across
- * and converts results, so an asyncio layer can reuse the same objects later.
+ * and converts results.  The non-blocking methods (Client.fd/consume/
+ * acquire_start, Acquiring, Lease.pg_send_query, pg_send_params, pg_poll,
+ * redis_send, redis_poll) serve poolbroker/aio.py.
  *
- * Threads: the GIL is released around every library call.  A pb_client is not
+ * Threads: the GIL is released around every blocking library call (the
+ * non-blocking ones never wait and keep it).  A pb_client is not
  * thread-safe, so each Client carries a lock taken (without the GIL) around
  * every call on it and on its leases; the Python layer keeps one Client per
  * thread, so the lock is normally uncontended.
@@ -637,6 +640,240 @@ done:
     return out;
 }
 
+/* ------------------------------------------------------------ non-blocking
+ *
+ * The asyncio layer (poolbroker/aio.py) drives these: none of them waits,
+ * so none releases the GIL; the client lock is still taken (a holder never
+ * waits for the GIL, so taking it with the GIL held cannot deadlock).  The
+ * contract is include/poolbroker.h's "non-blocking use": a "not yet" answer
+ * armed a notification on Client.fd(); when the fd is readable, call
+ * Client.consume() once and then poll EVERY operation in progress again.
+ */
+
+static PyTypeObject AcquiringType;
+
+typedef struct {
+    PyObject_HEAD
+    ClientObject *client;           /* strong reference: the op lives in its pb_client */
+    pb_acquiring *op;               /* NULL once finished, cancelled or failed */
+} AcquiringObject;
+
+/* A new Lease object owning l (released if the object cannot be made). */
+static PyObject *lease_new(ClientObject *cl, pb_lease *l)
+{
+    LeaseObject *lo = PyObject_New(LeaseObject, &LeaseType);
+    if (!lo) {
+        pb_release(l);
+        return NULL;
+    }
+    Py_INCREF(cl);
+    lo->client = cl;
+    lo->l = l;
+    lo->pid = getpid();
+    return (PyObject *)lo;
+}
+
+/* fd() -> int: pb_client_fd, for loop.add_reader (a new one after fork). */
+static PyObject *Client_fd(ClientObject *self, PyObject *unused)
+{
+    (void)unused;
+    PyThread_type_lock lock = client_lock(self);
+    PyThread_acquire_lock(lock, WAIT_LOCK);
+    int fd = pb_client_fd(self->c);
+    PyThread_release_lock(lock);
+    if (fd < 0)
+        return raise_lib(fd, "make the client's notification fd");
+    return PyLong_FromLong(fd);
+}
+
+/* fd_polls() -> bool: pb_client_fd_polls (True: the timerfd fallback). */
+static PyObject *Client_fd_polls(ClientObject *self, PyObject *unused)
+{
+    (void)unused;
+    PyThread_type_lock lock = client_lock(self);
+    PyThread_acquire_lock(lock, WAIT_LOCK);
+    int rc = pb_client_fd_polls(self->c);
+    PyThread_release_lock(lock);
+    if (rc < 0)
+        return raise_lib(rc, "make the client's notification fd");
+    return PyBool_FromLong(rc);
+}
+
+/* consume() -> int: pb_client_consume, the notifications reaped. */
+static PyObject *Client_consume(ClientObject *self, PyObject *unused)
+{
+    (void)unused;
+    PyThread_type_lock lock = client_lock(self);
+    PyThread_acquire_lock(lock, WAIT_LOCK);
+    int n = pb_client_consume(self->c);
+    PyThread_release_lock(lock);
+    if (n < 0)
+        return raise_lib(n, "consume the client's notifications");
+    return PyLong_FromLong(n);
+}
+
+/* acquire_start(pool) -> Lease or Acquiring: pb_acquire_start.  A Lease
+ * when a slot was free at once, else an Acquiring to poll.  Raises LibError
+ * (PB_ENOPOOL, PB_ESHUTDOWN, PB_EBROKER, ...). */
+static PyObject *Client_acquire_start(ClientObject *self, PyObject *args)
+{
+    const char *pool;
+    if (!PyArg_ParseTuple(args, "s:acquire_start", &pool))
+        return NULL;
+    AcquiringObject *ao = PyObject_New(AcquiringObject, &AcquiringType);
+    if (!ao)
+        return NULL;
+    Py_INCREF(self);
+    ao->client = self;
+    ao->op = NULL;
+    PyThread_type_lock lock = client_lock(self);
+    pb_acquiring *op = NULL;
+    pb_lease *l = NULL;
+    PyThread_acquire_lock(lock, WAIT_LOCK);
+    int rc = pb_acquire_start(self->c, pool, &op, &l);
+    PyThread_release_lock(lock);
+    if (rc == PB_EINPROGRESS) {
+        ao->op = op;
+        return (PyObject *)ao;
+    }
+    Py_DECREF(ao);
+    if (rc != PB_OK)
+        return raise_lib(rc, "acquire a lease");
+    return lease_new(self, l);
+}
+
+/* poll() -> Lease or None: pb_acquire_poll.  None: still queued (armed).
+ * Raises LibError for the error that ended it, or PB_EINVAL once it is
+ * over (a Lease was returned, or it was cancelled). */
+static PyObject *Acquiring_poll(AcquiringObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (!self->op)
+        return raise_lib(PB_EINVAL, "poll a finished acquire");
+    PyThread_type_lock lock = client_lock(self->client);
+    pb_lease *l = NULL;
+    PyThread_acquire_lock(lock, WAIT_LOCK);
+    int rc = pb_acquire_poll(self->op, &l);
+    PyThread_release_lock(lock);
+    if (rc == PB_EINPROGRESS)
+        Py_RETURN_NONE;
+    self->op = NULL;                /* freed by the library */
+    if (rc != PB_OK)
+        return raise_lib(rc, "acquire a lease");
+    return lease_new(self->client, l);
+}
+
+static void acquiring_cancel(AcquiringObject *self)
+{
+    if (!self->op)
+        return;
+    PyThread_type_lock lock = client_lock(self->client);
+    PyThread_acquire_lock(lock, WAIT_LOCK);
+    pb_acquire_cancel(self->op);
+    PyThread_release_lock(lock);
+    self->op = NULL;
+}
+
+/* cancel(): pb_acquire_cancel (a slot granted meanwhile goes back).
+ * Idempotent. */
+static PyObject *Acquiring_cancel(AcquiringObject *self, PyObject *unused)
+{
+    (void)unused;
+    acquiring_cancel(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Acquiring_get_done(AcquiringObject *self, void *unused)
+{
+    (void)unused;
+    return PyBool_FromLong(self->op == NULL);
+}
+
+static void Acquiring_dealloc(AcquiringObject *self)
+{
+    acquiring_cancel(self);
+    Py_XDECREF(self->client);
+    PyObject_Free(self);
+}
+
+/* pg_send_query(sql): pb_pg_send_query (simple protocol, may hold several
+ * statements; the result is the last one's). */
+static PyObject *Lease_pg_send_query(LeaseObject *self, PyObject *args)
+{
+    PyObject *sql;
+    if (!PyArg_ParseTuple(args, "O:pg_send_query", &sql) || lease_check(self) < 0)
+        return NULL;
+    PyObject *b = as_bytes(sql, "sql");
+    if (!b)
+        return NULL;
+    if (strlen(PyBytes_AS_STRING(b)) != (size_t)PyBytes_GET_SIZE(b)) {
+        Py_DECREF(b);
+        PyErr_SetString(PyExc_ValueError, "the query contains a NUL character");
+        return NULL;
+    }
+    PyThread_type_lock lock = client_lock(self->client);
+    PyThread_acquire_lock(lock, WAIT_LOCK);
+    int rc = pb_pg_send_query(self->l, PyBytes_AS_STRING(b));
+    PyThread_release_lock(lock);
+    Py_DECREF(b);
+    if (rc != PB_OK)
+        return raise_lib(rc, "send a query");
+    Py_RETURN_NONE;
+}
+
+/* pg_send_params(sql, values, types, formats): pb_pg_send_params (one
+ * statement, extended protocol, text results), arguments as pg_exec_params. */
+static PyObject *Lease_pg_send_params(LeaseObject *self, PyObject *args)
+{
+    PyObject *sql, *values, *types, *formats;
+    if (!PyArg_ParseTuple(args, "OOOO:pg_send_params", &sql, &values, &types, &formats) ||
+        lease_check(self) < 0)
+        return NULL;
+    params p;
+    if (params_fill(&p, sql, values, types, formats) < 0) {
+        params_free(&p);
+        return NULL;
+    }
+    PyThread_type_lock lock = client_lock(self->client);
+    PyThread_acquire_lock(lock, WAIT_LOCK);
+    int rc = pb_pg_send_params(self->l, PyBytes_AS_STRING(p.sql), p.n, p.types, p.values, p.lengths, p.formats,
+                               0);
+    PyThread_release_lock(lock);
+    params_free(&p);
+    if (rc != PB_OK)
+        return raise_lib(rc, "send a query");
+    Py_RETURN_NONE;
+}
+
+/* pg_poll(converters) -> (ready, result): pb_is_busy, then pb_pg_get_result
+ * when it says ready.  (False, None): not yet, notification armed;
+ * (True, result tuple): the next result; (True, None): every result sent so
+ * far has been returned.  Raises LibError when no answer can come. */
+static PyObject *Lease_pg_poll(LeaseObject *self, PyObject *args)
+{
+    PyObject *converters;
+    if (!PyArg_ParseTuple(args, "O:pg_poll", &converters) || lease_check(self) < 0)
+        return NULL;
+    PyThread_type_lock lock = client_lock(self->client);
+    pb_result *r = NULL;
+    PyThread_acquire_lock(lock, WAIT_LOCK);
+    int rc = pb_is_busy(self->l);
+    if (rc == 0)
+        rc = pb_pg_get_result(self->l, &r);
+    else if (rc == 1)
+        rc = PB_EINPROGRESS;
+    PyThread_release_lock(lock);
+    if (rc == PB_EINPROGRESS)
+        return Py_BuildValue("(OO)", Py_False, Py_None);
+    if (rc != PB_OK)
+        return raise_lib(rc, "read a result");
+    if (!r)
+        return Py_BuildValue("(OO)", Py_True, Py_None);
+    PyObject *res = result_to_py(r, converters);
+    pb_result_free(r);
+    return res ? Py_BuildValue("(ON)", Py_True, res) : NULL;
+}
+
 /* ------------------------------------------------------------------- Redis */
 
 typedef struct {
@@ -834,6 +1071,51 @@ static PyObject *Client_redis_command(ClientObject *self, PyObject *args)
     return out;
 }
 
+/* redis_send(args): pb_redis_send_argv (args a sequence of str/bytes). */
+static PyObject *Lease_redis_send(LeaseObject *self, PyObject *args)
+{
+    PyObject *cmd;
+    if (!PyArg_ParseTuple(args, "O:redis_send", &cmd) || lease_check(self) < 0)
+        return NULL;
+    rargs a;
+    if (rargs_fill(&a, cmd) < 0) {
+        rargs_free(&a);
+        return NULL;
+    }
+    PyThread_type_lock lock = client_lock(self->client);
+    PyThread_acquire_lock(lock, WAIT_LOCK);
+    int rc = pb_redis_send_argv(self->l, a.argc, a.argv, a.lens);
+    PyThread_release_lock(lock);
+    rargs_free(&a);
+    if (rc != PB_OK)
+        return raise_lib(rc, "send a Redis command");
+    Py_RETURN_NONE;
+}
+
+/* redis_poll(decode, err_cls) -> (ready, reply): pb_redis_poll_reply.
+ * (False, None): not yet, notification armed; (True, reply): the next
+ * reply, as redis_pipeline gives it (an error reply is an err_cls
+ * instance, returned).  Raises LibError (PB_EINVAL: nothing outstanding). */
+static PyObject *Lease_redis_poll(LeaseObject *self, PyObject *args)
+{
+    PyObject *err_cls;
+    int decode;
+    if (!PyArg_ParseTuple(args, "pO:redis_poll", &decode, &err_cls) || lease_check(self) < 0)
+        return NULL;
+    PyThread_type_lock lock = client_lock(self->client);
+    redisReply *rep = NULL;
+    PyThread_acquire_lock(lock, WAIT_LOCK);
+    int rc = pb_redis_poll_reply(self->l, &rep);
+    PyThread_release_lock(lock);
+    if (rc == PB_EINPROGRESS)
+        return Py_BuildValue("(OO)", Py_False, Py_None);
+    if (rc != PB_OK)
+        return raise_lib(rc, "read a Redis reply");
+    PyObject *v = reply_to_py(rep, decode, err_cls);
+    freeReplyObject(rep);
+    return v ? Py_BuildValue("(ON)", Py_True, v) : NULL;
+}
+
 /* ------------------------------------------------------------------- stats */
 
 /* stats_json(shm_name, pool=None) -> str: the segment as shmstat --json
@@ -892,6 +1174,17 @@ static PyMethodDef Client_methods[] = {
     { "redis_command", (PyCFunction)Client_redis_command, METH_VARARGS,
       "redis_command(pool, timeout_ms, args, decode, err_cls) -> reply\n\nAcquire, run one Redis command, "
       "release." },
+    { "fd", (PyCFunction)Client_fd, METH_NOARGS,
+      "fd() -> int\n\npb_client_fd: readable when an armed non-blocking operation may have moved "
+      "(for loop.add_reader); the same fd until fork()." },
+    { "fd_polls", (PyCFunction)Client_fd_polls, METH_NOARGS,
+      "fd_polls() -> bool\n\npb_client_fd_polls: True when fd() is the timerfd fallback." },
+    { "consume", (PyCFunction)Client_consume, METH_NOARGS,
+      "consume() -> int\n\npb_client_consume: reap the fd's notifications (never waits); then poll every "
+      "operation in progress." },
+    { "acquire_start", (PyCFunction)Client_acquire_start, METH_VARARGS,
+      "acquire_start(pool) -> Lease or Acquiring\n\npb_acquire_start: a Lease when a slot is free now, "
+      "else an Acquiring to poll.  Raises LibError." },
     { NULL, NULL, 0, NULL },
 };
 
@@ -908,6 +1201,17 @@ static PyMethodDef Lease_methods[] = {
       "pg_pipeline([(sql, values, types, formats), ...], converters) -> [result tuple, ...]" },
     { "redis_pipeline", (PyCFunction)Lease_redis_pipeline, METH_VARARGS,
       "redis_pipeline([args, ...], decode, err_cls) -> [reply, ...]" },
+    { "pg_send_query", (PyCFunction)Lease_pg_send_query, METH_VARARGS,
+      "pg_send_query(sql): pb_pg_send_query (non-blocking)" },
+    { "pg_send_params", (PyCFunction)Lease_pg_send_params, METH_VARARGS,
+      "pg_send_params(sql, values, types, formats): pb_pg_send_params (non-blocking)" },
+    { "pg_poll", (PyCFunction)Lease_pg_poll, METH_VARARGS,
+      "pg_poll(converters) -> (ready, result tuple or None)\n\npb_is_busy + pb_pg_get_result: (False, None) "
+      "not yet (armed), (True, None) all results returned." },
+    { "redis_send", (PyCFunction)Lease_redis_send, METH_VARARGS,
+      "redis_send(args): pb_redis_send_argv (non-blocking)" },
+    { "redis_poll", (PyCFunction)Lease_redis_poll, METH_VARARGS,
+      "redis_poll(decode, err_cls) -> (ready, reply)\n\npb_redis_poll_reply: (False, None) not yet (armed)." },
     { NULL, NULL, 0, NULL },
 };
 
@@ -942,6 +1246,32 @@ static PyTypeObject LeaseType = {
     .tp_getset = Lease_getset,
 };
 
+static PyMethodDef Acquiring_methods[] = {
+    { "poll", (PyCFunction)Acquiring_poll, METH_NOARGS,
+      "poll() -> Lease or None\n\npb_acquire_poll: None while queued (armed); raises LibError for the error "
+      "that ended it." },
+    { "cancel", (PyCFunction)Acquiring_cancel, METH_NOARGS,
+      "cancel(): pb_acquire_cancel; a slot granted meanwhile goes back.  Idempotent." },
+    { NULL, NULL, 0, NULL },
+};
+
+static PyGetSetDef Acquiring_getset[] = {
+    { "done", (getter)Acquiring_get_done, NULL, "True once polled to an end or cancelled", NULL },
+    { NULL, NULL, NULL, NULL, NULL },
+};
+
+static PyTypeObject AcquiringType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "poolbroker._poolbroker.Acquiring",
+    .tp_basicsize = sizeof(AcquiringObject),
+    .tp_dealloc = (destructor)Acquiring_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A pending non-blocking acquire (pb_acquiring); made by Client.acquire_start().  Dropping it "
+              "cancels it.",
+    .tp_methods = Acquiring_methods,
+    .tp_getset = Acquiring_getset,
+};
+
 static PyMethodDef mod_methods[] = {
     { "stats_json", mod_stats_json, METH_VARARGS, "stats_json(shm_name, pool=None) -> str (shmstat --json)" },
     { "strerror", mod_strerror, METH_O, "strerror(code) -> str (pb_strerror)" },
@@ -957,7 +1287,7 @@ static struct PyModuleDef moddef = {
 PyMODINIT_FUNC PyInit__poolbroker(void);
 PyMODINIT_FUNC PyInit__poolbroker(void)
 {
-    if (PyType_Ready(&ClientType) < 0 || PyType_Ready(&LeaseType) < 0)
+    if (PyType_Ready(&ClientType) < 0 || PyType_Ready(&LeaseType) < 0 || PyType_Ready(&AcquiringType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&moddef);
     if (!m)
@@ -978,7 +1308,7 @@ PyMODINIT_FUNC PyInit__poolbroker(void)
         { "PB_ESTALE", PB_ESTALE }, { "PB_EINVAL", PB_EINVAL }, { "PB_ENOMEM", PB_ENOMEM },
         { "PB_ESHUTDOWN", PB_ESHUTDOWN }, { "PB_EPROTO", PB_EPROTO }, { "PB_ETYPE", PB_ETYPE },
         { "PB_EVERSION", PB_EVERSION }, { "PB_EPERM", PB_EPERM }, { "PB_EBUSY", PB_EBUSY },
-        { "PB_ESERVER", PB_ESERVER }, { "RES_COMMAND_OK", PB_RES_COMMAND_OK },
+        { "PB_ESERVER", PB_ESERVER }, { "PB_EINPROGRESS", PB_EINPROGRESS }, { "RES_COMMAND_OK", PB_RES_COMMAND_OK },
         { "RES_TUPLES_OK", PB_RES_TUPLES_OK }, { "RES_EMPTY_QUERY", PB_RES_EMPTY_QUERY },
         { "RES_ERROR", PB_RES_ERROR }, { "CONV_STR", CONV_STR }, { "CONV_INT", CONV_INT },
         { "CONV_FLOAT", CONV_FLOAT }, { "CONV_BOOL", CONV_BOOL },

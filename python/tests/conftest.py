@@ -178,6 +178,15 @@ class Env:
         return problems
 
 
+def pytest_collection_modifyitems(items):
+    """Every `async def` test runs under pytest-asyncio (strict mode would
+    otherwise skip one whose @pytest.mark.asyncio was forgotten, silently)."""
+    import inspect
+    for item in items:
+        if inspect.iscoroutinefunction(getattr(item, "function", None)) and not item.get_closest_marker("asyncio"):
+            item.add_marker(pytest.mark.asyncio)
+
+
 @pytest.fixture(scope="module")
 def env():
     e = Env()
