@@ -270,6 +270,10 @@ void pool_publish_limits(pool *p);
 void pool_republish(pool *p);
 void pools_free(broker *b);
 void pool_maybe_grow(pool *p);
+/* More connections live (connecting or connected) than max_size allows now
+ * (a reload lowered it): one that comes back to the broker is closed, not
+ * handed on, and the janitor flags leased ones PB_SF_RETIRE. */
+int pool_over_max(const pool *p);
 void pool_serve_waiters(pool *p);
 void pool_enqueue_waiter(pool *p, client *cl, uint32_t ticket);
 void pool_cancel_waiter(pool *p, client *cl, uint32_t ticket);
