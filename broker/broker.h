@@ -156,6 +156,8 @@ typedef struct pool {
     uint32_t health;         /* enum pb_pool_health, published in shm->health */
     uint32_t settings_gen;   /* bumped by a reload that changes connection settings */
     uint32_t fails;          /* connects failed in a row, published in shm->consecutive_failures */
+    int not_ready;           /* the server said "not ready yet" (DRV_NOT_READY) and has not
+                                served a connect since: logged once, not every 20 */
     int removed;             /* dropped by a reload: close as leases return */
 } pool;
 
