@@ -287,13 +287,15 @@ void pool_offer(conn *c)
         conn_close(c, "pool removed");
         return;
     }
-    if (pool_over_max(p)) {
+    int expired = c->retire_at_ms && B.now_ms >= c->retire_at_ms;
+    if (pool_over_max(p) || expired) {
         atomic_fetch_add_explicit(&p->shm->retired, 1, memory_order_relaxed);
-        conn_close(c, "above max_size");
+        conn_close(c, expired ? "max_lifetime reached" : "above max_size");
         return;
     }
     /* Kept: whatever flagged it to come back through the broker (the
-     * janitor, while the pool was above max_size) is over. */
+     * janitor, while the pool was above max_size) is over; a lifetime or a
+     * settings change would have closed it just now. */
     atomic_fetch_and(&c->slot->flags, ~PB_SF_RETIRE);
     if (hand_to_waiter(c))
         return;
