@@ -9,8 +9,13 @@
  * seconds answering -LOADING (AUTH, SELECT and CLIENT work meanwhile, PING
  * does not).  Workers lease and INCR all along: they may see PB_EBACKEND
  * (fail fast) or wait, but never a -LOADING reply, and they are served again
- * once the load is done.  PostgreSQL's 57P03 (starting up) is covered by
- * the classification unit test, test_drv_ready.c.
+ * once the load is done.
+ *
+ * PostgreSQL: a real standby (pg_basebackup of the test's server) started
+ * with hot_standby = off refuses every connection with 57P03 ("the database
+ * system is not accepting connections"), as a server starting up does:
+ * acquires fail fast, nothing is handed out, the broker says once why; once
+ * promoted it serves.  test_drv_ready.c covers the other 57P03 messages.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -18,6 +23,7 @@
 #include <cmocka.h>
 
 #include <errno.h>
+#include <pwd.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -265,6 +271,128 @@ static void test_redis_loading_not_handed_out(void **state)
     munmap(sh, sizeof *sh);
 }
 
+/* ------------------------------------------------------------ PostgreSQL */
+
+static th_env penv;
+static int sport;                   /* the standby's port */
+static char sdir[400];              /* its data directory */
+static int standby_started;
+
+/* Run a PostgreSQL program as the server's OS user (postgres when we are
+ * root, as tools/pg-start does). */
+static int as_pg(const char *prog, const char *a1, const char *a2, const char *a3, const char *a4,
+                 const char *a5, const char *a6, const char *a7, const char *a8, const char *a9,
+                 const char *a10)
+{
+    char path[600], out[4096];
+    snprintf(path, sizeof path, "%s/%s", penv.pg_bindir, prog);
+    const char *user = getenv("PB_PG_OS_USER") ? getenv("PB_PG_OS_USER") : "postgres";
+    char *argv[20];
+    int n = 0;
+    if (getuid() == 0) {
+        argv[n++] = "runuser";
+        argv[n++] = "-u";
+        argv[n++] = (char *)user;
+        argv[n++] = "--";
+    }
+    argv[n++] = path;
+    const char *rest[] = { a1, a2, a3, a4, a5, a6, a7, a8, a9, a10 };
+    for (int i = 0; i < 10 && rest[i]; i++)
+        argv[n++] = (char *)rest[i];
+    argv[n] = NULL;
+    int rc = th_run(argv, out, sizeof out, 60000);
+    if (rc != 0)
+        fprintf(stderr, "test_not_ready: %s exited %d: %s\n", prog, rc, out);
+    return rc;
+}
+
+static int pg_group_setup(void **state)
+{
+    (void)state;
+    if (th_setup(&penv, 1, 0) != 0)
+        return -1;
+    sport = th_free_port();
+    snprintf(sdir, sizeof sdir, "%s/standby", penv.dir);
+    if (sport <= 0 || mkdir(sdir, 0700) != 0)
+        return -1;
+    if (getuid() == 0) {
+        const char *user = getenv("PB_PG_OS_USER") ? getenv("PB_PG_OS_USER") : "postgres";
+        struct passwd *pw = getpwnam(user);
+        if (!pw || chown(sdir, pw->pw_uid, pw->pw_gid) != 0)
+            return -1;
+    }
+    char port[16];
+    snprintf(port, sizeof port, "%d", penv.pg_port);
+    /* -R: standby.signal and primary_conninfo. */
+    if (as_pg("pg_basebackup", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "-D", sdir, "-R", NULL) != 0)
+        return -1;
+    char pools[1024];
+    snprintf(pools, sizeof pools,
+             "[pool standby]\n"
+             "type = postgres\n"
+             "conninfo = host=127.0.0.1 port=%d user=postgres dbname=postgres sslmode=disable\n"
+             "min_size = 1\n"
+             "max_size = 2\n"
+             "acquire_timeout_ms = 500\n",
+             sport);
+    return th_broker_start(&penv, pools);
+}
+
+static int pg_group_teardown(void **state)
+{
+    (void)state;
+    if (standby_started)
+        as_pg("pg_ctl", "-D", sdir, "-m", "immediate", "-w", "stop", NULL, NULL, NULL, NULL);
+    return pbt_group_stop(&penv);
+}
+
+static void test_pg_not_accepting_connections(void **state)
+{
+    (void)state;
+    char opts[600], logf[450];
+    snprintf(opts, sizeof opts, "-p %d -k %s -c listen_addresses=127.0.0.1 -c hot_standby=off", sport, sdir);
+    snprintf(logf, sizeof logf, "%s/standby.log", sdir);
+    assert_int_equal(as_pg("pg_ctl", "-D", sdir, "-l", logf, "-W", "-o", opts, "start", NULL, NULL), 0);
+    standby_started = 1;
+    /* Up and refusing with 57P03: said once, and nothing handed out. */
+    assert_int_equal(th_wait_log(&penv, "server not ready yet", 1, 20000), 0);
+    pb_client *c = pbt_cli(&penv);
+    int got_ok = 0, backend = 0, other = 0;
+    double t0 = pbt_now_ms();
+    while (pbt_now_ms() - t0 < 1500) {
+        pb_lease *l = NULL;
+        int rc = pb_acquire(c, "standby", 200, &l);
+        if (rc == PB_OK) {
+            got_ok++;
+            pb_release(l);
+        } else if (rc == PB_EBACKEND) {
+            backend++;
+        } else if (rc != PB_ETIMEDOUT) {
+            other++;
+        }
+        pbt_sleep_ms(20);
+    }
+    long said = th_count_lines(penv.broker_log, "server not ready yet");
+    /* Promoted, it serves. */
+    assert_int_equal(as_pg("pg_ctl", "-D", sdir, "-w", "promote", NULL, NULL, NULL, NULL, NULL, NULL), 0);
+    pb_lease *l = NULL;
+    int rc = PB_ETIMEDOUT;
+    t0 = pbt_now_ms();
+    while ((rc = pb_acquire(c, "standby", 500, &l)) != PB_OK && pbt_now_ms() - t0 < 20000)
+        pbt_sleep_ms(50);
+    print_message("standby, hot_standby off: %d leases granted, %d PB_EBACKEND, %d other errors; "
+                  "'server not ready yet' logged %ld time(s); after promotion: %s\n",
+                  got_ok, backend, other, said, pb_strerror(rc));
+    assert_int_equal(got_ok, 0);
+    assert_int_equal(other, 0);
+    assert_true(backend > 0);
+    assert_int_equal(said, 1);
+    assert_int_equal(rc, PB_OK);
+    assert_true(pbt_pg_int(l, "SELECT 1") == 1);
+    pb_release(l);
+    assert_int_equal(th_wait_log(&penv, "server ready", 1, 5000), 0);
+}
+
 #define T(f) cmocka_unit_test_teardown(f, pbt_cleanup)
 
 int main(void)
@@ -273,5 +401,10 @@ int main(void)
     const struct CMUnitTest tests[] = {
         T(test_redis_loading_not_handed_out),
     };
-    return cmocka_run_group_tests_name("not_ready", tests, group_setup, group_teardown);
+    int failed = cmocka_run_group_tests_name("not_ready_redis", tests, group_setup, group_teardown);
+    const struct CMUnitTest pg_tests[] = {
+        T(test_pg_not_accepting_connections),
+    };
+    failed += cmocka_run_group_tests_name("not_ready_pg", pg_tests, pg_group_setup, pg_group_teardown);
+    return failed;
 }
