@@ -6,7 +6,8 @@
  *   - give up on handshakes that take too long;
  *   - close free connections idle past idle_timeout_s (down to min_size),
  *     above max_size (a reload lowered it), or past their own max_lifetime;
- *     mark leased ones to retire on release;
+ *     mark leased ones (past their lifetime, or above max_size) to retire
+ *     on release;
  *   - put back free-map bits lost by a process killed between clearing a
  *     bit and winning the slot CAS (the map is a hint; the slot word is truth);
  *   - warn once about leases held longer than leak_threshold_ms, and take
