@@ -39,14 +39,14 @@ CLIENT_OBJ := $(CLIENT_SRC:%.c=$(BUILD)/pic/%.o)
 BROKER_LIBS := -lpq -luring -lhiredis -lssl -lcrypto -lmicrohttpd
 CLIENT_LIBS := -lhiredis
 
-UNIT_TESTS := test_conf test_pgproto test_slots test_conn test_log
+UNIT_TESTS := test_conf test_pgproto test_slots test_conn test_log test_drv_ready
 INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops \
                test_idle_kill test_command_timeout test_pool_size test_recycle test_validate test_multi_host test_outage \
                test_metrics \
                test_reclaim test_misuse test_max_lease test_fairness test_kill_storm test_broker_death \
                test_tls \
                test_access test_secrets test_rogue \
-               test_async test_republish test_limits
+               test_async test_republish test_limits test_shrink test_not_ready
 # Script-level tests of the tools (tests/*.sh), run once (not per io backend).
 SCRIPT_TESTS := test_tools
 TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%) $(BUILD)/tests/noring \
@@ -176,6 +176,11 @@ CONN_SRC := broker/pool.c broker/slot.c broker/conn.c broker/connio.c broker/rel
 $(BUILD)/tests/test_conn: tests/test_conn.c $(CONN_SRC)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -UPB_DEBUG -Ibroker $^ -o $@ $(LDFLAGS) -lcmocka
+
+# The drivers' "server not ready yet" classification (pg.c, redis.c).
+$(BUILD)/tests/test_drv_ready: tests/test_drv_ready.c broker/pg.c broker/redis.c broker/cancel.c broker/log.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Ibroker $^ -o $@ $(LDFLAGS) -lcmocka -lpq -lhiredis
 
 $(BUILD)/tests/test_%: tests/test_%.c tests/harness.c tests/harness.h tests/pbtest.c tests/pbtest.h $(wildcard tests/*_fixture.h) $(BUILD)/libpoolbroker.a
 	@mkdir -p $(dir $@)

@@ -156,6 +156,8 @@ typedef struct pool {
     uint32_t health;         /* enum pb_pool_health, published in shm->health */
     uint32_t settings_gen;   /* bumped by a reload that changes connection settings */
     uint32_t fails;          /* connects failed in a row, published in shm->consecutive_failures */
+    int not_ready;           /* the server said "not ready yet" (DRV_NOT_READY) and has not
+                                served a connect since: logged once, not every 20 */
     int removed;             /* dropped by a reload: close as leases return */
 } pool;
 
@@ -270,6 +272,10 @@ void pool_publish_limits(pool *p);
 void pool_republish(pool *p);
 void pools_free(broker *b);
 void pool_maybe_grow(pool *p);
+/* More connections live (connecting or connected) than max_size allows now
+ * (a reload lowered it): one that comes back to the broker is closed, not
+ * handed on, and the janitor flags leased ones PB_SF_RETIRE. */
+int pool_over_max(const pool *p);
 void pool_serve_waiters(pool *p);
 void pool_enqueue_waiter(pool *p, client *cl, uint32_t ticket);
 void pool_cancel_waiter(pool *p, client *cl, uint32_t ticket);

@@ -191,6 +191,7 @@ void conn_next(conn *c)
 /* ------------------------------------------------------------ connecting */
 
 static void conn_connected(conn *c);
+static void connect_failed(conn *c, const char *why, int not_ready);
 
 /* What the driver said of a handshake step: wait for the poll it wants,
  * or it is connected, or it failed. */
@@ -206,6 +207,11 @@ static void connect_went(conn *c, int rc, const drv_poll *want)
         return;
     case DRV_OK:
         conn_connected(c);
+        return;
+    case DRV_NOT_READY:
+        /* Up, but not serving yet (loading, starting up): not connected,
+         * and tried again after the backoff like any failed connect. */
+        connect_failed(c, c->error[0] ? c->error : "server not ready", 1);
         return;
     default:
         conn_connect_failed(c, c->error[0] ? c->error : "connect failed");
@@ -259,6 +265,10 @@ static void conn_connected(conn *c)
     atomic_store(&p->shm->health, PB_HEALTH_HEALTHY);
     p->backoff_ms = 0;
     p->backoff_until_ms = 0;
+    if (p->not_ready) {
+        p->not_ready = 0;
+        log_info("pool %s: server ready", p->cf->name);
+    }
     slog(LOG_LVL_DEBUG, c, "connected");
     if (c->settings_gen != p->settings_gen) {
         /* A reload changed the connection settings while this handshake
@@ -273,6 +283,15 @@ static void conn_connected(conn *c)
 }
 
 void conn_connect_failed(conn *c, const char *why)
+{
+    connect_failed(c, why, 0);
+}
+
+/* A handshake failed (not_ready: the server answered that it does not serve
+ * yet).  Either way the slot is EMPTY again and the next try waits out the
+ * backoff; a pool with nothing live fails its waiters fast.  A server that
+ * is not ready is logged once per episode, not every 20 tries. */
+static void connect_failed(conn *c, const char *why, int not_ready)
 {
     pool *p = c->pool;
 
@@ -291,8 +310,13 @@ void conn_connect_failed(conn *c, const char *why)
     if (p->backoff_ms > BACKOFF_MAX_MS)
         p->backoff_ms = BACKOFF_MAX_MS;
     p->backoff_until_ms = B.now_ms + p->backoff_ms / 2 + (uint64_t)(random() % (p->backoff_ms / 2 + 1));
-    if (fails == 1 || fails % 20 == 0)
+    if (not_ready) {
+        if (!p->not_ready)
+            log_warn("pool %s: server not ready yet (%s): retrying with backoff", p->cf->name, why);
+        p->not_ready = 1;
+    } else if (fails == 1 || fails % 20 == 0) {
         log_warn("pool %s: connect failed (%u in a row): %s", p->cf->name, fails, why);
+    }
     p->health = p->live == 0 ? PB_HEALTH_DOWN : PB_HEALTH_DEGRADED;
     atomic_store(&p->shm->health, p->health);
     if (p->live == 0) {

@@ -27,7 +27,18 @@ enum {
     DRV_OK = 0,              /* done (connected; a reply complete) */
     DRV_AGAIN = 1,           /* not yet: wait (poll), or feed more bytes */
     DRV_ERROR = -1,          /* failed: c->error says why (connect), or protocol error */
+    DRV_NOT_READY = 2,       /* connect: the server answered but does not serve yet (Redis
+                                LOADING, PostgreSQL 57P03 starting up): c->error says why;
+                                try again later, like a failed connect */
 };
+
+/* Does this connect failure (libpq's error message) say the server is not
+ * ready yet (SQLSTATE 57P03: starting up, not yet accepting connections, in
+ * recovery)?  pg.c; a pure function, for the unit test. */
+int pg_error_not_ready(const char *msg);
+/* Does this Redis error reply (without its '-') say the server is not ready
+ * yet (LOADING its dataset)?  redis.c. */
+int redis_error_not_ready(const char *err);
 
 /* A growable byte buffer the caller owns (a connection's send buffer). */
 typedef struct drv_buf {

@@ -6,7 +6,8 @@
  *   - give up on handshakes that take too long;
  *   - close free connections idle past idle_timeout_s (down to min_size),
  *     above max_size (a reload lowered it), or past their own max_lifetime;
- *     mark leased ones to retire on release;
+ *     mark leased ones (past their lifetime, or above max_size) to retire
+ *     on release;
  *   - put back free-map bits lost by a process killed between clearing a
  *     bit and winning the slot CAS (the map is a hint; the slot word is truth);
  *   - warn once about leases held longer than leak_threshold_ms, and take
@@ -132,7 +133,7 @@ static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
                    p->live > cp->min_size;
         /* A reload lowered max_size: free connections beyond it go now
          * (leased ones when they come back free). */
-        int over = p->live > cp->max_size;
+        int over = pool_over_max(p);
         if ((retire || idle || over || p->removed) && slot_take_free(c, PB_SLOT_CLOSING)) {
             atomic_fetch_add_explicit(&p->shm->retired, 1, memory_order_relaxed);
             /* conn_close wants the slot broker-held: CLOSING is. */
@@ -162,7 +163,10 @@ static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
         return;
     }
     if (st == PB_SLOT_LEASED) {
-        if (c->retire_at_ms && now >= c->retire_at_ms)
+        /* Past its lifetime, or the pool is above max_size: the holder
+         * must release through the broker (not straight to the free map),
+         * which closes it (release.c: should_retire; pool.c: pool_offer). */
+        if ((c->retire_at_ms && now >= c->retire_at_ms) || pool_over_max(p))
             atomic_fetch_or(&c->slot->flags, PB_SF_RETIRE);
         uint64_t since = atomic_load(&c->slot->lease_ms);
         /* Past max_lease_ms the lease is taken back from a live holder:

@@ -84,6 +84,27 @@ static int pg_connect_start(conn *c, drv_poll *want)
     return pg_poll_for(c, PGRES_POLLING_WRITING, want);
 }
 
+/* libpq has no SQLSTATE for a failed connection, only the message; these
+ * are the server's 57P03 (cannot connect now) messages that mean "wait",
+ * in English: a server whose lc_messages translates them is taken as
+ * failing, which differs only in what is logged.  "shutting down" is 57P03
+ * too, but is a server going away, not one coming up. */
+int pg_error_not_ready(const char *msg)
+{
+    static const char *const not_ready[] = {
+        "the database system is starting up",
+        "the database system is not yet accepting connections",
+        "the database system is not accepting connections",
+        "the database system is in recovery mode",
+    };
+    if (!msg)
+        return 0;
+    for (size_t i = 0; i < sizeof not_ready / sizeof *not_ready; i++)
+        if (strstr(msg, not_ready[i]))
+            return 1;
+    return 0;
+}
+
 static int pg_connect_step(conn *c, int revents, drv_poll *want)
 {
     (void)revents;
@@ -97,7 +118,7 @@ static int pg_connect_step(conn *c, int revents, drv_poll *want)
         break;
     default:
         set_error(c, PQerrorMessage(pg));
-        return DRV_ERROR;
+        return pg_error_not_ready(c->error) ? DRV_NOT_READY : DRV_ERROR;
     }
     /* TLS: from now on the broker reads and writes through libpq's SSL*
      * (tls.c), never the raw socket. */

@@ -260,8 +260,17 @@ static int hand_to_waiter(conn *c)
     return 0;
 }
 
+int pool_over_max(const pool *p)
+{
+    /* Our own configuration (a worker can write the published max_size). */
+    return p->live > p->cf->max_size;
+}
+
 /* A broker-held, clean, connected slot: enter PH_READY, then to a waiter,
- * else to the free map. */
+ * else to the free map.  Every path that hands a connection on comes
+ * through here (connect, release, reset, validation), so this is where a
+ * pool above its max_size (a reload lowered it) sheds connections, waiters
+ * or not: a hand-off would keep the excess busy for ever. */
 void pool_offer(conn *c)
 {
     pool *p = c->pool;
@@ -278,6 +287,16 @@ void pool_offer(conn *c)
         conn_close(c, "pool removed");
         return;
     }
+    int expired = c->retire_at_ms && B.now_ms >= c->retire_at_ms;
+    if (pool_over_max(p) || expired) {
+        atomic_fetch_add_explicit(&p->shm->retired, 1, memory_order_relaxed);
+        conn_close(c, expired ? "max_lifetime reached" : "above max_size");
+        return;
+    }
+    /* Kept: whatever flagged it to come back through the broker (the
+     * janitor, while the pool was above max_size) is over; a lifetime or a
+     * settings change would have closed it just now. */
+    atomic_fetch_and(&c->slot->flags, ~PB_SF_RETIRE);
     if (hand_to_waiter(c))
         return;
     atomic_store(&c->slot->idle_ms, B.now_ms);

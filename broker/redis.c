@@ -3,8 +3,9 @@
  *
  * hiredis opens the connection (redisConnectNonBlock / redisConnectUnixNonBlock);
  * the broker then sends the session set-up — AUTH, SELECT, CLIENT SETNAME
- * poolbroker:<pool>, CLIENT ID — and checks each answer with an ordinary
- * redisReader.  After that it speaks RESP on the socket itself:
+ * poolbroker:<pool>, PING, CLIENT ID — and checks each answer with an
+ * ordinary redisReader (PING answers -LOADING while the server loads its
+ * dataset: DRV_NOT_READY).  After that it speaks RESP on the socket itself:
  *
  *   - requests are checked to be RESP arrays of bulk strings (what
  *     redisFormatCommandArgv produces), and counted: one reply per command,
@@ -142,6 +143,11 @@ static int r_connect_start(conn *c, drv_poll *want)
     return r_poll(c, POLLOUT, want);
 }
 
+int redis_error_not_ready(const char *err)
+{
+    return err && strncmp(err, "LOADING", 7) == 0 && (err[7] == ' ' || err[7] == 0);
+}
+
 static int r_connect_step(conn *c, int revents, drv_poll *want)
 {
     rconn *r = R(c);
@@ -154,11 +160,14 @@ static int r_connect_step(conn *c, int revents, drv_poll *want)
             snprintf(c->error, sizeof c->error, "connect: %s", strerror(err ? err : ECONNREFUSED));
             return DRV_ERROR;
         }
-        /* The set-up, plus CLIENT ID to learn what shmstat calls its pid. */
+        /* The set-up, then PING (AUTH, SELECT and CLIENT work while the
+         * server loads its dataset; PING answers -LOADING: the connection
+         * is not ready until it answers PONG), plus CLIENT ID to learn what
+         * shmstat calls its pid. */
         drv_buf setup = { 0 };
         int n = append_setup(c, &setup);
-        static const char client_id[] = "*2\r\n$6\r\nCLIENT\r\n$2\r\nID\r\n";
-        if (n < 0 || drv_buf_append(&setup, client_id, sizeof client_id - 1) != PB_OK) {
+        static const char ping_id[] = "*1\r\n$4\r\nPING\r\n*2\r\n$6\r\nCLIENT\r\n$2\r\nID\r\n";
+        if (n < 0 || drv_buf_append(&setup, ping_id, sizeof ping_id - 1) != PB_OK) {
             free(setup.p);
             return r_fail(c, "out of memory");
         }
@@ -174,7 +183,7 @@ static int r_connect_step(conn *c, int revents, drv_poll *want)
         r->hs = redisReaderCreate();
         if (!r->hs)
             return r_fail(c, "out of memory");
-        r->hs_expect = n + 1;
+        r->hs_expect = n + 2;
         r->phase = RP_HANDSHAKE;
         return r_poll(c, POLLIN, want);
     }
@@ -198,8 +207,9 @@ static int r_connect_step(conn *c, int revents, drv_poll *want)
         if (rr->type == REDIS_REPLY_ERROR) {
             /* AUTH and SELECT errors name no secret; pass them on. */
             snprintf(c->error, sizeof c->error, "set-up: %s", rr->str);
+            int not_ready = redis_error_not_ready(rr->str);
             freeReplyObject(rr);
-            return DRV_ERROR;
+            return not_ready ? DRV_NOT_READY : DRV_ERROR;
         }
         if (rr->type == REDIS_REPLY_INTEGER && r->hs_expect == 1)
             c->backend_pid = (int)rr->integer;      /* CLIENT ID */
