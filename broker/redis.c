@@ -15,9 +15,11 @@
  *     builds no objects and buffers no payload: a 16 MB bulk string is
  *     skipped as it streams through the reply ring, never copied.
  *
- * Reset (for leases that changed session state: SELECT, MULTI, WATCH,
- * SUBSCRIBE, CLIENT TRACKING/REPLY, HELLO, READONLY...) is RESET followed by
- * the same set-up commands, in one write.
+ * Reset: frame_request notes what state each command leaves (RS_*); on
+ * release, RESET followed by the same set-up commands in one write undoes
+ * SELECT, MULTI, WATCH, SUBSCRIBE, CLIENT TRACKING/REPLY/SETNAME, HELLO,
+ * READONLY...; CLIENT NO-EVICT/NO-TOUCH, which RESET keeps on 7.0, get their
+ * own "off"; CLIENT SETINFO, which nothing undoes, retires the connection.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -40,12 +42,28 @@
 
 enum { RP_TCP = 1, RP_HANDSHAKE };
 
+/* Per-connection state a lease's commands left behind, as frame_request
+ * saw them go by (every byte a worker sends passes there), so the reset on
+ * release is exact: nothing for a clean lease, RESET plus the set-up when
+ * RESET clears what was left, explicit undo where it does not (Redis 7.0's
+ * RESET keeps CLIENT NO-EVICT), retirement where nothing can undo it.
+ * docs/protocol.md has the table. */
+enum {
+    RS_SESSION = 1u << 0,   /* SELECT, MULTI, WATCH, (P|S)SUBSCRIBE, AUTH, HELLO, READONLY,
+                               READWRITE, ASKING, RESET, CLIENT SETNAME/TRACKING/CACHING/REPLY,
+                               unknown CLIENT subcommands: RESET + set-up */
+    RS_NOEVICT = 1u << 1,   /* CLIENT NO-EVICT: RESET keeps it (7.0); CLIENT NO-EVICT off */
+    RS_NOTOUCH = 1u << 2,   /* CLIENT NO-TOUCH (7.2+; RESET clears it there): CLIENT NO-TOUCH off */
+    RS_RETIRE = 1u << 3,    /* CLIENT SETINFO (7.2+): RESET keeps lib-name/lib-ver: retire */
+};
+
 typedef struct rconn {
     redisContext *ctx;      /* hiredis connection (owns the fd) */
     int phase;              /* RP_TCP, RP_HANDSHAKE */
     redisReader *hs;        /* handshake replies, as objects */
     int hs_expect;          /* handshake replies still to come */
     int reply_mode;         /* 0 on, 1 off, 2 skip-next (CLIENT REPLY) */
+    unsigned state;         /* RS_* bits: session state this lease left (frame_request) */
     /* reply scanner */
     int line_type;          /* type byte of the line being read, 0 = at a line start */
     char num[24];           /* digits of a count/length line */
@@ -242,11 +260,43 @@ static int arg_is(const uint8_t *a, long long alen, const char *word)
     return (size_t)alen == strlen(word) && strncasecmp((const char *)a, word, (size_t)alen) == 0;
 }
 
+/* The RS_* bits one command leaves on the connection (argc arguments,
+ * the first three in a0..a2). */
+static unsigned command_state(long long argc, const uint8_t *a0, long long l0, const uint8_t *a1, long long l1)
+{
+    static const char *const session[] = {
+        "SELECT", "MULTI", "WATCH", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE",
+        "SUNSUBSCRIBE", "HELLO", "AUTH", "READONLY", "READWRITE", "ASKING", "RESET",
+    };
+    for (size_t i = 0; i < sizeof session / sizeof session[0]; i++)
+        if (arg_is(a0, l0, session[i]))
+            return RS_SESSION;
+    if (!arg_is(a0, l0, "CLIENT"))
+        return 0;
+    if (argc < 2)
+        return 0;                   /* an error reply, nothing else */
+    /* Subcommands that read, or act on other connections, leave nothing here. */
+    static const char *const harmless[] = {
+        "ID", "INFO", "LIST", "GETNAME", "GETREDIR", "TRACKINGINFO", "HELP", "KILL", "UNBLOCK", "UNPAUSE",
+    };
+    for (size_t i = 0; i < sizeof harmless / sizeof harmless[0]; i++)
+        if (arg_is(a1, l1, harmless[i]))
+            return 0;
+    if (arg_is(a1, l1, "NO-EVICT"))
+        return RS_NOEVICT;
+    if (arg_is(a1, l1, "NO-TOUCH"))
+        return RS_NOTOUCH;
+    if (arg_is(a1, l1, "SETINFO"))
+        return RS_RETIRE;
+    return RS_SESSION;              /* SETNAME, TRACKING, CACHING, REPLY, and what we do not know */
+}
+
 static int r_frame_request(conn *c, const uint8_t *req, uint32_t len, uint32_t *nreplies)
 {
     rconn *r = R(c);
     uint32_t off = 0, n = 0;
     int mode = r->reply_mode;
+    unsigned state = 0;
     while (off < len) {
         long long argc = resp_num(req, len, &off, '*');
         if (argc < 1 || argc > 1024 * 1024)
@@ -296,8 +346,10 @@ static int r_frame_request(conn *c, const uint8_t *req, uint32_t len, uint32_t *
         }
         mode = next_mode;
         n += (uint32_t)replies;
+        state |= command_state(argc, a0, l0, a1, l1);
     }
     r->reply_mode = mode;
+    r->state |= state;
     *nreplies = n;
     return PB_OK;
 }
@@ -440,16 +492,44 @@ static int r_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_r
 
 /* ------------------------------------------------------------------- reset */
 
+/* The reset for what the lease left (r->state), or for a lease the client
+ * library marked dirty (which can only make the reset fuller).  RESET clears
+ * the session but not CLIENT NO-EVICT on 7.0, so that gets its own undo; a
+ * clean lease costs nothing. */
 static int r_build_reset(conn *c, int dirty, drv_buf *out)
 {
-    if (!dirty)
-        return 0;
-    static const char reset[] = "*1\r\n$5\r\nRESET\r\n";
-    if (drv_buf_append(out, reset, sizeof reset - 1) != PB_OK)
+    rconn *r = R(c);
+    unsigned st = r->state | (dirty ? RS_SESSION : 0);
+    r->state = 0;
+    if (st & RS_RETIRE) {
+        slog(LOG_LVL_INFO, c, "lease set CLIENT SETINFO, which RESET does not clear: connection retired");
         return -1;
-    R(c)->reply_mode = 0;           /* RESET turns replies back on */
-    int n = append_setup(c, out);
-    return n < 0 ? -1 : n + 1;
+    }
+    int n = 0;
+    if (st & RS_SESSION) {
+        static const char reset[] = "*1\r\n$5\r\nRESET\r\n";
+        if (drv_buf_append(out, reset, sizeof reset - 1) != PB_OK)
+            return -1;
+        r->reply_mode = 0;          /* RESET turns replies back on */
+        int k = append_setup(c, out);
+        if (k < 0)
+            return -1;
+        n += 1 + k;
+    }
+    if (st & RS_NOEVICT) {
+        static const char noevict[] = "*3\r\n$6\r\nCLIENT\r\n$8\r\nNO-EVICT\r\n$3\r\nOFF\r\n";
+        if (drv_buf_append(out, noevict, sizeof noevict - 1) != PB_OK)
+            return -1;
+        n++;
+    }
+    if (st & RS_NOTOUCH) {
+        /* An error reply on servers before 7.2, where NO-TOUCH left nothing. */
+        static const char notouch[] = "*3\r\n$6\r\nCLIENT\r\n$8\r\nNO-TOUCH\r\n$3\r\nOFF\r\n";
+        if (drv_buf_append(out, notouch, sizeof notouch - 1) != PB_OK)
+            return -1;
+        n++;
+    }
+    return n;
 }
 
 static int r_build_ping(conn *c, drv_buf *out)
