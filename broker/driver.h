@@ -38,6 +38,8 @@ typedef struct drv_buf {
 /* Append n bytes; PB_OK or PB_ENOMEM (the buffer is unchanged then). */
 static inline int drv_buf_append(drv_buf *b, const void *p, uint32_t n)
 {
+    if (n == 0)
+        return PB_OK;               /* b->p may be NULL: no pointer arithmetic on it */
     if (n > UINT32_MAX - b->len)
         return PB_ENOMEM;
     if (b->len + n > b->cap) {
@@ -78,9 +80,14 @@ typedef struct driver {
      * DRV_OK: connected (c->fd, c->backend_pid and c->ssl are set);
      * DRV_ERROR: c->error says why. */
     int (*connect_step)(struct conn *c, int revents, drv_poll *want);
-    /* Check a client request (len bytes) and count the replies it will
-     * produce into *nreplies; PB_OK or PB_EPROTO. */
-    int (*frame_request)(struct conn *c, const uint8_t *req, uint32_t len, uint32_t *nreplies);
+    /* Check a client request (req->p[0..req->len)) and count the replies it
+     * will produce into *nreplies.  PB_OK: send req, which the driver may
+     * have rewritten (Redis replaces a command it refuses by policy with one
+     * the server answers with an error naming it); *why is then NULL, or the
+     * first such refusal, for the log.  PB_EPERM: refused by policy, nothing
+     * to send (PostgreSQL); PB_EPROTO: malformed; PB_ENOMEM.  *why says
+     * what, in words for the log. */
+    int (*frame_request)(struct conn *c, drv_buf *req, uint32_t *nreplies, const char **why);
     /* Scan reply bytes p[0..n).  DRV_OK: a reply ends at p[*used - 1] (*out
      * says what it was): call again with the rest.  DRV_AGAIN: all n bytes
      * taken (*used == n), no reply completed.  DRV_ERROR: protocol error.

@@ -236,6 +236,108 @@ static void test_clean_is_free(void **state)
     pbt_cli_done(c);
 }
 
+/* segment_repairs from shmstat --json (the broker-wide counter). */
+static long long repairs(void)
+{
+    char json[65536];
+    if (pbt_shmstat_json(&env, json, sizeof json) != 0)
+        return -1;
+    const char *p = strstr(json, "\"segment_repairs\": ");
+    return p ? atoll(p + strlen("\"segment_repairs\": ")) : -1;
+}
+
+/* Commands the broker refuses by policy, each between two valid commands of
+ * one pipeline: the valid ones are answered, the refused one gets an error
+ * reply naming it, the lease goes on, and nothing is logged as malformed. */
+static void test_refusals_in_pipeline(void **state)
+{
+    (void)state;
+    static const char *const refused[][4] = {
+        { "MONITOR", NULL, NULL, "MONITOR" },
+        { "SYNC", NULL, NULL, "SYNC" },
+        { "PSYNC", "?", "-1", "PSYNC" },
+        { "SHUTDOWN", "NOSAVE", NULL, "SHUTDOWN" },
+        { "shutdown", NULL, NULL, "SHUTDOWN" },
+        { "QUIT", NULL, NULL, "QUIT" },
+        { "CLIENT", "PAUSE", "100000", "CLIENT PAUSE" },
+        { "HELLO", "3", NULL, "HELLO" },
+        { "UNSUBSCRIBE", NULL, NULL, "UNSUBSCRIBE" },
+        { "PUNSUBSCRIBE", NULL, NULL, "PUNSUBSCRIBE" },
+        { "SUNSUBSCRIBE", NULL, NULL, "SUNSUBSCRIBE" },
+    };
+    long long rep0 = repairs();
+    long malformed0 = th_count_lines(env.broker_log, "malformed");
+    assert_true(rep0 >= 0);
+    pb_client *c = pbt_cli(&env);
+    pb_lease *l = pbt_lease(c, "one", 10000);
+    long long id = client_id(l);
+    for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
+        int argc = refused[i][1] ? (refused[i][2] ? 3 : 2) : 1;
+        assert_int_equal(pb_redis_append_command(l, "SET before %d", (int)i), PB_OK);
+        assert_int_equal(pb_redis_append_command_argv(l, argc, (const char **)refused[i], NULL), PB_OK);
+        assert_int_equal(pb_redis_append_command(l, "GET before"), PB_OK);
+        redisReply *r = NULL;
+        assert_int_equal(pb_redis_get_reply(l, &r), PB_OK);
+        assert_int_equal(r->type, REDIS_REPLY_STATUS);
+        freeReplyObject(r);
+        assert_int_equal(pb_redis_get_reply(l, &r), PB_OK);
+        assert_int_equal(r->type, REDIS_REPLY_ERROR);
+        char want[64];
+        snprintf(want, sizeof want, "poolbroker: %s", refused[i][3]);
+        if (!strstr(r->str, want) || !strstr(r->str, "not allowed"))
+            fail_msg("%s: error reply '%s' does not name it", refused[i][0], r->str);
+        freeReplyObject(r);
+        assert_int_equal(pb_redis_get_reply(l, &r), PB_OK);
+        assert_int_equal(r->type, REDIS_REPLY_STRING);
+        assert_int_equal(atoi(r->str), (int)i);
+        freeReplyObject(r);
+    }
+    /* A lone refusal through pb_redis_command, and the lease goes on. */
+    redisReply *r = run(l, "MONITOR");
+    assert_int_equal(r->type, REDIS_REPLY_ERROR);
+    assert_non_null(strstr(r->str, "MONITOR"));
+    freeReplyObject(r);
+    r = run(l, "PING");
+    assert_string_equal(r->str, "PONG");
+    freeReplyObject(r);
+    assert_int_equal(client_id(l), id);
+    assert_int_equal(pb_release(l), PB_OK);
+    /* The server is up and unpaused, the connection was kept. */
+    l = pbt_lease(c, "one", 10000);
+    assert_int_equal(client_id(l), id);
+    assert_int_equal(pb_release(l), PB_OK);
+    char out[64];
+    assert_int_equal(th_redis_cli(&env, "PING", out, sizeof out), 0);
+    assert_non_null(strstr(out, "PONG"));
+    assert_int_equal(repairs(), rep0);
+    assert_int_equal(th_count_lines(env.broker_log, "malformed"), malformed0);
+    assert_true(th_count_lines(env.broker_log, "refused by policy") > 0);
+    pbt_cli_done(c);
+}
+
+/* Inside MULTI a refusal aborts the transaction, as Redis's own refusals do. */
+static void test_refusal_in_multi(void **state)
+{
+    (void)state;
+    pb_client *c = pbt_cli(&env);
+    pb_lease *l = pbt_lease(c, "one", 10000);
+    freeReplyObject(run(l, "MULTI"));
+    freeReplyObject(run(l, "SET inmulti 1"));
+    redisReply *r = run(l, "MONITOR");
+    assert_int_equal(r->type, REDIS_REPLY_ERROR);
+    assert_non_null(strstr(r->str, "poolbroker: MONITOR"));
+    freeReplyObject(r);
+    r = run(l, "EXEC");
+    assert_int_equal(r->type, REDIS_REPLY_ERROR);
+    assert_non_null(strstr(r->str, "EXECABORT"));
+    freeReplyObject(r);
+    r = run(l, "PING");
+    assert_string_equal(r->str, "PONG");
+    freeReplyObject(r);
+    assert_int_equal(pb_release(l), PB_OK);
+    pbt_cli_done(c);
+}
+
 int main(void)
 {
     pbt_apply_test_filter();
@@ -252,6 +354,8 @@ int main(void)
         cmocka_unit_test_teardown(test_no_touch, pbt_cleanup),
         cmocka_unit_test_teardown(test_setinfo_retires, pbt_cleanup),
         cmocka_unit_test_teardown(test_clean_is_free, pbt_cleanup),
+        cmocka_unit_test_teardown(test_refusals_in_pipeline, pbt_cleanup),
+        cmocka_unit_test_teardown(test_refusal_in_multi, pbt_cleanup),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
