@@ -8,7 +8,8 @@
  * wants next, the reply it just found, a send buffer.  conn.c and connio.c
  * decide what follows.  A driver's per-connection state is c->drv, which
  * only the driver looks inside; it reads the pool's settings (c->pool->cf)
- * and writes what it learns to c->error, c->fd, c->backend_pid and c->ssl.
+ * and writes what it learns to c->error, c->fd, c->backend_pid and c->ssl
+ * (and PB_SF_RESET in c->slot->flags: see frame_request).
  */
 #ifndef PB_DRIVER_H
 #define PB_DRIVER_H
@@ -86,7 +87,9 @@ typedef struct driver {
      * the server answers with an error naming it); *why is then NULL, or the
      * first such refusal, for the log.  PB_EPERM: refused by policy, nothing
      * to send (PostgreSQL); PB_EPROTO: malformed; PB_ENOMEM.  *why says
-     * what, in words for the log. */
+     * what, in words for the log.  A request that leaves session state
+     * the driver tracks sets PB_SF_RESET in c->slot->flags, so the holder
+     * releases through the broker and build_reset runs (which clears it). */
     int (*frame_request)(struct conn *c, drv_buf *req, uint32_t *nreplies, const char **why);
     /* Scan reply bytes p[0..n).  DRV_OK: a reply ends at p[*used - 1] (*out
      * says what it was): call again with the rest.  DRV_AGAIN: all n bytes

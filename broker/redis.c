@@ -414,6 +414,11 @@ static int r_frame_request(conn *c, drv_buf *rq, uint32_t *nreplies, const char 
     }
     r->reply_mode = mode;
     r->state |= state;
+    /* The holder must release through the broker for the reset to run: its
+     * library's own dirty flag is a courtesy the broker does not rely on.
+     * (c->slot is NULL only under the fuzzer.) */
+    if (state && c->slot)
+        atomic_fetch_or(&c->slot->flags, PB_SF_RESET);
     *nreplies = n;
     *why = first;
     return PB_OK;
@@ -573,6 +578,8 @@ static int r_build_reset(conn *c, int dirty, drv_buf *out)
     rconn *r = R(c);
     unsigned st = r->state | (dirty ? RS_SESSION : 0);
     r->state = 0;
+    if (c->slot)
+        atomic_fetch_and(&c->slot->flags, ~PB_SF_RESET);
     if (st & RS_RETIRE) {
         slog(LOG_LVL_INFO, c, "lease set CLIENT SETINFO, which RESET does not clear: connection retired");
         return -1;

@@ -117,7 +117,9 @@ static void leaves_nothing(const char *setup, const char *field, const char *wan
 static void test_no_evict(void **state)
 {
     (void)state;
+    long long before = reset_calls();
     leaves_nothing("CLIENT NO-EVICT on", "flags", "N");
+    assert_int_equal(reset_calls(), before);    /* undone by CLIENT NO-EVICT off alone */
 }
 
 static void test_select(void **state)
