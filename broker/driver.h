@@ -97,8 +97,10 @@ typedef struct driver {
      * The scanner's state carries over calls: a reply may straddle receives. */
     int (*scan_reply)(struct conn *c, const uint8_t *p, size_t n, size_t *used, drv_reply *out);
     /* Append to out the commands that reset the session (dirty: the lease
-     * changed session state, PB_CF_DIRTY); returns how many replies they
-     * produce (0: nothing needed), or -1 (out of memory). */
+     * changed session state, PB_CF_DIRTY; a driver may also track what
+     * state the lease left itself); returns how many replies they produce
+     * (0: nothing needed), or -1: out of memory, or state no command can
+     * undo (Redis: CLIENT SETINFO) — the caller closes the connection. */
     int (*build_reset)(struct conn *c, int dirty, drv_buf *out);
     /* Append a cheap liveness check (empty query / PING); returns replies,
      * or -1. */
