@@ -151,13 +151,22 @@ void conn_submit(conn *c, uint64_t lease_word, uint32_t seq)
         return;
     }
     uint32_t nrep = 0;
-    if (c->pool->drv->frame_request(c, c->sbuf.p, len, &nrep) != PB_OK) {
+    const char *why = NULL;
+    int frc = c->pool->drv->frame_request(c, &c->sbuf, &nrep, &why);
+    if (frc != PB_OK) {
         c->sbuf.len = 0;
-        slog(LOG_LVL_WARN, c, "malformed request rejected");
-        shm_note_repair(&B);
-        fail_submit(c, PB_EPROTO, seq);
+        if (frc == PB_EPERM) {
+            /* a policy, not a scribble: no repair counted */
+            slog(LOG_LVL_INFO, c, "request refused: %s", why ? why : "not allowed");
+        } else if (frc == PB_EPROTO) {
+            slog(LOG_LVL_WARN, c, "malformed request rejected: %s", why ? why : "bad framing");
+            shm_note_repair(&B);
+        }
+        fail_submit(c, frc == PB_ENOMEM ? PB_ENOMEM : PB_EPROTO, seq);
         return;
     }
+    if (why)
+        slog(LOG_LVL_INFO, c, "command refused by policy, answered with an error reply: %s", why);
     atomic_store(&c->slot->io_error, 0);
     if (c->expect == 0) {
         c->cmd_start_ms = B.now_ms;

@@ -8,7 +8,8 @@
  * wants next, the reply it just found, a send buffer.  conn.c and connio.c
  * decide what follows.  A driver's per-connection state is c->drv, which
  * only the driver looks inside; it reads the pool's settings (c->pool->cf)
- * and writes what it learns to c->error, c->fd, c->backend_pid and c->ssl.
+ * and writes what it learns to c->error, c->fd, c->backend_pid and c->ssl
+ * (and PB_SF_RESET in c->slot->flags: see frame_request).
  */
 #ifndef PB_DRIVER_H
 #define PB_DRIVER_H
@@ -49,6 +50,8 @@ typedef struct drv_buf {
 /* Append n bytes; PB_OK or PB_ENOMEM (the buffer is unchanged then). */
 static inline int drv_buf_append(drv_buf *b, const void *p, uint32_t n)
 {
+    if (n == 0)
+        return PB_OK;               /* b->p may be NULL: no pointer arithmetic on it */
     if (n > UINT32_MAX - b->len)
         return PB_ENOMEM;
     if (b->len + n > b->cap) {
@@ -89,17 +92,26 @@ typedef struct driver {
      * DRV_OK: connected (c->fd, c->backend_pid and c->ssl are set);
      * DRV_ERROR: c->error says why. */
     int (*connect_step)(struct conn *c, int revents, drv_poll *want);
-    /* Check a client request (len bytes) and count the replies it will
-     * produce into *nreplies; PB_OK or PB_EPROTO. */
-    int (*frame_request)(struct conn *c, const uint8_t *req, uint32_t len, uint32_t *nreplies);
+    /* Check a client request (req->p[0..req->len)) and count the replies it
+     * will produce into *nreplies.  PB_OK: send req, which the driver may
+     * have rewritten (Redis replaces a command it refuses by policy with one
+     * the server answers with an error naming it); *why is then NULL, or the
+     * first such refusal, for the log.  PB_EPERM: refused by policy, nothing
+     * to send (PostgreSQL); PB_EPROTO: malformed; PB_ENOMEM.  *why says
+     * what, in words for the log.  A request that leaves session state
+     * the driver tracks sets PB_SF_RESET in c->slot->flags, so the holder
+     * releases through the broker and build_reset runs (which clears it). */
+    int (*frame_request)(struct conn *c, drv_buf *req, uint32_t *nreplies, const char **why);
     /* Scan reply bytes p[0..n).  DRV_OK: a reply ends at p[*used - 1] (*out
      * says what it was): call again with the rest.  DRV_AGAIN: all n bytes
      * taken (*used == n), no reply completed.  DRV_ERROR: protocol error.
      * The scanner's state carries over calls: a reply may straddle receives. */
     int (*scan_reply)(struct conn *c, const uint8_t *p, size_t n, size_t *used, drv_reply *out);
     /* Append to out the commands that reset the session (dirty: the lease
-     * changed session state, PB_CF_DIRTY); returns how many replies they
-     * produce (0: nothing needed), or -1 (out of memory). */
+     * changed session state, PB_CF_DIRTY; a driver may also track what
+     * state the lease left itself); returns how many replies they produce
+     * (0: nothing needed), or -1: out of memory, or state no command can
+     * undo (Redis: CLIENT SETINFO) — the caller closes the connection. */
     int (*build_reset)(struct conn *c, int dirty, drv_buf *out);
     /* Append a cheap liveness check (empty query / PING); returns replies,
      * or -1. */

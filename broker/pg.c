@@ -150,18 +150,45 @@ static int allowed_type(uint8_t t)
     return 0;
 }
 
-static int pg_frame_request(conn *c, const uint8_t *req, uint32_t len, uint32_t *nreplies)
+/* Why a well-framed message of type t is refused by policy, or NULL. */
+static const char *refused_type(uint8_t t)
+{
+    switch (t) {
+    case 'X':
+        return "Terminate ('X') would close the shared connection: release the lease instead";
+    case 'p':
+        return "password/SASL message ('p'): the broker authenticated the connection";
+    case 'F':
+        return "FunctionCall ('F') is not allowed through a pooled connection";
+    }
+    return NULL;
+}
+
+static int pg_frame_request(conn *c, drv_buf *rq, uint32_t *nreplies, const char **why)
 {
     (void)c;
-    uint32_t off = 0, n = 0;
+    const uint8_t *req = rq->p;
+    uint32_t len = rq->len, off = 0, n = 0;
+    *why = NULL;
     while (off < len) {
-        if (len - off < 5)
+        if (len - off < 5) {
+            *why = "truncated message header";
             return PB_EPROTO;
+        }
         uint8_t t = req[off];
         uint32_t mlen = ((uint32_t)req[off + 1] << 24) | ((uint32_t)req[off + 2] << 16) |
                         ((uint32_t)req[off + 3] << 8) | (uint32_t)req[off + 4];
-        if (!allowed_type(t) || mlen < 4 || mlen > len - off - 1)
+        if (mlen < 4 || mlen > len - off - 1) {
+            *why = "message length out of bounds";
             return PB_EPROTO;
+        }
+        if (!allowed_type(t)) {
+            *why = refused_type(t);
+            if (*why)
+                return PB_EPERM;
+            *why = "unknown frontend message type (a startup packet?)";
+            return PB_EPROTO;
+        }
         if (t == 'Q' || t == 'S')
             n++;                    /* each ends in exactly one ReadyForQuery */
         off += 1 + mlen;

@@ -10,15 +10,19 @@
  *   - requests are checked to be RESP arrays of bulk strings (what
  *     redisFormatCommandArgv produces), and counted: one reply per command,
  *     except (P|S)SUBSCRIBE (one per channel) and CLIENT REPLY OFF/SKIP
- *     (which suppress replies — tracked per connection).  MONITOR, whose
- *     replies never end, is refused.
+ *     (which suppress replies — tracked per connection).  Commands refused
+ *     by policy (MONITOR, whose replies never end, SHUTDOWN, CLIENT PAUSE...)
+ *     are replaced by an unknown command named by the refusal, so Redis
+ *     answers each with an error reply in its place.
  *   - replies are counted by a small RESP2/RESP3 skipping scanner that
  *     builds no objects and buffers no payload: a 16 MB bulk string is
  *     skipped as it streams through the reply ring, never copied.
  *
- * Reset (for leases that changed session state: SELECT, MULTI, WATCH,
- * SUBSCRIBE, CLIENT TRACKING/REPLY, HELLO, READONLY...) is RESET followed by
- * the same set-up commands, in one write.
+ * Reset: frame_request notes what state each command leaves (RS_*); on
+ * release, RESET followed by the same set-up commands in one write undoes
+ * SELECT, MULTI, WATCH, SUBSCRIBE, CLIENT TRACKING/REPLY/SETNAME, HELLO,
+ * READONLY...; CLIENT NO-EVICT/NO-TOUCH, which RESET keeps on 7.0, get their
+ * own "off"; CLIENT SETINFO, which nothing undoes, retires the connection.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -41,12 +45,28 @@
 
 enum { RP_TCP = 1, RP_HANDSHAKE };
 
+/* Per-connection state a lease's commands left behind, as frame_request
+ * saw them go by (every byte a worker sends passes there), so the reset on
+ * release is exact: nothing for a clean lease, RESET plus the set-up when
+ * RESET clears what was left, explicit undo where it does not (Redis 7.0's
+ * RESET keeps CLIENT NO-EVICT), retirement where nothing can undo it.
+ * docs/protocol.md has the table. */
+enum {
+    RS_SESSION = 1u << 0,   /* SELECT, MULTI, WATCH, (P|S)SUBSCRIBE, AUTH, HELLO, READONLY,
+                               READWRITE, ASKING, RESET, CLIENT SETNAME/TRACKING/CACHING/REPLY,
+                               unknown CLIENT subcommands: RESET + set-up */
+    RS_NOEVICT = 1u << 1,   /* CLIENT NO-EVICT: RESET keeps it (7.0); CLIENT NO-EVICT off */
+    RS_NOTOUCH = 1u << 2,   /* CLIENT NO-TOUCH (7.2+; RESET clears it there): CLIENT NO-TOUCH off */
+    RS_RETIRE = 1u << 3,    /* CLIENT SETINFO (7.2+): RESET keeps lib-name/lib-ver: retire */
+};
+
 typedef struct rconn {
     redisContext *ctx;      /* hiredis connection (owns the fd) */
     int phase;              /* RP_TCP, RP_HANDSHAKE */
     redisReader *hs;        /* handshake replies, as objects */
     int hs_expect;          /* handshake replies still to come */
     int reply_mode;         /* 0 on, 1 off, 2 skip-next (CLIENT REPLY) */
+    unsigned state;         /* RS_* bits: session state this lease left (frame_request) */
     /* reply scanner */
     int line_type;          /* type byte of the line being read, 0 = at a line start */
     char num[24];           /* digits of a count/length line */
@@ -252,23 +272,108 @@ static int arg_is(const uint8_t *a, long long alen, const char *word)
     return (size_t)alen == strlen(word) && strncasecmp((const char *)a, word, (size_t)alen) == 0;
 }
 
-static int r_frame_request(conn *c, const uint8_t *req, uint32_t len, uint32_t *nreplies)
+/* The RS_* bits one command leaves on the connection (argc arguments,
+ * the first three in a0..a2). */
+static unsigned command_state(long long argc, const uint8_t *a0, long long l0, const uint8_t *a1, long long l1)
+{
+    static const char *const session[] = {
+        "SELECT", "MULTI", "WATCH", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE",
+        "SUNSUBSCRIBE", "HELLO", "AUTH", "READONLY", "READWRITE", "ASKING", "RESET",
+    };
+    for (size_t i = 0; i < sizeof session / sizeof session[0]; i++)
+        if (arg_is(a0, l0, session[i]))
+            return RS_SESSION;
+    if (!arg_is(a0, l0, "CLIENT"))
+        return 0;
+    if (argc < 2)
+        return 0;                   /* an error reply, nothing else */
+    /* Subcommands that read, or act on other connections, leave nothing here. */
+    static const char *const harmless[] = {
+        "ID", "INFO", "LIST", "GETNAME", "GETREDIR", "TRACKINGINFO", "HELP", "KILL", "UNBLOCK", "UNPAUSE",
+    };
+    for (size_t i = 0; i < sizeof harmless / sizeof harmless[0]; i++)
+        if (arg_is(a1, l1, harmless[i]))
+            return 0;
+    if (arg_is(a1, l1, "NO-EVICT"))
+        return RS_NOEVICT;
+    if (arg_is(a1, l1, "NO-TOUCH"))
+        return RS_NOTOUCH;
+    if (arg_is(a1, l1, "SETINFO"))
+        return RS_RETIRE;
+    return RS_SESSION;              /* SETNAME, TRACKING, CACHING, REPLY, and what we do not know */
+}
+
+/* Why the broker does not let this command through (argc arguments, the
+ * first two in a0, a1), or NULL when it does.  Each text names the command
+ * and stays under the 128 bytes Redis quotes of an unknown command's name. */
+static const char *refusal(long long argc, const uint8_t *a0, long long l0, const uint8_t *a1, long long l1)
+{
+    if (arg_is(a0, l0, "MONITOR"))
+        return "poolbroker: MONITOR is not allowed through a pooled connection (its replies never end)";
+    if (arg_is(a0, l0, "SYNC") || arg_is(a0, l0, "PSYNC"))
+        return arg_is(a0, l0, "SYNC")
+                   ? "poolbroker: SYNC is not allowed through a pooled connection (replication never ends)"
+                   : "poolbroker: PSYNC is not allowed through a pooled connection (replication never ends)";
+    if (arg_is(a0, l0, "QUIT"))
+        return "poolbroker: QUIT is not allowed through a pooled connection (release the lease instead)";
+    if (arg_is(a0, l0, "SHUTDOWN"))
+        return "poolbroker: SHUTDOWN is not allowed through a pooled connection (it stops the server)";
+    if (arg_is(a0, l0, "HELLO") && argc >= 2 && !arg_is(a1, l1, "2"))
+        /* RESP3: pushes would break reply counting, and the client's
+         * hiredis parser speaks RESP2 */
+        return "poolbroker: HELLO with a protocol other than 2 is not allowed through a pooled connection";
+    if (arg_is(a0, l0, "CLIENT") && argc >= 2 && arg_is(a1, l1, "PAUSE"))
+        return "poolbroker: CLIENT PAUSE is not allowed through a pooled connection (it stops every client)";
+    /* without channels, the reply count would depend on server state the
+     * broker cannot see */
+    if (arg_is(a0, l0, "UNSUBSCRIBE") && argc == 1)
+        return "poolbroker: UNSUBSCRIBE without channels is not allowed through a pooled connection (name them)";
+    if (arg_is(a0, l0, "PUNSUBSCRIBE") && argc == 1)
+        return "poolbroker: PUNSUBSCRIBE without patterns is not allowed through a pooled connection (name them)";
+    if (arg_is(a0, l0, "SUNSUBSCRIBE") && argc == 1)
+        return "poolbroker: SUNSUBSCRIBE without channels is not allowed through a pooled connection (name them)";
+    return NULL;
+}
+
+/* Append to out the command that stands in for a refused one: an unknown
+ * command named by the refusal text, so that Redis itself answers
+ *   -ERR unknown command 'poolbroker: MONITOR is not allowed ...', with args beginning with:
+ * in the command's place: one error reply, in order within a pipeline, an
+ * EXECABORT inside MULTI (as Redis treats its own refusals), nothing else
+ * touched, and the lease goes on. */
+static int append_refusal(drv_buf *out, const char *why)
+{
+    char head[32];
+    int k = snprintf(head, sizeof head, "*1\r\n$%zu\r\n", strlen(why));
+    if (drv_buf_append(out, head, (uint32_t)k) != PB_OK || drv_buf_append(out, why, (uint32_t)strlen(why)) != PB_OK ||
+        drv_buf_append(out, "\r\n", 2) != PB_OK)
+        return PB_ENOMEM;
+    return PB_OK;
+}
+
+static int r_frame_request(conn *c, drv_buf *rq, uint32_t *nreplies, const char **why)
 {
     rconn *r = R(c);
-    uint32_t off = 0, n = 0;
+    const uint8_t *req = rq->p;
+    uint32_t len = rq->len, off = 0, n = 0;
     int mode = r->reply_mode;
+    unsigned state = 0;
+    drv_buf out = { 0 };            /* the request with refused commands replaced, once one is */
+    const char *first = NULL;       /* the first refusal, for the log */
+    *why = "not a RESP array of bulk strings";
     while (off < len) {
+        uint32_t cmd_start = off;
         long long argc = resp_num(req, len, &off, '*');
         if (argc < 1 || argc > 1024 * 1024)
-            return PB_EPROTO;
+            goto malformed;
         const uint8_t *a0 = NULL, *a1 = NULL, *a2 = NULL;
         long long l0 = 0, l1 = 0, l2 = 0;
         for (long long i = 0; i < argc; i++) {
             long long alen = resp_num(req, len, &off, '$');
             if (alen < 0 || (uint64_t)alen + 2 > (uint64_t)(len - off))
-                return PB_EPROTO;
+                goto malformed;
             if (req[off + alen] != '\r' || req[off + alen + 1] != '\n')
-                return PB_EPROTO;
+                goto malformed;
             if (i == 0) { a0 = req + off; l0 = alen; }
             if (i == 1) { a1 = req + off; l1 = alen; }
             if (i == 2) { a2 = req + off; l2 = alen; }
@@ -276,20 +381,24 @@ static int r_frame_request(conn *c, const uint8_t *req, uint32_t len, uint32_t *
         }
         /* How many replies this command produces. */
         long long replies = 1;
-        if (arg_is(a0, l0, "SUBSCRIBE") || arg_is(a0, l0, "PSUBSCRIBE") || arg_is(a0, l0, "SSUBSCRIBE"))
-            replies = argc - 1;
-        else if (arg_is(a0, l0, "HELLO") && argc >= 2 && !arg_is(a1, l1, "2"))
-            return PB_EPROTO;       /* RESP3: pushes would break reply counting, and
-                                       the client's hiredis parser speaks RESP2 */
-        else if (arg_is(a0, l0, "MONITOR") || arg_is(a0, l0, "SYNC") || arg_is(a0, l0, "PSYNC") ||
-                 arg_is(a0, l0, "QUIT") || arg_is(a0, l0, "SHUTDOWN"))
-            return PB_EPROTO;       /* never-ending or connection-ending */
-        else if ((arg_is(a0, l0, "UNSUBSCRIBE") || arg_is(a0, l0, "PUNSUBSCRIBE") ||
-                  arg_is(a0, l0, "SUNSUBSCRIBE")) && argc == 1)
-            return PB_EPROTO;       /* reply count unknowable: name the channels */
-        else if ((arg_is(a0, l0, "UNSUBSCRIBE") || arg_is(a0, l0, "PUNSUBSCRIBE") ||
-                  arg_is(a0, l0, "SUNSUBSCRIBE")))
-            replies = argc - 1;
+        const char *no = refusal(argc, a0, l0, a1, l1);
+        if (no) {
+            if (!first) {
+                first = no;
+                if (drv_buf_append(&out, req, cmd_start) != PB_OK)
+                    goto oom;
+            }
+            if (append_refusal(&out, no) != PB_OK)
+                goto oom;
+            a0 = a1 = a2 = NULL;    /* what is sent is one unknown command */
+            l0 = l1 = l2 = 0;
+            argc = 1;
+        } else if (first && drv_buf_append(&out, req + cmd_start, off - cmd_start) != PB_OK) {
+            goto oom;
+        }
+        if (arg_is(a0, l0, "SUBSCRIBE") || arg_is(a0, l0, "PSUBSCRIBE") || arg_is(a0, l0, "SSUBSCRIBE") ||
+            arg_is(a0, l0, "UNSUBSCRIBE") || arg_is(a0, l0, "PUNSUBSCRIBE") || arg_is(a0, l0, "SUNSUBSCRIBE"))
+            replies = argc - 1;     /* one per channel (a bare UNSUBSCRIBE was refused) */
         int next_mode;
         if (arg_is(a0, l0, "CLIENT") && argc == 3 && arg_is(a1, l1, "REPLY") && arg_is(a2, l2, "ON")) {
             next_mode = 0;          /* answered, whatever the mode was */
@@ -306,10 +415,30 @@ static int r_frame_request(conn *c, const uint8_t *req, uint32_t len, uint32_t *
         }
         mode = next_mode;
         n += (uint32_t)replies;
+        if (a0)
+            state |= command_state(argc, a0, l0, a1, l1);
+    }
+    if (first) {
+        free(rq->p);
+        *rq = out;
     }
     r->reply_mode = mode;
+    r->state |= state;
+    /* The holder must release through the broker for the reset to run: its
+     * library's own dirty flag is a courtesy the broker does not rely on.
+     * (c->slot is NULL only under the fuzzer.) */
+    if (state && c->slot)
+        atomic_fetch_or(&c->slot->flags, PB_SF_RESET);
     *nreplies = n;
+    *why = first;
     return PB_OK;
+malformed:
+    free(out.p);
+    return PB_EPROTO;
+oom:
+    free(out.p);
+    *why = "out of memory";
+    return PB_ENOMEM;
 }
 
 /* ------------------------------------------------------------------ replies */
@@ -450,16 +579,46 @@ static int r_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_r
 
 /* ------------------------------------------------------------------- reset */
 
+/* The reset for what the lease left (r->state), or for a lease the client
+ * library marked dirty (which can only make the reset fuller).  RESET clears
+ * the session but not CLIENT NO-EVICT on 7.0, so that gets its own undo; a
+ * clean lease costs nothing. */
 static int r_build_reset(conn *c, int dirty, drv_buf *out)
 {
-    if (!dirty)
-        return 0;
-    static const char reset[] = "*1\r\n$5\r\nRESET\r\n";
-    if (drv_buf_append(out, reset, sizeof reset - 1) != PB_OK)
+    rconn *r = R(c);
+    unsigned st = r->state | (dirty ? RS_SESSION : 0);
+    r->state = 0;
+    if (c->slot)
+        atomic_fetch_and(&c->slot->flags, ~PB_SF_RESET);
+    if (st & RS_RETIRE) {
+        slog(LOG_LVL_INFO, c, "lease set CLIENT SETINFO, which RESET does not clear: connection retired");
         return -1;
-    R(c)->reply_mode = 0;           /* RESET turns replies back on */
-    int n = append_setup(c, out);
-    return n < 0 ? -1 : n + 1;
+    }
+    int n = 0;
+    if (st & RS_SESSION) {
+        static const char reset[] = "*1\r\n$5\r\nRESET\r\n";
+        if (drv_buf_append(out, reset, sizeof reset - 1) != PB_OK)
+            return -1;
+        r->reply_mode = 0;          /* RESET turns replies back on */
+        int k = append_setup(c, out);
+        if (k < 0)
+            return -1;
+        n += 1 + k;
+    }
+    if (st & RS_NOEVICT) {
+        static const char noevict[] = "*3\r\n$6\r\nCLIENT\r\n$8\r\nNO-EVICT\r\n$3\r\nOFF\r\n";
+        if (drv_buf_append(out, noevict, sizeof noevict - 1) != PB_OK)
+            return -1;
+        n++;
+    }
+    if (st & RS_NOTOUCH) {
+        /* An error reply on servers before 7.2, where NO-TOUCH left nothing. */
+        static const char notouch[] = "*3\r\n$6\r\nCLIENT\r\n$8\r\nNO-TOUCH\r\n$3\r\nOFF\r\n";
+        if (drv_buf_append(out, notouch, sizeof notouch - 1) != PB_OK)
+            return -1;
+        n++;
+    }
+    return n;
 }
 
 static int r_build_ping(conn *c, drv_buf *out)

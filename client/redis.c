@@ -84,9 +84,15 @@ static int changes_session(const char *cmd, size_t len, uint32_t *replies)
     if (word_is(a0, n0, "CLIENT")) {
         if (!resp_arg(cmd, len, 1, &a1, &n1))
             return 1;
-        /* Read-only subcommands leave nothing behind. */
+        /* Read-only subcommands, and those acting on other connections,
+         * leave nothing behind; NO-EVICT, NO-TOUCH and SETINFO do, but not
+         * what RESET clears: the broker tracks those itself and undoes
+         * exactly them (docs/protocol.md), so they need no full reset. */
         return !(word_is(a1, n1, "ID") || word_is(a1, n1, "INFO") || word_is(a1, n1, "LIST") ||
-                 word_is(a1, n1, "GETNAME") || word_is(a1, n1, "GETREDIR"));
+                 word_is(a1, n1, "GETNAME") || word_is(a1, n1, "GETREDIR") || word_is(a1, n1, "TRACKINGINFO") ||
+                 word_is(a1, n1, "HELP") || word_is(a1, n1, "KILL") || word_is(a1, n1, "UNBLOCK") ||
+                 word_is(a1, n1, "UNPAUSE") || word_is(a1, n1, "NO-EVICT") || word_is(a1, n1, "NO-TOUCH") ||
+                 word_is(a1, n1, "SETINFO"));
     }
     return 0;
 }

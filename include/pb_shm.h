@@ -233,6 +233,8 @@ typedef struct pb_shm_client {
 
 /* Flags in pb_shm_slot.flags (broker-written, read by the lease holder). */
 #define PB_SF_RETIRE      0x01u     /* release through the broker: connection retires */
+#define PB_SF_RESET       0x02u     /* release through the broker: the lease left session state
+                                       the broker's driver saw go by and must undo (Redis) */
 
 /* Flags in pb_shm_slot.client_flags (lease holder sets, broker reads on release). */
 #define PB_CF_DIRTY       0x01u     /* session state changed: reset on release */

@@ -98,12 +98,13 @@ static int fake_connect_step(conn *c, int revents, drv_poll *want)
     return revents > 0 ? DRV_OK : DRV_ERROR;
 }
 
-static int fake_frame_request(conn *c, const uint8_t *req, uint32_t len, uint32_t *nreplies)
+static int fake_frame_request(conn *c, drv_buf *rq, uint32_t *nreplies, const char **why)
 {
     (void)c;
+    *why = NULL;
     uint32_t n = 0;
-    for (uint32_t i = 0; i < len; i++)
-        n += req[i] == 'Q';
+    for (uint32_t i = 0; i < rq->len; i++)
+        n += rq->p[i] == 'Q';
     *nreplies = n;
     return PB_OK;
 }

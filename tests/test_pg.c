@@ -127,6 +127,41 @@ static void test_transaction_across_execs(void **state)
     pb_disconnect(c);
 }
 
+/* From client/internal.h: what a program writing the protocol itself does. */
+int pbi_submit(pb_lease *l, const void *req, size_t len, uint32_t nreplies);
+int pbi_reply_wait(pb_lease *l, const uint8_t **p, size_t *avail);
+
+/* A well-framed message the broker refuses by policy (Terminate) is refused
+ * by name in the log, as a policy (info), not as a malformed request or a
+ * segment repair; the connection stays for the next holder. */
+static void test_policy_refusal_named(void **state)
+{
+    (void)state;
+    long malformed0 = th_count_lines(env.broker_log, "malformed");
+    pb_client *c = pbt_connect(&env);
+    pb_lease *l;
+    assert_int_equal(pb_acquire(c, "tiny", 10000, &l), PB_OK);
+    int pid = pb_lease_backend_pid(l);
+    static const uint8_t terminate[] = { 'X', 0, 0, 0, 4 };
+    const uint8_t *p;
+    size_t n;
+    int rc = pbi_submit(l, terminate, sizeof terminate, 1);
+    if (rc == PB_OK)
+        rc = pbi_reply_wait(l, &p, &n);
+    assert_int_equal(rc, PB_EPROTO);
+    assert_int_equal(pb_release(l), PB_OK);
+    assert_true(th_wait_log(&env, "request refused: Terminate ('X')", 1, 5000) == 0);
+    assert_int_equal(th_count_lines(env.broker_log, "malformed"), malformed0);
+    assert_int_equal(pb_acquire(c, "tiny", 10000, &l), PB_OK);
+    assert_int_equal(pb_lease_backend_pid(l), pid);
+    pb_result *r = NULL;
+    assert_int_equal(pb_pg_exec(l, "SELECT 1", &r), PB_OK);
+    assert_int_equal(pb_result_status(r), PB_RES_TUPLES_OK);
+    pb_result_free(r);
+    assert_int_equal(pb_release(l), PB_OK);
+    pb_disconnect(c);
+}
+
 static void test_sql_error_keeps_lease(void **state)
 {
     (void)state;
@@ -512,6 +547,7 @@ int main(void)
         cmocka_unit_test(test_fork_reattach),
         cmocka_unit_test(test_many_workers_small_pool),
         cmocka_unit_test(test_shmstat_sees_pools),
+        cmocka_unit_test(test_policy_refusal_named),
     };
     return cmocka_run_group_tests_name("pg", tests, group_setup, group_teardown);
 }

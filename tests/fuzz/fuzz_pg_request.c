@@ -12,7 +12,8 @@
  * same payload goes to both functions (the corpus holds real frontend and
  * real backend streams).  Checked, beyond "no sanitizer report":
  *
- *   frame_request   returns PB_OK or PB_EPROTO only; PB_OK exactly when an
+ *   frame_request   returns PB_OK, PB_EPROTO or PB_EPERM (a policy refusal)
+ *                   only; PB_OK exactly when an
  *                   independent walk of the buffer finds whitelisted messages
  *                   with sane lengths tiling it, and then *nreplies is the
  *                   number of 'Q' and 'S' messages; never PB_OK for a
@@ -166,8 +167,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     conn c;
     fresh(&c);
     uint32_t n = 0xDEADBEEF, n2 = 0xDEADBEEF, rn;
-    int rc = pg_driver.frame_request(&c, buf, (uint32_t)len, &n);
-    assert(rc == PB_OK || rc == PB_EPROTO);
+    const char *why = NULL;
+    drv_buf rq = { buf, (uint32_t)len, (uint32_t)len };
+    int rc = pg_driver.frame_request(&c, &rq, &n, &why);
+    assert(rc == PB_OK || rc == PB_EPROTO || rc == PB_EPERM);
+    assert(rq.p == buf && rq.len == len);       /* PostgreSQL requests are never rewritten */
+    assert((rc == PB_OK) == (why == NULL));
+    if (rc != PB_OK)
+        rc = PB_EPROTO;
     int ok = ref_frame(buf, len, &rn);
     if (ok != (rc == PB_OK)) {
         fprintf(stderr, "frame_request says %d, reference says %s\n", rc, ok ? "valid" : "invalid");
@@ -180,7 +187,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
          * first byte explicitly as a canary for the whitelist itself. */
         assert(len == 0 || (buf[0] != 'X' && buf[0] != 'p' && buf[0] != 'F' && buf[0] != 0));
     }
-    int rc2 = pg_driver.frame_request(&c, buf, (uint32_t)len, &n2);
+    int rc2 = pg_driver.frame_request(&c, &rq, &n2, &why);
+    if (rc2 != PB_OK)
+        rc2 = PB_EPROTO;
     assert(rc2 == rc && (rc != PB_OK || n2 == n));
 
     /* ---- scan_reply: whole */

@@ -3,9 +3,11 @@
  * through redis_driver):
  *
  *   - redis_driver.frame_request(): a client request must be RESP arrays of
- *     bulk strings (what redisFormatCommandArgv makes), never MONITOR, SYNC,
- *     PSYNC, QUIT, SHUTDOWN, HELLO 3 or a bare UNSUBSCRIBE; it returns the number of
- *     replies to expect, tracking CLIENT REPLY OFF/SKIP/ON across calls.
+ *     bulk strings (what redisFormatCommandArgv makes); MONITOR, SYNC, PSYNC,
+ *     QUIT, SHUTDOWN, HELLO 3, CLIENT PAUSE and a bare UNSUBSCRIBE are
+ *     replaced by one command that draws an error reply; it returns the
+ *     number of replies to expect, tracking CLIENT REPLY OFF/SKIP/ON across
+ *     calls.
  *   - redis_driver.scan_reply(): the RESP2/RESP3 skipping scanner that counts
  *     complete top-level replies (pushes and attributes excluded) across
  *     arbitrary recv boundaries.
@@ -123,18 +125,22 @@ static int ref_frame(const uint8_t *p, size_t len, int *mode, uint64_t *n)
             }
             off += (size_t)alen + 2;
         }
+        /* Refused by policy: replaced by one command that draws one error reply. */
         static const char *const refused[] = { "MONITOR", "SYNC", "PSYNC", "QUIT", "SHUTDOWN" };
+        int no = 0;
         for (size_t k = 0; k < sizeof refused / sizeof *refused; k++)
-            if (word(a[0], l[0], refused[k]))
-                return 0;
-        if (word(a[0], l[0], "HELLO") && argc >= 2 && !word(a[1], l[1], "2"))
-            return 0;               /* RESP3 is refused */
+            no |= word(a[0], l[0], refused[k]);
+        no |= word(a[0], l[0], "HELLO") && argc >= 2 && !word(a[1], l[1], "2");   /* RESP3 */
+        no |= word(a[0], l[0], "CLIENT") && argc >= 2 && word(a[1], l[1], "PAUSE");
         int unsub = word(a[0], l[0], "UNSUBSCRIBE") || word(a[0], l[0], "PUNSUBSCRIBE") ||
                     word(a[0], l[0], "SUNSUBSCRIBE");
         int sub = word(a[0], l[0], "SUBSCRIBE") || word(a[0], l[0], "PSUBSCRIBE") ||
                   word(a[0], l[0], "SSUBSCRIBE");
-        if (unsub && argc == 1)
-            return 0;
+        no |= unsub && argc == 1;
+        if (no) {
+            a[0] = a[1] = a[2] = NULL;
+            sub = unsub = 0;
+        }
         uint64_t r = (sub || unsub) ? (uint64_t)(argc - 1) : 1;
         int cr = word(a[0], l[0], "CLIENT") && argc == 3 && word(a[1], l[1], "REPLY");
         if (cr && word(a[2], l[2], "ON")) {
@@ -170,6 +176,23 @@ static void fresh(fconn *f)
     f->rc = calloc(1, RCONN_BYTES);
     f->c.drv = f->rc;
     replies = 0;
+}
+
+/* The request as the broker would send it, after the last frame(). */
+static drv_buf rewritten;
+
+/* frame_request on a copy of p[0..len) (the driver may rewrite it), kept in
+ * rewritten. */
+static int frame(fconn *f, const uint8_t *p, size_t len, uint32_t *n, const char **why)
+{
+    uint8_t *copy = malloc(len ? len : 1);
+    memcpy(copy, p, len);               /* p may be rewritten.p itself */
+    free(rewritten.p);
+    rewritten.p = copy;
+    rewritten.len = rewritten.cap = (uint32_t)len;
+    int rc = redis_driver.frame_request(&f->c, &rewritten, n, why);
+    /* the copy is freed on the next call or replaced by the rewrite */
+    return rc;
 }
 
 static void done(fconn *f)
@@ -275,7 +298,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     fconn f;
     fresh(&f);
     uint32_t n = 0;
-    int rc = redis_driver.frame_request(&f.c, buf, (uint32_t)len, &n);
+    const char *why = NULL;
+    int rc = frame(&f, buf, len, &n, &why);
     assert(rc == PB_OK || rc == PB_EPROTO);
     int mode = 0;
     uint64_t rn;
@@ -286,6 +310,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         abort();
     }
     done(&f);
+    /* What a refusal sends instead is valid, refuses nothing more, and owes
+     * the same replies. */
+    if (rc == PB_OK && why) {
+        uint32_t n3 = 0;
+        const char *why3 = NULL;
+        fresh(&f);
+        assert(frame(&f, rewritten.p, rewritten.len, &n3, &why3) == PB_OK && !why3 && n3 == n);
+        done(&f);
+    }
 
     /* ---- frame_request: two requests on one connection */
     if (split && split < len) {
@@ -297,8 +330,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (ref_frame(a, split, &m1, &n1) && ref_frame(b, len - split, &m1, &n2)) {
             uint32_t x = 0, y = 0;
             fresh(&f);
-            assert(redis_driver.frame_request(&f.c, a, (uint32_t)split, &x) == PB_OK);
-            assert(redis_driver.frame_request(&f.c, b, (uint32_t)(len - split), &y) == PB_OK);
+            const char *w;
+            assert(frame(&f, a, split, &x, &w) == PB_OK);
+            assert(frame(&f, b, len - split, &y, &w) == PB_OK);
             assert(rc == PB_OK && (uint64_t)x + y == n && x == n1 && y == n2);
             done(&f);
         }
