@@ -23,6 +23,11 @@
  * SELECT, MULTI, WATCH, SUBSCRIBE, CLIENT TRACKING/REPLY/SETNAME, HELLO,
  * READONLY...; CLIENT NO-EVICT/NO-TOUCH, which RESET keeps on 7.0, get their
  * own "off"; CLIENT SETINFO, which nothing undoes, retires the connection.
+ *
+ * Past the broker's ~600-line guide on purpose: the handshake, the framing
+ * that classifies each command, the session-state table it feeds and the
+ * reset built from that table read as one piece; split, each half would
+ * need the other's command table.
  */
 #define _GNU_SOURCE
 #include <errno.h>
