@@ -775,8 +775,16 @@ static int set_conninfo(parser *p, void *obj, const keydef *k, char *val)
             uint64_t pv;
             if (n > 0) {
                 snprintf(one, sizeof one, "%.*s", (int)(n < 15 ? n : 15), s);
+                /* A port that is not digits is shown as such, never echoed:
+                 * in a URI without '@' (postgresql://user:secret), libpq
+                 * reads the password as host:port. */
+                int digits = n > 0 && strspn(s, "0123456789") >= n;
                 if (n >= sizeof one || parse_dec(one, &pv) < 0 || pv < 1 || pv > 65535)
-                    rc = fail_key(p, p->line, k->name, "port '%s' is not a number in 1..65535", shown(s, n, sbuf));
+                    rc = digits ? fail_key(p, p->line, k->name, "port '%s' is not a number in 1..65535",
+                                           shown(s, n, sbuf))
+                                : fail_key(p, p->line, k->name,
+                                           "a port is not a number (value not shown; in a URI, "
+                                           "'user:password' without '@host' reads as host:port)");
             }
             if (!s[n])
                 break;
