@@ -673,27 +673,50 @@ static int set_conninfo(parser *p, void *obj, const keydef *k, char *val)
     char *errmsg = NULL, sbuf[48];
     PQconninfoOption *opts = PQconninfoParse(val, &errmsg);
     if (opts == NULL) {
-        /* libpq's message, on one line, with what it quotes from the string
-         * (in double quotes, as all its conninfo messages do) passed through
-         * shown(): a misplaced password must not reach the log. */
+        /* libpq's message, on one line; what it quotes from the string may
+         * be a misplaced password, and may hold quotes itself.  For the
+         * messages that quote a piece of the string, the piece is everything
+         * between the template's prefix and suffix, shown only as shown()
+         * allows (a word: no quote, ':', '/' or '@'); any other message that
+         * quotes something is cut at its first quote.  (fuzz_conf found the
+         * ways a quote-counting version leaked.) */
+        static const char *const tmpl[][2] = {
+            { "invalid connection option \"", "\"" },
+            { "missing \"=\" after \"", "\" in connection info string" },
+            { "invalid URI query parameter: \"", "\"" },
+            { "invalid percent-encoded token: \"", "\"" },
+        };
         char msg[256] = "out of memory";
         if (errmsg) {
-            size_t w = 0;
-            for (const char *r = errmsg; *r && w < sizeof msg - 1;) {
-                const char *q = *r == '"' ? strchr(r + 1, '"') : NULL;
-                if (q) {
-                    size_t n = (size_t)(q - r - 1);
-                    const char *txt = n < 6 ? NULL : shown(r + 1, n, sbuf);
-                    int k2 = txt ? snprintf(msg + w, sizeof msg - w, "\"%s\"", txt)
-                                 : snprintf(msg + w, sizeof msg - w, "\"%.*s\"", (int)n, r + 1);
-                    w = k2 < 0 ? w : w + (size_t)k2 < sizeof msg ? w + (size_t)k2 : sizeof msg - 1;
-                    r = q + 1;
-                    continue;
+            size_t len = strlen(errmsg);
+            while (len && isspace((unsigned char)errmsg[len - 1]))
+                errmsg[--len] = 0;
+            int done = 0;
+            for (size_t i = 0; i < sizeof tmpl / sizeof tmpl[0] && !done; i++) {
+                size_t pl = strlen(tmpl[i][0]), sl = strlen(tmpl[i][1]);
+                if (len >= pl + sl && strncmp(errmsg, tmpl[i][0], pl) == 0 &&
+                    strcmp(errmsg + len - sl, tmpl[i][1]) == 0) {
+                    /* With a password in the string, even a word may be a
+                     * piece of it ("password=two words" makes libpq quote
+                     * "words"). */
+                    int secret = strcasestr(val, "password") || strstr(val, "://");
+                    snprintf(msg, sizeof msg, "%s%s%s", tmpl[i][0],
+                             secret ? "(not shown: the string holds a password)"
+                                    : shown(errmsg + pl, len - pl - sl, sbuf),
+                             tmpl[i][1]);
+                    done = 1;
                 }
-                msg[w++] = (*r == '\n' || *r == '\r' || *r == '\t') ? ' ' : *r;
-                r++;
             }
-            msg[w] = 0;
+            if (!done) {
+                const char *q = strchr(errmsg, '"');
+                if (q)
+                    snprintf(msg, sizeof msg, "%.*s(the rest not shown)", (int)(q - errmsg), errmsg);
+                else
+                    snprintf(msg, sizeof msg, "%s", errmsg);
+            }
+            for (char *r = msg; *r; r++)
+                if (*r == '\n' || *r == '\r' || *r == '\t')
+                    *r = ' ';
             trim(msg);
             PQfreemem(errmsg);
         }
