@@ -115,6 +115,11 @@ typedef struct conn {
     int watch;               /* the holder waits for unasked messages (LISTEN) */
     uint64_t cmd_word;       /* slot word of the lease whose command is in flight */
     char txn;                /* last ReadyForQuery status: 'I','T','E' */
+    /* Not a phase: session state the backend now carries that a later lease
+     * must not see (SS_* bits, driver.h), as the driver saw the server
+     * report it.  Nonzero pins a transaction-mode lease to this connection;
+     * build_reset undoes exactly these and clears them. */
+    uint32_t sstate;
     /* Not a phase: a property of the connection in any connected phase (a
      * leased one stays leased until its holder has read io_error). */
     int broken;              /* I/O failed: close as soon as nobody holds it */

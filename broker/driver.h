@@ -41,6 +41,13 @@ int pg_error_not_ready(const char *msg);
  * yet (LOADING its dataset)?  redis.c. */
 int redis_error_not_ready(const char *err);
 
+/* Session state a backend can carry past a transaction (conn.sstate).  The
+ * driver sets these from what the server reports and undoes them in
+ * build_reset. */
+enum {
+    SS_PIN = 1u << 0,        /* the lease pinned itself (pb_pin): a full reset */
+};
+
 /* A growable byte buffer the caller owns (a connection's send buffer). */
 typedef struct drv_buf {
     uint8_t *p;
