@@ -83,6 +83,9 @@ typedef struct conn {
     int backend_pid;
     void *drv;               /* the driver's state for this connection (PGconn *, Redis
                                 rconn *): only the driver looks inside */
+    const conf_pool *cset;   /* whose connection settings (conninfo, host, port, password,
+                                user, db) the driver connects with: the pool's cset when the
+                                handshake started (a reload's may still be on trial) */
     char error[160];         /* last connect error, for logs and the pool */
 
     ev_op send_op, recv_op, poll_op;
@@ -159,7 +162,11 @@ typedef struct pool {
     uint64_t backoff_until_ms;
     uint32_t backoff_ms;
     uint32_t health;         /* enum pb_pool_health, published in shm->health */
-    uint32_t settings_gen;   /* bumped by a reload that changes connection settings */
+    uint32_t settings_gen;   /* bumped when cset changes: older connections retire */
+    const conf_pool *cset;   /* connection settings new connections use: the start's, or a
+                                reload's once a connection with them succeeded (reload.c) */
+    struct settings_trial *trial; /* a reload's new connection settings, tried on a connection
+                                outside the slots until one succeeds; NULL: none pending */
     uint32_t fails;          /* connects failed in a row, published in shm->consecutive_failures */
     int not_ready;           /* the server said "not ready yet" (DRV_NOT_READY) and has not
                                 served a connect since: logged once, not every 20 */
@@ -229,6 +236,9 @@ typedef struct broker {
 
 extern broker B;
 
+/* A handshake still running after this long has failed ("connect timed out"). */
+#define CONNECT_TIMEOUT_MS 10000
+
 /* Buffer sizes of spare slots (pools added by a reload use these). */
 #define SPARE_REQ (64u * 1024)
 #define SPARE_REP (256u * 1024)
@@ -253,6 +263,12 @@ client *client_by_id(broker *b, uint32_t id);
 
 /* reload.c */
 void reload_config(broker *b);
+/* The janitor's turn for a pool's pending connection settings: start the
+ * next try once its backoff is over, give up on one past the connect
+ * timeout. */
+void settings_trial_tick(pool *p);
+/* Process exit: free a pending trial whatever it is doing. */
+void settings_trial_free(pool *p);
 
 /* Slot index within its pool (its free-map bit). */
 static inline uint32_t conn_local(const conn *c)

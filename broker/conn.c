@@ -227,6 +227,7 @@ void conn_start_connect(conn *c)
         return;
     c->created_ms = B.now_ms;
     c->settings_gen = p->settings_gen;
+    c->cset = p->cset;
     atomic_fetch_add_explicit(&p->shm->connects, 1, memory_order_relaxed);
     drv_poll want = { -1, 0 };
     connect_went(c, p->drv->connect_start(c, &want), &want);

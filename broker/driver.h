@@ -7,7 +7,9 @@
  * NGX_ERROR are the model) and fills what the caller hands it: the poll it
  * wants next, the reply it just found, a send buffer.  conn.c and connio.c
  * decide what follows.  A driver's per-connection state is c->drv, which
- * only the driver looks inside; it reads the pool's settings (c->pool->cf)
+ * only the driver looks inside; it connects with c->cset (the connection
+ * settings: a reload's new ones may be on trial while the pool's c->pool->cf
+ * already has them) and reads the pool's other settings from c->pool->cf,
  * and writes what it learns to c->error, c->fd, c->backend_pid and c->ssl
  * (and PB_SF_RESET in c->slot->flags: see frame_request).
  */

@@ -22,8 +22,6 @@
 #include "broker.h"
 #include "log.h"
 
-#define CONNECT_TIMEOUT_MS 10000
-
 /* Could this slot word have been written by the broker or an honest
  * client, given what the broker knows of the connection? */
 static int word_plausible(broker *b, const conn *c, uint64_t w)
@@ -205,5 +203,6 @@ void janitor_run(broker *b)
         if (p->wq_len)
             pool_serve_waiters(p);
         pool_maybe_grow(p);
+        settings_trial_tick(p);
     }
 }

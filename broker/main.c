@@ -415,6 +415,8 @@ int main(int argc, char **argv)
     }
     shm_destroy(b, 0);
     loop_free(b->lp);
+    for (uint32_t i = 0; i < b->npools; i++)
+        settings_trial_free(&b->pools[i]);
     pools_free(b);
     free(b->clients);
     free(b->active);

@@ -71,7 +71,7 @@ static int pg_connect_start(conn *c, drv_poll *want)
         return DRV_ERROR;
     }
     c->drv = st;
-    st->pg = PQconnectStart(c->pool->cf->conninfo);
+    st->pg = PQconnectStart(c->cset->conninfo);
     if (!st->pg) {
         set_error(c, "out of memory");
         return DRV_ERROR;

@@ -67,6 +67,7 @@ int pool_setup(broker *b, pool *p, uint32_t index, conf_pool *cp, uint32_t first
     p->index = index;
     p->first_slot = first_slot;
     p->cf = cp;
+    p->cset = cp;
     p->drv = cp->type == PB_POOL_REDIS ? &redis_driver : &pg_driver;
     p->shm = &b->shm_pools[index];
     p->nconns = conf_pool_slots(cp);

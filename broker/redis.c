@@ -94,7 +94,7 @@ static rconn *R(conn *c)
 /* Append the session set-up commands to out; returns how many. */
 static int append_setup(conn *c, drv_buf *out)
 {
-    conf_pool *cp = c->pool->cf;
+    const conf_pool *cp = c->cset;
     char *cmd = NULL;
     int n = 0, len;
     char name[64], db[16];
@@ -154,7 +154,7 @@ static int r_poll(conn *c, uint32_t events, drv_poll *want)
 
 static int r_connect_start(conn *c, drv_poll *want)
 {
-    conf_pool *cp = c->pool->cf;
+    const conf_pool *cp = c->cset;
     rconn *r = calloc(1, sizeof *r);
     if (!r)
         return r_fail(c, "out of memory");

@@ -9,8 +9,12 @@
  *     figures clients read are republished; the janitor grows or shrinks);
  *   - max_size can grow only up to the slots the pool was started with
  *     (its `slots` key, max_size by default);
- *   - connection settings (conninfo, host, port, password, db, ...): new
- *     connections use them, and existing ones retire as they come free;
+ *   - connection settings (conninfo, host, port, password, db, ...): tried
+ *     first on a connection of their own; once one connects, new
+ *     connections use them and existing ones retire as they come free;
+ *     while they fail, the pool keeps serving on its old connections and
+ *     settings and the try is repeated with backoff (see "settings trial"
+ *     below);
  *   - a pool that is new gets slots from the spare region (spare_slots);
  *   - a pool that is gone stops leasing (PB_ENOPOOL) and its connections
  *     close as their leases return.
@@ -114,8 +118,12 @@ static const char *needs_restart(broker *b, conf *nc, char *why, size_t n)
     return NULL;
 }
 
-static void retire_all(pool *p, const char *why)
+/* Switch the pool to connection settings cs: handshakes in flight on the
+ * old ones are closed when they finish, and every connection up retires as
+ * it comes free (a leased one at its release). */
+static void retire_all(pool *p, const conf_pool *cs, const char *why)
 {
+    p->cset = cs;
     p->settings_gen++;              /* handshakes in flight are closed when they finish */
     for (uint32_t k = 0; k < p->nconns; k++) {
         conn *c = &p->conns[k];
@@ -125,6 +133,212 @@ static void retire_all(pool *p, const char *why)
         }
     }
     log_info("pool %s: %s: connections will be replaced as they come free", p->cf->name, why);
+}
+
+/* ----------------------------------------------------------- settings trial
+ * A reload that changes a pool's connection settings must not take a working
+ * pool down when the new ones cannot connect (a closed port, a role or
+ * database that does not exist, a wrong password).  So the new settings are
+ * first tried on a connection of their own, outside the pool's slots: it
+ * never serves a lease and is closed as soon as it is up.  Until one such try
+ * succeeds the pool goes on as before: its connections keep serving, and one
+ * that closes is replaced with the settings in use (p->cset).  Once a try
+ * succeeds, the new settings become p->cset and the old connections retire
+ * as they come free.  A failed try is logged (the 1st, every 20th, and
+ * whenever the reason changes: one line, the whole reason) and repeated
+ * after a backoff of 0.5 s doubling to 30 s; the pool's last_error (shmstat)
+ * says why too.  A later reload back to the settings in use drops the trial;
+ * one to yet other settings starts a new one.
+ *
+ * The try is one more connection to the server than max_size, for as long
+ * as a handshake takes. */
+#define TRIAL_BACKOFF_MIN_MS 500
+#define TRIAL_BACKOFF_MAX_MS 30000
+
+typedef struct settings_trial {
+    conn c;                  /* the try: the driver's c.drv, c.fd, c.error, with c.cset the new
+                                settings; no slot (c.slot NULL), never leased */
+    uint32_t fails;          /* tries failed in a row */
+    uint32_t backoff_ms;     /* the wait after the last failure */
+    uint64_t next_ms;        /* no handshake in flight: start the next one at (monotonic ms) */
+    uint64_t started_ms;     /* a handshake in flight started at */
+    int connecting;          /* a handshake is in flight (the driver state exists) */
+    int timed_out;           /* its poll was cancelled past CONNECT_TIMEOUT_MS */
+    int orphan;              /* given up with its poll in flight: the callback frees it */
+    struct settings_trial *next_orphan;
+    char logged[sizeof ((conn *)0)->error];     /* the reason last logged */
+} settings_trial;
+
+/* Trials given up with a poll still in flight: freed by their callback, or
+ * at exit. */
+static settings_trial *orphans;
+
+static void trial_free(settings_trial *t)
+{
+    if (t->connecting)
+        t->c.pool->drv->close(&t->c);
+    free(t);
+}
+
+static void trial_failed(settings_trial *t, const char *why)
+{
+    pool *p = t->c.pool;
+    char reason[sizeof t->logged];
+
+    snprintf(reason, sizeof reason, "%s", why);     /* why may be t->c.error, which close clears */
+    p->drv->close(&t->c);
+    t->connecting = 0;
+    t->timed_out = 0;
+    t->fails++;
+    t->backoff_ms = t->backoff_ms ? t->backoff_ms * 2 : TRIAL_BACKOFF_MIN_MS;
+    if (t->backoff_ms > TRIAL_BACKOFF_MAX_MS)
+        t->backoff_ms = TRIAL_BACKOFF_MAX_MS;
+    t->next_ms = B.now_ms + t->backoff_ms;
+    snprintf(p->shm->last_error, sizeof p->shm->last_error, "new settings: %.*s",
+             (int)sizeof p->shm->last_error - 15, reason);     /* shmstat: the head of it */
+    if (t->fails == 1 || t->fails % 20 == 0 || strcmp(reason, t->logged) != 0)
+        log_warn("pool %s: the new connection settings do not connect (%u in a row): %s; still serving on "
+                 "the previous ones (%u connections), next try in %u ms",
+                 p->cf->name, t->fails, reason, p->live, t->backoff_ms);
+    snprintf(t->logged, sizeof t->logged, "%s", reason);
+}
+
+static void trial_succeeded(settings_trial *t)
+{
+    pool *p = t->c.pool;
+    const conf_pool *cs = t->c.cset;
+    p->drv->close(&t->c);
+    p->trial = NULL;
+    free(t);
+    retire_all(p, cs, "a connection with the new connection settings succeeded");
+}
+
+/* What the driver said of the try's handshake step. */
+static void trial_went(settings_trial *t, int rc, const drv_poll *want)
+{
+    switch (rc) {
+    case DRV_AGAIN:
+        if (want->fd < 0) {
+            trial_failed(t, "driver asked to poll no socket");
+            return;
+        }
+        loop_poll(B.lp, &t->c.poll_op, want->fd, want->events);
+        return;
+    case DRV_OK:
+        trial_succeeded(t);
+        return;
+    default:                        /* DRV_ERROR, DRV_NOT_READY: not serving either way */
+        trial_failed(t, t->c.error[0] ? t->c.error : "connect failed");
+        return;
+    }
+}
+
+static void trial_on_poll(ev_op *op, int res)
+{
+    settings_trial *t = op->data;
+    if (t->orphan) {
+        for (settings_trial **pp = &orphans; *pp; pp = &(*pp)->next_orphan)
+            if (*pp == t) {
+                *pp = t->next_orphan;
+                break;
+            }
+        trial_free(t);
+        return;
+    }
+    if (op->cancelled || res < 0) {
+        trial_failed(t, t->timed_out ? "connect timed out" : op->cancelled ? "cancelled" : strerror(-res));
+        return;
+    }
+    drv_poll want = { -1, 0 };
+    trial_went(t, t->c.pool->drv->connect_step(&t->c, res, &want), &want);
+}
+
+static void trial_start(settings_trial *t)
+{
+    t->connecting = 1;
+    t->started_ms = B.now_ms;
+    t->c.error[0] = 0;
+    drv_poll want = { -1, 0 };
+    trial_went(t, t->c.pool->drv->connect_start(&t->c, &want), &want);
+}
+
+/* Drop the pool's trial, if any (the settings it tried are no longer
+ * wanted, or the pool is gone). */
+static void trial_stop(pool *p)
+{
+    settings_trial *t = p->trial;
+    if (!t)
+        return;
+    p->trial = NULL;
+    if (t->c.poll_op.pending) {
+        t->orphan = 1;
+        t->next_orphan = orphans;
+        orphans = t;
+        loop_cancel(B.lp, &t->c.poll_op);
+        return;
+    }
+    trial_free(t);
+}
+
+/* A reload brings settings np for pool p: keep them as they are, go on
+ * trying them, or start trying them. */
+static void settings_reloaded(pool *p, const conf_pool *np)
+{
+    if (!conn_settings_changed(p->cset, np)) {
+        if (p->trial)
+            log_info("pool %s: connection settings back to the ones in use: the untried new ones are dropped",
+                     p->cf->name);
+        trial_stop(p);
+        return;
+    }
+    if (p->trial && !conn_settings_changed(p->trial->c.cset, np)) {
+        p->trial->c.cset = np;      /* the same settings: the trial goes on */
+        return;
+    }
+    trial_stop(p);
+    settings_trial *t = calloc(1, sizeof *t);
+    if (!t) {
+        log_error("pool %s: connection settings changed, but no memory to try them: keeping the previous ones",
+                  p->cf->name);
+        return;
+    }
+    t->c.pool = p;
+    t->c.index = UINT32_MAX;
+    t->c.fd = -1;
+    t->c.cset = np;
+    t->c.poll_op.cb = trial_on_poll;
+    t->c.poll_op.data = t;
+    p->trial = t;
+    log_info("pool %s: connection settings changed: trying them on a connection of their own first", p->cf->name);
+    trial_start(t);
+}
+
+void settings_trial_tick(pool *p)
+{
+    settings_trial *t = p->trial;
+    if (!t)
+        return;
+    if (t->connecting) {
+        if (!t->timed_out && t->c.poll_op.pending && B.now_ms - t->started_ms > CONNECT_TIMEOUT_MS) {
+            t->timed_out = 1;
+            loop_cancel(B.lp, &t->c.poll_op);       /* trial_on_poll fails it */
+        }
+        return;
+    }
+    if (B.now_ms >= t->next_ms)
+        trial_start(t);
+}
+
+void settings_trial_free(pool *p)
+{
+    if (p->trial)
+        trial_free(p->trial);
+    p->trial = NULL;
+    while (orphans) {
+        settings_trial *t = orphans;
+        orphans = t->next_orphan;
+        trial_free(t);
+    }
 }
 
 void reload_config(broker *b)
@@ -150,8 +364,7 @@ void reload_config(broker *b)
             if (!b->pools[k].removed && strcmp(b->pools[k].cf->name, np->name) == 0)
                 p = &b->pools[k];
         if (p) {
-            if (conn_settings_changed(p->cf, np))
-                retire_all(p, "connection settings changed");
+            settings_reloaded(p, np);
             p->cf = np;
             pool_publish_limits(p);
             continue;
@@ -173,6 +386,7 @@ void reload_config(broker *b)
         if (p->cf >= nc->pools && p->cf < nc->pools + nc->npools)
             continue;               /* added just now */
         p->removed = 1;
+        trial_stop(p);
         atomic_store(&p->shm->accepting, 0);
         atomic_store(&p->shm->health, PB_HEALTH_REMOVED);
         atomic_store(&p->shm->min_size, 0);
