@@ -35,7 +35,8 @@ typedef struct conf_pool {
     uint32_t min_size;              /* default 0 */
     uint32_t max_size;              /* default 10; 1..PB_MAX_POOL_SLOTS; >= min_size */
     uint32_t slots;                 /* slots reserved at start (buffers, free-map room): a reload
-                                       can raise max_size up to it; 0 = max_size (conf_pool_slots) */
+                                       can raise max_size up to it; 0 = not set: the default
+                                       headroom (conf_pool_slots) */
     uint32_t acquire_timeout_ms;    /* default 5000 */
     uint32_t command_timeout_ms;    /* default 0 = none */
     uint32_t max_lifetime_s;        /* default 3600; 0 = unlimited */
@@ -86,10 +87,28 @@ void conf_free(conf *c);
 /* The pool named name, or NULL. */
 conf_pool *conf_find_pool(conf *c, const char *name);
 
-/* How many slots the pool gets when the segment is made. */
+/* Without `slots`, a pool gets room for a reload to raise max_size to 4
+ * times what it started with, and to 64 at least (at most 4096).  The room
+ * is address space more than memory: a slot's request buffer and reply ring
+ * are pages of the segment that /dev/shm allocates only once a connection
+ * in that slot has used them, and the broker and the library never touch
+ * an empty slot's buffers.  What is paid at once is the slot's entry in the
+ * slot table (448 bytes) and the broker's record for it. */
+#define CONF_SLOTS_HEADROOM     4u
+#define CONF_SLOTS_MIN_DEFAULT  64u
+
+/* How many slots the pool gets when the segment is made: `slots`, else the
+ * default headroom above.  Never less than max_size. */
 static inline uint32_t conf_pool_slots(const conf_pool *cp)
 {
-    return cp->slots > cp->max_size ? cp->slots : cp->max_size;
+    if (cp->slots)
+        return cp->slots > cp->max_size ? cp->slots : cp->max_size;
+    uint64_t n = (uint64_t)cp->max_size * CONF_SLOTS_HEADROOM;
+    if (n < CONF_SLOTS_MIN_DEFAULT)
+        n = CONF_SLOTS_MIN_DEFAULT;
+    if (n > PB_MAX_POOL_SLOTS)
+        n = PB_MAX_POOL_SLOTS;
+    return n > cp->max_size ? (uint32_t)n : cp->max_size;
 }
 
 #endif /* PB_CONF_H */

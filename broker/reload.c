@@ -8,7 +8,7 @@
  *   - sizes, timeouts, limits, reset policy: take effect at once (the
  *     figures clients read are republished; the janitor grows or shrinks);
  *   - max_size can grow only up to the slots the pool was started with
- *     (its `slots` key, max_size by default);
+ *     (its `slots` key; by default 4 x max_size, at least 64: conf.h);
  *   - connection settings (conninfo, host, port, password, db, ...): tried
  *     first on a connection of their own; once one connects, new
  *     connections use them and existing ones retire as they come free;
@@ -45,6 +45,13 @@ static int conn_settings_changed(const conf_pool *a, const conf_pool *b)
            !same_str(a->user, b->user) || a->db != b->db;
 }
 
+/* The slots a pool added by a reload takes from the spare region: its
+ * `slots`, else max_size (no default headroom: spare slots are few). */
+static uint32_t added_pool_slots(const conf_pool *np)
+{
+    return np->slots ? conf_pool_slots(np) : np->max_size;
+}
+
 /* Everything that needs a restart; returns the first reason or NULL. */
 static const char *needs_restart(broker *b, conf *nc, char *why, size_t n)
 {
@@ -77,7 +84,7 @@ static const char *needs_restart(broker *b, conf *nc, char *why, size_t n)
                          "(request_buffer <= %uk, reply_buffer <= %uk)", np->name, SPARE_REQ / 1024, SPARE_REP / 1024);
                 return why;
             }
-            spare_needed += conf_pool_slots(np);
+            spare_needed += added_pool_slots(np);
             continue;
         }
         if (p->cf->type != np->type) {
@@ -370,6 +377,7 @@ void reload_config(broker *b)
             continue;
         }
         p = &b->pools[b->npools];
+        np->slots = added_pool_slots(np);       /* pool_setup sizes it with conf_pool_slots */
         if (pool_setup(b, p, b->npools, np, b->spare_first) < 0) {
             log_error("reload: pool %s: out of memory", np->name);
             continue;

@@ -507,8 +507,15 @@ static void test_pool_sizes(void **state)
     c = expect_ok(PG_POOL "max_size = 2\nslots = 16\n");
     assert_int_equal(conf_pool_slots(&c->pools[0]), 16);
     conf_free(c);
+    /* Without slots: 4 x max_size, at least 64, at most 4096. */
     c = expect_ok(PG_POOL "max_size = 3\n");
-    assert_int_equal(conf_pool_slots(&c->pools[0]), 3);
+    assert_int_equal(conf_pool_slots(&c->pools[0]), 64);
+    conf_free(c);
+    c = expect_ok(PG_POOL "max_size = 100\n");
+    assert_int_equal(conf_pool_slots(&c->pools[0]), 400);
+    conf_free(c);
+    c = expect_ok(PG_POOL "max_size = 2000\n");
+    assert_int_equal(conf_pool_slots(&c->pools[0]), PB_MAX_POOL_SLOTS);
     conf_free(c);
 }
 

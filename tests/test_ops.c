@@ -232,7 +232,7 @@ static void test_reload(void **state)
     assert_int_equal(pb_acquire(c, "fresh", 5000, &l), PB_OK);
     assert_int_equal(pb_release(l), PB_OK);
     /* So is one asking for what needs a restart. */
-    write_conf("[pool main]\n" PG "min_size = 1\nmax_size = 9\n\n[pool fresh]\n" PG "max_size = 2\n");
+    write_conf("[pool main]\n" PG "min_size = 1\nmax_size = 65\n\n[pool fresh]\n" PG "max_size = 2\n");
     kill(env.broker_pid, SIGHUP);
     assert_int_equal(th_wait_log(&env, "keeping the current configuration", 2, 5000), 0);
     pb_disconnect(c);

@@ -7,6 +7,8 @@
  *     connections (the same backends), the broker says why in one whole
  *     line, and a later reload with settings that work switches the pool
  *     over; a conninfo libpq rejects (bogus_option) is refused outright;
+ *   - a pool started with max_size = 2 and no `slots` grows to 5 on a
+ *     reload (the default headroom), as the server and shmstat count.
  *
  * One group (its own temp dir, PostgreSQL, Redis); each test starts its own
  * broker.  Worker processes lease and run a command in a loop the whole time
@@ -343,12 +345,39 @@ static void test_redis_bad_settings_keep_the_pool(void **state)
     load_stop_clean(&ld);
 }
 
+/* max_size 2 -> 5 by reload, with no `slots` at start: the server and
+ * shmstat count 5 once five leases are held, while the load goes on. */
+static void test_max_size_grows_without_slots(void **state)
+{
+    (void)state;
+    assert_int_equal(th_broker_start(&env, "[pool main]\n" PGCI("pbgrow") "min_size = 1\nmax_size = 2\n"), 0);
+    load ld;
+    load_start(&ld, "main", 0);
+    reload_pools("[pool main]\n" PGCI("pbgrow") "min_size = 1\nmax_size = 5\n", 0);
+    pb_client *c = pbt_cli(&env);
+    pb_lease *l[5];
+    for (int i = 0; i < 5; i++) {
+        l[i] = pbt_lease(c, "main", 10000);
+        assert_int_equal(pbt_pg_int(l[i], "SELECT 1"), 1);
+    }
+    assert_int_equal(pbt_pg_count(&env, "pbgrow"), 5);
+    static char json[65536];
+    assert_int_equal(pbt_shmstat_json(&env, json, sizeof json), 0);
+    assert_int_equal(pbt_json_pool_num(json, "main", "max_size"), 5);
+    assert_int_equal(pbt_json_pool_num(json, "main", "size"), 5);
+    for (int i = 0; i < 5; i++)
+        assert_int_equal(pb_release(l[i]), PB_OK);
+    pbt_cli_done(c);
+    load_stop_clean(&ld);
+}
+
 int main(void)
 {
     pbt_apply_test_filter();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_pg_bad_settings_keep_the_pool, stop_broker),
         cmocka_unit_test_teardown(test_redis_bad_settings_keep_the_pool, stop_broker),
+        cmocka_unit_test_teardown(test_max_size_grows_without_slots, stop_broker),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -504,13 +504,13 @@ static void rogue_run(uint64_t default_seed)
                                   "type = postgres\n"
                                   "conninfo = host=@PGHOST@ port=@PGPORT@ user=postgres dbname=postgres "
                                   "sslmode=disable\n"
-                                  "min_size = 2\nmax_size = 4\n"
+                                  "min_size = 2\nmax_size = 4\nslots = 4\n"
                                   "acquire_timeout_ms = 2000\ncommand_timeout_ms = 3000\n"
                                   "request_buffer = 4k\nreply_buffer = 16k\n\n"
                                   "[pool cache]\n"
                                   "type = redis\n"
                                   "host = 127.0.0.1\nport = @REDISPORT@\n"
-                                  "min_size = 1\nmax_size = 2\n"
+                                  "min_size = 1\nmax_size = 2\nslots = 2\n"
                                   "acquire_timeout_ms = 2000\ncommand_timeout_ms = 3000\n"
                                   "request_buffer = 4k\nreply_buffer = 16k\n"),
                      0);
