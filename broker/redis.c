@@ -84,6 +84,16 @@ typedef struct rconn {
     int top_push;           /* the open top-level aggregate is a RESP3 push */
     int top_attr;           /* ... or an attribute (followed by the real reply) */
     int complete;           /* a top-level reply just ended: r_scan_reply returns */
+    /* Pub/Sub: which top-level replies are messages (see pubsub_push) */
+    int top_array;          /* the open top-level reply is a RESP2 array ... */
+    int top_elem;           /* ... and this is the index of its element being read */
+    int capture;            /* the bulk payload streaming by is its first element */
+    int kind_len;           /* bytes in kind; -1: longer than kind holds */
+    char kind[16];          /* its first element, or a top-level simple string's text */
+    long long kind_num;     /* its third element when an integer, else -1 */
+    uint32_t nsub;          /* channels + patterns subscribed, as the server last said */
+    uint32_t nssub;         /* shard channels subscribed, as the server last said */
+    int sub_sent;           /* a (P|S)(UN)SUBSCRIBE went out since the last RESET */
 } rconn;
 
 static rconn *R(conn *c)
@@ -402,8 +412,10 @@ static int r_frame_request(conn *c, drv_buf *rq, uint32_t *nreplies, const char 
             goto oom;
         }
         if (arg_is(a0, l0, "SUBSCRIBE") || arg_is(a0, l0, "PSUBSCRIBE") || arg_is(a0, l0, "SSUBSCRIBE") ||
-            arg_is(a0, l0, "UNSUBSCRIBE") || arg_is(a0, l0, "PUNSUBSCRIBE") || arg_is(a0, l0, "SUNSUBSCRIBE"))
+            arg_is(a0, l0, "UNSUBSCRIBE") || arg_is(a0, l0, "PUNSUBSCRIBE") || arg_is(a0, l0, "SUNSUBSCRIBE")) {
             replies = argc - 1;     /* one per channel (a bare UNSUBSCRIBE was refused) */
+            r->sub_sent = 1;        /* the scanner follows the subscription counts */
+        }
         int next_mode;
         if (arg_is(a0, l0, "CLIENT") && argc == 3 && arg_is(a1, l1, "REPLY") && arg_is(a2, l2, "ON")) {
             next_mode = 0;          /* answered, whatever the mode was */
@@ -448,6 +460,82 @@ oom:
 
 /* ------------------------------------------------------------------ replies */
 
+/* ---------------------------------------------------------------- Pub/Sub
+ * A subscribed connection receives messages nobody asked for, between and
+ * after the replies: in RESP2, arrays whose first element is "message",
+ * "pmessage" or "smessage".  They are not replies (expect does not count
+ * them); they stream into the holder's ring like replies when it watches
+ * (pb_redis_get_message pushes PB_SQ_WATCH), and into the sink once it has
+ * released.  The client library applies the same rule to the same bytes
+ * (client/redis.c), so both sides count the same replies.
+ *
+ * Whether the connection is subscribed is what the server last said: each
+ * (p|s)(un)subscribe reply carries the count of subscriptions left of its
+ * kind (channels and patterns together; shard channels apart), and "+RESET"
+ * clears them.  While subscribed, RESP2 Redis answers nothing but those
+ * commands, PING and RESET, so an array beginning with "message" is a
+ * message; unsubscribed, no message can come.  Counts are taken only after
+ * a (P|S)(UN)SUBSCRIBE went out (sub_sent), so an ordinary reply shaped
+ * like ["subscribe", x, 5] on a connection that never subscribed is just a
+ * reply. */
+
+static int kind_is(const rconn *r, const char *w)
+{
+    return r->kind_len == (int)strlen(w) && strncasecmp(r->kind, w, (size_t)r->kind_len) == 0;
+}
+
+/* Is the top-level reply that just ended a message (not a reply)? */
+static int pubsub_push(const rconn *r)
+{
+    return r->top_array && (r->nsub || r->nssub) &&
+           (kind_is(r, "message") || kind_is(r, "pmessage") || kind_is(r, "smessage"));
+}
+
+/* A top-level reply ended: what it says of the subscriptions. */
+static void pubsub_note(rconn *r)
+{
+    if (!r->top_array) {
+        if (kind_is(r, "RESET"))
+            r->nsub = r->nssub = 0, r->sub_sent = 0;
+        return;
+    }
+    if (!r->sub_sent || r->kind_num < 0 || r->kind_num > UINT32_MAX)
+        return;
+    if (kind_is(r, "subscribe") || kind_is(r, "unsubscribe") || kind_is(r, "psubscribe") ||
+        kind_is(r, "punsubscribe"))
+        r->nsub = (uint32_t)r->kind_num;
+    else if (kind_is(r, "ssubscribe") || kind_is(r, "sunsubscribe"))
+        r->nssub = (uint32_t)r->kind_num;
+}
+
+/* Bytes p[0..k) of a bulk string go by with bulk_left (payload + CRLF) still
+ * due: keep what fits of the payload when it is a top-level array's first
+ * element. */
+static void pubsub_capture(rconn *r, const uint8_t *p, size_t k)
+{
+    int64_t payload = r->bulk_left - 2;
+    size_t take = payload <= 0 ? 0 : k < (size_t)payload ? k : (size_t)payload;
+    if (r->kind_len < 0 || take > sizeof r->kind - 1 - (size_t)r->kind_len) {
+        r->kind_len = -1;
+        return;
+    }
+    memcpy(r->kind + r->kind_len, p, take);
+    r->kind_len += (int)take;
+}
+
+/* Part p[0..k) of a top-level simple string's line ('\r' dropped). */
+static void pubsub_capture_line(rconn *r, const uint8_t *p, size_t k)
+{
+    for (size_t i = 0; i < k && r->kind_len >= 0; i++) {
+        if (p[i] == '\r')
+            continue;
+        if ((size_t)r->kind_len >= sizeof r->kind - 1)
+            r->kind_len = -1;
+        else
+            r->kind[r->kind_len++] = (char)p[i];
+    }
+}
+
 /* One complete element at the current depth; a complete top-level reply
  * sets r->complete (the scanner returns it). */
 static int element_done(conn *c)
@@ -459,11 +547,16 @@ static int element_done(conn *c)
                 r->top_attr = 0;    /* the attribute's map; its reply follows */
             } else if (r->top_push) {
                 r->top_push = 0;    /* out-of-band push: not a reply */
+            } else if (pubsub_push(r)) {
+                r->top_array = 0;   /* a Pub/Sub message: not a reply */
             } else {
+                pubsub_note(r);
                 r->complete = 1;
             }
             return PB_OK;
         }
+        if (r->depth == 1)
+            r->top_elem++;
         if (--r->left[r->depth - 1] > 0)
             return PB_OK;
         r->depth--;                 /* the aggregate itself is now complete */
@@ -476,6 +569,9 @@ static int begin_aggregate(conn *c, char type, long long count)
     if (r->depth == 0) {
         r->top_push = type == '>';
         r->top_attr = type == '|';
+        r->top_array = type == '*';
+        r->top_elem = 0;
+        r->kind_num = -1;
     }
     if (type == '%' || type == '|')
         count *= 2;
@@ -494,7 +590,13 @@ static int line_done(conn *c)
     char t = (char)r->line_type;
     r->line_type = 0;
     switch (t) {
-    case '+': case '-': case ':': case ',': case '#': case '_': case '(':
+    case ':':
+        if (r->top_array && r->depth == 1 && r->top_elem == 2 && !r->num_bad && r->num_len) {
+            r->num[r->num_len] = 0;
+            r->kind_num = strtoll(r->num, NULL, 10);
+        }
+        return element_done(c);
+    case '+': case '-': case ',': case '#': case '_': case '(':
         return element_done(c);
     }
     /* counted types: the number was collected in r->num */
@@ -512,6 +614,7 @@ static int line_done(conn *c)
         if (v > RESP_MAX_BULK)
             return PB_EPROTO;
         r->bulk_left = v + 2;
+        r->capture = r->top_array && r->depth == 1 && r->top_elem == 0;
         return PB_OK;
     case '*': case '%': case '~': case '>': case '|':
         return begin_aggregate(c, t, v);
@@ -529,8 +632,12 @@ static int r_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_r
     while (i < n) {
         if (r->bulk_left) {
             size_t k = n - i < (size_t)r->bulk_left ? n - i : (size_t)r->bulk_left;
+            if (r->capture)
+                pubsub_capture(r, p + i, k);
             i += k;
             r->bulk_left -= (int64_t)k;
+            if (r->bulk_left == 0)
+                r->capture = 0;
             if (r->bulk_left == 0 && element_done(c) != PB_OK)
                 return DRV_ERROR;
             if (r->complete) {
@@ -546,6 +653,10 @@ static int r_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_r
             r->line_type = t;
             r->num_len = 0;
             r->num_bad = 0;
+            if (r->depth == 0) {
+                r->top_array = 0;   /* begin_aggregate sets it for an array */
+                r->kind_len = 0;
+            }
             continue;
         }
         /* Inside a header line: until "\r\n" (a bare '\n' is a protocol error:
@@ -556,7 +667,9 @@ static int r_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_r
             return DRV_ERROR;
         if (end > i)
             r->saw_cr = p[end - 1] == '\r';
-        if (strchr("$*!=%~>|", r->line_type)) {
+        if (r->line_type == '+' && r->depth == 0)
+            pubsub_capture_line(r, p + i, end - i);
+        if (strchr("$*!=%~>|:", r->line_type)) {
             for (size_t k = i; k < end; k++) {
                 if (p[k] == '\r')
                     continue;

@@ -860,6 +860,11 @@ static int redis_consume(pb_lease *l)
             return PB_EPROTO;
         }
         if (rep) {
+            int m = pbi_redis_sort(l, rep);
+            if (m < 0)
+                return m;
+            if (m)
+                continue;           /* a Pub/Sub message, kept for pb_redis_get_message */
             l->rheld = rep;
             return 0;
         }

@@ -388,6 +388,7 @@ static void lease_free(pb_lease *l)
         freeReplyObject(l->rheld);
         l->rheld = NULL;
     }
+    pbi_redis_free_messages(l);
     pb_buf_free(&l->rqueue);
     pb_buf_free(&l->rends);
     pb_buf_free(&l->cbuf);

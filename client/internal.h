@@ -94,6 +94,12 @@ struct pb_lease {
     pb_buf rends;                    /* Redis: uint32 end offset of each queued command */
     uint32_t rqueued;                /* Redis: commands in rqueue */
     void *rheld;                     /* Redis: a reply pb_is_busy parsed, not yet taken */
+    pb_buf rmsgs;                    /* Redis: Pub/Sub messages read and not yet taken
+                                        (redisReply *), the oldest at rmsg_head */
+    size_t rmsg_head;                /* index in rmsgs of the first message not taken */
+    uint32_t rnsub, rnssub;          /* Redis: subscriptions (channels + patterns; shard
+                                        channels) as the server last counted them */
+    int rsub_sent;                   /* Redis: a (P|S)(UN)SUBSCRIBE went out on this lease */
     int nb_armed;                    /* async.c: a futex wait on rep_futex is outstanding */
     pb_lease *prev, *next;
 };
@@ -118,6 +124,12 @@ int pbi_push_watch(pb_lease *l);
 /* Wait until the reply ring has bytes (or an error); *avail = contiguous bytes at *p. */
 int pbi_reply_wait(pb_lease *l, const uint8_t **p, size_t *avail);
 void pbi_reply_consume(pb_lease *l, size_t n);
+/* redis.c: a reply the reader produced is a Pub/Sub message (1: queued on
+ * the lease for pb_redis_get_message; the caller reads on) or a reply (0:
+ * the caller returns it), by the broker's rule (broker/redis.c, Pub/Sub);
+ * PB_ENOMEM (rep freed).  Free the queue with pbi_redis_free_messages. */
+int pbi_redis_sort(pb_lease *l, void *rep);
+void pbi_redis_free_messages(pb_lease *l);
 void pbi_set_preview(pb_lease *l, const char *text, size_t len);
 uint64_t pbi_now_us(void);
 

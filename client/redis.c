@@ -13,6 +13,12 @@
  * READONLY, ...): those mark the slot dirty, and the broker RESETs it on
  * release.  A lease that ran only ordinary commands is released without a
  * round trip.
+ *
+ * Pub/Sub: after SUBSCRIBE, PSUBSCRIBE or SSUBSCRIBE, messages arrive in the
+ * ring unasked.  Every reply the reader produces goes through
+ * pbi_redis_sort, which keeps messages on the lease for
+ * pb_redis_get_message by the broker's own rule (broker/redis.c), so the
+ * two agree on what is a reply.
  */
 #define _GNU_SOURCE
 #include <stdarg.h>
@@ -97,6 +103,21 @@ static int changes_session(const char *cmd, size_t len, uint32_t *replies)
     return 0;
 }
 
+/* Is this command one of (P|S)(UN)SUBSCRIBE? */
+static int subscription_command(const char *cmd, size_t len)
+{
+    static const char *const sub[] = { "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE",
+                                       "UNSUBSCRIBE", "PUNSUBSCRIBE", "SUNSUBSCRIBE" };
+    const char *a0;
+    size_t n0;
+    if (!resp_arg(cmd, len, 0, &a0, &n0))
+        return 0;
+    for (size_t i = 0; i < sizeof sub / sizeof sub[0]; i++)
+        if (word_is(a0, n0, sub[i]))
+            return 1;
+    return 0;
+}
+
 static int append_formatted(pb_lease *l, char *cmd, int len)
 {
     if (len < 0 || !cmd) {
@@ -110,6 +131,8 @@ static int append_formatted(pb_lease *l, char *cmd, int len)
     uint32_t replies;
     if (changes_session(cmd, (size_t)len, &replies))
         atomic_fetch_or_explicit(&l->s->client_flags, PB_CF_DIRTY, memory_order_relaxed);
+    if (subscription_command(cmd, (size_t)len))
+        l->rsub_sent = 1;
     if (l->rqueue.len == 0)
         pbi_set_preview(l, cmd, (size_t)len);
     uint32_t end = (uint32_t)(l->rqueue.len + (size_t)len);
@@ -209,6 +232,11 @@ PB_API int pb_redis_get_reply(pb_lease *l, redisReply **out)
             return PB_EPROTO;
         }
         if (rep) {
+            int m = pbi_redis_sort(l, rep);
+            if (m < 0)
+                return m;
+            if (m)
+                continue;           /* a Pub/Sub message, kept for pb_redis_get_message */
             if (l->pending)
                 l->pending--;
             *out = rep;
@@ -261,4 +289,152 @@ PB_API int pb_redis_command_argv(pb_lease *l, int argc, const char **argv, const
     if (rc != PB_OK)
         return rc;
     return pb_redis_get_reply(l, out);
+}
+
+/* ------------------------------------------------------------------ Pub/Sub */
+
+static int str_is(const redisReply *e, const char *w)
+{
+    return e && (e->type == REDIS_REPLY_STRING || e->type == REDIS_REPLY_STATUS) && e->len == strlen(w) &&
+           strncasecmp(e->str, w, e->len) == 0;
+}
+
+/* The broker's rule (broker/redis.c, "Pub/Sub"): while the server counts
+ * subscriptions, an array beginning with "message", "pmessage" or
+ * "smessage" is a message; each (p|s)(un)subscribe reply sets its kind's
+ * count, once such a command went out; "+RESET" clears them. */
+int pbi_redis_sort(pb_lease *l, void *rep)
+{
+    redisReply *r = rep;
+    if (r->type == REDIS_REPLY_STATUS) {
+        if (str_is(r, "RESET"))
+            l->rnsub = l->rnssub = 0, l->rsub_sent = 0;
+        return 0;
+    }
+    if (r->type != REDIS_REPLY_ARRAY || r->elements == 0 || r->element[0]->type != REDIS_REPLY_STRING)
+        return 0;
+    const redisReply *k = r->element[0];
+    if (l->rnsub || l->rnssub) {
+        if (str_is(k, "message") || str_is(k, "pmessage") || str_is(k, "smessage")) {
+            if (pb_buf_append(&l->rmsgs, &rep, sizeof rep) != PB_OK) {
+                freeReplyObject(rep);
+                return PB_ENOMEM;
+            }
+            return 1;
+        }
+    }
+    if (!l->rsub_sent || r->elements < 3 || r->element[2]->type != REDIS_REPLY_INTEGER ||
+        r->element[2]->integer < 0 || r->element[2]->integer > UINT32_MAX)
+        return 0;
+    uint32_t n = (uint32_t)r->element[2]->integer;
+    if (str_is(k, "subscribe") || str_is(k, "unsubscribe") || str_is(k, "psubscribe") || str_is(k, "punsubscribe"))
+        l->rnsub = n;
+    else if (str_is(k, "ssubscribe") || str_is(k, "sunsubscribe"))
+        l->rnssub = n;
+    return 0;
+}
+
+void pbi_redis_free_messages(pb_lease *l)
+{
+    redisReply **m = (redisReply **)l->rmsgs.data;
+    for (size_t i = l->rmsg_head; i < l->rmsgs.len / sizeof *m; i++)
+        freeReplyObject(m[i]);
+    pb_buf_free(&l->rmsgs);
+    l->rmsg_head = 0;
+    l->rnsub = l->rnssub = 0;
+    l->rsub_sent = 0;
+}
+
+/* The oldest queued message, or NULL. */
+static redisReply *take_message(pb_lease *l)
+{
+    redisReply **m = (redisReply **)l->rmsgs.data;
+    size_t n = l->rmsgs.len / sizeof *m;
+    if (l->rmsg_head == n)
+        return NULL;
+    redisReply *r = m[l->rmsg_head++];
+    if (l->rmsg_head == n) {
+        l->rmsgs.len = 0;
+        l->rmsg_head = 0;
+    }
+    return r;
+}
+
+/* Parse what is in the ring without waiting: messages go to the queue.  A
+ * reply here would be one nobody asked for: PB_EPROTO. */
+static int read_messages(pb_lease *l)
+{
+    if (!l->rreader && !(l->rreader = redisReaderCreate()))
+        return PB_ENOMEM;
+    for (;;) {
+        void *rep = NULL;
+        if (redisReaderGetReply(l->rreader, &rep) != REDIS_OK) {
+            l->desync = 1;
+            return PB_EPROTO;
+        }
+        if (rep) {
+            int m = pbi_redis_sort(l, rep);
+            if (m < 0)
+                return m;
+            if (m == 0) {
+                freeReplyObject(rep);
+                l->desync = 1;
+                return PB_EPROTO;
+            }
+            continue;
+        }
+        const uint8_t *p;
+        size_t n = 0;
+        int rc = pbi_reply_peek(l, &p, &n);
+        if (rc != PB_OK)
+            return rc;
+        if (n == 0)
+            return PB_OK;
+        if (redisReaderFeed(l->rreader, (const char *)p, n) != REDIS_OK) {
+            l->desync = 1;
+            return PB_ENOMEM;
+        }
+        pbi_reply_consume(l, n);
+    }
+}
+
+PB_API int pb_redis_get_message(pb_lease *l, int timeout_ms, redisReply **out)
+{
+    if (out)
+        *out = NULL;
+    int rc = redis_lease(l);
+    if (rc != PB_OK)
+        return rc;
+    if (!out)
+        return PB_EINVAL;
+    if ((*out = take_message(l)))
+        return PB_OK;
+    if (l->pending || l->rqueued || l->rheld)
+        return PB_EBUSY;
+    if (!l->rnsub && !l->rnssub)
+        return PB_EINVAL;           /* nothing subscribed: nothing will come */
+    uint64_t deadline = timeout_ms < 0 ? 0 : pbi_now_us() * 1000 + (uint64_t)timeout_ms * 1000000ull;
+    for (;;) {
+        uint32_t seen = atomic_load(&l->s->rep_futex);
+        if ((rc = read_messages(l)) != PB_OK)
+            return rc;
+        if ((*out = take_message(l)))
+            return PB_OK;
+        /* Ask the broker to read the socket although no reply is due. */
+        if ((rc = pbi_push_watch(l)) != PB_OK)
+            return rc;
+        if (timeout_ms == 0)
+            return PB_ETIMEDOUT;
+        if ((rc = pbi_lease_check(l)) != PB_OK)
+            return rc;
+        rc = pbi_wait(l, seen, deadline);
+        if (rc == PB_ETIMEDOUT) {
+            if ((rc = read_messages(l)) != PB_OK)
+                return rc;
+            *out = take_message(l);
+            return *out ? PB_OK : PB_ETIMEDOUT;
+        }
+        if (rc != PB_OK)
+            return rc;
+    }
 }

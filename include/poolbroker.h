@@ -245,6 +245,23 @@ PB_API int pb_redis_append_command_argv(pb_lease *l, int argc, const char **argv
                                         const size_t *argvlen);
 PB_API int pb_redis_get_reply(pb_lease *l, redisReply **out);
 
+/* Pub/Sub, as pb_pg_wait_notify is LISTEN/NOTIFY: after SUBSCRIBE,
+ * PSUBSCRIBE or SSUBSCRIBE (whose replies pb_redis_command returns, one per
+ * channel), messages are delivered as they arrive.  *out gets the oldest as
+ * hiredis parses it — an array ["message", channel, payload], ["pmessage",
+ * pattern, channel, payload] or ["smessage", channel, payload] — to free with
+ * freeReplyObject; messages that arrive during other commands (SUBSCRIBE
+ * more, UNSUBSCRIBE, PING) are kept for it in order.  Waits up to
+ * timeout_ms (< 0: forever, 0: not at all).  PB_OK; PB_ETIMEDOUT: none came;
+ * PB_EBUSY: replies are still owed (read them with pb_redis_get_reply
+ * first); PB_EINVAL: nothing is subscribed (the server's count after the last
+ * (UN)SUBSCRIBE reply), or out is NULL; PB_EBACKEND: the connection broke.
+ * Release unsubscribes (the broker's reset runs RESET), so the next holder
+ * receives nothing.  Messages not read pile up in the slot's reply ring and
+ * then in the server, which disconnects a subscriber past its
+ * client-output-buffer-limit for pubsub (PB_EBACKEND). */
+PB_API int pb_redis_get_message(pb_lease *l, int timeout_ms, redisReply **out);
+
 /* ------------------------------------------------------ non-blocking use
  *
  * For event loops (asyncio, libuv, epoll servers): many logical requests in
