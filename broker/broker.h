@@ -36,6 +36,11 @@
 struct pool;
 struct conn;
 
+/* A connect error as the drivers report it: libpq's multi-host message
+ * (every host's reason) fits whole for 6 or so hosts; longer ones end in
+ * "...". */
+#define CONN_ERROR_MAX 1024
+
 /* What the broker is doing with a connection.  Every change goes through
  * conn_set_phase() (conn.c), which refuses a move the diagram below does not
  * have; event handlers record what happened (a reply, a completed send, a
@@ -86,7 +91,8 @@ typedef struct conn {
     const conf_pool *cset;   /* whose connection settings (conninfo, host, port, password,
                                 user, db) the driver connects with: the pool's cset when the
                                 handshake started (a reload's may still be on trial) */
-    char error[160];         /* last connect error, for logs and the pool */
+    char error[CONN_ERROR_MAX]; /* last connect error, one line (pg_error_flatten), for the
+                                log and the pool's last_error */
 
     ev_op send_op, recv_op, poll_op;
     void *ssl;               /* SSL* of a TLS connection (I/O goes through tls.c), or NULL */

@@ -39,6 +39,12 @@ enum {
  * ready yet (SQLSTATE 57P03: starting up, not yet accepting connections, in
  * recovery)?  pg.c; a pure function, for the unit test. */
 int pg_error_not_ready(const char *msg);
+/* libpq's error message msg as one line in out[0..n) (n > 0): one host's
+ * reason after another, separated by "; " (libpq puts each on its own line,
+ * its hint on the next line after a tab: that joins its host's with a
+ * space); trailing blanks dropped; cut to fit with "..." at the end.  pg.c;
+ * pure, for the unit test. */
+void pg_error_flatten(const char *msg, char *out, size_t n);
 /* Does this Redis error reply (without its '-') say the server is not ready
  * yet (LOADING its dataset)?  redis.c. */
 int redis_error_not_ready(const char *err);

@@ -172,7 +172,7 @@ static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
          * next call on it answers PB_ESTALE. */
         if (cp->max_lease_ms && since && now > since && now - since > cp->max_lease_ms) {
             client *cl = client_by_id(b, PB_WORD_OWNER(w));
-            slog(LOG_LVL_WARN, c, "lease held for %llu ms by pid %d: past max_lease_ms %u, taking it back",
+            slog(LOG_LVL_WARN, c, "lease held for %llu ms by worker=%d: past max_lease_ms %u, taking it back",
                  (unsigned long long)(now - since), cl ? (int)cl->pid : -1, cp->max_lease_ms);
             conn_take_back(c, w, "max_lease_ms exceeded");
             return;
@@ -182,7 +182,7 @@ static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
             client *cl = client_by_id(b, PB_WORD_OWNER(w));
             c->leak_logged_word = w;
             atomic_fetch_add_explicit(&p->shm->leaks, 1, memory_order_relaxed);
-            slog(LOG_LVL_WARN, c, "lease held for %llu ms by pid %d (leak_threshold_ms %u)",
+            slog(LOG_LVL_WARN, c, "lease held for %llu ms by worker=%d (leak_threshold_ms %u)",
                  (unsigned long long)(now - since), cl ? (int)cl->pid : -1, cp->leak_threshold_ms);
         }
     }

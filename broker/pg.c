@@ -41,13 +41,49 @@ static pgconn *PG(conn *c)
     return c->drv;
 }
 
+void pg_error_flatten(const char *msg, char *out, size_t n)
+{
+    size_t o = 0;
+    int cut = 0;
+    for (const char *s = msg ? msg : "unknown error"; *s; s++) {
+        const char *piece;
+        char one[2] = { *s, 0 };
+        if (*s == '\n') {
+            while (s[1] == '\n')
+                s++;
+            if (s[1] == 0)
+                break;              /* the trailing newline */
+            if (s[1] == '\t') {
+                s++;                /* libpq's hint: the same host's */
+                piece = " ";
+            } else {
+                piece = "; ";
+            }
+        } else {
+            piece = (unsigned char)*s < ' ' ? " " : one;
+        }
+        size_t k = strlen(piece);
+        if (o + k >= n) {
+            cut = 1;
+            break;
+        }
+        memcpy(out + o, piece, k);
+        o += k;
+    }
+    while (o && (out[o - 1] == ' ' || out[o - 1] == ';'))
+        o--;
+    if (cut && n >= 4) {
+        if (o > n - 4)
+            o = n - 4;
+        memcpy(out + o, "...", 3);
+        o += 3;
+    }
+    out[o < n ? o : n - 1] = 0;
+}
+
 static void set_error(conn *c, const char *msg)
 {
-    snprintf(c->error, sizeof c->error, "%s", msg ? msg : "unknown error");
-    /* libpq messages end in a newline; logs and shmstat do not want it. */
-    size_t n = strlen(c->error);
-    while (n && (c->error[n - 1] == '\n' || c->error[n - 1] == ' '))
-        c->error[--n] = 0;
+    pg_error_flatten(msg, c->error, sizeof c->error);
 }
 
 /* The poll libpq asked for: DRV_AGAIN with *want filled, or DRV_ERROR. */

@@ -38,7 +38,7 @@
 #include <unistd.h>
 
 #define PB_SHM_MAGIC      0x314B52424C4F4F50ULL   /* "POOLBRK1", little endian */
-#define PB_SHM_VERSION    2u
+#define PB_SHM_VERSION    3u
 #define PB_CACHELINE      64
 #define PB_NAME_MAX       32                      /* pool name incl. NUL */
 #define PB_MAX_POOLS      64
@@ -196,7 +196,9 @@ typedef struct pb_shm_pool {
                                        by the broker before anyone may use it */
     _Atomic uint32_t ident_seq;     /* broker: seqlock over the identity fields above, odd
                                        while it rewrites them (pb_shm_pool_ident_publish) */
-    char last_error[128];           /* broker; last connect/backend error, NUL-terminated */
+    char last_error[512];           /* broker; last connect/backend error, one line (every host's
+                                       reason of a multi-host conninfo, as far as it fits),
+                                       NUL-terminated */
 
     /* counters: relaxed fetch_add by whoever does the thing.  Clients:
      * acquires, timeouts, errors (acquires that failed); broker: waits,

@@ -13,9 +13,11 @@
  *     for every verbosity and context setting;
  *   - a refused attach says why through pb_connect_err: uid/gid not
  *     allowed, max_clients reached, the socket's permissions, no broker;
- *   - log lines: a reclaim names the dead worker (worker=PID), a
- *     connection's lines its backend (backend=PID), and a multi-host
- *     connect failure (libpq's message has newlines) is one line.
+ *   - log lines: a reclaim names the dead worker (worker=PID), a lease held
+ *     past leak_threshold_ms its holder (by worker=PID), a connection's
+ *     lines its backend (backend=PID), and a multi-host connect failure
+ *     (libpq's message has newlines) is one line, logged at the first
+ *     failure, with every host's reason, and so is the pool's last_error.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -437,7 +439,7 @@ static void test_attach_refusals_say_why(void **state)
 static void test_log_lines(void **state)
 {
     (void)state;
-    assert_int_equal(th_broker_start(&env, "[pool main]\n" PG "max_size = 1\n"
+    assert_int_equal(th_broker_start(&env, "[pool main]\n" PG "max_size = 1\nleak_threshold_ms = 100\n"
                                            "[pool nowhere]\ntype = postgres\nconninfo = host=127.0.0.1,127.0.0.1 "
                                            "port=1,2 user=postgres dbname=postgres sslmode=disable\nmin_size = 1\n"),
                      0);
@@ -463,16 +465,34 @@ static void test_log_lines(void **state)
     snprintf(needle, sizeof needle, "reclaiming lease: worker=%d ", (int)pid);
     assert_int_equal(th_wait_log(&env, needle, 1, 10000), 0);
     assert_int_equal(th_wait_log(&env, "backend=", 1, 1000), 0);
-    /* The multi-host failure: the line with it is whole. */
+    /* A lease held past leak_threshold_ms names its holder. */
+    pb_client *c = pbt_connect(&env);
+    pb_lease *l = NULL;
+    assert_int_equal(pb_acquire(c, "main", 5000, &l), PB_OK);
+    snprintf(needle, sizeof needle, "ms by worker=%d (leak_threshold_ms 100)", (int)getpid());
+    assert_int_equal(th_wait_log(&env, needle, 1, 10000), 0);
+    assert_int_equal(pb_release(l), PB_OK);
+    pb_disconnect(c);
+    /* The multi-host failure: the line with it is whole, and says why for
+     * each host, at the first failure. */
     assert_int_equal(th_wait_log(&env, "pool nowhere: connect failed (1 in a row)", 1, 15000), 0);
     char text[65536];
     slurp(env.broker_log, text, sizeof text);
     const char *at = strstr(text, "pool nowhere: connect failed (1 in a row)");
     const char *eol = strchr(at, '\n');
     assert_non_null(eol);
-    if (!strstr(at, "port 1 failed") || eol - at < 20 || memcmp(eol - 1, ")", 1) != 0 ||
-        !memmem(at, (size_t)(eol - at), "(broker/", 8))
-        fail_msg("not one whole line: %.*s", (int)(eol - at), at);
+    size_t len = (size_t)(eol - at);
+    static const char host2[] = "; connection to server at \"127.0.0.1\", port 2 failed: Connection refused";
+    if (!memmem(at, len, "port 1 failed: Connection refused", 33) || !memmem(at, len, host2, sizeof host2 - 1) ||
+        memcmp(eol - 1, ")", 1) != 0 || !memmem(at, len, "(broker/", 8))
+        fail_msg("not one whole line with both hosts' reasons: %.*s", (int)len, at);
+    /* shmstat's last error has both too. */
+    static char json[65536];
+    char err[600];
+    assert_int_equal(pbt_shmstat_json(&env, json, sizeof json), 0);
+    assert_int_equal(pbt_json_pool_str(json, "nowhere", "last_error", err, sizeof err), 0);
+    if (!strstr(err, "port 1 failed") || !strstr(err, "port 2 failed"))
+        fail_msg("last_error: %s", err);
 }
 
 int main(void)
