@@ -8,9 +8,12 @@ nothing is held between commands.  A pipeline holds one lease for its
 ``decode_responses=True``), int, bool where redis-py gives bool, float for
 scores, dict for HGETALL, set for SMEMBERS, (cursor, list) for SCAN.
 
-Not here: ``pubsub()`` (needs Pub/Sub delivery in libpoolbroker), blocking
-commands that would hold a pooled connection (BLPOP, ...) work through
-execute_command but tie up a pool connection while they wait.
+``pubsub()`` gives redis-py's PubSub: ``subscribe`` / ``psubscribe`` /
+``ssubscribe`` lease a connection and hold it until ``close()``, and
+``get_message(timeout=...)`` / ``listen()`` deliver messages as they
+arrive (libpoolbroker's pb_redis_get_message).  Blocking commands (BLPOP,
+...) work through execute_command but tie up a pool connection while they
+wait.
 
 Exceptions have redis-py's names; when redis-py is installed they also
 subclass redis-py's classes, so ``except redis.exceptions.ResponseError``
@@ -18,6 +21,7 @@ keeps working after a port.
 """
 
 import datetime as _dt
+import time as _time
 
 from . import _common
 from . import _poolbroker as _pb
@@ -610,6 +614,11 @@ class Redis(_Commands):
         in MULTI/EXEC)."""
         return Pipeline(self, transaction)
 
+    def pubsub(self, ignore_subscribe_messages=False):
+        """A PubSub, as redis-py's: it leases a connection of the pool at its
+        first subscribe and keeps it until close()."""
+        return PubSub(self, ignore_subscribe_messages)
+
     def close(self):
         """Nothing to close (no connection is held); for redis-py parity."""
 
@@ -676,3 +685,153 @@ class Pipeline(_Commands):
         except _common.LibError as e:
             raise _lib_error(e) from None
         return _pipeline_results(stack, replies, self.transaction, raise_on_error)
+
+
+_SUBSCRIBE = {"subscribe", "psubscribe", "ssubscribe", "unsubscribe", "punsubscribe", "sunsubscribe"}
+
+
+class PubSub:
+    """redis-py's PubSub on one lease.  The first (p|s)subscribe leases a
+    connection of the client's pool; it stays leased, subscribed, until
+    close() (or the end of a ``with`` block), which releases it: the broker
+    unsubscribes it (RESET) before anyone else gets it.
+
+    Messages are dicts as redis-py gives them: {"type": "message" |
+    "pmessage" | "smessage" | "subscribe" | ..., "pattern": pattern or None,
+    "channel": ..., "data": payload or subscription count}.  Handlers
+    (``subscribe(ch=func)``) and ``run_in_thread`` are not supported."""
+
+    _SLICE_MS = 100                 # longest single wait, so Ctrl-C is seen
+
+    def __init__(self, client, ignore_subscribe_messages=False):
+        self.client = client
+        self.ignore_subscribe_messages = bool(ignore_subscribe_messages)
+        self._lease = None
+        self._pending = []          # subscription confirmations not yet returned
+        self.channels = set()
+        self.patterns = set()
+        self.shard_channels = set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - nothing to report to at interpreter exit
+            pass
+
+    @property
+    def subscribed(self):
+        """True while any channel, pattern or shard channel is subscribed."""
+        return bool(self.channels or self.patterns or self.shard_channels)
+
+    def close(self):
+        """Release the lease (the broker unsubscribes the connection)."""
+        lease, self._lease = self._lease, None
+        self._pending = []
+        self.channels, self.patterns, self.shard_channels = set(), set(), set()
+        if lease is not None and not lease.released:
+            lease.release()
+
+    reset = close
+
+    def _command(self, name, names):
+        if not names:
+            if name.startswith(("un", "pun", "sun")):
+                # The broker refuses a bare UNSUBSCRIBE (docs/protocol.md):
+                # name what is subscribed.
+                names = list({"unsubscribe": self.channels, "punsubscribe": self.patterns,
+                              "sunsubscribe": self.shard_channels}[name])
+                if not names:
+                    return
+            else:
+                raise DataError(f"{name} needs at least one channel or pattern")
+        c = self.client
+        try:
+            if self._lease is None:
+                self._lease = _common.client_for(c.socket).acquire(c.pool, c.acquire_timeout_ms)
+            args = [name.upper()] + [_encode(n) for n in names]
+            replies = self._lease.redis_exec(args, len(names), c.decode_responses, _make_error)
+        except _common.LibError as e:
+            raise _lib_error(e) from None
+        for r in replies:
+            if isinstance(r, Exception):
+                raise r
+            self._track(r)
+            self._pending.append(self._message(r))
+
+    def _track(self, r):
+        kind, name = _str(r[0]).lower(), r[1]
+        sets = {"subscribe": self.channels, "unsubscribe": self.channels, "psubscribe": self.patterns,
+                "punsubscribe": self.patterns, "ssubscribe": self.shard_channels,
+                "sunsubscribe": self.shard_channels}
+        if kind in sets:
+            (sets[kind].add if not kind.startswith(("un", "pun", "sun")) else sets[kind].discard)(name)
+
+    @staticmethod
+    def _message(r):
+        kind = _str(r[0])
+        if kind.lower() == "pmessage":
+            return {"type": kind, "pattern": r[1], "channel": r[2], "data": r[3]}
+        return {"type": kind, "pattern": None, "channel": r[1], "data": r[2]}
+
+    def subscribe(self, *channels):
+        self._command("subscribe", _flatten(channels))
+
+    def psubscribe(self, *patterns):
+        self._command("psubscribe", _flatten(patterns))
+
+    def ssubscribe(self, *channels):
+        self._command("ssubscribe", _flatten(channels))
+
+    def unsubscribe(self, *channels):
+        self._command("unsubscribe", _flatten(channels))
+
+    def punsubscribe(self, *patterns):
+        self._command("punsubscribe", _flatten(patterns))
+
+    def sunsubscribe(self, *channels):
+        self._command("sunsubscribe", _flatten(channels))
+
+    def get_message(self, ignore_subscribe_messages=False, timeout=0.0):
+        """The next message, or None if none came within timeout seconds
+        (0: do not wait; None: wait for ever).  Subscription confirmations
+        come first, unless ignored (here or in pubsub())."""
+        ignore = ignore_subscribe_messages or self.ignore_subscribe_messages
+        while self._pending:
+            m = self._pending.pop(0)
+            if not (ignore and _str(m["type"]).lower() in _SUBSCRIBE):
+                return m
+        if self._lease is None or not self.subscribed:
+            return None
+        deadline = None if timeout is None else _time.monotonic() + max(0.0, float(timeout))
+        while True:
+            left = self._SLICE_MS if deadline is None else int(max(0.0, deadline - _time.monotonic()) * 1000)
+            try:
+                r = self._lease.redis_get_message(min(left, self._SLICE_MS), self.client.decode_responses,
+                                                  _make_error)
+            except _common.LibError as e:
+                raise _lib_error(e) from None
+            if r is not None:
+                return self._message(r)
+            if deadline is not None and _time.monotonic() >= deadline:
+                return None
+
+    def listen(self):
+        """Yield messages for as long as something is subscribed."""
+        while self.subscribed or self._pending:
+            m = self.get_message(timeout=None if not self._pending else 0)
+            if m is not None:
+                yield m
+
+
+def _flatten(args):
+    out = []
+    for a in args:
+        out.extend(a if isinstance(a, (list, tuple, set)) else [a])
+    return out

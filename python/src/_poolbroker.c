@@ -1116,6 +1116,84 @@ static PyObject *Lease_redis_poll(LeaseObject *self, PyObject *args)
     return v ? Py_BuildValue("(ON)", Py_True, v) : NULL;
 }
 
+/* redis_exec(args, nreplies, decode, err_cls) -> [reply, ...]: one command
+ * that answers nreplies times ((P|S)(UN)SUBSCRIBE: once per channel).
+ * Pub/Sub messages that arrive meanwhile stay queued on the lease. */
+static PyObject *Lease_redis_exec(LeaseObject *self, PyObject *args)
+{
+    PyObject *cmd, *err_cls;
+    int decode;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "OnpO:redis_exec", &cmd, &n, &decode, &err_cls) || lease_check(self) < 0)
+        return NULL;
+    if (n < 1 || n > 1024 * 1024)
+        return raise_lib(PB_EINVAL, "run a Redis command (replies out of range)");
+    rargs a;
+    if (rargs_fill(&a, cmd) < 0) {
+        rargs_free(&a);
+        return NULL;
+    }
+    redisReply **reps = PyMem_Calloc((size_t)n, sizeof *reps);
+    if (!reps) {
+        rargs_free(&a);
+        return PyErr_NoMemory();
+    }
+    PyThread_type_lock lock = client_lock(self->client);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    PyThread_acquire_lock(lock, WAIT_LOCK);
+    rc = pb_redis_append_command_argv(self->l, a.argc, a.argv, a.lens);
+    for (Py_ssize_t i = 0; i < n && rc == PB_OK; i++)
+        rc = pb_redis_get_reply(self->l, &reps[i]);
+    PyThread_release_lock(lock);
+    Py_END_ALLOW_THREADS
+    PyObject *out = NULL;
+    if (rc != PB_OK)
+        raise_lib(rc, "run a Redis command");
+    else if ((out = PyList_New(n)))
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *v = reply_to_py(reps[i], decode, err_cls);
+            if (!v) {
+                Py_CLEAR(out);
+                break;
+            }
+            PyList_SET_ITEM(out, i, v);
+        }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (reps[i])
+            freeReplyObject(reps[i]);
+    PyMem_Free(reps);
+    rargs_free(&a);
+    return out;
+}
+
+/* redis_get_message(timeout_ms, decode, err_cls) -> list or None:
+ * pb_redis_get_message; None when none came within timeout_ms (keep it
+ * short and loop: the GIL is released, but Ctrl-C is seen between calls).
+ * Raises LibError (PB_EINVAL: nothing subscribed; PB_EBUSY: replies owed). */
+static PyObject *Lease_redis_get_message(LeaseObject *self, PyObject *args)
+{
+    PyObject *err_cls;
+    int decode, timeout_ms;
+    if (!PyArg_ParseTuple(args, "ipO:redis_get_message", &timeout_ms, &decode, &err_cls) || lease_check(self) < 0)
+        return NULL;
+    PyThread_type_lock lock = client_lock(self->client);
+    redisReply *rep = NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    PyThread_acquire_lock(lock, WAIT_LOCK);
+    rc = pb_redis_get_message(self->l, timeout_ms, &rep);
+    PyThread_release_lock(lock);
+    Py_END_ALLOW_THREADS
+    if (rc == PB_ETIMEDOUT)
+        Py_RETURN_NONE;
+    if (rc != PB_OK)
+        return raise_lib(rc, "wait for a Redis Pub/Sub message");
+    PyObject *v = reply_to_py(rep, decode, err_cls);
+    freeReplyObject(rep);
+    return v;
+}
+
 /* ------------------------------------------------------------------- stats */
 
 /* stats_json(shm_name, pool=None) -> str: the segment as shmstat --json
@@ -1212,6 +1290,10 @@ static PyMethodDef Lease_methods[] = {
       "redis_send(args): pb_redis_send_argv (non-blocking)" },
     { "redis_poll", (PyCFunction)Lease_redis_poll, METH_VARARGS,
       "redis_poll(decode, err_cls) -> (ready, reply)\n\npb_redis_poll_reply: (False, None) not yet (armed)." },
+    { "redis_exec", (PyCFunction)Lease_redis_exec, METH_VARARGS,
+      "redis_exec(args, nreplies, decode, err_cls) -> [reply, ...]: a command answered nreplies times" },
+    { "redis_get_message", (PyCFunction)Lease_redis_get_message, METH_VARARGS,
+      "redis_get_message(timeout_ms, decode, err_cls) -> message or None: pb_redis_get_message" },
     { NULL, NULL, 0, NULL },
 };
 

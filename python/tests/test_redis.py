@@ -130,3 +130,66 @@ def test_no_lease_held_between_commands(env, r):
         p.incr("c")
     assert p.execute()[-1] == 100
     assert env.leased("cache") == 0
+
+
+def pubsub_script(client, publisher):
+    """Subscribe, publish, read: the messages a PubSub gives, in order."""
+    out = []
+    ps = client.pubsub()
+    ps.subscribe("pbchan", "other")
+    ps.psubscribe("pb*")
+    for _ in range(3):
+        out.append(ps.get_message(timeout=5))
+    out.append(ps.get_message(timeout=0))                 # nothing yet
+    publisher.publish("pbchan", "hello")
+    publisher.publish("other", "ünï\x00code")
+    for _ in range(3):
+        out.append(ps.get_message(timeout=5))
+    ps.unsubscribe("other")
+    out.append(ps.get_message(timeout=5))
+    publisher.publish("other", "unheard")
+    publisher.publish("pbchan", "last")
+    out.append(ps.get_message(ignore_subscribe_messages=True, timeout=5))
+    out.append(ps.get_message(timeout=5))
+    ps.close()
+    return out
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_pubsub_like_redis_py(env, decode):
+    ref = redispy.Redis(host="127.0.0.1", port=env.redis_port, db=1, decode_responses=decode)
+    mine = poolbroker.Redis(pool="cache", socket=env.socket, decode_responses=decode)
+    want = pubsub_script(ref, ref)
+    got = pubsub_script(mine, mine)
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert same(g, w), f"message #{i}: poolbroker gave {g!r}, redis-py gave {w!r}"
+    assert got[4]["type"] == "message" and got[4]["data"] in (b"hello", "hello")
+    ref.close()
+
+
+def test_pubsub_holds_one_lease_until_close(env, r):
+    ps = r.pubsub(ignore_subscribe_messages=True)
+    assert ps.get_message() is None                        # nothing subscribed, nothing leased
+    assert env.leased("cache") == 0
+    ps.subscribe("held")
+    assert env.leased("cache") == 1
+    assert ps.get_message(timeout=0.2) is None             # only the confirmation, ignored
+    r.publish("held", "x")
+    m = ps.get_message(timeout=5)
+    assert m["channel"] == b"held" and m["data"] == b"x"
+    ps.close()
+    assert env.leased("cache") == 0
+    # The connection came back unsubscribed: nobody hears the channel.
+    assert r.execute_command("PUBSUB", "NUMSUB", "held") == [b"held", 0]
+    with r.pubsub() as ps2:
+        ps2.subscribe("loop")
+        r.publish("loop", "1")
+        r.publish("loop", "2")
+        seen = []
+        for m in ps2.listen():
+            seen.append(m["data"])
+            if len(seen) == 3:
+                break
+        assert seen == [1, b"1", b"2"]
+    assert env.leased("cache") == 0
