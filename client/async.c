@@ -846,45 +846,19 @@ static int redis_consume(pb_lease *l)
 {
     if (l->rheld)
         return 0;
-    if (!l->rreader && !(l->rreader = redisReaderCreate()))
-        return PB_ENOMEM;
     int rc = redis_flush(l);
     if (rc != PB_OK) {
         l->desync = 1;
         return rc;
     }
-    for (;;) {
-        void *rep = NULL;
-        if (redisReaderGetReply(l->rreader, &rep) != REDIS_OK) {
-            l->desync = 1;
-            return PB_EPROTO;
-        }
-        if (rep) {
-            int m = pbi_redis_sort(l, rep);
-            if (m < 0)
-                return m;
-            if (m)
-                continue;           /* a Pub/Sub message, kept for pb_redis_get_message */
-            l->rheld = rep;
-            return 0;
-        }
-        if (l->pending == 0)
-            return l->rqueued ? 1 : 0;
-        const uint8_t *p;
-        size_t n = 0;
-        if ((rc = pbi_reply_peek(l, &p, &n)) != PB_OK) {
-            l->desync = 1;
-            atomic_fetch_add_explicit(&l->c->pools[l->pool].errors, 1, memory_order_relaxed);
-            return rc;
-        }
-        if (n == 0)
-            return 1;
-        if (redisReaderFeed(l->rreader, (const char *)p, n) != REDIS_OK) {
-            l->desync = 1;
-            return PB_ENOMEM;
-        }
-        pbi_reply_consume(l, n);
+    redisReply *rep;
+    if ((rc = pbi_redis_next(l, 0, &rep)) != PB_OK)
+        return rc;
+    if (rep) {
+        l->rheld = rep;
+        return 0;
     }
+    return l->pending == 0 && !l->rqueued ? 0 : 1;
 }
 
 static int consume(pb_lease *l)

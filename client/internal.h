@@ -129,6 +129,12 @@ void pbi_reply_consume(pb_lease *l, size_t n);
  * the caller returns it), by the broker's rule (broker/redis.c, Pub/Sub);
  * PB_ENOMEM (rep freed).  Free the queue with pbi_redis_free_messages. */
 int pbi_redis_sort(pb_lease *l, void *rep);
+/* The next reply from what the reader holds and the ring has, Pub/Sub
+ * messages set aside: PB_OK with *out the reply (the caller's), or *out
+ * NULL when none is complete: at once without wait, or with wait only when
+ * none is owed (l->pending 0).  Errors (PB_EPROTO, PB_ENOMEM, the ring's as
+ * pbi_reply_wait) mark the lease out of step. */
+int pbi_redis_next(pb_lease *l, int wait, struct redisReply **out);
 void pbi_redis_free_messages(pb_lease *l);
 void pbi_set_preview(pb_lease *l, const char *text, size_t len);
 uint64_t pbi_now_us(void);

@@ -204,15 +204,21 @@ static int flush_queue(pb_lease *l)
     return rc;
 }
 
-PB_API int pb_redis_get_reply(pb_lease *l, redisReply **out)
+/* The start of a call that answers a reply in *out: *out NULL, the lease
+ * usable for Redis, out not NULL. */
+static int reply_call(pb_lease *l, redisReply **out)
 {
     if (out)
         *out = NULL;
     int rc = redis_lease(l);
+    return rc != PB_OK ? rc : out ? PB_OK : PB_EINVAL;
+}
+
+PB_API int pb_redis_get_reply(pb_lease *l, redisReply **out)
+{
+    int rc = reply_call(l, out);
     if (rc != PB_OK)
         return rc;
-    if (!out)
-        return PB_EINVAL;
     if (l->rheld) {                 /* parsed by pb_is_busy (async.c) */
         *out = l->rheld;
         l->rheld = NULL;
@@ -220,11 +226,24 @@ PB_API int pb_redis_get_reply(pb_lease *l, redisReply **out)
             l->pending--;
         return PB_OK;
     }
-    if (!l->rreader && !(l->rreader = redisReaderCreate()))
-        return PB_ENOMEM;
     if (l->rqueued && (rc = flush_queue(l)) != PB_OK)
         return rc;
     uint64_t t0 = pbi_now_us();
+    if ((rc = pbi_redis_next(l, 1, out)) != PB_OK)
+        return rc;
+    if (!*out)
+        return PB_EINVAL;           /* nothing was asked */
+    if (l->pending)
+        l->pending--;
+    pb_shm_hist_add(&l->c->pools[l->pool].command_latency, pbi_now_us() - t0);
+    return PB_OK;
+}
+
+int pbi_redis_next(pb_lease *l, int wait, redisReply **out)
+{
+    *out = NULL;
+    if (!l->rreader && !(l->rreader = redisReaderCreate()))
+        return PB_ENOMEM;
     for (;;) {
         void *rep = NULL;
         if (redisReaderGetReply(l->rreader, &rep) != REDIS_OK) {
@@ -237,21 +256,21 @@ PB_API int pb_redis_get_reply(pb_lease *l, redisReply **out)
                 return m;
             if (m)
                 continue;           /* a Pub/Sub message, kept for pb_redis_get_message */
-            if (l->pending)
-                l->pending--;
             *out = rep;
-            pb_shm_hist_add(&l->c->pools[l->pool].command_latency, pbi_now_us() - t0);
             return PB_OK;
         }
-        if (l->pending == 0)
-            return PB_EINVAL;       /* nothing was asked */
+        if (wait && l->pending == 0)
+            return PB_OK;           /* none owed: do not wait for one */
         const uint8_t *p;
-        size_t n;
-        if ((rc = pbi_reply_wait(l, &p, &n)) != PB_OK) {
+        size_t n = 0;
+        int rc = wait ? pbi_reply_wait(l, &p, &n) : pbi_reply_peek(l, &p, &n);
+        if (rc != PB_OK) {
             l->desync = 1;
             atomic_fetch_add_explicit(&l->c->pools[l->pool].errors, 1, memory_order_relaxed);
             return rc;
         }
+        if (n == 0)
+            return PB_OK;
         if (redisReaderFeed(l->rreader, (const char *)p, n) != REDIS_OK) {
             l->desync = 1;
             return PB_ENOMEM;
@@ -364,49 +383,21 @@ static redisReply *take_message(pb_lease *l)
  * reply here would be one nobody asked for: PB_EPROTO. */
 static int read_messages(pb_lease *l)
 {
-    if (!l->rreader && !(l->rreader = redisReaderCreate()))
-        return PB_ENOMEM;
-    for (;;) {
-        void *rep = NULL;
-        if (redisReaderGetReply(l->rreader, &rep) != REDIS_OK) {
-            l->desync = 1;
-            return PB_EPROTO;
-        }
-        if (rep) {
-            int m = pbi_redis_sort(l, rep);
-            if (m < 0)
-                return m;
-            if (m == 0) {
-                freeReplyObject(rep);
-                l->desync = 1;
-                return PB_EPROTO;
-            }
-            continue;
-        }
-        const uint8_t *p;
-        size_t n = 0;
-        int rc = pbi_reply_peek(l, &p, &n);
-        if (rc != PB_OK)
-            return rc;
-        if (n == 0)
-            return PB_OK;
-        if (redisReaderFeed(l->rreader, (const char *)p, n) != REDIS_OK) {
-            l->desync = 1;
-            return PB_ENOMEM;
-        }
-        pbi_reply_consume(l, n);
+    redisReply *rep;
+    int rc = pbi_redis_next(l, 0, &rep);
+    if (rc == PB_OK && rep) {
+        freeReplyObject(rep);
+        l->desync = 1;
+        return PB_EPROTO;
     }
+    return rc;
 }
 
 PB_API int pb_redis_get_message(pb_lease *l, int timeout_ms, redisReply **out)
 {
-    if (out)
-        *out = NULL;
-    int rc = redis_lease(l);
+    int rc = reply_call(l, out);
     if (rc != PB_OK)
         return rc;
-    if (!out)
-        return PB_EINVAL;
     if ((*out = take_message(l)))
         return PB_OK;
     if (l->pending || l->rqueued || l->rheld)
@@ -414,6 +405,7 @@ PB_API int pb_redis_get_message(pb_lease *l, int timeout_ms, redisReply **out)
     if (!l->rnsub && !l->rnssub)
         return PB_EINVAL;           /* nothing subscribed: nothing will come */
     uint64_t deadline = timeout_ms < 0 ? 0 : pbi_now_us() * 1000 + (uint64_t)timeout_ms * 1000000ull;
+    int last_look = timeout_ms == 0;
     for (;;) {
         uint32_t seen = atomic_load(&l->s->rep_futex);
         if ((rc = read_messages(l)) != PB_OK)
@@ -423,18 +415,14 @@ PB_API int pb_redis_get_message(pb_lease *l, int timeout_ms, redisReply **out)
         /* Ask the broker to read the socket although no reply is due. */
         if ((rc = pbi_push_watch(l)) != PB_OK)
             return rc;
-        if (timeout_ms == 0)
+        if (last_look)
             return PB_ETIMEDOUT;
         if ((rc = pbi_lease_check(l)) != PB_OK)
             return rc;
         rc = pbi_wait(l, seen, deadline);
-        if (rc == PB_ETIMEDOUT) {
-            if ((rc = read_messages(l)) != PB_OK)
-                return rc;
-            *out = take_message(l);
-            return *out ? PB_OK : PB_ETIMEDOUT;
-        }
-        if (rc != PB_OK)
+        if (rc == PB_ETIMEDOUT)
+            last_look = 1;          /* what came with the deadline still counts */
+        else if (rc != PB_OK)
             return rc;
     }
 }

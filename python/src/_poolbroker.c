@@ -969,6 +969,21 @@ static PyObject *reply_to_py(const redisReply *r, int decode, PyObject *err_cls)
     }
 }
 
+/* A list of the n replies reps[0..n) as reply_to_py gives them, or NULL
+ * with the exception set.  The replies stay the caller's. */
+static PyObject *replies_to_list(redisReply **reps, Py_ssize_t n, int decode, PyObject *err_cls)
+{
+    PyObject *out = PyList_New(n);
+    for (Py_ssize_t i = 0; out && i < n; i++) {
+        PyObject *v = reply_to_py(reps[i], decode, err_cls);
+        if (!v)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, i, v);
+    }
+    return out;
+}
+
 /* redis_pipeline(commands, decode, err_cls) -> list of replies: appends every
  * command (a sequence of str/bytes) and reads the replies in order. */
 static PyObject *lease_redis_pipeline(LeaseObject *self, PyObject *cmds, int decode, PyObject *err_cls)
@@ -997,20 +1012,10 @@ static PyObject *lease_redis_pipeline(LeaseObject *self, PyObject *cmds, int dec
         rc = pb_redis_get_reply(self->l, &reps[i]);
     PyThread_release_lock(lock);
     Py_END_ALLOW_THREADS
-    if (rc != PB_OK) {
+    if (rc != PB_OK)
         raise_lib(rc, "run Redis commands");
-        goto done;
-    }
-    if (!(out = PyList_New(n)))
-        goto done;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *v = reply_to_py(reps[i], decode, err_cls);
-        if (!v) {
-            Py_CLEAR(out);
-            break;
-        }
-        PyList_SET_ITEM(out, i, v);
-    }
+    else
+        out = replies_to_list(reps, n, decode, err_cls);
 done:
     for (Py_ssize_t i = 0; i < n; i++) {
         if (as)
@@ -1147,18 +1152,7 @@ static PyObject *Lease_redis_exec(LeaseObject *self, PyObject *args)
         rc = pb_redis_get_reply(self->l, &reps[i]);
     PyThread_release_lock(lock);
     Py_END_ALLOW_THREADS
-    PyObject *out = NULL;
-    if (rc != PB_OK)
-        raise_lib(rc, "run a Redis command");
-    else if ((out = PyList_New(n)))
-        for (Py_ssize_t i = 0; i < n; i++) {
-            PyObject *v = reply_to_py(reps[i], decode, err_cls);
-            if (!v) {
-                Py_CLEAR(out);
-                break;
-            }
-            PyList_SET_ITEM(out, i, v);
-        }
+    PyObject *out = rc == PB_OK ? replies_to_list(reps, n, decode, err_cls) : raise_lib(rc, "run a Redis command");
     for (Py_ssize_t i = 0; i < n; i++)
         if (reps[i])
             freeReplyObject(reps[i]);
