@@ -236,6 +236,7 @@ static int setup(void **state)
     snprintf(cp.name, sizeof cp.name, "t");
     cp.type = PB_POOL_POSTGRES;
     cp.max_size = NSLOTS;
+    cp.slots = NSLOTS;              /* the fake segment's slots, no headroom (conf_pool_slots) */
     cp.reset_policy = PB_RESET_ROLLBACK;
     B.pools = calloc(1, sizeof *B.pools);
     B.slots = calloc(NSLOTS, sizeof *B.slots);
