@@ -229,6 +229,13 @@ fuzz-smoke: fuzz-build
 fuzz-regress: fuzz-build
 	@bash tests/fuzz/run-fuzz --regress $(FUZZ_BUILD) $(FUZZ_TARGETS)
 
+# test_rogue over ROGUE_SEEDS seeds (default 50) on both io backends, outside
+# `make test` (root only; about 15 s a run; docs/testing.md).
+ROGUE_SEEDS ?= 50
+.PHONY: rogue-seeds
+rogue-seeds: all $(BUILD)/tests/test_rogue
+	@bash tools/rogue-seeds $(BUILD) $(ROGUE_SEEDS)
+
 deps:
 	@bash tools/install-deps
 
