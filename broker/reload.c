@@ -117,8 +117,9 @@ static const char *needs_restart(broker *b, conf *nc, char *why, size_t n)
 static void retire_all(pool *p, const char *why)
 {
     p->settings_gen++;              /* handshakes in flight are closed when they finish */
-    for (uint32_t k = 0; k < p->nconns; k++) {
-        conn *c = &p->conns[k];
+    conn *backs = POOL_BACKENDS(p);
+    for (uint32_t k = 0; k < POOL_NBACKENDS(p); k++) {
+        conn *c = &backs[k];
         if (PH_UP(c->phase)) {
             c->retire_at_ms = B.now_ms;     /* closed when next free */
             atomic_fetch_or(&c->slot->flags, PB_SF_RETIRE);
