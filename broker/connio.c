@@ -180,9 +180,12 @@ void conn_submit(conn *c, uint64_t lease_word, uint32_t seq)
     /* What we now owe, before the ack: a holder that sees the ack sees it. */
     atomic_store(&c->slot->rep_owed, c->expect);
     c->acked_seq = seq;
-    atomic_store_explicit(&c->slot->req_ack, seq, memory_order_release);
-    /* The holder may be waiting for its request buffer (pipelining, COPY). */
-    pb_futex_wake(&c->slot->rep_futex, &c->slot->rep_sleeping);
+    atomic_store(&c->slot->req_ack, seq);
+    /* Only a holder waiting for its request buffer (pipelining, COPY) is
+     * woken by the ack; one asleep for its reply is woken by the reply (a
+     * wake here would cost it a second context switch per query). */
+    if (atomic_load(&c->slot->req_waiting))
+        pb_futex_wake(&c->slot->rep_futex, &c->slot->rep_sleeping);
     c->cmd_word = lease_word;
     c->to_sink = 0;
     conn_send_private(c);

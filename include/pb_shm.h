@@ -266,7 +266,9 @@ typedef struct pb_shm_slot {
     _Atomic uint64_t reply_done;    /* broker: complete replies (RFQ / RESP) received */
     _Atomic uint32_t rep_owed;      /* broker: replies it still expects for the holder's commands
                                        (stored before req_ack, after rep_head/reply_done) */
-    _Atomic uint32_t pad3;
+    _Atomic uint32_t req_waiting;   /* client: 1 while it waits for req_ack (its request buffer
+                                       busy): only then does the broker's ack wake it, so a
+                                       holder asleep for its reply is woken once, by the reply */
     _Atomic uint64_t idle_ms;       /* CLOCK_MONOTONIC(_COARSE) ms when last freed: broker, or
                                        the client that released it straight to the free map */
     /* -- lease holder-written (the first two stamped by the granter) -- */
