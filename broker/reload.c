@@ -80,6 +80,13 @@ static const char *needs_restart(broker *b, conf *nc, char *why, size_t n)
             snprintf(why, n, "pool %s: type cannot change without a restart", np->name);
             return why;
         }
+        if (p->cf->pool_mode != np->pool_mode) {
+            /* The pool's slots are connections in one mode and lease
+             * handles in the other: the segment's layout differs. */
+            snprintf(why, n, "pool %s: pool_mode cannot change without a restart (its slots are %s)", np->name,
+                     p->cf->pool_mode == PB_MODE_TRANSACTION ? "lease handles" : "connections");
+            return why;
+        }
         if (p->cf->request_buffer != np->request_buffer || p->cf->reply_buffer != np->reply_buffer) {
             snprintf(why, n, "pool %s: request_buffer and reply_buffer cannot change without a restart",
                      np->name);
