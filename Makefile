@@ -49,6 +49,9 @@ INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops \
                test_async test_republish test_limits test_shrink test_not_ready test_redis_session test_txn
 # Script-level tests of the tools (tests/*.sh), run once (not per io backend).
 SCRIPT_TESTS := test_tools
+# Integration files run once more with every pool in transaction mode
+# (PB_POOL_MODE=transaction; the cases whose semantics differ skip there).
+TXN_TESTS := test_pg test_redis test_reclaim
 TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%) $(BUILD)/tests/noring \
              $(SCRIPT_TESTS:%=$(BUILD)/tests/%) $(BUILD)/tests/shmstat_fixture
 
@@ -238,7 +241,7 @@ deps:
 test: deps all $(TEST_BINS) $(if $(SANITIZE),,python)
 	@/usr/bin/python3 tools/check-docs $(BUILD)
 	@$(MAKE) --no-print-directory fuzz-regress fuzz-smoke
-	@PB_PYTEST=1 PB_SANITIZE=$(SANITIZE) bash tests/run-tests $(BUILD) $(UNIT_TESTS) -- $(INTEG_TESTS) -- $(SCRIPT_TESTS)
+	@PB_PYTEST=1 PB_SANITIZE=$(SANITIZE) bash tests/run-tests $(BUILD) $(UNIT_TESTS) -- $(INTEG_TESTS) -- $(SCRIPT_TESTS) -- $(TXN_TESTS)
 
 # Config keys, exported symbols and error codes are documented; no document
 # links a missing file (tools/check-docs says what it checks).
