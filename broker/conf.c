@@ -811,7 +811,9 @@ static int set_conninfo(parser *p, void *obj, const keydef *k, char *val)
             char one[16];
             uint64_t pv;
             if (n > 0) {
-                snprintf(one, sizeof one, "%.*s", (int)(n < 15 ? n : 15), s);
+                size_t k1 = n < sizeof one - 1 ? n : sizeof one - 1;
+                memcpy(one, s, k1);         /* not snprintf "%.*s": GCC's sanitizer build calls s null */
+                one[k1] = 0;
                 /* A port that is not digits is shown as such, never echoed:
                  * in a URI without '@' (postgresql://user:secret), libpq
                  * reads the password as host:port. */
