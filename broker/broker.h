@@ -120,6 +120,11 @@ typedef struct conn {
      * report it.  Nonzero pins a transaction-mode lease to this connection;
      * build_reset undoes exactly these and clears them. */
     uint32_t sstate;
+    /* Not a phase: the last request ended mid-way through an extended-query
+     * exchange (Parse/Bind/Execute with no Sync yet: a pipeline sent in
+     * pieces), so the backend holds state the next piece needs.  Set by the
+     * driver's frame_request; pins a transaction-mode lease like sstate. */
+    uint8_t partial;
     /* Not a phase: a property of the connection in any connected phase (a
      * leased one stays leased until its holder has read io_error). */
     int broken;              /* I/O failed: close as soon as nobody holds it */

@@ -116,6 +116,8 @@ int conn_set_phase(conn *c, enum conn_phase to)
         c->broken = 0;
         conn_expect_clear(c);
         c->txn = 'I';
+        c->sstate = 0;
+        c->partial = 0;
         c->submit_deferred = c->watch = 0;
         c->to_sink = 0;
         c->error[0] = 0;

@@ -56,6 +56,7 @@ static void start_private(conn *c, enum conn_phase ph, int n)
     c->cmd_start_ms = B.now_ms;
     c->cancel_sent = 0;
     c->reply_errors = 0;
+    c->partial = 0;                 /* our Query ends whatever exchange the lease left open */
     conn_expect_add(c, (uint32_t)n);
     conn_send_private(c);
 }

@@ -247,7 +247,7 @@ void txn_submit(conn *h, uint64_t lease_word, uint32_t seq)
 static int pinned(const conn *b)
 {
     uint32_t cf = atomic_load(&b->slot->client_flags);
-    return b->txn != 'I' || b->sstate || (cf & (PB_CF_PIN | PB_CF_DIRTY)) || b->watch ||
+    return b->txn != 'I' || b->sstate || b->partial || (cf & (PB_CF_PIN | PB_CF_DIRTY)) || b->watch ||
            (atomic_load(&b->slot->flags) & PB_SF_RESET);
 }
 
