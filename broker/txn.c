@@ -238,6 +238,12 @@ void txn_submit(conn *h, uint64_t lease_word, uint32_t seq)
         conn_submit(b, lease_word, seq);
         return;
     }
+    if (p->cf->acquire_timeout_ms == 0) {
+        /* No waiting at all, as for an acquire with this setting. */
+        atomic_fetch_add_explicit(&p->shm->timeouts, 1, memory_order_relaxed);
+        conn_fail_submit(h, PB_ETIMEDOUT, seq);
+        return;
+    }
     tq_push(p, h);
     atomic_fetch_add_explicit(&p->shm->waits, 1, memory_order_relaxed);
     pool_maybe_grow(p);
