@@ -43,6 +43,7 @@ typedef struct conf_pool {
     uint32_t idle_timeout_s;        /* default 300; 0 = never */
     uint64_t max_uses;              /* default 0 = unlimited */
     uint32_t validate_after_idle_ms;/* default 30000; 0 = never */
+    int pool_mode;                  /* PB_MODE_*; key pool_mode: session (default) | transaction */
     int reset_policy;               /* PB_RESET_*; key reset: rollback | discard_all | <SQL> */
     char *reset_sql;                /* the custom SQL when PB_RESET_CUSTOM */
     uint32_t leak_threshold_ms;     /* default 10000; 0 = off */
@@ -87,25 +88,31 @@ void conf_free(conf *c);
 /* The pool named name, or NULL. */
 conf_pool *conf_find_pool(conf *c, const char *name);
 
-/* Without `slots`, a pool gets room for a reload to raise max_size to 4
- * times what it started with, and to 64 at least (at most 4096).  The room
- * is address space more than memory: a slot's request buffer and reply ring
- * are pages of the segment that /dev/shm allocates only once a connection
- * in that slot has used them, and the broker and the library never touch
- * an empty slot's buffers.  What is paid at once is the slot's entry in the
- * slot table (448 bytes) and the broker's record for it. */
+/* Without `slots`, a pool reserves room: in session mode (a slot is a
+ * connection) for a reload to raise max_size to 4 times what it started
+ * with, and to 64 at least; in transaction mode (a slot is a lease handle)
+ * 8 handles per connection, at least 64.  At most 4096 either way.  The
+ * room is address space more than memory: a slot's request buffer and reply
+ * ring are pages of the segment that /dev/shm allocates only once they are
+ * used, and the broker and the library never touch an unused slot's
+ * buffers.  What is paid at once is the slot's entry in the slot table (448
+ * bytes) and the broker's record for it. */
 #define CONF_SLOTS_HEADROOM     4u
 #define CONF_SLOTS_MIN_DEFAULT  64u
+#define TXN_HANDLES_PER_CONN    8u
+#define TXN_MIN_HANDLES         64u
 
-/* How many slots the pool gets when the segment is made: `slots`, else the
- * default headroom above.  Never less than max_size. */
+/* How many slots the pool gets when the segment is made: connections in
+ * session mode, lease handles in transaction mode; `slots`, else the room
+ * above.  Never less than max_size. */
 static inline uint32_t conf_pool_slots(const conf_pool *cp)
 {
     if (cp->slots)
         return cp->slots > cp->max_size ? cp->slots : cp->max_size;
-    uint64_t n = (uint64_t)cp->max_size * CONF_SLOTS_HEADROOM;
-    if (n < CONF_SLOTS_MIN_DEFAULT)
-        n = CONF_SLOTS_MIN_DEFAULT;
+    int txn = cp->pool_mode == PB_MODE_TRANSACTION;
+    uint64_t n = (uint64_t)cp->max_size * (txn ? TXN_HANDLES_PER_CONN : CONF_SLOTS_HEADROOM);
+    if (n < (txn ? TXN_MIN_HANDLES : CONF_SLOTS_MIN_DEFAULT))
+        n = txn ? TXN_MIN_HANDLES : CONF_SLOTS_MIN_DEFAULT;
     if (n > PB_MAX_POOL_SLOTS)
         n = PB_MAX_POOL_SLOTS;
     return n > cp->max_size ? (uint32_t)n : cp->max_size;
