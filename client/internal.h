@@ -136,7 +136,6 @@ uint64_t pbi_coarse_ms(void);
  * a negative code); mark the slot dirty for session-changing SQL. */
 int pbi_pg_flush(pb_lease *l);
 int pbi_pg_pump(pb_lease *l);
-void pbi_pg_note_session(pb_lease *l, const char *sql);
 
 /* async.c: the client's non-blocking state, freed by pb_disconnect; whether
  * a non-blocking acquire is queued with the broker (the one wait word is

@@ -18,11 +18,16 @@
  *                   with sane lengths tiling it, and then *nreplies is the
  *                   number of 'Q' and 'S' messages; never PB_OK for a
  *                   buffer holding Terminate, a startup packet, a password
- *                   or function-call message; deterministic.
+ *                   or function-call message; deterministic; the request
+ *                   unchanged unless it holds a Parse of a library-named
+ *                   statement whose name matches its text (pb_shm.h), which
+ *                   random bytes do not.
  *   scan_reply      fed whole, fed in two pieces at the split point, and fed
  *                   one byte at a time: same status, same ReadyForQuery
- *                   count and the same sequence of transaction-status bytes
- *                   (the resumption state in the driver's must be exact);
+ *                   count, the same sequence of transaction-status bytes
+ *                   and the same session state read from the
+ *                   CommandComplete tags and ParameterStatus messages (the
+ *                   resumption state in the driver's must be exact);
  *                   and the count matches an independent reference scanner.
  *                   The scanner is driven as broker/connio.c drives it: one
  *                   complete reply per call (DRV_OK), the rest fed again.
@@ -30,7 +35,8 @@
  * The real driver is linked (broker/pg.c, broker/cancel.c, broker/log.c):
  * it calls nothing of the pool, so nothing is stubbed.  conn->drv is the
  * driver's private state; zeroed memory of ample size stands in for it
- * (pg.c's pgconn is well under DRV_BYTES).
+ * (pg.c's pgconn is well under DRV_BYTES), freed by pg_driver.close (which
+ * frees what the driver allocated in it).
  */
 #include <assert.h>
 #include <stdint.h>
@@ -48,7 +54,6 @@ static struct {
     uint64_t txn_hash;      /* order-sensitive hash of the status bytes */
 } G;
 
-static _Alignas(16) uint8_t drv_mem[DRV_BYTES];
 
 /* Feed p[0..n) to the scanner as broker/connio.c does: each DRV_OK is one
  * complete reply (counted, its status hashed), then the rest again. */
@@ -142,9 +147,18 @@ static void fresh(conn *c)
 {
     memset(c, 0, sizeof *c);
     c->fd = -1;
-    memset(drv_mem, 0, sizeof drv_mem);
-    c->drv = drv_mem;
+    c->drv = calloc(1, DRV_BYTES);
+    assert(c->drv);
     memset(&G, 0, sizeof G);
+}
+
+/* The driver's state freed, with what it allocated; the session state the
+ * scan left returned. */
+static uint32_t done(conn *c)
+{
+    uint32_t st = c->sstate;
+    pg_driver.close(c);
+    return st;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -163,15 +177,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     uint8_t *buf = malloc(len ? len : 1);
     memcpy(buf, in, len);
 
-    /* ---- frame_request */
+    /* ---- frame_request, on a copy (the driver may replace its buffer) */
     conn c;
     fresh(&c);
     uint32_t n = 0xDEADBEEF, n2 = 0xDEADBEEF, rn;
     const char *why = NULL;
-    drv_buf rq = { buf, (uint32_t)len, (uint32_t)len };
+    drv_buf rq = { malloc(len ? len : 1), (uint32_t)len, (uint32_t)len };
+    memcpy(rq.p, buf, len);
     int rc = pg_driver.frame_request(&c, &rq, &n, &why);
     assert(rc == PB_OK || rc == PB_EPROTO || rc == PB_EPERM);
-    assert(rq.p == buf && rq.len == len);       /* PostgreSQL requests are never rewritten */
+    assert(rq.len == len && memcmp(rq.p, buf, len) == 0);   /* no library statement: unchanged */
     assert((rc == PB_OK) == (why == NULL));
     if (rc != PB_OK)
         rc = PB_EPROTO;
@@ -191,11 +206,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (rc2 != PB_OK)
         rc2 = PB_EPROTO;
     assert(rc2 == rc && (rc != PB_OK || n2 == n));
+    free(rq.p);
+    done(&c);
 
     /* ---- scan_reply: whole */
     fresh(&c);
     int s_whole = len ? scan(&c, buf, len) : PB_OK;
     uint64_t r_whole = G.replies, h_whole = G.txn_hash;
+    uint32_t ss_whole = done(&c);
     assert(s_whole == PB_OK || s_whole == PB_EPROTO);
 
     /* in two pieces (each piece in its own exact-size buffer) */
@@ -213,7 +231,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         s_split = scan(&c, b, len - split);
         free(b);
     }
-    if (s_split != s_whole || G.replies != r_whole || G.txn_hash != h_whole) {
+    uint32_t ss_split = done(&c);
+    if (s_split != s_whole || G.replies != r_whole || G.txn_hash != h_whole ||
+        (s_whole == PB_OK && ss_split != ss_whole)) {
         fprintf(stderr, "scan_reply: whole %d/%llu, split at %zu %d/%llu\n", s_whole,
                 (unsigned long long)r_whole, split, s_split, (unsigned long long)G.replies);
         abort();
@@ -227,7 +247,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             uint8_t one = buf[i];
             s_byte = scan(&c, &one, 1);
         }
-        if (s_byte != s_whole || G.replies != r_whole || G.txn_hash != h_whole) {
+        uint32_t ss_byte = done(&c);
+        if (s_byte != s_whole || G.replies != r_whole || G.txn_hash != h_whole ||
+            (s_whole == PB_OK && ss_byte != ss_whole)) {
             fprintf(stderr, "scan_reply: whole %d/%llu, bytewise %d/%llu\n", s_whole,
                     (unsigned long long)r_whole, s_byte, (unsigned long long)G.replies);
             abort();
