@@ -6,7 +6,8 @@
  * set_config() (ParameterStatus) / SET ROLE / SET SESSION AUTHORIZATION,
  * SQL PREPARE, LISTEN (also through a prepared statement), temporary
  * objects, WITH HOLD cursors, LOAD, and what only pb_pin covers (a session
- * advisory lock, CREATE TEMP TABLE AS).  Library prepared statements after a
+ * advisory lock, CREATE TEMP TABLE AS).  PB_SF_RESET as the holder sees it
+ * right after the reply that reported the state.  Library prepared statements after a
  * DEALLOCATE ALL inside a transaction, and past the broker's per-connection
  * record.  Redis: MULTI as an open transaction, pb_pin.
  *
@@ -226,12 +227,23 @@ static void test_sql_prepare(void **state)
         pb_client *c = pbt_cli(&env);
         int pid;
         char v[64];
+        pb_result *r = NULL;
+        const char *vals[1] = { "21" };
         pb_lease *l = first_lease(c, p, &pid);
+        assert_int_equal(pb_pg_prepare(l, "lib", "SELECT $1::int4 * 2", 0, NULL, &r), PB_OK);
+        pb_result_free(r);
         run(l, "PREPARE leaky AS SELECT 1");
         assert_string_equal(value(l, "EXECUTE leaky", v, sizeof v), "1");
         assert_int_equal(pb_release(l), PB_OK);
         l = next_lease(c, p, pid);
         assert_string_equal(sqlstate(l, "EXECUTE leaky", v, sizeof v), "26000");
+        /* the reset's DEALLOCATE ALL took the library's statement too: it is
+         * parsed again, not lost */
+        assert_int_equal(pb_pg_exec_prepared(l, "lib", 1, vals, NULL, NULL, 0, &r), PB_OK);
+        if (pb_result_status(r) != PB_RES_TUPLES_OK)
+            fail_msg("pool %s: %s", p, pb_error_message(r));
+        assert_string_equal(pb_getvalue(r, 0, 0), "42");
+        pb_result_free(r);
         /* DEALLOCATE ALL by the lease itself: nothing left to reset */
         long long resets = pbt_pool_counter(&env, p, "resets");
         run(l, "PREPARE again AS SELECT 2");
@@ -513,36 +525,82 @@ static void test_statement_record_bounded(void **state)
     }
 }
 
-/* ------------------------------------------------------------------- Redis */
+/* --------------------------------------------------- the slot as published */
 
-/* The slot of Redis client id (its pb_lease_backend_pid): txn_status as the
- * broker publishes it; 0 if not found. */
-static unsigned redis_txn_status(int id)
+/* The slot of a lease's connection in the segment (by its backend pid or
+ * Redis client id, and the pool type): *txn its txn_status, *flags its
+ * flags, as the broker published them.  0, or -1 if not found. */
+static int slot_words(int pid, unsigned type, unsigned *txn, unsigned *flags)
 {
     int fd = shm_open(env.shm_name, O_RDONLY, 0);
     struct stat st;
     if (fd < 0 || fstat(fd, &st) < 0) {
         if (fd >= 0)
             close(fd);
-        return 0;
+        return -1;
     }
     void *base = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
     close(fd);
     if (base == MAP_FAILED)
-        return 0;
+        return -1;
     const pb_shm_header *h = base;
-    unsigned found = 0;
+    int rc = -1;
     if (h->slot_off + (uint64_t)h->nslots * sizeof(pb_shm_slot) <= (uint64_t)st.st_size) {
         const pb_shm_slot *s = (const pb_shm_slot *)((const char *)base + h->slot_off);
         const pb_shm_pool *pools = (const pb_shm_pool *)((const char *)base + h->pool_off);
-        for (uint32_t i = 0; i < h->nslots && !found; i++)
-            if (atomic_load(&s[i].backend_pid) == id && s[i].pool < PB_MAX_POOLS &&
-                pools[s[i].pool].type == PB_POOL_REDIS)
-                found = atomic_load(&s[i].txn_status);
+        for (uint32_t i = 0; i < h->nslots && rc < 0; i++)
+            if (atomic_load(&s[i].backend_pid) == pid && s[i].pool < PB_MAX_POOLS && pools[s[i].pool].type == type) {
+                *txn = atomic_load(&s[i].txn_status);
+                *flags = atomic_load(&s[i].flags);
+                rc = 0;
+            }
     }
     munmap(base, (size_t)st.st_size);
-    return found;
+    return rc;
 }
+
+static unsigned redis_txn_status(int id)
+{
+    unsigned txn = 0, flags = 0;
+    assert_int_equal(slot_words(id, PB_POOL_REDIS, &txn, &flags), 0);
+    return txn;
+}
+
+/* Does the holder see PB_SF_RESET (release through the broker) now? */
+static int pg_reset_flag(pb_lease *l)
+{
+    unsigned txn = 0, flags = 0;
+    assert_int_equal(slot_words(pb_lease_backend_pid(l), PB_POOL_POSTGRES, &txn, &flags), 0);
+    return (flags & PB_SF_RESET) != 0;
+}
+
+/* The holder sees PB_SF_RESET as soon as it has the reply that reported the
+ * state (the broker stores it before it publishes the reply's bytes), and
+ * no longer once the lease undid the state itself. */
+static void test_reset_flag_published(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < NPG; i++) {
+        const char *p = PG_POOLS[i].name;
+        pb_client *c = pbt_cli(&env);
+        pb_lease *l = pbt_lease(c, p, 10000);
+        run(l, "SELECT 1");
+        assert_false(pg_reset_flag(l));
+        run(l, "SET work_mem = '9MB'");
+        assert_true(pg_reset_flag(l));
+        run(l, "LISTEN flag_ch");
+        run(l, "DISCARD ALL");
+        assert_false(pg_reset_flag(l));
+        run(l, "CREATE TEMP TABLE flag_t (a int)");
+        assert_true(pg_reset_flag(l));
+        run(l, "DISCARD TEMP");
+        assert_false(pg_reset_flag(l));
+        assert_int_equal(pb_release(l), PB_OK);
+        pbt_cli_done(c);
+    }
+}
+
+/* ------------------------------------------------------------------- Redis */
 
 static redisReply *rcmd(pb_lease *l, const char *line)
 {
@@ -647,6 +705,7 @@ int main(void)
         cmocka_unit_test_teardown(test_load_retires, pbt_cleanup),
         cmocka_unit_test_teardown(test_pin, pbt_cleanup),
         cmocka_unit_test_teardown(test_clean_lease_costs_nothing, pbt_cleanup),
+        cmocka_unit_test_teardown(test_reset_flag_published, pbt_cleanup),
         cmocka_unit_test_teardown(test_deallocate_all_in_transaction, pbt_cleanup),
         cmocka_unit_test_teardown(test_statement_record_bounded, pbt_cleanup),
         cmocka_unit_test_teardown(test_redis_multi_is_a_transaction, pbt_cleanup),
