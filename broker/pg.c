@@ -25,7 +25,10 @@
  *
  * Its state per connection (c->drv) is a pgconn: the libpq handle, the reply
  * scanner's position, the statement registry and the queue that says which
- * ParseComplete answers which Parse.
+ * ParseComplete answers which Parse.  An error in a request whose Parse was
+ * dropped makes that statement unknown again, so a record made wrong by
+ * what no tag reports (a DEALLOCATE inside a function) costs one failed
+ * execution, not every later one.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -52,8 +55,10 @@
 enum {
     PQ_SYNC = 0,             /* a Sync or Query: its ReadyForQuery ends the group */
     PQ_OTHER = 1,            /* a Parse the registry does not track: one ParseComplete */
+    PQ_DROP = 2,             /* a Parse dropped (no ParseComplete); the next entry is its hash */
                              /* any other value: a tracked Parse, by its statement hash */
 };
+#define PG_DROPS_MAX 8       /* dropped Parses remembered per group, for the error rule */
 
 /* One library-named statement of this connection. */
 typedef struct pgstmt {
@@ -85,6 +90,12 @@ typedef struct pgconn {
     uint64_t *stmtq;
     uint32_t q_head, q_len, q_cap;
     uint32_t q_lead;
+    /* Statements whose Parse was dropped in the group being answered: an
+     * error in the group makes them unknown again (the record may have
+     * been wrong: a DEALLOCATE no tag reported), so the next execution
+     * sends Parse.  More than PG_DROPS_MAX: all of them. */
+    uint64_t drops[PG_DROPS_MAX];
+    uint32_t ndrops;
     pgstmt *stmts;           /* the registry: PG_STMT_MAX entries, NULL until first needed */
     uint64_t stmt_clock;     /* bumped per use */
     uint32_t req_stamp;      /* bumped per request framed */
@@ -332,9 +343,22 @@ static int q_syncs(pgconn *s, uint32_t n)
     return PB_OK;
 }
 
+/* Take a PQ_DROP entry (and its hash) off the queue's front. */
+static void q_take_drop(pgconn *s)
+{
+    if (s->q_head + 1 < s->q_len && s->ndrops < PG_DROPS_MAX + 1) {
+        if (s->ndrops < PG_DROPS_MAX)
+            s->drops[s->ndrops] = s->stmtq[s->q_head + 1];
+        s->ndrops++;
+    }
+    s->q_head += s->q_head + 1 < s->q_len ? 2 : 1;
+}
+
 /* A ParseComplete arrived: it answers the first queued Parse. */
 static void q_parse_complete(pgconn *s)
 {
+    while (!s->q_lead && s->q_head < s->q_len && s->stmtq[s->q_head] == PQ_DROP)
+        q_take_drop(s);
     if (s->q_lead || s->q_head == s->q_len || s->stmtq[s->q_head] == PQ_SYNC)
         return;                     /* a Parse of a request that was not queued */
     uint64_t v = s->stmtq[s->q_head++];
@@ -351,7 +375,12 @@ static void q_ready(pgconn *s)
         return;
     }
     while (s->q_head < s->q_len) {
-        uint64_t v = s->stmtq[s->q_head++];
+        uint64_t v = s->stmtq[s->q_head];
+        if (v == PQ_DROP) {
+            q_take_drop(s);
+            continue;
+        }
+        s->q_head++;
         if (v == PQ_SYNC)
             break;
         if (v != PQ_OTHER)
@@ -359,6 +388,19 @@ static void q_ready(pgconn *s)
     }
     if (s->q_head == s->q_len)
         s->q_head = s->q_len = 0;
+    if (s->errors && s->ndrops > PG_DROPS_MAX) {
+        stmts_forget_all(s);
+    } else if (s->errors) {
+        for (uint32_t i = 0; i < s->ndrops; i++) {
+            pgstmt *e = stmt_find(s, s->drops[i]);
+            if (e) {
+                e->known = 0;
+                if (!e->pending)
+                    memset(e, 0, sizeof *e);
+            }
+        }
+    }
+    s->ndrops = 0;
 }
 
 /* A library statement name ("pb_" + 16 lowercase hex digits, the NUL
@@ -378,7 +420,7 @@ static uint64_t lib_name_hash(const uint8_t *name, uint32_t room)
         else
             return 0;
     }
-    return h > PQ_OTHER ? h : 0;
+    return h > PQ_DROP ? h : 0;
 }
 
 /* The hash a Parse's body (name, query, types) names, if it is a library
@@ -494,6 +536,8 @@ static int rw_parse(conn *c, rewrite *x, const uint8_t *m, uint32_t n, int may_d
     if (e && e->known && !e->pending && may_drop) {
         e->used = ++s->stmt_clock;  /* the backend has it: the Parse is dropped */
         e->stamp = s->req_stamp;
+        s->stmtq[s->q_len++] = PQ_DROP;
+        s->stmtq[s->q_len++] = h;
         return PB_OK;
     }
     uint64_t evicted = 0;
@@ -521,7 +565,7 @@ static int rw_parse(conn *c, rewrite *x, const uint8_t *m, uint32_t n, int may_d
 static int rewrite_request(conn *c, drv_buf *rq, uint32_t nparse, uint32_t nsync, int queued)
 {
     pgconn *s = PG(c);
-    if (queued && q_reserve(s, nparse + nsync) != PB_OK)
+    if (queued && q_reserve(s, 2 * nparse + nsync) != PB_OK)
         return PB_ENOMEM;
     uint32_t q_len0 = s->q_len;
     s->req_stamp++;

@@ -151,11 +151,11 @@ static inline uint64_t pb_stmt_hash_bytes(uint64_t h, const void *p, size_t n)
 }
 
 /* The whole hash: sql (its len bytes), then each of the nparams parameter
- * type OIDs, then nparams; never 0 or 1 (the broker's records use those). */
+ * type OIDs, then nparams; never 0, 1 or 2 (the broker's records use those). */
 static inline uint64_t pb_stmt_hash_end(uint64_t h, uint32_t nparams)
 {
     h = (h ^ (uint64_t)nparams) * 1099511628211ull;
-    return h > 1 ? h : h + 2;
+    return h > 2 ? h : h + 3;
 }
 #define PB_STMT_HASH_INIT 1469598103934665603ull
 #define PB_STMT_HASH_TYPE(h, oid) (((h) ^ (uint64_t)(uint32_t)(oid)) * 1099511628211ull)

@@ -433,7 +433,9 @@ static void test_clean_lease_costs_nothing(void **state)
 
 /* The case of #14: DEALLOCATE ALL inside a transaction, then a library
  * prepared statement: 42, and the transaction goes on (it used to get
- * 26000 on a Bind-only execution, which aborted the transaction). */
+ * 26000 on a Bind-only execution, which aborted the transaction).  Then a
+ * DEALLOCATE of its server-side name by SQL, and one inside a function,
+ * which no tag reports. */
 static void test_deallocate_all_in_transaction(void **state)
 {
     (void)state;
@@ -472,6 +474,18 @@ static void test_deallocate_all_in_transaction(void **state)
         pb_result_free(r);
         run(l, "COMMIT");
         assert_string_equal(value(l, "SELECT count(*) FROM items WHERE v = 1", v, sizeof v), "1");
+        /* A DEALLOCATE no tag reports (inside a DO block): the next
+         * execution fails (26000) and the one after works again. */
+        char sql2[200];
+        snprintf(sql2, sizeof sql2, "DO $$ BEGIN EXECUTE 'DEALLOCATE %s'; END $$", name);
+        run(l, sql2);
+        assert_int_equal(pb_pg_exec_prepared(l, "dbl", 1, vals, NULL, NULL, 0, &r), PB_OK);
+        assert_int_equal(pb_result_status(r), PB_RES_ERROR);
+        assert_string_equal(pb_error_field(r, 'C'), "26000");
+        pb_result_free(r);
+        assert_int_equal(pb_pg_exec_prepared(l, "dbl", 1, vals, NULL, NULL, 0, &r), PB_OK);
+        assert_string_equal(pb_getvalue(r, 0, 0), "42");
+        pb_result_free(r);
         assert_int_equal(pb_release(l), PB_OK);
         pbt_cli_done(c);
     }

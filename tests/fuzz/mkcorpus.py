@@ -99,8 +99,8 @@ def lib_name(sql, types=()):
     for t in types:
         h = ((h ^ t) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
     h = ((h ^ len(types)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
-    if h <= 1:
-        h += 2
+    if h <= 2:
+        h += 3
     return "pb_%016x" % h
 FE_FLUSH = msg(b"H", b"")
 
