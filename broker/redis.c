@@ -19,7 +19,7 @@
  *     skipped as it streams through the reply ring, never copied.
  *
  * Reset: frame_request notes what state each command leaves (the SS_R_*
- * bits of c->sstate, which also pin a transaction-mode lease); on
+ * bits of c->sstate, which with c->txn also say the lease is pinned); on
  * release, RESET followed by the same set-up commands in one write undoes
  * SELECT, MULTI, WATCH, SUBSCRIBE, CLIENT TRACKING/REPLY/SETNAME, HELLO,
  * READONLY...; CLIENT NO-EVICT/NO-TOUCH, which RESET keeps on 7.0, get their

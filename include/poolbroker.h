@@ -121,9 +121,9 @@ PB_API int pb_lease_backend_pid(const pb_lease *l);
  * temporary table made by CREATE TEMP TABLE ... AS or SELECT ... INTO TEMP
  * (their tag is SELECT n), set_config() of a setting the server does not
  * report, sequence state (currval), state left by a function.  From this
- * call on the lease is pinned to its connection (also in a transaction-mode
- * pool), and its release goes through the broker, which resets the whole
- * session: DISCARD ALL on PostgreSQL (whatever the pool's reset policy),
+ * call on the lease is pinned to its connection, and its release goes
+ * through the broker, which resets the whole session: DISCARD ALL on
+ * PostgreSQL (whatever the pool's reset policy),
  * RESET and the set-up on Redis.  What the server does report (SET,
  * PREPARE, LISTEN, DECLARE CURSOR, CREATE TEMP TABLE...) needs no pin:
  * docs/pooling.md has the list.  Idempotent.  PB_OK; PB_EINVAL (NULL),
