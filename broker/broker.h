@@ -9,7 +9,9 @@
  *   conn.c     connection phases: connect, idle watch, close, failure
  *   connio.c   requests out, replies in (the reply ring or the sink)
  *   release.c  release, reclaim, reset, validation
- *   pg.c       PostgreSQL driver: connect with libpq, frame, count replies
+ *   pg.c       PostgreSQL driver: connect with libpq, frame, count replies,
+ *              session state from tags and ParameterStatus
+ *   pgstmt.c   its record of the library's prepared statements per backend
  *   redis.c    Redis driver: connect with hiredis, frame, count replies
  *              (both below the pool: driver.h is all they share with it)
  *   janitor.c  periodic work: sizing, recycling, repairs, leak warnings

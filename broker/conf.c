@@ -615,7 +615,9 @@ static int set_reset(parser *p, void *obj, const keydef *k, char *val)
     (void)k;
     free(cp->reset_sql);
     cp->reset_sql = NULL;
-    if (strcmp(val, "rollback") == 0) {
+    if (strcmp(val, "auto") == 0) {
+        cp->reset_policy = PB_RESET_AUTO;
+    } else if (strcmp(val, "rollback") == 0) {
         cp->reset_policy = PB_RESET_ROLLBACK;
     } else if (strcmp(val, "discard_all") == 0) {
         cp->reset_policy = PB_RESET_DISCARD_ALL;
@@ -1020,7 +1022,7 @@ static void pool_defaults(conf_pool *cp)
     cp->idle_timeout_s = 300;
     cp->max_uses = 0;
     cp->validate_after_idle_ms = 30000;
-    cp->reset_policy = PB_RESET_ROLLBACK;
+    cp->reset_policy = PB_RESET_AUTO;
     cp->leak_threshold_ms = 10000;
     cp->max_lease_ms = 0;
     cp->request_buffer = 64 * KIB;

@@ -43,7 +43,8 @@ typedef struct conf_pool {
     uint64_t max_uses;              /* default 0 = unlimited */
     uint32_t validate_after_idle_ms;/* default 30000; 0 = never */
     int pool_mode;                  /* PB_MODE_*; key pool_mode: session (default) | transaction */
-    int reset_policy;               /* PB_RESET_*; key reset: rollback | discard_all | <SQL> */
+    int reset_policy;               /* PB_RESET_*; key reset: auto (default) | rollback | discard_all
+                                       | <SQL> */
     char *reset_sql;                /* the custom SQL when PB_RESET_CUSTOM */
     uint32_t leak_threshold_ms;     /* default 10000; 0 = off */
     uint32_t max_lease_ms;          /* default 0 = off */

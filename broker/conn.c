@@ -116,7 +116,7 @@ int conn_set_phase(conn *c, enum conn_phase to)
         c->broken = 0;
         conn_expect_clear(c);
         c->txn = 'I';
-        c->sstate = 0;
+        c->sstate = 0;              /* a new backend carries no session state */
         c->partial = 0;
         c->submit_deferred = c->watch = 0;
         c->to_sink = 0;
@@ -254,8 +254,6 @@ static void conn_connected(conn *c)
     atomic_store(&c->slot->txn_status, 'I');
     atomic_store(&c->slot->flags, 0);
     atomic_store(&c->slot->io_error, 0);
-    for (int i = 0; i < PB_SLOT_STMTS; i++)
-        atomic_store(&c->slot->stmts[i], 0);
     /* Our ring position runs on across connections of this slot; the one
      * in the segment is only ever a copy of it (a worker may have written
      * anything there). */

@@ -325,6 +325,8 @@ void conn_on_recv(ev_op *op, int res)
     }
     if (!sink) {
         if (atomic_load(&c->slot->word) == c->cmd_word) {
+            /* The scan above stored PB_SF_RESET for state these bytes
+             * report (driver.h): this release store publishes it with them. */
             c->rep_head += (uint64_t)res;
             atomic_store_explicit(&c->slot->rep_head, c->rep_head, memory_order_release);
             /* After the bytes: a holder that sees reply_done sees them too. */

@@ -293,6 +293,10 @@ void pool_offer(conn *c)
      * next one wait for its buffer. */
     c->acked_seq = atomic_load(&c->slot->req_seq);
     atomic_store(&c->slot->req_ack, c->acked_seq);
+    /* The reset's replies went to the sink: say what it left ('I'), or the
+     * next holder would see the last lease's status and skip its fast
+     * release. */
+    atomic_store(&c->slot->txn_status, (uint32_t)(unsigned char)c->txn);
     if (c->bound)
         txn_return_handle(c);       /* transaction mode: the release is done */
     if (p->removed) {

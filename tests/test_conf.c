@@ -236,7 +236,7 @@ static void test_defaults(void **state)
     assert_int_equal(m->idle_timeout_s, 300);
     assert_int_equal(m->max_uses, 0);
     assert_int_equal(m->validate_after_idle_ms, 30000);
-    assert_int_equal(m->reset_policy, PB_RESET_ROLLBACK);
+    assert_int_equal(m->reset_policy, PB_RESET_AUTO);
     assert_null(m->reset_sql);
     assert_int_equal(m->leak_threshold_ms, 10000);
     assert_int_equal(m->max_lease_ms, 0);
@@ -316,6 +316,10 @@ static void test_reset_values(void **state)
     (void)state;
     conf *c = expect_ok(PG_POOL "reset = rollback\n");
     assert_int_equal(c->pools[0].reset_policy, PB_RESET_ROLLBACK);
+    assert_null(c->pools[0].reset_sql);
+    conf_free(c);
+    c = expect_ok(PG_POOL "reset = auto\n");
+    assert_int_equal(c->pools[0].reset_policy, PB_RESET_AUTO);
     assert_null(c->pools[0].reset_sql);
     conf_free(c);
     expect_error("[pool r]\ntype = redis\nreset = rollback\n", "t.conf:3:", "key 'reset'");

@@ -267,6 +267,7 @@ static int setup_txn(void **state)
     free(P->wq);
     cp.pool_mode = PB_MODE_TRANSACTION;
     cp.max_size = 1;
+    cp.acquire_timeout_ms = 5000;   /* statements may wait for the backend */
     cp.slots = NSLOTS;
     for (uint32_t i = 0; i < NSLOTS; i++)
         atomic_store(&seg->slots[i].word, PB_WORD(PB_SLOT_EMPTY, 0, 1));

@@ -128,13 +128,13 @@ static void check_conf(conf *c)
         assert(p->request_buffer >= 1024 && p->request_buffer <= (64u << 20));
         assert(p->reply_buffer >= 4096 && p->reply_buffer <= (256u << 20) &&
                (p->reply_buffer & (p->reply_buffer - 1)) == 0);
-        assert(p->reset_policy == PB_RESET_ROLLBACK || p->reset_policy == PB_RESET_DISCARD_ALL ||
-               (p->reset_policy == PB_RESET_CUSTOM && p->reset_sql));
+        assert(p->reset_policy == PB_RESET_AUTO || p->reset_policy == PB_RESET_ROLLBACK ||
+               p->reset_policy == PB_RESET_DISCARD_ALL || (p->reset_policy == PB_RESET_CUSTOM && p->reset_sql));
         if (p->type == PB_POOL_POSTGRES) {
             assert(p->conninfo && *p->conninfo);
             assert(!p->host && !p->unix_socket && !p->password_file && !p->password && !p->user);
         } else {
-            assert(!p->conninfo && p->reset_policy == PB_RESET_ROLLBACK);
+            assert(!p->conninfo && p->reset_policy == PB_RESET_AUTO);
             assert(p->host || p->unix_socket);
             assert(p->port >= 1 && p->port <= 65535 && p->db >= 0 && p->db <= 1000);
             assert(!(p->unix_socket && strlen(p->unix_socket) > 107));
