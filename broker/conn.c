@@ -120,6 +120,8 @@ int conn_set_phase(conn *c, enum conn_phase to)
         c->to_sink = 0;
         c->error[0] = 0;
         c->reply_errors = 0;
+        c->server[0] = 0;           /* the driver says where this one lands */
+        c->suspect = 0;
         break;
     case PH_READY:
         c->to_sink = 0;
@@ -269,7 +271,8 @@ static void conn_connected(conn *c)
         p->not_ready = 0;
         log_info("pool %s: server ready", p->cf->name);
     }
-    slog(LOG_LVL_DEBUG, c, "connected");
+    slog(LOG_LVL_DEBUG, c, "connected to %s", c->server[0] ? c->server : "?");
+    failover_connected(c);
     if (c->settings_gen != p->settings_gen) {
         /* A reload changed the connection settings while this handshake
          * ran on the old ones: nobody gets it. */
@@ -470,7 +473,12 @@ void conn_fail(conn *c, const char *why, int err)
 
 void conn_io_failed(conn *c, const char *why)
 {
+    int was_broken = c->broken;
     conn_fail(c, why, PB_EBACKEND);
+    /* A pool that follows failovers drains the connection's whole server
+     * (c->server survives the close: only a new connect clears it). */
+    if (!was_broken)
+        failover_conn_lost(c, why);
 }
 
 /* The command in flight has run past command_timeout_ms.  A driver that can

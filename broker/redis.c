@@ -84,6 +84,9 @@ typedef struct rconn {
     int top_push;           /* the open top-level aggregate is a RESP3 push */
     int top_attr;           /* ... or an attribute (followed by the real reply) */
     int complete;           /* a top-level reply just ended: r_scan_reply returns */
+    char errhead[12];       /* the first bytes of an error line (r_error_head) */
+    int errhead_len;
+    const char *gone, *readonly; /* what the error replies of this reply said (drv_reply) */
 } rconn;
 
 static rconn *R(conn *c)
@@ -159,8 +162,20 @@ static int r_connect_start(conn *c, drv_poll *want)
     if (!r)
         return r_fail(c, "out of memory");
     c->drv = r;
-    r->ctx = cp->unix_socket ? redisConnectUnixNonBlock(cp->unix_socket)
-                             : redisConnectNonBlock(cp->host ? cp->host : "127.0.0.1", cp->port ? cp->port : 6379);
+    if (cp->sentinels) {
+        /* Where the sentinels say the server is now (sentinel.c). */
+        pool *p = c->pool;
+        if (!p->master_host[0])
+            return r_fail(c, "Sentinel: no address for the server known yet (see the log)");
+        snprintf(c->server, sizeof c->server, SERVER_FMT, p->master_host, p->master_port);
+        r->ctx = redisConnectNonBlock(p->master_host, p->master_port);
+    } else if (cp->unix_socket) {
+        snprintf(c->server, sizeof c->server, "%s", cp->unix_socket);
+        r->ctx = redisConnectUnixNonBlock(cp->unix_socket);
+    } else {
+        snprintf(c->server, sizeof c->server, SERVER_FMT, cp->host ? cp->host : "127.0.0.1", cp->port ? cp->port : 6379);
+        r->ctx = redisConnectNonBlock(cp->host ? cp->host : "127.0.0.1", cp->port ? cp->port : 6379);
+    }
     if (!r->ctx || r->ctx->err)
         return r_fail(c, r->ctx ? r->ctx->errstr : "out of memory");
     c->fd = r->ctx->fd;
@@ -448,6 +463,23 @@ oom:
 
 /* ------------------------------------------------------------------ replies */
 
+/* Collect the first bytes of an error line (k more at p) and, once the line
+ * ends (done), say whether the server is not the one it was: a replica
+ * where a master was (-READONLY) or a replica that lost its master
+ * (-MASTERDOWN).  failover.c decides what that means for the pool. */
+static void r_error_head(rconn *r, const uint8_t *p, size_t k, int done)
+{
+    for (size_t i = 0; i < k && r->errhead_len < (int)sizeof r->errhead - 1; i++)
+        r->errhead[r->errhead_len++] = (char)p[i];
+    if (!done)
+        return;
+    r->errhead[r->errhead_len] = 0;
+    if (strncmp(r->errhead, "READONLY ", 9) == 0)
+        r->readonly = "-READONLY reply (a replica)";
+    else if (strncmp(r->errhead, "MASTERDOWN ", 11) == 0)
+        r->gone = "-MASTERDOWN reply (a replica without its master)";
+}
+
 /* One complete element at the current depth; a complete top-level reply
  * sets r->complete (the scanner returns it). */
 static int element_done(conn *c)
@@ -519,12 +551,24 @@ static int line_done(conn *c)
     return PB_EPROTO;
 }
 
+/* A top-level reply ends at p[i - 1]: hand it over with what its error
+ * lines said of the server. */
+static int r_complete(rconn *r, drv_reply *out, size_t i, size_t *used)
+{
+    out->server_gone = r->gone;
+    out->server_readonly = r->readonly;
+    r->gone = r->readonly = NULL;
+    *used = i;
+    return DRV_OK;
+}
+
 static int r_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_reply *out)
 {
     rconn *r = R(c);
     size_t i = 0;
     out->txn = 0;
     out->errors = 0;
+    out->server_gone = out->server_readonly = NULL;
     r->complete = 0;
     while (i < n) {
         if (r->bulk_left) {
@@ -533,10 +577,8 @@ static int r_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_r
             r->bulk_left -= (int64_t)k;
             if (r->bulk_left == 0 && element_done(c) != PB_OK)
                 return DRV_ERROR;
-            if (r->complete) {
-                *used = i;
-                return DRV_OK;
-            }
+            if (r->complete)
+                return r_complete(r, out, i, used);
             continue;
         }
         if (r->line_type == 0) {
@@ -546,6 +588,7 @@ static int r_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_r
             r->line_type = t;
             r->num_len = 0;
             r->num_bad = 0;
+            r->errhead_len = 0;
             continue;
         }
         /* Inside a header line: until "\r\n" (a bare '\n' is a protocol error:
@@ -566,16 +609,16 @@ static int r_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_r
                     r->num[r->num_len++] = (char)p[k];
             }
         }
+        if (r->line_type == '-')
+            r_error_head(r, p + i, end - i, nl != NULL);
         i = end;
         if (nl) {
             i++;
             r->saw_cr = 0;
             if (line_done(c) != PB_OK)
                 return DRV_ERROR;
-            if (r->complete) {
-                *used = i;
-                return DRV_OK;
-            }
+            if (r->complete)
+                return r_complete(r, out, i, used);
         }
     }
     *used = n;
