@@ -956,6 +956,11 @@ int th_redis_cli(th_env *e, const char *args, char *out, size_t outlen)
 
 int th_redis_cli_port(int redis_port, const char *args, char *out, size_t outlen)
 {
+    return th_redis_cli_auth(redis_port, NULL, args, out, outlen);
+}
+
+int th_redis_cli_auth(int redis_port, const char *password, const char *args, char *out, size_t outlen)
+{
     enum { MAXARGS = 64 };
     if (out != NULL && outlen > 0)
         out[0] = '\0';
@@ -964,13 +969,18 @@ int th_redis_cli_port(int redis_port, const char *args, char *out, size_t outlen
     char *copy = strdup(args != NULL ? args : "");
     if (copy == NULL)
         return -1;
-    char *argv[MAXARGS + 6];
+    char *argv[MAXARGS + 9];
     int argc = 0;
     argv[argc++] = (char *)"redis-cli";
     argv[argc++] = (char *)"-h";
     argv[argc++] = (char *)"127.0.0.1";
     argv[argc++] = (char *)"-p";
     argv[argc++] = port;
+    if (password) {
+        argv[argc++] = (char *)"-a";
+        argv[argc++] = (char *)password;
+        argv[argc++] = (char *)"--no-auth-warning";
+    }
     /* Split on blanks; "double quotes" group (no escapes inside). */
     char *p = copy;
     for (;;) {
@@ -1252,9 +1262,10 @@ int th_redis_kill(th_env *e, const char *sub)
     return -1;
 }
 
-int th_sentinels_start(th_env *e, int n, const char *name, int quorum, int down_after_ms)
+int th_sentinels_start(th_env *e, int n, const char *name, int quorum, int down_after_ms, const char *password)
 {
-    if (n < 1 || n > TH_SENTINELS || e->redis_port <= 0)
+    if (n < 1 || n > TH_SENTINELS || e->redis_port <= 0 ||
+        th_fmt(e->sentinel_password, sizeof(e->sentinel_password), "%s", password ? password : "") != 0)
         return -1;
     for (int i = 0; i < n; i++) {
         char sdir[PATH_MAX], conf[PATH_MAX], out[4096];
@@ -1273,6 +1284,8 @@ int th_sentinels_start(th_env *e, int n, const char *name, int quorum, int down_
                 "sentinel failover-timeout %s 10000\n"
                 "sentinel parallel-syncs %s 1\n",
                 port, sdir, sdir, sdir, name, e->redis_port, quorum, name, down_after_ms, name, name);
+        if (password)   /* clients (the broker) and the other sentinels need it */
+            fprintf(f, "requirepass \"%s\"\nsentinel sentinel-pass \"%s\"\n", password, password);
         if (fclose(f) != 0)
             return -1;
         char *argv[] = { (char *)"redis-server", conf, (char *)"--sentinel", NULL };
@@ -1288,7 +1301,7 @@ int th_sentinels_start(th_env *e, int n, const char *name, int quorum, int down_
         snprintf(cmd, sizeof(cmd), "SENTINEL master %s", name);
         int ok = 0;
         for (long long t0 = th_now_ms(); !ok && th_now_ms() - t0 < 30000; th_sleep_ms(50)) {
-            if (th_redis_cli_port(e->sentinel_ports[i], cmd, out, sizeof(out)) != 0)
+            if (th_sentinel_cli(e, i, cmd, out, sizeof(out)) != 0)
                 continue;
             /* redis-cli prints the field names and values one per line */
             const char *rs = strstr(out, "num-slaves\n");
@@ -1302,4 +1315,14 @@ int th_sentinels_start(th_env *e, int n, const char *name, int quorum, int down_
         }
     }
     return 0;
+}
+
+int th_sentinel_cli(th_env *e, int i, const char *args, char *out, size_t outlen)
+{
+    if (i < 0 || i >= TH_SENTINELS || e->sentinel_ports[i] <= 0) {
+        fprintf(stderr, "harness: no sentinel %d in this env\n", i);
+        return -1;
+    }
+    return th_redis_cli_auth(e->sentinel_ports[i], e->sentinel_password[0] ? e->sentinel_password : NULL, args, out,
+                             outlen);
 }

@@ -51,6 +51,7 @@ typedef struct th_env {
     int standby_port;        /* PostgreSQL standby (<dir>/standby); 0: none */
     int replica_port;        /* Redis replica of redis_port (<dir>/replica); 0: none */
     int sentinel_ports[TH_SENTINELS]; /* Redis sentinels (<dir>/sentinelN); 0: none */
+    char sentinel_password[64]; /* their requirepass; "" none */
 } th_env;
 
 /*
@@ -211,14 +212,20 @@ int th_redis_kill(th_env *e, const char *sub);
  * n (1..TH_SENTINELS) Redis sentinels (redis-server CONF --sentinel, each in
  * <dir>/sentinelN with its own config file, which it rewrites) monitoring
  * this env's Redis as master `name` with the given quorum and
- * down-after-milliseconds (failover-timeout 10 s).  Sets sentinel_ports.
- * Returns 0 once each answers PING and knows the master's replica (so a
- * failover has somewhere to go).
+ * down-after-milliseconds (failover-timeout 10 s); with a password (or
+ * NULL), each requires it (requirepass, and sentinel-pass between them).
+ * Sets sentinel_ports and sentinel_password.  Returns 0 once each answers
+ * and knows the master's replica and the other sentinels (so a failover
+ * has somewhere to go and a quorum).
  */
-int th_sentinels_start(th_env *e, int n, const char *name, int quorum, int down_after_ms);
+int th_sentinels_start(th_env *e, int n, const char *name, int quorum, int down_after_ms, const char *password);
 
 /* redis-cli -p port ARGS (split as th_redis_cli) against any local port:
- * a replica or a sentinel.  Output as th_psql. */
+ * a replica or a sentinel; _auth with -a password (NULL: none).  Output as
+ * th_psql. */
 int th_redis_cli_port(int port, const char *args, char *out, size_t outlen);
+int th_redis_cli_auth(int port, const char *password, const char *args, char *out, size_t outlen);
+/* The same against sentinel i (0-based) of this env, with its password. */
+int th_sentinel_cli(th_env *e, int i, const char *args, char *out, size_t outlen);
 
 #endif /* PB_TEST_HARNESS_H */

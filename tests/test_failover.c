@@ -17,9 +17,9 @@
  * shmstat shows the new server and one failover.
  *
  * Redis: a master, a replica and three sentinels (quorum 2,
- * down-after-milliseconds 1000).  Pool "fo" has sentinels and
- * sentinel_master instead of host/port; pool "rep" is sentinel_role =
- * replica.  Four writers INCR a key each through "fo"; the master is killed
+ * down-after-milliseconds 1000) that require a password.  Pool "fo" has
+ * sentinels, sentinel_master and sentinel_password_file instead of
+ * host/port; pool "rep" is sentinel_role = replica.  Four writers INCR a key each through "fo"; the master is killed
  * with SIGKILL; the sentinels promote the replica.  Then: INCRs resume
  * within 8 s of the switch (as a sentinel reports it); no INCR acknowledged
  * after the switch is lost (each writer's last acknowledged value is on the
@@ -41,6 +41,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -328,6 +329,7 @@ static void test_pg_promotion(void **state)
 /* ------------------------------------------------------------------ Redis */
 
 #define MASTER_NAME "pbmaster"
+#define SENTINEL_PASSWORD "s3ntinel-pw"
 
 static th_env renv;
 
@@ -335,9 +337,15 @@ static int redis_setup(void **state)
 {
     (void)state;
     if (th_setup(&renv, 0, 1) != 0 || th_redis_replica_start(&renv) != 0 ||
-        th_sentinels_start(&renv, 3, MASTER_NAME, 2, 1000) != 0)
+        th_sentinels_start(&renv, 3, MASTER_NAME, 2, 1000, SENTINEL_PASSWORD) != 0)
         return -1;
-    char pools[1024], sentinels[128];
+    /* The sentinels want a password: the broker reads it from a file. */
+    char pwfile[400];
+    snprintf(pwfile, sizeof pwfile, "%s/sentinel.pw", renv.dir);
+    FILE *f = fopen(pwfile, "w");
+    if (!f || fprintf(f, "%s\n", SENTINEL_PASSWORD) < 0 || fclose(f) != 0 || chmod(pwfile, 0600) != 0)
+        return -1;
+    char pools[2048], sentinels[128];
     snprintf(sentinels, sizeof sentinels, "127.0.0.1:%d,127.0.0.1:%d,127.0.0.1:%d", renv.sentinel_ports[0],
              renv.sentinel_ports[1], renv.sentinel_ports[2]);
     snprintf(pools, sizeof pools,
@@ -345,6 +353,7 @@ static int redis_setup(void **state)
              "type = redis\n"
              "sentinels = %s\n"
              "sentinel_master = " MASTER_NAME "\n"
+             "sentinel_password_file = %s\n"
              "min_size = 4\nmax_size = 4\nacquire_timeout_ms = %d\ncommand_timeout_ms = %d\n"
              "\n"
              "[pool rep]\n"
@@ -352,8 +361,9 @@ static int redis_setup(void **state)
              "sentinels = %s\n"
              "sentinel_master = " MASTER_NAME "\n"
              "sentinel_role = replica\n"
+             "sentinel_password_file = %s\n"
              "min_size = 1\nmax_size = 1\n",
-             sentinels, ACQ_MS, CMD_MS, sentinels);
+             sentinels, pwfile, ACQ_MS, CMD_MS, sentinels, pwfile);
     return th_broker_start(&renv, pools);
 }
 
@@ -417,8 +427,7 @@ static void redis_writer(th_env *e, int w)
 static int sentinel_master_port(int i)
 {
     char out[256];
-    if (th_redis_cli_port(renv.sentinel_ports[i], "SENTINEL get-master-addr-by-name " MASTER_NAME, out,
-                          sizeof out) != 0)
+    if (th_sentinel_cli(&renv, i, "SENTINEL get-master-addr-by-name " MASTER_NAME, out, sizeof out) != 0)
         return -1;
     const char *nl = strchr(out, '\n');
     return nl ? atoi(nl + 1) : -1;
