@@ -807,7 +807,11 @@ static int set_conninfo(parser *p, void *obj, const keydef *k, char *val)
             char one[16];
             uint64_t pv;
             if (n > 0) {
-                snprintf(one, sizeof one, "%.*s", (int)(n < 15 ? n : 15), s);
+                /* memcpy, not snprintf("%.*s"): gcc's -fsanitize builds
+                 * take s for a null argument there and fail the build. */
+                size_t cut = n < sizeof one - 1 ? n : sizeof one - 1;
+                memcpy(one, s, cut);
+                one[cut] = '\0';
                 /* A port that is not digits is shown as such, never echoed:
                  * in a URI without '@' (postgresql://user:secret), libpq
                  * reads the password as host:port. */
