@@ -343,13 +343,13 @@ void conn_command_timeout(conn *c);
 /* janitor.c */
 void janitor_run(broker *b);
 
-/* failover.c: every function is a no-op for a pool with follow == PB_FOLLOW_NONE */
+/* failover.c: draining is a no-op for a pool with follow == PB_FOLLOW_NONE */
 /* c is connected (c->server set by the driver): note the pool's current
- * server, and count and log a switch away from a failed one. */
+ * server (every pool), and count and log a switch away from a failed one. */
 void failover_connected(conn *c);
-/* c's connection was lost under I/O (why: how): drain its server's
- * connections. */
-void failover_conn_lost(conn *c, const char *why);
+/* A connection of p to server (its c->server, copied) was lost under I/O
+ * (why: how): drain the server's other connections. */
+void failover_conn_lost(pool *p, const char *server, const char *why);
 /* c's server said it is going away, or (readonly) that it is read-only (a
  * drv_reply's server_gone / server_readonly): drain its connections if the
  * pool follows failovers (read-only only counts for a pool that wants the

@@ -473,12 +473,15 @@ void conn_fail(conn *c, const char *why, int err)
 
 void conn_io_failed(conn *c, const char *why)
 {
-    int was_broken = c->broken;
+    /* A pool that follows failovers drains the connection's whole server.
+     * Which server, from before conn_fail: closing c can start a new
+     * connect in its slot at once, which clears c->server. */
+    char server[PB_SERVER_MAX];
+    int first = !c->broken && !c->suspect;
+    snprintf(server, sizeof server, "%s", c->server);
     conn_fail(c, why, PB_EBACKEND);
-    /* A pool that follows failovers drains the connection's whole server
-     * (c->server survives the close: only a new connect clears it). */
-    if (!was_broken)
-        failover_conn_lost(c, why);
+    if (first)
+        failover_conn_lost(c->pool, server, why);
 }
 
 /* The command in flight has run past command_timeout_ms.  A driver that can

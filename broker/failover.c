@@ -94,7 +94,9 @@ void failover_drain(pool *p, const char *server, const char *why)
     if (p->cf->follow == PB_FOLLOW_NONE || !server || !server[0])
         return;
     char srv[PB_SERVER_MAX];
-    snprintf(srv, sizeof srv, "%s", server);    /* server may be a c->server that conn_close clears */
+    /* server may be a c->server, which a connect that the closes below
+     * start in that slot clears */
+    snprintf(srv, sizeof srv, "%s", server);
     uint32_t marked = 0, closed = 0;
     for (uint32_t k = 0; k < p->nconns; k++) {
         conn *c = &p->conns[k];
@@ -119,10 +121,9 @@ void failover_drain(pool *p, const char *server, const char *why)
     pool_maybe_grow(p);
 }
 
-void failover_conn_lost(conn *c, const char *why)
+void failover_conn_lost(pool *p, const char *server, const char *why)
 {
-    if (c->pool->cf->follow != PB_FOLLOW_NONE && !c->suspect)
-        failover_drain(c->pool, c->server, why);
+    failover_drain(p, server, why);
 }
 
 void failover_reply(conn *c, const char *why, int readonly)
