@@ -364,8 +364,10 @@ void failover_tick(pool *p);
 
 /* sentinel.c */
 /* Start, restart after a reload, or stop p's Sentinel thread as p->cf says;
- * apply what it learnt (a new master: failover_drain of the old one). */
-void sentinel_tick(pool *p);
+ * apply what it learnt (a new master: failover_drain of the old one).
+ * starting: the broker is starting; a thread started now is waited for
+ * (up to 2 s) until it has asked the sentinels once. */
+void sentinel_tick(pool *p, int starting);
 /* Stop every Sentinel thread (process exit). */
 void sentinel_shutdown(broker *b);
 

@@ -203,7 +203,7 @@ void janitor_run(broker *b)
         if (fixed)
             log_debug("pool %s: put %u lost free-map hint%s back", p->cf->name, fixed, fixed == 1 ? "" : "s");
         failover_tick(p);
-        sentinel_tick(p);
+        sentinel_tick(p, 0);
         if (p->wq_len)
             pool_serve_waiters(p);
         pool_maybe_grow(p);

@@ -265,7 +265,7 @@ static void initial_connects(broker *b)
 {
     uint64_t deadline = now_ms() + 5000;
     for (uint32_t i = 0; i < b->npools; i++) {
-        sentinel_tick(&b->pools[i]);    /* a Sentinel pool learns where its server is first */
+        sentinel_tick(&b->pools[i], 1); /* a Sentinel pool learns where its server is first */
         pool_maybe_grow(&b->pools[i]);
     }
     for (;;) {

@@ -464,7 +464,7 @@ static int fits(const sentinel *s, const conf_pool *cp)
            same(s->password, cp->sentinel_password) && s->replica == cp->sentinel_replica;
 }
 
-void sentinel_tick(pool *p)
+void sentinel_tick(pool *p, int starting)
 {
     conf_pool *cp = p->cf;
     sentinel *s = p->sentinel;
@@ -477,7 +477,6 @@ void sentinel_tick(pool *p)
     if (!want)
         return;
     if (!s) {
-        int starting = atomic_load(&B.hdr->state) == PB_BROKER_STARTING;
         if (!(s = sentinel_start(cp, starting ? START_WAIT_MS : 0)))
             return;
         p->sentinel = s;
