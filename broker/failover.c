@@ -108,8 +108,8 @@ void failover_drain(pool *p, const char *server, const char *why)
         closed += !PH_UP(c->phase);
     }
     if (strcmp(p->failed, srv) != 0) {
-        log_warn("pool %s: server %s failed (%s): %u other connection%s to it drained (%u closed now, the rest "
-                 "at release); reconnecting",
+        log_warn("pool %s: server %s failed (%s): its %u connection%s drained (%u closed now, the rest at "
+                 "release); reconnecting",
                  p->cf->name, srv, why, marked, marked == 1 ? "" : "s", closed);
         snprintf(p->failed, sizeof p->failed, "%s", srv);
         snprintf(p->failed_why, sizeof p->failed_why, "%s", why);

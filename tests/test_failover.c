@@ -10,11 +10,15 @@
  * server's port, release, in a loop; a reader SELECTs through "ro".  The
  * primary is stopped with an immediate shutdown (pg_ctl -m immediate stop),
  * a second later the standby is promoted (pg_ctl promote).  Then:
- * writes resume on the new primary within 5 s of the promotion; every
+ * writes resume on the new primary within 5 s of pg_ctl promote; every
  * INSERT a writer saw committed is on the new primary; once a write reached
  * the new primary no write gets 25006 (read-only transaction); no acquire or
  * command ran past its timeout; the reader on the standby never failed;
- * shmstat shows the new server and one failover.
+ * shmstat shows the new server and one failover.  Then the new primary is
+ * made read-only (default_transaction_read_only) under a lease of pool
+ * "rw1": the INSERT's 25006 drains the server, no later lease writes to it
+ * (acquires fail fast), and once writable again it serves with no failover
+ * counted.
  *
  * Redis: a master, a replica and three sentinels (quorum 2,
  * down-after-milliseconds 1000) that require a password.  Pool "fo" has
@@ -44,6 +48,8 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include <libpq-fe.h>
 
 #include "harness.h"
 #include "poolbroker.h"
@@ -162,8 +168,13 @@ static int pg_setup(void **state)
              "[pool ro]\n"
              "type = postgres\n"
              "conninfo = %s target_session_attrs=prefer-standby application_name=pbfo_ro\n"
-             "min_size = 1\nmax_size = 2\nacquire_timeout_ms = %d\ncommand_timeout_ms = %d\n",
-             ci, ACQ_MS, CMD_MS, ci, ACQ_MS, CMD_MS);
+             "min_size = 1\nmax_size = 2\nacquire_timeout_ms = %d\ncommand_timeout_ms = %d\n"
+             "\n"
+             "[pool rw1]\n"
+             "type = postgres\n"
+             "conninfo = %s target_session_attrs=read-write application_name=pbfo_rw1\n"
+             "min_size = 1\nmax_size = 1\nacquire_timeout_ms = %d\n",
+             ci, ACQ_MS, CMD_MS, ci, ACQ_MS, CMD_MS, ci, ACQ_MS);
     return th_broker_start(&penv, pools);
 }
 
@@ -263,8 +274,9 @@ static void test_pg_promotion(void **state)
     assert_int_equal(th_pg_stop(&penv), 0);
     pbt_sleep_ms(1000);
     long reads_gap = atomic_load(&sh->reads_ok);
+    double t_promote = pbt_now_ms();    /* pg_ctl promote -w returns once it sees the promotion done */
     assert_int_equal(th_pg_promote(&penv, 20000), 0);
-    double t_promote = pbt_now_ms();
+    double t_promoted = pbt_now_ms();
     reads_gap = atomic_load(&sh->reads_ok) - reads_gap;
     while (atomic_load(&sh->ok_new) < 200 && pbt_now_ms() - t_promote < 20000)
         pbt_sleep_ms(20);
@@ -301,12 +313,14 @@ static void test_pg_promotion(void **state)
     long long failovers = pbt_json_pool_num(json, "rw", "failovers");
     snprintf(want, sizeof want, "127.0.0.1:%d", penv.standby_port);
     print_message("PostgreSQL failover: %ld writes before the stop, %ld acknowledged in all (%ld on the new "
-                  "primary, %d rows there), %ld missing; primary stopped, promoted %.0f ms later; first write "
-                  "to the new primary %.0f ms after the promotion (%.0f ms after the stop); %ld x 25006 (%ld "
+                  "primary, %d rows there), %ld missing; primary stopped, pg_ctl promote %.0f ms later (it "
+                  "took %.0f ms); first write to the new primary %.0f ms after pg_ctl promote began (%.0f ms "
+                  "after the stop); %ld x 25006 (%ld "
                   "after that first write); acquires failed %ld, commands failed %ld, other errors %ld; slowest "
                   "acquire %.0f ms (limit %d), slowest command %.0f ms (limit %d), %ld past the limit; reads on "
                   "the standby during the outage: %ld ok, %ld failed in all; shmstat: server %s, %lld failover(s)\n",
-                  before, acked, atomic_load(&sh->ok_new), rows, missing, t_promote - t_stop, gap, first - t_stop,
+                  before, acked, atomic_load(&sh->ok_new), rows, missing, t_promote - t_stop,
+                  t_promoted - t_promote, gap, first - t_stop,
                   atomic_load(&sh->readonly), atomic_load(&sh->ro_after), atomic_load(&sh->acq_fail),
                   atomic_load(&sh->cmd_fail), atomic_load(&sh->other_err), atomic_load(&sh->worst_acq_ms), ACQ_MS,
                   atomic_load(&sh->worst_cmd_ms), CMD_MS, atomic_load(&sh->late), reads_gap,
@@ -324,6 +338,104 @@ static void test_pg_promotion(void **state)
     assert_int_equal(failovers, 1);
     assert_int_equal(th_wait_log(&penv, "failover: now connected to", 1, 1000), 0);
     munmap(sh, sizeof *sh);
+}
+
+/* Run sql on a connection of the test's own to the promoted server; 0 or -1. */
+static int on_new_primary(const char *sql)
+{
+    char ci[256];
+    snprintf(ci, sizeof ci, "host=127.0.0.1 port=%d user=postgres dbname=postgres sslmode=disable "
+             "options='-c default_transaction_read_only=off'", penv.standby_port);
+    PGconn *pg = PQconnectdb(ci);
+    int ok = PQstatus(pg) == CONNECTION_OK;
+    PGresult *r = ok ? PQexec(pg, sql) : NULL;
+    ok = ok && (PQresultStatus(r) == PGRES_COMMAND_OK || PQresultStatus(r) == PGRES_TUPLES_OK);
+    if (!ok)
+        fprintf(stderr, "test_failover: %s: %s\n", sql, PQerrorMessage(pg));
+    PQclear(r);
+    PQfinish(pg);
+    return ok ? 0 : -1;
+}
+
+/* After the promotion: the new primary turns read-only under a lease
+ * (default_transaction_read_only, reloaded).  The lease's INSERT gets
+ * SQLSTATE 25006, which the broker reads in the reply stream: it drains
+ * the server (the lease's connection closes at release) and hands no
+ * connection to it while it stays read-only (acquires fail fast); made
+ * writable again, it serves, and that is no failover. */
+static void test_pg_turns_read_only(void **state)
+{
+    (void)state;
+    pb_client *c = pbt_cli(&penv);
+    pb_lease *l = NULL;
+    int rc = PB_ETIMEDOUT;
+    for (double t0 = pbt_now_ms(); (rc = pb_acquire(c, "rw1", ACQ_MS, &l)) != PB_OK && pbt_now_ms() - t0 < 20000;)
+        pbt_sleep_ms(50);
+    assert_int_equal(rc, PB_OK);
+    assert_int_equal(pbt_pg_int(l, "SELECT inet_server_port()"), penv.standby_port);
+    long long failovers = pbt_pool_counter(&penv, "rw1", "failovers");
+    assert_int_equal(on_new_primary("ALTER SYSTEM SET default_transaction_read_only = on"), 0);
+    assert_int_equal(on_new_primary("SELECT pg_reload_conf()"), 0);
+    /* The backend applies the reload between commands. */
+    pb_result *r = NULL;
+    const char *code = NULL;
+    for (double t0 = pbt_now_ms(); pbt_now_ms() - t0 < 10000; pbt_sleep_ms(50)) {
+        pb_result_free(r);
+        r = NULL;
+        assert_int_equal(pb_pg_exec(l, "INSERT INTO fo VALUES (99, 0) ON CONFLICT DO NOTHING", &r), PB_OK);
+        if (pb_result_status(r) == PB_RES_ERROR && (code = pb_error_field(r, 'C')) != NULL)
+            break;
+    }
+    assert_non_null(code);
+    assert_string_equal(code, "25006");
+    pb_result_free(r);
+    assert_int_equal(th_wait_log(&penv, "failed (SQLSTATE 25006 (read-only transaction))", 1, 5000), 0);
+    pb_release(l);
+    /* Known read-only: no write reaches it; acquires fail fast meanwhile. */
+    int ro = 0, backend = 0, other = 0;
+    for (double t0 = pbt_now_ms(); pbt_now_ms() - t0 < 1500; pbt_sleep_ms(20)) {
+        double t1 = pbt_now_ms();
+        rc = pb_acquire(c, "rw1", ACQ_MS, &l);
+        assert_true(pbt_now_ms() - t1 < ACQ_MS + SLACK_MS);
+        if (rc == PB_EBACKEND) {
+            backend++;
+            continue;
+        }
+        if (rc != PB_OK) {
+            other++;
+            continue;
+        }
+        r = NULL;
+        if (pb_pg_exec(l, "INSERT INTO fo VALUES (99, 1) ON CONFLICT DO NOTHING", &r) == PB_OK &&
+            pb_result_status(r) == PB_RES_ERROR && strcmp(pb_error_field(r, 'C'), "25006") == 0)
+            ro++;
+        pb_result_free(r);
+        pb_release(l);
+    }
+    /* Writable again: served, on the same server, and no failover. */
+    assert_int_equal(on_new_primary("ALTER SYSTEM RESET default_transaction_read_only"), 0);
+    assert_int_equal(on_new_primary("SELECT pg_reload_conf()"), 0);
+    double t_back = pbt_now_ms();
+    rc = PB_ETIMEDOUT;
+    while ((rc = pb_acquire(c, "rw1", ACQ_MS, &l)) != PB_OK && pbt_now_ms() - t_back < 20000)
+        pbt_sleep_ms(20);
+    double back_ms = pbt_now_ms() - t_back;
+    assert_int_equal(rc, PB_OK);
+    r = NULL;
+    assert_int_equal(pb_pg_exec(l, "INSERT INTO fo VALUES (99, 2) ON CONFLICT DO NOTHING", &r), PB_OK);
+    int status = pb_result_status(r);
+    pb_result_free(r);
+    pb_release(l);
+    long long after = pbt_pool_counter(&penv, "rw1", "failovers");
+    print_message("new primary made read-only under a lease: 25006 seen once, then %d x 25006, %d PB_EBACKEND, %d "
+                  "other errors while read-only; writable again: served after %.0f ms; failovers %lld -> %lld\n",
+                  ro, backend, other, back_ms, failovers, after);
+    assert_int_equal(ro, 0);
+    assert_true(backend > 0);
+    assert_int_equal(other, 0);
+    assert_int_equal(status, PB_RES_COMMAND_OK);
+    assert_int_equal(after, failovers);
+    assert_int_equal(th_wait_log(&penv, "serves again after SQLSTATE 25006", 1, 5000), 0);
 }
 
 /* ------------------------------------------------------------------ Redis */
@@ -514,6 +626,7 @@ int main(void)
     pbt_apply_test_filter();
     const struct CMUnitTest pg_tests[] = {
         T(test_pg_promotion),
+        T(test_pg_turns_read_only),
     };
     int failed = cmocka_run_group_tests_name("failover_pg", pg_tests, pg_setup, pg_teardown);
     const struct CMUnitTest redis_tests[] = {
