@@ -407,7 +407,8 @@ static void test_pg_turns_read_only(void **state)
         }
         r = NULL;
         if (pb_pg_exec(l, "INSERT INTO fo VALUES (99, 1) ON CONFLICT DO NOTHING", &r) == PB_OK &&
-            pb_result_status(r) == PB_RES_ERROR && strcmp(pb_error_field(r, 'C'), "25006") == 0)
+            pb_result_status(r) == PB_RES_ERROR && pb_error_field(r, 'C') &&
+            strcmp(pb_error_field(r, 'C'), "25006") == 0)
             ro++;
         pb_result_free(r);
         pb_release(l);
