@@ -29,7 +29,7 @@ endif
 # /health) and into shmstat.
 SHMVIEW_SRC := common/shmview_load.c common/shmview_text.c common/shmview_json.c common/shmview_prom.c
 BROKER_SRC := broker/main.c broker/log.c broker/conf.c broker/loop.c broker/loop_uring.c \
-              broker/loop_epoll.c broker/shm.c broker/attach.c broker/control.c broker/pool.c broker/slot.c broker/conn.c broker/connio.c broker/release.c broker/pg.c \
+              broker/loop_epoll.c broker/shm.c broker/attach.c broker/control.c broker/pool.c broker/slot.c broker/conn.c broker/connio.c broker/release.c broker/txn.c broker/pg.c \
               broker/redis.c broker/janitor.c broker/failover.c broker/sentinel.c broker/cancel.c broker/reload.c broker/tls.c broker/metrics.c \
               $(SHMVIEW_SRC)
 CLIENT_SRC := client/client.c client/attachcheck.c client/pg.c client/pgproto.c client/redis.c client/async.c client/compat.c
@@ -46,10 +46,13 @@ INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops \
                test_reclaim test_misuse test_max_lease test_fairness test_kill_storm test_broker_death \
                test_tls \
                test_access test_secrets test_rogue \
-               test_async test_republish test_limits test_shrink test_not_ready test_redis_session \
+               test_async test_republish test_limits test_shrink test_not_ready test_redis_session test_txn \
                test_failover
 # Script-level tests of the tools (tests/*.sh), run once (not per io backend).
 SCRIPT_TESTS := test_tools
+# Integration files run once more with every pool in transaction mode
+# (PB_POOL_MODE=transaction; the cases whose semantics differ skip there).
+TXN_TESTS := test_pg test_redis test_reclaim
 TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%) $(BUILD)/tests/noring \
              $(SCRIPT_TESTS:%=$(BUILD)/tests/%) $(BUILD)/tests/shmstat_fixture
 
@@ -173,7 +176,7 @@ $(BUILD)/tests/test_slots: tests/test_slots.c include/pb_shm.h
 
 # The connection state machine with a fake driver and a fake loop.  Built
 # without PB_DEBUG: it checks that impossible phase changes are refused.
-CONN_SRC := broker/pool.c broker/slot.c broker/conn.c broker/connio.c broker/release.c broker/failover.c broker/loop.c broker/log.c
+CONN_SRC := broker/pool.c broker/slot.c broker/conn.c broker/connio.c broker/release.c broker/txn.c broker/failover.c broker/loop.c broker/log.c
 $(BUILD)/tests/test_conn: tests/test_conn.c $(CONN_SRC)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -UPB_DEBUG -Ibroker $^ -o $@ $(LDFLAGS) -lcmocka
@@ -239,7 +242,7 @@ deps:
 test: deps all $(TEST_BINS) $(if $(SANITIZE),,python)
 	@/usr/bin/python3 tools/check-docs $(BUILD)
 	@$(MAKE) --no-print-directory fuzz-regress fuzz-smoke
-	@PB_PYTEST=1 PB_SANITIZE=$(SANITIZE) bash tests/run-tests $(BUILD) $(UNIT_TESTS) -- $(INTEG_TESTS) -- $(SCRIPT_TESTS)
+	@PB_PYTEST=1 PB_SANITIZE=$(SANITIZE) bash tests/run-tests $(BUILD) $(UNIT_TESTS) -- $(INTEG_TESTS) -- $(SCRIPT_TESTS) -- $(TXN_TESTS)
 
 # Config keys, exported symbols and error codes are documented; no document
 # links a missing file (tools/check-docs says what it checks).

@@ -1025,8 +1025,8 @@ int main(int argc, char **argv)
         if (!o.mode)
             o.mode = "poolbroker";
         if (!o.pool)
-            o.pool = "main";
-        if (strcmp(o.mode, "poolbroker") == 0)
+            o.pool = strcmp(o.mode, "poolbroker-txn") == 0 ? "tmain" : "main";
+        if (strcmp(o.mode, "poolbroker") == 0 || strcmp(o.mode, "poolbroker-txn") == 0)
             return run_workers(&pg_pb, &o);
         if (!o.conninfo) {
             fprintf(stderr, "bench pg --mode %s needs --conninfo\n", o.mode);
@@ -1040,8 +1040,8 @@ int main(int argc, char **argv)
         if (!o.mode)
             o.mode = "poolbroker";
         if (!o.pool)
-            o.pool = "cache";
-        if (strcmp(o.mode, "poolbroker") == 0)
+            o.pool = strcmp(o.mode, "poolbroker-txn") == 0 ? "tcache" : "cache";
+        if (strcmp(o.mode, "poolbroker") == 0 || strcmp(o.mode, "poolbroker-txn") == 0)
             return run_workers(&redis_pb, &o);
         if (strcmp(o.mode, "twemproxy") == 0 || strcmp(o.mode, "direct") == 0)
             return run_workers(&redis_direct, &o);

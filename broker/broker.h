@@ -133,6 +133,11 @@ typedef struct conn {
      * report it.  Nonzero pins a transaction-mode lease to this connection;
      * build_reset undoes exactly these and clears them. */
     uint32_t sstate;
+    /* Not a phase: the last request ended mid-way through an extended-query
+     * exchange (Parse/Bind/Execute with no Sync yet: a pipeline sent in
+     * pieces), so the backend holds state the next piece needs.  Set by the
+     * driver's frame_request; pins a transaction-mode lease like sstate. */
+    uint8_t partial;
     /* Not a phase: a property of the connection in any connected phase (a
      * leased one stays leased until its holder has read io_error). */
     int broken;              /* I/O failed: close as soon as nobody holds it */
@@ -149,6 +154,20 @@ typedef struct conn {
                                     decrements once the server has signalled the backend) */
     uint64_t cancel_deadline_ms; /* close the connection if it has not answered by then */
     uint32_t settings_gen;   /* the pool's settings_gen when this connection was started */
+
+    /* Transaction pooling (txn.c).  In a pool_mode = transaction pool the
+     * slots clients lease are handles (handle = 1: a request buffer and a
+     * reply ring, never a backend of their own) and the backend connections
+     * are separate conns whose slot record is private to the broker (home).
+     * A backend serving a handle takes the handle's slot view (slot, index,
+     * req, rep, ring positions) for as long as it is bound: everything in
+     * connio.c and release.c then works on it as on a session-mode slot. */
+    struct conn *bound;      /* handle: its backend, or NULL; backend: its handle, or NULL */
+    pb_shm_slot *home;       /* backend: its private slot record; NULL elsewhere */
+    uint32_t home_index;     /* backend: its number in the pool, for the log while home */
+    uint8_t handle;          /* this conn is a handle (transaction mode) */
+    uint8_t queued;          /* handle: its statement waits in the pool's queue for a backend */
+    uint64_t queued_ms;      /* handle: when it started waiting */
 } conn;
 
 typedef struct waiter {
@@ -177,6 +196,14 @@ typedef struct pool {
     int not_ready;           /* the server said "not ready yet" (DRV_NOT_READY) and has not
                                 served a connect since: logged once, not every 20 */
     int removed;             /* dropped by a reload: close as leases return */
+    /* Transaction mode (txn.c): conns[] are the handles clients lease;
+     * backs[] the backend connections.  Session mode: backs is NULL and
+     * conns[] are both. */
+    conn *backs;
+    uint32_t nbacks;
+    pb_shm_slot *homes;      /* the backends' private slot records (not in the segment) */
+    conn **tq;               /* FIFO of handles whose statement waits for a backend (nconns) */
+    uint32_t tq_head, tq_len;
     /* failover.c: following a failover (conf_pool.follow) */
     char server[PB_SERVER_MAX]; /* the server the newest connection reached ("" none yet) */
     char failed[PB_SERVER_MAX]; /* a server whose connections were drained and that no
@@ -189,6 +216,14 @@ typedef struct pool {
     int master_port;
     int sentinel_reask;      /* failover.c asks sentinel.c to ask the sentinels again */
 } pool;
+
+/* The backend connections of p: conns[] in session mode, backs[] in
+ * transaction mode. */
+#define POOL_BACKENDS(p)  ((p)->backs ? (p)->backs : (p)->conns)
+#define POOL_NBACKENDS(p) ((p)->backs ? (p)->nbacks : (p)->nconns)
+/* A slot record the broker alone sees (a transaction-mode backend at home):
+ * no free-map bit, no client. */
+#define CONN_AT_HOME(c)   ((c)->home && (c)->slot == (c)->home)
 
 typedef struct client {
     uint32_t idx;            /* record index */
@@ -293,6 +328,7 @@ void slot_put_free(conn *c);
 int slot_grant(conn *c, uint32_t client_id, uint64_t *leased);
 void slot_repair(conn *c, uint64_t seen, unsigned state);
 void freemap_clear(pool *p, uint32_t local);
+void conn_freemap_clear(conn *c);
 
 /* pool.c */
 int pools_init(broker *b);
@@ -306,11 +342,13 @@ void pool_maybe_grow(pool *p);
  * handed on, and the janitor flags leased ones PB_SF_RETIRE. */
 int pool_over_max(const pool *p);
 void pool_serve_waiters(pool *p);
+void pool_offer_handle(conn *h);
 void pool_enqueue_waiter(pool *p, client *cl, uint32_t ticket);
 void pool_cancel_waiter(pool *p, client *cl, uint32_t ticket);
 void pool_drop_client_waiters(broker *b, client *cl);
 void pool_fail_waiters(pool *p, int err);
 void conn_submit(conn *c, uint64_t lease_word, uint32_t seq);
+void conn_fail_submit(conn *c, int err, uint32_t seq);
 void conn_release(conn *c, uint64_t word);
 void conn_drained(conn *c);
 void conn_watch(conn *c, uint64_t lease_word);
@@ -339,6 +377,20 @@ void conn_settle(conn *c);
 unsigned cancel_delivered(void);
 void cancel_shutdown(void);
 void conn_command_timeout(conn *c);
+
+/* txn.c: transaction pooling */
+int txn_setup(pool *p);
+void txn_free(pool *p);
+void txn_submit(conn *h, uint64_t lease_word, uint32_t seq);
+void txn_release(conn *h, uint64_t word, int reclaim, const char *why);
+void txn_watch(conn *h, uint64_t lease_word);
+void txn_drained(conn *h);
+int txn_offer_backend(conn *b);
+void txn_maybe_unbind(conn *b);
+void txn_return_handle(conn *b);
+void txn_unbind_for_close(conn *b);
+void txn_fail_queue(pool *p, int err);
+void txn_janitor(broker *b, pool *p);
 
 /* janitor.c */
 void janitor_run(broker *b);

@@ -111,6 +111,7 @@ static int set_metrics_listen(parser *p, void *obj, const keydef *k, char *val);
 static int set_type(parser *p, void *obj, const keydef *k, char *val);
 static int set_password_file(parser *p, void *obj, const keydef *k, char *val);
 static int set_reset(parser *p, void *obj, const keydef *k, char *val);
+static int set_pool_mode(parser *p, void *obj, const keydef *k, char *val);
 static int set_conninfo(parser *p, void *obj, const keydef *k, char *val);
 static int set_sentinels(parser *p, void *obj, const keydef *k, char *val);
 static int set_sentinel_password_file(parser *p, void *obj, const keydef *k, char *val);
@@ -148,7 +149,7 @@ enum {
     PK_USER, PK_DB, PK_MIN_SIZE, PK_MAX_SIZE, PK_SLOTS, PK_ACQUIRE_TIMEOUT_MS,
     PK_COMMAND_TIMEOUT_MS, PK_MAX_LIFETIME_S, PK_IDLE_TIMEOUT_S, PK_MAX_USES,
     PK_VALIDATE_AFTER_IDLE_MS, PK_RESET, PK_LEAK_THRESHOLD_MS, PK_MAX_LEASE_MS,
-    PK_REQUEST_BUFFER, PK_REPLY_BUFFER, PK_SENTINELS, PK_SENTINEL_MASTER,
+    PK_REQUEST_BUFFER, PK_REPLY_BUFFER, PK_POOL_MODE, PK_SENTINELS, PK_SENTINEL_MASTER,
     PK_SENTINEL_PASSWORD_FILE, PK_SENTINEL_ROLE, PK_COUNT
 };
 
@@ -176,6 +177,7 @@ static const keydef pool_keys[PK_COUNT] = {
     [PK_MAX_LEASE_MS]          = { "max_lease_ms", K_U32, T_ANY, PF(max_lease_ms), 0, UINT32_MAX, NULL, NULL },
     [PK_REQUEST_BUFFER]        = { "request_buffer", K_SIZE, T_ANY, PF(request_buffer), 1 * KIB, 64 * MIB, NULL, NULL },
     [PK_REPLY_BUFFER]          = { "reply_buffer", K_SIZE_POW2, T_ANY, PF(reply_buffer), 4 * KIB, 256 * MIB, NULL, NULL },
+    [PK_POOL_MODE]             = { "pool_mode", K_FUNC, T_ANY, 0, 0, 0, NULL, set_pool_mode },
     [PK_SENTINELS]             = { "sentinels", K_FUNC, T_REDIS, 0, 0, 0, NULL, set_sentinels },
     [PK_SENTINEL_MASTER]       = { "sentinel_master", K_STR, T_REDIS, PF(sentinel_master), 0, 0, NULL, NULL },
     [PK_SENTINEL_PASSWORD_FILE]= { "sentinel_password_file", K_FUNC, T_REDIS, 0, 0, 0, NULL, set_sentinel_password_file },
@@ -603,6 +605,18 @@ static int set_type(parser *p, void *obj, const keydef *k, char *val)
     return 0;
 }
 
+static int set_pool_mode(parser *p, void *obj, const keydef *k, char *val)
+{
+    conf_pool *cp = obj;
+    if (strcmp(val, "session") == 0)
+        cp->pool_mode = PB_MODE_SESSION;
+    else if (strcmp(val, "transaction") == 0)
+        cp->pool_mode = PB_MODE_TRANSACTION;
+    else
+        return fail_key(p, p->line, k->name, "unknown pool mode '%.32s' (expected session or transaction)", val);
+    return 0;
+}
+
 static int set_reset(parser *p, void *obj, const keydef *k, char *val)
 {
     conf_pool *cp = obj;
@@ -807,11 +821,9 @@ static int set_conninfo(parser *p, void *obj, const keydef *k, char *val)
             char one[16];
             uint64_t pv;
             if (n > 0) {
-                /* memcpy, not snprintf("%.*s"): gcc's -fsanitize builds
-                 * take s for a null argument there and fail the build. */
-                size_t cut = n < sizeof one - 1 ? n : sizeof one - 1;
-                memcpy(one, s, cut);
-                one[cut] = '\0';
+                size_t k1 = n < sizeof one - 1 ? n : sizeof one - 1;
+                memcpy(one, s, k1);         /* not snprintf "%.*s": GCC's sanitizer build calls s null */
+                one[k1] = 0;
                 /* A port that is not digits is shown as such, never echoed:
                  * in a URI without '@' (postgresql://user:secret), libpq
                  * reads the password as host:port. */

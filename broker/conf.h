@@ -62,6 +62,7 @@ typedef struct conf_pool {
     uint32_t idle_timeout_s;        /* default 300; 0 = never */
     uint64_t max_uses;              /* default 0 = unlimited */
     uint32_t validate_after_idle_ms;/* default 30000; 0 = never */
+    int pool_mode;                  /* PB_MODE_*; key pool_mode: session (default) | transaction */
     int reset_policy;               /* PB_RESET_*; key reset: rollback | discard_all | <SQL> */
     char *reset_sql;                /* the custom SQL when PB_RESET_CUSTOM */
     uint32_t leak_threshold_ms;     /* default 10000; 0 = off */
@@ -106,10 +107,27 @@ void conf_free(conf *c);
 /* The pool named name, or NULL. */
 conf_pool *conf_find_pool(conf *c, const char *name);
 
-/* How many slots the pool gets when the segment is made. */
+/* Transaction mode without a 'slots' key: handles per backend connection
+ * (and at least TXN_MIN_HANDLES).  A handle costs its buffers' address space
+ * only until a worker touches them. */
+#define TXN_HANDLES_PER_CONN 8u
+#define TXN_MIN_HANDLES      64u
+
+/* How many slots the pool gets when the segment is made: connections in
+ * session mode, lease handles in transaction mode. */
 static inline uint32_t conf_pool_slots(const conf_pool *cp)
 {
-    return cp->slots > cp->max_size ? cp->slots : cp->max_size;
+    uint32_t n = cp->slots > cp->max_size ? cp->slots : cp->max_size;
+    if (cp->pool_mode == PB_MODE_TRANSACTION && !cp->slots) {
+        uint64_t t = (uint64_t)cp->max_size * TXN_HANDLES_PER_CONN;
+        if (t < TXN_MIN_HANDLES)
+            t = TXN_MIN_HANDLES;
+        if (t > PB_MAX_POOL_SLOTS)
+            t = PB_MAX_POOL_SLOTS;
+        if (t > n)
+            n = (uint32_t)t;
+    }
+    return n;
 }
 
 #endif /* PB_CONF_H */

@@ -116,6 +116,8 @@ int conn_set_phase(conn *c, enum conn_phase to)
         c->broken = 0;
         conn_expect_clear(c);
         c->txn = 'I';
+        c->sstate = 0;
+        c->partial = 0;
         c->submit_deferred = c->watch = 0;
         c->to_sink = 0;
         c->error[0] = 0;
@@ -184,6 +186,8 @@ void conn_next(conn *c)
         return;
     case PH_READY:
         conn_retry_deferred(c);
+        if (c->bound)
+            txn_maybe_unbind(c);
         return;
     default:
         return;
@@ -375,7 +379,7 @@ static void idle_readable(conn *c)
                                        command is answering (a FREE word then is a scribble) */
     if (!slot_take(c, &w, PB_SLOT_RESETTING))
         return;
-    freemap_clear(c->pool, conn_local(c));
+    conn_freemap_clear(c);
     char b;
     ssize_t n = recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
@@ -392,7 +396,6 @@ static void idle_readable(conn *c)
  * it now).  Waits for in-flight operations, then frees the driver state. */
 void conn_close(conn *c, const char *why)
 {
-    pool *p = c->pool;
     if (c->phase == PH_EMPTY || c->phase == PH_CLOSING)
         return;
     slog(LOG_LVL_DEBUG, c, "closing: %s", why);
@@ -400,10 +403,12 @@ void conn_close(conn *c, const char *why)
         conn_connect_failed(c, why);
         return;
     }
+    if (c->bound)
+        txn_unbind_for_close(c);    /* the slot word below is the backend's own */
     if (conn_set_phase(c, PH_CLOSING) != PB_OK)
         return;
     slot_set(c, PB_SLOT_CLOSING);
-    freemap_clear(p, conn_local(c));
+    conn_freemap_clear(c);
     if (c->fd >= 0)
         shutdown(c->fd, SHUT_RDWR);
     if (c->send_op.pending)

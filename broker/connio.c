@@ -111,7 +111,7 @@ void conn_on_send(ev_op *op, int res)
 }
 
 /* Fail the command the lease holder just submitted (nothing was sent). */
-static void fail_submit(conn *c, int err, uint32_t seq)
+void conn_fail_submit(conn *c, int err, uint32_t seq)
 {
     atomic_store(&c->slot->io_error, err);
     c->acked_seq = seq;
@@ -121,10 +121,14 @@ static void fail_submit(conn *c, int err, uint32_t seq)
 
 void conn_submit(conn *c, uint64_t lease_word, uint32_t seq)
 {
+    if (c->handle) {
+        txn_submit(c, lease_word, seq);     /* transaction mode: bind a backend first */
+        return;
+    }
     if (seq == c->acked_seq)
         return;                     /* nothing new */
     if (c->broken || !PH_UP(c->phase)) {
-        fail_submit(c, PB_EBACKEND, seq);
+        conn_fail_submit(c, PB_EBACKEND, seq);
         return;
     }
     /* One request in the private buffer at a time, never while replies
@@ -140,14 +144,14 @@ void conn_submit(conn *c, uint64_t lease_word, uint32_t seq)
     if (len == 0 || len > c->req_size) {
         slog(LOG_LVL_WARN, c, "request length %u impossible (buffer %u): rejected", len, c->req_size);
         shm_note_repair(&B);
-        fail_submit(c, PB_EPROTO, seq);
+        conn_fail_submit(c, PB_EPROTO, seq);
         return;
     }
     c->sbuf.len = c->soff = 0;
     /* Copy first, then validate the copy: the client cannot change what we
      * checked after we checked it. */
     if (drv_buf_append(&c->sbuf, c->req, len) != PB_OK) {
-        fail_submit(c, PB_ENOMEM, seq);
+        conn_fail_submit(c, PB_ENOMEM, seq);
         return;
     }
     uint32_t nrep = 0;
@@ -162,7 +166,7 @@ void conn_submit(conn *c, uint64_t lease_word, uint32_t seq)
             slog(LOG_LVL_WARN, c, "malformed request rejected: %s", why ? why : "bad framing");
             shm_note_repair(&B);
         }
-        fail_submit(c, frc == PB_ENOMEM ? PB_ENOMEM : PB_EPROTO, seq);
+        conn_fail_submit(c, frc == PB_ENOMEM ? PB_ENOMEM : PB_EPROTO, seq);
         return;
     }
     if (why)
@@ -176,9 +180,12 @@ void conn_submit(conn *c, uint64_t lease_word, uint32_t seq)
     /* What we now owe, before the ack: a holder that sees the ack sees it. */
     atomic_store(&c->slot->rep_owed, c->expect);
     c->acked_seq = seq;
-    atomic_store_explicit(&c->slot->req_ack, seq, memory_order_release);
-    /* The holder may be waiting for its request buffer (pipelining, COPY). */
-    pb_futex_wake(&c->slot->rep_futex, &c->slot->rep_sleeping);
+    atomic_store(&c->slot->req_ack, seq);
+    /* Only a holder waiting for its request buffer (pipelining, COPY) is
+     * woken by the ack; one asleep for its reply is woken by the reply (a
+     * wake here would cost it a second context switch per query). */
+    if (atomic_load(&c->slot->req_waiting))
+        pb_futex_wake(&c->slot->rep_futex, &c->slot->rep_sleeping);
     c->cmd_word = lease_word;
     c->to_sink = 0;
     conn_send_private(c);
@@ -234,6 +241,10 @@ void conn_arm_recv(conn *c)
 /* The holder wants what the server sends unasked (LISTEN). */
 void conn_watch(conn *c, uint64_t lease_word)
 {
+    if (c->handle) {
+        txn_watch(c, lease_word);
+        return;
+    }
     if (c->broken || c->phase != PH_READY)
         return;
     if (c->expect && c->cmd_word != lease_word)
@@ -246,6 +257,10 @@ void conn_watch(conn *c, uint64_t lease_word)
 
 void conn_drained(conn *c)
 {
+    if (c->handle) {
+        txn_drained(c);
+        return;
+    }
     if (atomic_exchange(&c->slot->rep_paused, 0))
         conn_arm_recv(c);
 }

@@ -14,7 +14,8 @@
  *     pool that wants the primary, that it is read-only (25006, -READONLY),
  *     every connection of the pool to S is marked suspect: free ones close
  *     at once, leased ones get PB_SF_RETIRE and close when they come back
- *     (never mid-lease: the holder's lease runs on until it releases);
+ *     (never mid-lease: the holder's lease runs on until it releases; in
+ *     transaction mode, a bound backend closes when its transaction ends);
  *   - new connections go through the host list again (libpq tries the hosts
  *     in order under target_session_attrs) or to the address the sentinels
  *     give now (sentinel.c), at once: the connect backoff is cleared;
@@ -75,7 +76,10 @@ void failover_connected(conn *c)
 }
 
 /* Take a suspect free connection back and close it; a leased one is flagged
- * to come back through the broker, which closes it then. */
+ * to come back through the broker, which closes it then.  In transaction
+ * mode a backend at home is taken from its private record the same way; a
+ * bound one closes when it is offered again at the end of its transaction
+ * (pool_offer), and the flag makes its handle's holder release through us. */
 static void retire_suspect(conn *c)
 {
     uint64_t w = atomic_load(&c->slot->word);
@@ -98,8 +102,9 @@ void failover_drain(pool *p, const char *server, const char *why)
      * start in that slot clears */
     snprintf(srv, sizeof srv, "%s", server);
     uint32_t marked = 0, closed = 0;
-    for (uint32_t k = 0; k < p->nconns; k++) {
-        conn *c = &p->conns[k];
+    conn *backs = POOL_BACKENDS(p);     /* transaction mode: the backends, not the handles */
+    for (uint32_t k = 0; k < POOL_NBACKENDS(p); k++) {
+        conn *c = &backs[k];
         if (!PH_UP(c->phase) || c->suspect || strcmp(c->server, srv) != 0)
             continue;
         c->suspect = 1;
@@ -141,8 +146,9 @@ void failover_tick(pool *p)
     if (p->cf->follow == PB_FOLLOW_NONE && !p->server[0])
         return;
     publish_server(p);
-    for (uint32_t k = 0; k < p->nconns; k++) {
-        conn *c = &p->conns[k];
+    conn *backs = POOL_BACKENDS(p);
+    for (uint32_t k = 0; k < POOL_NBACKENDS(p); k++) {
+        conn *c = &backs[k];
         if (c->suspect && PH_UP(c->phase))
             retire_suspect(c);      /* leased again through the free map before we flagged it */
     }

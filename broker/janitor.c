@@ -81,7 +81,7 @@ static int repair_word(broker *b, conn *c)
     case PH_VALIDATING: {
         if (!slot_take(c, &w, PB_SLOT_RECLAIMING))
             return 1;               /* changed under us: judge it next pass */
-        freemap_clear(c->pool, conn_local(c));
+        conn_freemap_clear(c);
         atomic_fetch_add_explicit(&c->pool->shm->reclaims, 1, memory_order_relaxed);
         conn_close(c, "slot word scribbled");
         return 1;
@@ -103,7 +103,9 @@ static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
     conf_pool *cp = p->cf;
     uint64_t now = b->now_ms;
 
-    if (repair_word(b, c))
+    /* A bound transaction-mode backend wears its handle's slot word: the
+     * handle's checks judge that (txn.c). */
+    if (!c->bound && repair_word(b, c))
         return;
 
     if (c->phase == PH_CONNECTING) {
@@ -122,6 +124,8 @@ static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
     if (!PH_UP(c->phase))
         return;
     conn_settle(c);
+    if (c->bound)
+        return;
     uint64_t w = atomic_load(&c->slot->word);
     unsigned st = PB_WORD_STATE(w);
 
@@ -197,8 +201,11 @@ void janitor_run(broker *b)
     for (uint32_t i = 0; i < b->npools; i++) {
         pool *p = &b->pools[i];
         uint32_t free_count = 0;
-        for (uint32_t k = 0; k < p->nconns; k++)
-            check_conn(b, p, &p->conns[k], &free_count);
+        conn *backs = POOL_BACKENDS(p);
+        for (uint32_t k = 0; k < POOL_NBACKENDS(p); k++)
+            check_conn(b, p, &backs[k], &free_count);
+        if (p->backs)
+            txn_janitor(b, p);
         uint32_t fixed = p->nconns ? pb_freemap_repair(p->shm, p->conns[0].slot, p->nconns) : 0;
         if (fixed)
             log_debug("pool %s: put %u lost free-map hint%s back", p->cf->name, fixed, fixed == 1 ? "" : "s");

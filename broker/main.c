@@ -95,11 +95,11 @@ static void sd_notify_status(broker *b, int ready)
     uint32_t live = 0, leased = 0;
     for (uint32_t s = 0; s < b->nslots; s++) {
         conn *c = b->slots[s];
-        if (!c || !PH_UP(c->phase))
-            continue;
-        live++;
-        leased += PB_WORD_STATE(atomic_load(&c->slot->word)) == PB_SLOT_LEASED;
+        if (c && (c->handle || PH_UP(c->phase)))
+            leased += PB_WORD_STATE(atomic_load(&c->slot->word)) == PB_SLOT_LEASED;
     }
+    for (uint32_t i = 0; i < b->npools; i++)
+        live += b->pools[i].live - b->pools[i].connecting;
     snprintf(msg, sizeof msg, "%sSTATUS=%u pools, %u connections (%u leased), %u clients, %s",
              ready ? "READY=1\n" : "", b->npools, live, leased, b->nattached,
              b->draining ? "draining" : "running");
@@ -115,9 +115,13 @@ static void on_doorbell(ev_op *op, int res)
     unsigned done = cancel_delivered();
     if (done != b->cancels_seen) {
         b->cancels_seen = done;
-        for (uint32_t s = 0; s < b->nslots; s++)
-            if (b->slots[s] && (b->slots[s]->phase == PH_AWAIT_CANCEL || b->slots[s]->submit_deferred))
-                conn_settle(b->slots[s]);
+        for (uint32_t i = 0; i < b->npools; i++) {
+            pool *p = &b->pools[i];
+            conn *backs = POOL_BACKENDS(p);
+            for (uint32_t k = 0; k < POOL_NBACKENDS(p); k++)
+                if (backs[k].phase == PH_AWAIT_CANCEL || backs[k].submit_deferred)
+                    conn_settle(&backs[k]);
+        }
     }
     if (!b->stop)
         loop_read(b->lp, &b->doorbell_op, b->doorbell_fd, &b->doorbell_val, sizeof b->doorbell_val);

@@ -176,9 +176,9 @@ static const char *refused_type(uint8_t t)
 
 static int pg_frame_request(conn *c, drv_buf *rq, uint32_t *nreplies, const char **why)
 {
-    (void)c;
     const uint8_t *req = rq->p;
     uint32_t len = rq->len, off = 0, n = 0;
+    uint8_t last = 0;
     *why = NULL;
     while (off < len) {
         if (len - off < 5) {
@@ -201,9 +201,14 @@ static int pg_frame_request(conn *c, drv_buf *rq, uint32_t *nreplies, const char
         }
         if (t == 'Q' || t == 'S')
             n++;                    /* each ends in exactly one ReadyForQuery */
+        last = t;
         off += 1 + mlen;
     }
     *nreplies = n;
+    /* Extended-query messages after the last Sync: the next piece of the
+     * pipeline must reach the same backend (COPY data is covered by the
+     * ReadyForQuery still owed). */
+    c->partial = last == 'P' || last == 'B' || last == 'D' || last == 'E' || last == 'C' || last == 'H';
     return PB_OK;
 }
 

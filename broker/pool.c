@@ -104,6 +104,13 @@ int pool_setup(broker *b, pool *p, uint32_t index, conf_pool *cp, uint32_t first
     pool_publish_limits(p);
     atomic_store(&sp->health, PB_HEALTH_HEALTHY);
     atomic_store(&sp->accepting, 1);
+    if (cp->pool_mode == PB_MODE_TRANSACTION) {
+        /* Handles need no backend to be leased: all free from the start. */
+        if (txn_setup(p) < 0)
+            return -1;
+        for (uint32_t k = 0; k < p->nconns; k++)
+            slot_put_free(&p->conns[k]);
+    }
     return 0;
 }
 
@@ -137,6 +144,8 @@ void pools_free(broker *b)
         }
         free(p->conns);
         free(p->wq);
+        if (p->backs)
+            txn_free(p);
     }
     free(b->pools);
     free(b->slots);
@@ -224,6 +233,7 @@ void pool_fail_waiters(pool *p, int err)
             pb_futex_wake(&sc->wait_futex, &sc->wait_sleeping);
     }
     atomic_store(&p->shm->nwaiters, 0);
+    txn_fail_queue(p, err);
 }
 
 /* Give the broker-held slot of c to the first live waiter.  Returns 1 if it
@@ -283,6 +293,8 @@ void pool_offer(conn *c)
      * next one wait for its buffer. */
     c->acked_seq = atomic_load(&c->slot->req_seq);
     atomic_store(&c->slot->req_ack, c->acked_seq);
+    if (c->bound)
+        txn_return_handle(c);       /* transaction mode: the release is done */
     if (p->removed) {
         conn_close(c, "pool removed");
         return;
@@ -297,12 +309,37 @@ void pool_offer(conn *c)
      * janitor, while the pool was above max_size) is over; a lifetime or a
      * settings change would have closed it just now. */
     atomic_fetch_and(&c->slot->flags, ~PB_SF_RETIRE);
-    if (hand_to_waiter(c))
+    if (c->home ? txn_offer_backend(c) : hand_to_waiter(c))
         return;
     atomic_store(&c->slot->idle_ms, B.now_ms);
     conn_watch_idle(c);
     slot_put_free(c);
     /* A waiter may have queued between our look at the queue and now. */
+    if (!c->home && p->wq_len)
+        pool_serve_waiters(p);
+}
+
+/* A transaction-mode handle the broker holds (released, reclaimed, or
+ * unbound from a backend that came clean): to the first live waiter for a
+ * handle, else to the free map. */
+void pool_offer_handle(conn *h)
+{
+    pool *p = h->pool;
+    h->acked_seq = atomic_load(&h->slot->req_seq);
+    atomic_store(&h->slot->req_ack, h->acked_seq);
+    atomic_store(&h->slot->io_error, 0);
+    atomic_store(&h->slot->rep_owed, 0);
+    atomic_store(&h->slot->flags, 0);
+    atomic_store(&h->slot->txn_status, 'I');
+    atomic_store(&h->slot->backend_pid, 0);
+    if (p->removed) {
+        slot_set(h, PB_SLOT_CLOSING);
+        return;
+    }
+    if (hand_to_waiter(h))
+        return;
+    atomic_store(&h->slot->idle_ms, B.now_ms);
+    slot_put_free(h);
     if (p->wq_len)
         pool_serve_waiters(p);
 }
@@ -313,7 +350,7 @@ void pool_serve_waiters(pool *p)
         conn *c = slot_pop_free(p);
         if (!c)
             break;
-        if (c->phase != PH_READY) {
+        if (c->phase != PH_READY && !c->handle) {
             /* A worker wrote FREE (and its bit) over a slot the broker is
              * busy with: the pop took the word back, the broker goes on. */
             slog(LOG_LVL_WARN, c, "free slot in phase %s: taken back", conn_phase_name(c->phase));
@@ -337,8 +374,8 @@ void pool_maybe_grow(pool *p)
      * worker can write those). */
     uint32_t min = p->cf->min_size;
     uint32_t max = p->cf->max_size;
-    if (max > p->nconns)
-        max = p->nconns;
+    if (max > POOL_NBACKENDS(p))
+        max = POOL_NBACKENDS(p);
     uint32_t target = min;
     /* A pool known down must keep probing (with backoff) even when
      * min_size is 0: acquires fail fast without queueing, so nothing else
@@ -346,14 +383,16 @@ void pool_maybe_grow(pool *p)
     if (target == 0 && p->live == 0 && p->health == PB_HEALTH_DOWN)
         target = 1;
     /* Grow for waiters, but not past what they can use. */
-    if (p->wq_len && p->live + p->wq_len > target)
-        target = p->live + p->wq_len;
+    uint32_t want = p->backs ? p->tq_len : p->wq_len;    /* statements / acquirers waiting */
+    if (want && p->live + want > target)
+        target = p->live + want;
     if (target > max)
         target = max;
     if (B.now_ms < p->backoff_until_ms)
         return;
-    for (uint32_t k = 0; k < p->nconns && p->live < target && p->connecting < MAX_CONNECTING; k++) {
-        conn *c = &p->conns[k];
+    conn *backs = POOL_BACKENDS(p);
+    for (uint32_t k = 0; k < POOL_NBACKENDS(p) && p->live < target && p->connecting < MAX_CONNECTING; k++) {
+        conn *c = &backs[k];
         /* A cancelled operation of the previous connection may still be on
          * its way back: ops are reused only once their callback has run. */
         if (c->phase == PH_EMPTY && !c->poll_op.pending && !c->send_op.pending && !c->recv_op.pending &&

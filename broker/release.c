@@ -26,7 +26,9 @@ static int should_retire(conn *c, const char **why)
         *why = "broken";
         return 1;
     }
-    if (p->cf->max_uses && atomic_load(&c->slot->uses) >= p->cf->max_uses) {
+    /* A transaction-mode backend counts its binds in its home record. */
+    pb_shm_slot *own = c->home ? c->home : c->slot;
+    if (p->cf->max_uses && atomic_load(&own->uses) >= p->cf->max_uses) {
         *why = "max_uses reached";
         return 1;
     }
@@ -58,6 +60,7 @@ static void start_private(conn *c, enum conn_phase ph, int n)
     c->cmd_start_ms = B.now_ms;
     c->cancel_sent = 0;
     c->reply_errors = 0;
+    c->partial = 0;                 /* our Query ends whatever exchange the lease left open */
     conn_expect_add(c, (uint32_t)n);
     conn_send_private(c);
 }
@@ -174,12 +177,20 @@ static void release_take(conn *c, uint64_t word, int reclaim)
 /* The holder gave the slot back (word: RELEASING, as read). */
 void conn_release(conn *c, uint64_t word)
 {
+    if (c->handle) {
+        txn_release(c, word, 0, NULL);
+        return;
+    }
     release_take(c, word, 0);
 }
 
 /* Take a lease back from a holder that died or overstayed. */
 void conn_take_back(conn *c, uint64_t word, const char *why)
 {
+    if (c->handle) {
+        txn_release(c, word, 1, why);
+        return;
+    }
     slog(LOG_LVL_INFO, c, "reclaiming lease: %s", why);
     release_take(c, word, 1);
 }

@@ -82,6 +82,13 @@ static const char *needs_restart(broker *b, conf *nc, char *why, size_t n)
             snprintf(why, n, "pool %s: type cannot change without a restart", np->name);
             return why;
         }
+        if (p->cf->pool_mode != np->pool_mode) {
+            /* The pool's slots are connections in one mode and lease
+             * handles in the other: the segment's layout differs. */
+            snprintf(why, n, "pool %s: pool_mode cannot change without a restart (its slots are %s)", np->name,
+                     p->cf->pool_mode == PB_MODE_TRANSACTION ? "lease handles" : "connections");
+            return why;
+        }
         if (p->cf->request_buffer != np->request_buffer || p->cf->reply_buffer != np->reply_buffer) {
             snprintf(why, n, "pool %s: request_buffer and reply_buffer cannot change without a restart",
                      np->name);
@@ -119,8 +126,9 @@ static const char *needs_restart(broker *b, conf *nc, char *why, size_t n)
 static void retire_all(pool *p, const char *why)
 {
     p->settings_gen++;              /* handshakes in flight are closed when they finish */
-    for (uint32_t k = 0; k < p->nconns; k++) {
-        conn *c = &p->conns[k];
+    conn *backs = POOL_BACKENDS(p);
+    for (uint32_t k = 0; k < POOL_NBACKENDS(p); k++) {
+        conn *c = &backs[k];
         if (PH_UP(c->phase)) {
             c->retire_at_ms = B.now_ms;     /* closed when next free */
             atomic_fetch_or(&c->slot->flags, PB_SF_RETIRE);

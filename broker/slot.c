@@ -38,6 +38,14 @@ void freemap_clear(pool *p, uint32_t local)
     atomic_fetch_and(&p->shm->freemap[local / 64], ~(1ull << (local % 64)));
 }
 
+/* The free-map bit of c's slot, cleared; a transaction-mode backend at home
+ * has a private record and no bit. */
+void conn_freemap_clear(conn *c)
+{
+    if (!CONN_AT_HOME(c))
+        freemap_clear(c->pool, conn_local(c));
+}
+
 /* Rule 1: *seen (as read) to state, owner 0; 1 if won.  On a loss *seen
  * holds the word that won. */
 int slot_take(conn *c, uint64_t *seen, unsigned state)
@@ -52,7 +60,7 @@ int slot_take_free(conn *c, unsigned state)
     uint64_t w = atomic_load(&c->slot->word);
     if (PB_WORD_STATE(w) != PB_SLOT_FREE || !slot_take(c, &w, state))
         return 0;
-    freemap_clear(c->pool, conn_local(c));
+    conn_freemap_clear(c);
     return 1;
 }
 
@@ -76,7 +84,8 @@ void slot_set(conn *c, unsigned state)
 void slot_put_free(conn *c)
 {
     slot_set(c, PB_SLOT_FREE);
-    pb_freemap_put(c->pool->shm, conn_local(c));
+    if (!CONN_AT_HOME(c))
+        pb_freemap_put(c->pool->shm, conn_local(c));
 }
 
 /* Rule 2: hand a broker-held slot to client_id, stamped as a new lease.
@@ -97,5 +106,5 @@ void slot_repair(conn *c, uint64_t seen, unsigned state)
 {
     atomic_store(&c->slot->word, PB_WORD_NEXT(seen, state, 0));
     if (state == PB_SLOT_EMPTY)
-        freemap_clear(c->pool, conn_local(c));
+        conn_freemap_clear(c);
 }

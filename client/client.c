@@ -942,10 +942,22 @@ static int req_buffer_free(pb_lease *l)
     return atomic_load_explicit(&l->s->req_ack, memory_order_acquire) == l->seq;
 }
 
+/* The request buffer is busy: ask the broker to wake us when it takes the
+ * request (req_waiting), then look again.  Seq_cst on both sides (the
+ * broker stores req_ack, then loads req_waiting): either we see the ack
+ * here, or the broker sees req_waiting and bumps rep_futex. */
+static int req_buffer_wait_armed(pb_lease *l)
+{
+    atomic_store(&l->s->req_waiting, 1);
+    return atomic_load(&l->s->req_ack) == l->seq;
+}
+
 /* Hand a request to the broker: the buffer must be free. */
 static int do_submit(pb_lease *l, const void *req, size_t len, uint32_t nreplies)
 {
     pb_shm_slot *sl = l->s;
+    if (atomic_load_explicit(&sl->req_waiting, memory_order_relaxed))
+        atomic_store_explicit(&sl->req_waiting, 0, memory_order_relaxed);
     memcpy(l->req, req, len);
     atomic_store_explicit(&sl->req_len, (uint32_t)len, memory_order_relaxed);
     atomic_store_explicit(&sl->req_seq, ++l->seq, memory_order_release);
@@ -959,8 +971,8 @@ int pbi_submit_nowait(pb_lease *l, const void *req, size_t len, uint32_t nreplie
 {
     if (len > l->req_size)
         return PB_ETOOBIG;
-    if (!req_buffer_free(l))
-        return PB_EBUSY;
+    if (!req_buffer_free(l) && !req_buffer_wait_armed(l))
+        return PB_EBUSY;            /* the ack will bump rep_futex */
     return do_submit(l, req, len, nreplies);
 }
 
@@ -972,6 +984,9 @@ int pbi_submit(pb_lease *l, const void *req, size_t len, uint32_t nreplies)
     if (len > l->req_size)
         return PB_ETOOBIG;
     for (;;) {
+        if (req_buffer_free(l))
+            break;
+        atomic_store(&l->s->req_waiting, 1);
         uint32_t seen = atomic_load(&l->s->rep_futex);
         if (req_buffer_free(l))
             break;

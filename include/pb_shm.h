@@ -126,6 +126,10 @@ enum pb_pool_type    { PB_POOL_POSTGRES = 1, PB_POOL_REDIS = 2 };
 enum pb_pool_health  { PB_HEALTH_HEALTHY = 0, PB_HEALTH_DEGRADED, PB_HEALTH_DOWN, PB_HEALTH_REMOVED };
 enum pb_io_backend   { PB_IO_NONE = 0, PB_IO_URING, PB_IO_EPOLL };
 
+/* Pool modes (pool_mode key): a lease owns a backend connection for the
+ * whole lease, or only while a transaction runs (PgBouncer's terms). */
+enum pb_pool_mode { PB_MODE_SESSION = 0, PB_MODE_TRANSACTION };
+
 /* Reset policies (pool reset key). */
 enum pb_reset_policy { PB_RESET_ROLLBACK = 0, PB_RESET_DISCARD_ALL, PB_RESET_CUSTOM };
 
@@ -244,6 +248,8 @@ typedef struct pb_shm_client {
 
 /* Flags in pb_shm_slot.client_flags (lease holder sets, broker reads on release). */
 #define PB_CF_DIRTY       0x01u     /* session state changed: reset on release */
+#define PB_CF_PIN         0x02u     /* pb_pin: the lease keeps its backend until release (transaction
+                                       mode) and the release resets everything (DISCARD ALL) */
 
 typedef struct pb_shm_slot {
     _Atomic uint64_t word;          /* slot word, CAS only (see above) */
@@ -266,7 +272,9 @@ typedef struct pb_shm_slot {
     _Atomic uint64_t reply_done;    /* broker: complete replies (RFQ / RESP) received */
     _Atomic uint32_t rep_owed;      /* broker: replies it still expects for the holder's commands
                                        (stored before req_ack, after rep_head/reply_done) */
-    _Atomic uint32_t pad3;
+    _Atomic uint32_t req_waiting;   /* client: 1 while it waits for req_ack (its request buffer
+                                       busy): only then does the broker's ack wake it, so a
+                                       holder asleep for its reply is woken once, by the reply */
     _Atomic uint64_t idle_ms;       /* CLOCK_MONOTONIC(_COARSE) ms when last freed: broker, or
                                        the client that released it straight to the free map */
     /* -- lease holder-written (the first two stamped by the granter) -- */

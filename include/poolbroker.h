@@ -113,7 +113,10 @@ PB_API int pb_acquire(pb_client *c, const char *pool, int timeout_ms, pb_lease *
  * it).  Either way the handle is freed all the same.  NULL is a no-op returning PB_EINVAL. */
 PB_API int pb_release(pb_lease *l);
 
-/* Backend process id of a lease's connection (for logs); -1 if stale. */
+/* Backend process id of a lease's connection (for logs); -1 if stale.  In a
+ * pool_mode = transaction pool, the backend that ran the lease's latest
+ * statement (a lease is bound per transaction), which before its first
+ * statement may be 0 or the backend of the slot's previous statement. */
 PB_API int pb_lease_backend_pid(const pb_lease *l);
 
 /* -------------------------------------------------------------- PostgreSQL */

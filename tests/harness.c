@@ -845,6 +845,41 @@ static int th_spawn_broker(th_env *e)
     return -1;
 }
 
+/* PB_POOL_MODE=transaction runs a test file's pools in that mode: a
+ * "pool_mode = ..." line goes after every [pool NAME] header of a section
+ * that does not set pool_mode itself.  Returns a new string (or NULL). */
+static char *with_pool_mode(char *body)
+{
+    const char *mode = getenv("PB_POOL_MODE");
+    if (mode == NULL || *mode == 0)
+        return body;
+    size_t n = strlen(body), extra = strlen(mode) + 16;
+    size_t cap = n + 1;
+    for (const char *q = body; (q = strstr(q, "[pool ")) != NULL; q++)
+        cap += extra;
+    char *out = malloc(cap), *o = out;
+    if (out == NULL) {
+        free(body);
+        return NULL;
+    }
+    for (const char *q = body; *q;) {
+        const char *eol = strchr(q, '\n');
+        size_t len = eol ? (size_t)(eol - q) + 1 : strlen(q);
+        memcpy(o, q, len);
+        o += len;
+        if (strncmp(q, "[pool ", 6) == 0) {
+            const char *next = strstr(q + len, "\n[");
+            const char *own = strstr(q + len, "pool_mode");
+            if (own == NULL || (next != NULL && own > next))
+                o += sprintf(o, "%spool_mode = %s\n", eol ? "" : "\n", mode);
+        }
+        q += len;
+    }
+    *o = 0;
+    free(body);
+    return out;
+}
+
 int th_broker_start(th_env *e, const char *pools_ini)
 {
     if (th_check_idle(e) != 0)
@@ -857,7 +892,7 @@ int th_broker_start(th_env *e, const char *pools_ini)
                e->sock_path, e->shm_name, io && *io ? "io_backend = " : "", io && *io ? io : "",
                io && *io ? "\n" : "") != 0)
         return -1;
-    char *body = th_subst(e, pools_ini != NULL ? pools_ini : "");
+    char *body = with_pool_mode(th_subst(e, pools_ini != NULL ? pools_ini : ""));
     if (body == NULL)
         return -1;
     int r = th_write_file(e->conf_path, head, body);

@@ -106,6 +106,12 @@ int pbt_cleanup(void **state)
     return 0;
 }
 
+int pbt_txn_mode(void)
+{
+    const char *m = getenv("PB_POOL_MODE");
+    return m && strcmp(m, "transaction") == 0;
+}
+
 int pbt_group_start(th_env *e, int want_pg, int want_redis, const char *pools_ini)
 {
     if (th_setup(e, want_pg, want_redis) < 0)

@@ -25,6 +25,13 @@ static inline pb_client *pbt_connect(th_env *e)
     return c;
 }
 
+/* The run has every pool in transaction mode (PB_POOL_MODE=transaction,
+ * tests/harness.c).  A case that asserts session-mode semantics (an acquire
+ * waits for a connection; a lease's backend is fixed from the acquire on)
+ * calls PBT_SESSION_MODE_ONLY() first and is skipped there. */
+int pbt_txn_mode(void);
+#define PBT_SESSION_MODE_ONLY() do { if (pbt_txn_mode()) { skip(); return; } } while (0)
+
 /* PB_TEST_FILTER, if set (e.g. "test_kill_storm", "test_rogue*"): run only
  * the tests matching this cmocka filter.  Call before running the groups. */
 void pbt_apply_test_filter(void);

@@ -9,10 +9,13 @@
  * Covered: every move of the phase diagram the integration tests rely on
  * (connect, connect failure, serve and release, release with replies owed,
  * release waiting for a cancel, reset, validation, reclaim, failure and
- * close), the impossible moves refused, and following a failover
- * (failover.c): a server that says it is read-only or going away has its
- * free connections closed at once and its leased ones at release, and the
- * next connection to another server is counted.
+ * close), the impossible moves refused; in a transaction-mode pool
+ * (txn.c), binding and unbinding per statement, the FIFO of statements
+ * waiting for a backend, pinning by an open transaction, and a release with
+ * replies owed holding the handle until its backend is clean; and following
+ * a failover (failover.c): a server that says it is read-only or going away
+ * has its free connections closed at once and its leased ones at release,
+ * and the next connection to another server is counted.
  *
  * Built without PB_DEBUG (see the Makefile), so a refused move returns
  * PB_EINVAL instead of aborting.
@@ -76,10 +79,10 @@ loop *loop_epoll_new(void) { return NULL; }
 
 /* ----------------------------------------------------------- fake driver
  * A request is any bytes and asks for one reply per byte 'Q'.  In the reply
- * stream each 'R' is one complete reply (transaction status idle), 'E' an
- * error reply, 'O' an error reply saying the server is read-only (25006),
- * 'G' one saying it is going away (57P01), anything else filler; '!' is a
- * protocol error. */
+ * stream each 'R' is one complete reply (transaction status idle), 'B' one
+ * that leaves a transaction open (status 'T'), 'E' an error reply, 'O' an
+ * error reply saying the server is read-only (25006), 'G' one saying it is
+ * going away (57P01), anything else filler; '!' is a protocol error. */
 
 static int fake_connect_result = PB_OK;
 static const char *fake_server;     /* the server every new connection reaches */
@@ -122,9 +125,9 @@ static int fake_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, dr
     for (size_t i = 0; i < n; i++) {
         if (p[i] == '!')
             return DRV_ERROR;
-        if (p[i] == 'R' || p[i] == 'E' || p[i] == 'O' || p[i] == 'G') {
-            out->txn = 'I';
-            out->errors = p[i] != 'R';
+        if (p[i] == 'R' || p[i] == 'E' || p[i] == 'B' || p[i] == 'O' || p[i] == 'G') {
+            out->txn = p[i] == 'B' ? 'T' : 'I';
+            out->errors = p[i] == 'E' || p[i] == 'O' || p[i] == 'G';
             out->server_readonly = p[i] == 'O' ? "read-only (fake)" : NULL;
             out->server_gone = p[i] == 'G' ? "going away (fake)" : NULL;
             *used = i + 1;
@@ -194,6 +197,10 @@ void shm_note_repair(broker *b)
     repairs++;
 }
 
+/* The transaction-mode janitor (txn.c) asks who holds a handle; no pool
+ * here is in transaction mode. */
+client *client_by_id(broker *b, uint32_t id) { (void)b; (void)id; fail(); return NULL; }
+
 void tls_recv(conn *c, void *buf, size_t len) { (void)c; (void)buf; (void)len; fail(); }
 void tls_send(conn *c, const void *buf, size_t len) { (void)c; (void)buf; (void)len; fail(); }
 void tls_cancel(conn *c, ev_op *op) { (void)c; (void)op; fail(); }
@@ -260,6 +267,23 @@ static int setup(void **state)
     return 0;
 }
 
+/* The same segment with one pool_mode = transaction pool: both slots are
+ * handles, and one backend connection (max_size 1). */
+static int setup_txn(void **state)
+{
+    setup(state);
+    free(P->conns);
+    free(P->wq);
+    cp.pool_mode = PB_MODE_TRANSACTION;
+    cp.max_size = 1;
+    cp.slots = NSLOTS;
+    for (uint32_t i = 0; i < NSLOTS; i++)
+        atomic_store(&seg->slots[i].word, PB_WORD(PB_SLOT_EMPTY, 0, 1));
+    assert_int_equal(pool_setup(&B, P, 0, &cp, 0), 0);
+    P->drv = &fake_driver;
+    return 0;
+}
+
 static int teardown(void **state)
 {
     (void)state;
@@ -267,6 +291,8 @@ static int teardown(void **state)
         free(P->conns[k].sbuf.p);
         free(P->conns[k].scratch);
     }
+    if (P->backs)
+        txn_free(P);
     free(P->conns);
     free(P->wq);
     free(B.pools);
@@ -717,6 +743,142 @@ static void test_no_failover_single_host(void **state)
     assert_int_equal(slot_state(a), PB_SLOT_FREE);
 }
 
+/* ------------------------------------------------- transaction mode */
+
+/* Start the pool's one backend: READY at home, its private record FREE, no
+ * free-map bit (both bits are the handles'). */
+static conn *txn_backend(void)
+{
+    conn *b = &P->backs[0];
+    assert_true(CONN_AT_HOME(b));
+    assert_int_equal(atomic_load(&P->shm->freemap[0]), 3u);
+    conn_start_connect(b);
+    complete(&b->poll_op, POLLOUT);
+    assert_int_equal(b->phase, PH_READY);
+    assert_int_equal(slot_state(b), PB_SLOT_FREE);
+    assert_int_equal(atomic_load(&P->shm->freemap[0]), 3u);
+    return b;
+}
+
+/* A client's fast-path lease of handle k. */
+static uint64_t txn_lease(uint32_t k)
+{
+    conn *h = &P->conns[k];
+    uint64_t w = atomic_load(&h->slot->word);
+    assert_int_equal(PB_WORD_STATE(w), PB_SLOT_FREE);
+    atomic_fetch_and(&P->shm->freemap[0], ~(1ull << k));
+    uint64_t leased = PB_WORD_NEXT(w, PB_SLOT_LEASED, CLIENT_ID);
+    assert_true(atomic_compare_exchange_strong(&h->slot->word, &w, leased));
+    pb_slot_stamp_lease(h->slot, B.now_ms);
+    return leased;
+}
+
+/* The holder of handle h writes a request and submits it (not yet sent). */
+static void txn_submit_req(conn *h, uint64_t lease, const char *req)
+{
+    uint32_t len = (uint32_t)strlen(req);
+    memcpy(h->req, req, len);
+    atomic_store(&h->slot->req_len, len);
+    uint32_t seq = atomic_fetch_add(&h->slot->req_seq, 1) + 1;
+    conn_submit(h, lease, seq);
+}
+
+static void test_txn_bind_per_statement(void **state)
+{
+    (void)state;
+    conn *b = txn_backend();
+    conn *h = &P->conns[0];
+    uint64_t lease = txn_lease(0);
+    txn_submit_req(h, lease, "Q");
+    assert_ptr_equal(h->bound, b);          /* bound: the backend wears the handle's view */
+    assert_ptr_equal(b->slot, h->slot);
+    assert_int_equal(atomic_load(&h->slot->req_ack), 1);
+    complete(&b->send_op, 1);
+    server_replies(b, "R");
+    /* The reply is in the handle's ring, the backend home again and free. */
+    assert_int_equal(atomic_load(&h->slot->rep_head), 1);
+    assert_int_equal(h->rep[0], 'R');
+    assert_null(h->bound);
+    assert_true(CONN_AT_HOME(b));
+    assert_int_equal(slot_state(b), PB_SLOT_FREE);
+    assert_int_equal(PB_WORD_STATE(atomic_load(&h->slot->word)), PB_SLOT_LEASED);
+    /* The next statement binds again and its reply follows the first. */
+    txn_submit_req(h, lease, "Q");
+    assert_ptr_equal(h->bound, b);
+    complete(&b->send_op, 1);
+    server_replies(b, "R");
+    assert_int_equal(atomic_load(&h->slot->rep_head), 2);
+    assert_null(h->bound);
+}
+
+static void test_txn_queue_is_fifo(void **state)
+{
+    (void)state;
+    conn *b = txn_backend();
+    conn *h0 = &P->conns[0], *h1 = &P->conns[1];
+    uint64_t l0 = txn_lease(0), l1 = txn_lease(1);
+    txn_submit_req(h0, l0, "Q");
+    txn_submit_req(h1, l1, "Q");
+    assert_true(h1->queued);                /* the one backend is h0's */
+    assert_int_equal(atomic_load(&h1->slot->req_ack), 0);
+    complete(&b->send_op, 1);
+    server_replies(b, "R");
+    /* h0's reply unbound the backend, which went straight to h1. */
+    assert_false(h1->queued);
+    assert_ptr_equal(h1->bound, b);
+    assert_int_equal(atomic_load(&h1->slot->req_ack), 1);
+    assert_true(b->send_op.pending);
+    complete(&b->send_op, 1);
+    server_replies(b, "R");
+    assert_int_equal(atomic_load(&h0->slot->rep_head), 1);
+    assert_int_equal(atomic_load(&h1->slot->rep_head), 1);
+    assert_null(h1->bound);
+}
+
+static void test_txn_open_transaction_pins(void **state)
+{
+    (void)state;
+    conn *b = txn_backend();
+    conn *h0 = &P->conns[0], *h1 = &P->conns[1];
+    uint64_t l0 = txn_lease(0), l1 = txn_lease(1);
+    txn_submit_req(h0, l0, "Q");
+    complete(&b->send_op, 1);
+    server_replies(b, "B");                 /* BEGIN: a transaction is open */
+    assert_ptr_equal(h0->bound, b);
+    txn_submit_req(h1, l1, "Q");
+    assert_true(h1->queued);
+    txn_submit_req(h0, l0, "Q");            /* COMMIT */
+    complete(&b->send_op, 1);
+    server_replies(b, "R");
+    assert_null(h0->bound);
+    assert_ptr_equal(h1->bound, b);         /* and then the queue's turn */
+}
+
+static void test_txn_release_with_reply_owed(void **state)
+{
+    (void)state;
+    conn *b = txn_backend();
+    conn *h = &P->conns[0];
+    uint64_t lease = txn_lease(0);
+    txn_submit_req(h, lease, "Q");
+    complete(&b->send_op, 1);
+    client_release(h, lease);
+    /* The handle stays the broker's while a receive may write into its ring. */
+    assert_int_equal(b->phase, PH_DRAINING);
+    assert_ptr_equal(h->bound, b);
+    assert_int_equal(PB_WORD_STATE(atomic_load(&h->slot->word)), PB_SLOT_RESETTING);
+    assert_int_equal(atomic_load(&P->shm->freemap[0]) & 1u, 0);
+    assert_int_equal(cancels, 1);           /* nobody reads it: cancelled */
+    atomic_store(&b->cancel_inflight, 0);   /* delivered */
+    server_replies(b, "R");
+    assert_null(h->bound);
+    assert_true(CONN_AT_HOME(b));
+    assert_int_equal(b->phase, PH_READY);
+    assert_int_equal(slot_state(b), PB_SLOT_FREE);
+    assert_int_equal(PB_WORD_STATE(atomic_load(&h->slot->word)), PB_SLOT_FREE);
+    assert_true(atomic_load(&P->shm->freemap[0]) & 1u);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -739,6 +901,10 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_failover_readonly, setup, teardown),
         cmocka_unit_test_setup_teardown(test_failover_read_pool, setup, teardown),
         cmocka_unit_test_setup_teardown(test_no_failover_single_host, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_txn_bind_per_statement, setup_txn, teardown),
+        cmocka_unit_test_setup_teardown(test_txn_queue_is_fifo, setup_txn, teardown),
+        cmocka_unit_test_setup_teardown(test_txn_open_transaction_pins, setup_txn, teardown),
+        cmocka_unit_test_setup_teardown(test_txn_release_with_reply_owed, setup_txn, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

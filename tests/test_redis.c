@@ -402,6 +402,7 @@ static void test_db_and_password(void **state)
 static void test_blocking_command_timeout(void **state)
 {
     (void)state;
+    PBT_SESSION_MODE_ONLY();        /* it compares the backend a lease has from its acquire on */
     pb_client *c = pbt_connect(&env);
     pb_lease *l = lease(c, "small");                /* command_timeout_ms = 500 */
     int pid1 = pb_lease_backend_pid(l);

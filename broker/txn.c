@@ -1,0 +1,413 @@
+/*
+ * txn.c — transaction pooling (pool_mode = transaction): a lease is a handle
+ * with its own request buffer and reply ring, and a backend connection is
+ * bound to it only while it needs one.
+ *
+ *   - A handle's statement that finds no backend bound (txn_submit) takes an
+ *     idle one, or waits in the pool's FIFO (p->tq) until one frees
+ *     (txn_offer_backend).  The worker sleeps once: its reply wakes it.
+ *   - After the reply that leaves the backend idle (ReadyForQuery 'I' for
+ *     PostgreSQL, a complete reply outside MULTI for Redis) the backend is
+ *     unbound at once (txn_maybe_unbind), unless the lease is pinned: an open
+ *     transaction, session state the server reported (conn.sstate), an
+ *     explicit pb_pin (PB_CF_PIN), a LISTEN watch, or replies still owed.
+ *   - Releasing a bound handle releases its backend the way session mode
+ *     releases a connection (drain, reset exactly the state left, validate),
+ *     with the handle held by the broker until the backend is clean: a
+ *     receive may still be writing into the handle's ring.  The handle is
+ *     unbound when the backend is offered again (pool_offer) or closed.
+ *
+ * Binding swaps the handle's slot view into the backend (bind/unbind): its
+ * slot record, buffers and ring positions.  While bound, connio.c and
+ * release.c work on the backend exactly as on a session-mode slot; while at
+ * home, the backend's slot record is private (CONN_AT_HOME): no worker can
+ * lease it, no free-map bit stands for it.
+ */
+#define _GNU_SOURCE
+#include <stdlib.h>
+#include <string.h>
+
+#include "broker.h"
+#include "conn.h"
+#include "invariant.h"
+#include "log.h"
+#include "poolbroker.h"
+
+int txn_setup(pool *p)
+{
+    uint32_t n = p->nconns;         /* max_size can never pass the handle count */
+    p->backs = calloc(n, sizeof *p->backs);
+    p->homes = aligned_alloc(PB_CACHELINE, (size_t)n * sizeof *p->homes);
+    p->tq = calloc(n, sizeof *p->tq);
+    if (!p->backs || !p->homes || !p->tq)
+        return -1;
+    memset(p->homes, 0, (size_t)n * sizeof *p->homes);
+    p->nbacks = n;
+    for (uint32_t k = 0; k < n; k++) {
+        conn *c = &p->backs[k];
+        c->pool = p;
+        c->home = &p->homes[k];
+        c->home_index = k;
+        c->slot = c->home;
+        c->index = k;
+        c->fd = -1;
+        c->send_op.cb = conn_on_send;
+        c->recv_op.cb = conn_on_recv;
+        c->poll_op.cb = conn_on_poll;
+        c->send_op.data = c->recv_op.data = c->poll_op.data = c;
+        c->txn = 'I';
+    }
+    for (uint32_t k = 0; k < p->nconns; k++)
+        p->conns[k].handle = 1;
+    return 0;
+}
+
+void txn_free(pool *p)
+{
+    for (uint32_t k = 0; k < p->nbacks; k++) {
+        conn_shutdown(&p->backs[k]);
+        free(p->backs[k].sbuf.p);
+        free(p->backs[k].scratch);
+    }
+    free(p->backs);
+    free(p->homes);
+    free(p->tq);
+}
+
+/* ------------------------------------------------------------- binding */
+
+/* Backend b (at home, clean, its home record broker-held) serves handle h. */
+static void bind(conn *b, conn *h)
+{
+    ALWAYS(CONN_AT_HOME(b) && !h->bound && !b->expect);
+    b->bound = h;
+    h->bound = b;
+    b->slot = h->slot;
+    b->index = h->index;
+    b->req = h->req;
+    b->rep = h->rep;
+    b->req_size = h->req_size;
+    b->rep_size = h->rep_size;
+    b->rep_head = h->rep_head;
+    b->acked_seq = h->acked_seq;
+    b->reply_done = h->reply_done;
+    b->cmd_word = h->cmd_word;
+    b->unpublished = 0;
+    b->watch = 0;
+    b->to_sink = 0;
+    b->submit_deferred = 0;
+    /* max_uses counts binds in this mode: each is a use of the backend. */
+    atomic_fetch_add_explicit(&b->home->uses, 1, memory_order_relaxed);
+    /* What the holder (and shmstat) sees of the backend now serving it. */
+    pb_shm_slot *s = h->slot;
+    atomic_store(&s->backend_pid, b->backend_pid);
+    atomic_store(&s->conn_created_ms, atomic_load(&b->home->conn_created_ms));
+    atomic_store(&s->txn_status, (uint32_t)(unsigned char)b->txn);
+    atomic_store(&s->flags, (b->sstate ? PB_SF_RESET : 0u) |
+                            (atomic_load(&b->home->flags) & PB_SF_RETIRE));
+}
+
+/* Give b its home view back; returns the handle it served, whose own view
+ * takes the ring positions over.  b's home record is broker-held
+ * (RESETTING): the caller offers or closes b. */
+static conn *unbind(conn *b)
+{
+    conn *h = b->bound;
+    if (NEVER(!h))
+        return NULL;
+    h->rep_head = b->rep_head;
+    h->acked_seq = b->acked_seq;
+    h->reply_done = b->reply_done;
+    h->cmd_word = b->cmd_word;
+    h->bound = NULL;
+    b->bound = NULL;
+    b->slot = b->home;
+    b->index = b->home_index;
+    b->req = b->rep = NULL;
+    b->req_size = b->rep_size = 0;
+    b->rep_head = 0;
+    b->acked_seq = 0;
+    b->reply_done = 0;
+    b->cmd_word = 0;
+    b->watch = 0;
+    slot_set(b, PB_SLOT_RESETTING);
+    return h;
+}
+
+/* An idle backend of p, taken from its home record (RESETTING), or NULL. */
+static conn *take_idle(pool *p)
+{
+    for (uint32_t k = 0; k < p->nbacks; k++) {
+        conn *b = &p->backs[k];
+        if (b->phase == PH_READY && CONN_AT_HOME(b) && !b->expect && !b->sending && !b->broken &&
+            slot_take_free(b, PB_SLOT_RESETTING))
+            return b;
+    }
+    return NULL;
+}
+
+/* --------------------------------------------------------- the queue */
+
+static void tq_push(pool *p, conn *h)
+{
+    if (NEVER(p->tq_len == p->nconns))
+        return;
+    p->tq[(p->tq_head + p->tq_len) % p->nconns] = h;
+    p->tq_len++;
+    h->queued = 1;
+    h->queued_ms = B.now_ms;
+}
+
+static conn *tq_pop(pool *p)
+{
+    if (!p->tq_len)
+        return NULL;
+    conn *h = p->tq[p->tq_head];
+    p->tq_head = (p->tq_head + 1) % p->nconns;
+    p->tq_len--;
+    h->queued = 0;
+    return h;
+}
+
+static void tq_remove(pool *p, conn *h)
+{
+    for (uint32_t i = 0; i < p->tq_len; i++) {
+        if (p->tq[(p->tq_head + i) % p->nconns] != h)
+            continue;
+        for (uint32_t j = i; j + 1 < p->tq_len; j++)
+            p->tq[(p->tq_head + j) % p->nconns] = p->tq[(p->tq_head + j + 1) % p->nconns];
+        p->tq_len--;
+        break;
+    }
+    h->queued = 0;
+}
+
+/* Fail every queued statement with err (the backend is down, shutdown). */
+void txn_fail_queue(pool *p, int err)
+{
+    conn *h;
+    while ((h = tq_pop(p)) != NULL)
+        conn_fail_submit(h, err, atomic_load(&h->slot->req_seq));
+}
+
+/* A backend of p came clean (pool_offer, PH_READY, its home record
+ * broker-held): bind it to the first queued handle that still has a
+ * statement to send.  Returns 1 if it took one. */
+int txn_offer_backend(conn *b)
+{
+    pool *p = b->pool;
+    conn *h;
+    while ((h = tq_pop(p)) != NULL) {
+        uint64_t w = atomic_load(&h->slot->word);
+        uint32_t seq = atomic_load(&h->slot->req_seq);
+        if (PB_WORD_STATE(w) != PB_SLOT_LEASED || h->bound || seq == h->acked_seq)
+            continue;               /* released or reclaimed meanwhile */
+        bind(b, h);
+        conn_submit(b, w, seq);
+        return 1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------ handle operations */
+
+void txn_submit(conn *h, uint64_t lease_word, uint32_t seq)
+{
+    pool *p = h->pool;
+    if (h->bound) {
+        conn_submit(h->bound, lease_word, seq);
+        return;
+    }
+    if (seq == h->acked_seq || h->queued)
+        return;
+    int err = 0;
+    if (B.draining)
+        err = PB_ESHUTDOWN;
+    else if (p->removed)
+        err = PB_ENOPOOL;
+    else if (p->health == PB_HEALTH_DOWN && p->live == 0)
+        err = PB_EBACKEND;          /* fail fast, as an acquire would */
+    if (err) {
+        conn_fail_submit(h, err, seq);
+        return;
+    }
+    h->cmd_word = lease_word;
+    conn *b = p->tq_len ? NULL : take_idle(p);     /* FIFO: nobody overtakes the queue */
+    if (b) {
+        bind(b, h);
+        conn_submit(b, lease_word, seq);
+        return;
+    }
+    if (p->cf->acquire_timeout_ms == 0) {
+        /* No waiting at all, as for an acquire with this setting. */
+        atomic_fetch_add_explicit(&p->shm->timeouts, 1, memory_order_relaxed);
+        conn_fail_submit(h, PB_ETIMEDOUT, seq);
+        return;
+    }
+    tq_push(p, h);
+    atomic_fetch_add_explicit(&p->shm->waits, 1, memory_order_relaxed);
+    pool_maybe_grow(p);
+}
+
+/* Is the bound backend b free to serve someone else? */
+static int pinned(const conn *b)
+{
+    uint32_t cf = atomic_load(&b->slot->client_flags);
+    return b->txn != 'I' || b->sstate || b->partial || (cf & (PB_CF_PIN | PB_CF_DIRTY)) || b->watch ||
+           (atomic_load(&b->slot->flags) & PB_SF_RESET);
+}
+
+/* Called once nothing is owed on a bound backend in PH_READY: unbind it
+ * unless the lease is pinned, and offer it to the queue. */
+void txn_maybe_unbind(conn *b)
+{
+    if (!b->bound || b->phase != PH_READY || b->expect || b->sending || b->submit_deferred || b->broken ||
+        atomic_load(&b->cancel_inflight) || pinned(b))
+        return;
+    unbind(b);
+    pool_offer(b);
+}
+
+/* The holder gave h back (or lost it: reclaim).  word as read. */
+void txn_release(conn *h, uint64_t word, int reclaim, const char *why)
+{
+    pool *p = h->pool;
+    if (h->bound) {
+        /* The backend's release takes the handle's word and, once the
+         * backend is clean, pool_offer unbinds both (the handle's ring may
+         * still be the target of a receive until then). */
+        if (reclaim)
+            conn_take_back(h->bound, word, why);
+        else
+            conn_release(h->bound, word);
+        return;
+    }
+    if (!slot_take(h, &word, reclaim ? PB_SLOT_RECLAIMING : PB_SLOT_RESETTING))
+        return;
+    if (reclaim) {
+        slog(LOG_LVL_INFO, h, "reclaiming lease: %s", why);
+        atomic_fetch_add_explicit(&p->shm->reclaims, 1, memory_order_relaxed);
+    }
+    if (h->queued)
+        tq_remove(p, h);
+    pool_offer_handle(h);
+}
+
+void txn_watch(conn *h, uint64_t lease_word)
+{
+    if (h->bound)
+        conn_watch(h->bound, lease_word);
+}
+
+void txn_drained(conn *h)
+{
+    if (h->bound)
+        conn_drained(h->bound);
+}
+
+/* A bound backend is clean again (pool_offer) or about to close: unbind
+ * it.  A handle the broker held for the release is offered again; one still
+ * leased stays with its holder, unbound (its next statement binds anew). */
+void txn_return_handle(conn *b)
+{
+    unsigned st = PB_WORD_STATE(atomic_load(&b->slot->word));
+    conn *h = unbind(b);
+    if (h && (st == PB_SLOT_RESETTING || st == PB_SLOT_RECLAIMING))
+        pool_offer_handle(h);
+}
+
+/* conn_close of a bound backend: a holder still leasing the handle learns
+ * from io_error that the statement in flight is lost. */
+void txn_unbind_for_close(conn *b)
+{
+    if (PB_WORD_STATE(atomic_load(&b->slot->word)) == PB_SLOT_LEASED) {
+        atomic_store(&b->slot->io_error, PB_EBACKEND);
+        b->acked_seq = atomic_load(&b->slot->req_seq);
+        atomic_store(&b->slot->rep_owed, 0);
+        atomic_store_explicit(&b->slot->req_ack, b->acked_seq, memory_order_release);
+        pb_futex_wake(&b->slot->rep_futex, &b->slot->rep_sleeping);
+    }
+    txn_return_handle(b);
+}
+
+/* ------------------------------------------------------------- janitor */
+
+/* Leases of handles: held too long, given back without a RELEASE entry,
+ * statements queued past acquire_timeout_ms. */
+static void check_handle(broker *b, pool *p, conn *h)
+{
+    conf_pool *cp = p->cf;
+    uint64_t now = b->now_ms;
+    uint64_t w = atomic_load(&h->slot->word);
+    unsigned st = PB_WORD_STATE(w);
+
+    if (h->queued && cp->acquire_timeout_ms && now - h->queued_ms > cp->acquire_timeout_ms) {
+        tq_remove(p, h);
+        atomic_fetch_add_explicit(&p->shm->timeouts, 1, memory_order_relaxed);
+        conn_fail_submit(h, PB_ETIMEDOUT, atomic_load(&h->slot->req_seq));
+    }
+    switch (st) {
+    case PB_SLOT_FREE:
+        return;
+    case PB_SLOT_RELEASING:
+        if (h->suspect_word == w + 1) {
+            h->suspect_word = 0;
+            conn_release(h, w);
+        } else {
+            h->suspect_word = w + 1;
+        }
+        return;
+    case PB_SLOT_LEASED: {
+        if (!client_by_id(b, PB_WORD_OWNER(w)))
+            break;                  /* nobody: judged below */
+        uint64_t since = atomic_load(&h->slot->lease_ms);
+        if (cp->max_lease_ms && since && now > since && now - since > cp->max_lease_ms) {
+            client *cl = client_by_id(b, PB_WORD_OWNER(w));
+            slog(LOG_LVL_WARN, h, "lease held for %llu ms by worker=%d: past max_lease_ms %u, taking it back",
+                 (unsigned long long)(now - since), cl ? (int)cl->pid : -1, cp->max_lease_ms);
+            conn_take_back(h, w, "max_lease_ms exceeded");
+            return;
+        }
+        if (cp->leak_threshold_ms && since && now > since && now - since > cp->leak_threshold_ms &&
+            h->leak_logged_word != w) {
+            client *cl = client_by_id(b, PB_WORD_OWNER(w));
+            h->leak_logged_word = w;
+            atomic_fetch_add_explicit(&p->shm->leaks, 1, memory_order_relaxed);
+            slog(LOG_LVL_WARN, h, "lease held for %llu ms by worker=%d (leak_threshold_ms %u)",
+                 (unsigned long long)(now - since), cl ? (int)cl->pid : -1, cp->leak_threshold_ms);
+        }
+        return;
+    }
+    case PB_SLOT_RESETTING:
+    case PB_SLOT_RECLAIMING:
+        if (h->bound)
+            return;                 /* its backend is being cleaned */
+        break;
+    default:
+        break;
+    }
+    /* A word no honest party wrote (or a lease of a client that is gone):
+     * seen twice, the handle is taken back. */
+    if (h->suspect_word != w) {
+        h->suspect_word = w;
+        return;
+    }
+    h->suspect_word = 0;
+    slog(LOG_LVL_WARN, h, "handle word %016llx is impossible: taking the handle back", (unsigned long long)w);
+    shm_note_repair(b);
+    if (h->bound) {
+        conn_take_back(h->bound, w, "handle word scribbled");
+        return;
+    }
+    if (!slot_take(h, &w, PB_SLOT_RECLAIMING))
+        return;
+    if (h->queued)
+        tq_remove(p, h);
+    pool_offer_handle(h);
+}
+
+void txn_janitor(broker *b, pool *p)
+{
+    for (uint32_t k = 0; k < p->nconns; k++)
+        check_handle(b, p, &p->conns[k]);
+}

@@ -1,0 +1,382 @@
+/*
+ * test_txn.c — transaction pooling (pool_mode = transaction, issue #14):
+ * a lease holds a backend connection only while a transaction runs.
+ *
+ * One group (its own temp dir, PostgreSQL, Redis and broker), pools of one
+ * or two backends so that every case below is decided by who gets the
+ * connection:
+ *   - an idle lease holds no connection (A queries and keeps its lease; B
+ *     leases and queries meanwhile without waiting);
+ *   - a transaction stays on one backend while other processes hammer the
+ *     pool, and so does session state the server reports (SET, LISTEN, a
+ *     temporary table), which never reaches a later lease;
+ *   - 16 workers on one connection: exact totals;
+ *   - a worker killed mid-transaction (its transaction rolls back, the
+ *     connection serves the next lease) and mid-queue (its queued statement
+ *     never runs, nothing is left behind);
+ *   - Redis: plain commands share one connection, MULTI…EXEC pins it.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "harness.h"
+#include "poolbroker.h"
+#include "pbtest.h"
+
+static th_env env;
+
+#define PGPOOL(name, size) \
+    "[pool " name "]\n" \
+    "type = postgres\n" \
+    "pool_mode = transaction\n" \
+    "conninfo = host=127.0.0.1 port=@PGPORT@ user=postgres dbname=postgres sslmode=disable application_name=" name "\n" \
+    "min_size = 1\n" \
+    "max_size = " size "\n" \
+    "acquire_timeout_ms = 20000\n" \
+    "\n"
+
+#define POOLS \
+    PGPOOL("tx1", "1") \
+    PGPOOL("tx2", "2") \
+    "[pool txq]\n" \
+    "type = postgres\n" \
+    "pool_mode = transaction\n" \
+    "conninfo = host=127.0.0.1 port=@PGPORT@ user=postgres dbname=postgres sslmode=disable application_name=txq\n" \
+    "max_size = 1\n" \
+    "acquire_timeout_ms = 400\n" \
+    "\n" \
+    "[pool rtx]\n" \
+    "type = redis\n" \
+    "pool_mode = transaction\n" \
+    "host = 127.0.0.1\n" \
+    "port = @REDISPORT@\n" \
+    "min_size = 1\n" \
+    "max_size = 1\n" \
+    "acquire_timeout_ms = 400\n"
+
+static int group_setup(void **state)
+{
+    (void)state;
+    return pbt_group_start(&env, 1, 1, POOLS);
+}
+
+static int group_teardown(void **state)
+{
+    (void)state;
+    return pbt_group_stop(&env);
+}
+
+static void exec_ok(pb_lease *l, const char *sql)
+{
+    pb_result *r = NULL;
+    int rc = pb_pg_exec(l, sql, &r);
+    if (rc != PB_OK || (pb_result_status(r) != PB_RES_COMMAND_OK && pb_result_status(r) != PB_RES_TUPLES_OK))
+        fail_msg("%s: rc %d status %d: %s", sql, rc, r ? (int)pb_result_status(r) : -1,
+                 r ? pb_error_message(r) : "");
+    pb_result_free(r);
+}
+
+/* An idle lease holds no connection: with one backend, A runs a query and
+ * keeps its lease; B leases and queries at once, on the same backend. */
+static void test_idle_lease_holds_nothing(void **state)
+{
+    (void)state;
+    pb_client *c = pbt_cli(&env);
+    pb_lease *a = pbt_lease(c, "tx1", 5000);
+    long long pa = pbt_pg_int(a, "SELECT pg_backend_pid()");
+    pb_lease *b = pbt_lease(c, "tx1", 5000);
+    double t0 = pbt_now_ms();
+    long long pb = pbt_pg_int(b, "SELECT pg_backend_pid()");
+    assert_int_equal(pa, pb);           /* one backend, shared by two leases */
+    assert_int_equal(pbt_pg_int(a, "SELECT 41 + 1"), 42);
+    print_message("      two leases on one backend: B's first query after %.1f ms\n", pbt_now_ms() - t0);
+    assert_int_equal(pb_release(b), PB_OK);
+    assert_int_equal(pb_release(a), PB_OK);
+    pbt_cli_done(c);
+}
+
+/* A transaction keeps its backend while 8 processes hammer a pool of 2,
+ * and while it is open the other backend serves everyone else. */
+static void test_transaction_stays_on_one_backend(void **state)
+{
+    (void)state;
+    pid_t kids[8];
+    int stopp[2];
+    assert_int_equal(pipe(stopp), 0);
+    fflush(NULL);
+    for (int i = 0; i < 8; i++) {
+        kids[i] = fork();
+        assert_true(kids[i] >= 0);
+        if (kids[i] == 0) {
+            close(stopp[1]);
+            pb_client *k = NULL;
+            if (pb_connect(env.sock_path, &k) != PB_OK)
+                _exit(2);
+            for (;;) {
+                struct pollfd p = { .fd = stopp[0], .events = POLLIN };
+                if (poll(&p, 1, 0) != 0)
+                    break;
+                pb_lease *l = NULL;
+                if (pb_acquire(k, "tx2", 20000, &l) != PB_OK)
+                    _exit(3);
+                pb_result *r = NULL;
+                int rc = pb_pg_exec(l, "SELECT 1", &r);
+                pb_result_free(r);
+                if (rc != PB_OK || pb_release(l) != PB_OK)
+                    _exit(4);
+            }
+            pb_disconnect(k);
+            _exit(0);
+        }
+        pbt_track_child(kids[i]);
+    }
+    close(stopp[0]);
+
+    pb_client *c = pbt_cli(&env);
+    pb_lease *l = pbt_lease(c, "tx2", 5000);
+    exec_ok(l, "BEGIN");
+    long long pid = pbt_pg_int(l, "SELECT pg_backend_pid()");
+    long long xid = pbt_pg_int(l, "SELECT txid_current()");
+    for (int i = 0; i < 200; i++) {
+        assert_int_equal(pbt_pg_int(l, "SELECT pg_backend_pid()"), pid);
+        assert_int_equal(pbt_pg_int(l, "SELECT txid_current()"), xid);
+    }
+    exec_ok(l, "COMMIT");
+    assert_int_equal(pb_release(l), PB_OK);
+    pbt_cli_done(c);
+
+    close(stopp[1]);
+    for (int i = 0; i < 8; i++) {
+        int st;
+        waitpid(kids[i], &st, 0);
+        pbt_untrack_child(kids[i]);
+        assert_true(WIFEXITED(st));
+        assert_int_equal(WEXITSTATUS(st), 0);
+    }
+}
+
+/* Session state the server reports pins the lease for the rest of it and
+ * never reaches the next lease of the same backend. */
+static void test_session_state_pins_and_resets(void **state)
+{
+    (void)state;
+    pb_client *c = pbt_cli(&env);
+
+    pb_lease *a = pbt_lease(c, "txq", 5000);
+    exec_ok(a, "SET application_name = 'pinned_by_set'");
+    exec_ok(a, "CREATE TEMP TABLE t_pin(x int)");
+    exec_ok(a, "INSERT INTO t_pin VALUES (7)");
+    exec_ok(a, "LISTEN txchan");
+    long long pa = pbt_pg_int(a, "SELECT pg_backend_pid()");
+    /* Another lease now waits: the only backend is pinned to A. */
+    pb_lease *b = pbt_lease(c, "txq", 5000);
+    pb_result *r = NULL;
+    assert_int_equal(pb_pg_exec(b, "SELECT 1", &r), PB_ETIMEDOUT);
+    pb_result_free(r);
+    assert_int_equal(pb_release(b), PB_OK);
+    /* A still has all of it. */
+    assert_int_equal(pbt_pg_int(a, "SELECT x FROM t_pin"), 7);
+    exec_ok(a, "NOTIFY txchan, 'hello'");
+    pb_notify *n = NULL;
+    assert_int_equal(pb_pg_wait_notify(a, 2000, &n), PB_OK);
+    assert_non_null(n);
+    assert_string_equal(pb_notify_channel(n), "txchan");
+    pb_notify_free(n);
+    assert_int_equal(pb_release(a), PB_OK);
+
+    /* The next lease of that backend sees none of it. */
+    pb_lease *d = pbt_lease(c, "txq", 5000);
+    assert_int_equal(pbt_pg_int(d, "SELECT pg_backend_pid()"), pa);
+    assert_int_equal(pbt_pg_int(d, "SELECT count(*) FROM pg_listening_channels()"), 0);
+    assert_int_equal(pbt_pg_int(d, "SELECT (current_setting('application_name') = 'txq')::int"), 1);
+    assert_int_equal(pbt_pg_int(d, "SELECT count(*) FROM pg_class WHERE relname = 't_pin' "
+                                   "AND relpersistence = 't'"), 0);
+    assert_int_equal(pb_release(d), PB_OK);
+    pbt_cli_done(c);
+}
+
+/* 16 workers on one connection: every increment lands exactly once, in
+ * autocommit statements and in explicit transactions alike. */
+#define NW 16
+#define PER 60
+static void test_exact_totals_16_on_1(void **state)
+{
+    (void)state;
+    pb_client *c = pbt_cli(&env);
+    pb_lease *l = pbt_lease(c, "tx1", 5000);
+    exec_ok(l, "DROP TABLE IF EXISTS tx_total");
+    exec_ok(l, "CREATE TABLE tx_total(n bigint)");
+    exec_ok(l, "INSERT INTO tx_total VALUES (0)");
+    assert_int_equal(pb_release(l), PB_OK);
+
+    pid_t kids[NW];
+    fflush(NULL);
+    for (int i = 0; i < NW; i++) {
+        kids[i] = fork();
+        assert_true(kids[i] >= 0);
+        if (kids[i] == 0) {
+            pb_client *k = NULL;
+            if (pb_connect(env.sock_path, &k) != PB_OK)
+                _exit(2);
+            pb_lease *m = NULL;
+            if (pb_acquire(k, "tx1", 20000, &m) != PB_OK)
+                _exit(3);
+            for (int j = 0; j < PER; j++) {
+                pb_result *r = NULL;
+                const char *sql = j % 2 ? "UPDATE tx_total SET n = n + 1"
+                                        : "BEGIN; UPDATE tx_total SET n = n + 1; COMMIT";
+                if (pb_pg_exec(m, sql, &r) != PB_OK || pb_result_status(r) != PB_RES_COMMAND_OK)
+                    _exit(4);
+                pb_result_free(r);
+            }
+            pb_release(m);
+            pb_disconnect(k);
+            _exit(0);
+        }
+        pbt_track_child(kids[i]);
+    }
+    for (int i = 0; i < NW; i++) {
+        int st;
+        waitpid(kids[i], &st, 0);
+        pbt_untrack_child(kids[i]);
+        assert_true(WIFEXITED(st));
+        assert_int_equal(WEXITSTATUS(st), 0);
+    }
+    l = pbt_lease(c, "tx1", 5000);
+    assert_int_equal(pbt_pg_int(l, "SELECT n FROM tx_total"), NW * PER);
+    assert_int_equal(pb_release(l), PB_OK);
+    pbt_cli_done(c);
+}
+
+/* A worker killed with a transaction open: it rolls back, the backend
+ * serves the next lease, idle.  A worker killed while its statement waits
+ * in the queue: the statement never runs. */
+static void test_death_mid_transaction_and_mid_queue(void **state)
+{
+    (void)state;
+    pb_client *c = pbt_cli(&env);
+    pb_lease *l = pbt_lease(c, "tx1", 5000);
+    exec_ok(l, "DROP TABLE IF EXISTS tx_dead");
+    exec_ok(l, "CREATE TABLE tx_dead(who text)");
+    assert_int_equal(pb_release(l), PB_OK);
+
+    int ready[2];
+    assert_int_equal(pipe(ready), 0);
+    fflush(NULL);
+    pid_t k = fork();
+    assert_true(k >= 0);
+    if (k == 0) {
+        pb_client *kc = NULL;
+        pb_lease *kl = NULL;
+        pb_result *r = NULL;
+        if (pb_connect(env.sock_path, &kc) != PB_OK || pb_acquire(kc, "tx1", 5000, &kl) != PB_OK ||
+            pb_pg_exec(kl, "BEGIN; INSERT INTO tx_dead VALUES ('mid-transaction')", &r) != PB_OK)
+            _exit(2);
+        (void)!write(ready[1], "x", 1);
+        pause();
+        _exit(0);
+    }
+    pbt_track_child(k);
+    char x;
+    assert_int_equal(read(ready[0], &x, 1), 1);
+    /* The only backend is in k's transaction: a third process's statement
+     * queues behind it, and dies there. */
+    pid_t q = fork();
+    assert_true(q >= 0);
+    if (q == 0) {
+        pb_client *kc = NULL;
+        pb_lease *kl = NULL;
+        pb_result *r = NULL;
+        if (pb_connect(env.sock_path, &kc) != PB_OK || pb_acquire(kc, "tx1", 5000, &kl) != PB_OK)
+            _exit(2);
+        (void)!write(ready[1], "y", 1);
+        pb_pg_exec(kl, "INSERT INTO tx_dead VALUES ('mid-queue')", &r);
+        _exit(0);
+    }
+    pbt_track_child(q);
+    assert_int_equal(read(ready[0], &x, 1), 1);
+    pbt_sleep_ms(200);                  /* its statement is queued by now */
+    kill(q, SIGKILL);
+    waitpid(q, NULL, 0);
+    pbt_untrack_child(q);
+    kill(k, SIGKILL);
+    waitpid(k, NULL, 0);
+    pbt_untrack_child(k);
+
+    l = pbt_lease(c, "tx1", 10000);
+    assert_int_equal(pbt_pg_int(l, "SELECT count(*) FROM tx_dead"), 0);
+    pb_result *r = NULL;
+    assert_int_equal(pb_pg_exec(l, "SELECT 1", &r), PB_OK);
+    pb_result_free(r);
+    assert_int_equal(pb_transaction_status(l), PB_TRANS_IDLE);
+    assert_int_equal(pb_release(l), PB_OK);
+    pbt_sleep_ms(300);
+    l = pbt_lease(c, "tx1", 10000);
+    assert_int_equal(pbt_pg_int(l, "SELECT count(*) FROM tx_dead"), 0);
+    assert_int_equal(pb_release(l), PB_OK);
+    close(ready[0]);
+    close(ready[1]);
+    pbt_cli_done(c);
+}
+
+/* Redis: two leases share the one connection command by command; MULTI
+ * pins it until EXEC. */
+static void test_redis_binds_per_command(void **state)
+{
+    (void)state;
+    pb_client *c = pbt_cli(&env);
+    pb_lease *a = pbt_lease(c, "rtx", 5000);
+    pb_lease *b = pbt_lease(c, "rtx", 5000);
+    redisReply *r = NULL;
+    assert_int_equal(pb_redis_command(a, &r, "SET txk a"), PB_OK);
+    freeReplyObject(r);
+    assert_int_equal(pb_redis_command(b, &r, "GET txk"), PB_OK);
+    assert_int_equal(r->type, REDIS_REPLY_STRING);
+    assert_string_equal(r->str, "a");
+    freeReplyObject(r);
+    assert_int_equal(pb_redis_command(a, &r, "MULTI"), PB_OK);
+    freeReplyObject(r);
+    assert_int_equal(pb_redis_command(a, &r, "INCR txn:c"), PB_OK);
+    freeReplyObject(r);
+    /* B's command waits for a's EXEC: it would land inside the MULTI. */
+    r = NULL;
+    assert_int_equal(pb_redis_command(b, &r, "SET txk b"), PB_ETIMEDOUT);
+    if (r)
+        freeReplyObject(r);
+    assert_int_equal(pb_redis_command(a, &r, "EXEC"), PB_OK);
+    assert_int_equal(r->type, REDIS_REPLY_ARRAY);
+    freeReplyObject(r);
+    assert_int_equal(pb_release(b), PB_OK);
+    b = pbt_lease(c, "rtx", 5000);
+    assert_int_equal(pb_redis_command(b, &r, "GET txk"), PB_OK);
+    assert_string_equal(r->str, "a");
+    freeReplyObject(r);
+    assert_int_equal(pb_release(a), PB_OK);
+    assert_int_equal(pb_release(b), PB_OK);
+    pbt_cli_done(c);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_teardown(test_idle_lease_holds_nothing, pbt_cleanup),
+        cmocka_unit_test_teardown(test_transaction_stays_on_one_backend, pbt_cleanup),
+        cmocka_unit_test_teardown(test_session_state_pins_and_resets, pbt_cleanup),
+        cmocka_unit_test_teardown(test_exact_totals_16_on_1, pbt_cleanup),
+        cmocka_unit_test_teardown(test_death_mid_transaction_and_mid_queue, pbt_cleanup),
+        cmocka_unit_test_teardown(test_redis_binds_per_command, pbt_cleanup),
+    };
+    pbt_apply_test_filter();
+    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}
