@@ -811,6 +811,34 @@ static void test_txn_bind_per_statement(void **state)
     assert_null(h->bound);
 }
 
+/* Transaction mode: the read-only answer drains the backend, not the
+ * handle: the backend closes as soon as its statement is over (it is
+ * never unbound back into service), the handle stays leased. */
+static void test_txn_failover_closes_backend(void **state)
+{
+    (void)state;
+    cp.follow = PB_FOLLOW_PRIMARY;
+    conn *b = txn_backend();
+    conn *h = &P->conns[0];
+    uint64_t lease = txn_lease(0);
+    txn_submit_req(h, lease, "Q");
+    assert_ptr_equal(h->bound, b);
+    complete(&b->send_op, 1);
+    server_replies(b, "O");
+    assert_int_equal(h->rep[0], 'O');       /* the holder gets the error */
+    assert_null(h->bound);
+    assert_true(b->phase == PH_CLOSING || b->phase == PH_EMPTY);
+    if (b->poll_op.pending)
+        complete(&b->poll_op, -125);
+    assert_int_equal(b->phase, PH_EMPTY);
+    assert_int_equal(PB_WORD_STATE(atomic_load(&h->slot->word)), PB_SLOT_LEASED);
+    fake_server = "10.0.0.2:5432";
+    conn_start_connect(b);
+    complete(&b->poll_op, POLLOUT);
+    assert_int_equal(b->phase, PH_READY);
+    assert_int_equal(atomic_load(&P->shm->failovers), 1);
+}
+
 static void test_txn_queue_is_fifo(void **state)
 {
     (void)state;
@@ -905,6 +933,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_txn_queue_is_fifo, setup_txn, teardown),
         cmocka_unit_test_setup_teardown(test_txn_open_transaction_pins, setup_txn, teardown),
         cmocka_unit_test_setup_teardown(test_txn_release_with_reply_owed, setup_txn, teardown),
+        cmocka_unit_test_setup_teardown(test_txn_failover_closes_backend, setup_txn, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
