@@ -122,6 +122,8 @@ int conn_set_phase(conn *c, enum conn_phase to)
         c->to_sink = 0;
         c->error[0] = 0;
         c->reply_errors = 0;
+        c->server[0] = 0;           /* the driver says where this one lands */
+        c->suspect = 0;
         break;
     case PH_READY:
         c->to_sink = 0;
@@ -271,7 +273,8 @@ static void conn_connected(conn *c)
         p->not_ready = 0;
         log_info("pool %s: server ready", p->cf->name);
     }
-    slog(LOG_LVL_DEBUG, c, "connected");
+    slog(LOG_LVL_DEBUG, c, "connected to %s", c->server[0] ? c->server : "?");
+    failover_connected(c);
     if (c->settings_gen != p->settings_gen) {
         /* A reload changed the connection settings while this handshake
          * ran on the old ones: nobody gets it. */
@@ -473,7 +476,15 @@ void conn_fail(conn *c, const char *why, int err)
 
 void conn_io_failed(conn *c, const char *why)
 {
+    /* A pool that follows failovers drains the connection's whole server.
+     * Which server, from before conn_fail: closing c can start a new
+     * connect in its slot at once, which clears c->server. */
+    char server[PB_SERVER_MAX];
+    int first = !c->broken && !c->suspect;
+    snprintf(server, sizeof server, "%s", c->server);
     conn_fail(c, why, PB_EBACKEND);
+    if (first)
+        failover_conn_lost(c->pool, server, why);
 }
 
 /* The command in flight has run past command_timeout_ms.  A driver that can

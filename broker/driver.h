@@ -7,8 +7,10 @@
  * NGX_ERROR are the model) and fills what the caller hands it: the poll it
  * wants next, the reply it just found, a send buffer.  conn.c and connio.c
  * decide what follows.  A driver's per-connection state is c->drv, which
- * only the driver looks inside; it reads the pool's settings (c->pool->cf)
- * and writes what it learns to c->error, c->fd, c->backend_pid and c->ssl
+ * only the driver looks inside; it reads the pool's settings (c->pool->cf,
+ * and where Sentinel says the server is: c->pool->master_host/master_port)
+ * and writes what it learns to c->error, c->fd, c->backend_pid, c->ssl and
+ * c->server (the "host:port" it reached)
  * (and PB_SF_RESET in c->slot->flags: see frame_request).
  */
 #ifndef PB_DRIVER_H
@@ -115,6 +117,11 @@ typedef struct drv_reply {
     char txn;                /* PostgreSQL: its ReadyForQuery status ('I','T','E'); Redis: 'T'
                                 while a MULTI is open after this reply, else 'I'; 0: none */
     uint32_t errors;         /* PostgreSQL: ErrorResponses since the previous reply */
+    /* The server said, in this reply, that it is not the server it was
+     * (failover.c decides what that means for the pool): static text for
+     * the log, or NULL. */
+    const char *server_gone;     /* going away: SQLSTATE 57P01/57P02/57P03, -MASTERDOWN */
+    const char *server_readonly; /* read-only: SQLSTATE 25006, -READONLY */
 } drv_reply;
 
 typedef struct driver {

@@ -54,6 +54,13 @@ typedef struct pgconn {
     uint32_t quiet;          /* ReadyForQuery still to come for the broker's own reset or
                                 check: their tags may clear state, never set it */
     pgstmts stmts;           /* library-named statements the backend has (pgstmt.c) */
+    /* the SQLSTATE of an ErrorResponse, read as its body streams by
+     * (pg_scan_error); only failover.c's codes are kept */
+    int in_error;            /* the body being skipped is an ErrorResponse's */
+    int err_field;           /* 0: at a field type byte; 1: in a field; 2: in the 'C' field */
+    char code[6];            /* SQLSTATE collected so far */
+    uint32_t code_len;
+    const char *gone, *readonly; /* what the codes since the last ReadyForQuery said (drv_reply) */
 } pgconn;
 
 static pgconn *PG(conn *c)
@@ -153,6 +160,9 @@ static int pg_connect_step(conn *c, int revents, drv_poll *want)
     }
     c->fd = PQsocket(pg);
     c->backend_pid = PQbackendPID(pg);
+    /* Which host of a multi-host conninfo libpq settled on (failover.c). */
+    const char *h = PQhost(pg), *port = PQport(pg);
+    snprintf(c->server, sizeof c->server, "%s:%s", h ? h : "?", port && *port ? port : "5432");
     c->txn = 'I';
     return DRV_OK;
 }
@@ -291,9 +301,50 @@ static void on_tag(conn *c, const char *tag)
         ss_set(c, SS_RETIRE);
 }
 
+/* SQLSTATEs that say the server is not what it was for this pool
+ * (failover.c): going away, or read-only. */
+static void pg_error_code(pgconn *s)
+{
+    if (s->code_len != 5)
+        return;
+    if (memcmp(s->code, "25006", 5) == 0)
+        s->readonly = "SQLSTATE 25006 (read-only transaction)";
+    else if (memcmp(s->code, "57P01", 5) == 0)
+        s->gone = "SQLSTATE 57P01 (admin shutdown)";
+    else if (memcmp(s->code, "57P02", 5) == 0)
+        s->gone = "SQLSTATE 57P02 (crash shutdown)";
+    else if (memcmp(s->code, "57P03", 5) == 0)
+        s->gone = "SQLSTATE 57P03 (cannot connect now)";
+}
+
+/* Read the fields of an ErrorResponse body, k bytes of it at a time, for
+ * its SQLSTATE: a body is (type byte, NUL-terminated text)* then a NUL;
+ * the code is the 'C' field. */
+static void pg_scan_error(pgconn *s, const uint8_t *p, size_t k)
+{
+    for (size_t i = 0; i < k; i++) {
+        uint8_t b = p[i];
+        if (s->err_field == 0) {
+            if (b == 0)
+                continue;           /* the body's terminator */
+            s->err_field = b == 'C' ? 2 : 1;
+            s->code_len = 0;
+        } else if (b == 0) {
+            if (s->err_field == 2)
+                pg_error_code(s);
+            s->err_field = 0;
+        } else if (s->err_field == 2 && s->code_len < 5) {
+            s->code[s->code_len++] = (char)b;
+        } else if (s->err_field == 2) {
+            s->code_len = 6;        /* longer than a SQLSTATE: not one */
+        }
+    }
+}
+
 /* Walk the reply stream: headers are collected byte by byte across calls (a
  * header can straddle two receives); bodies are skipped, except the status
- * byte of ReadyForQuery and the first bytes of a CommandComplete tag. */
+ * byte of ReadyForQuery, the first bytes of a CommandComplete tag and the
+ * fields of an ErrorResponse (pg_scan_error). */
 static int pg_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_reply *out)
 {
     pgconn *s = PG(c);
@@ -306,6 +357,8 @@ static int pg_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_
                 memcpy(s->tag + s->tag_have, p + i, k < room ? k : room);
                 s->tag_have += (uint32_t)(k < room ? k : room);
             }
+            if (s->in_error)
+                pg_scan_error(s, p + i, k);
             i += k;
             s->body_left -= k;
             if (!s->body_left && s->in_tag) {
@@ -341,6 +394,8 @@ static int pg_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_
                 pgstmt_parse_complete(&s->stmts);
                 break;
             }
+            s->in_error = s->hdr[0] == 'E';
+            s->err_field = 0;
             s->hdr_have = 0;
             s->body_left = mlen - 4;
             continue;
@@ -355,7 +410,10 @@ static int pg_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_
             s->quiet--;
         out->txn = (char)st;
         out->errors = s->errors;
+        out->server_gone = s->gone;
+        out->server_readonly = s->readonly;
         s->errors = 0;
+        s->gone = s->readonly = NULL;
         *used = i;
         return DRV_OK;
     }

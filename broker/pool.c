@@ -304,9 +304,9 @@ void pool_offer(conn *c)
         return;
     }
     int expired = c->retire_at_ms && B.now_ms >= c->retire_at_ms;
-    if (pool_over_max(p) || expired) {
+    if (pool_over_max(p) || expired || c->suspect) {
         atomic_fetch_add_explicit(&p->shm->retired, 1, memory_order_relaxed);
-        conn_close(c, expired ? "max_lifetime reached" : "above max_size");
+        conn_close(c, c->suspect ? "its server failed" : expired ? "max_lifetime reached" : "above max_size");
         return;
     }
     /* Kept: whatever flagged it to come back through the broker (the

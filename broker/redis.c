@@ -84,6 +84,9 @@ typedef struct rconn {
     uint64_t multi_end;        /* the number of the reply to the EXEC/DISCARD/RESET that ends
                                   the last MULTI framed (the MULTI is open until it is seen) */
     int in_multi;              /* a MULTI framed, its EXEC/DISCARD/RESET not yet */
+    char errhead[12];       /* the first bytes of an error line (r_error_head) */
+    int errhead_len;
+    const char *gone, *readonly; /* what the error replies of this reply said (drv_reply) */
 } rconn;
 
 static rconn *R(conn *c)
@@ -159,8 +162,20 @@ static int r_connect_start(conn *c, drv_poll *want)
     if (!r)
         return r_fail(c, "out of memory");
     c->drv = r;
-    r->ctx = cp->unix_socket ? redisConnectUnixNonBlock(cp->unix_socket)
-                             : redisConnectNonBlock(cp->host ? cp->host : "127.0.0.1", cp->port ? cp->port : 6379);
+    if (cp->sentinels) {
+        /* Where the sentinels say the server is now (sentinel.c). */
+        pool *p = c->pool;
+        if (!p->master_host[0])
+            return r_fail(c, "Sentinel: no address for the server known yet (see the log)");
+        snprintf(c->server, sizeof c->server, SERVER_FMT, p->master_host, p->master_port);
+        r->ctx = redisConnectNonBlock(p->master_host, p->master_port);
+    } else if (cp->unix_socket) {
+        snprintf(c->server, sizeof c->server, "%s", cp->unix_socket);
+        r->ctx = redisConnectUnixNonBlock(cp->unix_socket);
+    } else {
+        snprintf(c->server, sizeof c->server, SERVER_FMT, cp->host ? cp->host : "127.0.0.1", cp->port ? cp->port : 6379);
+        r->ctx = redisConnectNonBlock(cp->host ? cp->host : "127.0.0.1", cp->port ? cp->port : 6379);
+    }
     if (!r->ctx || r->ctx->err)
         return r_fail(c, r->ctx ? r->ctx->errstr : "out of memory");
     c->fd = r->ctx->fd;
@@ -467,6 +482,23 @@ oom:
 
 /* ------------------------------------------------------------------ replies */
 
+/* Collect the first bytes of an error line (k more at p) and, once the line
+ * ends (done), say whether the server is not the one it was: a replica
+ * where a master was (-READONLY) or a replica that lost its master
+ * (-MASTERDOWN).  failover.c decides what that means for the pool. */
+static void r_error_head(rconn *r, const uint8_t *p, size_t k, int done)
+{
+    for (size_t i = 0; i < k && r->errhead_len < (int)sizeof r->errhead - 1; i++)
+        r->errhead[r->errhead_len++] = (char)p[i];
+    if (!done)
+        return;
+    r->errhead[r->errhead_len] = 0;
+    if (strncmp(r->errhead, "READONLY ", 9) == 0)
+        r->readonly = "-READONLY reply (a replica)";
+    else if (strncmp(r->errhead, "MASTERDOWN ", 11) == 0)
+        r->gone = "-MASTERDOWN reply (a replica without its master)";
+}
+
 /* One complete element at the current depth; a complete top-level reply
  * sets r->complete (the scanner returns it). */
 static int element_done(conn *c)
@@ -542,6 +574,9 @@ static int line_done(conn *c)
 static int reply_done(conn *c, size_t *used, size_t i, drv_reply *out)
 {
     rconn *r = R(c);
+    out->server_gone = r->gone;
+    out->server_readonly = r->readonly;
+    r->gone = r->readonly = NULL;
     r->replies_seen++;
     out->txn = r->in_multi || r->replies_seen < r->multi_end ? 'T' : 'I';
     *used = i;
@@ -554,6 +589,7 @@ static int r_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_r
     size_t i = 0;
     out->txn = 0;
     out->errors = 0;
+    out->server_gone = out->server_readonly = NULL;
     r->complete = 0;
     while (i < n) {
         if (r->bulk_left) {
@@ -573,6 +609,7 @@ static int r_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_r
             r->line_type = t;
             r->num_len = 0;
             r->num_bad = 0;
+            r->errhead_len = 0;
             continue;
         }
         /* Inside a header line: until "\r\n" (a bare '\n' is a protocol error:
@@ -593,6 +630,8 @@ static int r_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_r
                     r->num[r->num_len++] = (char)p[k];
             }
         }
+        if (r->line_type == '-')
+            r_error_head(r, p + i, end - i, nl != NULL);
         i = end;
         if (nl) {
             i++;

@@ -40,6 +40,10 @@ static int should_retire(conn *c, const char **why)
         *why = "pool removed";
         return 1;
     }
+    if (c->suspect) {
+        *why = "its server failed";     /* failover.c */
+        return 1;
+    }
     if (pool_over_max(p)) {
         *why = "above max_size";      /* no reset for a connection about to close */
         return 1;

@@ -47,6 +47,7 @@
 #define PB_SQ_ENTRIES     256                     /* per client, power of two */
 #define PB_HIST_BUCKETS   16                      /* latency histograms */
 #define PB_CMD_PREVIEW    48                      /* first bytes of the command */
+#define PB_SERVER_MAX     64                      /* "host:port" of a pool's current server incl. NUL */
 
 /* ---------------------------------------------------------------- slot word
  * 64 bits: state:8 | owner:24 | generation:32.  The single source of truth for
@@ -233,13 +234,18 @@ typedef struct pb_shm_pool {
     _Atomic uint32_t ident_seq;     /* broker: seqlock over the identity fields above, odd
                                        while it rewrites them (pb_shm_pool_ident_publish) */
     char last_error[128];           /* broker; last connect/backend error, NUL-terminated */
+    char server[PB_SERVER_MAX];     /* broker: "host:port" (or socket path) of the server the
+                                       pool's newest connection reached; "" before the first;
+                                       NUL-terminated, cut to fit */
 
     /* counters: relaxed fetch_add by whoever does the thing.  Clients:
      * acquires, timeouts, errors (acquires that failed); broker: waits,
      * reclaims, resets, connects, connect_failures, handoffs, wakeups, leaks,
-     * retired, errors (connections lost). */
+     * retired, errors (connections lost), failovers (times the pool moved
+     * to another server after its server failed: broker/failover.c). */
     _Atomic uint64_t acquires, waits, timeouts, errors, reclaims, resets;
     _Atomic uint64_t connects, connect_failures, handoffs, wakeups, leaks, retired;
+    _Atomic uint64_t failovers;
     pb_hist acquire_wait;           /* client, on acquire that waited */
     pb_hist command_latency;        /* client, per exec */
 
