@@ -9,10 +9,16 @@
  *   conn.c     connection phases: connect, idle watch, close, failure
  *   connio.c   requests out, replies in (the reply ring or the sink)
  *   release.c  release, reclaim, reset, validation
- *   pg.c       PostgreSQL driver: connect with libpq, frame, count replies
+ *   pg.c       PostgreSQL driver: connect with libpq, frame, count replies,
+ *              session state from tags and ParameterStatus
+ *   pgstmt.c   its record of the library's prepared statements per backend
  *   redis.c    Redis driver: connect with hiredis, frame, count replies
  *              (both below the pool: driver.h is all they share with it)
  *   janitor.c  periodic work: sizing, recycling, repairs, leak warnings
+ *   failover.c following a failover: which server each connection reached,
+ *              draining a failed server's connections, the failover count
+ *   sentinel.c Redis Sentinel: a thread that asks the sentinels where the
+ *              master is and listens for +switch-master
  *   cancel.c   PostgreSQL cancel requests, off the event loop
  *   tls.c      backend I/O through OpenSSL for TLS connections
  *   reload.c   SIGHUP: the new configuration, pool by pool
@@ -76,6 +82,9 @@ enum conn_phase {
 /* Connected and not closing: the phases in which the socket carries traffic. */
 #define PH_UP(ph) ((ph) >= PH_READY && (ph) <= PH_VALIDATING)
 
+/* A TCP server as conn.server and pool.server name it: host (cut to fit) and port. */
+#define SERVER_FMT "%.48s:%d"
+
 typedef struct conn {
     struct pool *pool;
     uint32_t index;          /* global slot index */
@@ -93,6 +102,12 @@ typedef struct conn {
                                 handshake started (a reload's may still be on trial) */
     char error[CONN_ERROR_MAX]; /* last connect error, one line (pg_error_flatten), for the
                                 log and the pool's last_error */
+    char server[PB_SERVER_MAX]; /* the driver, on connect: "host:port" (or socket path) this
+                                   connection reached; "" while not connected */
+    /* Not a phase: its server failed (failover.c).  The connection is
+     * closed when it comes back to the broker, never mid-lease (PB_SF_RETIRE
+     * makes the holder release through us); cleared by a new connect. */
+    int suspect;
 
     ev_op send_op, recv_op, poll_op;
     void *ssl;               /* SSL* of a TLS connection (I/O goes through tls.c), or NULL */
@@ -204,6 +219,17 @@ typedef struct pool {
     pb_shm_slot *homes;      /* the backends' private slot records (not in the segment) */
     conn **tq;               /* FIFO of handles whose statement waits for a backend (nconns) */
     uint32_t tq_head, tq_len;
+    /* failover.c: following a failover (conf_pool.follow) */
+    char server[PB_SERVER_MAX]; /* the server the newest connection reached ("" none yet) */
+    char failed[PB_SERVER_MAX]; /* a server whose connections were drained and that no
+                                   connection has reached since ("" none) */
+    char failed_why[128];    /* why it was drained, for the log line of the switch */
+    uint64_t failovers;      /* our copy of shm->failovers */
+    /* sentinel.c (Redis Sentinel pools), read by the driver at connect */
+    struct sentinel *sentinel; /* the thread asking the sentinels; NULL: not a Sentinel pool */
+    char master_host[256];   /* where the sentinels say the server is now; "" not known yet */
+    int master_port;
+    int sentinel_reask;      /* failover.c asks sentinel.c to ask the sentinels again */
 } pool;
 
 /* The backend connections of p: conns[] in session mode, backs[] in
@@ -392,5 +418,33 @@ void txn_janitor(broker *b, pool *p);
 
 /* janitor.c */
 void janitor_run(broker *b);
+
+/* failover.c: draining is a no-op for a pool with follow == PB_FOLLOW_NONE */
+/* c is connected (c->server set by the driver): note the pool's current
+ * server (every pool), and count and log a switch away from a failed one. */
+void failover_connected(conn *c);
+/* A connection of p to server (its c->server, copied) was lost under I/O
+ * (why: how): drain the server's other connections. */
+void failover_conn_lost(pool *p, const char *server, const char *why);
+/* c's server said it is going away, or (readonly) that it is read-only (a
+ * drv_reply's server_gone / server_readonly): drain its connections if the
+ * pool follows failovers (read-only only counts for a pool that wants the
+ * primary). */
+void failover_reply(conn *c, const char *why, int readonly);
+/* Drain every connection of p to server (free ones close now, leased ones
+ * when they come back), reconnect through the host list, log why. */
+void failover_drain(pool *p, const char *server, const char *why);
+/* The janitor's pass: suspect connections leased again are flagged again,
+ * a scribbled shm->server is rewritten. */
+void failover_tick(pool *p);
+
+/* sentinel.c */
+/* Start, restart after a reload, or stop p's Sentinel thread as p->cf says;
+ * apply what it learnt (a new master: failover_drain of the old one).
+ * starting: the broker is starting; a thread started now is waited for
+ * (up to 2 s) until it has asked the sentinels once. */
+void sentinel_tick(pool *p, int starting);
+/* Stop every Sentinel thread (process exit). */
+void sentinel_shutdown(broker *b);
 
 #endif /* PB_BROKER_H */

@@ -113,6 +113,9 @@ static int set_password_file(parser *p, void *obj, const keydef *k, char *val);
 static int set_reset(parser *p, void *obj, const keydef *k, char *val);
 static int set_pool_mode(parser *p, void *obj, const keydef *k, char *val);
 static int set_conninfo(parser *p, void *obj, const keydef *k, char *val);
+static int set_sentinels(parser *p, void *obj, const keydef *k, char *val);
+static int set_sentinel_password_file(parser *p, void *obj, const keydef *k, char *val);
+static int set_sentinel_role(parser *p, void *obj, const keydef *k, char *val);
 
 static const char *const log_targets[] = { "stderr", "syslog", NULL };
 static const char *const io_backends[] = { "auto", "io_uring", "epoll", NULL };
@@ -146,7 +149,8 @@ enum {
     PK_USER, PK_DB, PK_MIN_SIZE, PK_MAX_SIZE, PK_SLOTS, PK_ACQUIRE_TIMEOUT_MS,
     PK_COMMAND_TIMEOUT_MS, PK_MAX_LIFETIME_S, PK_IDLE_TIMEOUT_S, PK_MAX_USES,
     PK_VALIDATE_AFTER_IDLE_MS, PK_RESET, PK_LEAK_THRESHOLD_MS, PK_MAX_LEASE_MS,
-    PK_REQUEST_BUFFER, PK_REPLY_BUFFER, PK_POOL_MODE, PK_COUNT
+    PK_REQUEST_BUFFER, PK_REPLY_BUFFER, PK_POOL_MODE, PK_SENTINELS, PK_SENTINEL_MASTER,
+    PK_SENTINEL_PASSWORD_FILE, PK_SENTINEL_ROLE, PK_COUNT
 };
 
 #define PF(field) offsetof(conf_pool, field)
@@ -174,6 +178,10 @@ static const keydef pool_keys[PK_COUNT] = {
     [PK_REQUEST_BUFFER]        = { "request_buffer", K_SIZE, T_ANY, PF(request_buffer), 1 * KIB, 64 * MIB, NULL, NULL },
     [PK_REPLY_BUFFER]          = { "reply_buffer", K_SIZE_POW2, T_ANY, PF(reply_buffer), 4 * KIB, 256 * MIB, NULL, NULL },
     [PK_POOL_MODE]             = { "pool_mode", K_FUNC, T_ANY, 0, 0, 0, NULL, set_pool_mode },
+    [PK_SENTINELS]             = { "sentinels", K_FUNC, T_REDIS, 0, 0, 0, NULL, set_sentinels },
+    [PK_SENTINEL_MASTER]       = { "sentinel_master", K_STR, T_REDIS, PF(sentinel_master), 0, 0, NULL, NULL },
+    [PK_SENTINEL_PASSWORD_FILE]= { "sentinel_password_file", K_FUNC, T_REDIS, 0, 0, 0, NULL, set_sentinel_password_file },
+    [PK_SENTINEL_ROLE]         = { "sentinel_role", K_FUNC, T_REDIS, 0, 0, 0, NULL, set_sentinel_role },
 };
 #undef PF
 
@@ -615,7 +623,9 @@ static int set_reset(parser *p, void *obj, const keydef *k, char *val)
     (void)k;
     free(cp->reset_sql);
     cp->reset_sql = NULL;
-    if (strcmp(val, "rollback") == 0) {
+    if (strcmp(val, "auto") == 0) {
+        cp->reset_policy = PB_RESET_AUTO;
+    } else if (strcmp(val, "rollback") == 0) {
         cp->reset_policy = PB_RESET_ROLLBACK;
     } else if (strcmp(val, "discard_all") == 0) {
         cp->reset_policy = PB_RESET_DISCARD_ALL;
@@ -736,7 +746,7 @@ static int set_conninfo(parser *p, void *obj, const keydef *k, char *val)
         }
         return fail_key(p, p->line, k->name, "%s", msg);
     }
-    const char *host = NULL, *hostaddr = NULL, *port = NULL;
+    const char *host = NULL, *hostaddr = NULL, *port = NULL, *tsa = NULL;
     int rc = 0;
     for (PQconninfoOption *o = opts; o->keyword && rc == 0; o++) {
         const char *v = o->val;
@@ -780,6 +790,8 @@ static int set_conninfo(parser *p, void *obj, const keydef *k, char *val)
                 }
             }
         } else {
+            if (strcmp(o->keyword, "target_session_attrs") == 0)
+                tsa = v;
             for (size_t i = 0; i < sizeof ci_choices / sizeof ci_choices[0]; i++) {
                 if (strcmp(o->keyword, ci_choices[i].key) != 0)
                     continue;
@@ -858,9 +870,18 @@ static int set_conninfo(parser *p, void *obj, const keydef *k, char *val)
             rc = fail_key(p, p->line, k->name, "%d port numbers for %d hosts (libpq needs one, or one per host)",
                           list_len(port), hosts);
     }
+    /* Following a failover: a pool that wants the primary drops a server
+     * that turns read-only; one with several hosts drops a server that goes
+     * away and reconnects through the list. */
+    int follow = PB_FOLLOW_NONE;
+    if (tsa && (strcmp(tsa, "read-write") == 0 || strcmp(tsa, "primary") == 0))
+        follow = PB_FOLLOW_PRIMARY;
+    else if ((host && list_len(host) > 1) || (hostaddr && list_len(hostaddr) > 1))
+        follow = PB_FOLLOW_HOSTS;
     PQconninfoFree(opts);
     if (rc < 0)
         return -1;
+    cp->follow = follow;
     char *s = strdup(val);
     if (s == NULL)
         return oom(p);
@@ -869,12 +890,11 @@ static int set_conninfo(parser *p, void *obj, const keydef *k, char *val)
     return 0;
 }
 
-/* Read the password from the first line of a file that only its owner may
- * read.  Relative paths start at the config file's directory.  Messages name
- * the file, never its contents. */
-static int set_password_file(parser *p, void *obj, const keydef *k, char *val)
+/* Read a password from the first line of a file that only its owner may
+ * read into *secret, its path into *pathp.  Relative paths start at the
+ * config file's directory.  Messages name the file, never its contents. */
+static int read_secret_file(parser *p, const keydef *k, char *val, char **pathp, char **secret)
 {
-    conf_pool *cp = obj;
     char *path;
     if (val[0] != '/' && p->basedir) {
         if (asprintf(&path, "%s/%s", p->basedir, val) < 0)
@@ -882,8 +902,8 @@ static int set_password_file(parser *p, void *obj, const keydef *k, char *val)
     } else if ((path = strdup(val)) == NULL) {
         return oom(p);
     }
-    free(cp->password_file);
-    cp->password_file = path;
+    free(*pathp);
+    *pathp = path;
 
     /* O_NONBLOCK: a FIFO must not hang the parse; it is refused below. */
     int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
@@ -938,13 +958,74 @@ static int set_password_file(parser *p, void *obj, const keydef *k, char *val)
         else if (memchr(buf, '\0', n))
             rc = fail_key(p, p->line, k->name, "%s: the password contains a NUL byte", path);
         else {
-            wipe_free(cp->password);
-            if ((cp->password = strndup(buf, n)) == NULL)
+            wipe_free(*secret);
+            if ((*secret = strndup(buf, n)) == NULL)
                 rc = oom(p);
         }
     }
     explicit_bzero(buf, sizeof buf);
     return rc;
+}
+
+static int set_password_file(parser *p, void *obj, const keydef *k, char *val)
+{
+    conf_pool *cp = obj;
+    return read_secret_file(p, k, val, &cp->password_file, &cp->password);
+}
+
+static int set_sentinel_password_file(parser *p, void *obj, const keydef *k, char *val)
+{
+    conf_pool *cp = obj;
+    return read_secret_file(p, k, val, &cp->sentinel_password_file, &cp->sentinel_password);
+}
+
+/* ------------------------------------------------------------ Sentinel */
+
+#define SENTINELS_MAX 16            /* entries of a sentinels list (sentinel.c has room for them) */
+
+/* sentinels = host:port,host:port,...: each entry a host name or address
+ * (an IPv6 one in brackets, [::1]:26379) and a port in 1..65535. */
+static int set_sentinels(parser *p, void *obj, const keydef *k, char *val)
+{
+    conf_pool *cp = obj;
+    int n = 0;
+    for (const char *s = val;;) {
+        size_t len = strcspn(s, ",");
+        char one[300];
+        if (len == 0 || len >= sizeof one)
+            return fail_key(p, p->line, k->name, "entry %d is %s (expected host:port,host:port,...)", n + 1,
+                            len ? "too long" : "empty");
+        memcpy(one, s, len);
+        one[len] = 0;
+        char *e = trim(one);
+        char *colon = strrchr(e, ':');
+        uint64_t pv;
+        if (!colon || colon == e || parse_dec(colon + 1, &pv) < 0 || pv < 1 || pv > 65535)
+            return fail_key(p, p->line, k->name, "entry '%.64s' is not host:port with a port in 1..65535", e);
+        if (++n > SENTINELS_MAX)
+            return fail_key(p, p->line, k->name, "more than %d sentinels", SENTINELS_MAX);
+        if (!s[len])
+            break;
+        s += len + 1;
+    }
+    char *dup = strdup(val);
+    if (!dup)
+        return oom(p);
+    free(cp->sentinels);
+    cp->sentinels = dup;
+    return 0;
+}
+
+static int set_sentinel_role(parser *p, void *obj, const keydef *k, char *val)
+{
+    conf_pool *cp = obj;
+    if (strcmp(val, "master") == 0)
+        cp->sentinel_replica = 0;
+    else if (strcmp(val, "replica") == 0)
+        cp->sentinel_replica = 1;
+    else
+        return fail_key(p, p->line, k->name, "unknown value '%.32s' (expected one of: master, replica)", val);
+    return 0;
 }
 
 /* ------------------------------------------------------------ sections */
@@ -981,7 +1062,24 @@ static int finish_pool(parser *p)
                             "cannot be combined with '%s' (line %d); use either host/port or unix_socket",
                             pool_keys[other].name, seen[other]);
         }
-        if (cp->host == NULL && (cp->host = strdup("127.0.0.1")) == NULL)
+        if (seen[PK_SENTINELS]) {
+            for (int other = PK_HOST; other <= PK_UNIX_SOCKET; other++)
+                if (seen[other])
+                    return fail_key(p, seen[other], pool_keys[other].name,
+                                    "cannot be combined with 'sentinels' (line %d): the sentinels say "
+                                    "where the server is", seen[PK_SENTINELS]);
+            if (!seen[PK_SENTINEL_MASTER])
+                return fail_key(p, seen[PK_SENTINELS], "sentinels", "needs 'sentinel_master' (the name the "
+                                "sentinels monitor the master by)");
+            cp->follow = cp->sentinel_replica ? PB_FOLLOW_HOSTS : PB_FOLLOW_PRIMARY;
+        } else {
+            static const int needs[] = { PK_SENTINEL_MASTER, PK_SENTINEL_PASSWORD_FILE, PK_SENTINEL_ROLE };
+            for (size_t i = 0; i < sizeof needs / sizeof needs[0]; i++)
+                if (seen[needs[i]])
+                    return fail_key(p, seen[needs[i]], pool_keys[needs[i]].name,
+                                    "applies only with 'sentinels' (host:port,...)");
+        }
+        if (!seen[PK_SENTINELS] && cp->host == NULL && (cp->host = strdup("127.0.0.1")) == NULL)
             return oom(p);
     }
     if (cp->min_size > cp->max_size) {
@@ -1020,7 +1118,7 @@ static void pool_defaults(conf_pool *cp)
     cp->idle_timeout_s = 300;
     cp->max_uses = 0;
     cp->validate_after_idle_ms = 30000;
-    cp->reset_policy = PB_RESET_ROLLBACK;
+    cp->reset_policy = PB_RESET_AUTO;
     cp->leak_threshold_ms = 10000;
     cp->max_lease_ms = 0;
     cp->request_buffer = 64 * KIB;
@@ -1326,6 +1424,10 @@ void conf_free(conf *c)
             free(cp->host);
             free(cp->unix_socket);
             free(cp->password_file);
+            wipe_free(cp->sentinel_password);
+            free(cp->sentinel_password_file);
+            free(cp->sentinels);
+            free(cp->sentinel_master);
             free(cp->user);
             free(cp->reset_sql);
         }

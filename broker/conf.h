@@ -18,6 +18,17 @@
 #define CONF_MAX_UIDS 16
 #define CONF_ERR_MAX  512
 
+/* What a pool does when its server fails over (conf_pool.follow). */
+enum {
+    PB_FOLLOW_NONE = 0,             /* one server: a lost connection is only that connection */
+    PB_FOLLOW_HOSTS,                /* several hosts (libpq's host=a,b) or a Sentinel replica pool: a
+                                       lost connection, 57P01/57P02/57P03 or -MASTERDOWN makes the
+                                       broker drain every connection to that server */
+    PB_FOLLOW_PRIMARY,              /* the pool wants the primary (target_session_attrs read-write or
+                                       primary; a Sentinel master pool): SQLSTATE 25006 (read-only
+                                       transaction) and -READONLY count as well */
+};
+
 typedef struct conf_pool {
     char name[PB_NAME_MAX];         /* [pool NAME]; [A-Za-z0-9_.-], 1..31 chars */
     int type;                       /* PB_POOL_POSTGRES | PB_POOL_REDIS (key: type) */
@@ -31,6 +42,15 @@ typedef struct conf_pool {
     char *password;                 /* read from password_file; never in shm or logs */
     char *user;                     /* ACL user for AUTH, optional */
     int db;                         /* default 0 */
+    /* redis behind Sentinel (instead of host/port/unix_socket): sentinel.c */
+    char *sentinels;                /* "host:port,host:port,..." (key sentinels), checked; or NULL */
+    char *sentinel_master;          /* the master's name at the sentinels (required with sentinels) */
+    char *sentinel_password_file;   /* file holding the sentinels' password (first line) */
+    char *sentinel_password;        /* read from it; never in shm or logs */
+    int sentinel_replica;           /* sentinel_role = replica: connect to a replica, not the master */
+    /* failover (both types): what makes the broker drop a server's connections,
+     * worked out from conninfo or sentinels (PB_FOLLOW_*) */
+    int follow;
     /* generic */
     uint32_t min_size;              /* default 0 */
     uint32_t max_size;              /* default 10; 1..PB_MAX_POOL_SLOTS; >= min_size */
@@ -44,7 +64,8 @@ typedef struct conf_pool {
     uint64_t max_uses;              /* default 0 = unlimited */
     uint32_t validate_after_idle_ms;/* default 30000; 0 = never */
     int pool_mode;                  /* PB_MODE_*; key pool_mode: session (default) | transaction */
-    int reset_policy;               /* PB_RESET_*; key reset: rollback | discard_all | <SQL> */
+    int reset_policy;               /* PB_RESET_*; key reset: auto (default) | rollback | discard_all
+                                       | <SQL> */
     char *reset_sql;                /* the custom SQL when PB_RESET_CUSTOM */
     uint32_t leak_threshold_ms;     /* default 10000; 0 = off */
     uint32_t max_lease_ms;          /* default 0 = off */

@@ -116,12 +116,14 @@ int conn_set_phase(conn *c, enum conn_phase to)
         c->broken = 0;
         conn_expect_clear(c);
         c->txn = 'I';
-        c->sstate = 0;
+        c->sstate = 0;              /* a new backend carries no session state */
         c->partial = 0;
         c->submit_deferred = c->watch = 0;
         c->to_sink = 0;
         c->error[0] = 0;
         c->reply_errors = 0;
+        c->server[0] = 0;           /* the driver says where this one lands */
+        c->suspect = 0;
         break;
     case PH_READY:
         c->to_sink = 0;
@@ -255,8 +257,6 @@ static void conn_connected(conn *c)
     atomic_store(&c->slot->txn_status, 'I');
     atomic_store(&c->slot->flags, 0);
     atomic_store(&c->slot->io_error, 0);
-    for (int i = 0; i < PB_SLOT_STMTS; i++)
-        atomic_store(&c->slot->stmts[i], 0);
     /* Our ring position runs on across connections of this slot; the one
      * in the segment is only ever a copy of it (a worker may have written
      * anything there). */
@@ -274,7 +274,8 @@ static void conn_connected(conn *c)
         p->not_ready = 0;
         log_info("pool %s: server ready", p->cf->name);
     }
-    slog(LOG_LVL_DEBUG, c, "connected");
+    slog(LOG_LVL_DEBUG, c, "connected to %s", c->server[0] ? c->server : "?");
+    failover_connected(c);
     if (c->settings_gen != p->settings_gen) {
         /* A reload changed the connection settings while this handshake
          * ran on the old ones: nobody gets it. */
@@ -476,7 +477,15 @@ void conn_fail(conn *c, const char *why, int err)
 
 void conn_io_failed(conn *c, const char *why)
 {
+    /* A pool that follows failovers drains the connection's whole server.
+     * Which server, from before conn_fail: closing c can start a new
+     * connect in its slot at once, which clears c->server. */
+    char server[PB_SERVER_MAX];
+    int first = !c->broken && !c->suspect;
+    snprintf(server, sizeof server, "%s", c->server);
     conn_fail(c, why, PB_EBACKEND);
+    if (first)
+        failover_conn_lost(c->pool, server, why);
 }
 
 /* The command in flight has run past command_timeout_ms.  A driver that can

@@ -282,6 +282,8 @@ static int got_reply(conn *c, const drv_reply *r)
         atomic_store(&c->slot->txn_status, (uint32_t)(unsigned char)c->txn);
         c->unpublished++;           /* counted in reply_done once its bytes are published */
     }
+    if (r->server_gone || r->server_readonly)     /* failover.c: the server is not what it was */
+        failover_reply(c, r->server_gone ? r->server_gone : r->server_readonly, r->server_gone == NULL);
     return PB_OK;
 }
 
@@ -291,7 +293,7 @@ static int scan_replies(conn *c, const uint8_t *p, size_t n)
     size_t off = 0;
     while (off < n) {
         size_t used = 0;
-        drv_reply r = { 0, 0 };
+        drv_reply r = { 0 };
         int rc = c->pool->drv->scan_reply(c, p + off, n - off, &used, &r);
         if (rc == DRV_ERROR || used > n - off)
             return PB_EPROTO;
@@ -325,6 +327,8 @@ void conn_on_recv(ev_op *op, int res)
     }
     if (!sink) {
         if (atomic_load(&c->slot->word) == c->cmd_word) {
+            /* The scan above stored PB_SF_RESET for state these bytes
+             * report (driver.h): this release store publishes it with them. */
             c->rep_head += (uint64_t)res;
             atomic_store_explicit(&c->slot->rep_head, c->rep_head, memory_order_release);
             /* After the bytes: a holder that sees reply_done sees them too. */

@@ -9,8 +9,10 @@
  * decide what follows.  A driver's per-connection state is c->drv, which
  * only the driver looks inside; it connects with c->cset (the connection
  * settings: a reload's new ones may be on trial while the pool's c->pool->cf
- * already has them) and reads the pool's other settings from c->pool->cf,
- * and writes what it learns to c->error, c->fd, c->backend_pid and c->ssl
+ * already has them; and where Sentinel says the server is:
+ * c->pool->master_host/master_port), reads the pool's other settings from
+ * c->pool->cf, and writes what it learns to c->error, c->fd, c->backend_pid,
+ * c->ssl and c->server (the "host:port" it reached)
  * (and PB_SF_RESET in c->slot->flags: see frame_request).
  */
 #ifndef PB_DRIVER_H
@@ -50,10 +52,38 @@ void pg_error_flatten(const char *msg, char *out, size_t n);
 int redis_error_not_ready(const char *err);
 
 /* Session state a backend can carry past a transaction (conn.sstate).  The
- * driver sets these from what the server reports and undoes them in
- * build_reset. */
+ * driver sets these from what the server reports (PostgreSQL: CommandComplete
+ * tags and ParameterStatus messages, pg.c; Redis: the commands it frames,
+ * redis.c) and build_reset undoes exactly them.  docs/pooling.md has the
+ * table of what is detected, what is reset and what needs pb_pin. */
 enum {
-    SS_PIN = 1u << 0,        /* the lease pinned itself (pb_pin): a full reset */
+    SS_PIN = 1u << 0,        /* the lease pinned itself (pb_pin, PB_CF_PIN, set by release.c):
+                                PostgreSQL DISCARD ALL, Redis RESET + set-up */
+    /* PostgreSQL */
+    SS_GUC = 1u << 1,        /* tag SET or RESET, or a ParameterStatus message (a GUC_REPORT
+                                setting changed, set_config() included): SET SESSION
+                                AUTHORIZATION DEFAULT (which also undoes SET ROLE; RESET ALL
+                                does not) + RESET ALL */
+    SS_PREPARED = 1u << 2,   /* tag PREPARE (SQL-level): DEALLOCATE ALL; tag DEALLOCATE ALL or
+                                DISCARD ALL clears it (DEALLOCATE <name> does not: others may
+                                remain) */
+    SS_LISTEN = 1u << 3,     /* tag LISTEN: UNLISTEN *; tag UNLISTEN does not clear it (it does
+                                not say whether it was UNLISTEN *) */
+    SS_CURSOR = 1u << 4,     /* tag DECLARE CURSOR (a WITH HOLD cursor outlives its transaction;
+                                the tag does not say which): CLOSE ALL; tag CLOSE CURSOR ALL
+                                clears it */
+    SS_TEMP = 1u << 5,       /* any tag CREATE <object> (a temporary table, sequence, view, or
+                                an object in pg_temp): DISCARD TEMP; tag DISCARD TEMP clears it.
+                                CREATE TABLE AS / SELECT INTO report SELECT n: not seen */
+    SS_RETIRE = 1u << 6,     /* tag LOAD: a loaded library stays loaded; nothing undoes it, the
+                                connection is closed on release (build_reset returns -1) */
+    /* Redis (redis.c; each set by the command as framed) */
+    SS_R_SESSION = 1u << 8,  /* SELECT, MULTI, WATCH, (P|S)SUBSCRIBE, AUTH, HELLO, READONLY,
+                                READWRITE, ASKING, RESET, CLIENT SETNAME/TRACKING/CACHING/REPLY,
+                                unknown CLIENT subcommands: RESET + set-up */
+    SS_R_NOEVICT = 1u << 9,  /* CLIENT NO-EVICT: RESET keeps it (7.0): CLIENT NO-EVICT off */
+    SS_R_NOTOUCH = 1u << 10, /* CLIENT NO-TOUCH (7.2+; RESET clears it there): CLIENT NO-TOUCH off */
+    SS_R_RETIRE = 1u << 11,  /* CLIENT SETINFO (7.2+): RESET keeps lib-name/lib-ver: retire */
 };
 
 /* A growable byte buffer the caller owns (a connection's send buffer). */
@@ -92,8 +122,14 @@ typedef struct drv_poll {
 
 /* One complete reply, as the scanner found it. */
 typedef struct drv_reply {
-    char txn;                /* PostgreSQL: its ReadyForQuery status ('I','T','E'); 0: none */
+    char txn;                /* PostgreSQL: its ReadyForQuery status ('I','T','E'); Redis: 'T'
+                                while a MULTI is open after this reply, else 'I'; 0: none */
     uint32_t errors;         /* PostgreSQL: ErrorResponses since the previous reply */
+    /* The server said, in this reply, that it is not the server it was
+     * (failover.c decides what that means for the pool): static text for
+     * the log, or NULL. */
+    const char *server_gone;     /* going away: SQLSTATE 57P01/57P02/57P03, -MASTERDOWN */
+    const char *server_readonly; /* read-only: SQLSTATE 25006, -READONLY */
 } drv_reply;
 
 typedef struct driver {
@@ -113,20 +149,29 @@ typedef struct driver {
      * the server answers with an error naming it); *why is then NULL, or the
      * first such refusal, for the log.  PB_EPERM: refused by policy, nothing
      * to send (PostgreSQL); PB_EPROTO: malformed; PB_ENOMEM.  *why says
-     * what, in words for the log.  A request that leaves session state
-     * the driver tracks sets PB_SF_RESET in c->slot->flags, so the holder
-     * releases through the broker and build_reset runs (which clears it). */
+     * what, in words for the log.  PostgreSQL rewrites a request that
+     * carries a Parse of a library-named statement (pb_<hash>, pb_shm.h):
+     * dropped when the backend has it, preceded by a Close when it may
+     * not (docs/protocol.md).  Whenever c->sstate is nonzero the driver
+     * keeps PB_SF_RESET set in c->slot->flags (Redis from here, PostgreSQL
+     * from scan_reply, before the reply's bytes are published), so the
+     * holder releases through the broker and build_reset runs (which
+     * clears both). */
     int (*frame_request)(struct conn *c, drv_buf *req, uint32_t *nreplies, const char **why);
     /* Scan reply bytes p[0..n).  DRV_OK: a reply ends at p[*used - 1] (*out
      * says what it was): call again with the rest.  DRV_AGAIN: all n bytes
      * taken (*used == n), no reply completed.  DRV_ERROR: protocol error.
      * The scanner's state carries over calls: a reply may straddle receives. */
     int (*scan_reply)(struct conn *c, const uint8_t *p, size_t n, size_t *used, drv_reply *out);
-    /* Append to out the commands that reset the session (dirty: the lease
-     * changed session state, PB_CF_DIRTY; a driver may also track what
-     * state the lease left itself); returns how many replies they produce
-     * (0: nothing needed), or -1: out of memory, or state no command can
-     * undo (Redis: CLIENT SETINFO) — the caller closes the connection. */
+    /* Append to out the commands that undo c->sstate (the session state the
+     * driver saw the server report, plus SS_PIN when the lease pinned
+     * itself) and the open transaction (c->txn), as the pool's reset policy
+     * says, then clear c->sstate and PB_SF_RESET.  dirty: the client
+     * library marked the lease PB_CF_DIRTY (Redis: a fuller reset;
+     * PostgreSQL ignores it, the server's reports decide).  Returns how many
+     * replies the commands produce (0: nothing needed), or -1: out of
+     * memory, or state no command can undo (Redis CLIENT SETINFO,
+     * PostgreSQL LOAD) — the caller closes the connection. */
     int (*build_reset)(struct conn *c, int dirty, drv_buf *out);
     /* Append a cheap liveness check (empty query / PING); returns replies,
      * or -1. */

@@ -207,6 +207,8 @@ void janitor_run(broker *b)
         uint32_t fixed = p->nconns ? pb_freemap_repair(p->shm, p->conns[0].slot, p->nconns) : 0;
         if (fixed)
             log_debug("pool %s: put %u lost free-map hint%s back", p->cf->name, fixed, fixed == 1 ? "" : "s");
+        failover_tick(p);
+        sentinel_tick(p, 0);
         if (p->wq_len)
             pool_serve_waiters(p);
         pool_maybe_grow(p);

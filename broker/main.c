@@ -268,8 +268,10 @@ static int setup(broker *b)
 static void initial_connects(broker *b)
 {
     uint64_t deadline = now_ms() + 5000;
-    for (uint32_t i = 0; i < b->npools; i++)
+    for (uint32_t i = 0; i < b->npools; i++) {
+        sentinel_tick(&b->pools[i], 1); /* a Sentinel pool learns where its server is first */
         pool_maybe_grow(&b->pools[i]);
+    }
     for (;;) {
         int busy = 0;
         for (uint32_t i = 0; i < b->npools; i++)
@@ -411,6 +413,7 @@ int main(int argc, char **argv)
     log_info("shutting down");
     metrics_stop();
     cancel_shutdown();
+    sentinel_shutdown(b);
     control_close(b);
     for (uint32_t s = 0; s < b->nslots; s++) {
         conn *c = b->slots[s];

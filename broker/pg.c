@@ -10,8 +10,19 @@
  * transaction status) without building anything.  The libpq handle is kept
  * for PQfinish and PQgetCancel.
  *
- * Its state per connection (c->drv) is a pgconn: the libpq handle and the
- * reply scanner's position.
+ * Session state: the scanner reads the first bytes of every CommandComplete
+ * tag and notes ParameterStatus messages, and sets the SS_* bits of
+ * c->sstate (driver.h) from them; build_reset undoes exactly those
+ * (docs/pooling.md).
+ *
+ * Library-named prepared statements (pb_<hash>, pb_shm.h): the library sends
+ * a Parse with every execution; the record of which ones the backend has,
+ * and the request rewrite that drops a Parse it has (or closes first one it
+ * may have), are pgstmt.c's.  This file feeds it the request's counts, the
+ * ParseComplete and ReadyForQuery messages and the tags that deallocate.
+ *
+ * Its state per connection (c->drv) is a pgconn: the libpq handle, the reply
+ * scanner's position, and the statement record.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -23,9 +34,12 @@
 
 #include "broker.h"
 #include "log.h"
+#include "pgstmt.h"
 #include "poolbroker.h"
 
 #define PG_MAX_MESSAGE (1u << 30)   /* the server's own limit on a message */
+#define PG_TAG_MAX     24           /* CommandComplete tag bytes kept (NUL included): the
+                                       longest tag acted on whole is "CLOSE CURSOR ALL" */
 
 typedef struct pgconn {
     PGconn *pg;              /* libpq: the handshake, cancel keys, PQfinish */
@@ -34,6 +48,19 @@ typedef struct pgconn {
     uint32_t hdr_have;
     uint64_t body_left;      /* bytes left of the current message's body */
     uint32_t errors;         /* ErrorResponses since the last ReadyForQuery */
+    int in_tag;              /* the body being read is a CommandComplete's */
+    uint32_t tag_have;       /* bytes of it in tag */
+    char tag[PG_TAG_MAX];    /* its first bytes (a longer tag is cut) */
+    uint32_t quiet;          /* ReadyForQuery still to come for the broker's own reset or
+                                check: their tags may clear state, never set it */
+    pgstmts stmts;           /* library-named statements the backend has (pgstmt.c) */
+    /* the SQLSTATE of an ErrorResponse, read as its body streams by
+     * (pg_scan_error); only failover.c's codes are kept */
+    int in_error;            /* the body being skipped is an ErrorResponse's */
+    int err_field;           /* 0: at a field type byte; 1: in a field; 2: in the 'C' field */
+    char code[6];            /* SQLSTATE collected so far */
+    uint32_t code_len;
+    const char *gone, *readonly; /* what the codes since the last ReadyForQuery said (drv_reply) */
 } pgconn;
 
 static pgconn *PG(conn *c)
@@ -169,6 +196,9 @@ static int pg_connect_step(conn *c, int revents, drv_poll *want)
     }
     c->fd = PQsocket(pg);
     c->backend_pid = PQbackendPID(pg);
+    /* Which host of a multi-host conninfo libpq settled on (failover.c). */
+    const char *h = PQhost(pg), *port = PQport(pg);
+    snprintf(c->server, sizeof c->server, "%s:%s", h ? h : "?", port && *port ? port : "5432");
     c->txn = 'I';
     return DRV_OK;
 }
@@ -200,10 +230,34 @@ static const char *refused_type(uint8_t t)
     return NULL;
 }
 
+/* ------------------------------------------------------------ session state */
+
+/* The server reported state the next lease must not see: note it, and make
+ * the holder release through the broker.  Called while scanning, so
+ * PB_SF_RESET is stored before connio.c publishes the bytes that reported
+ * it.  The broker's own reset and check never set state. */
+static void ss_set(conn *c, uint32_t bits)
+{
+    if (PG(c)->quiet)
+        return;
+    c->sstate |= bits;
+    if (c->slot)
+        atomic_fetch_or(&c->slot->flags, PB_SF_RESET);
+}
+
+static void ss_clear(conn *c, uint32_t bits)
+{
+    c->sstate &= ~bits;
+    if (!c->sstate && c->slot)
+        atomic_fetch_and(&c->slot->flags, ~PB_SF_RESET);
+}
+
 static int pg_frame_request(conn *c, drv_buf *rq, uint32_t *nreplies, const char **why)
 {
+    pgconn *s = PG(c);
     const uint8_t *req = rq->p;
-    uint32_t len = rq->len, off = 0, n = 0;
+    uint32_t len = rq->len, off = 0, n = 0, nparse = 0, ntracked = 0, nclose = 0;
+    int parse_open = 0;             /* a Parse after the last Sync or Query */
     uint8_t last = 0;
     *why = NULL;
     while (off < len) {
@@ -212,8 +266,7 @@ static int pg_frame_request(conn *c, drv_buf *rq, uint32_t *nreplies, const char
             return PB_EPROTO;
         }
         uint8_t t = req[off];
-        uint32_t mlen = ((uint32_t)req[off + 1] << 24) | ((uint32_t)req[off + 2] << 16) |
-                        ((uint32_t)req[off + 3] << 8) | (uint32_t)req[off + 4];
+        uint32_t mlen = pg_be32(req + off + 1);
         if (mlen < 4 || mlen > len - off - 1) {
             *why = "message length out of bounds";
             return PB_EPROTO;
@@ -225,10 +278,23 @@ static int pg_frame_request(conn *c, drv_buf *rq, uint32_t *nreplies, const char
             *why = "unknown frontend message type (a startup packet?)";
             return PB_EPROTO;
         }
-        if (t == 'Q' || t == 'S')
+        if (t == 'Q' || t == 'S') {
             n++;                    /* each ends in exactly one ReadyForQuery */
+            parse_open = 0;
+        } else if (t == 'P') {
+            nparse++;
+            parse_open = 1;
+            if (pgstmt_lib_name(req + off + 5, mlen - 4))
+                ntracked++;
+        } else if (t == 'C' && mlen > 5 && req[off + 5] == 'S' && pgstmt_lib_name(req + off + 6, mlen - 5)) {
+            nclose++;
+        }
         last = t;
         off += 1 + mlen;
+    }
+    if (pgstmt_frame(&s->stmts, rq, nparse, ntracked, nclose, n, parse_open, c->expect == 0) != PB_OK) {
+        *why = "out of memory";
+        return PB_ENOMEM;
     }
     *nreplies = n;
     /* Extended-query messages after the last Sync: the next piece of the
@@ -238,9 +304,83 @@ static int pg_frame_request(conn *c, drv_buf *rq, uint32_t *nreplies, const char
     return PB_OK;
 }
 
+/* ----------------------------------------------------------------- replies */
+
+/* A CommandComplete tag (cut to PG_TAG_MAX - 1 bytes): what it leaves on the
+ * session, or takes off it.  Spellings as PostgreSQL 15 sends them. */
+static void on_tag(conn *c, const char *tag)
+{
+    pgconn *s = PG(c);
+    if (strcmp(tag, "SET") == 0 || strcmp(tag, "RESET") == 0)
+        ss_set(c, SS_GUC);
+    else if (strcmp(tag, "PREPARE") == 0)
+        ss_set(c, SS_PREPARED);
+    else if (strcmp(tag, "DEALLOCATE ALL") == 0) {
+        ss_clear(c, SS_PREPARED);
+        pgstmt_forget_all(&s->stmts);
+    } else if (strcmp(tag, "DEALLOCATE") == 0)
+        pgstmt_forget_all(&s->stmts);        /* which one, the tag does not say */
+    else if (strcmp(tag, "LISTEN") == 0)
+        ss_set(c, SS_LISTEN);
+    else if (strcmp(tag, "DECLARE CURSOR") == 0)
+        ss_set(c, SS_CURSOR);
+    else if (strcmp(tag, "CLOSE CURSOR ALL") == 0)
+        ss_clear(c, SS_CURSOR);
+    else if (strcmp(tag, "DISCARD ALL") == 0) {
+        ss_clear(c, SS_GUC | SS_PREPARED | SS_LISTEN | SS_CURSOR | SS_TEMP);
+        pgstmt_forget_all(&s->stmts);
+    } else if (strcmp(tag, "DISCARD TEMP") == 0)
+        ss_clear(c, SS_TEMP);
+    else if (strncmp(tag, "CREATE ", 7) == 0)
+        ss_set(c, SS_TEMP);         /* TEMP or pg_temp: the tag does not say */
+    else if (strcmp(tag, "LOAD") == 0)
+        ss_set(c, SS_RETIRE);
+}
+
+/* SQLSTATEs that say the server is not what it was for this pool
+ * (failover.c): going away, or read-only. */
+static void pg_error_code(pgconn *s)
+{
+    if (s->code_len != 5)
+        return;
+    if (memcmp(s->code, "25006", 5) == 0)
+        s->readonly = "SQLSTATE 25006 (read-only transaction)";
+    else if (memcmp(s->code, "57P01", 5) == 0)
+        s->gone = "SQLSTATE 57P01 (admin shutdown)";
+    else if (memcmp(s->code, "57P02", 5) == 0)
+        s->gone = "SQLSTATE 57P02 (crash shutdown)";
+    else if (memcmp(s->code, "57P03", 5) == 0)
+        s->gone = "SQLSTATE 57P03 (cannot connect now)";
+}
+
+/* Read the fields of an ErrorResponse body, k bytes of it at a time, for
+ * its SQLSTATE: a body is (type byte, NUL-terminated text)* then a NUL;
+ * the code is the 'C' field. */
+static void pg_scan_error(pgconn *s, const uint8_t *p, size_t k)
+{
+    for (size_t i = 0; i < k; i++) {
+        uint8_t b = p[i];
+        if (s->err_field == 0) {
+            if (b == 0)
+                continue;           /* the body's terminator */
+            s->err_field = b == 'C' ? 2 : 1;
+            s->code_len = 0;
+        } else if (b == 0) {
+            if (s->err_field == 2)
+                pg_error_code(s);
+            s->err_field = 0;
+        } else if (s->err_field == 2 && s->code_len < 5) {
+            s->code[s->code_len++] = (char)b;
+        } else if (s->err_field == 2) {
+            s->code_len = 6;        /* longer than a SQLSTATE: not one */
+        }
+    }
+}
+
 /* Walk the reply stream: headers are collected byte by byte across calls (a
- * header can straddle two receives); bodies are skipped, except the one
- * status byte of ReadyForQuery. */
+ * header can straddle two receives); bodies are skipped, except the status
+ * byte of ReadyForQuery, the first bytes of a CommandComplete tag and the
+ * fields of an ErrorResponse (pg_scan_error). */
 static int pg_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_reply *out)
 {
     pgconn *s = PG(c);
@@ -248,25 +388,50 @@ static int pg_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_
     while (i < n) {
         if (s->body_left) {
             size_t k = n - i < s->body_left ? n - i : (size_t)s->body_left;
+            if (s->in_tag && s->tag_have < PG_TAG_MAX - 1) {
+                size_t room = PG_TAG_MAX - 1 - s->tag_have;
+                memcpy(s->tag + s->tag_have, p + i, k < room ? k : room);
+                s->tag_have += (uint32_t)(k < room ? k : room);
+            }
+            if (s->in_error)
+                pg_scan_error(s, p + i, k);
             i += k;
             s->body_left -= k;
+            if (!s->body_left && s->in_tag) {
+                s->tag[s->tag_have] = 0;  /* the body's own NUL ends it sooner */
+                s->in_tag = 0;
+                on_tag(c, s->tag);
+            }
             continue;
         }
         if (s->hdr_have < 5) {
             s->hdr[s->hdr_have++] = p[i++];
             if (s->hdr_have < 5)
                 continue;
-            uint32_t mlen = ((uint32_t)s->hdr[1] << 24) | ((uint32_t)s->hdr[2] << 16) |
-                            ((uint32_t)s->hdr[3] << 8) | (uint32_t)s->hdr[4];
+            uint32_t mlen = pg_be32(s->hdr + 1);
             if (mlen < 4 || mlen > PG_MAX_MESSAGE)
                 return DRV_ERROR;
-            if (s->hdr[0] == 'Z') {
+            switch (s->hdr[0]) {
+            case 'Z':
                 if (mlen != 5)
                     return DRV_ERROR;
                 continue;           /* hdr_have stays 5: the status byte is next */
-            }
-            if (s->hdr[0] == 'E')
+            case 'E':
                 s->errors++;
+                break;
+            case 'C':
+                s->in_tag = mlen > 4;
+                s->tag_have = 0;
+                break;
+            case 'S':
+                ss_set(c, SS_GUC);  /* a reported setting changed (libpq read the startup ones) */
+                break;
+            case '1':
+                pgstmt_parse_complete(&s->stmts);
+                break;
+            }
+            s->in_error = s->hdr[0] == 'E';
+            s->err_field = 0;
             s->hdr_have = 0;
             s->body_left = mlen - 4;
             continue;
@@ -276,15 +441,23 @@ static int pg_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_
         s->hdr_have = 0;
         if (st != 'I' && st != 'T' && st != 'E')
             return DRV_ERROR;
+        pgstmt_ready(&s->stmts, s->errors);
+        if (s->quiet)
+            s->quiet--;
         out->txn = (char)st;
         out->errors = s->errors;
+        out->server_gone = s->gone;
+        out->server_readonly = s->readonly;
         s->errors = 0;
+        s->gone = s->readonly = NULL;
         *used = i;
         return DRV_OK;
     }
     *used = n;
     return DRV_AGAIN;
 }
+
+/* ------------------------------------------------------------------- reset */
 
 static int append_query(drv_buf *out, const char *sql)
 {
@@ -295,37 +468,83 @@ static int append_query(drv_buf *out, const char *sql)
     return 1;
 }
 
+/* Queue the broker's own n queries (already in out): their replies set no
+ * state.  n, or -1. */
+static int own_queries(conn *c, int n)
+{
+    pgconn *s = PG(c);
+    if (n > 0 && pgstmt_own_queries(&s->stmts, (uint32_t)n) != PB_OK)
+        return -1;
+    s->quiet += (uint32_t)n;
+    return n;
+}
+
+/* The reset: ROLLBACK an open transaction, then, per policy, what undoes
+ * the state the server reported (reset = auto), all of it (discard_all),
+ * or the pool's SQL (custom) or nothing (rollback, the opt-out) plus
+ * UNLISTEN * after a LISTEN.  pb_pin (SS_PIN) gets DISCARD ALL whatever the
+ * policy.  Each command is its own Query: several
+ * statements in one Query run as one implicit transaction, in which DISCARD
+ * ALL refuses to run; all go in one write, one round trip. */
 static int pg_build_reset(conn *c, int dirty, drv_buf *out)
 {
-    int n = 0;
+    (void)dirty;                    /* the server's reports decide, not the library's guess */
     conf_pool *cp = c->pool->cf;
-    if (c->txn != 'I') {
-        if (append_query(out, "ROLLBACK") < 0)
-            return -1;
-        n++;
+    uint32_t st = c->sstate;
+    c->sstate = 0;
+    if (c->slot)
+        atomic_fetch_and(&c->slot->flags, ~PB_SF_RESET);
+    if (st & SS_RETIRE) {
+        slog(LOG_LVL_INFO, c, "lease ran LOAD, which nothing undoes: connection retired");
+        return -1;
     }
-    if (cp->reset_policy == PB_RESET_DISCARD_ALL) {
-        if (append_query(out, "DISCARD ALL") < 0)
-            return -1;
-        n++;
-    } else if (cp->reset_policy == PB_RESET_CUSTOM && cp->reset_sql) {
-        if (append_query(out, cp->reset_sql) < 0)
-            return -1;
-        n++;
+    const char *q[8];
+    int n = 0;
+    if (c->txn != 'I')
+        q[n++] = "ROLLBACK";
+    switch (cp->reset_policy) {
+    case PB_RESET_DISCARD_ALL:
+        q[n++] = "DISCARD ALL";
+        break;
+    case PB_RESET_CUSTOM:
+    case PB_RESET_ROLLBACK:
+        if (cp->reset_policy == PB_RESET_CUSTOM && cp->reset_sql)
+            q[n++] = cp->reset_sql;
+        if (st & SS_PIN)
+            q[n++] = "DISCARD ALL";
+        else if (st & SS_LISTEN)
+            q[n++] = "UNLISTEN *";
+        break;
+    default:                        /* PB_RESET_AUTO */
+        if (st & SS_PIN) {
+            q[n++] = "DISCARD ALL";
+            break;
+        }
+        if (st & SS_GUC) {
+            q[n++] = "SET SESSION AUTHORIZATION DEFAULT";   /* also ends SET ROLE */
+            q[n++] = "RESET ALL";
+        }
+        if (st & SS_PREPARED)
+            q[n++] = "DEALLOCATE ALL";
+        if (st & SS_LISTEN)
+            q[n++] = "UNLISTEN *";
+        if (st & SS_CURSOR)
+            q[n++] = "CLOSE ALL";
+        if (st & SS_TEMP)
+            q[n++] = "DISCARD TEMP";
+        break;
     }
-    if (dirty && cp->reset_policy != PB_RESET_DISCARD_ALL) {
-        /* The lease ran LISTEN (DISCARD ALL would include UNLISTEN). */
-        if (append_query(out, "UNLISTEN *") < 0)
+    for (int i = 0; i < n; i++)
+        if (append_query(out, q[i]) < 0)
             return -1;
-        n++;
-    }
-    return n;
+    return own_queries(c, n);
 }
 
 static int pg_build_ping(conn *c, drv_buf *out)
 {
-    (void)c;
-    return append_query(out, "");
+    if (append_query(out, "") < 0)
+        return -1;
+    return own_queries(c, 1);
 }
 
 static void pg_close(conn *c)
@@ -333,6 +552,9 @@ static void pg_close(conn *c)
     pgconn *st = PG(c);
     if (st && st->pg)
         PQfinish(st->pg);       /* sends Terminate and closes the socket */
+    if (st) {
+        pgstmt_free(&st->stmts);
+    }
     free(st);
     c->drv = NULL;
     c->fd = -1;

@@ -294,6 +294,10 @@ void pool_offer(conn *c)
      * next one wait for its buffer. */
     c->acked_seq = atomic_load(&c->slot->req_seq);
     atomic_store(&c->slot->req_ack, c->acked_seq);
+    /* The reset's replies went to the sink: say what it left ('I'), or the
+     * next holder would see the last lease's status and skip its fast
+     * release. */
+    atomic_store(&c->slot->txn_status, (uint32_t)(unsigned char)c->txn);
     if (c->bound)
         txn_return_handle(c);       /* transaction mode: the release is done */
     if (p->removed) {
@@ -301,9 +305,9 @@ void pool_offer(conn *c)
         return;
     }
     int expired = c->retire_at_ms && B.now_ms >= c->retire_at_ms;
-    if (pool_over_max(p) || expired) {
+    if (pool_over_max(p) || expired || c->suspect) {
         atomic_fetch_add_explicit(&p->shm->retired, 1, memory_order_relaxed);
-        conn_close(c, expired ? "max_lifetime reached" : "above max_size");
+        conn_close(c, c->suspect ? "its server failed" : expired ? "max_lifetime reached" : "above max_size");
         return;
     }
     /* Kept: whatever flagged it to come back through the broker (the

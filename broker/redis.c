@@ -18,7 +18,8 @@
  *     builds no objects and buffers no payload: a 16 MB bulk string is
  *     skipped as it streams through the reply ring, never copied.
  *
- * Reset: frame_request notes what state each command leaves (RS_*); on
+ * Reset: frame_request notes what state each command leaves (the SS_R_*
+ * bits of c->sstate, which with c->txn also say the lease is pinned); on
  * release, RESET followed by the same set-up commands in one write undoes
  * SELECT, MULTI, WATCH, SUBSCRIBE, CLIENT TRACKING/REPLY/SETNAME, HELLO,
  * READONLY...; CLIENT NO-EVICT/NO-TOUCH, which RESET keeps on 7.0, get their
@@ -50,20 +51,14 @@
 
 enum { RP_TCP = 1, RP_HANDSHAKE };
 
-/* Per-connection state a lease's commands left behind, as frame_request
- * saw them go by (every byte a worker sends passes there), so the reset on
- * release is exact: nothing for a clean lease, RESET plus the set-up when
- * RESET clears what was left, explicit undo where it does not (Redis 7.0's
- * RESET keeps CLIENT NO-EVICT), retirement where nothing can undo it.
- * docs/protocol.md has the table. */
-enum {
-    RS_SESSION = 1u << 0,   /* SELECT, MULTI, WATCH, (P|S)SUBSCRIBE, AUTH, HELLO, READONLY,
-                               READWRITE, ASKING, RESET, CLIENT SETNAME/TRACKING/CACHING/REPLY,
-                               unknown CLIENT subcommands: RESET + set-up */
-    RS_NOEVICT = 1u << 1,   /* CLIENT NO-EVICT: RESET keeps it (7.0); CLIENT NO-EVICT off */
-    RS_NOTOUCH = 1u << 2,   /* CLIENT NO-TOUCH (7.2+; RESET clears it there): CLIENT NO-TOUCH off */
-    RS_RETIRE = 1u << 3,    /* CLIENT SETINFO (7.2+): RESET keeps lib-name/lib-ver: retire */
-};
+/* The session state a lease's commands leave is kept in c->sstate, as the
+ * SS_R_* bits of driver.h, set as frame_request sees each command go by
+ * (every byte a worker sends passes there), so the reset on release is
+ * exact: nothing for a clean lease, RESET plus the set-up when RESET clears
+ * what was left, explicit undo where it does not (Redis 7.0's RESET keeps
+ * CLIENT NO-EVICT), retirement where nothing can undo it.  A MULTI open
+ * sets c->txn to 'T' until the reply to its EXEC or DISCARD (or a RESET)
+ * has arrived.  docs/protocol.md has the table. */
 
 typedef struct rconn {
     redisContext *ctx;      /* hiredis connection (owns the fd) */
@@ -71,7 +66,6 @@ typedef struct rconn {
     redisReader *hs;        /* handshake replies, as objects */
     int hs_expect;          /* handshake replies still to come */
     int reply_mode;         /* 0 on, 1 off, 2 skip-next (CLIENT REPLY) */
-    unsigned state;         /* RS_* bits: session state this lease left (frame_request) */
     /* reply scanner */
     int line_type;          /* type byte of the line being read, 0 = at a line start */
     char num[24];           /* digits of a count/length line */
@@ -94,6 +88,15 @@ typedef struct rconn {
     uint32_t nsub;          /* channels + patterns subscribed, as the server last said */
     uint32_t nssub;         /* shard channels subscribed, as the server last said */
     int sub_sent;           /* a (P|S)(UN)SUBSCRIBE went out since the last RESET */
+    /* MULTI, for c->txn: replies are numbered from the connection's start */
+    uint64_t replies_framed;   /* replies the commands framed so far will produce */
+    uint64_t replies_seen;     /* replies the scanner has completed */
+    uint64_t multi_end;        /* the number of the reply to the EXEC/DISCARD/RESET that ends
+                                  the last MULTI framed (the MULTI is open until it is seen) */
+    int in_multi;              /* a MULTI framed, its EXEC/DISCARD/RESET not yet */
+    char errhead[12];       /* the first bytes of an error line (r_error_head) */
+    int errhead_len;
+    const char *gone, *readonly; /* what the error replies of this reply said (drv_reply) */
 } rconn;
 
 static rconn *R(conn *c)
@@ -169,8 +172,20 @@ static int r_connect_start(conn *c, drv_poll *want)
     if (!r)
         return r_fail(c, "out of memory");
     c->drv = r;
-    r->ctx = cp->unix_socket ? redisConnectUnixNonBlock(cp->unix_socket)
-                             : redisConnectNonBlock(cp->host ? cp->host : "127.0.0.1", cp->port ? cp->port : 6379);
+    if (cp->sentinels) {
+        /* Where the sentinels say the server is now (sentinel.c). */
+        pool *p = c->pool;
+        if (!p->master_host[0])
+            return r_fail(c, "Sentinel: no address for the server known yet (see the log)");
+        snprintf(c->server, sizeof c->server, SERVER_FMT, p->master_host, p->master_port);
+        r->ctx = redisConnectNonBlock(p->master_host, p->master_port);
+    } else if (cp->unix_socket) {
+        snprintf(c->server, sizeof c->server, "%s", cp->unix_socket);
+        r->ctx = redisConnectUnixNonBlock(cp->unix_socket);
+    } else {
+        snprintf(c->server, sizeof c->server, SERVER_FMT, cp->host ? cp->host : "127.0.0.1", cp->port ? cp->port : 6379);
+        r->ctx = redisConnectNonBlock(cp->host ? cp->host : "127.0.0.1", cp->port ? cp->port : 6379);
+    }
     if (!r->ctx || r->ctx->err)
         return r_fail(c, r->ctx ? r->ctx->errstr : "out of memory");
     c->fd = r->ctx->fd;
@@ -287,17 +302,19 @@ static int arg_is(const uint8_t *a, long long alen, const char *word)
     return (size_t)alen == strlen(word) && strncasecmp((const char *)a, word, (size_t)alen) == 0;
 }
 
-/* The RS_* bits one command leaves on the connection (argc arguments,
- * the first three in a0..a2). */
+/* The SS_R_* bits one command leaves on the connection (argc arguments,
+ * the first two in a0, a1). */
 static unsigned command_state(long long argc, const uint8_t *a0, long long l0, const uint8_t *a1, long long l1)
 {
     static const char *const session[] = {
-        "SELECT", "MULTI", "WATCH", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE",
+        /* Not MULTI: an open MULTI is a transaction (c->txn 'T'), over with
+         * its EXEC or DISCARD; it pins a transaction-mode lease only until then. */
+        "SELECT", "WATCH", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE",
         "SUNSUBSCRIBE", "HELLO", "AUTH", "READONLY", "READWRITE", "ASKING", "RESET",
     };
     for (size_t i = 0; i < sizeof session / sizeof session[0]; i++)
         if (arg_is(a0, l0, session[i]))
-            return RS_SESSION;
+            return SS_R_SESSION;
     if (!arg_is(a0, l0, "CLIENT"))
         return 0;
     if (argc < 2)
@@ -310,12 +327,12 @@ static unsigned command_state(long long argc, const uint8_t *a0, long long l0, c
         if (arg_is(a1, l1, harmless[i]))
             return 0;
     if (arg_is(a1, l1, "NO-EVICT"))
-        return RS_NOEVICT;
+        return SS_R_NOEVICT;
     if (arg_is(a1, l1, "NO-TOUCH"))
-        return RS_NOTOUCH;
+        return SS_R_NOTOUCH;
     if (arg_is(a1, l1, "SETINFO"))
-        return RS_RETIRE;
-    return RS_SESSION;              /* SETNAME, TRACKING, CACHING, REPLY, and what we do not know */
+        return SS_R_RETIRE;
+    return SS_R_SESSION;              /* SETNAME, TRACKING, CACHING, REPLY, and what we do not know */
 }
 
 /* Why the broker does not let this command through (argc arguments, the
@@ -375,6 +392,8 @@ static int r_frame_request(conn *c, drv_buf *rq, uint32_t *nreplies, const char 
     unsigned state = 0;
     drv_buf out = { 0 };            /* the request with refused commands replaced, once one is */
     const char *first = NULL;       /* the first refusal, for the log */
+    int in_multi = r->in_multi;
+    uint64_t multi_end = r->multi_end;
     *why = "not a RESP array of bulk strings";
     while (off < len) {
         uint32_t cmd_start = off;
@@ -434,18 +453,33 @@ static int r_frame_request(conn *c, drv_buf *rq, uint32_t *nreplies, const char 
         n += (uint32_t)replies;
         if (a0)
             state |= command_state(argc, a0, l0, a1, l1);
+        if (arg_is(a0, l0, "MULTI")) {
+            in_multi = 1;
+        } else if (in_multi && (arg_is(a0, l0, "EXEC") || arg_is(a0, l0, "DISCARD") || arg_is(a0, l0, "RESET"))) {
+            in_multi = 0;
+            multi_end = r->replies_framed + n;      /* the number of this command's reply */
+        }
     }
     if (first) {
         free(rq->p);
         *rq = out;
     }
     r->reply_mode = mode;
-    r->state |= state;
+    c->sstate |= state;
     /* The holder must release through the broker for the reset to run: its
      * library's own dirty flag is a courtesy the broker does not rely on.
      * (c->slot is NULL only under the fuzzer.) */
     if (state && c->slot)
         atomic_fetch_or(&c->slot->flags, PB_SF_RESET);
+    /* Nothing owed: the reply count is exact again (Pub/Sub messages,
+     * which nobody asked for, may have run it ahead). */
+    if (c->expect == 0)
+        r->replies_seen = r->replies_framed;
+    r->replies_framed += n;
+    r->in_multi = in_multi;
+    r->multi_end = multi_end;
+    if (in_multi || r->replies_seen < multi_end)
+        c->txn = 'T';               /* pinned from the moment MULTI is sent */
     *nreplies = n;
     *why = first;
     return PB_OK;
@@ -536,6 +570,23 @@ static void pubsub_capture_line(rconn *r, const uint8_t *p, size_t k)
     }
 }
 
+/* Collect the first bytes of an error line (k more at p) and, once the line
+ * ends (done), say whether the server is not the one it was: a replica
+ * where a master was (-READONLY) or a replica that lost its master
+ * (-MASTERDOWN).  failover.c decides what that means for the pool. */
+static void r_error_head(rconn *r, const uint8_t *p, size_t k, int done)
+{
+    for (size_t i = 0; i < k && r->errhead_len < (int)sizeof r->errhead - 1; i++)
+        r->errhead[r->errhead_len++] = (char)p[i];
+    if (!done)
+        return;
+    r->errhead[r->errhead_len] = 0;
+    if (strncmp(r->errhead, "READONLY ", 9) == 0)
+        r->readonly = "-READONLY reply (a replica)";
+    else if (strncmp(r->errhead, "MASTERDOWN ", 11) == 0)
+        r->gone = "-MASTERDOWN reply (a replica without its master)";
+}
+
 /* One complete element at the current depth; a complete top-level reply
  * sets r->complete (the scanner returns it). */
 static int element_done(conn *c)
@@ -622,12 +673,26 @@ static int line_done(conn *c)
     return PB_EPROTO;
 }
 
+/* A reply is complete: number it, and say whether a MULTI is open after it. */
+static int reply_done(conn *c, size_t *used, size_t i, drv_reply *out)
+{
+    rconn *r = R(c);
+    out->server_gone = r->gone;
+    out->server_readonly = r->readonly;
+    r->gone = r->readonly = NULL;
+    r->replies_seen++;
+    out->txn = r->in_multi || r->replies_seen < r->multi_end ? 'T' : 'I';
+    *used = i;
+    return DRV_OK;
+}
+
 static int r_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_reply *out)
 {
     rconn *r = R(c);
     size_t i = 0;
     out->txn = 0;
     out->errors = 0;
+    out->server_gone = out->server_readonly = NULL;
     r->complete = 0;
     while (i < n) {
         if (r->bulk_left) {
@@ -640,10 +705,8 @@ static int r_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_r
                 r->capture = 0;
             if (r->bulk_left == 0 && element_done(c) != PB_OK)
                 return DRV_ERROR;
-            if (r->complete) {
-                *used = i;
-                return DRV_OK;
-            }
+            if (r->complete)
+                return reply_done(c, used, i, out);
             continue;
         }
         if (r->line_type == 0) {
@@ -657,6 +720,7 @@ static int r_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_r
                 r->top_array = 0;   /* begin_aggregate sets it for an array */
                 r->kind_len = 0;
             }
+            r->errhead_len = 0;
             continue;
         }
         /* Inside a header line: until "\r\n" (a bare '\n' is a protocol error:
@@ -679,16 +743,16 @@ static int r_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_r
                     r->num[r->num_len++] = (char)p[k];
             }
         }
+        if (r->line_type == '-')
+            r_error_head(r, p + i, end - i, nl != NULL);
         i = end;
         if (nl) {
             i++;
             r->saw_cr = 0;
             if (line_done(c) != PB_OK)
                 return DRV_ERROR;
-            if (r->complete) {
-                *used = i;
-                return DRV_OK;
-            }
+            if (r->complete)
+                return reply_done(c, used, i, out);
         }
     }
     *used = n;
@@ -697,53 +761,59 @@ static int r_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_r
 
 /* ------------------------------------------------------------------- reset */
 
-/* The reset for what the lease left (r->state), or for a lease the client
- * library marked dirty (which can only make the reset fuller).  RESET clears
- * the session but not CLIENT NO-EVICT on 7.0, so that gets its own undo; a
- * clean lease costs nothing. */
+/* The reset for what the lease left (c->sstate), or for a lease the client
+ * library marked dirty or pinned (pb_pin: SS_PIN), which can only make the
+ * reset fuller.  RESET clears the session but not CLIENT NO-EVICT on 7.0,
+ * so that gets its own undo; a clean lease costs nothing. */
 static int r_build_reset(conn *c, int dirty, drv_buf *out)
 {
     rconn *r = R(c);
-    unsigned st = r->state | (dirty ? RS_SESSION : 0);
-    r->state = 0;
+    unsigned st = c->sstate | (dirty || (c->sstate & SS_PIN) || c->txn != 'I' ? SS_R_SESSION : 0);
+    c->sstate = 0;
     if (c->slot)
         atomic_fetch_and(&c->slot->flags, ~PB_SF_RESET);
-    if (st & RS_RETIRE) {
+    if (st & SS_R_RETIRE) {
         slog(LOG_LVL_INFO, c, "lease set CLIENT SETINFO, which RESET does not clear: connection retired");
         return -1;
     }
     int n = 0;
-    if (st & RS_SESSION) {
+    if (st & SS_R_SESSION) {
         static const char reset[] = "*1\r\n$5\r\nRESET\r\n";
         if (drv_buf_append(out, reset, sizeof reset - 1) != PB_OK)
             return -1;
         r->reply_mode = 0;          /* RESET turns replies back on */
+        r->in_multi = 0;            /* ... and ends a MULTI */
+        r->multi_end = 0;
+        c->txn = 'I';
         int k = append_setup(c, out);
         if (k < 0)
             return -1;
         n += 1 + k;
     }
-    if (st & RS_NOEVICT) {
+    if (st & SS_R_NOEVICT) {
         static const char noevict[] = "*3\r\n$6\r\nCLIENT\r\n$8\r\nNO-EVICT\r\n$3\r\nOFF\r\n";
         if (drv_buf_append(out, noevict, sizeof noevict - 1) != PB_OK)
             return -1;
         n++;
     }
-    if (st & RS_NOTOUCH) {
+    if (st & SS_R_NOTOUCH) {
         /* An error reply on servers before 7.2, where NO-TOUCH left nothing. */
         static const char notouch[] = "*3\r\n$6\r\nCLIENT\r\n$8\r\nNO-TOUCH\r\n$3\r\nOFF\r\n";
         if (drv_buf_append(out, notouch, sizeof notouch - 1) != PB_OK)
             return -1;
         n++;
     }
+    r->replies_framed += (uint64_t)n;
     return n;
 }
 
 static int r_build_ping(conn *c, drv_buf *out)
 {
-    (void)c;
     static const char ping[] = "*1\r\n$4\r\nPING\r\n";
-    return drv_buf_append(out, ping, sizeof ping - 1) == PB_OK ? 1 : -1;
+    if (drv_buf_append(out, ping, sizeof ping - 1) != PB_OK)
+        return -1;
+    R(c)->replies_framed++;
+    return 1;
 }
 
 static void r_close(conn *c)

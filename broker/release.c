@@ -40,6 +40,10 @@ static int should_retire(conn *c, const char **why)
         *why = "pool removed";
         return 1;
     }
+    if (c->suspect) {
+        *why = "its server failed";     /* failover.c */
+        return 1;
+    }
     if (pool_over_max(p)) {
         *why = "above max_size";      /* no reset for a connection about to close */
         return 1;
@@ -71,7 +75,10 @@ void conn_release_clean(conn *c)
         conn_close(c, why);
         return;
     }
-    uint32_t dirty = atomic_load(&c->slot->client_flags) & PB_CF_DIRTY;
+    uint32_t cflags = atomic_load(&c->slot->client_flags);
+    if (cflags & PB_CF_PIN)
+        c->sstate |= SS_PIN;        /* pb_pin: state the server did not report */
+    uint32_t dirty = cflags & PB_CF_DIRTY;
     c->sbuf.len = c->soff = 0;
     int n = c->pool->drv->build_reset(c, dirty, &c->sbuf);
     if (n < 0) {
@@ -105,11 +112,6 @@ void conn_finish_reset(conn *c)
         conn_close(c, "still in a transaction after reset");
         return;
     }
-    /* DISCARD ALL (or a custom reset, which may DEALLOCATE) dropped the
-     * connection's prepared statements. */
-    if (c->pool->cf->reset_policy != PB_RESET_ROLLBACK)
-        for (int i = 0; i < PB_SLOT_STMTS; i++)
-            atomic_store(&c->slot->stmts[i], 0);
     pool_offer(c);
 }
 

@@ -42,7 +42,9 @@ static int conn_settings_changed(const conf_pool *a, const conf_pool *b)
 {
     return !same_str(a->conninfo, b->conninfo) || !same_str(a->host, b->host) || a->port != b->port ||
            !same_str(a->unix_socket, b->unix_socket) || !same_str(a->password, b->password) ||
-           !same_str(a->user, b->user) || a->db != b->db;
+           !same_str(a->user, b->user) || a->db != b->db || !same_str(a->sentinels, b->sentinels) ||
+           !same_str(a->sentinel_master, b->sentinel_master) ||
+           !same_str(a->sentinel_password, b->sentinel_password) || a->sentinel_replica != b->sentinel_replica;
 }
 
 /* The slots a pool added by a reload takes from the spare region: its

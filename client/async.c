@@ -912,7 +912,6 @@ PB_API int pb_pg_send_query(pb_lease *l, const char *sql)
     }
     if (l->pqueued == 0 && l->pending == 0)
         pbi_set_preview(l, sql, strlen(sql));
-    pbi_pg_note_session(l, sql);
     l->pqueued++;
     if ((rc = pbi_pg_flush(l)) != PB_OK)
         l->desync = 1;

@@ -851,6 +851,14 @@ int pbi_lease_usable(pb_lease *l, unsigned type)
     return l->desync ? PB_EPROTO : PB_OK;
 }
 
+/* Does a release under this reset policy need the broker only when the
+ * slot says so (PB_SF_RESET: state the server reported), so a clean lease
+ * may go straight back to the free map? */
+static int reset_on_state_only(uint32_t policy)
+{
+    return policy == PB_RESET_AUTO || policy == PB_RESET_ROLLBACK;
+}
+
 PB_API int pb_release(pb_lease *l)
 {
     if (!l)
@@ -873,7 +881,7 @@ PB_API int pb_release(pb_lease *l)
                atomic_load_explicit(&sl->client_flags, memory_order_relaxed) == 0 &&
                atomic_load_explicit(&sl->flags, memory_order_relaxed) == 0 &&
                atomic_load_explicit(&sl->io_error, memory_order_relaxed) == 0 &&
-               atomic_load_explicit(&p->reset_policy, memory_order_relaxed) == PB_RESET_ROLLBACK &&
+               reset_on_state_only(atomic_load_explicit(&p->reset_policy, memory_order_relaxed)) &&
                (max_uses == 0 || atomic_load_explicit(&sl->uses, memory_order_relaxed) < max_uses) &&
                atomic_load_explicit(&p->nwaiters, memory_order_relaxed) == 0 &&
                atomic_load_explicit(&p->accepting, memory_order_relaxed);
@@ -902,6 +910,19 @@ PB_API int pb_release(pb_lease *l)
     }
     lease_free(l);
     return rc;
+}
+
+PB_API int pb_pin(pb_lease *l)
+{
+    if (!l)
+        return PB_EINVAL;
+    int rc = pbi_lease_check(l);
+    if (rc == PB_EPROTO)
+        rc = PB_OK;                 /* out of step: the release goes through the broker anyway */
+    if (rc != PB_OK)
+        return rc;
+    atomic_fetch_or(&l->s->client_flags, PB_CF_PIN);
+    return PB_OK;
 }
 
 PB_API int pb_lease_backend_pid(const pb_lease *l)

@@ -151,10 +151,10 @@ uint64_t pbi_coarse_ms(void);
 
 /* pg.c, for async.c: submit what fits of the queued statements without
  * waiting; feed the decoder what the ring holds without waiting (a PGP_* or
- * a negative code); mark the slot dirty for session-changing SQL. */
+ * a negative code).  (Session state is the broker's to see: it reads what
+ * the server reports.) */
 int pbi_pg_flush(pb_lease *l);
 int pbi_pg_pump(pb_lease *l);
-void pbi_pg_note_session(pb_lease *l, const char *sql);
 
 /* async.c: the client's non-blocking state, freed by pb_disconnect; whether
  * a non-blocking acquire is queued with the broker (the one wait word is

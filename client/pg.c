@@ -13,11 +13,9 @@
  * never read by the wrong call.
  */
 #define _GNU_SOURCE
-#include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 
 #include "internal.h"
 
@@ -129,14 +127,6 @@ static int run(pb_lease *l, const char *preview, pb_result **out)
     return rc;
 }
 
-/* Does this SQL leave session state the next holder must not inherit that
- * the rollback reset would not clear?  (LISTEN: reset runs UNLISTEN *.) */
-static void note_session_state(pb_lease *l, const char *sql)
-{
-    if (strcasestr(sql, "listen"))
-        atomic_fetch_or_explicit(&l->s->client_flags, PB_CF_DIRTY, memory_order_relaxed);
-}
-
 /* A simple-protocol Query for sql, in the client's scratch buffer, on a
  * lease with nothing else in flight. */
 static int simple_query(pb_lease *l, const char *sql, pb_buf **out)
@@ -161,7 +151,6 @@ PB_API int pb_pg_exec(pb_lease *l, const char *sql, pb_result **out)
     int rc = simple_query(l, sql, &b);
     if (rc != PB_OK)
         return rc;
-    note_session_state(l, sql);
     return run(l, sql, out);
 }
 
@@ -201,21 +190,19 @@ PB_API int pb_pg_exec_params(pb_lease *l, const char *sql, int nparams, const un
     b->len = 0;
     if ((rc = encode_params(b, "", sql, nparams, param_types, values, lengths, formats, result_format)) != PB_OK)
         return rc;
-    note_session_state(l, sql);
     return run(l, sql, out);
 }
 
 /* ------------------------------------------------------ prepared statements */
 
-static uint64_t stmt_hash(const char *sql, int nparams, const unsigned int *types)
+/* The statement's hash, as the broker recomputes it from the Parse
+ * (pb_shm.h): the text, then the parameter types the Parse carries. */
+static uint64_t stmt_hash(const char *sql, int ntypes, const unsigned int *types)
 {
-    uint64_t h = 1469598103934665603ull;            /* FNV-1a */
-    for (const unsigned char *p = (const unsigned char *)sql; *p; p++)
-        h = (h ^ *p) * 1099511628211ull;
-    for (int i = 0; i < nparams && types; i++)
-        h = (h ^ types[i]) * 1099511628211ull;
-    h = (h ^ (uint64_t)nparams) * 1099511628211ull;
-    return h ? h : 1;               /* 0 marks an empty record entry */
+    uint64_t h = pb_stmt_hash_bytes(PB_STMT_HASH_INIT, sql, strlen(sql));
+    for (int i = 0; i < ntypes; i++)
+        h = PB_STMT_HASH_TYPE(h, types[i]);
+    return pb_stmt_hash_end(h, (uint32_t)ntypes);
 }
 
 static pb_stmt *find_stmt(pb_client *c, const char *name)
@@ -226,93 +213,29 @@ static pb_stmt *find_stmt(pb_client *c, const char *name)
     return NULL;
 }
 
-static int slot_has_stmt(pb_lease *l, uint64_t h)
-{
-    for (int i = 0; i < PB_SLOT_STMTS; i++)
-        if (atomic_load_explicit(&l->s->stmts[i], memory_order_relaxed) == h)
-            return 1;
-    return 0;
-}
-
-static void slot_forget_stmt(pb_lease *l, uint64_t h)
-{
-    for (int i = 0; i < PB_SLOT_STMTS; i++) {
-        uint64_t e = h;
-        atomic_compare_exchange_strong(&l->s->stmts[i], &e, 0);
-    }
-}
-
-/* Where this statement's hash goes in the record: a free entry, else its
- * home entry, whose statement is closed in the same write (*evict). */
-static int slot_entry_for(pb_lease *l, uint64_t h, uint64_t *evict)
-{
-    *evict = 0;
-    for (int i = 0; i < PB_SLOT_STMTS; i++)
-        if (atomic_load(&l->s->stmts[i]) == 0)
-            return i;
-    int home = (int)(h % PB_SLOT_STMTS);
-    *evict = atomic_load(&l->s->stmts[home]);
-    return home;
-}
-
-static void stmt_name(char *buf, size_t n, uint64_t h)
-{
-    snprintf(buf, n, "pb_%016llx", (unsigned long long)h);
-}
-
-/* Make sure the statement exists on this connection (Close + Parse in the
- * same write when the record says it does not), then run the rest of b. */
+/* Parse the statement under its library name (pb_shm.h) and, unless
+ * parse_only, run it: Parse + Bind + Describe + Execute + Sync in one
+ * request, every time.  The broker drops the Parse when the connection has
+ * the statement already (and puts a Close before it when it may have it),
+ * so this works on whichever connection the request lands, after any
+ * DEALLOCATE ALL, with no round trip of its own. */
 static int run_prepared(pb_lease *l, pb_stmt *st, int nparams, const char *const *values, const int *lengths,
                         const int *formats, int result_format, int parse_only, pb_result **out)
 {
-    char name[32], old[32];
+    char name[PB_STMT_NAME_LEN + 1];
     pb_buf *b = &l->c->scratch;
     int rc;
-    for (int attempt = 0; attempt < 2; attempt++) {
-        int have = attempt == 0 && slot_has_stmt(l, st->hash);
-        uint64_t evict = 0;
-        int entry = -1;
-        stmt_name(name, sizeof name, st->hash);
-        b->len = 0;
-        if (!have) {
-            entry = slot_entry_for(l, st->hash, &evict);
-            if (evict) {
-                stmt_name(old, sizeof old, evict);
-                if ((rc = pgp_close(b, 'S', old)) != PB_OK)
-                    return rc;
-            }
-            /* Closing a statement that does not exist is no error: this
-             * clears one the record lost track of. */
-            if ((rc = pgp_close(b, 'S', name)) != PB_OK ||
-                (rc = pgp_parse(b, name, st->sql, st->nparams, st->types)) != PB_OK)
-                return rc;
-        }
-        if (parse_only)
-            rc = pgp_sync(b);
-        else
-            rc = encode_params(b, name, NULL, nparams, NULL, values, lengths, formats, result_format);
-        if (rc != PB_OK)
-            return rc;
-        l->dec.parse_complete = 0;
-        if ((rc = run(l, st->sql, out)) != PB_OK)
-            return rc;
-        if (!have && l->dec.parse_complete > 0) {
-            if (evict)
-                slot_forget_stmt(l, evict);
-            atomic_store(&l->s->stmts[entry], st->hash);
-        }
-        /* The record said it was there and the server says it is not
-         * (26000): forget it and try once more with a Parse. */
-        const char *state = pb_error_field(*out, 'C');
-        if (have && state && strcmp(state, "26000") == 0) {
-            slot_forget_stmt(l, st->hash);
-            pb_result_free(*out);
-            *out = NULL;
-            continue;
-        }
-        return PB_OK;
-    }
-    return PB_OK;
+    snprintf(name, sizeof name, PB_STMT_PREFIX "%016llx", (unsigned long long)st->hash);
+    b->len = 0;
+    if ((rc = pgp_parse(b, name, st->sql, st->nparams, st->types)) != PB_OK)
+        return rc;
+    if (parse_only)
+        rc = pgp_sync(b);
+    else
+        rc = encode_params(b, name, NULL, nparams, NULL, values, lengths, formats, result_format);
+    if (rc != PB_OK)
+        return rc;
+    return run(l, st->sql, out);
 }
 
 PB_API int pb_pg_prepare(pb_lease *l, const char *name, const char *sql, int nparams,
@@ -326,7 +249,7 @@ PB_API int pb_pg_prepare(pb_lease *l, const char *name, const char *sql, int npa
         return rc;
     pb_client *c = l->c;
     pb_stmt *st = find_stmt(c, name);
-    uint64_t h = stmt_hash(sql, nparams, param_types);
+    uint64_t h = stmt_hash(sql, param_types ? nparams : 0, param_types);
     if (!st) {
         if (!(st = calloc(1, sizeof *st)) || !(st->name = strdup(name))) {
             free(st);
@@ -355,7 +278,9 @@ PB_API int pb_pg_prepare(pb_lease *l, const char *name, const char *sql, int npa
         st->nparams = param_types ? nparams : 0;
         st->hash = h;
     }
-    /* Parse now, on this connection, so SQL errors show at prepare time. */
+    /* Parse now, on this connection, so SQL errors show at prepare time
+     * (unless the connection has it already: then there is nothing to
+     * check). */
     return run_prepared(l, st, 0, NULL, NULL, NULL, 0, 1, out);
 }
 
@@ -400,7 +325,6 @@ PB_API int pb_pg_send_params(pb_lease *l, const char *sql, int nparams, const un
     }
     if (l->pqueued == 0)
         pbi_set_preview(l, sql, strlen(sql));
-    note_session_state(l, sql);
     l->pqueued++;
     return PB_OK;
 }
@@ -473,7 +397,6 @@ PB_API int pb_pg_get_result(pb_lease *l, pb_result **out)
 /* For the non-blocking API (async.c): the static helpers above. */
 int pbi_pg_flush(pb_lease *l) { return pipe_flush_some(l); }
 int pbi_pg_pump(pb_lease *l) { return pump(l, 0); }
-void pbi_pg_note_session(pb_lease *l, const char *sql) { note_session_state(l, sql); }
 
 /* -------------------------------------------------------------------- COPY */
 

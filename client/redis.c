@@ -73,13 +73,16 @@ static int changes_session(const char *cmd, size_t len, uint32_t *replies)
     *replies = 1;
     if (!resp_arg(cmd, len, 0, &a0, &n0))
         return 1;
+    /* Not MULTI: the broker counts an open MULTI as a transaction, which
+     * its EXEC or DISCARD ends (and a release resets); marking the lease
+     * dirty would pin a transaction-mode lease past its EXEC. */
     static const char *const dirty[] = {
-        "SELECT", "MULTI", "WATCH", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE",
+        "SELECT", "WATCH", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE",
         "PUNSUBSCRIBE", "SUNSUBSCRIBE", "HELLO", "READONLY", "READWRITE", "AUTH", "ASKING", "RESET",
     };
     for (size_t i = 0; i < sizeof dirty / sizeof dirty[0]; i++) {
         if (word_is(a0, n0, dirty[i])) {
-            if (i >= 3 && i <= 8) {
+            if (i >= 2 && i <= 7) {
                 /* one reply per channel */
                 long argc = strtol(cmd + 1, NULL, 10);
                 *replies = argc > 1 ? (uint32_t)(argc - 1) : 1;

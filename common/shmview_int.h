@@ -56,6 +56,7 @@ typedef struct pool_view {
     const pb_shm_pool *p;           /* counters are read straight from the copy */
     char name[PB_NAME_MAX];         /* sv_printable ASCII, NUL-terminated */
     char last_error[sizeof(((pb_shm_pool *)0)->last_error)];
+    char server[PB_SERVER_MAX];     /* sv_printable ASCII: the server it is connected to now */
     const char *type, *health;      /* NULL = impossible value */
     int selected;                   /* passes -p */
     int64_t by_state[PB_SLOT_STATE_MAX]; /* slot counts, V_UNKNOWN when the range is bad */

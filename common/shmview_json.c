@@ -79,10 +79,12 @@ static void json_pool(FILE *out, const pool_view *pv)
     fprintf(out, ", \"acquires\": %" PRIu64 ", \"waits\": %" PRIu64 ", \"timeouts\": %" PRIu64
             ", \"errors\": %" PRIu64 ", \"reclaims\": %" PRIu64 ", \"resets\": %" PRIu64
             ", \"connects\": %" PRIu64 ", \"connect_failures\": %" PRIu64 ", \"handoffs\": %" PRIu64
-            ", \"wakeups\": %" PRIu64 ", \"leaks\": %" PRIu64 ", \"last_error\": ",
+            ", \"wakeups\": %" PRIu64 ", \"leaks\": %" PRIu64 ", \"failovers\": %" PRIu64 ", \"server\": ",
             (uint64_t)p->acquires, (uint64_t)p->waits, (uint64_t)p->timeouts, (uint64_t)p->errors,
             (uint64_t)p->reclaims, (uint64_t)p->resets, (uint64_t)p->connects, (uint64_t)p->connect_failures,
-            (uint64_t)p->handoffs, (uint64_t)p->wakeups, (uint64_t)p->leaks);
+            (uint64_t)p->handoffs, (uint64_t)p->wakeups, (uint64_t)p->leaks, (uint64_t)p->failovers);
+    shmview_json_str(out, pv->server);
+    fputs(", \"last_error\": ", out);
     shmview_json_str(out, pv->last_error);
     fputc('}', out);
 }

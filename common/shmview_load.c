@@ -389,6 +389,7 @@ static void pool_view_fill(pool_view *pv, const snapshot *s, uint32_t i, const c
     pv->p = p;
     sv_printable(pv->name, p->name, sizeof p->name - 1);
     sv_printable(pv->last_error, p->last_error, sizeof p->last_error - 1);
+    sv_printable(pv->server, p->server, sizeof p->server - 1);
     pv->type = sv_pool_type_name(p->type);
     pv->health = sv_health_name(p->health);
     pv->selected = !filter || (strnlen(p->name, sizeof p->name) == strlen(filter) &&

@@ -78,6 +78,7 @@ POOL_GETTER(get_handoffs, CLAMP_U64(pv->p->handoffs))
 POOL_GETTER(get_wakeups, CLAMP_U64(pv->p->wakeups))
 POOL_GETTER(get_leaks, CLAMP_U64(pv->p->leaks))
 POOL_GETTER(get_retired, CLAMP_U64(pv->p->retired))
+POOL_GETTER(get_failovers, CLAMP_U64(pv->p->failovers))
 
 /* A pb_hist as a Prometheus histogram in seconds: bucket i's upper bound is
  * 16 µs * 2^i, the last is +Inf; counts are cumulative (saturating).  The
@@ -155,6 +156,18 @@ static void prom_pool_info(FILE *out, const view *v)
         fprintf(out, "\",type=\"%s\",health=\"%s\"} 1\n", pv->type ? pv->type : "unknown",
                 pv->health ? pv->health : "unknown");
     }
+    prom_head(out, "pool_server", "gauge",
+              "The server the pool's newest connection reached (host:port; value always 1).");
+    for (uint32_t i = 0; i < v->s->hdr.npools; i++) {
+        const pool_view *pv = &v->pools[i];
+        if (!prom_shown(pv) || !pv->server[0])
+            continue;
+        fputs("poolbroker_pool_server{pool=\"", out);
+        prom_label(out, pv->name);
+        fputs("\",server=\"", out);
+        prom_label(out, pv->server);
+        fputs("\"} 1\n", out);
+    }
     prom_head(out, "pool_slots", "gauge", "Slots of the pool by state.");
     for (uint32_t i = 0; i < v->s->hdr.npools; i++) {
         const pool_view *pv = &v->pools[i];
@@ -195,6 +208,8 @@ void shmview_print_prometheus(FILE *out, const shmview *sv, unsigned flags)
         { "pool_wakeups_total", "counter", "Waiting workers woken.", get_wakeups },
         { "pool_leaks_total", "counter", "Leases held past the leak threshold.", get_leaks },
         { "pool_retired_total", "counter", "Connections retired (lifetime, uses, idle).", get_retired },
+        { "pool_failovers_total", "counter", "Times the pool moved to another server after its server failed.",
+          get_failovers },
     };
     prom_broker(out, v, flags);
     prom_pool_info(out, v);

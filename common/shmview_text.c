@@ -72,6 +72,9 @@ static void text_pools(FILE *out, const view *v)
                 sv_fmt_num(n[1], sizeof n[1], pv->by_state[PB_SLOT_LEASED]), (uint32_t)p->nwaiters,
                 sv_fmt_num(n[2], sizeof n[2], pv->by_state[PB_SLOT_BROKEN]), (uint64_t)p->acquires,
                 (uint64_t)p->waits, (uint64_t)p->timeouts, (uint64_t)p->errors, (uint64_t)p->reclaims);
+        if (pv->server[0])
+            fprintf(out, "  %s server: %s, %" PRIu64 " failover%s\n", pv->name, pv->server, (uint64_t)p->failovers,
+                    p->failovers == 1 ? "" : "s");
         if (pv->last_error[0])
             fprintf(out, "  %s last error: %s\n", pv->name, pv->last_error);
     }

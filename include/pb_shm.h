@@ -47,7 +47,7 @@
 #define PB_SQ_ENTRIES     256                     /* per client, power of two */
 #define PB_HIST_BUCKETS   16                      /* latency histograms */
 #define PB_CMD_PREVIEW    48                      /* first bytes of the command */
-#define PB_SLOT_STMTS     16                      /* prepared statements remembered per connection */
+#define PB_SERVER_MAX     64                      /* "host:port" of a pool's current server incl. NUL */
 
 /* ---------------------------------------------------------------- slot word
  * 64 bits: state:8 | owner:24 | generation:32.  The single source of truth for
@@ -129,8 +129,41 @@ enum pb_io_backend   { PB_IO_NONE = 0, PB_IO_URING, PB_IO_EPOLL };
  * whole lease, or only while a transaction runs (PgBouncer's terms). */
 enum pb_pool_mode { PB_MODE_SESSION = 0, PB_MODE_TRANSACTION };
 
-/* Reset policies (pool reset key). */
-enum pb_reset_policy { PB_RESET_ROLLBACK = 0, PB_RESET_DISCARD_ALL, PB_RESET_CUSTOM };
+/* Reset policies (pool reset key).  AUTO undoes exactly the session state
+ * the server reported (conn.sstate); ROLLBACK, the opt-out, only ends an
+ * open transaction (and undoes LISTEN and pb_pin); the others run every
+ * release.  A client may release straight to the free map (no reset) under
+ * AUTO and ROLLBACK only. */
+enum pb_reset_policy { PB_RESET_ROLLBACK = 0, PB_RESET_DISCARD_ALL, PB_RESET_CUSTOM, PB_RESET_AUTO };
+
+/* ------------------------------------------------- library-named statements
+ * pb_pg_prepare's statements go to the server named PB_STMT_PREFIX and 16
+ * lowercase hex digits of pb_stmt_hash() over the Parse message's own query
+ * text and parameter types, so one name always means one text.  The broker
+ * recomputes the hash from the Parse it forwards and only then treats the
+ * name as its own (drops a Parse the backend already has, closes one it may
+ * have): a name that does not match its text is forwarded untouched. */
+#define PB_STMT_PREFIX    "pb_"
+#define PB_STMT_NAME_LEN  19                      /* "pb_" + 16 hex digits, without the NUL */
+
+/* FNV-1a, 64 bits: step over n bytes of query text. */
+static inline uint64_t pb_stmt_hash_bytes(uint64_t h, const void *p, size_t n)
+{
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ b[i]) * 1099511628211ull;
+    return h;
+}
+
+/* The whole hash: sql (its len bytes), then each of the nparams parameter
+ * type OIDs, then nparams; never 0, 1 or 2 (the broker's records use those). */
+static inline uint64_t pb_stmt_hash_end(uint64_t h, uint32_t nparams)
+{
+    h = (h ^ (uint64_t)nparams) * 1099511628211ull;
+    return h > 2 ? h : h + 3;
+}
+#define PB_STMT_HASH_INIT 1469598103934665603ull
+#define PB_STMT_HASH_TYPE(h, oid) (((h) ^ (uint64_t)(uint32_t)(oid)) * 1099511628211ull)
 
 /* Slot I/O error codes the broker reports in pb_shm_slot.io_error: a PB_E*
  * code (negative) or 0. */
@@ -203,13 +236,18 @@ typedef struct pb_shm_pool {
     char last_error[512];           /* broker; last connect/backend error, one line (every host's
                                        reason of a multi-host conninfo, as far as it fits),
                                        NUL-terminated */
+    char server[PB_SERVER_MAX];     /* broker: "host:port" (or socket path) of the server the
+                                       pool's newest connection reached; "" before the first;
+                                       NUL-terminated, cut to fit */
 
     /* counters: relaxed fetch_add by whoever does the thing.  Clients:
      * acquires, timeouts, errors (acquires that failed); broker: waits,
      * reclaims, resets, connects, connect_failures, handoffs, wakeups, leaks,
-     * retired, errors (connections lost). */
+     * retired, errors (connections lost), failovers (times the pool moved
+     * to another server after its server failed: broker/failover.c). */
     _Atomic uint64_t acquires, waits, timeouts, errors, reclaims, resets;
     _Atomic uint64_t connects, connect_failures, handoffs, wakeups, leaks, retired;
+    _Atomic uint64_t failovers;
     pb_hist acquire_wait;           /* client, on acquire that waited */
     pb_hist command_latency;        /* client, per exec */
 
@@ -239,13 +277,15 @@ typedef struct pb_shm_client {
 
 /* Flags in pb_shm_slot.flags (broker-written, read by the lease holder). */
 #define PB_SF_RETIRE      0x01u     /* release through the broker: connection retires */
-#define PB_SF_RESET       0x02u     /* release through the broker: the lease left session state
-                                       the broker's driver saw go by and must undo (Redis) */
+#define PB_SF_RESET       0x02u     /* release through the broker: the backend carries session
+                                       state the server reported (conn.sstate != 0); stored
+                                       before the reply bytes that reported it are published */
 
 /* Flags in pb_shm_slot.client_flags (lease holder sets, broker reads on release). */
-#define PB_CF_DIRTY       0x01u     /* session state changed: reset on release */
-#define PB_CF_PIN         0x02u     /* pb_pin: the lease keeps its backend until release (transaction
-                                       mode) and the release resets everything (DISCARD ALL) */
+#define PB_CF_DIRTY       0x01u     /* Redis library: a command that changes session state (the
+                                       broker's own tracking decides; this only adds to it) */
+#define PB_CF_PIN         0x02u     /* pb_pin: state the server does not report; the broker resets
+                                       it as SS_PIN (DISCARD ALL / RESET) on release */
 
 typedef struct pb_shm_slot {
     _Atomic uint64_t word;          /* slot word, CAS only (see above) */
@@ -280,12 +320,6 @@ typedef struct pb_shm_slot {
     _Atomic uint32_t req_seq;       /* client: bumps per submit (release order) */
     _Atomic uint32_t req_ack;       /* broker: last req_seq it took (buffer free again) */
     uint8_t preview[PB_CMD_PREVIEW];/* client: first bytes of the current command, for shmstat */
-    /* Prepared statements this connection has, as hashes of (SQL, types):
-     * the lease holder adds one after the server confirmed its Parse; the
-     * broker clears them all when the connection is replaced or reset by a
-     * policy that drops statements.  A hint: a wrong entry costs an error
-     * result, never someone else's data. */
-    _Atomic uint64_t stmts[PB_SLOT_STMTS];
 
     /* reply ring: broker produces (rep_head), lease holder consumes (rep_tail) */
     _Alignas(PB_CACHELINE)

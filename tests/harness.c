@@ -208,19 +208,29 @@ static void th_live_del(th_env *e)
             th_live[i] = NULL;
 }
 
-/* Async-signal-safe: fork, exec "bash <srcdir>/tools/<tool> <dir>", wait. */
-static void th_emergency_tool(const th_env *e, const char *tool)
+/* The directories under an env's dir that replicas live in (th_pg_standby_start,
+ * th_redis_replica_start, th_sentinels_start), sentinels first: stopped
+ * before the servers they watch. */
+static const char *const th_subdirs[] = { "sentinel1", "sentinel2", "sentinel3", "replica", "standby" };
+
+/* Async-signal-safe: fork, exec "bash <srcdir>/tools/<tool> <dir>[/<sub>]", wait. */
+static void th_emergency_tool(const th_env *e, const char *tool, const char *sub)
 {
-    char script[600];
-    size_t a = strlen(e->srcdir), b = strlen(tool);
-    if (a + 7 + b + 1 > sizeof(script))
+    char script[600], dir[600];
+    size_t a = strlen(e->srcdir), b = strlen(tool), d = strlen(e->dir), s = sub ? strlen(sub) : 0;
+    if (a + 7 + b + 1 > sizeof(script) || d + 1 + s + 1 > sizeof(dir))
         return;
     memcpy(script, e->srcdir, a);
     memcpy(script + a, "/tools/", 7);
     memcpy(script + a + 7, tool, b + 1);
+    memcpy(dir, e->dir, d + 1);
+    if (sub) {
+        dir[d] = '/';
+        memcpy(dir + d + 1, sub, s + 1);
+    }
     pid_t pid = fork();
     if (pid == 0) {
-        char *argv[] = { (char *)"bash", script, (char *)e->dir, NULL };
+        char *argv[] = { (char *)"bash", script, dir, NULL };
         execvp("bash", argv);
         _exit(127);
     }
@@ -242,8 +252,12 @@ static void th_emergency(int sig)
             kill(-e->broker_pid, SIGKILL);
             kill(e->broker_pid, SIGKILL);
         }
-        th_emergency_tool(e, "redis-stop");
-        th_emergency_tool(e, "pg-stop");
+        for (size_t k = 0; k < sizeof th_subdirs / sizeof th_subdirs[0]; k++) {
+            th_emergency_tool(e, "redis-stop", th_subdirs[k]);
+            th_emergency_tool(e, "pg-stop", th_subdirs[k]);
+        }
+        th_emergency_tool(e, "redis-stop", NULL);
+        th_emergency_tool(e, "pg-stop", NULL);
         if (e->shm_name[0] != '\0')
             shm_unlink(e->shm_name);
     }
@@ -383,19 +397,31 @@ int th_run(char *const argv[], char *out, size_t outlen, int timeout_ms)
     return -1;
 }
 
-/* Run "bash <srcdir>/tools/<tool> <dir> [extra]"; stdout into out. */
-static int th_tool(th_env *e, const char *tool, char *out, size_t outlen,
-                   int timeout_ms)
+/* Run "bash <srcdir>/tools/<tool> <dir> [extra...]" (extra: NULL-terminated,
+ * may be NULL); stdout into out. */
+static int th_tool_in(th_env *e, const char *tool, const char *dir, const char *const extra[], char *out,
+                      size_t outlen, int timeout_ms)
 {
     char script[PATH_MAX];
     if (th_fmt(script, sizeof(script), "%s/tools/%s", e->srcdir, tool) != 0)
         return -1;
-    char *argv[] = { (char *)"bash", script, e->dir, NULL };
+    char *argv[32] = { (char *)"bash", script, (char *)dir };
+    int n = 3;
+    for (int i = 0; extra && extra[i] && n < 31; i++)
+        argv[n++] = (char *)extra[i];
+    argv[n] = NULL;
     int rc = th_run(argv, out, outlen, timeout_ms);
     if (rc != 0)
         fprintf(stderr, "harness: tools/%s %s failed (status %d)\n", tool,
-                e->dir, rc);
+                dir, rc);
     return rc;
+}
+
+/* Run "bash <srcdir>/tools/<tool> <dir>"; stdout into out. */
+static int th_tool(th_env *e, const char *tool, char *out, size_t outlen,
+                   int timeout_ms)
+{
+    return th_tool_in(e, tool, e->dir, NULL, out, outlen, timeout_ms);
 }
 
 /* Find "KEY=value" on its own line in text; copy value. 0 if found. */
@@ -592,6 +618,15 @@ int th_teardown(th_env *e)
     }
 
     char path[PATH_MAX];
+    for (size_t k = 0; k < sizeof th_subdirs / sizeof th_subdirs[0]; k++) {
+        if (th_fmt(path, sizeof(path), "%s/%s", e->dir, th_subdirs[k]) != 0 || access(path, F_OK) != 0)
+            continue;
+        if (th_tool_in(e, "redis-stop", path, NULL, NULL, 0, TH_SERVER_STOP_MS) != 0 ||
+            th_tool_in(e, "pg-stop", path, NULL, NULL, 0, TH_SERVER_STOP_MS) != 0)
+            rc = -1;
+    }
+    e->standby_port = e->replica_port = 0;
+    memset(e->sentinel_ports, 0, sizeof e->sentinel_ports);
     if (th_fmt(path, sizeof(path), "%s/redis.pid", e->dir) == 0 &&
         access(path, F_OK) == 0 &&
         th_tool(e, "redis-stop", NULL, 0, TH_SERVER_STOP_MS) != 0)
@@ -945,25 +980,42 @@ int th_psql(th_env *e, const char *sql, char *out, size_t outlen)
 
 int th_redis_cli(th_env *e, const char *args, char *out, size_t outlen)
 {
-    enum { MAXARGS = 64 };
     if (out != NULL && outlen > 0)
         out[0] = '\0';
     if (e->redis_port <= 0) {
         fprintf(stderr, "harness: th_redis_cli: no Redis in this env\n");
         return -1;
     }
+    return th_redis_cli_port(e->redis_port, args, out, outlen);
+}
+
+int th_redis_cli_port(int redis_port, const char *args, char *out, size_t outlen)
+{
+    return th_redis_cli_auth(redis_port, NULL, args, out, outlen);
+}
+
+int th_redis_cli_auth(int redis_port, const char *password, const char *args, char *out, size_t outlen)
+{
+    enum { MAXARGS = 64 };
+    if (out != NULL && outlen > 0)
+        out[0] = '\0';
     char port[16];
-    snprintf(port, sizeof(port), "%d", e->redis_port);
+    snprintf(port, sizeof(port), "%d", redis_port);
     char *copy = strdup(args != NULL ? args : "");
     if (copy == NULL)
         return -1;
-    char *argv[MAXARGS + 6];
+    char *argv[MAXARGS + 9];
     int argc = 0;
     argv[argc++] = (char *)"redis-cli";
     argv[argc++] = (char *)"-h";
     argv[argc++] = (char *)"127.0.0.1";
     argv[argc++] = (char *)"-p";
     argv[argc++] = port;
+    if (password) {
+        argv[argc++] = (char *)"-a";
+        argv[argc++] = (char *)password;
+        argv[argc++] = (char *)"--no-auth-warning";
+    }
     /* Split on blanks; "double quotes" group (no escapes inside). */
     char *p = copy;
     for (;;) {
@@ -1113,4 +1165,199 @@ int th_redis_stop(th_env *e)
 int th_redis_start_again(th_env *e)
 {
     return server_start_again(e, e->redis_port, "Redis", "redis-start", "PB_REDIS_PORT", "REDIS_PORT");
+}
+
+/* ---- replicas ------------------------------------------------------------ */
+
+int th_pg_program(th_env *e, const char *prog, const char *const args[])
+{
+    char path[PATH_MAX], out[4096];
+    if (th_fmt(path, sizeof(path), "%s/%s", e->pg_bindir[0] ? e->pg_bindir : "/usr/bin", prog) != 0)
+        return -1;
+    const char *user = getenv("PB_PG_OS_USER") ? getenv("PB_PG_OS_USER") : "postgres";
+    char *argv[40];
+    int n = 0;
+    if (getuid() == 0) {
+        argv[n++] = (char *)"runuser";
+        argv[n++] = (char *)"-u";
+        argv[n++] = (char *)user;
+        argv[n++] = (char *)"--";
+    }
+    argv[n++] = path;
+    for (int i = 0; args && args[i] && n < 39; i++)
+        argv[n++] = (char *)args[i];
+    argv[n] = NULL;
+    int rc = th_run(argv, out, sizeof(out), TH_CLIENT_MS);
+    if (rc != 0)
+        fprintf(stderr, "harness: %s exited %d: %s\n", prog, rc, out);
+    return rc;
+}
+
+int th_pg_standby_start(th_env *e, int want_port, const char *const opts[])
+{
+    char sdir[PATH_MAX], pgdata[PATH_MAX], port[16], out[4096];
+    if (e->pg_port <= 0 || th_fmt(sdir, sizeof(sdir), "%s/standby", e->dir) != 0 ||
+        th_fmt(pgdata, sizeof(pgdata), "%s/pgdata", sdir) != 0)
+        return -1;
+    if (mkdir(sdir, 0755) != 0 || mkdir(pgdata, 0700) != 0) {
+        fprintf(stderr, "harness: mkdir %s: %s\n", pgdata, strerror(errno));
+        return -1;
+    }
+    if (getuid() == 0) {
+        const char *user = getenv("PB_PG_OS_USER") ? getenv("PB_PG_OS_USER") : "postgres";
+        char *argv[] = { (char *)"chown", (char *)user, pgdata, NULL };
+        if (th_run(argv, NULL, 0, TH_CLIENT_MS) != 0)
+            return -1;
+    }
+    snprintf(port, sizeof(port), "%d", e->pg_port);
+    /* -R: standby.signal and primary_conninfo; -X stream: WAL while copying. */
+    const char *bb[] = { "-h", "127.0.0.1", "-p", port, "-U", "postgres", "-D", pgdata, "-R", "-X", "stream", NULL };
+    if (th_pg_program(e, "pg_basebackup", bb) != 0)
+        return -1;
+    snprintf(port, sizeof(port), "%d", want_port);
+    if (want_port > 0 && setenv("PB_PG_PORT", port, 1) != 0)
+        return -1;
+    int rc = th_tool_in(e, "pg-start", sdir, opts, out, sizeof(out), TH_SERVER_START_MS);
+    unsetenv("PB_PG_PORT");
+    if (rc != 0 || th_env_get_port(out, "PGPORT", &e->standby_port) != 0) {
+        fprintf(stderr, "harness: standby did not start:\n%s\n", out);
+        return -1;
+    }
+    return 0;
+}
+
+int th_pg_promote(th_env *e, int timeout_ms)
+{
+    char pgdata[PATH_MAX];
+    if (th_fmt(pgdata, sizeof(pgdata), "%s/standby/pgdata", e->dir) != 0)
+        return -1;
+    const char *args[] = { "-D", pgdata, "-w", "-t", "30", "promote", NULL };
+    long long t0 = th_now_ms();
+    for (;;) {
+        if (th_pg_program(e, "pg_ctl", args) == 0)
+            return 0;
+        if (th_now_ms() - t0 > timeout_ms)
+            return -1;
+        th_sleep_ms(200);
+    }
+}
+
+int th_redis_replica_start(th_env *e)
+{
+    char rdir[PATH_MAX], port[16], out[4096];
+    if (e->redis_port <= 0 || th_fmt(rdir, sizeof(rdir), "%s/replica", e->dir) != 0)
+        return -1;
+    snprintf(port, sizeof(port), "%d", e->redis_port);
+    const char *extra[] = { "--replicaof", "127.0.0.1", port, NULL };
+    if (th_tool_in(e, "redis-start", rdir, extra, out, sizeof(out), TH_SERVER_START_MS) != 0 ||
+        th_env_get_port(out, "REDIS_PORT", &e->replica_port) != 0)
+        return -1;
+    for (long long t0 = th_now_ms(); th_now_ms() - t0 < 20000; th_sleep_ms(50)) {
+        if (th_redis_cli_port(e->replica_port, "INFO replication", out, sizeof(out)) == 0 &&
+            strstr(out, "master_link_status:up"))
+            return 0;
+    }
+    fprintf(stderr, "harness: replica on port %d never linked to its master: %s\n", e->replica_port, out);
+    return -1;
+}
+
+int th_redis_kill(th_env *e, const char *sub)
+{
+    char path[PATH_MAX], buf[32] = "";
+    if (th_fmt(path, sizeof(path), "%s%s%s/redis.pid", e->dir, sub && *sub ? "/" : "", sub ? sub : "") != 0)
+        return -1;
+    FILE *f = fopen(path, "r");
+    if (!f || !fgets(buf, sizeof(buf), f)) {
+        fprintf(stderr, "harness: cannot read %s\n", path);
+        if (f)
+            fclose(f);
+        return -1;
+    }
+    fclose(f);
+    long pid = strtol(buf, NULL, 10);
+    if (pid <= 1 || kill((pid_t)pid, SIGKILL) != 0) {
+        fprintf(stderr, "harness: kill -9 %ld (%s): %s\n", pid, path, strerror(errno));
+        return -1;
+    }
+    /* A daemon: not our child; wait until it is gone. */
+    char proc[64];
+    snprintf(proc, sizeof(proc), "/proc/%ld/stat", pid);
+    for (long long t0 = th_now_ms(); th_now_ms() - t0 < 10000; th_sleep_ms(10)) {
+        FILE *st = fopen(proc, "r");
+        char line[512] = "";
+        if (st) {
+            if (!fgets(line, sizeof(line), st))
+                line[0] = 0;
+            fclose(st);
+        }
+        const char *rp = strrchr(line, ')');
+        if (!st || (rp && (rp[2] == 'Z' || rp[2] == 'X')))
+            return 0;
+    }
+    return -1;
+}
+
+int th_sentinels_start(th_env *e, int n, const char *name, int quorum, int down_after_ms, const char *password)
+{
+    if (n < 1 || n > TH_SENTINELS || e->redis_port <= 0 ||
+        th_fmt(e->sentinel_password, sizeof(e->sentinel_password), "%s", password ? password : "") != 0)
+        return -1;
+    for (int i = 0; i < n; i++) {
+        char sdir[PATH_MAX], conf[PATH_MAX], out[4096];
+        int port = th_free_port();
+        if (port <= 0 || th_fmt(sdir, sizeof(sdir), "%s/sentinel%d", e->dir, i + 1) != 0 ||
+            th_fmt(conf, sizeof(conf), "%s/sentinel.conf", sdir) != 0 || mkdir(sdir, 0700) != 0)
+            return -1;
+        FILE *f = fopen(conf, "w");
+        if (!f)
+            return -1;
+        /* The file is the sentinel's own: it writes what it learns into it. */
+        fprintf(f,
+                "port %d\nbind 127.0.0.1\ndaemonize yes\npidfile %s/redis.pid\nlogfile %s/redis.log\ndir %s\n"
+                "sentinel monitor %s 127.0.0.1 %d %d\n"
+                "sentinel down-after-milliseconds %s %d\n"
+                "sentinel failover-timeout %s 10000\n"
+                "sentinel parallel-syncs %s 1\n",
+                port, sdir, sdir, sdir, name, e->redis_port, quorum, name, down_after_ms, name, name);
+        if (password)   /* clients (the broker) and the other sentinels need it */
+            fprintf(f, "requirepass \"%s\"\nsentinel sentinel-pass \"%s\"\n", password, password);
+        if (fclose(f) != 0)
+            return -1;
+        char *argv[] = { (char *)"redis-server", conf, (char *)"--sentinel", NULL };
+        if (th_run(argv, out, sizeof(out), TH_CLIENT_MS) != 0) {
+            fprintf(stderr, "harness: sentinel %d did not start: %s\n", i + 1, out);
+            return -1;
+        }
+        e->sentinel_ports[i] = port;
+    }
+    /* Up, and each knows the replica (and the other sentinels). */
+    for (int i = 0; i < n; i++) {
+        char out[8192], cmd[160];
+        snprintf(cmd, sizeof(cmd), "SENTINEL master %s", name);
+        int ok = 0;
+        for (long long t0 = th_now_ms(); !ok && th_now_ms() - t0 < 30000; th_sleep_ms(50)) {
+            if (th_sentinel_cli(e, i, cmd, out, sizeof(out)) != 0)
+                continue;
+            /* redis-cli prints the field names and values one per line */
+            const char *rs = strstr(out, "num-slaves\n");
+            const char *os = strstr(out, "num-other-sentinels\n");
+            ok = rs && atoi(rs + 11) >= 1 && (!os || n == 1 || atoi(os + 20) >= n - 1);
+        }
+        if (!ok) {
+            fprintf(stderr, "harness: sentinel on port %d does not know master %s's replica and peers: %s\n",
+                    e->sentinel_ports[i], name, out);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+int th_sentinel_cli(th_env *e, int i, const char *args, char *out, size_t outlen)
+{
+    if (i < 0 || i >= TH_SENTINELS || e->sentinel_ports[i] <= 0) {
+        fprintf(stderr, "harness: no sentinel %d in this env\n", i);
+        return -1;
+    }
+    return th_redis_cli_auth(e->sentinel_ports[i], e->sentinel_password[0] ? e->sentinel_password : NULL, args, out,
+                             outlen);
 }

@@ -30,6 +30,8 @@
 #include <stddef.h>
 #include <sys/types.h>
 
+#define TH_SENTINELS 3       /* sentinels th_sentinels_start can run */
+
 typedef struct th_env {
     char dir[256];           /* temp dir, /tmp/pbtest.XXXXXX (mode 0755) */
     int pg_port;             /* PostgreSQL TCP port on 127.0.0.1; 0: none */
@@ -44,6 +46,12 @@ typedef struct th_env {
     int broker_status;       /* waitpid status of the last broker that exited; -1: none */
     char pg_bindir[256];     /* PostgreSQL server bin dir (from pg-start), "" if none */
     char srcdir[256];        /* repo root: PB_SRCDIR or the cwd at th_setup */
+    /* replicas (th_pg_standby_start, th_redis_replica_start, th_sentinels_start);
+     * each lives in a directory of its own under dir, stopped by th_teardown */
+    int standby_port;        /* PostgreSQL standby (<dir>/standby); 0: none */
+    int replica_port;        /* Redis replica of redis_port (<dir>/replica); 0: none */
+    int sentinel_ports[TH_SENTINELS]; /* Redis sentinels (<dir>/sentinelN); 0: none */
+    char sentinel_password[64]; /* their requirepass; "" none */
 } th_env;
 
 /*
@@ -163,5 +171,61 @@ int th_pg_start_again(th_env *e);
  * PB_REDIS_PORT=redis_port (same port, same Unix socket). 0 or -1. */
 int th_redis_stop(th_env *e);
 int th_redis_start_again(th_env *e);
+
+/* ---- replicas: a PostgreSQL standby, a Redis replica, Redis Sentinel */
+
+/*
+ * Run a PostgreSQL server program of pg_bindir (pg_ctl, pg_basebackup, ...)
+ * as the server's OS user (postgres when we are root, as tools/pg-start
+ * does) with the NULL-terminated args; 60 s limit.  Its exit status (its
+ * output on stderr when not 0), or -1.
+ */
+int th_pg_program(th_env *e, const char *prog, const char *const args[]);
+
+/*
+ * A streaming standby of this env's PostgreSQL: pg_basebackup -R -X stream
+ * into <dir>/standby/pgdata, then tools/pg-start <dir>/standby on port
+ * (0: a free one) with the NULL-terminated extra postgres options (e.g.
+ * "-c", "hot_standby=off"; may be NULL).  Sets standby_port.  Returns 0 once
+ * pg_ctl says it runs (a standby with hot_standby off still refuses
+ * connections then).
+ */
+int th_pg_standby_start(th_env *e, int port, const char *const opts[]);
+
+/* pg_ctl promote of the standby, tried again for up to timeout_ms while it
+ * is still in its startup ("server is not in standby mode").  0 or -1. */
+int th_pg_promote(th_env *e, int timeout_ms);
+
+/*
+ * A Redis replica of this env's Redis (tools/redis-start <dir>/replica
+ * --replicaof 127.0.0.1 redis_port), waited for until its link to the
+ * master is up (INFO replication: master_link_status:up).  Sets
+ * replica_port.  0 or -1.
+ */
+int th_redis_replica_start(th_env *e);
+
+/* SIGKILL the Redis of <dir>/sub (sub "" is this env's own), as a crash:
+ * its pidfile names it.  0 or -1. */
+int th_redis_kill(th_env *e, const char *sub);
+
+/*
+ * n (1..TH_SENTINELS) Redis sentinels (redis-server CONF --sentinel, each in
+ * <dir>/sentinelN with its own config file, which it rewrites) monitoring
+ * this env's Redis as master `name` with the given quorum and
+ * down-after-milliseconds (failover-timeout 10 s); with a password (or
+ * NULL), each requires it (requirepass, and sentinel-pass between them).
+ * Sets sentinel_ports and sentinel_password.  Returns 0 once each answers
+ * and knows the master's replica and the other sentinels (so a failover
+ * has somewhere to go and a quorum).
+ */
+int th_sentinels_start(th_env *e, int n, const char *name, int quorum, int down_after_ms, const char *password);
+
+/* redis-cli -p port ARGS (split as th_redis_cli) against any local port:
+ * a replica or a sentinel; _auth with -a password (NULL: none).  Output as
+ * th_psql. */
+int th_redis_cli_port(int port, const char *args, char *out, size_t outlen);
+int th_redis_cli_auth(int port, const char *password, const char *args, char *out, size_t outlen);
+/* The same against sentinel i (0-based) of this env, with its password. */
+int th_sentinel_cli(th_env *e, int i, const char *args, char *out, size_t outlen);
 
 #endif /* PB_TEST_HARNESS_H */

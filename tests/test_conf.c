@@ -236,7 +236,7 @@ static void test_defaults(void **state)
     assert_int_equal(m->idle_timeout_s, 300);
     assert_int_equal(m->max_uses, 0);
     assert_int_equal(m->validate_after_idle_ms, 30000);
-    assert_int_equal(m->reset_policy, PB_RESET_ROLLBACK);
+    assert_int_equal(m->reset_policy, PB_RESET_AUTO);
     assert_null(m->reset_sql);
     assert_int_equal(m->leak_threshold_ms, 10000);
     assert_int_equal(m->max_lease_ms, 0);
@@ -316,6 +316,10 @@ static void test_reset_values(void **state)
     (void)state;
     conf *c = expect_ok(PG_POOL "reset = rollback\n");
     assert_int_equal(c->pools[0].reset_policy, PB_RESET_ROLLBACK);
+    assert_null(c->pools[0].reset_sql);
+    conf_free(c);
+    c = expect_ok(PG_POOL "reset = auto\n");
+    assert_int_equal(c->pools[0].reset_policy, PB_RESET_AUTO);
     assert_null(c->pools[0].reset_sql);
     conf_free(c);
     expect_error("[pool r]\ntype = redis\nreset = rollback\n", "t.conf:3:", "key 'reset'");
@@ -970,6 +974,90 @@ static void range_text(const range_case *rc, const char *val, char *buf, size_t 
     snprintf(buf, n, "%s%s = %s\n%s", head, rc->key, val, rc->broker ? PG_POOL : "");
 }
 
+/* Redis Sentinel keys, and the failover mode a pool gets (issue #16). */
+static void test_sentinel_keys(void **state)
+{
+    (void)state;
+    const char *pw = write_file("sentinel.pass", SECRET "\n", 0600);
+    char text[768];
+    snprintf(text, sizeof text,
+             "[pool r]\ntype = redis\nsentinels = 10.0.0.1:26379, sentinel-b:26380,[::1]:26381\n"
+             "sentinel_master = mymaster\nsentinel_password_file = %s\nsentinel_role = replica\n", pw);
+    conf *c = expect_ok(text);
+    conf_pool *cp = &c->pools[0];
+    assert_string_equal(cp->sentinels, "10.0.0.1:26379, sentinel-b:26380,[::1]:26381");
+    assert_string_equal(cp->sentinel_master, "mymaster");
+    assert_string_equal(cp->sentinel_password, SECRET);
+    assert_int_equal(cp->sentinel_replica, 1);
+    assert_int_equal(cp->follow, PB_FOLLOW_HOSTS);
+    assert_null(cp->host);
+    conf_free(c);
+    c = expect_ok("[pool r]\ntype = redis\nsentinels = s:26379\nsentinel_master = m\n");
+    assert_int_equal(c->pools[0].follow, PB_FOLLOW_PRIMARY);
+    assert_int_equal(c->pools[0].sentinel_replica, 0);
+    conf_free(c);
+    c = expect_ok("[pool r]\ntype = redis\nhost = h\n");
+    assert_int_equal(c->pools[0].follow, PB_FOLLOW_NONE);
+    conf_free(c);
+
+    expect_error("[pool r]\ntype = redis\nsentinels = s:26379\n", "t.conf:3:",
+                 "key 'sentinels': needs 'sentinel_master'");
+    expect_error("[pool r]\ntype = redis\nsentinels = s:26379\nsentinel_master = m\nport = 6380\n", "t.conf:5:",
+                 "key 'port': cannot be combined with 'sentinels' (line 3)");
+    expect_error("[pool r]\ntype = redis\nunix_socket = /tmp/r.sock\nsentinels = s:1\nsentinel_master = m\n",
+                 "t.conf:3:", "key 'unix_socket': cannot be combined with 'sentinels'");
+    expect_error("[pool r]\ntype = redis\nsentinel_master = m\n", "t.conf:3:",
+                 "key 'sentinel_master': applies only with 'sentinels'");
+    expect_error("[pool r]\ntype = redis\nsentinel_role = replica\n", "t.conf:3:",
+                 "key 'sentinel_role': applies only with 'sentinels'");
+    expect_error("[pool r]\ntype = redis\nsentinels = s:26379\nsentinel_master = m\nsentinel_role = slave\n",
+                 "t.conf:5:", "key 'sentinel_role': unknown value 'slave' (expected one of: master, replica)");
+    expect_error("[pool r]\ntype = redis\nsentinels = s:26379,,t:1\n", "t.conf:3:",
+                 "key 'sentinels': entry 2 is empty");
+    expect_error("[pool r]\ntype = redis\nsentinels = s\n", "t.conf:3:",
+                 "key 'sentinels': entry 's' is not host:port");
+    expect_error("[pool r]\ntype = redis\nsentinels = s:0\n", "t.conf:3:", "is not host:port with a port in 1..65535");
+    expect_error("[pool r]\ntype = redis\nsentinels = :26379\n", "t.conf:3:", "is not host:port");
+    expect_error("[pool p]\ntype = postgres\nconninfo = dbname=app\nsentinels = s:1\n", "t.conf:4:",
+                 "key 'sentinels': does not apply to a postgres pool");
+    pw = write_file("shared.pass", SECRET "\n", 0644);
+    snprintf(text, sizeof text,
+             "[pool r]\ntype = redis\nsentinels = s:1\nsentinel_master = m\nsentinel_password_file = %s\n", pw);
+    expect_error(text, "t.conf:5:", "key 'sentinel_password_file':");
+    char many[1024] = "[pool r]\ntype = redis\nsentinel_master = m\nsentinels = ";
+    for (int i = 0; i < 17; i++)
+        snprintf(many + strlen(many), sizeof many - strlen(many), "%ss%d:1", i ? "," : "", i);
+    strcat(many, "\n");
+    expect_error(many, "t.conf:4:", "more than 16 sentinels");
+}
+
+/* A PostgreSQL pool follows failovers when its conninfo names several
+ * hosts, or asks for the primary (issue #16). */
+static void test_conninfo_follow(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *ci;
+        int follow;
+    } cases[] = {
+        { "host=a dbname=app", PB_FOLLOW_NONE },
+        { "host=a,b port=1,2 dbname=app", PB_FOLLOW_HOSTS },
+        { "hostaddr=10.0.0.1,10.0.0.2 dbname=app", PB_FOLLOW_HOSTS },
+        { "host=a,b target_session_attrs=prefer-standby", PB_FOLLOW_HOSTS },
+        { "host=a,b target_session_attrs=read-write", PB_FOLLOW_PRIMARY },
+        { "host=a target_session_attrs=primary", PB_FOLLOW_PRIMARY },
+        { "postgresql://a:1,b:2/app?target_session_attrs=read-write", PB_FOLLOW_PRIMARY },
+        { "postgresql://a:1,b:2/app", PB_FOLLOW_HOSTS },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char text[512];
+        snprintf(text, sizeof text, "[pool p]\ntype = postgres\nconninfo = %s\n", cases[i].ci);
+        conf *c = expect_ok(text);
+        assert_int_equal(c->pools[0].follow, cases[i].follow);
+        conf_free(c);
+    }
+}
+
 static void test_range_edges(void **state)
 {
     (void)state;
@@ -1045,6 +1133,8 @@ int main(void)
         cmocka_unit_test(test_api_edges),
         cmocka_unit_test(test_range_edges),
         cmocka_unit_test(test_conninfo_checked),
+        cmocka_unit_test(test_sentinel_keys),
+        cmocka_unit_test(test_conninfo_follow),
     };
     return cmocka_run_group_tests_name("conf", tests, group_setup, group_teardown);
 }

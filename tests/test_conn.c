@@ -9,10 +9,13 @@
  * Covered: every move of the phase diagram the integration tests rely on
  * (connect, connect failure, serve and release, release with replies owed,
  * release waiting for a cancel, reset, validation, reclaim, failure and
- * close), and the impossible moves refused; in a transaction-mode pool
+ * close), the impossible moves refused; in a transaction-mode pool
  * (txn.c), binding and unbinding per statement, the FIFO of statements
  * waiting for a backend, pinning by an open transaction, and a release with
- * replies owed holding the handle until its backend is clean.
+ * replies owed holding the handle until its backend is clean; and following
+ * a failover (failover.c): a server that says it is read-only or going away
+ * has its free connections closed at once and its leased ones at release,
+ * and the next connection to another server is counted.
  *
  * Built without PB_DEBUG (see the Makefile), so a refused move returns
  * PB_EINVAL instead of aborting.
@@ -77,14 +80,17 @@ loop *loop_epoll_new(void) { return NULL; }
 /* ----------------------------------------------------------- fake driver
  * A request is any bytes and asks for one reply per byte 'Q'.  In the reply
  * stream each 'R' is one complete reply (transaction status idle), 'B' one
- * that leaves a transaction open (status 'T'), 'E' an error reply, anything
- * else filler; '!' is a protocol error. */
+ * that leaves a transaction open (status 'T'), 'E' an error reply, 'O' an
+ * error reply saying the server is read-only (25006), 'G' one saying it is
+ * going away (57P01), anything else filler; '!' is a protocol error. */
 
 static int fake_connect_result = PB_OK;
+static const char *fake_server;     /* the server every new connection reaches */
 
 static int fake_connect_start(conn *c, drv_poll *want)
 {
     c->fd = 1000 + (int)c->index;  /* no such descriptor: shutdown() on it fails harmlessly */
+    snprintf(c->server, sizeof c->server, "%s", fake_server);
     if (fake_connect_result != PB_OK) {
         snprintf(c->error, sizeof c->error, "fake connect failed");
         return DRV_ERROR;
@@ -119,9 +125,11 @@ static int fake_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, dr
     for (size_t i = 0; i < n; i++) {
         if (p[i] == '!')
             return DRV_ERROR;
-        if (p[i] == 'R' || p[i] == 'E' || p[i] == 'B') {
+        if (p[i] == 'R' || p[i] == 'E' || p[i] == 'B' || p[i] == 'O' || p[i] == 'G') {
             out->txn = p[i] == 'B' ? 'T' : 'I';
-            out->errors = p[i] == 'E';
+            out->errors = p[i] == 'E' || p[i] == 'O' || p[i] == 'G';
+            out->server_readonly = p[i] == 'O' ? "read-only (fake)" : NULL;
+            out->server_gone = p[i] == 'G' ? "going away (fake)" : NULL;
             *used = i + 1;
             return DRV_OK;
         }
@@ -255,6 +263,7 @@ static int setup(void **state)
     P = &B.pools[0];
     P->drv = &fake_driver;
     fake_connect_result = PB_OK;
+    fake_server = "10.0.0.1:5432";
     fake_closed = repairs = cancels = 0;
     return 0;
 }
@@ -268,6 +277,7 @@ static int setup_txn(void **state)
     free(P->wq);
     cp.pool_mode = PB_MODE_TRANSACTION;
     cp.max_size = 1;
+    cp.acquire_timeout_ms = 5000;   /* statements may wait for the backend */
     cp.slots = NSLOTS;
     for (uint32_t i = 0; i < NSLOTS; i++)
         atomic_store(&seg->slots[i].word, PB_WORD(PB_SLOT_EMPTY, 0, 1));
@@ -639,6 +649,102 @@ static void test_scribbled_release_ignored(void **state)
     assert_int_equal(slot_state(c), PB_SLOT_FREE);
 }
 
+/* Start slot k's connection and finish its handshake. */
+static conn *connect_slot(uint32_t k)
+{
+    conn *c = &P->conns[k];
+    conn_start_connect(c);
+    complete(&c->poll_op, POLLOUT);
+    assert_int_equal(c->phase, PH_READY);
+    assert_int_equal(slot_state(c), PB_SLOT_FREE);
+    return c;
+}
+
+/* A closing connection's pending idle poll comes back: it is EMPTY. */
+static void closed(conn *c)
+{
+    if (c->poll_op.pending)
+        complete(&c->poll_op, -125);
+    assert_int_equal(c->phase, PH_EMPTY);
+    assert_int_equal(slot_state(c), PB_SLOT_EMPTY);
+}
+
+/* Slot 0 leased and its command answered with reply (one byte of the fake
+ * stream); slot 1 free.  Returns slot 0's lease word. */
+static uint64_t server_says(const char *reply)
+{
+    conn *a = connect_slot(0);
+    (void)connect_slot(1);
+    assert_string_equal(P->shm->server, "10.0.0.1:5432");
+    uint64_t lease = client_lease(a);
+    client_submit(a, lease, "Q");
+    server_replies(a, reply);
+    return lease;
+}
+
+/* A pool that wants the primary hears 25006: the free connection closes at
+ * once, the leased one goes on and closes at release; the next connection
+ * reaches the promoted server and counts as a failover. */
+static void test_failover_readonly(void **state)
+{
+    (void)state;
+    cp.follow = PB_FOLLOW_PRIMARY;
+    conn *a = &P->conns[0], *b = &P->conns[1];
+    uint64_t lease = server_says("O");
+    closed(b);
+    assert_int_equal(a->phase, PH_READY);           /* never mid-lease */
+    assert_int_equal(slot_state(a), PB_SLOT_LEASED);
+    assert_true(a->suspect);
+    assert_true(atomic_load(&a->slot->flags) & PB_SF_RETIRE);
+    client_release(a, lease);
+    closed(a);
+    assert_int_equal(atomic_load(&P->shm->failovers), 0);
+    assert_int_equal(P->backoff_until_ms, 0);       /* look for the new server now */
+    fake_server = "10.0.0.2:5432";
+    (void)connect_slot(0);
+    assert_int_equal(atomic_load(&P->shm->failovers), 1);
+    assert_string_equal(P->shm->server, "10.0.0.2:5432");
+    /* The same server again later is no failover. */
+    (void)connect_slot(1);
+    assert_int_equal(atomic_load(&P->shm->failovers), 1);
+}
+
+/* A read pool (several hosts, prefer-standby): 25006 is the writer's
+ * mistake; a server going away is drained all the same, and a connection
+ * back to the same server is no failover. */
+static void test_failover_read_pool(void **state)
+{
+    (void)state;
+    cp.follow = PB_FOLLOW_HOSTS;
+    conn *a = &P->conns[0], *b = &P->conns[1];
+    uint64_t lease = server_says("O");
+    assert_false(a->suspect);
+    assert_int_equal(b->phase, PH_READY);
+    assert_int_equal(slot_state(b), PB_SLOT_FREE);
+    client_submit(a, lease, "Q");
+    server_replies(a, "G");
+    closed(b);
+    assert_true(a->suspect);
+    client_release(a, lease);
+    closed(a);
+    (void)connect_slot(0);                           /* the same server came back */
+    assert_int_equal(atomic_load(&P->shm->failovers), 0);
+}
+
+/* One server and no target_session_attrs: nothing is drained. */
+static void test_no_failover_single_host(void **state)
+{
+    (void)state;
+    cp.follow = PB_FOLLOW_NONE;
+    conn *a = &P->conns[0], *b = &P->conns[1];
+    uint64_t lease = server_says("G");
+    assert_false(a->suspect);
+    assert_int_equal(slot_state(b), PB_SLOT_FREE);
+    client_release(a, lease);
+    assert_int_equal(a->phase, PH_READY);
+    assert_int_equal(slot_state(a), PB_SLOT_FREE);
+}
+
 /* ------------------------------------------------- transaction mode */
 
 /* Start the pool's one backend: READY at home, its private record FREE, no
@@ -705,6 +811,34 @@ static void test_txn_bind_per_statement(void **state)
     server_replies(b, "R");
     assert_int_equal(atomic_load(&h->slot->rep_head), 2);
     assert_null(h->bound);
+}
+
+/* Transaction mode: the read-only answer drains the backend, not the
+ * handle: the backend closes as soon as its statement is over (it is
+ * never unbound back into service), the handle stays leased. */
+static void test_txn_failover_closes_backend(void **state)
+{
+    (void)state;
+    cp.follow = PB_FOLLOW_PRIMARY;
+    conn *b = txn_backend();
+    conn *h = &P->conns[0];
+    uint64_t lease = txn_lease(0);
+    txn_submit_req(h, lease, "Q");
+    assert_ptr_equal(h->bound, b);
+    complete(&b->send_op, 1);
+    server_replies(b, "O");
+    assert_int_equal(h->rep[0], 'O');       /* the holder gets the error */
+    assert_null(h->bound);
+    assert_true(b->phase == PH_CLOSING || b->phase == PH_EMPTY);
+    if (b->poll_op.pending)
+        complete(&b->poll_op, -125);
+    assert_int_equal(b->phase, PH_EMPTY);
+    assert_int_equal(PB_WORD_STATE(atomic_load(&h->slot->word)), PB_SLOT_LEASED);
+    fake_server = "10.0.0.2:5432";
+    conn_start_connect(b);
+    complete(&b->poll_op, POLLOUT);
+    assert_int_equal(b->phase, PH_READY);
+    assert_int_equal(atomic_load(&P->shm->failovers), 1);
 }
 
 static void test_txn_queue_is_fifo(void **state)
@@ -794,10 +928,14 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_phase_table, setup, teardown),
         cmocka_unit_test_setup_teardown(test_impossible_moves_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_scribbled_release_ignored, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_failover_readonly, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_failover_read_pool, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_no_failover_single_host, setup, teardown),
         cmocka_unit_test_setup_teardown(test_txn_bind_per_statement, setup_txn, teardown),
         cmocka_unit_test_setup_teardown(test_txn_queue_is_fifo, setup_txn, teardown),
         cmocka_unit_test_setup_teardown(test_txn_open_transaction_pins, setup_txn, teardown),
         cmocka_unit_test_setup_teardown(test_txn_release_with_reply_owed, setup_txn, teardown),
+        cmocka_unit_test_setup_teardown(test_txn_failover_closes_backend, setup_txn, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -9,11 +9,21 @@
  * multi-line connect errors made one line that keeps every host's reason
  * (issue #18: the log and the pool's last_error were cut before the second
  * host's).
+ *
+ * And what a server says in a reply that makes a pool follow a failover
+ * (issue #16, broker/failover.c): the SQLSTATE of an ErrorResponse (25006
+ * read-only, 57P01/57P02/57P03 going away) and Redis -READONLY /
+ * -MASTERDOWN, found by the drivers' reply scanners whole and when the
+ * stream arrives one byte at a time; other errors say nothing.
+ * test_failover.c drives both end to end on real replicas.
  */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
 #include <cmocka.h>
+
+#include <stdio.h>
+#include <string.h>
 
 #include "broker.h"
 
@@ -93,6 +103,98 @@ static void test_pg_error_flatten(void **state)
     assert_string_equal(small, "...");
 }
 
+/* The scanners keep their state in c->drv: zeroed memory of ample size
+ * stands in for it, as in the fuzz targets. */
+static _Alignas(16) unsigned char drv_mem[1024];
+
+/* Scan stream[0..n) with drv (whole, or one byte at a time) until one reply
+ * completes; what it said of the server in *out. */
+static void scan_one(const driver *drv, const char *stream, size_t n, int bytewise, drv_reply *out)
+{
+    conn c;
+    memset(&c, 0, sizeof c);
+    memset(drv_mem, 0, sizeof drv_mem);
+    c.drv = drv_mem;
+    size_t off = 0;
+    int rc = DRV_AGAIN;
+    while (off < n && rc == DRV_AGAIN) {
+        size_t used = 0, len = bytewise ? 1 : n - off;
+        memset(out, 0, sizeof *out);
+        rc = drv->scan_reply(&c, (const uint8_t *)stream + off, len, &used, out);
+        assert_true(rc == DRV_OK || rc == DRV_AGAIN);
+        off += used;
+    }
+    assert_int_equal(rc, DRV_OK);
+    assert_int_equal(off, n);
+}
+
+/* An ErrorResponse with SQLSTATE code (severity, code, message), then
+ * ReadyForQuery 'I'; its length in *n. */
+static char *pg_error_stream(const char *code, size_t *n)
+{
+    static char buf[256];
+    char body[200];
+    int blen = snprintf(body, sizeof body, "SERROR%cVERROR%cC%s%cMsomething%c%c", 0, 0, code, 0, 0, 0);
+    uint32_t mlen = (uint32_t)blen + 4;
+    buf[0] = 'E';
+    buf[1] = (char)(mlen >> 24);
+    buf[2] = (char)(mlen >> 16);
+    buf[3] = (char)(mlen >> 8);
+    buf[4] = (char)mlen;
+    memcpy(buf + 5, body, (size_t)blen);
+    memcpy(buf + 5 + blen, "Z\0\0\0\5I", 6);
+    *n = 5 + (size_t)blen + 6;
+    return buf;
+}
+
+static void test_pg_failover_codes(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *code;
+        int gone, readonly;
+    } cases[] = {
+        { "25006", 0, 1 }, { "57P01", 1, 0 }, { "57P02", 1, 0 }, { "57P03", 1, 0 },
+        { "23505", 0, 0 }, { "57014", 0, 0 }, { "25006X", 0, 0 }, { "2500", 0, 0 },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        for (int bytewise = 0; bytewise < 2; bytewise++) {
+            size_t n;
+            const char *st = pg_error_stream(cases[i].code, &n);
+            drv_reply r;
+            scan_one(&pg_driver, st, n, bytewise, &r);
+            assert_int_equal(r.errors, 1);
+            assert_int_equal(r.server_gone != NULL, cases[i].gone);
+            assert_int_equal(r.server_readonly != NULL, cases[i].readonly);
+        }
+    }
+}
+
+static void test_redis_failover_replies(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *stream;
+        int gone, readonly;
+    } cases[] = {
+        { "-READONLY You can't write against a read only replica.\r\n", 0, 1 },
+        { "-MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.\r\n", 1, 0 },
+        { "*2\r\n-READONLY You can't write against a read only replica.\r\n:1\r\n", 0, 1 },
+        { "-ERR READONLY is not a command\r\n", 0, 0 },
+        { "+READONLY\r\n", 0, 0 },
+        { "$8\r\nREADONLY\r\n", 0, 0 },
+        { ":1\r\n", 0, 0 },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        for (int bytewise = 0; bytewise < 2; bytewise++) {
+            drv_reply r;
+            scan_one(&redis_driver, cases[i].stream, strlen(cases[i].stream), bytewise, &r);
+            assert_int_equal(r.server_gone != NULL, cases[i].gone);
+            assert_int_equal(r.server_readonly != NULL, cases[i].readonly);
+        }
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -100,6 +202,8 @@ int main(void)
         cmocka_unit_test(test_pg_failures),
         cmocka_unit_test(test_redis_not_ready),
         cmocka_unit_test(test_pg_error_flatten),
+        cmocka_unit_test(test_pg_failover_codes),
+        cmocka_unit_test(test_redis_failover_replies),
     };
     return cmocka_run_group_tests_name("drv_ready", tests, NULL, NULL);
 }

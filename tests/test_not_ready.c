@@ -23,7 +23,6 @@
 #include <cmocka.h>
 
 #include <errno.h>
-#include <pwd.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -275,36 +274,6 @@ static void test_redis_loading_not_handed_out(void **state)
 
 static th_env penv;
 static int sport;                   /* the standby's port */
-static char sdir[400];              /* its data directory */
-static int standby_started;
-
-/* Run a PostgreSQL program as the server's OS user (postgres when we are
- * root, as tools/pg-start does). */
-static int as_pg(const char *prog, const char *a1, const char *a2, const char *a3, const char *a4,
-                 const char *a5, const char *a6, const char *a7, const char *a8, const char *a9,
-                 const char *a10)
-{
-    char path[600], out[4096];
-    snprintf(path, sizeof path, "%s/%s", penv.pg_bindir, prog);
-    const char *user = getenv("PB_PG_OS_USER") ? getenv("PB_PG_OS_USER") : "postgres";
-    char *argv[20];
-    int n = 0;
-    if (getuid() == 0) {
-        argv[n++] = "runuser";
-        argv[n++] = "-u";
-        argv[n++] = (char *)user;
-        argv[n++] = "--";
-    }
-    argv[n++] = path;
-    const char *rest[] = { a1, a2, a3, a4, a5, a6, a7, a8, a9, a10 };
-    for (int i = 0; i < 10 && rest[i]; i++)
-        argv[n++] = (char *)rest[i];
-    argv[n] = NULL;
-    int rc = th_run(argv, out, sizeof out, 60000);
-    if (rc != 0)
-        fprintf(stderr, "test_not_ready: %s exited %d: %s\n", prog, rc, out);
-    return rc;
-}
 
 static int pg_group_setup(void **state)
 {
@@ -312,19 +281,7 @@ static int pg_group_setup(void **state)
     if (th_setup(&penv, 1, 0) != 0)
         return -1;
     sport = th_free_port();
-    snprintf(sdir, sizeof sdir, "%s/standby", penv.dir);
-    if (sport <= 0 || mkdir(sdir, 0700) != 0)
-        return -1;
-    if (getuid() == 0) {
-        const char *user = getenv("PB_PG_OS_USER") ? getenv("PB_PG_OS_USER") : "postgres";
-        struct passwd *pw = getpwnam(user);
-        if (!pw || chown(sdir, pw->pw_uid, pw->pw_gid) != 0)
-            return -1;
-    }
-    char port[16];
-    snprintf(port, sizeof port, "%d", penv.pg_port);
-    /* -R: standby.signal and primary_conninfo. */
-    if (as_pg("pg_basebackup", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "-D", sdir, "-R", NULL) != 0)
+    if (sport <= 0)
         return -1;
     char pools[1024];
     snprintf(pools, sizeof pools,
@@ -341,19 +298,15 @@ static int pg_group_setup(void **state)
 static int pg_group_teardown(void **state)
 {
     (void)state;
-    if (standby_started)
-        as_pg("pg_ctl", "-D", sdir, "-m", "immediate", "-w", "stop", NULL, NULL, NULL, NULL);
-    return pbt_group_stop(&penv);
+    return pbt_group_stop(&penv);   /* stops the standby too */
 }
 
 static void test_pg_not_accepting_connections(void **state)
 {
     (void)state;
-    char opts[600], logf[450];
-    snprintf(opts, sizeof opts, "-p %d -k %s -c listen_addresses=127.0.0.1 -c hot_standby=off", sport, sdir);
-    snprintf(logf, sizeof logf, "%s/standby.log", sdir);
-    assert_int_equal(as_pg("pg_ctl", "-D", sdir, "-l", logf, "-W", "-o", opts, "start", NULL, NULL), 0);
-    standby_started = 1;
+    /* A standby (pg_basebackup -R) on the port the pool names. */
+    const char *opts[] = { "-c", "hot_standby=off", NULL };
+    assert_int_equal(th_pg_standby_start(&penv, sport, opts), 0);
     /* Up and refusing with 57P03: said once, and nothing handed out. */
     assert_int_equal(th_wait_log(&penv, "server not ready yet", 1, 20000), 0);
     pb_client *c = pbt_cli(&penv);
@@ -376,12 +329,8 @@ static void test_pg_not_accepting_connections(void **state)
     /* Promoted, it serves.  A standby still in its startup (57P03 "starting
      * up" already, but not yet in archive recovery) refuses the promote:
      * "server is not in standby mode"; on a loaded machine that lasts a
-     * while, so try again for up to 20 s. */
-    int prc = -1;
-    for (double tp = pbt_now_ms(); pbt_now_ms() - tp < 20000; pbt_sleep_ms(200))
-        if ((prc = as_pg("pg_ctl", "-D", sdir, "-w", "promote", NULL, NULL, NULL, NULL, NULL, NULL)) == 0)
-            break;
-    assert_int_equal(prc, 0);
+     * while: th_pg_promote tries again for up to 20 s. */
+    assert_int_equal(th_pg_promote(&penv, 20000), 0);
     pb_lease *l = NULL;
     int rc = PB_ETIMEDOUT;
     t0 = pbt_now_ms();

@@ -1,6 +1,6 @@
 /*
  * test_pgext.c — PostgreSQL beyond simple queries, on a real server:
- * prepared statements that survive pooling (rollback and discard_all
+ * prepared statements that survive pooling (auto and discard_all
  * policies), pipelining, COPY in and out through bounded buffers,
  * LISTEN/NOTIFY, notices, custom reset SQL.
  */

@@ -128,14 +128,22 @@ static void check_conf(conf *c)
         assert(p->request_buffer >= 1024 && p->request_buffer <= (64u << 20));
         assert(p->reply_buffer >= 4096 && p->reply_buffer <= (256u << 20) &&
                (p->reply_buffer & (p->reply_buffer - 1)) == 0);
-        assert(p->reset_policy == PB_RESET_ROLLBACK || p->reset_policy == PB_RESET_DISCARD_ALL ||
-               (p->reset_policy == PB_RESET_CUSTOM && p->reset_sql));
+        assert(p->reset_policy == PB_RESET_AUTO || p->reset_policy == PB_RESET_ROLLBACK ||
+               p->reset_policy == PB_RESET_DISCARD_ALL || (p->reset_policy == PB_RESET_CUSTOM && p->reset_sql));
         if (p->type == PB_POOL_POSTGRES) {
             assert(p->conninfo && *p->conninfo);
             assert(!p->host && !p->unix_socket && !p->password_file && !p->password && !p->user);
+            assert(!p->sentinels && !p->sentinel_master && !p->sentinel_password_file);
         } else {
-            assert(!p->conninfo && p->reset_policy == PB_RESET_ROLLBACK);
-            assert(p->host || p->unix_socket);
+            assert(!p->conninfo && p->reset_policy == PB_RESET_AUTO);
+            assert(p->host || p->unix_socket || p->sentinels);
+            /* Sentinel: the sentinels say where the server is; a name is required */
+            assert(!p->sentinels == !p->sentinel_master && !(p->sentinels && (p->host || p->unix_socket)));
+            assert(p->sentinels || (!p->sentinel_password_file && !p->sentinel_replica));
+            assert(p->follow == (p->sentinels ? (p->sentinel_replica ? PB_FOLLOW_HOSTS : PB_FOLLOW_PRIMARY)
+                                              : PB_FOLLOW_NONE));
+            if (p->sentinel_password)
+                assert(p->sentinel_password_file && strcmp(p->sentinel_password, FIXTURE_SECRET) == 0);
             assert(p->port >= 1 && p->port <= 65535 && p->db >= 0 && p->db <= 1000);
             assert(!(p->unix_socket && strlen(p->unix_socket) > 107));
             if (p->password) {

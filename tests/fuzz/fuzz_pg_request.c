@@ -18,11 +18,17 @@
  *                   with sane lengths tiling it, and then *nreplies is the
  *                   number of 'Q' and 'S' messages; never PB_OK for a
  *                   buffer holding Terminate, a startup packet, a password
- *                   or function-call message; deterministic.
+ *                   or function-call message; deterministic; the request
+ *                   unchanged unless it holds a Parse of a library-named
+ *                   statement whose name matches its text (pb_shm.h; the
+ *                   fe_lib_stmt seed), and then still valid with the same
+ *                   reply count.
  *   scan_reply      fed whole, fed in two pieces at the split point, and fed
  *                   one byte at a time: same status, same ReadyForQuery
- *                   count and the same sequence of transaction-status bytes
- *                   (the resumption state in the driver's must be exact);
+ *                   count, the same sequence of transaction-status bytes
+ *                   and the same session state read from the
+ *                   CommandComplete tags and ParameterStatus messages (the
+ *                   resumption state in the driver's must be exact);
  *                   and the count matches an independent reference scanner.
  *                   The scanner is driven as broker/connio.c drives it: one
  *                   complete reply per call (DRV_OK), the rest fed again.
@@ -30,7 +36,8 @@
  * The real driver is linked (broker/pg.c, broker/cancel.c, broker/log.c):
  * it calls nothing of the pool, so nothing is stubbed.  conn->drv is the
  * driver's private state; zeroed memory of ample size stands in for it
- * (pg.c's pgconn is well under DRV_BYTES).
+ * (pg.c's pgconn is well under DRV_BYTES), freed by pg_driver.close (which
+ * frees what the driver allocated in it).
  */
 #include <assert.h>
 #include <stdint.h>
@@ -48,7 +55,6 @@ static struct {
     uint64_t txn_hash;      /* order-sensitive hash of the status bytes */
 } G;
 
-static _Alignas(16) uint8_t drv_mem[DRV_BYTES];
 
 /* Feed p[0..n) to the scanner as broker/connio.c does: each DRV_OK is one
  * complete reply (counted, its status hashed), then the rest again. */
@@ -57,7 +63,7 @@ static int scan(conn *c, const uint8_t *p, size_t n)
     size_t off = 0;
     while (off < n) {
         size_t used = 0;
-        drv_reply r = { 0, 0 };
+        drv_reply r = { 0 };
         int rc = pg_driver.scan_reply(c, p + off, n - off, &used, &r);
         if (rc == DRV_ERROR)
             return PB_EPROTO;
@@ -105,6 +111,38 @@ static int ref_frame(const uint8_t *buf, size_t len, uint32_t *n)
     return 1;
 }
 
+/* Does a valid request hold a Parse of a library-named statement whose name
+ * is the hash of its own text and types (pb_shm.h)?  Only such a request
+ * may be rewritten. */
+static int ref_tracked_parse(const uint8_t *buf, size_t len)
+{
+    size_t off = 0;
+    while (off + 5 <= len) {
+        uint32_t mlen = be32(buf + off + 1);
+        const uint8_t *b = buf + off + 5, *end = buf + off + 1 + mlen;
+        if (buf[off] == 'P' && mlen - 4 > PB_STMT_NAME_LEN && b[PB_STMT_NAME_LEN] == 0 &&
+            memcmp(b, PB_STMT_PREFIX, 3) == 0) {
+            const uint8_t *q = b + PB_STMT_NAME_LEN + 1;
+            const uint8_t *qe = memchr(q, 0, (size_t)(end - q));
+            if (qe && end - qe >= 3) {
+                uint32_t nt = (uint32_t)qe[1] << 8 | qe[2];
+                if ((size_t)(end - qe) == 3 + 4 * (size_t)nt) {
+                    uint64_t h = pb_stmt_hash_bytes(PB_STMT_HASH_INIT, q, (size_t)(qe - q));
+                    for (uint32_t i = 0; i < nt; i++)
+                        h = PB_STMT_HASH_TYPE(h, be32(qe + 3 + 4 * i));
+                    h = pb_stmt_hash_end(h, nt);
+                    char name[PB_STMT_NAME_LEN + 1];
+                    snprintf(name, sizeof name, PB_STMT_PREFIX "%016llx", (unsigned long long)h);
+                    if (memcmp(name, b, PB_STMT_NAME_LEN) == 0)
+                        return 1;
+                }
+            }
+        }
+        off += 1 + (size_t)mlen;
+    }
+    return 0;
+}
+
 /* Count ReadyForQuery messages of a backend stream; the status of the scan
  * (0 ok so far / -1 malformed) and the count up to where it stopped. */
 static int ref_scan(const uint8_t *p, size_t n, uint64_t *count, uint64_t *hash)
@@ -142,9 +180,18 @@ static void fresh(conn *c)
 {
     memset(c, 0, sizeof *c);
     c->fd = -1;
-    memset(drv_mem, 0, sizeof drv_mem);
-    c->drv = drv_mem;
+    c->drv = calloc(1, DRV_BYTES);
+    assert(c->drv);
     memset(&G, 0, sizeof G);
+}
+
+/* The driver's state freed, with what it allocated; the session state the
+ * scan left returned. */
+static uint32_t done(conn *c)
+{
+    uint32_t st = c->sstate;
+    pg_driver.close(c);
+    return st;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -163,15 +210,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     uint8_t *buf = malloc(len ? len : 1);
     memcpy(buf, in, len);
 
-    /* ---- frame_request */
+    /* ---- frame_request, on a copy (the driver may replace its buffer) */
     conn c;
     fresh(&c);
     uint32_t n = 0xDEADBEEF, n2 = 0xDEADBEEF, rn;
     const char *why = NULL;
-    drv_buf rq = { buf, (uint32_t)len, (uint32_t)len };
+    drv_buf rq = { malloc(len ? len : 1), (uint32_t)len, (uint32_t)len };
+    memcpy(rq.p, buf, len);
     int rc = pg_driver.frame_request(&c, &rq, &n, &why);
     assert(rc == PB_OK || rc == PB_EPROTO || rc == PB_EPERM);
-    assert(rq.p == buf && rq.len == len);       /* PostgreSQL requests are never rewritten */
+    int tracked = rc == PB_OK && ref_tracked_parse(buf, len);
+    if (!tracked)
+        assert(rq.len == len && memcmp(rq.p, buf, len) == 0);  /* no library statement: unchanged */
     assert((rc == PB_OK) == (why == NULL));
     if (rc != PB_OK)
         rc = PB_EPROTO;
@@ -182,6 +232,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     if (rc == PB_OK) {
         assert(n == rn);
+        /* rewritten (a Close put before a tracked Parse): still valid, same replies */
+        uint32_t rn2;
+        assert(ref_frame(rq.p, rq.len, &rn2) && rn2 == rn);
         /* a valid request holds no Terminate / password / function call /
          * startup packet: ref_allowed() already guarantees that; check the
          * first byte explicitly as a canary for the whitelist itself. */
@@ -191,11 +244,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (rc2 != PB_OK)
         rc2 = PB_EPROTO;
     assert(rc2 == rc && (rc != PB_OK || n2 == n));
+    free(rq.p);
+    done(&c);
 
     /* ---- scan_reply: whole */
     fresh(&c);
     int s_whole = len ? scan(&c, buf, len) : PB_OK;
     uint64_t r_whole = G.replies, h_whole = G.txn_hash;
+    uint32_t ss_whole = done(&c);
     assert(s_whole == PB_OK || s_whole == PB_EPROTO);
 
     /* in two pieces (each piece in its own exact-size buffer) */
@@ -213,7 +269,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         s_split = scan(&c, b, len - split);
         free(b);
     }
-    if (s_split != s_whole || G.replies != r_whole || G.txn_hash != h_whole) {
+    uint32_t ss_split = done(&c);
+    if (s_split != s_whole || G.replies != r_whole || G.txn_hash != h_whole ||
+        (s_whole == PB_OK && ss_split != ss_whole)) {
         fprintf(stderr, "scan_reply: whole %d/%llu, split at %zu %d/%llu\n", s_whole,
                 (unsigned long long)r_whole, split, s_split, (unsigned long long)G.replies);
         abort();
@@ -227,7 +285,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             uint8_t one = buf[i];
             s_byte = scan(&c, &one, 1);
         }
-        if (s_byte != s_whole || G.replies != r_whole || G.txn_hash != h_whole) {
+        uint32_t ss_byte = done(&c);
+        if (s_byte != s_whole || G.replies != r_whole || G.txn_hash != h_whole ||
+            (s_whole == PB_OK && ss_byte != ss_whole)) {
             fprintf(stderr, "scan_reply: whole %d/%llu, bytewise %d/%llu\n", s_whole,
                     (unsigned long long)r_whole, s_byte, (unsigned long long)G.replies);
             abort();

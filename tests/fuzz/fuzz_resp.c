@@ -56,7 +56,7 @@ static int scan(conn *c, const uint8_t *p, size_t n)
     size_t off = 0;
     while (off < n) {
         size_t used = 0;
-        drv_reply r = { 0, 0 };
+        drv_reply r = { 0 };
         int rc = redis_driver.scan_reply(c, p + off, n - off, &used, &r);
         if (rc == DRV_ERROR)
             return PB_EPROTO;

@@ -89,6 +89,19 @@ def fe_close(kind, name):
 
 
 FE_SYNC = msg(b"S", b"")
+
+
+def lib_name(sql, types=()):
+    """pb_pg_prepare's server-side name for sql (pb_stmt_hash_*, include/pb_shm.h)."""
+    h = 1469598103934665603
+    for b in sql.encode():
+        h = ((h ^ b) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    for t in types:
+        h = ((h ^ t) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    h = ((h ^ len(types)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    if h <= 2:
+        h += 3
+    return "pb_%016x" % h
 FE_FLUSH = msg(b"H", b"")
 
 
@@ -177,6 +190,11 @@ def pg_corpus(sockdir, port):
         fe_describe(b"P", "") + fe_execute("") + FE_SYNC)
     run("ext_null_param", fe_parse("", "SELECT $1::text IS NULL") + fe_bind("", "", [None]) +
         fe_execute("") + FE_SYNC + FE_FLUSH)
+    # a library-named statement (the broker tracks it), run twice: the second
+    # Parse is the one the broker would drop
+    lib = lib_name("SELECT $1::int4 * 2", (23,))
+    run("lib_stmt", (fe_parse(lib, "SELECT $1::int4 * 2", (23,)) + fe_bind("", lib, [b"21"]) +
+                     fe_execute("") + FE_SYNC) * 2, nz=2)
     run("copy_out", fe_query("COPY (SELECT i, 'row ' || i FROM generate_series(1, 3) i) TO STDOUT"))
     run("mk_table", fe_query("CREATE TEMP TABLE t (a int, b text)"))
     run("copy_in", fe_query("COPY t FROM STDIN"),
