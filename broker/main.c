@@ -257,7 +257,7 @@ static int setup(broker *b)
     b->signal_op.data = b;
     loop_read(b->lp, &b->signal_op, b->signal_fd, b->siginfo, sizeof(struct signalfd_siginfo));
 
-    return 0;
+    return lifeline_start(b);
 }
 
 /* Wait until every pool has tried its min_size once (or 5 s passed). */
