@@ -230,6 +230,18 @@ typedef struct broker {
 
 extern broker B;
 
+/* Tell whoever sleeps on the shared futex *word that it changed: bump it,
+ * then wake only when the client said it sleeps (*sleeping; the pair is
+ * pb_futex_wake's protocol, see pb_shm.h) — a worker that is spinning or
+ * busy costs no system call.  The wake itself goes out with the loop's next
+ * io_uring_enter where the kernel allows it (loop_futex_wake). */
+static inline void broker_wake(_Atomic uint32_t *word, _Atomic uint32_t *sleeping)
+{
+    atomic_fetch_add(word, 1);
+    if (atomic_load(sleeping))
+        loop_futex_wake(B.lp, word);
+}
+
 /* Buffer sizes of spare slots (pools added by a reload use these). */
 #define SPARE_REQ (64u * 1024)
 #define SPARE_REP (256u * 1024)

@@ -308,6 +308,9 @@ static void run(broker *b)
             tls_run_ready();
             work = 1;
         }
+        /* Futex wakes (and I/O) queued by the last pass's callbacks go to
+         * the kernel now, not after the spin below. */
+        work |= loop_queued(b->lp);
         if (work) {
             n = loop_run(b->lp, 0);     /* hand over what we queued, reap what is ready */
         } else {
