@@ -46,7 +46,8 @@ INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops \
                test_reclaim test_misuse test_max_lease test_fairness test_kill_storm test_broker_death \
                test_tls \
                test_access test_secrets test_rogue \
-               test_async test_republish test_limits test_shrink test_not_ready test_redis_session
+               test_async test_republish test_limits test_shrink test_not_ready test_redis_session \
+               test_wait_many
 # Script-level tests of the tools (tests/*.sh), run once (not per io backend).
 SCRIPT_TESTS := test_tools
 TEST_BINS := $(UNIT_TESTS:%=$(BUILD)/tests/%) $(INTEG_TESTS:%=$(BUILD)/tests/%) $(BUILD)/tests/noring \
