@@ -558,7 +558,9 @@ static int wait_change(pb_client *c, uint32_t *spin_ns, _Atomic uint32_t *word, 
                        uint32_t seen, uint64_t deadline_ns)
 {
     uint64_t t0 = now_ns();
-    uint32_t budget = *spin_ns;
+    /* Spin only while a core is idle: otherwise the spin takes the CPU of
+     * whoever would change the word (the broker, the server). */
+    uint32_t budget = pbi_core_idle() ? *spin_ns : 0;
     for (unsigned i = 0; budget; i++) {
         if (atomic_load_explicit(word, memory_order_acquire) != seen) {
             /* Woken while spinning: spinning pays, allow a little more. */
@@ -572,9 +574,11 @@ static int wait_change(pb_client *c, uint32_t *spin_ns, _Atomic uint32_t *word, 
     }
     /* Spinning did not pay this time: spin a little less next time (on 2
      * cores, a spinning waiter takes the CPU the broker and the server need). */
-    *spin_ns -= *spin_ns / 16;
-    if (*spin_ns < SPIN_NS_MIN)
-        *spin_ns = SPIN_NS_MIN;
+    if (budget) {
+        *spin_ns -= *spin_ns / 16;
+        if (*spin_ns < SPIN_NS_MIN)
+            *spin_ns = SPIN_NS_MIN;
+    }
 
     int rc = pbi_sleep(c, word, sleeping, seen, deadline_ns);
     if (rc == PB_EBROKER)

@@ -139,6 +139,9 @@ uint64_t pbi_coarse_ms(void);
  * time to look again), PB_ETIMEDOUT (deadline already passed), PB_EBROKER. */
 int pbi_sleep(pb_client *c, _Atomic uint32_t *word, _Atomic uint32_t *sleeping, uint32_t seen,
               uint64_t deadline_ns);
+/* wait.c: 1 when a CPU is idle (fewer runnable tasks than CPUs), so that
+ * spinning before a sleep costs nobody else their CPU; sampled every few ms. */
+int pbi_core_idle(void);
 
 /* pg.c, for async.c: submit what fits of the queued statements without
  * waiting; feed the decoder what the ring holds without waiting (a PGP_* or

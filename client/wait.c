@@ -37,8 +37,13 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -47,6 +52,7 @@
 
 #define SLICE_MS        100         /* fallback: longest sleep before checking the broker */
 #define IDLE_CHECK_MS   500         /* longest sleep with no deadline */
+#define CORE_SAMPLE_MS  5           /* /proc/loadavg is read at most this often per thread */
 
 #ifndef SYS_futex_waitv
 #define SYS_futex_waitv 449
@@ -131,4 +137,68 @@ int pbi_sleep(pb_client *c, _Atomic uint32_t *word, _Atomic uint32_t *sleeping, 
     /* Woken, timed out (the caller looks at the clock), EAGAIN (a word
      * moved before we slept), EINTR: the caller looks again. */
     return PB_OK;
+}
+
+/* ------------------------------------------------------------ spin or not
+ * A waiter spins briefly before it sleeps (client.c, wait_change) because a
+ * hand-off to a sleeping process costs a wake-up.  But a spinning waiter
+ * holds a CPU: on 2 cores with 16 workers it takes the CPU the broker and
+ * the server need to produce what it waits for.  So it spins only while a
+ * core is idle: fewer runnable tasks than CPUs we may run on.  The count of
+ * runnable tasks is the kernel's nr_running, the fourth field of
+ * /proc/loadavg ("running/total", counting us), read with one pread on a
+ * descriptor kept open, at most every CORE_SAMPLE_MS per thread.  It is the
+ * whole machine's count; in a container limited to fewer CPUs it
+ * overstates what is free, so the answer errs towards sleeping.  Where
+ * /proc is not mounted, the answer is yes (the adaptive spin as before).
+ * POOLBROKER_SPIN=always spins whatever the load (for measuring this). */
+
+static int loadavg_fd = -1;
+static unsigned online_cpus = 1;
+static int spin_always;
+static pthread_once_t core_once = PTHREAD_ONCE_INIT;
+
+static void core_init(void)
+{
+    const char *e = getenv("POOLBROKER_SPIN");
+    spin_always = e && strcmp(e, "always") == 0;
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0)
+        online_cpus = (unsigned)CPU_COUNT(&set);
+    loadavg_fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+}
+
+static uint64_t coarse_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+int pbi_core_idle(void)
+{
+    static _Thread_local uint64_t sampled_ms;
+    static _Thread_local int idle = 1;
+    pthread_once(&core_once, core_init);
+    if (spin_always || loadavg_fd < 0)
+        return 1;
+    uint64_t now = coarse_ms();
+    if (sampled_ms && now - sampled_ms < CORE_SAMPLE_MS)
+        return idle;
+    sampled_ms = now;
+    char buf[128];
+    ssize_t n = pread(loadavg_fd, buf, sizeof buf - 1, 0);
+    if (n <= 0)
+        return idle = 1;
+    buf[n] = 0;
+    /* "0.52 0.58 0.59 3/512 12345": skip three fields, read the running count */
+    char *p = buf;
+    for (int f = 0; f < 3 && p; f++) {
+        p = strchr(p, ' ');
+        if (p)
+            p++;
+    }
+    unsigned long running = p ? strtoul(p, NULL, 10) : 0;
+    idle = running == 0 || running < online_cpus;
+    return idle;
 }
