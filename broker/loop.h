@@ -65,8 +65,8 @@ void loop_cancel(loop *l, ev_op *op);
  * where the kernel lacks the opcode (before 6.7), and on epoll, it is the
  * futex syscall at once. */
 void loop_futex_wake(loop *l, _Atomic uint32_t *word);
-/* Whether operations are queued that the next loop_run will hand to the
- * kernel (a queued wake must not wait for the broker's spin before sleeping). */
+/* Whether futex wakes are queued for the next loop_run (the broker does not
+ * spin before sleeping then: a woken worker would wait out the spin). */
 int loop_queued(loop *l);
 
 /* Submit what was queued, wait up to timeout_ms (0: do not wait, <0: forever)
@@ -86,7 +86,7 @@ struct loop_ops {
     void (*destroy)(loop *l);
     /* Optional (NULL: the futex syscall at once; nothing ever queued). */
     int (*futex_wake)(loop *l, _Atomic uint32_t *word);  /* 0 queued, -1 not supported */
-    int (*queued)(loop *l);
+    int (*queued)(loop *l);                              /* futex wakes not yet submitted */
 };
 
 struct loop {

@@ -42,6 +42,7 @@ typedef struct uring_loop {
     loop base;
     struct io_uring ring;
     int futex_ok;            /* the kernel has IORING_OP_FUTEX_WAKE (probed, then 0 on -EINVAL) */
+    unsigned wakes_queued;   /* FUTEX_WAKE SQEs not yet handed to the kernel */
 } uring_loop;
 
 static struct io_uring_sqe *get_sqe(uring_loop *u)
@@ -113,13 +114,14 @@ static int uring_futex_wake(loop *l, _Atomic uint32_t *word)
     sqe->addr3 = FUTEX_BITSET_MATCH_ANY;    /* the sleepers wait with FUTEX_WAIT / futex_waitv */
     sqe->flags = IOSQE_CQE_SKIP_SUCCESS;
     sqe->user_data = (uint64_t)(uintptr_t)word | WAKE_TAG;
+    u->wakes_queued++;
     return 0;
 }
 
 static int uring_queued(loop *l)
 {
     uring_loop *u = (uring_loop *)l;
-    return io_uring_sq_ready(&u->ring) > 0;
+    return u->wakes_queued > 0;
 }
 
 /* A futex wake the kernel refused: wake with the syscall, and stop queueing
@@ -153,6 +155,8 @@ static int uring_run(loop *l, int timeout_ms)
     }
     if (ret < 0 && ret != -ETIME && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY)
         return ret;
+    if (!io_uring_sq_ready(&u->ring))
+        u->wakes_queued = 0;        /* every queued SQE, the wakes with them, went in */
 
     int n = 0;
     unsigned head;

@@ -308,9 +308,6 @@ static void run(broker *b)
             tls_run_ready();
             work = 1;
         }
-        /* Futex wakes (and I/O) queued by the last pass's callbacks go to
-         * the kernel now, not after the spin below. */
-        work |= loop_queued(b->lp);
         if (work) {
             n = loop_run(b->lp, 0);     /* hand over what we queued, reap what is ready */
         } else {
@@ -318,8 +315,11 @@ static void run(broker *b)
              * hand-off through a sleeping broker costs a wake-up. */
             uint64_t t0 = now_ns();
             /* Spinning is only worth it when no completion can come: with
-             * DEFER_TASKRUN completions arrive only inside io_uring_enter. */
-            while (b->inflight == 0 &&
+             * DEFER_TASKRUN completions arrive only inside io_uring_enter.
+             * Nor while futex wakes wait for that enter: a woken worker
+             * would wait out the spin (they go with the enter below). */
+            int wakes = loop_queued(b->lp);
+            while (!wakes && b->inflight == 0 &&
                    atomic_load_explicit(&b->hdr->sq_seq, memory_order_relaxed) == b->last_sq_seq &&
                    now_ns() - t0 < SPIN_NS)
                 __builtin_ia32_pause();
