@@ -30,7 +30,7 @@
  * second also bounds the one case the lifeline cannot cover — a worker
  * scribbled the lifeline and the broker died before its janitor put it back.
  *
- * Fallback, when futex_waitv is missing (ENOSYS) or the broker has no
+ * Fallback, when futex_waitv is missing (ENOSYS) or refused, or the broker has no
  * lifeline (lifeline_tid 0) or the word is not the one the broker gave us at
  * attach (scribbled, until the janitor puts it back): the old way, slices of
  * SLICE_MS with a check of the broker between them.
@@ -61,7 +61,7 @@
 #define FUTEX_32 2                  /* futex2 size flag: a 32-bit word; not FUTEX_PRIVATE_FLAG */
 #endif
 
-static int have_waitv = 1;          /* cleared on ENOSYS: the kernel has no futex_waitv */
+static _Atomic int have_waitv = 1;  /* cleared when the kernel has no (usable) futex_waitv */
 
 static uint64_t mono_ns(void)
 {
@@ -128,8 +128,11 @@ int pbi_sleep(pb_client *c, _Atomic uint32_t *word, _Atomic uint32_t *sleeping, 
         err = r < 0 ? errno : 0;
     }
     atomic_store(sleeping, 0);
-    if (r < 0 && err == ENOSYS) {
-        have_waitv = 0;             /* the kernel predates futex_waitv (5.16): slices from now on */
+    if (r < 0 && err != EAGAIN && err != ETIMEDOUT && err != EINTR) {
+        /* ENOSYS: the kernel predates futex_waitv (5.16); anything else
+         * (EINVAL from a kernel that rejects our flags) would come back on
+         * every call and turn the wait into a busy loop.  Slices from now on. */
+        have_waitv = 0;
         return sleep_slice(c, word, sleeping, seen, deadline_ns, now);
     }
     if (lifeline_dead(c, atomic_load(&c->hdr->lifeline)) && atomic_load(word) == seen)
