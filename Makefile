@@ -29,10 +29,10 @@ endif
 # /health) and into shmstat.
 SHMVIEW_SRC := common/shmview_load.c common/shmview_text.c common/shmview_json.c common/shmview_prom.c
 BROKER_SRC := broker/main.c broker/log.c broker/conf.c broker/loop.c broker/loop_uring.c \
-              broker/loop_epoll.c broker/shm.c broker/attach.c broker/control.c broker/pool.c broker/slot.c broker/conn.c broker/connio.c broker/release.c broker/txn.c broker/pg.c broker/pgstmt.c \
+              broker/loop_epoll.c broker/shm.c broker/lifeline.c broker/attach.c broker/control.c broker/pool.c broker/slot.c broker/conn.c broker/connio.c broker/release.c broker/txn.c broker/pg.c broker/pgstmt.c \
               broker/redis.c broker/janitor.c broker/failover.c broker/sentinel.c broker/cancel.c broker/reload.c broker/tls.c broker/metrics.c \
               $(SHMVIEW_SRC)
-CLIENT_SRC := client/client.c client/attachcheck.c client/pg.c client/pgproto.c client/redis.c client/async.c client/compat.c
+CLIENT_SRC := client/client.c client/wait.c client/attachcheck.c client/pg.c client/pgproto.c client/redis.c client/async.c client/compat.c
 
 BROKER_OBJ := $(BROKER_SRC:%.c=$(BUILD)/%.o)
 CLIENT_OBJ := $(CLIENT_SRC:%.c=$(BUILD)/pic/%.o)
@@ -48,7 +48,7 @@ INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops \
                test_access test_secrets test_rogue \
                test_async test_republish test_limits test_shrink test_not_ready test_redis_session \
                test_session_state test_txn \
-               test_failover test_reload test_pubsub
+               test_failover test_wait_many test_reload test_pubsub
 # Script-level tests of the tools (tests/*.sh), run once (not per io backend).
 SCRIPT_TESTS := test_tools
 # Integration files run once more with every pool in transaction mode

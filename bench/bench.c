@@ -3,7 +3,7 @@
  * servers and calls this once per measurement point).
  *
  *   bench lease  --workers N --seconds S --socket PATH [--pool main]
- *   bench pg     --mode poolbroker|pgbouncer|direct|connect --workers N --seconds S
+ *   bench pg     --mode poolbroker|pgbouncer|direct|connect --workers N --seconds S [--pools N] [--slow-ms MS]
  *                [--socket PATH] [--pool main] [--conninfo STR] [--query SQL] [--cpu-pid PID]
  *                [--server-pid PID]
  *   bench redis  --mode poolbroker|twemproxy|direct --workers N --seconds S
@@ -140,6 +140,7 @@ struct wstat {
     uint64_t ops, errors;
     uint64_t cpu_ns;            /* this worker's CPU time in the measured window */
     uint64_t csw;               /* this worker's context switches in the measured window */
+    uint64_t max_ns;            /* this worker's slowest timed operation */
     uint32_t hist[HIST_BUCKETS];
 };
 
@@ -195,6 +196,8 @@ struct opts {
     double settle;
     const char *socket;
     const char *pool;
+    int pools;                  /* > 1: worker i uses pool <pool><i % pools> (one pool per worker) */
+    double slow_ms;             /* > 0: report each operation slower than this (report_slow) */
     const char *conninfo;
     const char *query;
     const char *host;
@@ -586,6 +589,55 @@ static struct proc_cost server_cost_delta(const struct server_cost *a, const str
     return d;
 }
 
+/* --slow-ms: where a slow operation's time went.  /proc/PID/schedstat is
+ * "ns on a CPU, ns runnable but waiting for a CPU, timeslices"; pid 0 is
+ * this process. */
+struct sched_sample {
+    uint64_t run_ns, wait_ns;
+};
+
+static struct sched_sample sched_sample(int pid)
+{
+    struct sched_sample r = { 0, 0 };
+    char path[64], buf[128];
+    if (pid > 0)
+        snprintf(path, sizeof path, "/proc/%d/schedstat", pid);
+    else
+        snprintf(path, sizeof path, "/proc/self/schedstat");
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return r;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n > 0) {
+        unsigned long long a = 0, w = 0;
+        buf[n] = 0;
+        if (sscanf(buf, "%llu %llu", &a, &w) == 2) {
+            r.run_ns = a;
+            r.wait_ns = w;
+        }
+    }
+    return r;
+}
+
+/* One stderr line per operation slower than --slow-ms: its time, and how
+ * much of it this worker and the --cpu-pid process (the broker's main
+ * thread) spent runnable but not running.  An operation that took 1 s while
+ * both were on a CPU or asleep is a lost event; one whose broker waited for
+ * a CPU most of it is an oversubscribed machine. */
+static void report_slow(const struct opts *o, uint64_t ns, struct sched_sample s0, struct sched_sample b0)
+{
+    struct sched_sample s1 = sched_sample(0), b1 = { 0, 0 };
+    if (o->cpu_pid > 0)
+        b1 = sched_sample(o->cpu_pid);
+    fprintf(stderr, "SLOW op_ms=%.1f worker_cpu_ms=%.2f worker_runqueue_ms=%.1f", (double)ns / 1e6,
+            (double)(s1.run_ns - s0.run_ns) / 1e6, (double)(s1.wait_ns - s0.wait_ns) / 1e6);
+    if (o->cpu_pid > 0)
+        fprintf(stderr, " proxy_cpu_ms=%.2f proxy_runqueue_ms=%.1f", (double)(b1.run_ns - b0.run_ns) / 1e6,
+                (double)(b1.wait_ns - b0.wait_ns) / 1e6);
+    fprintf(stderr, "\n");
+}
+
 static void child_init(void)
 {
     prctl(PR_SET_PDEATHSIG, SIGKILL);
@@ -595,6 +647,14 @@ static void child_init(void)
 static void worker_main(const struct bench_ops *b, const struct opts *o, struct shared *sh, int idx)
 {
     struct ctx x = { .o = o };
+    struct opts own;            /* with --pools: this worker's pool */
+    char pool_name[64];
+    if (o->pools > 1 && o->pool) {
+        own = *o;
+        snprintf(pool_name, sizeof pool_name, "%s%d", o->pool, idx % o->pools);
+        own.pool = pool_name;
+        x.o = &own;
+    }
     child_init();
     if (b->setup(&x) != 0) {
         note_error(sh, x.err);
@@ -627,16 +687,26 @@ static void worker_main(const struct bench_ops *b, const struct opts *o, struct 
         }
         if (ph >= PH_STOP)
             break;
+        struct sched_sample s0 = { 0, 0 }, b0 = { 0, 0 };
+        if (o->slow_ms > 0) {
+            s0 = sched_sample(0);
+            b0 = sched_sample(o->cpu_pid);
+        }
         if (b->timed)
             t0 = now_ns();
         int rc = b->op(&x);
         if (b->timed)
             t1 = now_ns();
+        if (o->slow_ms > 0 && b->timed && t1 - t0 > (uint64_t)(o->slow_ms * 1e6))
+            report_slow(o, t1 - t0, s0, b0);
         if (ph == PH_MEASURE && atomic_load_explicit(&sh->phase, memory_order_relaxed) == PH_MEASURE) {
             if (rc == 0) {
                 ops++;
-                if (b->timed)
+                if (b->timed) {
                     mine->hist[hist_index(t1 - t0)]++;
+                    if (t1 - t0 > mine->max_ns)
+                        mine->max_ns = t1 - t0;
+                }
             } else {
                 errors++;
             }
@@ -754,12 +824,14 @@ static int run_workers(const struct bench_ops *b, const struct opts *o)
     reap_all(pids, n, 30000);
 
     uint64_t *hist = calloc(HIST_BUCKETS, sizeof *hist);
-    uint64_t ops = 0, errors = 0, wcpu = 0, wcsw = 0;
+    uint64_t ops = 0, errors = 0, wcpu = 0, wcsw = 0, max_ns = 0;
     for (int i = 0; i < n; i++) {
         ops += sh->w[i].ops;
         wcpu += sh->w[i].cpu_ns;
         wcsw += sh->w[i].csw;
         errors += sh->w[i].errors;
+        if (sh->w[i].max_ns > max_ns)
+            max_ns = sh->w[i].max_ns;
         for (unsigned k = 0; k < HIST_BUCKETS; k++)
             hist[k] += sh->w[i].hist[k];
     }
@@ -786,9 +858,10 @@ static int run_workers(const struct bench_ops *b, const struct opts *o)
                (double)d.csw / (double)ops, srv1.n);
     }
     if (b->timed) {
-        printf(" p50_us=%.1f p90_us=%.1f p99_us=%.1f p999_us=%.1f",
+        printf(" p50_us=%.1f p90_us=%.1f p99_us=%.1f p999_us=%.1f max_us=%.1f",
                hist_percentile(hist, ops, 0.50) / 1e3, hist_percentile(hist, ops, 0.90) / 1e3,
-               hist_percentile(hist, ops, 0.99) / 1e3, hist_percentile(hist, ops, 0.999) / 1e3);
+               hist_percentile(hist, ops, 0.99) / 1e3, hist_percentile(hist, ops, 0.999) / 1e3,
+               (double)max_ns / 1e3);
     } else if (ops > 0) {
         /* lease: wall-clock ns per cycle (all workers together), and the
          * average cycle as one worker sees it. */
@@ -944,7 +1017,7 @@ static void usage(FILE *f)
 {
     fprintf(f,
             "usage: bench lease  --workers N --seconds S --socket PATH [--pool main]\n"
-            "       bench pg     --mode poolbroker|pgbouncer|direct|connect --workers N --seconds S\n"
+            "       bench pg     --mode poolbroker|pgbouncer|direct|connect --workers N --seconds S [--pools N] [--slow-ms MS]\n"
             "                    [--socket PATH] [--pool main] [--conninfo STR] [--query SQL] [--cpu-pid PID]\n"
             "                    [--server-pid PID]\n"
             "       bench redis  --mode poolbroker|twemproxy|direct --workers N --seconds S\n"
@@ -970,6 +1043,7 @@ int main(int argc, char **argv)
         { "mode", required_argument, NULL, 'm' },    { "workers", required_argument, NULL, 'w' },
         { "seconds", required_argument, NULL, 's' }, { "warmup", required_argument, NULL, 'W' },
         { "socket", required_argument, NULL, 'S' },  { "pool", required_argument, NULL, 'P' },
+        { "pools", required_argument, NULL, 'N' },  { "slow-ms", required_argument, NULL, 'L' },
         { "conninfo", required_argument, NULL, 'c' }, { "query", required_argument, NULL, 'q' },
         { "host", required_argument, NULL, 'H' },    { "port", required_argument, NULL, 'p' },
         { "key", required_argument, NULL, 'k' },     { "cpu-pid", required_argument, NULL, 'C' },
@@ -988,6 +1062,8 @@ int main(int argc, char **argv)
         case 'W': o.warmup = atof(optarg); break;
         case 'S': o.socket = optarg; break;
         case 'P': o.pool = optarg; break;
+        case 'N': o.pools = atoi(optarg); break;
+        case 'L': o.slow_ms = atof(optarg); break;
         case 'c': o.conninfo = optarg; break;
         case 'q': o.query = optarg; break;
         case 'H': o.host = optarg; break;

@@ -290,6 +290,7 @@ typedef struct broker {
     uint32_t repairs;        /* shm_note_repair: published in hdr->repairs */
     uint32_t *active;        /* indices of attached clients, nattached of them */
     uint32_t last_sq_seq;
+    uint32_t lifeline_tid;   /* tid of the lifeline thread (lifeline.c); 0 = none */
     uint32_t inflight;       /* connections with replies outstanding */
     unsigned cancels_seen;   /* cancel_delivered() when we last settled connections */
     int draining;
@@ -306,6 +307,18 @@ extern broker B;
 /* A handshake still running after this long has failed ("connect timed out"). */
 #define CONNECT_TIMEOUT_MS 10000
 
+/* Tell whoever sleeps on the shared futex *word that it changed: bump it,
+ * then wake only when the client said it sleeps (*sleeping; the pair is
+ * pb_futex_wake's protocol, see pb_shm.h) — a worker that is spinning or
+ * busy costs no system call.  The wake itself goes out with the loop's next
+ * io_uring_enter where the kernel allows it (loop_futex_wake). */
+static inline void broker_wake(_Atomic uint32_t *word, _Atomic uint32_t *sleeping)
+{
+    atomic_fetch_add(word, 1);
+    if (atomic_load(sleeping))
+        loop_futex_wake(B.lp, word);
+}
+
 /* Buffer sizes of spare slots (pools added by a reload use these). */
 #define SPARE_REQ (64u * 1024)
 #define SPARE_REP (256u * 1024)
@@ -321,10 +334,24 @@ void shm_republish(broker *b);
  * (the caller logs what it was). */
 void shm_note_repair(broker *b);
 
+/* lifeline.c: the robust futex that tells sleeping workers the broker died */
+/* Start the lifeline thread and publish header.lifeline; sets lifeline_tid
+ * (0 when the kernel refuses: clients then check the broker in slices).
+ * Call with the segment mapped.  Returns 0. */
+int lifeline_start(broker *b);
+/* Janitor: put back a scribbled header.lifeline (a repair). */
+void lifeline_republish(broker *b);
+/* Clean stop, before the segment is unmapped: mark the lifeline dead and
+ * wake every sleeper, as the kernel does when the broker is killed. */
+void lifeline_cut(broker *b);
+
 /* control.c */
 int control_listen(broker *b);
 void control_close(broker *b);
+/* Drain the submission rings whose doorbell bit is set (each loop pass). */
 void control_scan_rings(broker *b);
+/* Drain every attached client's ring (the janitor's backstop for cleared bits). */
+void control_scan_all(broker *b);
 void client_gone(broker *b, client *cl, const char *why);
 client *client_by_id(broker *b, uint32_t id);
 

@@ -465,7 +465,7 @@ void conn_fail(conn *c, const char *why, int err)
         c->acked_seq = atomic_load(&c->slot->req_seq);
         atomic_store(&c->slot->rep_owed, 0);
         atomic_store_explicit(&c->slot->req_ack, c->acked_seq, memory_order_release);
-        pb_futex_wake(&c->slot->rep_futex, &c->slot->rep_sleeping);
+        broker_wake(&c->slot->rep_futex, &c->slot->rep_sleeping);
         return;
     }
     if (st == PB_SLOT_FREE && !slot_take(c, &w, PB_SLOT_RESETTING))

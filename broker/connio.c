@@ -116,7 +116,7 @@ void conn_fail_submit(conn *c, int err, uint32_t seq)
     atomic_store(&c->slot->io_error, err);
     c->acked_seq = seq;
     atomic_store_explicit(&c->slot->req_ack, seq, memory_order_release);
-    pb_futex_wake(&c->slot->rep_futex, &c->slot->rep_sleeping);
+    broker_wake(&c->slot->rep_futex, &c->slot->rep_sleeping);
 }
 
 void conn_submit(conn *c, uint64_t lease_word, uint32_t seq)
@@ -185,7 +185,7 @@ void conn_submit(conn *c, uint64_t lease_word, uint32_t seq)
      * woken by the ack; one asleep for its reply is woken by the reply (a
      * wake here would cost it a second context switch per query). */
     if (atomic_load(&c->slot->req_waiting))
-        pb_futex_wake(&c->slot->rep_futex, &c->slot->rep_sleeping);
+        broker_wake(&c->slot->rep_futex, &c->slot->rep_sleeping);
     c->cmd_word = lease_word;
     c->to_sink = 0;
     conn_send_private(c);
@@ -335,7 +335,7 @@ void conn_on_recv(ev_op *op, int res)
             c->reply_done += c->unpublished;
             atomic_store(&c->slot->reply_done, c->reply_done);
             atomic_store(&c->slot->rep_owed, c->expect);
-            pb_futex_wake(&c->slot->rep_futex, &c->slot->rep_sleeping);
+            broker_wake(&c->slot->rep_futex, &c->slot->rep_sleeping);
         } else {
             c->to_sink = 1;         /* the lease is gone: nobody reads these */
         }

@@ -154,6 +154,7 @@ static void send_answer(broker *b, int fd, int status, client *cl, pb_attach_ref
             .buf_off = b->hdr_copy.buf_off,
             .max_clients = b->hdr_copy.max_clients,
             .nslots = b->hdr_copy.nslots,
+            .lifeline_tid = b->lifeline_tid,
         };
     struct iovec iov = { .iov_base = &resp, .iov_len = sizeof resp };
     union {
@@ -356,6 +357,8 @@ static void on_pidfd(ev_op *op, int res)
     client_gone(b, cl, "process exited");
 }
 
+static void drain_ring(broker *b, client *cl);
+
 /* A client detached or died: take back everything it held. */
 void client_gone(broker *b, client *cl, const char *why)
 {
@@ -365,7 +368,7 @@ void client_gone(broker *b, client *cl, const char *why)
     log_debug("client %u (worker=%d) %s", id, (int)cl->pid, why);
 
     /* What it had already asked for is still worth doing (a release, say). */
-    control_scan_rings(b);
+    drain_ring(b, cl);
     pool_drop_client_waiters(b, cl);
 
     /* The reclaim's log line names the worker it takes the lease from. */
@@ -447,40 +450,69 @@ static void handle_sqe(broker *b, client *cl, uint64_t e)
     shm_note_repair(b);
 }
 
+/* Take every entry on client cl's submission ring. */
+static void drain_ring(broker *b, client *cl)
+{
+    pb_shm_client *sc = &b->shm_clients[cl->idx];
+    uint32_t tail = atomic_load_explicit(&sc->sq_tail, memory_order_acquire);
+    uint32_t n = tail - cl->sq_head;
+    if (n == 0)
+        return;
+    if (n > PB_SQ_ENTRIES) {
+        log_warn("client %u (worker=%d): submission ring tail %u impossible (head %u); resynchronised",
+                 cl->id, (int)cl->pid, tail, cl->sq_head);
+        shm_note_repair(b);
+        cl->sq_head = tail;
+        atomic_store_explicit(&sc->sq_head, tail, memory_order_release);
+        return;
+    }
+    while (cl->sq_head != tail) {
+        uint64_t e = atomic_load_explicit(&sc->sq[cl->sq_head & (PB_SQ_ENTRIES - 1)], memory_order_relaxed);
+        cl->sq_head++;
+        handle_sqe(b, cl, e);
+        if (!cl->attached || cl->dead)
+            break;
+    }
+    atomic_store_explicit(&sc->sq_head, cl->sq_head, memory_order_release);
+}
+
+/* The rings whose doorbell bit is set (header.sq_ready): the work is the
+ * bitmap's words (max_clients / 64) plus the rings that have entries, never
+ * one look per attached client.  A bit is taken (exchanged to 0) before its
+ * ring is read, so a push that lands meanwhile sets it again for the next
+ * pass.  Bits are worker-written: one for a record that is not attached is
+ * ignored; one a worker cleared is found by control_scan_all. */
 void control_scan_rings(broker *b)
 {
     b->last_sq_seq = atomic_load(&b->hdr->sq_seq);
-    pb_shm_client *recs = b->shm_clients;
-    /* Only attached clients: a pass costs what is attached, not max_clients.
-     * Walk backwards so a client removed meanwhile (client_gone swaps the
+    uint32_t nwords = (b->max_clients + 63) / 64;
+    for (uint32_t wi = 0; wi < nwords; wi++) {
+        if (!atomic_load_explicit(&b->hdr->sq_ready[wi], memory_order_relaxed))
+            continue;
+        uint64_t m = atomic_exchange(&b->hdr->sq_ready[wi], 0);
+        while (m) {
+            uint32_t i = wi * 64 + (uint32_t)__builtin_ctzll(m);
+            m &= m - 1;
+            if (i >= b->max_clients)
+                continue;
+            client *cl = &b->clients[i];
+            if (cl->attached && !cl->dead)
+                drain_ring(b, cl);
+        }
+    }
+}
+
+/* Every attached client's ring, bits or not (the janitor, each pass: an
+ * entry whose bit a worker cleared waits at most one pass). */
+void control_scan_all(broker *b)
+{
+    /* Walk backwards so a client removed meanwhile (client_gone swaps the
      * last into its place) cannot make us skip one. */
     for (uint32_t k = b->nattached; k-- > 0;) {
         if (k >= b->nattached)
             continue;
-        uint32_t i = b->active[k];
-        client *cl = &b->clients[i];
-        if (!cl->attached || cl->dead)
-            continue;
-        pb_shm_client *sc = &recs[i];
-        uint32_t tail = atomic_load_explicit(&sc->sq_tail, memory_order_acquire);
-        uint32_t n = tail - cl->sq_head;
-        if (n == 0)
-            continue;
-        if (n > PB_SQ_ENTRIES) {
-            log_warn("client %u (worker=%d): submission ring tail %u impossible (head %u); resynchronised",
-                     cl->id, (int)cl->pid, tail, cl->sq_head);
-            shm_note_repair(b);
-            cl->sq_head = tail;
-            atomic_store_explicit(&sc->sq_head, tail, memory_order_release);
-            continue;
-        }
-        while (cl->sq_head != tail) {
-            uint64_t e = atomic_load_explicit(&sc->sq[cl->sq_head & (PB_SQ_ENTRIES - 1)], memory_order_relaxed);
-            cl->sq_head++;
-            handle_sqe(b, cl, e);
-            if (!cl->attached || cl->dead)
-                break;
-        }
-        atomic_store_explicit(&sc->sq_head, cl->sq_head, memory_order_release);
+        client *cl = &b->clients[b->active[k]];
+        if (cl->attached && !cl->dead)
+            drain_ring(b, cl);
     }
 }

@@ -196,6 +196,7 @@ void janitor_run(broker *b)
 {
     atomic_store(&b->hdr->heartbeat_ms, b->now_ms);
     shm_republish(b);
+    control_scan_all(b);
     for (uint32_t i = 0; i < b->npools; i++) {
         pool *p = &b->pools[i];
         uint32_t free_count = 0;

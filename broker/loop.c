@@ -3,7 +3,11 @@
  * and backend selection.  See loop.h.
  */
 #include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
 #include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "log.h"
 #include "loop.h"
@@ -69,4 +73,16 @@ void loop_cancel(loop *l, ev_op *op)
 int loop_run(loop *l, int timeout_ms)
 {
     return l->ops->run(l, timeout_ms);
+}
+
+void loop_futex_wake(loop *l, _Atomic uint32_t *word)
+{
+    if (l && l->ops->futex_wake && l->ops->futex_wake(l, word) == 0)
+        return;
+    syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+int loop_queued(loop *l)
+{
+    return l && l->ops->queued ? l->ops->queued(l) : 0;
 }

@@ -18,6 +18,7 @@
 #ifndef PB_LOOP_H
 #define PB_LOOP_H
 
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -57,6 +58,17 @@ void loop_poll(loop *l, ev_op *op, int fd, uint32_t events);
 /* Ask for the operation in flight on op to end early; its callback still runs. */
 void loop_cancel(loop *l, ev_op *op);
 
+/* Wake every thread asleep on the shared futex *word (FUTEX_WAKE, not
+ * private: the word is in a shared mapping).  The io_uring backend queues it
+ * as an IORING_OP_FUTEX_WAKE that goes to the kernel with the iteration's one
+ * io_uring_enter, so a pass that wakes ten workers makes one system call;
+ * where the kernel lacks the opcode (before 6.7), and on epoll, it is the
+ * futex syscall at once. */
+void loop_futex_wake(loop *l, _Atomic uint32_t *word);
+/* Whether futex wakes are queued for the next loop_run (the broker does not
+ * spin before sleeping then: a woken worker would wait out the spin). */
+int loop_queued(loop *l);
+
 /* Submit what was queued, wait up to timeout_ms (0: do not wait, <0: forever)
  * for at least one completion, and run the callbacks of all completions.
  * Returns the number of callbacks run, or -errno. */
@@ -72,6 +84,9 @@ struct loop_ops {
     void (*cancel)(loop *l, ev_op *op);
     int (*run)(loop *l, int timeout_ms);
     void (*destroy)(loop *l);
+    /* Optional (NULL: the futex syscall at once; nothing ever queued). */
+    int (*futex_wake)(loop *l, _Atomic uint32_t *word);  /* 0 queued, -1 not supported */
+    int (*queued)(loop *l);                              /* futex wakes not yet submitted */
 };
 
 struct loop {

@@ -261,7 +261,7 @@ static int setup(broker *b)
     b->signal_op.data = b;
     loop_read(b->lp, &b->signal_op, b->signal_fd, b->siginfo, sizeof(struct signalfd_siginfo));
 
-    return 0;
+    return lifeline_start(b);
 }
 
 /* Wait until every pool has tried its min_size once (or 5 s passed). */
@@ -321,8 +321,11 @@ static void run(broker *b)
              * hand-off through a sleeping broker costs a wake-up. */
             uint64_t t0 = now_ns();
             /* Spinning is only worth it when no completion can come: with
-             * DEFER_TASKRUN completions arrive only inside io_uring_enter. */
-            while (b->inflight == 0 &&
+             * DEFER_TASKRUN completions arrive only inside io_uring_enter.
+             * Nor while futex wakes wait for that enter: a woken worker
+             * would wait out the spin (they go with the enter below). */
+            int wakes = loop_queued(b->lp);
+            while (!wakes && b->inflight == 0 &&
                    atomic_load_explicit(&b->hdr->sq_seq, memory_order_relaxed) == b->last_sq_seq &&
                    now_ns() - t0 < SPIN_NS)
                 __builtin_ia32_pause();

@@ -172,7 +172,7 @@ void pool_enqueue_waiter(pool *p, client *cl, uint32_t ticket)
         err = PB_EBUSY;
     if (err) {
         if (atomic_compare_exchange_strong(&sc->wait_word, &ww, PB_WAITW(PB_WAIT_FAILED, (uint32_t)-err, ticket)))
-            pb_futex_wake(&sc->wait_futex, &sc->wait_sleeping);
+            broker_wake(&sc->wait_futex, &sc->wait_sleeping);
         return;
     }
     p->wq[(p->wq_head + p->wq_len) % p->wq_cap] = (waiter){ cl->idx, cl->id, ticket };
@@ -231,7 +231,7 @@ void pool_fail_waiters(pool *p, int err)
         uint64_t ww = PB_WAITW(PB_WAIT_WAITING, 0, w.ticket);
         if (atomic_load(&sc->id) == w.client_id &&
             atomic_compare_exchange_strong(&sc->wait_word, &ww, PB_WAITW(PB_WAIT_FAILED, (uint32_t)-err, w.ticket)))
-            pb_futex_wake(&sc->wait_futex, &sc->wait_sleeping);
+            broker_wake(&sc->wait_futex, &sc->wait_sleeping);
     }
     atomic_store(&p->shm->nwaiters, 0);
     txn_fail_queue(p, err);
@@ -262,7 +262,7 @@ static int hand_to_waiter(conn *c)
             atomic_fetch_add_explicit(&p->shm->handoffs, 1, memory_order_relaxed);
             if (atomic_load(&sc->wait_sleeping))
                 atomic_fetch_add_explicit(&p->shm->wakeups, 1, memory_order_relaxed);
-            pb_futex_wake(&sc->wait_futex, &sc->wait_sleeping);
+            broker_wake(&sc->wait_futex, &sc->wait_sleeping);
             return 1;
         }
         /* It cancelled between our two CASes: take the slot back, try the next. */

@@ -216,6 +216,7 @@ void shm_republish(broker *b)
     ASET_IF(h->clients_attached, b->nattached);
     ASET_IF(h->repairs, b->repairs);
     ASET_IF(h->state, (uint32_t)(b->draining ? PB_BROKER_DRAINING : PB_BROKER_RUNNING));
+    lifeline_republish(b);
     for (uint32_t i = 0; i < b->npools; i++)
         pool_republish(&b->pools[i]);
     for (uint32_t s = 0; s < b->nslots; s++) {
@@ -255,6 +256,7 @@ void shm_destroy(broker *b, int unlink_it)
     if (!b->hdr)
         return;
     atomic_store(&b->hdr->state, PB_BROKER_STOPPED);
+    lifeline_cut(b);
     if (unlink_it)
         shm_unlink(b->cf->shm_name);
     munmap(b->hdr, b->shm_size);

@@ -325,7 +325,7 @@ void txn_unbind_for_close(conn *b)
         b->acked_seq = atomic_load(&b->slot->req_seq);
         atomic_store(&b->slot->rep_owed, 0);
         atomic_store_explicit(&b->slot->req_ack, b->acked_seq, memory_order_release);
-        pb_futex_wake(&b->slot->rep_futex, &b->slot->rep_sleeping);
+        broker_wake(&b->slot->rep_futex, &b->slot->rep_sleeping);
     }
     txn_return_handle(b);
 }

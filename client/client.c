@@ -9,8 +9,8 @@
  *
  * Waiting — for a slot, for a reply — spins briefly, then sleeps on a shared
  * futex after telling the broker so (a "sleeping" flag the broker checks
- * before it pays for a wake-up).  Sleeps are sliced (WAIT_SLICE_MS) so that a
- * dead broker is noticed within a second even if nobody wakes us.
+ * before it pays for a wake-up).  The sleep itself is wait.c's: it also ends
+ * when the broker dies (its lifeline), without waking up to look.
  *
  * Nothing read from the segment is trusted blindly: slot indices, offsets and
  * ring positions are checked before use, so a scribbled segment gives an
@@ -42,7 +42,6 @@
 #include "internal.h"
 
 #define DEFAULT_SOCKET  "/run/poolbroker/poolbroker.sock"
-#define WAIT_SLICE_MS   100         /* longest sleep before checking the broker */
 #define SPIN_NS_MAX     50000
 #define SPIN_NS_MIN     2000
 #define SPIN_NS_START   20000
@@ -294,6 +293,7 @@ static int attach(pb_client *c, char *why, size_t whylen)
     c->slots = (pb_shm_slot *)((char *)base + resp.layout.slot_off);
     c->nslots = resp.layout.nslots;
     c->buf_off = resp.layout.buf_off;
+    c->lifeline_tid = resp.layout.lifeline_tid & FUTEX_TID_MASK;
     c->sq_tail = atomic_load(&c->rec->sq_tail);
     c->fork_gen = pb_fork_gen;
     c->attached = 1;
@@ -536,6 +536,12 @@ static int sq_push(pb_client *c, uint64_t e)
     atomic_store_explicit(&rec->sq[tail & (PB_SQ_ENTRIES - 1)], e, memory_order_relaxed);
     atomic_store_explicit(&rec->sq_tail, tail + 1, memory_order_release);
     c->sq_tail = tail + 1;
+    /* Our doorbell bit, after the tail (the broker drains only the rings
+     * whose bit it finds set), then the sequence it watches.  Always the
+     * RMW, never "already set, skip it": the broker's exchange must read a
+     * write made after our tail store, or our entry waits for the janitor. */
+    uint32_t ri = PB_CLIENT_INDEX(c->id);
+    atomic_fetch_or(&c->hdr->sq_ready[ri / 64], 1ull << (ri % 64));
     atomic_fetch_add(&c->hdr->sq_seq, 1);
     uint32_t sleeping = 1;
     if (atomic_load(&c->hdr->broker_sleeping) &&
@@ -553,7 +559,9 @@ static int wait_change(pb_client *c, uint32_t *spin_ns, _Atomic uint32_t *word, 
                        uint32_t seen, uint64_t deadline_ns)
 {
     uint64_t t0 = now_ns();
-    uint32_t budget = *spin_ns;
+    /* Spin only while a core is idle: otherwise the spin takes the CPU of
+     * whoever would change the word (the broker, the server). */
+    uint32_t budget = pbi_core_idle() ? *spin_ns : 0;
     for (unsigned i = 0; budget; i++) {
         if (atomic_load_explicit(word, memory_order_acquire) != seen) {
             /* Woken while spinning: spinning pays, allow a little more. */
@@ -567,25 +575,16 @@ static int wait_change(pb_client *c, uint32_t *spin_ns, _Atomic uint32_t *word, 
     }
     /* Spinning did not pay this time: spin a little less next time (on 2
      * cores, a spinning waiter takes the CPU the broker and the server need). */
-    *spin_ns -= *spin_ns / 16;
-    if (*spin_ns < SPIN_NS_MIN)
-        *spin_ns = SPIN_NS_MIN;
-
-    uint64_t now = now_ns();
-    if (deadline_ns && now >= deadline_ns)
-        return PB_ETIMEDOUT;
-    int ms = WAIT_SLICE_MS;
-    if (deadline_ns && (deadline_ns - now) / 1000000 < (uint64_t)ms)
-        ms = (int)((deadline_ns - now + 999999) / 1000000);
-    atomic_store(sleeping, 1);
-    if (atomic_load(word) == seen)
-        pb_futex_wait(word, seen, ms);
-    atomic_store(sleeping, 0);
-    if (atomic_load(word) == seen && !broker_alive(c)) {
-        c->broken = 1;
-        return PB_EBROKER;
+    if (budget) {
+        *spin_ns -= *spin_ns / 16;
+        if (*spin_ns < SPIN_NS_MIN)
+            *spin_ns = SPIN_NS_MIN;
     }
-    return PB_OK;
+
+    int rc = pbi_sleep(c, word, sleeping, seen, deadline_ns);
+    if (rc == PB_EBROKER)
+        c->broken = 1;
+    return rc;
 }
 
 /* ------------------------------------------------------------------ leases */

@@ -42,6 +42,7 @@ struct pb_client {
     pb_shm_slot *slots;
     pb_shm_client *rec;              /* our record */
     uint32_t id, generation, npools, nslots;
+    uint32_t lifeline_tid;           /* the broker's lifeline tid (attach answer); 0 none */
     uint32_t epoch;                  /* attachments so far; leases remember theirs */
     uint32_t sq_tail;                /* private producer position */
     uint32_t ticket;
@@ -148,6 +149,17 @@ int pbi_make_lease(pb_client *c, uint32_t pi, uint32_t s, uint64_t w, pb_lease *
 int pbi_sq_push(pb_client *c, uint64_t e);
 int pbi_broker_alive(pb_client *c);
 uint64_t pbi_coarse_ms(void);
+
+/* wait.c: sleep until *word moves from seen (the broker's FUTEX_WAKE), the
+ * deadline passes (CLOCK_MONOTONIC ns; 0: none, but wake within 500 ms),
+ * or the broker dies — with no periodic wake-up while the broker has a
+ * lifeline (see wait.c).  *sleeping is 1 while asleep.  PB_OK (woken, or
+ * time to look again), PB_ETIMEDOUT (deadline already passed), PB_EBROKER. */
+int pbi_sleep(pb_client *c, _Atomic uint32_t *word, _Atomic uint32_t *sleeping, uint32_t seen,
+              uint64_t deadline_ns);
+/* wait.c: 1 when a CPU is idle (fewer runnable tasks than CPUs), so that
+ * spinning before a sleep costs nobody else their CPU; sampled every few ms. */
+int pbi_core_idle(void);
 
 /* pg.c, for async.c: submit what fits of the queued statements without
  * waiting; feed the decoder what the ring holds without waiting (a PGP_* or

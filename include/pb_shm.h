@@ -82,6 +82,18 @@ enum pb_slot_state {
 #define PB_CLIENT_INDEX_BITS 12
 #define PB_MAX_CLIENTS       ((1u << PB_CLIENT_INDEX_BITS) - 1)
 #define PB_CLIENT_INDEX(id)  (((id) & ((1u << PB_CLIENT_INDEX_BITS) - 1)) - 1)
+#define PB_SQ_READY_WORDS    ((PB_MAX_CLIENTS + 63) / 64)   /* header.sq_ready: a bit per record */
+
+/* The broker's lifeline (header.lifeline): the tid of a broker thread that
+ * lives exactly as long as the broker process, with FUTEX_WAITERS always set
+ * so that the kernel, walking that thread's robust-futex list when it exits
+ * (kill -9 included), replaces the word with FUTEX_WAITERS | FUTEX_OWNER_DIED
+ * (the tid cleared) and wakes one
+ * sleeper; a client that sees FUTEX_OWNER_DIED wakes all the others
+ * (FUTEX_WAKE, INT_MAX).  A waiting client sleeps with futex_waitv on its
+ * wait word and this one, so it needs no timer to notice the broker's death.
+ * On a clean stop the broker sets the bit and wakes everyone itself. */
+#define PB_LIFELINE_WORD(tid) ((uint32_t)(tid) | FUTEX_WAITERS)
 
 /* ------------------------------------------------------- submission entries
  * 64 bits: op:8 | arg:24 | val:32, pushed by a client on its own SPSC ring.
@@ -192,12 +204,24 @@ typedef struct pb_shm_header {
     _Atomic uint32_t repairs;       /* broker: scribbles it found and undid (slot words taken
                                        back, rings resynchronised, bad entries or requests) */
     char shm_name[64];              /* broker: as configured */
+    _Atomic uint32_t lifeline;      /* broker: the robust futex of its lifeline thread,
+                                       PB_LIFELINE_WORD(tid); the kernel sets FUTEX_OWNER_DIED
+                                       and wakes a sleeper when the broker dies (see below) */
     /* --- hot: doorbell (own cache line) --- */
     _Alignas(PB_CACHELINE)
     _Atomic uint32_t broker_sleeping; /* broker sets 1 before it sleeps; a client that
                                          CASes it 1→0 writes the doorbell eventfd */
     _Atomic uint32_t sq_seq;          /* clients: bump after each SQ push (broker skips
-                                         scanning rings when unchanged) */
+                                         looking at sq_ready when unchanged) */
+    /* Which submission rings have entries: bit i = client record i pushed
+     * since the broker last looked.  A client sets its bit (fetch_or, after
+     * the release store of its tail); the broker exchanges each non-zero word
+     * with 0 and drains only those rings, so its work per submission does not
+     * grow with the number of attached processes.  Untrusted: any worker can
+     * set or clear any bit; a set bit of a record that is not attached is
+     * ignored, and a cleared one is found by the janitor's full scan. */
+    _Alignas(PB_CACHELINE)
+    _Atomic uint64_t sq_ready[PB_SQ_READY_WORDS];
 } pb_shm_header;
 
 /* Fixed-bucket histograms: bucket i counts values < 2^i * 16 µs (the last is
@@ -555,6 +579,9 @@ typedef struct pb_shm_layout {
     uint64_t buf_off;                   /* slot buffers: buf_off .. shm_size */
     uint32_t max_clients;
     uint32_t nslots;
+    uint32_t lifeline_tid;              /* tid in header.lifeline; 0: no lifeline (a client
+                                           then sleeps in slices and checks the broker) */
+    uint32_t pad;
 } pb_shm_layout;
 
 /* Why an attach was refused (pb_attach_refusal.reason), so that the client

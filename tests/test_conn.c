@@ -62,7 +62,7 @@ static void fake_destroy(loop *l)
     (void)l;
 }
 
-static const struct loop_ops fake_ops = { "fake", fake_submit, fake_cancel, fake_run, fake_destroy };
+static const struct loop_ops fake_ops = { "fake", fake_submit, fake_cancel, fake_run, fake_destroy, NULL, NULL };
 static loop fake_loop = { &fake_ops, LOOP_EPOLL };
 
 /* The loop delivers op's completion. */

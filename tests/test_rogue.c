@@ -1,7 +1,8 @@
 /*
  * test_rogue.c — hostile shared memory (docs/architecture.md, trust model): a rogue process with
  * the segment mapped writes random bytes at random offsets (and scribbles
- * the header during attach) while normal workers run: the broker must stay
+ * the header during attach; or only the header's doorbell bitmap and
+ * lifeline) while normal workers run: the broker must stay
  * up, the workers must not crash, and once the rogue is gone every pool
  * must serve again.  A crashed worker's backtrace is printed with addr2line.
  * Needs root (the fixture is security_fixture.h).
@@ -223,6 +224,49 @@ static void rogue(uint64_t seed, int rate)
                 p[off + k] = (uint8_t)(bytes >> (8 * k));
         }
         /* pace: done writes should take done/rate seconds */
+        long long due = t0 + (long long)(done * 1000 / (uint64_t)rate);
+        long long now = now_ms();
+        if (due > now)
+            sleep_ms((int)(due - now));
+    }
+}
+
+/* The rogue of the doorbell test: only the header's wake-up words — the
+ * doorbell bitmap (sq_ready: cleared, filled, random), the lifeline (random,
+ * or "the broker died" with and without a tid), sq_seq and broker_sleeping —
+ * `rate` writes a second.  Workers must neither hang (a cleared bit hides a
+ * submission until the janitor's full scan) nor crash, and the broker must
+ * not act on a bit of a record nobody holds. */
+static void rogue_doorbell(uint64_t seed, int rate)
+{
+    int fd = shm_open(env.shm_name, O_RDWR, 0);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) < 0) {
+        perror("rogue: shm_open");
+        _exit(2);
+    }
+    pb_shm_header *h = mmap(NULL, sizeof *h, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (h == MAP_FAILED) {
+        perror("rogue: mmap");
+        _exit(2);
+    }
+    uint64_t s = seed ? seed : 1;
+    long long t0 = now_ms();
+    uint64_t done = 0;
+    for (;;) {
+        for (int i = 0; i < 50; i++, done++) {
+            uint64_t r = xorshift(&s), v = xorshift(&s);
+            uint32_t wi = (uint32_t)(r >> 32) % PB_SQ_READY_WORDS;
+            switch (r % 8) {
+            case 0: case 1: atomic_store(&h->sq_ready[wi], 0); break;
+            case 2: atomic_store(&h->sq_ready[wi], ~0ull); break;
+            case 3: atomic_store(&h->sq_ready[wi], v); break;
+            case 4: atomic_store(&h->lifeline, (uint32_t)v); break;
+            case 5: atomic_store(&h->lifeline, (v & 1) ? 0xC0000000u : (atomic_load(&h->lifeline) | 0x40000000u)); break;
+            case 6: atomic_store(&h->sq_seq, (uint32_t)v); break;
+            case 7: atomic_store(&h->broker_sleeping, (uint32_t)v & 1); break;
+            }
+        }
         long long due = t0 + (long long)(done * 1000 / (uint64_t)rate);
         long long now = now_ms();
         if (due > now)
@@ -482,7 +526,9 @@ static int sanitizer_report(const char *log)
     return 0;
 }
 
-static void rogue_run(uint64_t default_seed)
+/* One storm: `fn` (rogue or rogue_doorbell) in a child while NWORKERS
+ * workers run, then the checks. */
+static void rogue_run(uint64_t default_seed, void (*fn)(uint64_t seed, int rate))
 {
     NEED_ROOT();
     const char *e;
@@ -558,7 +604,7 @@ static void rogue_run(uint64_t default_seed)
     assert_true(rp >= 0);
     if (rp == 0) {
         reset_child_signals();
-        rogue(seed, rate);
+        fn(seed, rate);
         _exit(0);
     }
     sleep_ms(storm_ms);
@@ -697,7 +743,7 @@ static void rogue_run(uint64_t default_seed)
 static void test_rogue_process_scribbles_segment(void **state)
 {
     (void)state;
-    rogue_run(12);
+    rogue_run(12, rogue);
 }
 
 /* This seed scribbled the header's table offsets the moment a worker
@@ -707,7 +753,16 @@ static void test_rogue_process_scribbles_segment(void **state)
 static void test_rogue_scribbles_header_during_attach(void **state)
 {
     (void)state;
-    rogue_run(0x6b044894047eeull);
+    rogue_run(0x6b044894047eeull, rogue);
+}
+
+/* The wake-up words of the header (issue #19: the doorbell bitmap and the
+ * lifeline are worker-writable): scribbled, nothing hangs, nothing crashes,
+ * the broker repairs the lifeline and every pool serves afterwards. */
+static void test_rogue_scribbles_doorbell_and_lifeline(void **state)
+{
+    (void)state;
+    rogue_run(0x19d00b311ull, rogue_doorbell);
 }
 
 int main(void)
@@ -715,6 +770,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_rogue_process_scribbles_segment),
         cmocka_unit_test(test_rogue_scribbles_header_during_attach),
+        cmocka_unit_test(test_rogue_scribbles_doorbell_and_lifeline),
     };
     pbt_apply_test_filter();
     return cmocka_run_group_tests_name("rogue", tests, group_setup, group_teardown);
