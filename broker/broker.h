@@ -179,7 +179,35 @@ typedef struct conn {
     uint8_t handle;          /* this conn is a handle (transaction mode) */
     uint8_t queued;          /* handle: its statement waits in the pool's queue for a backend */
     uint64_t queued_ms;      /* handle: when it started waiting */
+    /* Pipelining (txn.c, drivers with shareable: Redis).  A backend in mux
+     * use is not bound: it carries the shareable requests of several
+     * handles at once, in order, and routes each reply to the handle whose
+     * request it answers (the FIFO mq of mux_ent); its recvs go to scratch
+     * (to_sink) and are copied into each handle's reply ring. */
+    uint8_t mux;             /* backend: in mux use (its home record broker-held) */
+    uint8_t mux_listed;      /* backend: on B.mux_flush, to send mux_out before the loop sleeps */
+    struct mux_ent *mq;      /* backend: requests in flight, oldest first (ring of mq_cap) */
+    uint32_t mq_head, mq_len, mq_cap;
+    drv_buf mux_out;         /* backend: requests taken since the send in flight (sbuf) began */
+    uint32_t mux_pos, mux_len; /* backend: scratch[mux_pos..mux_len) received, not yet routed
+                                  (the head handle's ring was full: mux_paused) */
+    uint8_t mux_paused;      /* backend: waiting for the head handle's holder to drain its ring */
+    struct conn *mux_next;   /* backend: next on B.mux_flush */
+    struct conn *mux_back;   /* handle: the backend its requests in flight went to (all on one,
+                                so its replies stay in order), NULL when none is */
+    uint32_t mux_ents;       /* handle: its requests in flight there, of any lease */
+    uint32_t mux_owed;       /* handle: replies owed to the lease mux_word (its rep_owed) */
+    uint64_t mux_word;       /* handle: the lease mux_owed counts for */
+    uint8_t mux_deferred;    /* handle: a request that cannot share waits for those in flight */
 } conn;
+
+/* One request of a handle in flight on a backend in mux use. */
+typedef struct mux_ent {
+    conn *h;                 /* the handle */
+    uint64_t word;           /* its lease word then: replies go to its ring only while it holds */
+    uint32_t nrep;           /* replies still to come for it */
+    uint64_t sent_ms;        /* when it was taken (command_timeout_ms counts from here) */
+} mux_ent;
 
 typedef struct waiter {
     uint32_t client_idx;
@@ -292,6 +320,7 @@ typedef struct broker {
     uint32_t last_sq_seq;
     uint32_t lifeline_tid;   /* tid of the lifeline thread (lifeline.c); 0 = none */
     uint32_t inflight;       /* connections with replies outstanding */
+    conn *mux_flush;         /* backends in mux use with requests to send (txn_mux_flush) */
     unsigned cancels_seen;   /* cancel_delivered() when we last settled connections */
     int draining;
     uint64_t drain_deadline_ms;
@@ -442,6 +471,11 @@ void txn_return_handle(conn *b);
 void txn_unbind_for_close(conn *b);
 void txn_fail_queue(pool *p, int err);
 void txn_janitor(broker *b, pool *p);
+/* Pipelining on backends in mux use (shareable requests, txn.c). */
+int txn_mux_flush(void);                    /* send what was taken this pass; 1 if anything went */
+void txn_mux_recv(conn *b, size_t n);       /* n bytes arrived in b->scratch */
+void txn_mux_sent(conn *b);                 /* b's send completed */
+void txn_mux_fail(conn *b, int err);        /* b is lost: fail every request in flight */
 
 /* janitor.c */
 void janitor_run(broker *b);

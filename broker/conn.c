@@ -404,6 +404,8 @@ void conn_close(conn *c, const char *why)
     }
     if (c->bound)
         txn_unbind_for_close(c);    /* the slot word below is the backend's own */
+    if (c->mux)
+        txn_mux_fail(c, PB_EBACKEND);
     if (conn_set_phase(c, PH_CLOSING) != PB_OK)
         return;
     slot_set(c, PB_SLOT_CLOSING);
@@ -453,6 +455,8 @@ void conn_fail(conn *c, const char *why, int err)
     snprintf(c->pool->shm->last_error, sizeof c->pool->shm->last_error, "%s", why);
     if (c->fd >= 0)
         shutdown(c->fd, SHUT_RDWR);
+    if (c->mux)
+        txn_mux_fail(c, err);       /* every handle with a request in flight on it */
     atomic_fetch_or(&c->slot->flags, PB_SF_RETIRE);
     uint64_t w = atomic_load(&c->slot->word);
     unsigned st = PB_WORD_STATE(w);

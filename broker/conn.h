@@ -32,6 +32,9 @@ void conn_on_send(ev_op *op, int res);
 void conn_on_recv(ev_op *op, int res);
 void conn_arm_recv(conn *c);
 void conn_retry_deferred(conn *c);
+/* The scanner found one complete reply on c: count it.  PB_EPROTO if none
+ * was owed. */
+int conn_got_reply(conn *c, const drv_reply *r);
 
 /* release.c */
 void conn_release_clean(conn *c);

@@ -104,6 +104,10 @@ void conn_on_send(ev_op *op, int res)
         return;
     }
     c->soff = c->sbuf.len = 0;
+    if (c->mux) {
+        txn_mux_sent(c);
+        return;
+    }
     /* A release that waited for this send resumes if no reply is owed; a
      * lease's deferred SUBMIT may go now. */
     if (c->phase == PH_READY || (c->phase == PH_DRAINING && !c->expect))
@@ -195,7 +199,8 @@ void conn_submit(conn *c, uint64_t lease_word, uint32_t seq)
 
 void conn_arm_recv(conn *c)
 {
-    if (c->recv_op.pending || !PH_UP(c->phase) || c->broken || (c->expect == 0 && !c->watch))
+    if (c->recv_op.pending || !PH_UP(c->phase) || c->broken || (c->expect == 0 && !c->watch) ||
+        c->mux_pos < c->mux_len)    /* scratch still holds replies to route (txn.c) */
         return;
     void *buf;
     size_t len;
@@ -267,7 +272,7 @@ void conn_drained(conn *c)
 
 /* The scanner found one complete reply.  PB_EPROTO if none was owed (the
  * stream is out of step with the requests). */
-static int got_reply(conn *c, const drv_reply *r)
+int conn_got_reply(conn *c, const drv_reply *r)
 {
     char txn = r->txn;
     if (c->expect == 0)
@@ -300,7 +305,7 @@ static int scan_replies(conn *c, const uint8_t *p, size_t n)
         off += used;
         if (rc == DRV_AGAIN)
             break;
-        if (got_reply(c, &r) != PB_OK)
+        if (conn_got_reply(c, &r) != PB_OK)
             return PB_EPROTO;
     }
     return PB_OK;
@@ -315,6 +320,10 @@ void conn_on_recv(ev_op *op, int res)
     }
     if (res <= 0) {
         conn_io_failed(c, res == 0 ? "server closed the connection" : strerror(-res));
+        return;
+    }
+    if (c->mux) {
+        txn_mux_recv(c, (size_t)res);  /* replies of several handles: routed one by one */
         return;
     }
     /* Where this recv was pointed when it was armed (to_sink may have

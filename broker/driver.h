@@ -158,6 +158,13 @@ typedef struct driver {
      * holder releases through the broker and build_reset runs (which
      * clears both). */
     int (*frame_request)(struct conn *c, drv_buf *req, uint32_t *nreplies, const char **why);
+    /* 1 if the request req[0..len) may share a connection with other
+     * leases' requests in flight (transaction mode pipelines such requests
+     * of several handles on one connection, txn.c): it leaves no session
+     * state, pins nothing, never blocks, and produces one reply per
+     * command.  NULL: never (PostgreSQL: a BEGIN would capture the next
+     * lease's statements). */
+    int (*shareable)(const uint8_t *req, uint32_t len);
     /* Scan reply bytes p[0..n).  DRV_OK: a reply ends at p[*used - 1] (*out
      * says what it was): call again with the rest.  DRV_AGAIN: all n bytes
      * taken (*used == n), no reply completed.  DRV_ERROR: protocol error.

@@ -310,6 +310,10 @@ static void run(broker *b)
             }
         }
         int n;
+        /* Transaction mode's shared backends: what this pass took for them
+         * goes out in one write each, with the loop's one submit. */
+        if (txn_mux_flush())
+            work = 1;
         if (tls_has_ready()) {
             tls_run_ready();
             work = 1;

@@ -383,6 +383,71 @@ static int append_refusal(drv_buf *out, const char *why)
     return PB_OK;
 }
 
+/* One command of a request: its argument count and first three arguments
+ * (NULL, 0 past argc). */
+typedef struct rcmd {
+    long long argc;
+    const uint8_t *a0, *a1, *a2;
+    long long l0, l1, l2;
+} rcmd;
+
+/* Parse the command at req[*off..len) (a RESP array of bulk strings) and
+ * step *off past it.  PB_OK, or PB_EPROTO when it is malformed. */
+static int next_command(const uint8_t *req, uint32_t len, uint32_t *off, rcmd *cmd)
+{
+    memset(cmd, 0, sizeof *cmd);
+    cmd->argc = resp_num(req, len, off, '*');
+    if (cmd->argc < 1 || cmd->argc > 1024 * 1024)
+        return PB_EPROTO;
+    for (long long i = 0; i < cmd->argc; i++) {
+        long long alen = resp_num(req, len, off, '$');
+        if (alen < 0 || (uint64_t)alen + 2 > (uint64_t)(len - *off))
+            return PB_EPROTO;
+        if (req[*off + alen] != '\r' || req[*off + alen + 1] != '\n')
+            return PB_EPROTO;
+        if (i == 0) { cmd->a0 = req + *off; cmd->l0 = alen; }
+        if (i == 1) { cmd->a1 = req + *off; cmd->l1 = alen; }
+        if (i == 2) { cmd->a2 = req + *off; cmd->l2 = alen; }
+        *off += (uint32_t)alen + 2;
+    }
+    return PB_OK;
+}
+
+/* Commands that block the connection until something happens elsewhere:
+ * on a connection shared by several leases (transaction mode) they would
+ * hold up everyone's replies, so they take a connection of their own. */
+static int blocking(const rcmd *m)
+{
+    static const char *const words[] = {
+        "BLPOP", "BRPOP", "BRPOPLPUSH", "BLMOVE", "BLMPOP", "BZPOPMIN", "BZPOPMAX", "BZMPOP",
+        "XREAD", "XREADGROUP", "WAIT", "WAITAOF", "DEBUG",
+    };
+    for (size_t i = 0; i < sizeof words / sizeof words[0]; i++)
+        if (arg_is(m->a0, m->l0, words[i]))
+            return 1;
+    return 0;
+}
+
+/* driver.shareable: 1 if every command in req is plain — one reply each, no
+ * session state (command_state), not refused, not MULTI/EXEC/DISCARD, no
+ * CLIENT subcommand, not blocking — so that it can go out on a connection
+ * between other leases' commands (txn.c pipelines them); 0 otherwise,
+ * malformed included (frame_request says what is wrong with it). */
+static int r_shareable(const uint8_t *req, uint32_t len)
+{
+    uint32_t off = 0;
+    while (off < len) {
+        rcmd m;
+        if (next_command(req, len, &off, &m) != PB_OK)
+            return 0;
+        if (refusal(m.argc, m.a0, m.l0, m.a1, m.l1) || command_state(m.argc, m.a0, m.l0, m.a1, m.l1) ||
+            arg_is(m.a0, m.l0, "MULTI") || arg_is(m.a0, m.l0, "EXEC") || arg_is(m.a0, m.l0, "DISCARD") ||
+            arg_is(m.a0, m.l0, "CLIENT") || blocking(&m))
+            return 0;
+    }
+    return len > 0;
+}
+
 static int r_frame_request(conn *c, drv_buf *rq, uint32_t *nreplies, const char **why)
 {
     rconn *r = R(c);
@@ -397,22 +462,12 @@ static int r_frame_request(conn *c, drv_buf *rq, uint32_t *nreplies, const char 
     *why = "not a RESP array of bulk strings";
     while (off < len) {
         uint32_t cmd_start = off;
-        long long argc = resp_num(req, len, &off, '*');
-        if (argc < 1 || argc > 1024 * 1024)
+        rcmd m;
+        if (next_command(req, len, &off, &m) != PB_OK)
             goto malformed;
-        const uint8_t *a0 = NULL, *a1 = NULL, *a2 = NULL;
-        long long l0 = 0, l1 = 0, l2 = 0;
-        for (long long i = 0; i < argc; i++) {
-            long long alen = resp_num(req, len, &off, '$');
-            if (alen < 0 || (uint64_t)alen + 2 > (uint64_t)(len - off))
-                goto malformed;
-            if (req[off + alen] != '\r' || req[off + alen + 1] != '\n')
-                goto malformed;
-            if (i == 0) { a0 = req + off; l0 = alen; }
-            if (i == 1) { a1 = req + off; l1 = alen; }
-            if (i == 2) { a2 = req + off; l2 = alen; }
-            off += (uint32_t)alen + 2;
-        }
+        long long argc = m.argc;
+        const uint8_t *a0 = m.a0, *a1 = m.a1, *a2 = m.a2;
+        long long l0 = m.l0, l1 = m.l1, l2 = m.l2;
         /* How many replies this command produces. */
         long long replies = 1;
         const char *no = refusal(argc, a0, l0, a1, l1);
@@ -835,6 +890,7 @@ const driver redis_driver = {
     .connect_start = r_connect_start,
     .connect_step = r_connect_step,
     .frame_request = r_frame_request,
+    .shareable = r_shareable,
     .scan_reply = r_scan_reply,
     .build_reset = r_build_reset,
     .build_ping = r_build_ping,

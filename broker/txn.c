@@ -17,6 +17,20 @@
  *     receive may still be writing into the handle's ring.  The handle is
  *     unbound when the backend is offered again (pool_offer) or closed.
  *
+ *   - A request the driver calls shareable (Redis: plain commands, see
+ *     driver.h) of a handle that is not bound does not bind a backend: it is
+ *     appended to one in mux use (an idle one taken for it, else the one
+ *     with the fewest requests in flight), together with the other handles'
+ *     requests taken in the same pass of the loop, and they go out in one
+ *     write (txn_mux_flush).  The replies come back in order into the
+ *     backend's scratch buffer; each is copied into the ring of the handle
+ *     whose request it answers (mux_route), while that lease still holds
+ *     the handle, else dropped.  A handle's requests in flight all go to one
+ *     backend (mux_back) so that its replies stay in order; a request of it
+ *     that cannot share waits until they are answered (mux_deferred).  A
+ *     backend that loses its connection fails every request in flight
+ *     (txn_mux_fail); when nothing is in flight it is offered again.
+ *
  * Binding swaps the handle's slot view into the backend (bind/unbind): its
  * slot record, buffers and ring positions.  While bound, connio.c and
  * release.c work on the backend exactly as on a session-mode slot; while at
@@ -68,6 +82,8 @@ void txn_free(pool *p)
         conn_shutdown(&p->backs[k]);
         free(p->backs[k].sbuf.p);
         free(p->backs[k].scratch);
+        free(p->backs[k].mq);
+        free(p->backs[k].mux_out.p);
     }
     free(p->backs);
     free(p->homes);
@@ -209,6 +225,305 @@ int txn_offer_backend(conn *b)
     return 0;
 }
 
+/* ---------------------------------------------------------- pipelining */
+
+/* Room for one more entry in b->mq.  PB_OK or PB_ENOMEM. */
+static int mq_reserve(conn *b)
+{
+    if (b->mq_len < b->mq_cap)
+        return PB_OK;
+    uint32_t cap = b->mq_cap ? b->mq_cap * 2 : 16;
+    mux_ent *q = malloc((size_t)cap * sizeof *q);
+    if (!q)
+        return PB_ENOMEM;
+    for (uint32_t i = 0; i < b->mq_len; i++)
+        q[i] = b->mq[(b->mq_head + i) % b->mq_cap];
+    free(b->mq);
+    b->mq = q;
+    b->mq_cap = cap;
+    b->mq_head = 0;
+    return PB_OK;
+}
+
+/* A backend for a shareable request: an idle one (taken into mux use),
+ * else the backend in mux use with the fewest requests in flight, else
+ * NULL.  NULL too while statements wait in the queue for a backend of
+ * their own: taking more requests would keep every backend busy past them. */
+static conn *mux_pick(pool *p)
+{
+    if (p->tq_len)
+        return NULL;
+    conn *best = take_idle(p);
+    if (best) {
+        best->mux = 1;
+        best->to_sink = 1;          /* recvs go to scratch; mux_route copies */
+        atomic_fetch_add_explicit(&best->home->uses, 1, memory_order_relaxed);
+        return best;
+    }
+    for (uint32_t k = 0; k < p->nbacks; k++) {
+        conn *b = &p->backs[k];
+        if (b->mux && !b->broken && b->phase == PH_READY && (!best || b->mq_len < best->mq_len))
+            best = b;
+    }
+    return best;
+}
+
+/* Nothing in flight on b any more: it leaves mux use and is offered. */
+static void mux_settle(conn *b)
+{
+    if (!b->mux || b->mq_len || b->sending || b->mux_out.len || b->mux_pos < b->mux_len || b->broken ||
+        b->phase != PH_READY)
+        return;
+    b->mux = 0;
+    pool_offer(b);
+}
+
+/* Send what was taken for b since its last send, unless a send is in flight
+ * (txn_mux_sent comes back here).  The two buffers swap: the one being sent
+ * is never appended to (a realloc would move it under the send). */
+static void mux_send(conn *b)
+{
+    if (b->sending || b->broken || !b->mux_out.len || b->phase != PH_READY)
+        return;
+    drv_buf t = b->sbuf;
+    b->sbuf = b->mux_out;
+    b->mux_out = t;
+    b->mux_out.len = 0;
+    b->soff = 0;
+    conn_send_private(b);
+}
+
+int txn_mux_flush(void)
+{
+    int any = 0;
+    conn *b;
+    while ((b = B.mux_flush) != NULL) {
+        B.mux_flush = b->mux_next;
+        b->mux_next = NULL;
+        b->mux_listed = 0;
+        any |= b->mux_out.len && !b->sending;
+        mux_send(b);
+    }
+    return any;
+}
+
+void txn_mux_sent(conn *b)
+{
+    mux_send(b);
+    mux_settle(b);
+}
+
+/* h has no request in flight on a shared backend any more (answered,
+ * failed): a request of its lease that had to wait for that goes now. */
+static void mux_handle_done(conn *h)
+{
+    if (NEVER(h->mux_ents == 0) || --h->mux_ents)
+        return;
+    h->mux_back = NULL;
+    if (!h->mux_deferred)
+        return;
+    h->mux_deferred = 0;
+    uint64_t w = atomic_load(&h->slot->word);
+    if (PB_WORD_STATE(w) == PB_SLOT_LEASED)
+        txn_submit(h, w, atomic_load(&h->slot->req_seq));
+}
+
+/* A shareable request of h (not bound): onto a backend in mux use.
+ * Returns 1 if it was taken (or failed: io_error says), 0 if it goes the
+ * bound way (not shareable, pinned, or no backend to share). */
+static int mux_submit(conn *h, uint64_t word, uint32_t seq)
+{
+    pool *p = h->pool;
+    if (!p->drv->shareable || (atomic_load(&h->slot->client_flags) & (PB_CF_PIN | PB_CF_DIRTY)))
+        return 0;
+    uint32_t len = atomic_load(&h->slot->req_len);   /* read once */
+    if (len == 0 || len > h->req_size)
+        return 0;                   /* conn_submit rejects it */
+    /* Copy first, then judge the copy: the client cannot change it after. */
+    h->sbuf.len = 0;
+    if (drv_buf_append(&h->sbuf, h->req, len) != PB_OK) {
+        conn_fail_submit(h, PB_ENOMEM, seq);
+        return 1;
+    }
+    if (!p->drv->shareable(h->sbuf.p, h->sbuf.len))
+        return 0;
+    conn *b = h->mux_ents ? h->mux_back : mux_pick(p);
+    if (!b)
+        return 0;
+    uint32_t nrep = 0;
+    const char *why = NULL;
+    int rc = mq_reserve(b);
+    if (rc == PB_OK)
+        rc = p->drv->frame_request(b, &h->sbuf, &nrep, &why);
+    if (rc == PB_OK && nrep == 0)
+        rc = PB_EPROTO;             /* a shareable request is answered */
+    if (rc == PB_OK)
+        rc = drv_buf_append(&b->mux_out, h->sbuf.p, h->sbuf.len);
+    if (rc != PB_OK) {
+        conn_fail_submit(h, rc == PB_ENOMEM ? PB_ENOMEM : PB_EPROTO, seq);
+        mux_settle(b);
+        return 1;
+    }
+    if (!b->mq_len)
+        b->cmd_start_ms = B.now_ms;
+    b->mq[(b->mq_head + b->mq_len) % b->mq_cap] = (mux_ent){ h, word, nrep, B.now_ms };
+    b->mq_len++;
+    conn_expect_add(b, nrep);
+    if (h->mux_word != word) {
+        h->mux_word = word;
+        h->mux_owed = 0;
+    }
+    h->mux_owed += nrep;
+    h->mux_ents++;
+    h->mux_back = b;
+    /* What we now owe, before the ack (conn_submit does the same). */
+    atomic_store(&h->slot->io_error, 0);
+    atomic_store(&h->slot->rep_owed, h->mux_owed);
+    h->acked_seq = seq;
+    atomic_store(&h->slot->req_ack, seq);
+    if (atomic_load(&h->slot->req_waiting))
+        broker_wake(&h->slot->rep_futex, &h->slot->rep_sleeping);
+    if (!b->mux_listed) {
+        b->mux_listed = 1;
+        b->mux_next = B.mux_flush;
+        B.mux_flush = b;
+    }
+    return 1;
+}
+
+/* Copy n reply bytes into h's ring (room checked) and publish them. */
+static void ring_put(conn *h, const uint8_t *p, size_t n)
+{
+    uint32_t off = (uint32_t)(h->rep_head & (h->rep_size - 1));
+    size_t first = n < h->rep_size - off ? n : h->rep_size - off;
+    memcpy(h->rep + off, p, first);
+    memcpy(h->rep, p + first, n - first);
+    h->rep_head += n;
+    atomic_store_explicit(&h->slot->rep_head, h->rep_head, memory_order_release);
+}
+
+/* Route b->scratch[mux_pos..mux_len) reply by reply to the handles at the
+ * head of b->mq; stops (mux_paused) when the head handle's ring is full. */
+static void mux_route(conn *b)
+{
+    const driver *drv = b->pool->drv;
+    b->mux_paused = 0;
+    while (b->mux_pos < b->mux_len) {
+        if (!b->mq_len) {
+            conn_io_failed(b, "the server sent a reply nobody asked for");
+            return;
+        }
+        mux_ent *e = &b->mq[b->mq_head];
+        conn *h = e->h;
+        pb_shm_slot *s = h->slot;
+        int live = atomic_load(&s->word) == e->word;
+        const uint8_t *p = b->scratch + b->mux_pos;
+        size_t n = b->mux_len - b->mux_pos;
+        if (live) {
+            uint64_t tail = atomic_load_explicit(&s->rep_tail, memory_order_acquire);
+            uint64_t used = h->rep_head - tail;
+            if (used > h->rep_size) {
+                /* The holder wrote an impossible tail: its replies are lost to it. */
+                slog(LOG_LVL_WARN, h, "reply ring tail corrupted; replies discarded");
+                shm_note_repair(&B);
+                atomic_store(&s->io_error, PB_EPROTO);
+                broker_wake(&s->rep_futex, &s->rep_sleeping);
+                e->word = 0;        /* no lease word: the rest of its replies go nowhere */
+                continue;
+            }
+            if (used == h->rep_size) {
+                /* Full: everything behind waits until the holder drains
+                 * (txn_drained) or lets go (txn_release). */
+                atomic_store(&s->rep_paused, 1);
+                if (atomic_load(&s->rep_tail) == tail) {
+                    b->mux_paused = 1;
+                    broker_wake(&s->rep_futex, &s->rep_sleeping);
+                    return;
+                }
+                atomic_store(&s->rep_paused, 0);
+                continue;
+            }
+            if (n > h->rep_size - used)
+                n = (size_t)(h->rep_size - used);
+        }
+        size_t took = 0;
+        drv_reply r = { 0 };
+        int rc = drv->scan_reply(b, p, n, &took, &r);
+        if (rc == DRV_ERROR || took > n || (rc == DRV_OK && conn_got_reply(b, &r) != PB_OK)) {
+            conn_io_failed(b, "protocol error in the server's reply");
+            return;
+        }
+        b->mux_pos += (uint32_t)took;
+        if (live)
+            ring_put(h, p, took);
+        if (rc == DRV_OK && live) {
+            /* After the bytes: a holder that sees reply_done sees them too. */
+            h->reply_done++;
+            h->mux_owed--;
+            atomic_store(&s->reply_done, h->reply_done);
+            atomic_store(&s->rep_owed, h->mux_owed);
+        }
+        if (live)
+            broker_wake(&s->rep_futex, &s->rep_sleeping);
+        if (rc == DRV_OK && --e->nrep == 0) {
+            b->mq_head = (b->mq_head + 1) % b->mq_cap;
+            b->mq_len--;
+            if (b->mq_len)
+                b->cmd_start_ms = b->mq[b->mq_head].sent_ms;
+            mux_handle_done(h);
+        }
+    }
+    if (b->expect)
+        conn_arm_recv(b);
+    else
+        mux_settle(b);
+}
+
+void txn_mux_recv(conn *b, size_t n)
+{
+    b->mux_pos = 0;
+    b->mux_len = (uint32_t)n;
+    mux_route(b);
+}
+
+/* h's holder made room in its ring, or let h go: go on routing if its
+ * ring is what b waits for. */
+static void mux_resume(conn *h)
+{
+    conn *b = h->mux_back;
+    if (b && b->mux_paused && b->mq_len && b->mq[b->mq_head].h == h)
+        mux_route(b);
+}
+
+void txn_mux_fail(conn *b, int err)
+{
+    if (!b->mux)
+        return;
+    b->mux = 0;
+    while (b->mq_len) {
+        mux_ent e = b->mq[b->mq_head];
+        b->mq_head = (b->mq_head + 1) % b->mq_cap;
+        b->mq_len--;
+        conn *h = e.h;
+        if (atomic_load(&h->slot->word) == e.word) {
+            /* A request the holder is still waiting to hand over (deferred)
+             * is acknowledged too: it looks at io_error. */
+            atomic_store(&h->slot->io_error, err);
+            h->mux_deferred = 0;
+            h->mux_owed = 0;
+            h->acked_seq = atomic_load(&h->slot->req_seq);
+            atomic_store(&h->slot->rep_owed, 0);
+            atomic_store_explicit(&h->slot->req_ack, h->acked_seq, memory_order_release);
+            broker_wake(&h->slot->rep_futex, &h->slot->rep_sleeping);
+        }
+        mux_handle_done(h);
+        err = PB_EBACKEND;          /* a timeout is the head's; the rest lost their connection */
+    }
+    b->mux_out.len = 0;
+    b->mux_pos = b->mux_len = 0;
+    b->mux_paused = 0;
+}
+
 /* ------------------------------------------------------ handle operations */
 
 void txn_submit(conn *h, uint64_t lease_word, uint32_t seq)
@@ -232,6 +547,12 @@ void txn_submit(conn *h, uint64_t lease_word, uint32_t seq)
         return;
     }
     h->cmd_word = lease_word;
+    if (mux_submit(h, lease_word, seq))
+        return;
+    if (h->mux_ents) {
+        h->mux_deferred = 1;        /* after its requests in flight (mux_handle_done) */
+        return;
+    }
     conn *b = p->tq_len ? NULL : take_idle(p);     /* FIFO: nobody overtakes the queue */
     if (b) {
         bind(b, h);
@@ -290,7 +611,11 @@ void txn_release(conn *h, uint64_t word, int reclaim, const char *why)
     }
     if (h->queued)
         tq_remove(p, h);
+    /* Replies still coming for it on a shared backend go nowhere now (its
+     * word has changed); a ring they filled no longer holds them up. */
+    h->mux_deferred = 0;
     pool_offer_handle(h);
+    mux_resume(h);
 }
 
 void txn_watch(conn *h, uint64_t lease_word)
@@ -303,6 +628,8 @@ void txn_drained(conn *h)
 {
     if (h->bound)
         conn_drained(h->bound);
+    else if (atomic_exchange(&h->slot->rep_paused, 0))
+        mux_resume(h);
 }
 
 /* A bound backend is clean again (pool_offer) or about to close: unbind

@@ -14,7 +14,13 @@
  *   - a worker killed mid-transaction (its transaction rolls back, the
  *     connection serves the next lease) and mid-queue (its queued statement
  *     never runs, nothing is left behind);
- *   - Redis: plain commands share one connection, MULTI…EXEC pins it.
+ *   - Redis: plain commands share one connection, MULTI…EXEC pins it;
+ *     plain commands of many processes are pipelined on one connection and
+ *     each gets exactly its own replies, also while a MULTI pins; a
+ *     connection lost with N commands in flight fails all N (PB_EBACKEND);
+ *     a reply still in flight when its lease ends (release, death) is
+ *     dropped, never delivered to the handle's next holder.  CLIENT PAUSE
+ *     WRITE (from redis-cli) holds written commands in flight on demand.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -63,7 +69,23 @@ static th_env env;
     "port = @REDISPORT@\n" \
     "min_size = 1\n" \
     "max_size = 1\n" \
-    "acquire_timeout_ms = 400\n"
+    "acquire_timeout_ms = 400\n" \
+    "\n" \
+    RPOOL("rpx", "") \
+    RPOOL("rp1", "slots = 1\n")
+
+/* A Redis pool of one connection in transaction mode; extra: more keys. */
+#define RPOOL(name, extra) \
+    "[pool " name "]\n" \
+    "type = redis\n" \
+    "pool_mode = transaction\n" \
+    "host = 127.0.0.1\n" \
+    "port = @REDISPORT@\n" \
+    "min_size = 1\n" \
+    "max_size = 1\n" \
+    "acquire_timeout_ms = 20000\n" \
+    extra \
+    "\n"
 
 static int group_setup(void **state)
 {
@@ -367,6 +389,252 @@ static void test_redis_binds_per_command(void **state)
     pbt_cli_done(c);
 }
 
+
+/* ------------------------------------------------ Redis pipelining */
+
+#define RNW  12                         /* processes */
+#define RPER 400                        /* INCR + GET pairs each */
+
+/* A child of the pipelining tests: RPER times INCR its own key and GET it
+ * (every third pair in one pipelined request); exits 0 when every reply
+ * was its own, else the number of the check that failed. */
+static void incr_get_child(int i)
+{
+    pb_client *k = NULL;
+    pb_lease *m = NULL;
+    char key[32];
+    snprintf(key, sizeof key, "px:%d", i);
+    if (pb_connect(env.sock_path, &k) != PB_OK || pb_acquire(k, "rpx", 20000, &m) != PB_OK)
+        _exit(2);
+    for (long long j = 1; j <= RPER; j++) {
+        redisReply *a = NULL, *b = NULL;
+        if (j % 3 == 0) {
+            if (pb_redis_append_command(m, "INCR %s", key) != PB_OK ||
+                pb_redis_append_command(m, "GET %s", key) != PB_OK || pb_redis_get_reply(m, &a) != PB_OK ||
+                pb_redis_get_reply(m, &b) != PB_OK)
+                _exit(3);
+        } else if (pb_redis_command(m, &a, "INCR %s", key) != PB_OK || pb_redis_command(m, &b, "GET %s", key) != PB_OK) {
+            _exit(4);
+        }
+        if (a->type != REDIS_REPLY_INTEGER || a->integer != j)
+            _exit(5);
+        if (b->type != REDIS_REPLY_STRING || strtoll(b->str, NULL, 10) != j)
+            _exit(6);
+        freeReplyObject(a);
+        freeReplyObject(b);
+    }
+    pb_release(m);
+    pb_disconnect(k);
+    _exit(0);
+}
+
+static void wait_kids(pid_t *kids, int n)
+{
+    for (int i = 0; i < n; i++) {
+        int st;
+        waitpid(kids[i], &st, 0);
+        pbt_untrack_child(kids[i]);
+        assert_true(WIFEXITED(st));
+        assert_int_equal(WEXITSTATUS(st), 0);
+    }
+}
+
+static void redis_cli_ok(const char *args)
+{
+    char out[4096];
+    assert_int_equal(th_redis_cli(&env, args, out, sizeof out), 0);
+    if (strstr(out, "ERR"))
+        fail_msg("redis-cli %s: %s", args, out);
+}
+
+/* 12 processes x 400 INCR/GET pairs on one connection, pipelined among
+ * them: each gets exactly its own replies, and the totals are exact. */
+static void test_redis_pipeline_own_replies(void **state)
+{
+    (void)state;
+    redis_cli_ok("DEL px:0 px:1 px:2 px:3 px:4 px:5 px:6 px:7 px:8 px:9 px:10 px:11");
+    pid_t kids[RNW];
+    fflush(NULL);
+    for (int i = 0; i < RNW; i++) {
+        kids[i] = fork();
+        assert_true(kids[i] >= 0);
+        if (kids[i] == 0)
+            incr_get_child(i);
+        pbt_track_child(kids[i]);
+    }
+    wait_kids(kids, RNW);
+    char out[64];
+    assert_int_equal(th_redis_cli(&env, "GET px:7", out, sizeof out), 0);
+    assert_int_equal(atoi(out), RPER);
+}
+
+/* A MULTI pins the one connection while 12 processes pipeline on it: it
+ * waits for their commands in flight, holds the connection alone until
+ * EXEC (nobody's command lands inside it), and everyone's replies are
+ * their own. */
+static void test_redis_multi_while_pipelining(void **state)
+{
+    (void)state;
+    redis_cli_ok("DEL px:0 px:1 px:2 px:3 px:4 px:5 px:6 px:7 px:8 px:9 px:10 px:11 px:m");
+    pid_t kids[RNW];
+    fflush(NULL);
+    for (int i = 0; i < RNW; i++) {
+        kids[i] = fork();
+        assert_true(kids[i] >= 0);
+        if (kids[i] == 0)
+            incr_get_child(i);
+        pbt_track_child(kids[i]);
+    }
+    pb_client *c = pbt_cli(&env);
+    pb_lease *l = pbt_lease(c, "rpx", 20000);
+    redisReply *r = NULL;
+    for (int round = 0; round < 20; round++) {
+        assert_int_equal(pb_redis_command(l, &r, "MULTI"), PB_OK);
+        freeReplyObject(r);
+        assert_int_equal(pb_redis_command(l, &r, "INCR px:m"), PB_OK);
+        assert_int_equal(r->type, REDIS_REPLY_STATUS);      /* QUEUED: inside our MULTI */
+        freeReplyObject(r);
+        assert_int_equal(pb_redis_command(l, &r, "INCR px:m"), PB_OK);
+        freeReplyObject(r);
+        pbt_sleep_ms(5);                /* the others' commands wait meanwhile */
+        assert_int_equal(pb_redis_command(l, &r, "EXEC"), PB_OK);
+        assert_int_equal(r->type, REDIS_REPLY_ARRAY);
+        assert_int_equal(r->elements, 2);
+        assert_int_equal(r->element[1]->integer, 2 * round + 2);
+        freeReplyObject(r);
+    }
+    assert_int_equal(pb_release(l), PB_OK);
+    pbt_cli_done(c);
+    wait_kids(kids, RNW);
+}
+
+/* The id of the broker's connection of pool name (CLIENT LIST), or -1. */
+static long long broker_client_id(const char *name)
+{
+    static char out[65536];
+    char want[64];
+    if (th_redis_cli(&env, "CLIENT LIST", out, sizeof out) != 0)
+        return -1;
+    snprintf(want, sizeof want, " name=poolbroker:%s ", name);
+    for (char *line = strtok(out, "\n"); line; line = strtok(NULL, "\n"))
+        if (strstr(line, want) && strncmp(line, "id=", 3) == 0)
+            return atoll(line + 3);
+    return -1;
+}
+
+/* The shared connection is lost with 6 processes' commands in flight on it
+ * (held by CLIENT PAUSE WRITE): all 6 fail with PB_EBACKEND, and the pool
+ * serves the next commands on a new connection. */
+static void test_redis_pipeline_backend_lost(void **state)
+{
+    (void)state;
+    enum { N = 6 };
+    int ready[2];
+    assert_int_equal(pipe(ready), 0);
+    redis_cli_ok("DEL px:lost");
+    redis_cli_ok("CLIENT PAUSE 5000 WRITE");
+    pid_t kids[N];
+    fflush(NULL);
+    for (int i = 0; i < N; i++) {
+        kids[i] = fork();
+        assert_true(kids[i] >= 0);
+        if (kids[i] == 0) {
+            pb_client *k = NULL;
+            pb_lease *m = NULL;
+            redisReply *r = NULL;
+            if (pb_connect(env.sock_path, &k) != PB_OK || pb_acquire(k, "rpx", 20000, &m) != PB_OK)
+                _exit(2);
+            (void)!write(ready[1], "x", 1);
+            int rc = pb_redis_command(m, &r, "INCR px:lost");
+            _exit(rc == PB_EBACKEND ? 0 : 10 + (rc < 0 ? -rc : rc) % 100);
+        }
+        pbt_track_child(kids[i]);
+    }
+    char x;
+    for (int i = 0; i < N; i++)
+        assert_int_equal(read(ready[0], &x, 1), 1);
+    pbt_sleep_ms(300);                  /* their INCRs are in flight, held by the pause */
+    long long id = broker_client_id("rpx");
+    assert_true(id > 0);
+    char cmd[64];
+    snprintf(cmd, sizeof cmd, "CLIENT KILL ID %lld", id);
+    redis_cli_ok(cmd);
+    wait_kids(kids, N);
+    redis_cli_ok("CLIENT UNPAUSE");
+    pb_client *c = pbt_cli(&env);
+    pb_lease *l = pbt_lease(c, "rpx", 20000);
+    redisReply *r = NULL;
+    assert_int_equal(pb_redis_command(l, &r, "GET px:lost"), PB_OK);
+    assert_int_equal(r->type, REDIS_REPLY_NIL);     /* none of the INCRs ran */
+    freeReplyObject(r);
+    assert_int_equal(pb_release(l), PB_OK);
+    pbt_cli_done(c);
+    close(ready[0]);
+    close(ready[1]);
+}
+
+/* A GET of the handle's next holder, answered right after an INCR of the
+ * previous one that was still in flight: the next holder gets its GET's
+ * reply, never the INCR's. */
+static void get_after_stale(pb_client *c, const char *what)
+{
+    pb_lease *l = pbt_lease(c, "rp1", 20000);   /* pool rp1 has one handle: the same one */
+    redisReply *r = NULL;
+    const char *get[] = { "GET", "px:mine" };
+    assert_int_equal(pb_redis_send_argv(l, 2, get, NULL), PB_OK);
+    pbt_sleep_ms(100);                  /* queued behind the stale INCR, both held */
+    redis_cli_ok("CLIENT UNPAUSE");
+    assert_int_equal(pb_redis_get_reply(l, &r), PB_OK);
+    if (r->type != REDIS_REPLY_STRING || strcmp(r->str, "mine") != 0)
+        fail_msg("%s: the next holder got type %d, not its own GET's reply", what, r->type);
+    freeReplyObject(r);
+    assert_int_equal(pb_release(l), PB_OK);
+}
+
+static void test_redis_stale_reply_dropped(void **state)
+{
+    (void)state;
+    redis_cli_ok("SET px:mine mine");
+    /* Released with its INCR in flight. */
+    pb_client *c = pbt_cli(&env);
+    redis_cli_ok("CLIENT PAUSE 5000 WRITE");
+    pb_lease *l = pbt_lease(c, "rp1", 20000);
+    const char *argv[] = { "INCR", "px:stale" };
+    assert_int_equal(pb_redis_send_argv(l, 2, argv, NULL), PB_OK);
+    pbt_sleep_ms(50);
+    assert_int_equal(pb_release(l), PB_OK);
+    get_after_stale(c, "release");
+
+    /* Killed with its INCR in flight. */
+    int ready[2];
+    assert_int_equal(pipe(ready), 0);
+    redis_cli_ok("CLIENT PAUSE 5000 WRITE");
+    fflush(NULL);
+    pid_t k = fork();
+    assert_true(k >= 0);
+    if (k == 0) {
+        pb_client *kc = NULL;
+        pb_lease *kl = NULL;
+        if (pb_connect(env.sock_path, &kc) != PB_OK || pb_acquire(kc, "rp1", 5000, &kl) != PB_OK ||
+            pb_redis_send_argv(kl, 2, argv, NULL) != PB_OK)
+            _exit(2);
+        (void)!write(ready[1], "x", 1);
+        pause();
+        _exit(0);
+    }
+    pbt_track_child(k);
+    char x;
+    assert_int_equal(read(ready[0], &x, 1), 1);
+    pbt_sleep_ms(50);
+    kill(k, SIGKILL);
+    waitpid(k, NULL, 0);
+    pbt_untrack_child(k);
+    get_after_stale(c, "death");
+    close(ready[0]);
+    close(ready[1]);
+    pbt_cli_done(c);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -376,6 +644,10 @@ int main(void)
         cmocka_unit_test_teardown(test_exact_totals_16_on_1, pbt_cleanup),
         cmocka_unit_test_teardown(test_death_mid_transaction_and_mid_queue, pbt_cleanup),
         cmocka_unit_test_teardown(test_redis_binds_per_command, pbt_cleanup),
+        cmocka_unit_test_teardown(test_redis_pipeline_own_replies, pbt_cleanup),
+        cmocka_unit_test_teardown(test_redis_multi_while_pipelining, pbt_cleanup),
+        cmocka_unit_test_teardown(test_redis_pipeline_backend_lost, pbt_cleanup),
+        cmocka_unit_test_teardown(test_redis_stale_reply_dropped, pbt_cleanup),
     };
     pbt_apply_test_filter();
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
