@@ -245,6 +245,18 @@ static int mq_reserve(conn *b)
     return PB_OK;
 }
 
+/* May backend b (in mux use) take requests of handles with none in flight?
+ * Not once it is to close when it comes free (lifetime, a reload, a failed
+ * server, max_uses, a pool above max_size): it must come free for that,
+ * and a backend that always has a request in flight never does. */
+static int mux_may_grow(const conn *b)
+{
+    const pool *p = b->pool;
+    uint64_t uses = p->cf->max_uses;
+    return !b->broken && b->phase == PH_READY && !b->suspect && !(b->retire_at_ms && B.now_ms >= b->retire_at_ms) &&
+           !(uses && atomic_load(&b->home->uses) >= uses) && !pool_over_max(p);
+}
+
 /* A backend for a shareable request: an idle one (taken into mux use),
  * else the backend in mux use with the fewest requests in flight, else
  * NULL.  NULL too while statements wait in the queue for a backend of
@@ -262,7 +274,7 @@ static conn *mux_pick(pool *p)
     }
     for (uint32_t k = 0; k < p->nbacks; k++) {
         conn *b = &p->backs[k];
-        if (b->mux && !b->broken && b->phase == PH_READY && (!best || b->mq_len < best->mq_len))
+        if (b->mux && mux_may_grow(b) && (!best || b->mq_len < best->mq_len))
             best = b;
     }
     return best;
@@ -376,7 +388,9 @@ static int mux_submit(conn *h, uint64_t word, uint32_t seq)
     h->mux_owed += nrep;
     h->mux_ents++;
     h->mux_back = b;
-    /* What we now owe, before the ack (conn_submit does the same). */
+    /* The backend of the lease's last request (pb_lease_backend_pid), then
+     * what we now owe, before the ack (conn_submit does the same). */
+    atomic_store(&h->slot->backend_pid, b->backend_pid);
     atomic_store(&h->slot->io_error, 0);
     atomic_store(&h->slot->rep_owed, h->mux_owed);
     h->acked_seq = seq;
