@@ -19,7 +19,9 @@
  *     each gets exactly its own replies, also while a MULTI pins; a
  *     connection lost with N commands in flight fails all N (PB_EBACKEND);
  *     a reply still in flight when its lease ends (release, death) is
- *     dropped, never delivered to the handle's next holder.  CLIENT PAUSE
+ *     dropped, never delivered to the handle's next holder; a
+ *     command_timeout_ms fails the oldest command with PB_ETIMEDOUT and the
+ *     rest on that connection with PB_EBACKEND.  CLIENT PAUSE
  *     WRITE (from redis-cli) holds written commands in flight on demand.
  */
 #include <stdarg.h>
@@ -72,7 +74,8 @@ static th_env env;
     "acquire_timeout_ms = 400\n" \
     "\n" \
     RPOOL("rpx", "") \
-    RPOOL("rp1", "slots = 1\n")
+    RPOOL("rp1", "slots = 1\n") \
+    RPOOL("rpt", "command_timeout_ms = 300\n")
 
 /* A Redis pool of one connection in transaction mode; extra: more keys. */
 #define RPOOL(name, extra) \
@@ -573,6 +576,55 @@ static void test_redis_pipeline_backend_lost(void **state)
     close(ready[1]);
 }
 
+/* command_timeout_ms on a shared connection with 4 processes' commands in
+ * flight (held by CLIENT PAUSE WRITE): the connection is closed; the
+ * oldest command fails with PB_ETIMEDOUT, the other 3 with PB_EBACKEND. */
+static void test_redis_pipeline_timeout(void **state)
+{
+    (void)state;
+    enum { N = 4 };
+    int ready[2], res[2];
+    assert_int_equal(pipe(ready), 0);
+    assert_int_equal(pipe(res), 0);
+    redis_cli_ok("CLIENT PAUSE 3000 WRITE");
+    pid_t kids[N];
+    fflush(NULL);
+    for (int i = 0; i < N; i++) {
+        kids[i] = fork();
+        assert_true(kids[i] >= 0);
+        if (kids[i] == 0) {
+            pb_client *k = NULL;
+            pb_lease *m = NULL;
+            redisReply *r = NULL;
+            if (pb_connect(env.sock_path, &k) != PB_OK || pb_acquire(k, "rpt", 20000, &m) != PB_OK)
+                _exit(2);
+            (void)!write(ready[1], "x", 1);
+            int rc = pb_redis_command(m, &r, "INCR px:timeout");
+            char t = rc == PB_ETIMEDOUT ? 't' : rc == PB_EBACKEND ? 'b' : '?';
+            (void)!write(res[1], &t, 1);
+            _exit(0);
+        }
+        pbt_track_child(kids[i]);
+    }
+    char x;
+    for (int i = 0; i < N; i++)
+        assert_int_equal(read(ready[0], &x, 1), 1);
+    int timedout = 0, lost = 0;
+    for (int i = 0; i < N; i++) {
+        assert_int_equal(read(res[0], &x, 1), 1);
+        timedout += x == 't';
+        lost += x == 'b';
+    }
+    wait_kids(kids, N);
+    redis_cli_ok("CLIENT UNPAUSE");
+    assert_int_equal(timedout, 1);
+    assert_int_equal(lost, N - 1);
+    close(ready[0]);
+    close(ready[1]);
+    close(res[0]);
+    close(res[1]);
+}
+
 /* A GET of the handle's next holder, answered right after an INCR of the
  * previous one that was still in flight: the next holder gets its GET's
  * reply, never the INCR's. */
@@ -648,6 +700,7 @@ int main(void)
         cmocka_unit_test_teardown(test_redis_multi_while_pipelining, pbt_cleanup),
         cmocka_unit_test_teardown(test_redis_pipeline_backend_lost, pbt_cleanup),
         cmocka_unit_test_teardown(test_redis_stale_reply_dropped, pbt_cleanup),
+        cmocka_unit_test_teardown(test_redis_pipeline_timeout, pbt_cleanup),
     };
     pbt_apply_test_filter();
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
