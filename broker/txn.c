@@ -22,10 +22,10 @@
  *     appended to one in mux use (mux_pick: the least busy one while it
  *     has fewer than MUX_SHARE in flight, else an idle one), together with
  *     the other handles' requests taken in the same pass of the loop, and
- *     they go out in one write (txn_mux_flush).  The replies come back in order into the
- *     backend's scratch buffer; each is copied into the ring of the handle
- *     whose request it answers (mux_route), while that lease still holds
- *     the handle, else dropped.  A handle's requests in flight all go to one
+ *     they go out in one write (txn_mux_flush).  The replies come back in
+ *     order into the backend's scratch buffer; each is copied into the ring
+ *     of the handle whose request it answers (mux_route), while that lease
+ *     still holds the handle, else dropped.  A handle's requests in flight all go to one
  *     backend (mux_back) so that its replies stay in order; a request of it
  *     that cannot share waits until they are answered (mux_deferred).  A
  *     backend that loses its connection fails every request in flight

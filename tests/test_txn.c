@@ -416,7 +416,8 @@ static void incr_get_child(int i)
                 pb_redis_append_command(m, "GET %s", key) != PB_OK || pb_redis_get_reply(m, &a) != PB_OK ||
                 pb_redis_get_reply(m, &b) != PB_OK)
                 _exit(3);
-        } else if (pb_redis_command(m, &a, "INCR %s", key) != PB_OK || pb_redis_command(m, &b, "GET %s", key) != PB_OK) {
+        } else if (pb_redis_command(m, &a, "INCR %s", key) != PB_OK ||
+                   pb_redis_command(m, &b, "GET %s", key) != PB_OK) {
             _exit(4);
         }
         if (a->type != REDIS_REPLY_INTEGER || a->integer != j)
