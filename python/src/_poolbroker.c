@@ -1121,6 +1121,52 @@ static PyObject *Lease_redis_poll(LeaseObject *self, PyObject *args)
     return v ? Py_BuildValue("(ON)", Py_True, v) : NULL;
 }
 
+/* redis_poll_message(decode, err_cls) -> (ready, message):
+ * pb_redis_poll_message.  (False, None): none yet, notification armed;
+ * (True, [kind, ...]): the oldest message.  Raises LibError (PB_EINVAL:
+ * nothing subscribed; PB_EBUSY: replies owed). */
+static PyObject *Lease_redis_poll_message(LeaseObject *self, PyObject *args)
+{
+    PyObject *err_cls;
+    int decode;
+    if (!PyArg_ParseTuple(args, "pO:redis_poll_message", &decode, &err_cls) || lease_check(self) < 0)
+        return NULL;
+    PyThread_type_lock lock = client_lock(self->client);
+    redisReply *rep = NULL;
+    PyThread_acquire_lock(lock, WAIT_LOCK);
+    int rc = pb_redis_poll_message(self->l, &rep);
+    PyThread_release_lock(lock);
+    if (rc == PB_EINPROGRESS)
+        return Py_BuildValue("(OO)", Py_False, Py_None);
+    if (rc != PB_OK)
+        return raise_lib(rc, "read a Redis Pub/Sub message");
+    PyObject *v = reply_to_py(rep, decode, err_cls);
+    freeReplyObject(rep);
+    return v ? Py_BuildValue("(ON)", Py_True, v) : NULL;
+}
+
+/* pg_poll_notify() -> (be_pid, channel, payload) or None: pb_pg_poll_notify.
+ * None: none yet, notification armed.  Raises LibError (PB_EBUSY: results
+ * owed on the lease). */
+static PyObject *Lease_pg_poll_notify(LeaseObject *self, PyObject *noargs)
+{
+    (void)noargs;
+    if (lease_check(self) < 0)
+        return NULL;
+    PyThread_type_lock lock = client_lock(self->client);
+    pb_notify *n = NULL;
+    PyThread_acquire_lock(lock, WAIT_LOCK);
+    int rc = pb_pg_poll_notify(self->l, &n);
+    PyThread_release_lock(lock);
+    if (rc == PB_EINPROGRESS)
+        Py_RETURN_NONE;
+    if (rc != PB_OK)
+        return raise_lib(rc, "read a PostgreSQL notification");
+    PyObject *v = Py_BuildValue("(iss)", pb_notify_be_pid(n), pb_notify_channel(n), pb_notify_payload(n));
+    pb_notify_free(n);
+    return v;
+}
+
 /* redis_exec(args, nreplies, decode, err_cls) -> [reply, ...]: one command
  * that answers nreplies times ((P|S)(UN)SUBSCRIBE: once per channel).
  * Pub/Sub messages that arrive meanwhile stay queued on the lease. */
@@ -1284,6 +1330,12 @@ static PyMethodDef Lease_methods[] = {
       "redis_send(args): pb_redis_send_argv (non-blocking)" },
     { "redis_poll", (PyCFunction)Lease_redis_poll, METH_VARARGS,
       "redis_poll(decode, err_cls) -> (ready, reply)\n\npb_redis_poll_reply: (False, None) not yet (armed)." },
+    { "redis_poll_message", (PyCFunction)Lease_redis_poll_message, METH_VARARGS,
+      "redis_poll_message(decode, err_cls) -> (ready, message)\n\npb_redis_poll_message: (False, None) none "
+      "yet (armed)." },
+    { "pg_poll_notify", (PyCFunction)Lease_pg_poll_notify, METH_NOARGS,
+      "pg_poll_notify() -> (be_pid, channel, payload) or None\n\npb_pg_poll_notify: None when none yet "
+      "(armed)." },
     { "redis_exec", (PyCFunction)Lease_redis_exec, METH_VARARGS,
       "redis_exec(args, nreplies, decode, err_cls) -> [reply, ...]: a command answered nreplies times" },
     { "redis_get_message", (PyCFunction)Lease_redis_get_message, METH_VARARGS,
