@@ -13,7 +13,7 @@ poolbroker and without a thread per call.
 
 How it waits: each event loop (in each process) gets its own libpoolbroker
 client (pb_client), whose notification fd (pb_client_fd) is registered with
-``loop.add_reader`` while any operation is in progress.  Operations are the
+``loop.add_reader`` from its first wait on.  Operations are the
 library's non-blocking calls (pb_acquire_start/poll, pb_pg_send_params +
 pb_is_busy + pb_pg_get_result, pb_redis_send_argv + pb_redis_poll_reply):
 each await starts one, polls it once, and if it is not done parks a future
@@ -71,7 +71,9 @@ class _LoopClient:
     def __init__(self, socket, loop):
         self.client = _pb.Client(socket)         # pb_connect: LibError if no broker
         self.loop = loop
-        self.fd = None                            # registered while _pending or _watchers is not empty
+        self.fd = None                            # registered with the loop from the first wait on (the
+                                                  # fd is readable only after an armed operation moved,
+                                                  # so it stays: no epoll_ctl pair per statement)
         self._pending = {}                        # future -> poll function
         self._watchers = {}                       # key -> poll function, run at every wake-up (listeners)
         self._kicked = False                      # a _poll_all is scheduled
@@ -82,11 +84,6 @@ class _LoopClient:
             self.fd = self.client.fd()
             self.loop.add_reader(self.fd, self._on_readable)
 
-    def _reader_off(self):
-        if not self._pending and not self._watchers and self.fd is not None:
-            self.loop.remove_reader(self.fd)
-            self.fd = None
-
     def watch(self, key, poll):
         """Run ``poll()`` (which delivers what it finds itself, never
         raises) at every wake-up until unwatch(key); the caller has polled
@@ -96,7 +93,6 @@ class _LoopClient:
 
     def unwatch(self, key):
         self._watchers.pop(key, None)
-        self._reader_off()
 
     def kick(self):
         """Poll every operation and watcher soon, without a wake-up: for
@@ -127,7 +123,6 @@ class _LoopClient:
             raise
         finally:
             self._pending.pop(fut, None)
-            self._reader_off()
 
     def _on_readable(self):
         self.wakeups += 1
@@ -174,16 +169,33 @@ class _LoopClient:
 
 
 _clients = {}          # (socket, pid) -> WeakKeyDictionary(loop -> _LoopClient)
+_pid = os.getpid()     # this process's, kept current by the fork hook (no getpid() per call)
+_last = (None, None, None)     # (weakref to loop, socket argument, _LoopClient): the last lookup
+
+
+def _after_fork_in_child():
+    global _pid, _last
+    _pid = os.getpid()
+    _last = (None, None, None)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _loop_client(socket):
     """The running loop's _LoopClient for the broker at socket (None:
     $POOLBROKER_SOCKET, else /run/poolbroker/poolbroker.sock), made on first
-    use in each process (a forked child never uses its parent's)."""
+    use in each process (a forked child never uses its parent's).  The last
+    answer is kept: a statement looks it up once or twice."""
+    global _last
+    loop = asyncio.get_running_loop()
+    ref, arg, lc = _last
+    if ref is not None and ref() is loop and arg == socket:
+        return lc
+    arg = socket
     if socket is None:
         socket = os.environ.get("POOLBROKER_SOCKET") or None
-    loop = asyncio.get_running_loop()
-    pid = os.getpid()
+    pid = _pid
     per_loop = _clients.get((socket, pid))
     if per_loop is None:
         for key in [k for k in _clients if k[1] != pid]:
@@ -192,6 +204,7 @@ def _loop_client(socket):
     lc = per_loop.get(loop)
     if lc is None:
         lc = per_loop[loop] = _LoopClient(socket, loop)
+    _last = (weakref.ref(loop), arg, lc)
     return lc
 
 

@@ -16,8 +16,10 @@
  * thread, so the lock is normally uncontended.
  *
  * Fork: the library re-attaches an inherited pb_client on first use and makes
- * inherited leases stale (PB_ESTALE).  A Client notices the fork by its pid
- * and replaces its lock (another thread of the parent may have held it).
+ * inherited leases stale (PB_ESTALE).  A Client notices the fork by the
+ * module's fork generation (bumped by a pthread_atfork child handler: no
+ * getpid() system call per call) and replaces its lock (another thread of
+ * the parent may have held it).
  *
  * Errors from the library raise _poolbroker.LibError(code, message); the
  * Python layer maps the code to PEP 249's or redis-py's exception classes.
@@ -30,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/types.h>
+#include <pthread.h>
 #include <unistd.h>
 
 #include "poolbroker.h"
@@ -59,7 +62,7 @@ typedef struct {
     PyObject_HEAD
     pb_client *c;
     PyThread_type_lock lock;        /* serialises calls on c and its leases */
-    pid_t pid;                      /* process the lock belongs to */
+    unsigned long gen;              /* fork_gen of the process the lock belongs to */
     char *notices[NOTICES_MAX];     /* "SEVERITY:  message\n", oldest first; under lock */
     int nnotices;
 } ClientObject;
@@ -103,14 +106,22 @@ static PyObject *client_take_notices(ClientObject *cl)
 static PyTypeObject ClientType;
 static PyTypeObject LeaseType;
 
+/* Forks this process has gone through (its ancestors' included): bumped in
+ * the child by fork(), so "made in another process" is one comparison. */
+static volatile unsigned long fork_gen;
+
+static void on_fork_child(void)
+{
+    fork_gen++;
+}
+
 /* The lock of cl for this process: a forked child gets a fresh one (the
  * parent's may have been held by a thread that does not exist here). */
 static PyThread_type_lock client_lock(ClientObject *cl)
 {
-    pid_t now = getpid();
-    if (cl->pid != now) {
+    if (cl->gen != fork_gen) {
         cl->lock = PyThread_allocate_lock();   /* the parent's is leaked on purpose */
-        cl->pid = now;
+        cl->gen = fork_gen;
     }
     return cl->lock;
 }
@@ -125,7 +136,7 @@ static int Client_init(ClientObject *self, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_RuntimeError, "Client already initialised");
         return -1;
     }
-    self->pid = getpid();
+    self->gen = fork_gen;
     self->lock = PyThread_allocate_lock();
     if (!self->lock) {
         PyErr_NoMemory();
@@ -151,7 +162,7 @@ static void Client_dealloc(ClientObject *self)
         pb_disconnect(self->c);
     for (int i = 0; i < self->nnotices; i++)
         free(self->notices[i]);
-    if (self->lock && self->pid == getpid())
+    if (self->lock && self->gen == fork_gen)
         PyThread_free_lock(self->lock);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -162,7 +173,7 @@ typedef struct {
     PyObject_HEAD
     ClientObject *client;           /* strong reference */
     pb_lease *l;                    /* NULL once released */
-    pid_t pid;                      /* process that acquired it */
+    unsigned long gen;              /* fork_gen of the process that acquired it */
 } LeaseObject;
 
 static PyObject *Client_acquire(ClientObject *self, PyObject *args, PyObject *kw)
@@ -190,7 +201,7 @@ static PyObject *Client_acquire(ClientObject *self, PyObject *args, PyObject *kw
     Py_INCREF(self);
     lo->client = self;
     lo->l = l;
-    lo->pid = getpid();
+    lo->gen = fork_gen;
     return (PyObject *)lo;
 }
 
@@ -253,7 +264,7 @@ static PyObject *Lease_get_released(LeaseObject *self, void *unused)
 static PyObject *Lease_get_forked(LeaseObject *self, void *unused)
 {
     (void)unused;
-    return PyBool_FromLong(self->pid != getpid());
+    return PyBool_FromLong(self->gen != fork_gen);
 }
 
 static PyObject *Lease_get_backend_pid(LeaseObject *self, void *unused)
@@ -669,7 +680,7 @@ static PyObject *lease_new(ClientObject *cl, pb_lease *l)
     Py_INCREF(cl);
     lo->client = cl;
     lo->l = l;
-    lo->pid = getpid();
+    lo->gen = fork_gen;
     return (PyObject *)lo;
 }
 
@@ -1420,6 +1431,14 @@ PyMODINIT_FUNC PyInit__poolbroker(void)
     PyObject *m = PyModule_Create(&moddef);
     if (!m)
         return NULL;
+    static int atfork_done;
+    if (!atfork_done) {
+        if (pthread_atfork(NULL, NULL, on_fork_child) != 0) {
+            Py_DECREF(m);
+            return PyErr_Format(PyExc_ImportError, "pthread_atfork failed");
+        }
+        atfork_done = 1;
+    }
     LibError = PyErr_NewExceptionWithDoc("poolbroker._poolbroker.LibError",
                                          "A libpoolbroker error: args are (code, pb_strerror(code), what).",
                                          PyExc_Exception, NULL);
