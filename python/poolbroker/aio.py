@@ -70,7 +70,7 @@ class _LoopClient:
 
     def __init__(self, socket, loop):
         self.client = _pb.Client(socket)         # pb_connect: LibError if no broker
-        self.loop = loop
+        self._loop = weakref.ref(loop)            # weak: _clients maps the loop weakly to us
         self.fd = None                            # registered with the loop from the first wait on (the
                                                   # fd is readable only after an armed operation moved,
                                                   # so it stays: no epoll_ctl pair per statement)
@@ -78,6 +78,11 @@ class _LoopClient:
         self._watchers = {}                       # key -> poll function, run at every wake-up (listeners)
         self._kicked = False                      # a _poll_all is scheduled
         self.wakeups = 0                          # _on_readable calls (tests: no spinning)
+
+    @property
+    def loop(self):
+        """The event loop this client belongs to."""
+        return self._loop()
 
     def _reader_on(self):
         if self.fd is None:
