@@ -1173,7 +1173,14 @@ static PyObject *Lease_pg_poll_notify(LeaseObject *self, PyObject *noargs)
         Py_RETURN_NONE;
     if (rc != PB_OK)
         return raise_lib(rc, "read a PostgreSQL notification");
-    PyObject *v = Py_BuildValue("(iss)", pb_notify_be_pid(n), pb_notify_channel(n), pb_notify_payload(n));
+    /* Channel and payload are in the server's encoding: UTF-8 normally;
+     * anything else is decoded with U+FFFD rather than lost. */
+    const char *ch = pb_notify_channel(n), *pl = pb_notify_payload(n);
+    PyObject *c = PyUnicode_DecodeUTF8(ch, (Py_ssize_t)strlen(ch), "replace");
+    PyObject *p = c ? PyUnicode_DecodeUTF8(pl, (Py_ssize_t)strlen(pl), "replace") : NULL;
+    PyObject *v = p ? Py_BuildValue("(iOO)", pb_notify_be_pid(n), c, p) : NULL;
+    Py_XDECREF(c);
+    Py_XDECREF(p);
     pb_notify_free(n);
     return v;
 }
