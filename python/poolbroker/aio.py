@@ -143,7 +143,11 @@ class _LoopClient:
     def _poll_all(self):
         self._kicked = False
         for poll in list(self._watchers.values()):
-            poll()
+            try:
+                poll()
+            except Exception as e:                # a watcher's bug must not stall the operations below
+                self.loop.call_exception_handler({"message": "poolbroker.aio: a watcher failed",
+                                                  "exception": e})
         for fut, poll in list(self._pending.items()):
             if fut.done():                        # cancelled: its task cleans up
                 continue
