@@ -1108,28 +1108,37 @@ static PyObject *Lease_redis_send(LeaseObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* The shared body of redis_poll and redis_poll_message: fn is
+ * pb_redis_poll_reply or pb_redis_poll_message, fmt the argument format
+ * (naming the method), what the LibError's "cannot <what>". */
+static PyObject *redis_poll_with(LeaseObject *self, PyObject *args, int (*fn)(pb_lease *, redisReply **),
+                                 const char *fmt, const char *what)
+{
+    PyObject *err_cls;
+    int decode;
+    if (!PyArg_ParseTuple(args, fmt, &decode, &err_cls) || lease_check(self) < 0)
+        return NULL;
+    PyThread_type_lock lock = client_lock(self->client);
+    redisReply *rep = NULL;
+    PyThread_acquire_lock(lock, WAIT_LOCK);
+    int rc = fn(self->l, &rep);
+    PyThread_release_lock(lock);
+    if (rc == PB_EINPROGRESS)
+        return Py_BuildValue("(OO)", Py_False, Py_None);
+    if (rc != PB_OK)
+        return raise_lib(rc, what);
+    PyObject *v = reply_to_py(rep, decode, err_cls);
+    freeReplyObject(rep);
+    return v ? Py_BuildValue("(ON)", Py_True, v) : NULL;
+}
+
 /* redis_poll(decode, err_cls) -> (ready, reply): pb_redis_poll_reply.
  * (False, None): not yet, notification armed; (True, reply): the next
  * reply, as redis_pipeline gives it (an error reply is an err_cls
  * instance, returned).  Raises LibError (PB_EINVAL: nothing outstanding). */
 static PyObject *Lease_redis_poll(LeaseObject *self, PyObject *args)
 {
-    PyObject *err_cls;
-    int decode;
-    if (!PyArg_ParseTuple(args, "pO:redis_poll", &decode, &err_cls) || lease_check(self) < 0)
-        return NULL;
-    PyThread_type_lock lock = client_lock(self->client);
-    redisReply *rep = NULL;
-    PyThread_acquire_lock(lock, WAIT_LOCK);
-    int rc = pb_redis_poll_reply(self->l, &rep);
-    PyThread_release_lock(lock);
-    if (rc == PB_EINPROGRESS)
-        return Py_BuildValue("(OO)", Py_False, Py_None);
-    if (rc != PB_OK)
-        return raise_lib(rc, "read a Redis reply");
-    PyObject *v = reply_to_py(rep, decode, err_cls);
-    freeReplyObject(rep);
-    return v ? Py_BuildValue("(ON)", Py_True, v) : NULL;
+    return redis_poll_with(self, args, pb_redis_poll_reply, "pO:redis_poll", "read a Redis reply");
 }
 
 /* redis_poll_message(decode, err_cls) -> (ready, message):
@@ -1138,22 +1147,8 @@ static PyObject *Lease_redis_poll(LeaseObject *self, PyObject *args)
  * nothing subscribed; PB_EBUSY: replies owed). */
 static PyObject *Lease_redis_poll_message(LeaseObject *self, PyObject *args)
 {
-    PyObject *err_cls;
-    int decode;
-    if (!PyArg_ParseTuple(args, "pO:redis_poll_message", &decode, &err_cls) || lease_check(self) < 0)
-        return NULL;
-    PyThread_type_lock lock = client_lock(self->client);
-    redisReply *rep = NULL;
-    PyThread_acquire_lock(lock, WAIT_LOCK);
-    int rc = pb_redis_poll_message(self->l, &rep);
-    PyThread_release_lock(lock);
-    if (rc == PB_EINPROGRESS)
-        return Py_BuildValue("(OO)", Py_False, Py_None);
-    if (rc != PB_OK)
-        return raise_lib(rc, "read a Redis Pub/Sub message");
-    PyObject *v = reply_to_py(rep, decode, err_cls);
-    freeReplyObject(rep);
-    return v ? Py_BuildValue("(ON)", Py_True, v) : NULL;
+    return redis_poll_with(self, args, pb_redis_poll_message, "pO:redis_poll_message",
+                           "read a Redis Pub/Sub message");
 }
 
 /* pg_poll_notify() -> (be_pid, channel, payload) or None: pb_pg_poll_notify.
