@@ -953,3 +953,45 @@ PB_API int pb_redis_poll_reply(pb_lease *l, redisReply **out)
     rc = arm_lease(l, seen);
     return rc == PB_OK ? PB_EINPROGRESS : rc;
 }
+
+/* ------------------------------------------------- notifications, messages
+ *
+ * LISTEN/NOTIFY and Pub/Sub without waiting: the blocking calls with a zero
+ * timeout (which also ask the broker to watch the socket, PB_SQ_WATCH), and
+ * on "none yet" a notification armed on the lease's reply word, read before
+ * looking so that a delivery between the look and the arming still wakes
+ * the fd. */
+
+PB_API int pb_pg_poll_notify(pb_lease *l, pb_notify **out)
+{
+    if (out)
+        *out = NULL;
+    int rc = pbi_lease_usable(l, PB_POOL_POSTGRES);
+    if (rc != PB_OK)
+        return rc;
+    if (!out)
+        return PB_EINVAL;
+    uint32_t seen = atomic_load(&l->s->rep_futex);
+    rc = pb_pg_wait_notify(l, 0, out);
+    if (rc != PB_ETIMEDOUT)
+        return rc;
+    rc = arm_lease(l, seen);
+    return rc == PB_OK ? PB_EINPROGRESS : rc;
+}
+
+PB_API int pb_redis_poll_message(pb_lease *l, redisReply **out)
+{
+    if (out)
+        *out = NULL;
+    int rc = pbi_lease_usable(l, PB_POOL_REDIS);
+    if (rc != PB_OK)
+        return rc;
+    if (!out)
+        return PB_EINVAL;
+    uint32_t seen = atomic_load(&l->s->rep_futex);
+    rc = pb_redis_get_message(l, 0, out);
+    if (rc != PB_ETIMEDOUT)
+        return rc;
+    rc = arm_lease(l, seen);
+    return rc == PB_OK ? PB_EINPROGRESS : rc;
+}

@@ -291,7 +291,8 @@ PB_API int pb_redis_get_message(pb_lease *l, int timeout_ms, redisReply **out);
  * The loop:
  *   1. start work: pb_acquire_start, pb_pg_send_query / pb_pg_send_params,
  *      pb_redis_send_argv;
- *   2. poll it: pb_acquire_poll, pb_is_busy, pb_redis_poll_reply.  A call
+ *   2. poll it: pb_acquire_poll, pb_is_busy, pb_redis_poll_reply (and
+ *      pb_pg_poll_notify, pb_redis_poll_message for LISTEN and Pub/Sub).  A call
  *      that answers "not yet" (PB_EINPROGRESS, or pb_is_busy's 1) has armed
  *      a notification for exactly that operation;
  *   3. wait until pb_client_fd(c) is readable (poll, epoll,
@@ -407,6 +408,21 @@ PB_API int pb_redis_send_argv(pb_lease *l, int argc, const char **argv, const si
  * PB_EINPROGRESS when it is not complete yet (notification armed); PB_EINVAL
  * when nothing is outstanding; other errors as pb_redis_get_reply. */
 PB_API int pb_redis_poll_reply(pb_lease *l, redisReply **out);
+
+/* LISTEN/NOTIFY without waiting: pb_pg_wait_notify with no wait.  PB_OK
+ * with *out (free it with pb_notify_free); PB_EINPROGRESS when none has
+ * arrived (notification armed: the fd wakes when the broker publishes
+ * something for the lease); PB_EBUSY while a command or COPY is under way
+ * on the lease (its notifications are kept; poll again after its results);
+ * other errors as pb_pg_wait_notify (PB_EBACKEND: the connection broke). */
+PB_API int pb_pg_poll_notify(pb_lease *l, pb_notify **out);
+
+/* Pub/Sub without waiting: pb_redis_get_message with no wait.  PB_OK with
+ * *out (freeReplyObject); PB_EINPROGRESS when no message has arrived
+ * (notification armed); PB_EBUSY: replies are still owed (poll them with
+ * pb_redis_poll_reply first); PB_EINVAL: nothing is subscribed; other
+ * errors as pb_redis_get_message. */
+PB_API int pb_redis_poll_message(pb_lease *l, redisReply **out);
 
 /* ============================================================ libpq parity
  * What a program ported from libpq reaches for besides queries, with libpq's

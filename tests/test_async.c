@@ -555,6 +555,78 @@ static void test_broker_death(void **state)
     pb_disconnect(c);
 }
 
+/* LISTEN/NOTIFY and Pub/Sub polled (pb_pg_poll_notify, pb_redis_poll_message):
+ * "none yet" arms the fd, a NOTIFY / PUBLISH from another client wakes it,
+ * and a poll while results are owed is PB_EBUSY. */
+static void test_notify_and_message_polled(void **state)
+{
+    (void)state;
+    pb_client *c = pbt_connect(&env);
+    pb_client *other = pbt_connect(&env);
+    pb_lease *l = NULL, *o = NULL;
+    pb_result *res = NULL;
+    assert_int_equal(pb_acquire(c, "main", -1, &l), PB_OK);
+    assert_int_equal(pb_pg_exec(l, "LISTEN pb_async_ch", &res), PB_OK);
+    pb_result_free(res);
+    pb_notify *n = NULL;
+    assert_int_equal(pb_pg_poll_notify(l, &n), PB_EINPROGRESS);
+    assert_null(n);
+    assert_int_equal(pb_pg_send_query(l, "SELECT 1"), PB_OK);
+    assert_int_equal(pb_pg_poll_notify(l, &n), PB_EBUSY);      /* the SELECT's result is owed */
+    int rc;
+    while ((rc = pb_is_busy(l)) == 1)
+        wait_fd(c);
+    assert_int_equal(rc, 0);
+    assert_int_equal(pb_pg_get_result(l, &res), PB_OK);
+    pb_result_free(res);
+    assert_int_equal(pb_pg_get_result(l, &res), PB_OK);
+    assert_null(res);
+    assert_int_equal(pb_acquire(other, "main", -1, &o), PB_OK);
+    assert_int_equal(pb_pg_exec(o, "NOTIFY pb_async_ch, 'hello'", &res), PB_OK);
+    pb_result_free(res);
+    int wakeups = 0;
+    while ((rc = pb_pg_poll_notify(l, &n)) == PB_EINPROGRESS) {
+        wait_fd(c);
+        wakeups++;
+    }
+    assert_int_equal(rc, PB_OK);
+    assert_string_equal(pb_notify_channel(n), "pb_async_ch");
+    assert_string_equal(pb_notify_payload(n), "hello");
+    assert_int_equal(pb_notify_be_pid(n), pb_lease_backend_pid(o));
+    pb_notify_free(n);
+    assert_true(wakeups <= 4);
+    assert_int_equal(pb_pg_poll_notify(l, NULL), PB_EINVAL);
+    assert_int_equal(pb_release(o), PB_OK);
+    assert_int_equal(pb_release(l), PB_OK);
+
+    redisReply *rep = NULL;
+    assert_int_equal(pb_acquire(c, "cache", -1, &l), PB_OK);
+    assert_int_equal(pb_redis_poll_message(l, &rep), PB_EINVAL);       /* nothing subscribed */
+    assert_int_equal(pb_redis_command(l, &rep, "SUBSCRIBE pb_async_ch"), PB_OK);
+    freeReplyObject(rep);
+    assert_int_equal(pb_redis_poll_message(l, &rep), PB_EINPROGRESS);
+    assert_int_equal(pb_acquire(other, "cache", -1, &o), PB_OK);
+    assert_int_equal(pb_redis_command(o, &rep, "PUBLISH pb_async_ch %s", "hi"), PB_OK);
+    assert_int_equal(rep->integer, 1);
+    freeReplyObject(rep);
+    wakeups = 0;
+    while ((rc = pb_redis_poll_message(l, &rep)) == PB_EINPROGRESS) {
+        wait_fd(c);
+        wakeups++;
+    }
+    assert_int_equal(rc, PB_OK);
+    assert_int_equal(rep->type, REDIS_REPLY_ARRAY);
+    assert_int_equal(rep->elements, 3);
+    assert_string_equal(rep->element[0]->str, "message");
+    assert_string_equal(rep->element[2]->str, "hi");
+    freeReplyObject(rep);
+    assert_true(wakeups <= 4);
+    assert_int_equal(pb_release(o), PB_OK);
+    assert_int_equal(pb_release(l), PB_OK);
+    pb_disconnect(other);
+    pb_disconnect(c);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -566,6 +638,7 @@ int main(void)
         cmocka_unit_test(test_acquire_cancel_and_timeout),
         cmocka_unit_test(test_command_abandoned),
         cmocka_unit_test(test_broker_death),
+        cmocka_unit_test(test_notify_and_message_polled),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

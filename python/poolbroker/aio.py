@@ -13,7 +13,7 @@ poolbroker and without a thread per call.
 
 How it waits: each event loop (in each process) gets its own libpoolbroker
 client (pb_client), whose notification fd (pb_client_fd) is registered with
-``loop.add_reader`` while any operation is in progress.  Operations are the
+``loop.add_reader`` from its first wait on.  Operations are the
 library's non-blocking calls (pb_acquire_start/poll, pb_pg_send_params +
 pb_is_busy + pb_pg_get_result, pb_redis_send_argv + pb_redis_poll_reply):
 each await starts one, polls it once, and if it is not done parks a future
@@ -39,6 +39,7 @@ transaction) never crosses the fork.
 """
 
 import asyncio
+import itertools
 import os
 import weakref
 
@@ -52,7 +53,8 @@ from .pg import (  # noqa: F401  (the same exception classes as the sync driver)
     NotSupportedError, OperationalError, ProgrammingError, QueryCanceledError,
     TransactionRollbackError)
 
-__all__ = ["connect", "create_pool", "Connection", "Pool", "Transaction", "Record", "Redis", "Pipeline",
+__all__ = ["connect", "create_pool", "Connection", "Pool", "Transaction", "Record", "PreparedStatement",
+           "CursorFactory", "Cursor", "Redis", "Pipeline", "PubSub",
            # the sync driver's exception classes, re-exported
            "DatabaseError", "DataError", "Error", "IntegrityError", "InterfaceError", "InternalError",
            "NotSupportedError", "OperationalError", "ProgrammingError", "QueryCanceledError",
@@ -66,11 +68,44 @@ class _LoopClient:
     progress on it.  Only _on_readable consumes the client's notifications;
     every await goes through wait()."""
 
-    def __init__(self, socket):
+    def __init__(self, socket, loop):
         self.client = _pb.Client(socket)         # pb_connect: LibError if no broker
-        self.fd = None                            # registered with the loop while _pending is not empty
+        self._loop = weakref.ref(loop)            # weak: _clients maps the loop weakly to us
+        self.fd = None                            # registered with the loop from the first wait on (the
+                                                  # fd is readable only after an armed operation moved,
+                                                  # so it stays: no epoll_ctl pair per statement)
         self._pending = {}                        # future -> poll function
+        self._watchers = {}                       # key -> poll function, run at every wake-up (listeners)
+        self._kicked = False                      # a _poll_all is scheduled
         self.wakeups = 0                          # _on_readable calls (tests: no spinning)
+
+    @property
+    def loop(self):
+        """The event loop this client belongs to."""
+        return self._loop()
+
+    def _reader_on(self):
+        if self.fd is None:
+            self.fd = self.client.fd()
+            self.loop.add_reader(self.fd, self._on_readable)
+
+    def watch(self, key, poll):
+        """Run ``poll()`` (which delivers what it finds itself, never
+        raises) at every wake-up until unwatch(key); the caller has polled
+        once already, arming the notification."""
+        self._watchers[key] = poll
+        self._reader_on()
+
+    def unwatch(self, key):
+        self._watchers.pop(key, None)
+
+    def kick(self):
+        """Poll every operation and watcher soon, without a wake-up: for
+        one that answered "not yet" without arming (it was blocked by
+        another operation on its lease, which has now finished)."""
+        if not self._kicked:
+            self._kicked = True
+            self.loop.call_soon(self._poll_all)
 
     async def wait(self, poll, on_abandon=None):
         """Run ``poll()`` until it reports done: it returns (done, value) and
@@ -80,12 +115,9 @@ class _LoopClient:
         done, value = poll()
         if done:
             return value
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
+        fut = self.loop.create_future()
         self._pending[fut] = poll
-        if self.fd is None:
-            self.fd = self.client.fd()
-            loop.add_reader(self.fd, self._on_readable)
+        self._reader_on()
         try:
             return await fut
         except asyncio.CancelledError:
@@ -96,9 +128,6 @@ class _LoopClient:
             raise
         finally:
             self._pending.pop(fut, None)
-            if not self._pending and self.fd is not None:
-                loop.remove_reader(self.fd)
-                self.fd = None
 
     def _on_readable(self):
         self.wakeups += 1
@@ -109,6 +138,16 @@ class _LoopClient:
                 if not fut.done():
                     fut.set_exception(e)
             return
+        self._poll_all()
+
+    def _poll_all(self):
+        self._kicked = False
+        for poll in list(self._watchers.values()):
+            try:
+                poll()
+            except Exception as e:                # a watcher's bug must not stall the operations below
+                self.loop.call_exception_handler({"message": "poolbroker.aio: a watcher failed",
+                                                  "exception": e})
         for fut, poll in list(self._pending.items()):
             if fut.done():                        # cancelled: its task cleans up
                 continue
@@ -139,16 +178,33 @@ class _LoopClient:
 
 
 _clients = {}          # (socket, pid) -> WeakKeyDictionary(loop -> _LoopClient)
+_pid = os.getpid()     # this process's, kept current by the fork hook (no getpid() per call)
+_last = (None, None, None)     # (weakref to loop, socket argument, _LoopClient): the last lookup
+
+
+def _after_fork_in_child():
+    global _pid, _last
+    _pid = os.getpid()
+    _last = (None, None, None)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _loop_client(socket):
     """The running loop's _LoopClient for the broker at socket (None:
     $POOLBROKER_SOCKET, else /run/poolbroker/poolbroker.sock), made on first
-    use in each process (a forked child never uses its parent's)."""
+    use in each process (a forked child never uses its parent's).  The last
+    answer is kept: a statement looks it up once or twice."""
+    global _last
+    loop = asyncio.get_running_loop()
+    ref, arg, lc = _last
+    if ref is not None and ref() is loop and arg == socket:
+        return lc
+    arg = socket
     if socket is None:
         socket = os.environ.get("POOLBROKER_SOCKET") or None
-    loop = asyncio.get_running_loop()
-    pid = os.getpid()
+    pid = _pid
     per_loop = _clients.get((socket, pid))
     if per_loop is None:
         for key in [k for k in _clients if k[1] != pid]:
@@ -156,7 +212,8 @@ def _loop_client(socket):
         per_loop = _clients[(socket, pid)] = weakref.WeakKeyDictionary()
     lc = per_loop.get(loop)
     if lc is None:
-        lc = per_loop[loop] = _LoopClient(socket)
+        lc = per_loop[loop] = _LoopClient(socket, loop)
+    _last = (weakref.ref(loop), arg, lc)
     return lc
 
 
@@ -234,13 +291,29 @@ def _records(res):
 
 # ------------------------------------------------------------ PostgreSQL
 
-def _stmt(query, args):
-    """(sql, values, types, formats) for $n SQL and positional args, through
-    the sync driver's adapters (poolbroker._pgtypes.adapt)."""
+def _query_text(query):
+    """query as str (bytes: UTF-8); InterfaceError for anything else."""
     if isinstance(query, bytes):
         query = query.decode("utf-8")
     if not isinstance(query, str):
         raise InterfaceError(f"the query must be str, not {type(query).__name__}")
+    return query
+
+
+def _quote_ident(name):
+    """name as a PostgreSQL identifier in double quotes (" doubled)."""
+    if "\0" in name:
+        raise InterfaceError("an identifier cannot contain NUL")
+    return '"' + name.replace('"', '""') + '"'
+
+
+_names = itertools.count(1)    # unique suffixes for cursor and check-statement names
+
+
+def _stmt(query, args):
+    """(sql, values, types, formats) for $n SQL and positional args, through
+    the sync driver's adapters (poolbroker._pgtypes.adapt)."""
+    query = _query_text(query)
     vals, types, formats = [], [], []
     for i, v in enumerate(args):
         try:
@@ -277,6 +350,11 @@ class Connection:
         self._tx_lost = None           # why the open transaction is gone (lease dropped), or None
         self._busy = False
         self._closed = False
+        self._listeners = {}           # channel -> [callback, ...] (add_listener)
+        self._listen_lease = None      # the lease the LISTENs run on, held while any listener is added
+        self._listen_lc = None
+        self._listen_busy = False      # a LISTEN / UNLISTEN is in flight on it
+        self._listen_lock = None       # asyncio.Lock: one add/remove_listener at a time
 
     # -- state
 
@@ -406,11 +484,7 @@ class Connection:
         if args:
             res = await self._timed(self._run([_stmt(query, args)]), timeout)
         else:
-            if isinstance(query, bytes):
-                query = query.decode("utf-8")
-            if not isinstance(query, str):
-                raise InterfaceError(f"the query must be str, not {type(query).__name__}")
-            res = await self._timed(self._run(None, raw=query), timeout)
+            res = await self._timed(self._run(None, raw=_query_text(query)), timeout)
         return res[-1][3]
 
     async def executemany(self, command, args, *, timeout=None):
@@ -456,6 +530,174 @@ class Connection:
             return None
         return rows[0][column]
 
+    # -- prepared statements and cursors
+
+    async def prepare(self, query, *, timeout=None):
+        """Check query (``$1, $2, ...`` placeholders) on the server now and
+        return a :class:`PreparedStatement` whose fetch / fetchrow / fetchval
+        / executemany / cursor run it with arguments (asyncpg).  A syntax
+        error, an unknown table or column, ... is raised here, as asyncpg
+        raises it at prepare().
+
+        Unlike asyncpg's, the statement is not kept prepared on a server
+        connection: a Connection leases one per statement, so each execution
+        sends the query in the same write as its arguments (the extended
+        protocol's unnamed statement, one round trip, as ``fetch``).  The
+        check costs one round trip (PREPARE and DEALLOCATE in one message)."""
+        sql = _query_text(query)
+        body = sql.rstrip().rstrip(";")
+        name = f"pb_check_{next(_names)}"
+        await self._timed(self._run(None, raw=f"PREPARE {name} AS {body}; DEALLOCATE {name}"), timeout)
+        return PreparedStatement(self, sql)
+
+    def cursor(self, query, *args, prefetch=None, timeout=None):
+        """A server-side cursor over query's rows (asyncpg): ``async for row
+        in conn.cursor(q, *args, prefetch=50)`` fetches prefetch rows per
+        round trip, or ``cur = await conn.cursor(q, *args)`` gives a
+        :class:`Cursor` with fetch(n), fetchrow() and forward(n).  Only inside
+        a transaction (InterfaceError outside one), as asyncpg: the cursor is
+        a DECLARE ... NO SCROLL CURSOR that lives until the transaction ends,
+        on the lease the transaction holds."""
+        return CursorFactory(self, _query_text(query), args, prefetch, timeout)
+
+    # -- LISTEN / NOTIFY
+
+    async def add_listener(self, channel, callback):
+        """Listen on channel (LISTEN) and call ``callback(connection, pid,
+        channel, payload)`` for each notification (asyncpg); a coroutine
+        function is run as a task.  Exceptions in callbacks go to the loop's
+        exception handler.
+
+        LISTEN lasts as long as the server connection that ran it, so the
+        first listener leases a connection of the pool and keeps it until the
+        last one is removed (remove_listener) or close(): one of the pool's
+        connections per listening Connection, whatever else it runs.  If that
+        lease is lost (the broker or the server connection failed, or an
+        add/remove_listener was cancelled mid-command) every listener of the
+        Connection is dropped and the loop's exception handler is told."""
+        if not isinstance(channel, str) or not channel:
+            raise InterfaceError("channel must be a non-empty str")
+        if not callable(callback):
+            raise InterfaceError("callback must be callable")
+        if self._closed:
+            raise InterfaceError("cannot perform operation: connection is closed")
+        async with self._listen_locked():
+            if channel not in self._listeners:
+                await self._listen_command("LISTEN " + _quote_ident(channel))
+                self._listeners[channel] = []
+            self._listeners[channel].append(callback)
+
+    async def remove_listener(self, channel, callback):
+        """Stop calling callback for channel (asyncpg); UNLISTEN once no
+        callback is left for it, and give the lease back once no channel is
+        listened to.  Removing what was never added does nothing."""
+        cbs = self._listeners.get(channel)
+        if not cbs or callback not in cbs:
+            return
+        async with self._listen_locked():
+            cbs = self._listeners.get(channel)
+            if not cbs or callback not in cbs:
+                return
+            cbs.remove(callback)
+            if cbs:
+                return
+            del self._listeners[channel]
+            if self._listeners:
+                await self._listen_command("UNLISTEN " + _quote_ident(channel))
+            else:
+                self._drop_listen_lease()   # the broker's reset runs UNLISTEN *
+
+    def _listen_locked(self):
+        if self._listen_lock is None:
+            self._listen_lock = asyncio.Lock()
+        return self._listen_lock
+
+    async def _listen_command(self, sql):
+        """Run sql (LISTEN / UNLISTEN) on the listening lease, leasing it
+        first if needed, then (re)start delivering notifications."""
+        lc = _loop_client(self._socket)
+        if self._listen_lease is not None and self._listen_lc is not lc:
+            raise InterfaceError("cannot perform operation: this connection's listeners belong to another "
+                                 "event loop or process")
+        if self._listen_lease is None:
+            try:
+                self._listen_lease = await lc.acquire(self._pool)
+            except _common.LibError as e:
+                raise _pg._lib_error(e) from None
+            self._listen_lc = lc
+        lease = self._listen_lease
+        self._listen_busy = True
+        try:
+            lease.pg_send_query(sql)
+            results = []
+
+            def poll():
+                while True:
+                    ready, res = lease.pg_poll(T.CONVERTERS)
+                    if not ready:
+                        return False, None
+                    if res is None:
+                        return True, results
+                    results.append(res)
+
+            await lc.wait(poll)
+        except BaseException as e:
+            self._listen_busy = False
+            self._listeners_lost(e, report=False)
+            if isinstance(e, _common.LibError):
+                raise _pg._lib_error(e) from None
+            raise
+        self._listen_busy = False
+        lc.watch(self, self._deliver_notifies)
+        self._deliver_notifies()               # what came during the command; arms the fd
+        for r in results:
+            if r[0] == _pb.RES_ERROR:
+                raise _pg._server_error(r[5])
+
+    def _deliver_notifies(self):
+        """Watcher: hand every queued notification to its callbacks (each
+        call scheduled with loop.call_soon)."""
+        lease = self._listen_lease
+        if lease is None or self._listen_busy:
+            return
+        loop = self._listen_lc.loop
+        while True:
+            try:
+                n = lease.pg_poll_notify()
+            except _common.LibError as e:
+                self._listeners_lost(e, report=True)
+                return
+            if n is None:
+                return
+            pid, channel, payload = n
+            for cb in list(self._listeners.get(channel, ())):
+                loop.call_soon(self._call_listener, cb, pid, channel, payload)
+
+    def _call_listener(self, cb, pid, channel, payload):
+        r = cb(self, pid, channel, payload)
+        if asyncio.iscoroutine(r) or isinstance(r, asyncio.Future):
+            asyncio.ensure_future(r)
+
+    def _drop_listen_lease(self):
+        lease, lc = self._listen_lease, self._listen_lc
+        self._listen_lease = self._listen_lc = None
+        self._listeners = {}
+        if lc is not None:
+            lc.unwatch(self)
+        if lease is not None:
+            lease.release()
+
+    def _listeners_lost(self, exc, report):
+        had = list(self._listeners)
+        lc = self._listen_lc
+        self._drop_listen_lease()
+        if report and lc is not None:
+            lc.loop.call_exception_handler({
+                "message": f"poolbroker.aio: the listening connection was lost; listeners on {had} "
+                           "were dropped",
+                "exception": _pg._lib_error(exc) if isinstance(exc, _common.LibError) else exc,
+                "connection": self})
+
     def transaction(self, *, isolation=None, readonly=False, deferrable=False):
         """A Transaction, for ``async with conn.transaction():`` (asyncpg):
         BEGIN at the start (sent with its first statement, so an empty
@@ -470,6 +712,7 @@ class Connection:
         broker) and make the Connection unusable.  Closing twice is a no-op."""
         if not self._closed:
             self._drop_lease()
+            self._drop_listen_lease()
             self._prelude = []
             self._tx = []
             self._closed = True
@@ -478,17 +721,157 @@ class Connection:
         """As close(), without awaiting (asyncpg)."""
         if not self._closed:
             self._drop_lease()
+            self._drop_listen_lease()
             self._closed = True
 
     def __del__(self):
         try:
             self._drop_lease()
+            lease, self._listen_lease = self._listen_lease, None
+            if lease is not None:
+                lease.release()
         except Exception:
             pass
 
     def __repr__(self):
         state = "closed" if self._closed else "leased" if self._lease is not None else "idle"
         return f"<poolbroker.aio.Connection pool={self._pool!r} socket={self._socket!r} {state}>"
+
+
+class PreparedStatement:
+    """A statement checked by :meth:`Connection.prepare` (asyncpg's
+    PreparedStatement surface): run it with ``fetch(*args)``,
+    ``fetchrow``, ``fetchval``, ``executemany``, or iterate ``cursor(*args)``
+    inside a transaction.  Bound to its Connection (one operation at a time,
+    as the Connection).  Each run sends the query with its arguments (see
+    Connection.prepare)."""
+
+    __slots__ = ("_conn", "_query", "_status")
+
+    def __init__(self, conn, query):
+        self._conn = conn
+        self._query = query
+        self._status = None
+
+    def get_query(self):
+        """The query text (asyncpg)."""
+        return self._query
+
+    def get_statusmsg(self):
+        """The status tag of the last run ("SELECT 3"), None before one
+        (asyncpg)."""
+        return self._status
+
+    async def _fetch(self, args, timeout):
+        res = (await self._conn._timed(self._conn._run([_stmt(self._query, args)]), timeout))[-1]
+        self._status = res[3]
+        return res
+
+    async def fetch(self, *args, timeout=None):
+        """Its rows for args, a list of Record."""
+        return _records(await self._fetch(args, timeout))
+
+    async def fetchrow(self, *args, timeout=None):
+        """Its first row for args as a Record, or None."""
+        rows = _records(await self._fetch(args, timeout))
+        return rows[0] if rows else None
+
+    async def fetchval(self, *args, column=0, timeout=None):
+        """Column (index or name) of its first row for args, or None."""
+        rows = _records(await self._fetch(args, timeout))
+        return rows[0][column] if rows else None
+
+    async def executemany(self, args, *, timeout=None):
+        """Run it once per argument tuple, pipelined and atomic as
+        Connection.executemany."""
+        await self._conn.executemany(self._query, args, timeout=timeout)
+
+    def cursor(self, *args, prefetch=None, timeout=None):
+        """A CursorFactory over its rows for args (Connection.cursor)."""
+        return CursorFactory(self._conn, self._query, args, prefetch, timeout)
+
+    def __repr__(self):
+        return f"<poolbroker.aio.PreparedStatement {self._query!r}>"
+
+
+class CursorFactory:
+    """What Connection.cursor() returns (asyncpg): ``async for row in`` it
+    (prefetch rows per FETCH, default 50), or ``await`` it for a
+    :class:`Cursor`.  Nothing is sent until then."""
+
+    def __init__(self, conn, query, args, prefetch, timeout):
+        if prefetch is not None and (not isinstance(prefetch, int) or prefetch <= 0):
+            raise InterfaceError("prefetch must be a positive int")
+        self._conn = conn
+        self._query = query
+        self._args = args
+        self._prefetch = prefetch or 50
+        self._timeout = timeout
+
+    def __await__(self):
+        return self._open().__await__()
+
+    async def _open(self):
+        conn = self._conn
+        if not conn._tx:
+            raise InterfaceError("cursor cannot be created outside of a transaction")
+        name = f"pb_cursor_{next(_names)}"
+        sql = f"DECLARE {name} NO SCROLL CURSOR FOR {self._query}"
+        if self._args:
+            await conn._timed(conn._run([_stmt(sql, self._args)]), self._timeout)
+        else:
+            await conn._timed(conn._run(None, raw=sql), self._timeout)
+        return Cursor(conn, name, self._timeout)
+
+    def __aiter__(self):
+        return self._iterate()
+
+    async def _iterate(self):
+        cur = await self._open()
+        while True:
+            rows = await cur.fetch(self._prefetch)
+            for r in rows:
+                yield r
+            if len(rows) < self._prefetch:
+                return
+
+
+class Cursor:
+    """An open server-side cursor (asyncpg's Cursor): ``fetch(n)``,
+    ``fetchrow()``, ``forward(n)``.  It lives until its transaction ends."""
+
+    def __init__(self, conn, name, timeout):
+        self._conn = conn
+        self._name = name
+        self._timeout = timeout
+
+    async def _do(self, sql, timeout):
+        conn = self._conn
+        if not conn._tx:
+            raise InterfaceError("cursor cannot be used outside of its transaction")
+        t = self._timeout if timeout is None else timeout
+        return (await conn._timed(conn._run(None, raw=sql), t))[-1]
+
+    async def fetch(self, n, *, timeout=None):
+        """The next n rows (fewer at the end), a list of Record."""
+        if not isinstance(n, int) or n <= 0:
+            raise InterfaceError("n must be a positive int")
+        return _records(await self._do(f"FETCH FORWARD {n} FROM {self._name}", timeout))
+
+    async def fetchrow(self, *, timeout=None):
+        """The next row as a Record, None at the end."""
+        rows = _records(await self._do(f"FETCH NEXT FROM {self._name}", timeout))
+        return rows[0] if rows else None
+
+    async def forward(self, n, *, timeout=None):
+        """Skip n rows; returns how many were skipped."""
+        if not isinstance(n, int) or n <= 0:
+            raise InterfaceError("n must be a positive int")
+        res = await self._do(f"MOVE FORWARD {n} FROM {self._name}", timeout)
+        return res[4] if res[4] >= 0 else 0
+
+    def __repr__(self):
+        return f"<poolbroker.aio.Cursor {self._name}>"
 
 
 _ISOLATION = {"read_committed": "READ COMMITTED", "repeatable_read": "REPEATABLE READ",
@@ -839,6 +1222,11 @@ class Redis(_redis._Commands):
         (MULTI/EXEC around them unless transaction=False)."""
         return Pipeline(self, transaction)
 
+    def pubsub(self, ignore_subscribe_messages=False):
+        """A :class:`PubSub` (redis.asyncio's): its first subscribe leases a
+        connection and keeps it until close()."""
+        return PubSub(self, ignore_subscribe_messages)
+
     async def close(self):
         """Nothing to close (no connection is held); for redis-py parity."""
 
@@ -872,3 +1260,187 @@ class Pipeline(_redis.Pipeline):
     async def __aexit__(self, *exc):
         self.reset()
         return False
+
+
+class PubSub(_redis.PubSub):
+    """redis.asyncio's PubSub on one lease: ``await p.subscribe(...)``
+    (psubscribe, ssubscribe, unsubscribe, ...), ``await
+    p.get_message(timeout=...)``, ``async for m in p.listen()``, ``await
+    p.close()`` (or ``async with``).  The first subscribe leases a connection
+    of the client's pool and keeps it, subscribed, until close(), which
+    gives it back (the broker unsubscribes it).  Messages are the sync
+    PubSub's dicts (redis-py's).  One task may wait in get_message() while
+    another subscribes or unsubscribes.  Handlers are not supported."""
+
+    def __init__(self, client, ignore_subscribe_messages=False):
+        super().__init__(client, ignore_subscribe_messages)
+        self._lc = None             # _pending: confirmations and messages read, in arrival order
+        self._cmd_busy = False      # a (un)subscribe's replies are owed: messages wait
+        self._cmd_lock = None
+
+    def _release(self):
+        lease, self._lease = self._lease, None
+        self._pending = []
+        self.channels, self.patterns, self.shard_channels = set(), set(), set()
+        if lease is not None and not lease.released:
+            lease.release()
+        if self._lc is not None:
+            self._lc.kick()          # a get_message() waiting sees the close
+        self._lc = None
+
+    def __del__(self):
+        try:
+            self._release()
+        except Exception:  # noqa: BLE001 - nothing to report to at interpreter exit
+            pass
+
+    async def close(self):
+        """Give the lease back (the broker unsubscribes the connection)."""
+        self._release()
+
+    reset = close
+    aclose = close
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+        return False
+
+    async def _command(self, name, names):
+        if not names:
+            if name.startswith(("un", "pun", "sun")):
+                # The broker refuses a bare UNSUBSCRIBE (docs/protocol.md):
+                # name what is subscribed.
+                names = list({"unsubscribe": self.channels, "punsubscribe": self.patterns,
+                              "sunsubscribe": self.shard_channels}[name])
+                if not names:
+                    return
+            else:
+                raise _redis.DataError(f"{name} needs at least one channel or pattern")
+        if self._cmd_lock is None:
+            self._cmd_lock = asyncio.Lock()
+        c = self.client
+        async with self._cmd_lock:
+            try:
+                lc = _loop_client(c.socket)
+                if self._lease is not None and self._lc is not lc:
+                    raise _redis.ConnectionError("this PubSub's connection belongs to another event loop "
+                                                 "or process")
+                if self._lease is None:
+                    self._lease = await lc.acquire(c.pool)
+                    self._lc = lc
+                lease = self._lease
+                self._cmd_busy = True
+                lease.redis_send([name.upper()] + [_redis._encode(n) for n in names])
+                replies = []
+
+                def poll():
+                    while len(replies) < len(names):
+                        ready, rep = lease.redis_poll(c.decode_responses, _redis._make_error)
+                        if not ready:
+                            return False, None
+                        replies.append(rep)
+                    return True, replies
+
+                await lc.wait(poll)
+            except _common.LibError as e:
+                self._release()
+                raise _redis._lib_error(e) from None
+            except BaseException:
+                self._release()      # replies owed on an abandoned command: the lease is unusable
+                raise
+            finally:
+                self._cmd_busy = False
+            lc.kick()                # a get_message() waiting meanwhile polls again
+        # Messages that arrived during the command came before its replies.
+        while self._take():
+            pass
+        for r in replies:
+            if isinstance(r, Exception):
+                raise r
+            self._track(r)
+            self._pending.append(self._message(r))
+
+    async def subscribe(self, *channels):
+        """SUBSCRIBE; the confirmations come from get_message()."""
+        await self._command("subscribe", _redis._flatten(channels))
+
+    async def psubscribe(self, *patterns):
+        """PSUBSCRIBE."""
+        await self._command("psubscribe", _redis._flatten(patterns))
+
+    async def ssubscribe(self, *channels):
+        """SSUBSCRIBE."""
+        await self._command("ssubscribe", _redis._flatten(channels))
+
+    async def unsubscribe(self, *channels):
+        """UNSUBSCRIBE (all channels when none is named)."""
+        await self._command("unsubscribe", _redis._flatten(channels))
+
+    async def punsubscribe(self, *patterns):
+        """PUNSUBSCRIBE (all patterns when none is named)."""
+        await self._command("punsubscribe", _redis._flatten(patterns))
+
+    async def sunsubscribe(self, *channels):
+        """SUNSUBSCRIBE (all shard channels when none is named)."""
+        await self._command("sunsubscribe", _redis._flatten(channels))
+
+    def _take(self):
+        """Move one message from the lease to _pending, without waiting:
+        True if one was moved."""
+        if self._cmd_busy or self._lease is None:
+            return False
+        try:
+            ready, m = self._lease.redis_poll_message(self.client.decode_responses, _redis._make_error)
+        except _common.LibError as e:
+            if e.args[0] == _pb.PB_EINVAL:
+                # Nothing queued, and the server's last (un)subscribe reply
+                # left nothing subscribed (self.subscribed catches up when
+                # _command tracks that reply): nothing will come.
+                return False
+            raise _redis._lib_error(e) from None
+        if ready:
+            self._pending.append(self._message(m))
+        return ready
+
+    async def get_message(self, ignore_subscribe_messages=False, timeout=0.0):
+        """The next message, or None if none came within timeout seconds (0:
+        do not wait; None: wait for ever).  Subscription confirmations come
+        in order with the messages, unless ignored (here or in pubsub())."""
+        ignore = ignore_subscribe_messages or self.ignore_subscribe_messages
+        deadline = None if timeout is None else self._now() + max(0.0, float(timeout))
+
+        def poll():
+            # Done when there is something to return, or nothing can come.
+            return (self._lease is None or not self.subscribed or bool(self._pending)
+                    or self._take()), None
+
+        while True:
+            while self._pending or self._take():
+                m = self._pending.pop(0)
+                if not (ignore and _redis._str(m["type"]).lower() in _redis._SUBSCRIBE):
+                    return m
+            if self._lease is None or not self.subscribed:
+                return None
+            left = None if deadline is None else deadline - self._now()
+            if left is not None and left <= 0:
+                return None
+            wait = self._lc.wait(poll)
+            try:
+                await (wait if left is None else asyncio.wait_for(wait, left))
+            except asyncio.TimeoutError:
+                return None
+
+    @staticmethod
+    def _now():
+        return asyncio.get_running_loop().time()
+
+    async def listen(self):
+        """Yield messages for as long as something is subscribed (an async
+        iterator)."""
+        while self.subscribed or self._pending:
+            m = await self.get_message(timeout=None if not self._pending else 0)
+            if m is not None:
+                yield m

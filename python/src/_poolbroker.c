@@ -16,8 +16,10 @@
  * thread, so the lock is normally uncontended.
  *
  * Fork: the library re-attaches an inherited pb_client on first use and makes
- * inherited leases stale (PB_ESTALE).  A Client notices the fork by its pid
- * and replaces its lock (another thread of the parent may have held it).
+ * inherited leases stale (PB_ESTALE).  A Client notices the fork by the
+ * module's fork generation (bumped by a pthread_atfork child handler: no
+ * getpid() system call per call) and replaces its lock (another thread of
+ * the parent may have held it).
  *
  * Errors from the library raise _poolbroker.LibError(code, message); the
  * Python layer maps the code to PEP 249's or redis-py's exception classes.
@@ -30,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/types.h>
+#include <pthread.h>
 #include <unistd.h>
 
 #include "poolbroker.h"
@@ -59,7 +62,7 @@ typedef struct {
     PyObject_HEAD
     pb_client *c;
     PyThread_type_lock lock;        /* serialises calls on c and its leases */
-    pid_t pid;                      /* process the lock belongs to */
+    unsigned long gen;              /* fork_gen of the process the lock belongs to */
     char *notices[NOTICES_MAX];     /* "SEVERITY:  message\n", oldest first; under lock */
     int nnotices;
 } ClientObject;
@@ -103,14 +106,22 @@ static PyObject *client_take_notices(ClientObject *cl)
 static PyTypeObject ClientType;
 static PyTypeObject LeaseType;
 
+/* Forks this process has gone through (its ancestors' included): bumped in
+ * the child by fork(), so "made in another process" is one comparison. */
+static volatile unsigned long fork_gen;
+
+static void on_fork_child(void)
+{
+    fork_gen++;
+}
+
 /* The lock of cl for this process: a forked child gets a fresh one (the
  * parent's may have been held by a thread that does not exist here). */
 static PyThread_type_lock client_lock(ClientObject *cl)
 {
-    pid_t now = getpid();
-    if (cl->pid != now) {
+    if (cl->gen != fork_gen) {
         cl->lock = PyThread_allocate_lock();   /* the parent's is leaked on purpose */
-        cl->pid = now;
+        cl->gen = fork_gen;
     }
     return cl->lock;
 }
@@ -125,7 +136,7 @@ static int Client_init(ClientObject *self, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_RuntimeError, "Client already initialised");
         return -1;
     }
-    self->pid = getpid();
+    self->gen = fork_gen;
     self->lock = PyThread_allocate_lock();
     if (!self->lock) {
         PyErr_NoMemory();
@@ -151,7 +162,7 @@ static void Client_dealloc(ClientObject *self)
         pb_disconnect(self->c);
     for (int i = 0; i < self->nnotices; i++)
         free(self->notices[i]);
-    if (self->lock && self->pid == getpid())
+    if (self->lock && self->gen == fork_gen)
         PyThread_free_lock(self->lock);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -162,7 +173,7 @@ typedef struct {
     PyObject_HEAD
     ClientObject *client;           /* strong reference */
     pb_lease *l;                    /* NULL once released */
-    pid_t pid;                      /* process that acquired it */
+    unsigned long gen;              /* fork_gen of the process that acquired it */
 } LeaseObject;
 
 static PyObject *Client_acquire(ClientObject *self, PyObject *args, PyObject *kw)
@@ -190,7 +201,7 @@ static PyObject *Client_acquire(ClientObject *self, PyObject *args, PyObject *kw
     Py_INCREF(self);
     lo->client = self;
     lo->l = l;
-    lo->pid = getpid();
+    lo->gen = fork_gen;
     return (PyObject *)lo;
 }
 
@@ -253,7 +264,7 @@ static PyObject *Lease_get_released(LeaseObject *self, void *unused)
 static PyObject *Lease_get_forked(LeaseObject *self, void *unused)
 {
     (void)unused;
-    return PyBool_FromLong(self->pid != getpid());
+    return PyBool_FromLong(self->gen != fork_gen);
 }
 
 static PyObject *Lease_get_backend_pid(LeaseObject *self, void *unused)
@@ -669,7 +680,7 @@ static PyObject *lease_new(ClientObject *cl, pb_lease *l)
     Py_INCREF(cl);
     lo->client = cl;
     lo->l = l;
-    lo->pid = getpid();
+    lo->gen = fork_gen;
     return (PyObject *)lo;
 }
 
@@ -1097,28 +1108,76 @@ static PyObject *Lease_redis_send(LeaseObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* The shared body of redis_poll and redis_poll_message: fn is
+ * pb_redis_poll_reply or pb_redis_poll_message, fmt the argument format
+ * (naming the method), what the LibError's "cannot <what>". */
+static PyObject *redis_poll_with(LeaseObject *self, PyObject *args, int (*fn)(pb_lease *, redisReply **),
+                                 const char *fmt, const char *what)
+{
+    PyObject *err_cls;
+    int decode;
+    if (!PyArg_ParseTuple(args, fmt, &decode, &err_cls) || lease_check(self) < 0)
+        return NULL;
+    PyThread_type_lock lock = client_lock(self->client);
+    redisReply *rep = NULL;
+    PyThread_acquire_lock(lock, WAIT_LOCK);
+    int rc = fn(self->l, &rep);
+    PyThread_release_lock(lock);
+    if (rc == PB_EINPROGRESS)
+        return Py_BuildValue("(OO)", Py_False, Py_None);
+    if (rc != PB_OK)
+        return raise_lib(rc, what);
+    PyObject *v = reply_to_py(rep, decode, err_cls);
+    freeReplyObject(rep);
+    return v ? Py_BuildValue("(ON)", Py_True, v) : NULL;
+}
+
 /* redis_poll(decode, err_cls) -> (ready, reply): pb_redis_poll_reply.
  * (False, None): not yet, notification armed; (True, reply): the next
  * reply, as redis_pipeline gives it (an error reply is an err_cls
  * instance, returned).  Raises LibError (PB_EINVAL: nothing outstanding). */
 static PyObject *Lease_redis_poll(LeaseObject *self, PyObject *args)
 {
-    PyObject *err_cls;
-    int decode;
-    if (!PyArg_ParseTuple(args, "pO:redis_poll", &decode, &err_cls) || lease_check(self) < 0)
+    return redis_poll_with(self, args, pb_redis_poll_reply, "pO:redis_poll", "read a Redis reply");
+}
+
+/* redis_poll_message(decode, err_cls) -> (ready, message):
+ * pb_redis_poll_message.  (False, None): none yet, notification armed;
+ * (True, [kind, ...]): the oldest message.  Raises LibError (PB_EINVAL:
+ * nothing subscribed; PB_EBUSY: replies owed). */
+static PyObject *Lease_redis_poll_message(LeaseObject *self, PyObject *args)
+{
+    return redis_poll_with(self, args, pb_redis_poll_message, "pO:redis_poll_message",
+                           "read a Redis Pub/Sub message");
+}
+
+/* pg_poll_notify() -> (be_pid, channel, payload) or None: pb_pg_poll_notify.
+ * None: none yet, notification armed.  Raises LibError (PB_EBUSY: results
+ * owed on the lease). */
+static PyObject *Lease_pg_poll_notify(LeaseObject *self, PyObject *noargs)
+{
+    (void)noargs;
+    if (lease_check(self) < 0)
         return NULL;
     PyThread_type_lock lock = client_lock(self->client);
-    redisReply *rep = NULL;
+    pb_notify *n = NULL;
     PyThread_acquire_lock(lock, WAIT_LOCK);
-    int rc = pb_redis_poll_reply(self->l, &rep);
+    int rc = pb_pg_poll_notify(self->l, &n);
     PyThread_release_lock(lock);
     if (rc == PB_EINPROGRESS)
-        return Py_BuildValue("(OO)", Py_False, Py_None);
+        Py_RETURN_NONE;
     if (rc != PB_OK)
-        return raise_lib(rc, "read a Redis reply");
-    PyObject *v = reply_to_py(rep, decode, err_cls);
-    freeReplyObject(rep);
-    return v ? Py_BuildValue("(ON)", Py_True, v) : NULL;
+        return raise_lib(rc, "read a PostgreSQL notification");
+    /* Channel and payload are in the server's encoding: UTF-8 normally;
+     * anything else is decoded with U+FFFD rather than lost. */
+    const char *ch = pb_notify_channel(n), *pl = pb_notify_payload(n);
+    PyObject *c = PyUnicode_DecodeUTF8(ch, (Py_ssize_t)strlen(ch), "replace");
+    PyObject *p = c ? PyUnicode_DecodeUTF8(pl, (Py_ssize_t)strlen(pl), "replace") : NULL;
+    PyObject *v = p ? Py_BuildValue("(iOO)", pb_notify_be_pid(n), c, p) : NULL;
+    Py_XDECREF(c);
+    Py_XDECREF(p);
+    pb_notify_free(n);
+    return v;
 }
 
 /* redis_exec(args, nreplies, decode, err_cls) -> [reply, ...]: one command
@@ -1284,6 +1343,12 @@ static PyMethodDef Lease_methods[] = {
       "redis_send(args): pb_redis_send_argv (non-blocking)" },
     { "redis_poll", (PyCFunction)Lease_redis_poll, METH_VARARGS,
       "redis_poll(decode, err_cls) -> (ready, reply)\n\npb_redis_poll_reply: (False, None) not yet (armed)." },
+    { "redis_poll_message", (PyCFunction)Lease_redis_poll_message, METH_VARARGS,
+      "redis_poll_message(decode, err_cls) -> (ready, message)\n\npb_redis_poll_message: (False, None) none "
+      "yet (armed)." },
+    { "pg_poll_notify", (PyCFunction)Lease_pg_poll_notify, METH_NOARGS,
+      "pg_poll_notify() -> (be_pid, channel, payload) or None\n\npb_pg_poll_notify: None when none yet "
+      "(armed)." },
     { "redis_exec", (PyCFunction)Lease_redis_exec, METH_VARARGS,
       "redis_exec(args, nreplies, decode, err_cls) -> [reply, ...]: a command answered nreplies times" },
     { "redis_get_message", (PyCFunction)Lease_redis_get_message, METH_VARARGS,
@@ -1368,6 +1433,14 @@ PyMODINIT_FUNC PyInit__poolbroker(void)
     PyObject *m = PyModule_Create(&moddef);
     if (!m)
         return NULL;
+    static int atfork_done;
+    if (!atfork_done) {
+        if (pthread_atfork(NULL, NULL, on_fork_child) != 0) {
+            Py_DECREF(m);
+            return PyErr_Format(PyExc_ImportError, "pthread_atfork failed");
+        }
+        atfork_done = 1;
+    }
     LibError = PyErr_NewExceptionWithDoc("poolbroker._poolbroker.LibError",
                                          "A libpoolbroker error: args are (code, pb_strerror(code), what).",
                                          PyExc_Exception, NULL);

@@ -12,6 +12,7 @@ Environment (set by `make python-test`; defaults suit a plain `make`):
   PB_SRCDIR   repository root (default: two levels up from this file)
   PB_BUILD    build directory holding poolbroker and shmstat (default $PB_SRCDIR/build)
   PB_KEEP_TMP keep the temp dir and print its path
+  PB_IO_BACKEND  io_uring or epoll: the broker's io_backend (as tests/harness.c)
 """
 import json
 import os
@@ -89,7 +90,9 @@ class Env:
         out = subprocess.run([os.path.join(SRCDIR, "tools", "redis-start"), self.dir], check=True,
                              capture_output=True, text=True, timeout=60).stdout
         self.redis_port = int(_env_file(out)["REDIS_PORT"])
+        io = os.environ.get("PB_IO_BACKEND")          # as tests/harness.c: one event-loop backend
         text = (f"[broker]\nsocket = {self.socket}\nshm_name = {self.shm_name}\nlog_level = info\n"
+                + (f"io_backend = {io}\n" if io else "")
                 + pools.format(pghost=self.pg["PGHOST"], pgport=self.pg["PGPORT"],
                                redisport=self.redis_port))
         with open(self.conf, "w") as f:
