@@ -823,7 +823,7 @@ static int redis_flush(pb_lease *l)
         n++;
     }
     if (n == 0)
-        return PB_ETOOBIG;          /* append refuses these; a guard all the same */
+        nrep = e[2 * n++ + 1];      /* larger than the buffer: by itself, streamed */
     uint32_t sent = e[2 * (n - 1)];
     int rc = pbi_submit_nowait(l, l->rqueue.data, sent, nrep);
     if (rc == PB_EBUSY)
@@ -901,8 +901,8 @@ PB_API int pb_pg_send_query(pb_lease *l, const char *sql)
         return PB_EBUSY;
     size_t before = l->pipe.len;
     rc = pgp_query(&l->pipe, sql);
-    if (rc == PB_OK && l->pipe.len - before > l->req_size)
-        rc = PB_ETOOBIG;
+    if (rc == PB_OK)
+        rc = pbi_request_fits(l, l->pipe.len - before);
     uint32_t end = (uint32_t)l->pipe.len;
     if (rc == PB_OK)
         rc = pb_buf_append(&l->pends, &end, sizeof end);

@@ -314,8 +314,8 @@ PB_API int pb_pg_send_params(pb_lease *l, const char *sql, int nparams, const un
         return PB_EBUSY;
     size_t before = l->pipe.len;
     rc = encode_params(&l->pipe, "", sql, nparams, param_types, values, lengths, formats, result_format);
-    if (rc == PB_OK && l->pipe.len - before > l->req_size)
-        rc = PB_ETOOBIG;
+    if (rc == PB_OK)
+        rc = pbi_request_fits(l, l->pipe.len - before);
     uint32_t end = (uint32_t)l->pipe.len;
     if (rc == PB_OK)
         rc = pb_buf_append(&l->pends, &end, sizeof end);
@@ -330,7 +330,9 @@ PB_API int pb_pg_send_params(pb_lease *l, const char *sql, int nparams, const un
 }
 
 /* Submit as many whole queued statements as fit, if the request buffer is
- * free; never waits. */
+ * free; never waits.  A statement larger than the buffer goes by itself,
+ * streamed: a part each time the buffer is free, the queue unchanged until
+ * its last part is in. */
 static int pipe_flush_some(pb_lease *l)
 {
     if (!l->pqueued)
@@ -339,6 +341,8 @@ static int pipe_flush_some(pb_lease *l)
     uint32_t n = 0;
     while (n < l->pqueued && ends[n] <= l->req_size)
         n++;
+    if (n == 0)
+        n = 1;
     int rc = pbi_submit_nowait(l, l->pipe.data, ends[n - 1], n);
     if (rc == PB_EBUSY)
         return PB_OK;

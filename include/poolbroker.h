@@ -48,7 +48,9 @@ enum {
     PB_ENOPOOL   =  -2,  /* no pool of that name */
     PB_EBROKER   =  -3,  /* broker not running, died, or refused the attach */
     PB_EBACKEND  =  -4,  /* backend unreachable, or the connection broke mid-command */
-    PB_ETOOBIG   =  -5,  /* request larger than the pool's request buffer */
+    PB_ETOOBIG   =  -5,  /* request larger than the pool's max_request_size (a request
+                            larger than request_buffer streams through it in parts);
+                            pb_lease_error names the size and the limit */
     PB_ESTALE    =  -6,  /* lease no longer valid (released, reclaimed, forked) */
     PB_EINVAL    =  -7,  /* bad argument */
     PB_ENOMEM    =  -8,  /* out of memory */
@@ -118,6 +120,12 @@ PB_API int pb_release(pb_lease *l);
  * statement (a lease is bound per transaction), which before its first
  * statement may be 0 or the backend of the slot's previous statement. */
 PB_API int pb_lease_backend_pid(const pb_lease *l);
+
+/* What the last PB_ETOOBIG on this lease was about, one line: "request of
+ * N bytes is over the pool's max_request_size of M bytes".  "" before any
+ * (and for NULL).  The text belongs to the lease and lives until its
+ * release; it does not change on later successful calls. */
+PB_API const char *pb_lease_error(const pb_lease *l);
 
 /* Say that this lease leaves session state the server does not report, so
  * the broker cannot see it: a session advisory lock (pg_advisory_lock), a
