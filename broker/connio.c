@@ -229,32 +229,29 @@ static enum take stream_take(conn *c, uint64_t lease_word, uint32_t seq)
     uint32_t total = atomic_load(&c->slot->req_total);
     uint32_t pos = atomic_load(&c->slot->req_pos);
     uint32_t cap = c->pool->cf->max_request_size;
-    if (len == 0 || len > c->req_size)
-        return take_fail(c, PB_EPROTO, seq, "request length %u impossible (buffer %u)", len, c->req_size);
-    if (pos == 0 && total == len && !c->stream.len) {
-        if (len > cap)
-            return take_fail(c, PB_ETOOBIG, seq, "a request of %u bytes is over max_request_size (%u bytes)",
-                             len, cap);
+    switch (pb_req_part(len, total, pos, c->stream.len, c->stream_total, c->req_size, cap)) {
+    case PB_PART_WHOLE:
         return TAKE_WHOLE;
-    }
-    if (pos == 0) {
-        if (c->stream.len)
-            conn_stream_drop(c);    /* the holder started over: the earlier parts are dropped */
-        if (total < len)
-            return take_fail(c, PB_EPROTO, seq, "streamed request of %u bytes has a first part of %u", total, len);
-        if (total > cap)
-            return take_fail(c, PB_ETOOBIG, seq, "a request of %u bytes is over max_request_size (%u bytes)",
-                             total, cap);
+    case PB_PART_FIRST:
+        conn_stream_drop(c);        /* a request in progress: the holder started over */
         c->stream_total = total;
         c->stream_word = lease_word;
         atomic_store(&c->slot->io_error, 0);
-    } else if (pos != c->stream.len || total != c->stream_total || !c->stream.len) {
+        break;
+    case PB_PART_NEXT:
+        break;
+    case PB_PART_BAD_LEN:
+        return take_fail(c, PB_EPROTO, seq, "request length %u impossible (buffer %u)", len, c->req_size);
+    case PB_PART_BAD_ORDER:
         return take_fail(c, PB_EPROTO, seq, "streamed request part at %u of %u bytes, expected at %u of %u",
                          pos, total, c->stream.len, c->stream_total);
-    }
-    if (len > c->stream_total - c->stream.len)
+    case PB_PART_OVERRUN:
         return take_fail(c, PB_EPROTO, seq, "streamed request part of %u bytes at %u overruns its %u bytes",
                          len, pos, c->stream_total);
+    case PB_PART_TOO_BIG:
+        return take_fail(c, PB_ETOOBIG, seq, "a request of %u bytes is over max_request_size (%u bytes)",
+                         total, cap);
+    }
     if (drv_buf_append(&c->stream, c->req, len) != PB_OK)
         return take_fail(c, PB_ENOMEM, seq, "out of memory for a streamed request of %u bytes", c->stream_total);
     if (c->stream.len < c->stream_total) {

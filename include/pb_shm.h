@@ -450,6 +450,43 @@ static inline void pb_slot_stamp_lease(pb_shm_slot *sl, uint64_t now_ms)
     atomic_fetch_add_explicit(&sl->uses, 1, memory_order_relaxed);
 }
 
+/* ------------------------------------------------------ streamed requests
+ * Broker: what one part of a request is (see "Streamed requests" above),
+ * from the holder's req_len, req_total and req_pos (read once each,
+ * untrusted) and what the broker holds of the request so far: have bytes
+ * of a request of want bytes (0 and 0 when none is in progress).  req_size
+ * is the slot's buffer, cap the pool's max_request_size.  Pure, so that
+ * fuzz_shm can drive it with any values. */
+enum pb_part {
+    PB_PART_WHOLE = 0,      /* a request that fits: one part, nothing in progress */
+    PB_PART_FIRST,          /* the first part of a streamed one: start it (dropping any in
+                               progress: the holder started over), want = total */
+    PB_PART_NEXT,           /* the next part, in order: append it */
+    PB_PART_BAD_LEN,        /* len is 0 or over req_size */
+    PB_PART_BAD_ORDER,      /* not the next part (pos, total), or a total under its first part */
+    PB_PART_OVERRUN,        /* pos + len past the request's total */
+    PB_PART_TOO_BIG,        /* the request is over cap */
+};
+
+static inline enum pb_part pb_req_part(uint32_t len, uint32_t total, uint32_t pos, uint32_t have,
+                                       uint32_t want, uint32_t req_size, uint32_t cap)
+{
+    if (len == 0 || len > req_size)
+        return PB_PART_BAD_LEN;
+    if (pos == 0) {
+        if (total < len)
+            return PB_PART_BAD_ORDER;
+        if (total > cap)
+            return PB_PART_TOO_BIG;
+        return total == len && have == 0 ? PB_PART_WHOLE : PB_PART_FIRST;
+    }
+    if (have == 0 || pos != have || total != want)
+        return PB_PART_BAD_ORDER;
+    if (len > want - have)
+        return PB_PART_OVERRUN;
+    return PB_PART_NEXT;
+}
+
 /* ------------------------------------------------------------ pool identity
  * A pool's name, type and slot range never change once the pool is published
  * (a reload appends pools, it never reuses an entry).  The broker rewrites
