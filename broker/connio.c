@@ -12,6 +12,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <malloc.h>
 #include <stdarg.h>
 #include <poll.h>
 #include <stdio.h>
@@ -27,6 +28,21 @@
 #include "poolbroker.h"
 
 #define SCRATCH_SIZE      65536     /* the sink for replies nobody reads */
+
+/* Free a buffer that held a streamed request; one of RETURN_TO_OS bytes or
+ * more is given back to the kernel at once (malloc_trim): glibc would keep
+ * a freed heap block of that size for the next malloc, and the broker's
+ * resident size would stay at its largest request ever. */
+#define RETURN_TO_OS (1u << 20)
+static void free_big(drv_buf *b)
+{
+    uint32_t cap = b->cap;
+    free(b->p);
+    b->p = NULL;
+    b->len = b->cap = 0;
+    if (cap >= RETURN_TO_OS)
+        malloc_trim(0);
+}
 
 /* I/O on the backend socket: io_uring (or epoll) directly, or through
  * OpenSSL for a TLS connection. */
@@ -92,11 +108,8 @@ void conn_retry_deferred(conn *c)
 #define SBUF_KEEP (256u * 1024u)
 static void sbuf_trim(conn *c)
 {
-    if (c->sbuf.len == 0 && c->sbuf.cap > SBUF_KEEP) {
-        free(c->sbuf.p);
-        c->sbuf.p = NULL;
-        c->sbuf.cap = 0;
-    }
+    if (c->sbuf.len == 0 && c->sbuf.cap > SBUF_KEEP)
+        free_big(&c->sbuf);
 }
 
 void conn_on_send(ev_op *op, int res)
@@ -141,9 +154,7 @@ static conn *ack_conn(conn *c)
 void conn_stream_drop(conn *c)
 {
     conn *l = lease_conn(c);
-    free(l->stream.p);
-    l->stream.p = NULL;
-    l->stream.len = l->stream.cap = 0;
+    free_big(&l->stream);
     l->stream_total = l->stream_seq = 0;
     l->stream_word = 0;
     l->stream_ready = 0;
