@@ -16,7 +16,9 @@
  *     through a 1k buffer, then SIGKILLed: the server never sees any of it
  *     (the next command on the pool's one connection works, the key or row
  *     does not exist), the broker frees the parts (its resident size falls
- *     back), the lease is taken back and shmstat counts no lease held.
+ *     back), the lease is taken back and shmstat counts no lease held.  In
+ *     transaction mode, while the worker is stopped, the pool's only backend
+ *     serves another lease (the parts wait on the handle, nothing is bound).
  *
  * Runs in both pool modes (TXN_TESTS) and on both io backends.
  */
@@ -435,19 +437,31 @@ static void kill_mid_stream(int redis)
     char ch = 0;
     assert_int_equal(read(fds[0], &ch, 1), 1);
     assert_int_equal(ch, 's');
-    /* Stop it once the broker holds 4 MiB of its parts (formatting 64 MiB
+    /* Stop it once the broker holds 16 MiB of its parts (formatting 64 MiB
      * takes the worker a while first; all of it, in 1k parts, longer). */
     long rss1 = rss0;
-    for (int i = 0; i < 3000 && rss1 - rss0 < 4096; i++) {
+    for (int i = 0; i < 3000 && rss1 - rss0 < 16384; i++) {
         pbt_sleep_ms(5);
         rss1 = broker_rss_kb();
     }
     assert_int_equal(kill(pid, SIGSTOP), 0);
-    if (rss1 - rss0 < 4096)
+    if (rss1 - rss0 < 16384)
         fail_msg("the broker's resident set grew %ld kB in 15 s: no parts taken", rss1 - rss0);
     pbt_sleep_ms(50);
     rss1 = broker_rss_kb();
     print_message("%s: broker VmRSS %ld kB before, %ld kB with the stopped worker's parts\n", pool, rss0, rss1);
+    if (pbt_txn_mode()) {
+        /* Transaction mode: the parts wait on the worker's handle, no
+         * backend is bound, so the pool's only backend serves others. */
+        pb_lease *o = pbt_lease(c, pool, 20000);
+        if (redis) {
+            redisReply *r = rcmd(o, REDIS_REPLY_STATUS, "PING", NULL, 0);
+            freeReplyObject(r);
+        } else {
+            assert_int_equal(pbt_pg_int(o, "SELECT 8"), 8);
+        }
+        assert_int_equal(pb_release(o), PB_OK);
+    }
     assert_int_equal(kill(pid, SIGKILL), 0);
     int st = 0;
     assert_int_equal(waitpid(pid, &st, 0), pid);
@@ -480,11 +494,15 @@ static void kill_mid_stream(int redis)
         assert_int_equal(pbt_pg_int(l, "SELECT 7"), 7);
     }
     assert_int_equal(pb_release(l), PB_OK);
-    /* The broker freed the parts: its resident set is back near where it was. */
+    /* The broker freed the parts: its resident set is back near where it
+     * was.  (Not measurable under AddressSanitizer, whose quarantine keeps
+     * freed memory; its leak check at the broker's exit stands in.) */
     long rss2 = broker_rss_kb();
     print_message("%s: broker VmRSS %ld kB after the reclaim\n", pool, rss2);
+#if !defined(__SANITIZE_ADDRESS__)
     if (rss2 > rss1 - (rss1 - rss0) / 2)
         fail_msg("the parts were not freed: VmRSS %ld kB before, %ld with them, %ld after", rss0, rss1, rss2);
+#endif
     assert_true(pbt_pool_counter(&env, pool, "reclaims") >= reclaims0 + 1);
     char json[65536];
     assert_int_equal(pbt_shmstat_json(&env, json, sizeof json), 0);
