@@ -1,0 +1,29 @@
+"""Requests larger than the pool's request buffer (64k by default) stream
+through it (issue #18): a 1 MiB bytea parameter through the DB-API and an
+8 MiB Redis value, each read back whole."""
+import os
+
+import poolbroker
+
+
+def test_big_bytea_parameter(env):
+    blob = os.urandom(1 << 20)
+    c = poolbroker.connect("main", socket=env.socket)
+    cur = c.cursor()
+    cur.execute("CREATE TABLE bigb (id int, b bytea)")
+    cur.execute("INSERT INTO bigb VALUES (%s, %s)", (1, blob))
+    c.commit()
+    cur.execute("SELECT b, length(b) FROM bigb WHERE id = %s", (1,))
+    got, n = cur.fetchone()
+    assert n == len(blob)
+    assert bytes(got) == blob
+    c.close()
+    assert env.leased("main") == 0
+
+
+def test_big_redis_value(env):
+    value = os.urandom(8 << 20)
+    r = poolbroker.Redis(pool="cache", socket=env.socket)
+    assert r.set("big", value) is True
+    assert r.get("big") == value
+    assert r.strlen("big") == len(value)
