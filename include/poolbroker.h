@@ -386,10 +386,12 @@ PB_API void pb_acquire_cancel(pb_acquiring *op);
 
 /* Queue one simple-protocol Query (one or more statements; the result is
  * the last one's, as pb_pg_exec) and submit what the request buffer takes
- * now, without waiting.  Results come from pb_pg_get_result in order, after
- * any statements queued before (pb_pg_send_params queues the same way).
- * Errors: PB_EINVAL, PB_ESTALE, PB_ETYPE, PB_EBUSY (a COPY or a held
- * result), PB_ETOOBIG, PB_ENOMEM, PB_EBROKER. */
+ * now, without waiting (a query larger than the buffer goes in parts, one
+ * each time pb_is_busy or pb_consume_input finds the buffer free).  Results
+ * come from pb_pg_get_result in order, after any statements queued before
+ * (pb_pg_send_params queues the same way).  Errors: PB_EINVAL, PB_ESTALE,
+ * PB_ETYPE, PB_EBUSY (a COPY or a held result), PB_ETOOBIG (over the pool's
+ * max_request_size), PB_ENOMEM, PB_EBROKER. */
 PB_API int pb_pg_send_query(pb_lease *l, const char *sql);
 
 /* Submit what is queued on the lease (PostgreSQL statements or appended
@@ -407,7 +409,9 @@ PB_API int pb_consume_input(pb_lease *l);
 PB_API int pb_is_busy(pb_lease *l);
 
 /* Redis: append a command (as pb_redis_append_command_argv) and submit what
- * fits at once, without waiting.  Errors as pb_redis_append_command_argv. */
+ * fits at once, without waiting (a command larger than the request buffer
+ * goes in parts, one each time pb_redis_poll_reply finds the buffer free).
+ * Errors as pb_redis_append_command_argv. */
 PB_API int pb_redis_send_argv(pb_lease *l, int argc, const char **argv, const size_t *argvlen);
 
 /* Redis: the next reply without waiting.  PB_OK with *out (free it with

@@ -5,7 +5,7 @@
  *
  *   - Redis: SET of 8 MiB through the default 64k buffer (formatted and
  *     argv), read back with GET; a pipeline with a big command between
- *     small ones.
+ *     small ones; 2 MiB through the non-blocking pb_redis_send_argv.
  *   - PostgreSQL: INSERT with a 5 MiB text and a 3 MiB bytea parameter
  *     (pb_pg_exec_params), a prepared statement with a big parameter, a
  *     pipelined batch holding a 2 MiB statement, a 200 KiB SQL string
@@ -163,6 +163,22 @@ static void test_redis_set_get_8mib(void **state)
             assert_int_equal(r->integer, 1 << 20);
         freeReplyObject(r);
     }
+    /* The non-blocking API: pb_redis_send_argv of 2 MiB, then poll. */
+    const char *av[3] = { "SET", "nb", v };
+    size_t al[3] = { 3, 2, 2u << 20 };
+    assert_int_equal(pb_redis_send_argv(l, 3, av, al), PB_OK);
+    int rc;
+    while ((rc = pb_redis_poll_reply(l, &r)) == PB_EINPROGRESS) {
+        struct pollfd pfd = { pb_client_fd(c), POLLIN, 0 };
+        poll(&pfd, 1, 100);
+        pb_client_consume(c);
+    }
+    assert_int_equal(rc, PB_OK);
+    assert_int_equal(r->type, REDIS_REPLY_STATUS);
+    freeReplyObject(r);
+    r = rcmd(l, REDIS_REPLY_INTEGER, "STRLEN nb", NULL, 0);
+    assert_int_equal(r->integer, 2 << 20);
+    freeReplyObject(r);
     assert_int_equal(pb_release(l), PB_OK);
     /* A later lease (any connection of the pool) sees the value whole. */
     l = pbt_lease(c, "r", 20000);
