@@ -55,6 +55,14 @@ port = {redisport}
 min_size = 1
 max_size = 4
 acquire_timeout_ms = 20000
+
+[pool capped]
+type = redis
+host = 127.0.0.1
+port = {redisport}
+max_size = 1
+max_request_size = 1m
+acquire_timeout_ms = 20000
 """
 
 

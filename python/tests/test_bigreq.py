@@ -1,7 +1,10 @@
 """Requests larger than the pool's request buffer (64k by default) stream
 through it (issue #18): a 1 MiB bytea parameter through the DB-API and an
-8 MiB Redis value, each read back whole."""
+8 MiB Redis value, each read back whole; over the pool's max_request_size
+the error names the size and the limit."""
 import os
+
+import pytest
 
 import poolbroker
 
@@ -27,3 +30,12 @@ def test_big_redis_value(env):
     assert r.set("big", value) is True
     assert r.get("big") == value
     assert r.strlen("big") == len(value)
+
+
+def test_over_max_request_size_says_why(env):
+    r = poolbroker.Redis(pool="capped", socket=env.socket)
+    with pytest.raises(poolbroker.redis.ConnectionError) as ei:
+        r.set("big", b"x" * (2 << 20))
+    msg = str(ei.value)
+    assert "max_request_size of 1048576 bytes" in msg and "request of 2097" in msg
+    assert r.set("small", b"x" * 1000) is True
