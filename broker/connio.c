@@ -204,10 +204,11 @@ static enum take take_fail(conn *c, int err, uint32_t seq, const char *fmt, ...)
     va_end(ap);
     if (err == PB_ETOOBIG) {
         slog(LOG_LVL_INFO, c, "request refused: %s", why);     /* a limit, not a scribble */
-    } else {
+    } else if (err == PB_EPROTO) {
         slog(LOG_LVL_WARN, c, "malformed request rejected: %s", why);
-        if (err == PB_EPROTO)
-            shm_note_repair(&B);
+        shm_note_repair(&B);
+    } else {
+        slog(LOG_LVL_WARN, c, "request dropped: %s", why);
     }
     conn_stream_drop(c);
     atomic_store(&c->slot->io_error, err);

@@ -818,7 +818,8 @@ static int redis_flush(pb_lease *l)
         return PB_OK;
     uint32_t *e = (uint32_t *)l->rends.data;
     uint32_t n = 0, nrep = 0;
-    while (n < l->rqueued && e[2 * n] <= l->req_size) {
+    uint32_t lim = pbi_group_limit(l);
+    while (n < l->rqueued && e[2 * n] <= lim) {
         nrep += e[2 * n + 1];
         n++;
     }

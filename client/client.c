@@ -985,6 +985,12 @@ int pbi_request_fits(pb_lease *l, size_t len)
     return PB_ETOOBIG;
 }
 
+uint32_t pbi_group_limit(pb_lease *l)
+{
+    uint32_t cap = atomic_load_explicit(&l->c->pools[l->pool].max_request_size, memory_order_relaxed);
+    return cap && cap < l->req_size ? cap : l->req_size;
+}
+
 /* Hand bytes [pos, pos + n) of a request of len bytes to the broker: the
  * buffer must be free.  The replies are owed once its last part is in. */
 static int do_submit(pb_lease *l, const uint8_t *req, size_t len, size_t pos, size_t n, uint32_t nreplies)

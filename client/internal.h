@@ -129,6 +129,10 @@ int pbi_submit_nowait(pb_lease *l, const void *req, size_t len, uint32_t nreplie
 /* PB_OK if a request of len bytes is within the pool's max_request_size,
  * else PB_ETOOBIG with pb_lease_error's text set. */
 int pbi_request_fits(pb_lease *l, size_t len);
+/* The most bytes of whole messages (pipelined statements or commands, COPY
+ * data) to put in one request: the request buffer, or max_request_size
+ * when that is smaller.  A single message over it goes by itself. */
+uint32_t pbi_group_limit(pb_lease *l);
 /* Bytes waiting in the reply ring, without waiting (0 if none); errors as pbi_reply_wait. */
 int pbi_reply_peek(pb_lease *l, const uint8_t **p, size_t *avail);
 /* Wait once for the broker to publish something on the slot (reply bytes,

@@ -182,16 +182,17 @@ PB_API int pb_redis_append_command_argv(pb_lease *l, int argc, const char **argv
     return append_formatted(l, cmd, len);
 }
 
-/* Send every queued command, as many per write as fit the request buffer;
+/* Send every queued command, as many per write as fit the request buffer
+ * (and max_request_size);
  * one that does not fit alone goes by itself, streamed in parts. */
 static int flush_queue(pb_lease *l)
 {
     const uint32_t *ends = (const uint32_t *)l->rends.data;
-    uint32_t start = 0, i = 0;
+    uint32_t start = 0, i = 0, lim = pbi_group_limit(l);
     int rc = PB_OK;
     while (i < l->rqueued) {
         uint32_t nrep = 0, j = i;
-        while (j < l->rqueued && ends[2 * j] - start <= l->req_size) {
+        while (j < l->rqueued && ends[2 * j] - start <= lim) {
             nrep += ends[2 * j + 1];
             j++;
         }

@@ -11,7 +11,9 @@
  *     pipelined batch holding a 2 MiB statement, a 200 KiB SQL string
  *     through pb_pg_exec; each read back and compared.
  *   - Over max_request_size = 1m: a 2 MiB request gets PB_ETOOBIG,
- *     pb_lease_error names the size and the cap, the lease goes on.
+ *     pb_lease_error names the size and the cap, the lease goes on.  A cap
+ *     under the request buffer (4k): a pipeline of small commands goes in
+ *     groups within it.
  *   - A worker stopped (SIGSTOP) in the middle of streaming a 64 MiB request
  *     through a 1k buffer, then SIGKILLed: the server never sees any of it
  *     (the next command on the pool's one connection works, the key or row
@@ -57,7 +59,9 @@ static th_env env;
     "[pool rcap]\ntype = redis\nhost = 127.0.0.1\nport = @REDISPORT@\nmax_size = 1\nmax_request_size = 1m\n" \
     "acquire_timeout_ms = 20000\n\n" \
     "[pool rslow]\ntype = redis\nhost = 127.0.0.1\nport = @REDISPORT@\nmin_size = 1\nmax_size = 1\n" \
-    "request_buffer = 1k\nacquire_timeout_ms = 20000\n"
+    "request_buffer = 1k\nacquire_timeout_ms = 20000\n\n" \
+    "[pool rtiny]\ntype = redis\nhost = 127.0.0.1\nport = @REDISPORT@\nmax_size = 1\nmax_request_size = 4k\n" \
+    "acquire_timeout_ms = 20000\n"
 
 static int group_setup(void **state)
 {
@@ -364,6 +368,22 @@ static void test_over_cap(void **state)
     freeReplyObject(rr);
     rr = rcmd(l, REDIS_REPLY_INTEGER, "EXISTS capped", NULL, 0);
     assert_int_equal(rr->integer, 0);
+    freeReplyObject(rr);
+    assert_int_equal(pb_release(l), PB_OK);
+    /* A cap under the request buffer (4k, 64k): a pipeline of 200 small
+     * commands (12 KiB in all) is sent in groups within the cap, one
+     * command over it is refused. */
+    l = pbt_lease(c, "rtiny", 20000);
+    for (int i = 0; i < 200; i++)
+        assert_int_equal(pb_redis_append_command(l, "SET tiny%d %b", i, t, (size_t)40), PB_OK);
+    for (int i = 0; i < 200; i++) {
+        assert_int_equal(pb_redis_get_reply(l, &rr), PB_OK);
+        assert_int_equal(rr->type, REDIS_REPLY_STATUS);
+        freeReplyObject(rr);
+    }
+    assert_int_equal(pb_redis_command(l, &rr, "SET tiny %b", t, (size_t)5000), PB_ETOOBIG);
+    rr = rcmd(l, REDIS_REPLY_STRING, "GET tiny199", NULL, 0);
+    assert_int_equal(rr->len, 40);
     freeReplyObject(rr);
     assert_int_equal(pb_release(l), PB_OK);
     free(t);
