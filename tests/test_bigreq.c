@@ -542,8 +542,10 @@ static void kill_mid_stream(int redis)
     assert_true(pbt_pool_counter(&env, pool, "reclaims") >= reclaims0 + 1);
     char json[65536];
     assert_int_equal(pbt_shmstat_json(&env, json, sizeof json), 0);
+    /* No slot left held.  (Not "leaks": that counts leases held past
+     * leak_threshold_ms, and on a loaded machine the worker may well have
+     * held its lease 10 s before it was stopped.) */
     assert_int_equal(pbt_json_pool_num(json, pool, "leased"), 0);
-    assert_int_equal(pbt_json_pool_num(json, pool, "leaks"), 0);
     pbt_cli_done(c);
 }
 
