@@ -260,7 +260,7 @@ typedef struct pb_shm_pool {
     _Atomic uint32_t max_request_size; /* broker: bytes, the largest request a lease may send
                                        (it streams through req_size in parts); the library
                                        refuses a larger one itself, the broker checks again */
-    uint32_t pad1;
+    uint32_t pad1;                  /* nobody: explicit padding (the counters below are 8-byte aligned) */
     char last_error[512];           /* broker; last connect/backend error, one line (every host's
                                        reason of a multi-host conninfo, as far as it fits),
                                        NUL-terminated */
@@ -365,7 +365,7 @@ typedef struct pb_shm_slot {
     _Atomic uint32_t req_seq;       /* client: bumps per submit (release order) */
     _Atomic uint32_t req_ack;       /* broker: last req_seq it took (buffer free again) */
     _Atomic uint32_t req_total;     /* client: bytes of the whole request; req_len < req_total:
-                                       it streams in parts (see "Streamed requests" below) */
+                                       it streams in parts (see "Streamed requests" above) */
     _Atomic uint32_t req_pos;       /* client: offset of this part in the request (0: the first) */
     uint8_t preview[PB_CMD_PREVIEW];/* client: first bytes of the current command, for shmstat */
 
