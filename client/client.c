@@ -974,15 +974,27 @@ static int req_buffer_wait_armed(pb_lease *l)
     return atomic_load(&l->s->req_ack) == l->seq;
 }
 
+/* PB_ETOOBIG for a request of len bytes (0: a size the broker saw, not
+ * us), with the text pb_lease_error gives. */
+static int too_big(pb_lease *l, size_t len)
+{
+    uint32_t cap = atomic_load_explicit(&l->c->pools[l->pool].max_request_size, memory_order_relaxed);
+    if (len)
+        snprintf(l->errtext, sizeof l->errtext,
+                 "request of %zu bytes is over the pool's max_request_size of %" PRIu32 " bytes", len, cap);
+    else
+        snprintf(l->errtext, sizeof l->errtext,
+                 "request refused by the broker: over the pool's max_request_size of %" PRIu32 " bytes", cap);
+    return PB_ETOOBIG;
+}
+
 int pbi_request_fits(pb_lease *l, size_t len)
 {
     /* The broker's figure; 0 (a scribble) leaves the check to the broker. */
     uint32_t cap = atomic_load_explicit(&l->c->pools[l->pool].max_request_size, memory_order_relaxed);
     if (len <= UINT32_MAX && (cap == 0 || len <= cap))
         return PB_OK;
-    snprintf(l->errtext, sizeof l->errtext,
-             "request of %zu bytes is over the pool's max_request_size of %" PRIu32 " bytes", len, cap);
-    return PB_ETOOBIG;
+    return too_big(l, len);
 }
 
 uint32_t pbi_group_limit(pb_lease *l)
@@ -1027,9 +1039,7 @@ int pbi_submit_nowait(pb_lease *l, const void *req, size_t len, uint32_t nreplie
             int err = atomic_load(&l->s->io_error);
             if (err < 0) {
                 l->stream_off = 0;
-                if (err == PB_ETOOBIG)
-                    pbi_request_fits(l, len);      /* for pb_lease_error */
-                return err;
+                return err == PB_ETOOBIG ? too_big(l, len) : err;
             }
         }
         if (pos >= len) {
@@ -1096,6 +1106,8 @@ int pbi_reply_peek(pb_lease *l, const uint8_t **p, size_t *avail)
     }
     if (req_buffer_free(l)) {
         int err = atomic_load(&sl->io_error);
+        if (err == PB_ETOOBIG)
+            return too_big(l, 0);   /* the broker's limit was lower than the one we checked */
         if (err < 0)
             return err >= PB_ESERVER ? err : PB_EPROTO;
     }

@@ -122,9 +122,12 @@ PB_API int pb_release(pb_lease *l);
 PB_API int pb_lease_backend_pid(const pb_lease *l);
 
 /* What the last PB_ETOOBIG on this lease was about, one line: "request of
- * N bytes is over the pool's max_request_size of M bytes".  "" before any
- * (and for NULL).  The text belongs to the lease and lives until its
- * release; it does not change on later successful calls. */
+ * N bytes is over the pool's max_request_size of M bytes" (or, when the
+ * broker refused a request the library let through — a reload lowered the
+ * limit meanwhile — "request refused by the broker: over the pool's
+ * max_request_size of M bytes").  "" before any (and for NULL).  The text
+ * belongs to the lease and lives until its release; it does not change on
+ * later successful calls. */
 PB_API const char *pb_lease_error(const pb_lease *l);
 
 /* Say that this lease leaves session state the server does not report, so
