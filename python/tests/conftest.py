@@ -55,14 +55,6 @@ port = {redisport}
 min_size = 1
 max_size = 4
 acquire_timeout_ms = 20000
-
-[pool capped]
-type = redis
-host = 127.0.0.1
-port = {redisport}
-max_size = 1
-max_request_size = 1m
-acquire_timeout_ms = 20000
 """
 
 
@@ -195,17 +187,24 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.asyncio)
 
 
-@pytest.fixture(scope="module")
-def env():
+def env_for(pools=POOLS):
+    """A module's Env on pools (a [pool] text, formatted as POOLS is),
+    stopped and checked at the end: the body of a module-scoped env
+    fixture (a module with pools of its own defines its own env with it)."""
     e = Env()
     try:
-        e.start()
+        e.start(pools)
     except BaseException:
         e.stop()
         raise
     yield e
     problems = e.stop()
     assert not problems, problems
+
+
+@pytest.fixture(scope="module")
+def env():
+    yield from env_for()
 
 
 @pytest.fixture

@@ -7,6 +7,23 @@ import os
 import pytest
 
 import poolbroker
+from conftest import POOLS, env_for
+
+# This module's broker has one more pool, with a 1 MiB limit.
+CAPPED = """
+[pool capped]
+type = redis
+host = 127.0.0.1
+port = {redisport}
+max_size = 1
+max_request_size = 1m
+acquire_timeout_ms = 20000
+"""
+
+
+@pytest.fixture(scope="module")
+def env():
+    yield from env_for(POOLS + CAPPED)
 
 
 def test_big_bytea_parameter(env):
