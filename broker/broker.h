@@ -199,6 +199,17 @@ typedef struct conn {
     uint32_t mux_owed;       /* handle: replies owed to the lease mux_word (its rep_owed) */
     uint64_t mux_word;       /* handle: the lease mux_owed counts for */
     uint8_t mux_deferred;    /* handle: a request that cannot share waits for those in flight */
+
+    /* A request larger than the request buffer, streamed in parts
+     * (connio.c, "Streamed requests" in pb_shm.h).  Kept on the conn the
+     * lease holds (a session-mode conn, or the handle in transaction mode,
+     * so that no backend is bound while a slow writer streams); freed when
+     * the lease ends or the request is sent. */
+    drv_buf stream;          /* the parts taken so far: at most max_request_size bytes */
+    uint32_t stream_total;   /* bytes of the whole request (req_total of its first part) */
+    uint32_t stream_seq;     /* req_seq of the last part, once stream_ready */
+    uint64_t stream_word;    /* slot word of the lease that streams it */
+    uint8_t stream_ready;    /* every part is here: the request waits to be checked and sent */
 } conn;
 
 /* One request of a handle in flight on a backend in mux use. */
@@ -429,6 +440,10 @@ void pool_drop_client_waiters(broker *b, client *cl);
 void pool_fail_waiters(pool *p, int err);
 void conn_submit(conn *c, uint64_t lease_word, uint32_t seq);
 void conn_fail_submit(conn *c, int err, uint32_t seq);
+/* Free the streamed request a lease was sending through c (its parts so
+ * far): the lease ended, or the request failed.  c may be a bound backend
+ * (its handle's stream is dropped). */
+void conn_stream_drop(conn *c);
 void conn_release(conn *c, uint64_t word);
 void conn_drained(conn *c);
 void conn_watch(conn *c, uint64_t lease_word);

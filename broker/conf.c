@@ -52,6 +52,7 @@
 
 #define KIB 1024u
 #define MIB (1024u * 1024u)
+#define GIB (1024u * 1024u * 1024u)
 
 enum { SEC_NONE, SEC_BROKER, SEC_POOL };
 
@@ -67,7 +68,7 @@ enum key_kind {
     K_INT,        /* int: decimal in min..max */
     K_U32,        /* uint32_t: decimal in min..max */
     K_U64,        /* uint64_t: decimal */
-    K_SIZE,       /* uint32_t: decimal with optional k/m suffix, in min..max */
+    K_SIZE,       /* uint32_t: decimal with optional k/m/g suffix, in min..max */
     K_SIZE_POW2,  /* K_SIZE, then rounded up to a power of two */
     K_MODE,       /* unsigned: octal permission bits, at most 0777 */
     K_FUNC,       /* keydef.fn does the work */
@@ -149,7 +150,7 @@ enum {
     PK_USER, PK_DB, PK_MIN_SIZE, PK_MAX_SIZE, PK_SLOTS, PK_ACQUIRE_TIMEOUT_MS,
     PK_COMMAND_TIMEOUT_MS, PK_MAX_LIFETIME_S, PK_IDLE_TIMEOUT_S, PK_MAX_USES,
     PK_VALIDATE_AFTER_IDLE_MS, PK_RESET, PK_LEAK_THRESHOLD_MS, PK_MAX_LEASE_MS,
-    PK_REQUEST_BUFFER, PK_REPLY_BUFFER, PK_POOL_MODE, PK_SENTINELS, PK_SENTINEL_MASTER,
+    PK_REQUEST_BUFFER, PK_REPLY_BUFFER, PK_MAX_REQUEST_SIZE, PK_POOL_MODE, PK_SENTINELS, PK_SENTINEL_MASTER,
     PK_SENTINEL_PASSWORD_FILE, PK_SENTINEL_ROLE, PK_COUNT
 };
 
@@ -177,6 +178,7 @@ static const keydef pool_keys[PK_COUNT] = {
     [PK_MAX_LEASE_MS]          = { "max_lease_ms", K_U32, T_ANY, PF(max_lease_ms), 0, UINT32_MAX, NULL, NULL },
     [PK_REQUEST_BUFFER]        = { "request_buffer", K_SIZE, T_ANY, PF(request_buffer), 1 * KIB, 64 * MIB, NULL, NULL },
     [PK_REPLY_BUFFER]          = { "reply_buffer", K_SIZE_POW2, T_ANY, PF(reply_buffer), 4 * KIB, 256 * MIB, NULL, NULL },
+    [PK_MAX_REQUEST_SIZE]      = { "max_request_size", K_SIZE, T_ANY, PF(max_request_size), 1 * KIB, 2 * GIB, NULL, NULL },
     [PK_POOL_MODE]             = { "pool_mode", K_FUNC, T_ANY, 0, 0, 0, NULL, set_pool_mode },
     [PK_SENTINELS]             = { "sentinels", K_FUNC, T_REDIS, 0, 0, 0, NULL, set_sentinels },
     [PK_SENTINEL_MASTER]       = { "sentinel_master", K_STR, T_REDIS, PF(sentinel_master), 0, 0, NULL, NULL },
@@ -336,7 +338,9 @@ static int parse_dec(const char *s, uint64_t *out)
 /* "64k", "1m" or plain bytes, for messages about sizes. */
 static const char *fmt_size(uint64_t v, char *buf, size_t len)
 {
-    if (v && v % MIB == 0)
+    if (v && v % GIB == 0)
+        snprintf(buf, len, "%" PRIu64 "g", v / GIB);
+    else if (v && v % MIB == 0)
         snprintf(buf, len, "%" PRIu64 "m", v / MIB);
     else if (v && v % KIB == 0)
         snprintf(buf, len, "%" PRIu64 "k", v / KIB);
@@ -364,7 +368,7 @@ static int bad_number(parser *p, const keydef *k, const char *val, int rc)
                         "'%.32s' is not a plain number; the unit is in the key name (%s)", val, unit);
     if (k->kind == K_SIZE || k->kind == K_SIZE_POW2)
         return fail_key(p, p->line, k->name,
-                        "'%.32s' is not a size (digits with an optional k or m suffix, e.g. 64k)", val);
+                        "'%.32s' is not a size (digits with an optional k, m or g suffix, e.g. 64k)", val);
     return fail_key(p, p->line, k->name, "'%.32s' is not a non-negative integer", val);
 }
 
@@ -429,6 +433,8 @@ static int set_generic(parser *p, void *obj, const keydef *k, char *val)
             mult = KIB, n--;
         else if (n > 0 && (val[n - 1] == 'm' || val[n - 1] == 'M'))
             mult = MIB, n--;
+        else if (n > 0 && (val[n - 1] == 'g' || val[n - 1] == 'G'))
+            mult = GIB, n--;
         if (n >= sizeof digits)
             return bad_number(p, k, val, strspn(val, "0123456789") == n ? -2 : -1);
         memcpy(digits, val, n);
@@ -1092,6 +1098,10 @@ static int finish_pool(parser *p)
     if (seen[PK_SLOTS] && cp->slots < cp->max_size)
         return fail_key(p, seen[PK_SLOTS], "slots", "%" PRIu32 " is less than max_size %" PRIu32 "; slots is the room "
                         "reserved for max_size to grow into", cp->slots, cp->max_size);
+    /* The server's own limit by default: PostgreSQL refuses a message over
+     * 1 GiB, Redis a bulk string over proto-max-bulk-len (512 MiB). */
+    if (!seen[PK_MAX_REQUEST_SIZE])
+        cp->max_request_size = cp->type == PB_POOL_POSTGRES ? 1 * GIB : 512 * MIB;
     return 0;
 }
 

@@ -71,6 +71,10 @@ typedef struct conf_pool {
     uint32_t max_lease_ms;          /* default 0 = off */
     uint32_t request_buffer;        /* default 64k; 1k..64m */
     uint32_t reply_buffer;          /* default 256k; 4k..256m; rounded up to a power of two */
+    uint32_t max_request_size;      /* bytes: the largest request a lease may send (it streams
+                                       through request_buffer in parts); 1k..2g; default 1g for
+                                       postgres (the server's message limit), 512m for redis
+                                       (its proto-max-bulk-len default) */
     int line;                       /* line of the [pool] header (for messages) */
 } conf_pool;
 

@@ -12,6 +12,8 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <malloc.h>
+#include <stdarg.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,6 +28,21 @@
 #include "poolbroker.h"
 
 #define SCRATCH_SIZE      65536     /* the sink for replies nobody reads */
+
+/* Free a buffer that held a streamed request; one of RETURN_TO_OS bytes or
+ * more is given back to the kernel at once (malloc_trim): glibc would keep
+ * a freed heap block of that size for the next malloc, and the broker's
+ * resident size would stay at its largest request ever. */
+#define RETURN_TO_OS (1u << 20)
+static void free_big(drv_buf *b)
+{
+    uint32_t cap = b->cap;
+    free(b->p);
+    b->p = NULL;
+    b->len = b->cap = 0;
+    if (cap >= RETURN_TO_OS)
+        malloc_trim(0);
+}
 
 /* I/O on the backend socket: io_uring (or epoll) directly, or through
  * OpenSSL for a TLS connection. */
@@ -86,6 +103,15 @@ void conn_retry_deferred(conn *c)
         conn_submit(c, w, atomic_load(&c->slot->req_seq));
 }
 
+/* A send buffer that held a streamed request is given back once empty:
+ * a connection keeps at most SBUF_KEEP bytes between requests. */
+#define SBUF_KEEP (256u * 1024u)
+static void sbuf_trim(conn *c)
+{
+    if (c->sbuf.len == 0 && c->sbuf.cap > SBUF_KEEP)
+        free_big(&c->sbuf);
+}
+
 void conn_on_send(ev_op *op, int res)
 {
     conn *c = op->data;
@@ -104,6 +130,7 @@ void conn_on_send(ev_op *op, int res)
         return;
     }
     c->soff = c->sbuf.len = 0;
+    sbuf_trim(c);
     if (c->mux) {
         txn_mux_sent(c);
         return;
@@ -114,17 +141,154 @@ void conn_on_send(ev_op *op, int res)
         conn_next(c);
 }
 
+/* The conn a lease's streamed request is kept on: a bound backend's
+ * handle, else c itself (see conn.stream). */
+static conn *lease_conn(conn *c)
+{
+    return c->bound && !c->handle ? c->bound : c;
+}
+
+/* The conn holding the lease's authoritative acked_seq: a bound handle's
+ * backend (unbind copies it back), else c itself. */
+static conn *ack_conn(conn *c)
+{
+    return c->handle && c->bound ? c->bound : c;
+}
+
+void conn_stream_drop(conn *c)
+{
+    conn *l = lease_conn(c);
+    free_big(&l->stream);
+    l->stream_total = l->stream_seq = 0;
+    l->stream_word = 0;
+    l->stream_ready = 0;
+}
+
+/* Tell the holder its request buffer is free again (req_ack = seq), waking
+ * it if it waits for that (req_waiting). */
+static void ack_request(conn *c, uint32_t seq)
+{
+    ack_conn(c)->acked_seq = seq;
+    atomic_store(&c->slot->req_ack, seq);
+    /* Only a holder waiting for its request buffer (pipelining, COPY, the
+     * next part of a streamed request) is woken by the ack; one asleep for
+     * its reply is woken by the reply (a wake here would cost it a second
+     * context switch per query). */
+    if (atomic_load(&c->slot->req_waiting))
+        broker_wake(&c->slot->rep_futex, &c->slot->rep_sleeping);
+}
+
 /* Fail the command the lease holder just submitted (nothing was sent). */
 void conn_fail_submit(conn *c, int err, uint32_t seq)
 {
+    conn_stream_drop(c);
     atomic_store(&c->slot->io_error, err);
     c->acked_seq = seq;
     atomic_store_explicit(&c->slot->req_ack, seq, memory_order_release);
     broker_wake(&c->slot->rep_futex, &c->slot->rep_sleeping);
 }
 
+/* What stream_take found in the request buffer. */
+enum take {
+    TAKE_NONE,               /* nothing new (seq already taken), or failed and acked */
+    TAKE_PART,               /* a part of a streamed request, taken and acked: more follow */
+    TAKE_WHOLE,              /* a request that fits, in the request buffer */
+    TAKE_STREAM,             /* the last part: the whole request is in lease_conn(c)->stream */
+};
+
+/* Fail a request from stream_take: logged, its parts freed, acked with err. */
+static enum take take_fail(conn *c, int err, uint32_t seq, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static enum take take_fail(conn *c, int err, uint32_t seq, const char *fmt, ...)
+{
+    char why[200];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(why, sizeof why, fmt, ap);
+    va_end(ap);
+    if (err == PB_ETOOBIG) {
+        slog(LOG_LVL_INFO, c, "request refused: %s", why);     /* a limit, not a scribble */
+    } else if (err == PB_EPROTO) {
+        slog(LOG_LVL_WARN, c, "malformed request rejected: %s", why);
+        shm_note_repair(&B);
+    } else {
+        slog(LOG_LVL_WARN, c, "request dropped: %s", why);
+    }
+    conn_stream_drop(c);
+    atomic_store(&c->slot->io_error, err);
+    ack_request(c, seq);
+    return TAKE_NONE;
+}
+
+/* Take what the holder of lease_word put in c's request buffer as req_seq
+ * seq (c: the conn the lease holds, a session-mode conn or a handle).  A
+ * request that fits is left where it is (TAKE_WHOLE); a part of a larger
+ * one is appended to c->stream and acked at once, so the holder writes the
+ * next part while no backend is involved; the last part makes the request
+ * whole (TAKE_STREAM), unacked until it is checked and sent.  Every field
+ * read is the holder's and untrusted: a part out of order or a total that
+ * changes fails the request with PB_EPROTO, a total over the pool's
+ * max_request_size with PB_ETOOBIG; either way nothing was sent. */
+static enum take stream_take(conn *c, uint64_t lease_word, uint32_t seq)
+{
+    if (seq == ack_conn(c)->acked_seq)
+        return TAKE_NONE;
+    if (c->stream_ready || c->stream.len) {
+        if (c->stream_word != lease_word)
+            conn_stream_drop(c);    /* left by a lease that ended without a release we saw */
+        else if (c->stream_ready && c->stream_seq == seq)
+            return TAKE_STREAM;     /* whole already, deferred: still waiting to be sent */
+        else if (c->stream_ready)
+            conn_stream_drop(c);    /* a new request after one never sent: the holder lost track */
+    }
+    uint32_t len = atomic_load(&c->slot->req_len);       /* each read once */
+    uint32_t total = atomic_load(&c->slot->req_total);
+    uint32_t pos = atomic_load(&c->slot->req_pos);
+    uint32_t cap = c->pool->cf->max_request_size;
+    switch (pb_req_part(len, total, pos, c->stream.len, c->stream_total, c->req_size, cap)) {
+    case PB_PART_WHOLE:
+        return TAKE_WHOLE;
+    case PB_PART_FIRST:
+        conn_stream_drop(c);        /* a request in progress: the holder started over */
+        c->stream_total = total;
+        c->stream_word = lease_word;
+        atomic_store(&c->slot->io_error, 0);
+        break;
+    case PB_PART_NEXT:
+        break;
+    case PB_PART_BAD_LEN:
+        return take_fail(c, PB_EPROTO, seq, "request length %u impossible (buffer %u)", len, c->req_size);
+    case PB_PART_BAD_ORDER:
+        return take_fail(c, PB_EPROTO, seq, "streamed request part at %u of %u bytes, expected at %u of %u",
+                         pos, total, c->stream.len, c->stream_total);
+    case PB_PART_OVERRUN:
+        return take_fail(c, PB_EPROTO, seq, "streamed request part of %u bytes at %u overruns its %u bytes",
+                         len, pos, c->stream_total);
+    case PB_PART_TOO_BIG:
+        return take_fail(c, PB_ETOOBIG, seq, "a request of %u bytes is over max_request_size (%u bytes)",
+                         total, cap);
+    }
+    if (drv_buf_append(&c->stream, c->req, len) != PB_OK)
+        return take_fail(c, PB_ENOMEM, seq, "out of memory for a streamed request of %u bytes", c->stream_total);
+    if (c->stream.len < c->stream_total) {
+        ack_request(c, seq);
+        return TAKE_PART;
+    }
+    c->stream_ready = 1;
+    c->stream_seq = seq;
+    return TAKE_STREAM;
+}
+
 void conn_submit(conn *c, uint64_t lease_word, uint32_t seq)
 {
+    /* The parts of a streamed request are taken on the lease's own conn,
+     * as they come (a session-mode conn only while it is in service: else
+     * the checks below fail or defer the SUBMIT, and a retry takes it). */
+    if (c->handle || (!c->bound && c->phase == PH_READY && !c->broken)) {
+        enum take t = stream_take(c, lease_word, seq);
+        if (t == TAKE_NONE || t == TAKE_PART)
+            return;
+    }
     if (c->handle) {
         txn_submit(c, lease_word, seq);     /* transaction mode: bind a backend first */
         return;
@@ -144,25 +308,36 @@ void conn_submit(conn *c, uint64_t lease_word, uint32_t seq)
         c->submit_deferred = 1;
         return;
     }
-    uint32_t len = atomic_load(&c->slot->req_len);   /* read once */
-    if (len == 0 || len > c->req_size) {
-        slog(LOG_LVL_WARN, c, "request length %u impossible (buffer %u): rejected", len, c->req_size);
-        shm_note_repair(&B);
-        conn_fail_submit(c, PB_EPROTO, seq);
-        return;
-    }
     c->sbuf.len = c->soff = 0;
-    /* Copy first, then validate the copy: the client cannot change what we
-     * checked after we checked it. */
-    if (drv_buf_append(&c->sbuf, c->req, len) != PB_OK) {
-        conn_fail_submit(c, PB_ENOMEM, seq);
-        return;
+    conn *l = lease_conn(c);
+    if (l->stream_ready && l->stream_seq == seq && l->stream_word == lease_word) {
+        /* Streamed: the whole request is in the lease's private buffer
+         * already; it becomes the send buffer (no copy). */
+        drv_buf whole = l->stream;
+        l->stream = c->sbuf;
+        c->sbuf = whole;
+        conn_stream_drop(c);
+    } else {
+        uint32_t len = atomic_load(&c->slot->req_len);   /* read once */
+        if (len == 0 || len > c->req_size) {
+            slog(LOG_LVL_WARN, c, "request length %u impossible (buffer %u): rejected", len, c->req_size);
+            shm_note_repair(&B);
+            conn_fail_submit(c, PB_EPROTO, seq);
+            return;
+        }
+        /* Copy first, then validate the copy: the client cannot change what we
+         * checked after we checked it. */
+        if (drv_buf_append(&c->sbuf, c->req, len) != PB_OK) {
+            conn_fail_submit(c, PB_ENOMEM, seq);
+            return;
+        }
     }
     uint32_t nrep = 0;
     const char *why = NULL;
     int frc = c->pool->drv->frame_request(c, &c->sbuf, &nrep, &why);
     if (frc != PB_OK) {
         c->sbuf.len = 0;
+        sbuf_trim(c);
         if (frc == PB_EPERM) {
             /* a policy, not a scribble: no repair counted */
             slog(LOG_LVL_INFO, c, "request refused: %s", why ? why : "not allowed");
@@ -183,13 +358,7 @@ void conn_submit(conn *c, uint64_t lease_word, uint32_t seq)
     conn_expect_add(c, nrep);
     /* What we now owe, before the ack: a holder that sees the ack sees it. */
     atomic_store(&c->slot->rep_owed, c->expect);
-    c->acked_seq = seq;
-    atomic_store(&c->slot->req_ack, seq);
-    /* Only a holder waiting for its request buffer (pipelining, COPY) is
-     * woken by the ack; one asleep for its reply is woken by the reply (a
-     * wake here would cost it a second context switch per query). */
-    if (atomic_load(&c->slot->req_waiting))
-        broker_wake(&c->slot->rep_futex, &c->slot->rep_sleeping);
+    ack_request(c, seq);
     c->cmd_word = lease_word;
     c->to_sink = 0;
     conn_send_private(c);

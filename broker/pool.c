@@ -43,6 +43,7 @@ void pool_publish_limits(pool *p)
     atomic_store(&p->shm->validate_after_idle_ms, cp->validate_after_idle_ms);
     atomic_store(&p->shm->acquire_timeout_ms, cp->acquire_timeout_ms);
     atomic_store(&p->shm->reset_policy, (uint32_t)cp->reset_policy);
+    atomic_store(&p->shm->max_request_size, cp->max_request_size);
 }
 
 /* Rewrite the pool's broker-owned entry from private state (janitor). */
@@ -141,6 +142,7 @@ void pools_free(broker *b)
             conn *c = &p->conns[k];
             conn_shutdown(c);
             free(c->sbuf.p);
+            free(c->stream.p);
             free(c->scratch);
         }
         free(p->conns);

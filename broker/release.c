@@ -175,6 +175,7 @@ static void release_take(conn *c, uint64_t word, int reclaim)
 /* The holder gave the slot back (word: RELEASING, as read). */
 void conn_release(conn *c, uint64_t word)
 {
+    conn_stream_drop(c);            /* a request still streaming: its parts never went out */
     if (c->handle) {
         txn_release(c, word, 0, NULL);
         return;
@@ -185,6 +186,7 @@ void conn_release(conn *c, uint64_t word)
 /* Take a lease back from a holder that died or overstayed. */
 void conn_take_back(conn *c, uint64_t word, const char *why)
 {
+    conn_stream_drop(c);            /* a holder that died mid-stream: its parts never went out */
     if (c->handle) {
         txn_release(c, word, 1, why);
         return;

@@ -358,6 +358,11 @@ static int mux_submit(conn *h, uint64_t word, uint32_t seq)
     pool *p = h->pool;
     if (!p->drv->shareable || (atomic_load(&h->slot->client_flags) & (PB_CF_PIN | PB_CF_DIRTY)))
         return 0;
+    /* A streamed request is whole only in h->stream (the request buffer
+     * holds its last part): it goes the bound way, where conn_submit takes
+     * it from there; one that large gains nothing from sharing. */
+    if (h->stream_ready || h->stream.len)
+        return 0;
     uint32_t len = atomic_load(&h->slot->req_len);   /* read once */
     if (len == 0 || len > h->req_size)
         return 0;                   /* conn_submit rejects it */

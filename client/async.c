@@ -818,12 +818,13 @@ static int redis_flush(pb_lease *l)
         return PB_OK;
     uint32_t *e = (uint32_t *)l->rends.data;
     uint32_t n = 0, nrep = 0;
-    while (n < l->rqueued && e[2 * n] <= l->req_size) {
+    uint32_t lim = pbi_group_limit(l);
+    while (n < l->rqueued && e[2 * n] <= lim) {
         nrep += e[2 * n + 1];
         n++;
     }
     if (n == 0)
-        return PB_ETOOBIG;          /* append refuses these; a guard all the same */
+        nrep = e[2 * n++ + 1];      /* larger than the buffer: by itself, streamed */
     uint32_t sent = e[2 * (n - 1)];
     int rc = pbi_submit_nowait(l, l->rqueue.data, sent, nrep);
     if (rc == PB_EBUSY)
@@ -901,8 +902,8 @@ PB_API int pb_pg_send_query(pb_lease *l, const char *sql)
         return PB_EBUSY;
     size_t before = l->pipe.len;
     rc = pgp_query(&l->pipe, sql);
-    if (rc == PB_OK && l->pipe.len - before > l->req_size)
-        rc = PB_ETOOBIG;
+    if (rc == PB_OK)
+        rc = pbi_request_fits(l, l->pipe.len - before);
     uint32_t end = (uint32_t)l->pipe.len;
     if (rc == PB_OK)
         rc = pb_buf_append(&l->pends, &end, sizeof end);

@@ -19,6 +19,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <poll.h>
@@ -78,7 +79,7 @@ PB_API const char *pb_strerror(int err)
     case PB_ENOPOOL:   return "no such pool";
     case PB_EBROKER:   return "broker not available";
     case PB_EBACKEND:  return "backend unavailable or connection lost";
-    case PB_ETOOBIG:   return "request larger than the pool's request buffer";
+    case PB_ETOOBIG:   return "request larger than the pool's max_request_size";
     case PB_ESTALE:    return "lease no longer valid";
     case PB_EINVAL:    return "invalid argument";
     case PB_ENOMEM:    return "out of memory";
@@ -973,50 +974,109 @@ static int req_buffer_wait_armed(pb_lease *l)
     return atomic_load(&l->s->req_ack) == l->seq;
 }
 
-/* Hand a request to the broker: the buffer must be free. */
-static int do_submit(pb_lease *l, const void *req, size_t len, uint32_t nreplies)
+/* PB_ETOOBIG for a request of len bytes (0: a size the broker saw, not
+ * us), with the text pb_lease_error gives. */
+static int too_big(pb_lease *l, size_t len)
+{
+    uint32_t cap = atomic_load_explicit(&l->c->pools[l->pool].max_request_size, memory_order_relaxed);
+    if (len)
+        snprintf(l->errtext, sizeof l->errtext,
+                 "request of %zu bytes is over the pool's max_request_size of %" PRIu32 " bytes", len, cap);
+    else
+        snprintf(l->errtext, sizeof l->errtext,
+                 "request refused by the broker: over the pool's max_request_size of %" PRIu32 " bytes", cap);
+    return PB_ETOOBIG;
+}
+
+int pbi_request_fits(pb_lease *l, size_t len)
+{
+    /* The broker's figure; 0 (a scribble) leaves the check to the broker. */
+    uint32_t cap = atomic_load_explicit(&l->c->pools[l->pool].max_request_size, memory_order_relaxed);
+    if (len <= UINT32_MAX && (cap == 0 || len <= cap))
+        return PB_OK;
+    return too_big(l, len);
+}
+
+uint32_t pbi_group_limit(pb_lease *l)
+{
+    uint32_t cap = atomic_load_explicit(&l->c->pools[l->pool].max_request_size, memory_order_relaxed);
+    return cap && cap < l->req_size ? cap : l->req_size;
+}
+
+/* Hand bytes [pos, pos + n) of a request of len bytes to the broker: the
+ * buffer must be free.  The replies are owed once its last part is in. */
+static int do_submit(pb_lease *l, const uint8_t *req, size_t len, size_t pos, size_t n, uint32_t nreplies)
 {
     pb_shm_slot *sl = l->s;
     if (atomic_load_explicit(&sl->req_waiting, memory_order_relaxed))
         atomic_store_explicit(&sl->req_waiting, 0, memory_order_relaxed);
-    memcpy(l->req, req, len);
-    atomic_store_explicit(&sl->req_len, (uint32_t)len, memory_order_relaxed);
+    memcpy(l->req, req + pos, n);
+    atomic_store_explicit(&sl->req_len, (uint32_t)n, memory_order_relaxed);
+    atomic_store_explicit(&sl->req_total, (uint32_t)len, memory_order_relaxed);
+    atomic_store_explicit(&sl->req_pos, (uint32_t)pos, memory_order_relaxed);
     atomic_store_explicit(&sl->req_seq, ++l->seq, memory_order_release);
-    l->pending += nreplies;
-    l->done_target += nreplies;
+    if (pos + n == len) {
+        l->pending += nreplies;
+        l->done_target += nreplies;
+    }
     l->watching = 0;                /* the broker's watch ends with a command */
     return sq_push(l->c, PB_SQE(PB_SQ_SUBMIT, l->slot, PB_WORD_GEN(l->word)));
 }
 
 int pbi_submit_nowait(pb_lease *l, const void *req, size_t len, uint32_t nreplies)
 {
-    if (len > l->req_size)
-        return PB_ETOOBIG;
-    if (!req_buffer_free(l) && !req_buffer_wait_armed(l))
-        return PB_EBUSY;            /* the ack will bump rep_futex */
-    return do_submit(l, req, len, nreplies);
+    int rc = pbi_request_fits(l, len);
+    if (rc != PB_OK)
+        return rc;
+    for (;;) {
+        if (!req_buffer_free(l) && !req_buffer_wait_armed(l))
+            return PB_EBUSY;        /* the ack will bump rep_futex */
+        size_t pos = l->stream_off;
+        if (pos) {
+            /* The broker took the part before; it says here if it refused
+             * the request instead (over its max_request_size, or a part it
+             * could not take): stop streaming. */
+            int err = atomic_load(&l->s->io_error);
+            if (err < 0) {
+                l->stream_off = 0;
+                return err == PB_ETOOBIG ? too_big(l, len) : err;
+            }
+        }
+        if (pos >= len) {
+            l->stream_off = 0;      /* called again with a shorter request: not ours to guess */
+            return PB_EINVAL;
+        }
+        size_t n = len - pos < l->req_size ? len - pos : l->req_size;
+        rc = do_submit(l, req, len, pos, n, nreplies);
+        if (rc != PB_OK || pos + n == len) {
+            l->stream_off = 0;
+            return rc;
+        }
+        l->stream_off = (uint32_t)(pos + n);
+    }
 }
 
-/* Put a request in the slot's request buffer and tell the broker, waiting
- * for the buffer if the broker has not taken the previous one yet. */
 int pbi_submit(pb_lease *l, const void *req, size_t len, uint32_t nreplies)
 {
     int rc;
-    if (len > l->req_size)
-        return PB_ETOOBIG;
     for (;;) {
-        if (req_buffer_free(l))
-            break;
-        atomic_store(&l->s->req_waiting, 1);
+        rc = pbi_submit_nowait(l, req, len, nreplies);
+        if (rc != PB_EBUSY)
+            return rc;
+        /* pbi_submit_nowait set req_waiting: the broker's ack bumps rep_futex. */
         uint32_t seen = atomic_load(&l->s->rep_futex);
         if (req_buffer_free(l))
-            break;
-        if ((rc = pbi_lease_check(l)) != PB_OK)
+            continue;
+        if ((rc = pbi_lease_check(l)) != PB_OK || (rc = pbi_wait(l, seen, 0)) != PB_OK) {
+            l->stream_off = 0;
             return rc;
-        if ((rc = pbi_wait(l, seen, 0)) != PB_OK)
-            return rc;
+        }
     }
-    return do_submit(l, req, len, nreplies);
+}
+
+PB_API const char *pb_lease_error(const pb_lease *l)
+{
+    return l ? l->errtext : "";
 }
 
 int pbi_push_watch(pb_lease *l)
@@ -1046,6 +1106,8 @@ int pbi_reply_peek(pb_lease *l, const uint8_t **p, size_t *avail)
     }
     if (req_buffer_free(l)) {
         int err = atomic_load(&sl->io_error);
+        if (err == PB_ETOOBIG)
+            return too_big(l, 0);   /* the broker's limit was lower than the one we checked */
         if (err < 0)
             return err >= PB_ESERVER ? err : PB_EPROTO;
     }

@@ -77,6 +77,9 @@ struct pb_lease {
     uint32_t req_size, rep_size;
     uint64_t rep_tail;               /* our consumer position in the reply ring */
     uint32_t seq;                    /* our last request sequence (slot req_seq is a copy) */
+    uint32_t stream_off;             /* bytes of a streamed request handed to the broker so far
+                                        (0: none in progress; see pbi_submit_nowait) */
+    char errtext[128];               /* pb_lease_error: what the last PB_ETOOBIG was about */
     uint64_t done_target;            /* slot reply_done once every reply we asked for is in */
     uint32_t pending;                /* replies submitted and not yet read */
     int desync;                      /* a reply could not be parsed: connection unusable */
@@ -112,9 +115,24 @@ extern unsigned pb_fork_gen;
 /* client.c: shared by the protocol halves */
 int pbi_lease_check(pb_lease *l);                                /* PB_OK | PB_ESTALE | PB_EBROKER */
 int pbi_lease_usable(pb_lease *l, unsigned type);                /* ... | PB_EINVAL | PB_ETYPE | PB_EPROTO */
+/* Hand the request req (len bytes, nreplies replies owed) to the broker,
+ * through the request buffer: in one part when it fits, else streamed in
+ * parts of req_size (include/pb_shm.h, "Streamed requests"), waiting for the
+ * broker to take each.  PB_ETOOBIG when len is over the pool's
+ * max_request_size (pb_lease_error says by how much), or when the broker
+ * refused it mid-stream. */
 int pbi_submit(pb_lease *l, const void *req, size_t len, uint32_t nreplies);
-/* As pbi_submit, but PB_EBUSY instead of waiting for the request buffer. */
+/* As pbi_submit, but PB_EBUSY instead of waiting for the request buffer: a
+ * streamed request may then be partly handed over; call again with the same
+ * req and len (its ack wakes rep_futex) until PB_OK or an error. */
 int pbi_submit_nowait(pb_lease *l, const void *req, size_t len, uint32_t nreplies);
+/* PB_OK if a request of len bytes is within the pool's max_request_size,
+ * else PB_ETOOBIG with pb_lease_error's text set. */
+int pbi_request_fits(pb_lease *l, size_t len);
+/* The most bytes of whole messages (pipelined statements or commands, COPY
+ * data) to put in one request: the request buffer, or max_request_size
+ * when that is smaller.  A single message over it goes by itself. */
+uint32_t pbi_group_limit(pb_lease *l);
 /* Bytes waiting in the reply ring, without waiting (0 if none); errors as pbi_reply_wait. */
 int pbi_reply_peek(pb_lease *l, const uint8_t **p, size_t *avail);
 /* Wait once for the broker to publish something on the slot (reply bytes,

@@ -314,8 +314,8 @@ PB_API int pb_pg_send_params(pb_lease *l, const char *sql, int nparams, const un
         return PB_EBUSY;
     size_t before = l->pipe.len;
     rc = encode_params(&l->pipe, "", sql, nparams, param_types, values, lengths, formats, result_format);
-    if (rc == PB_OK && l->pipe.len - before > l->req_size)
-        rc = PB_ETOOBIG;
+    if (rc == PB_OK)
+        rc = pbi_request_fits(l, l->pipe.len - before);
     uint32_t end = (uint32_t)l->pipe.len;
     if (rc == PB_OK)
         rc = pb_buf_append(&l->pends, &end, sizeof end);
@@ -330,15 +330,19 @@ PB_API int pb_pg_send_params(pb_lease *l, const char *sql, int nparams, const un
 }
 
 /* Submit as many whole queued statements as fit, if the request buffer is
- * free; never waits. */
+ * free; never waits.  A statement larger than the buffer goes by itself,
+ * streamed: a part each time the buffer is free, the queue unchanged until
+ * its last part is in. */
 static int pipe_flush_some(pb_lease *l)
 {
     if (!l->pqueued)
         return PB_OK;
     const uint32_t *ends = (const uint32_t *)l->pends.data;
-    uint32_t n = 0;
-    while (n < l->pqueued && ends[n] <= l->req_size)
+    uint32_t n = 0, lim = pbi_group_limit(l);
+    while (n < l->pqueued && ends[n] <= lim)
         n++;
+    if (n == 0)
+        n = 1;
     int rc = pbi_submit_nowait(l, l->pipe.data, ends[n - 1], n);
     if (rc == PB_EBUSY)
         return PB_OK;
@@ -484,9 +488,10 @@ PB_API int pb_pg_put_copy_data(pb_lease *l, const void *buf, size_t len)
     if (!buf && len)
         return PB_EINVAL;
     const char *p = buf;
-    size_t chunk_max = l->req_size > 64 ? l->req_size - 5 : 1;
+    size_t lim = pbi_group_limit(l);          /* one request's worth of CopyData */
+    size_t chunk_max = lim > 64 ? lim - 5 : 1;
     while (len) {
-        size_t room = l->req_size - l->cbuf.len;
+        size_t room = lim > l->cbuf.len ? lim - l->cbuf.len : 0;
         if (room <= 5) {
             if ((rc = copy_in_check(l)) != PB_OK || (rc = copy_flush(l)) != PB_OK)
                 return rc;
@@ -521,7 +526,7 @@ PB_API int pb_pg_put_copy_end(pb_lease *l, const char *errmsg, pb_result **out)
     }
     pb_buf tail = { 0 };
     rc = errmsg ? pgp_copy_fail(&tail, errmsg) : pgp_copy_done(&tail);
-    if (rc == PB_OK && l->cbuf.len + tail.len > l->req_size)
+    if (rc == PB_OK && l->cbuf.len + tail.len > pbi_group_limit(l))
         rc = copy_flush(l);
     if (rc == PB_OK)
         rc = pb_buf_append(&l->cbuf, tail.data, tail.len);

@@ -127,9 +127,10 @@ static int append_formatted(pb_lease *l, char *cmd, int len)
         free(cmd);
         return len == -2 ? PB_ENOMEM : PB_EINVAL;
     }
-    if ((uint32_t)len > l->req_size) {
+    int fits = pbi_request_fits(l, (size_t)len);
+    if (fits != PB_OK) {
         free(cmd);
-        return PB_ETOOBIG;
+        return fits;
     }
     uint32_t replies;
     if (changes_session(cmd, (size_t)len, &replies))
@@ -181,18 +182,22 @@ PB_API int pb_redis_append_command_argv(pb_lease *l, int argc, const char **argv
     return append_formatted(l, cmd, len);
 }
 
-/* Send every queued command, as many per write as fit the request buffer. */
+/* Send every queued command, as many per write as fit the request buffer
+ * (and max_request_size);
+ * one that does not fit alone goes by itself, streamed in parts. */
 static int flush_queue(pb_lease *l)
 {
     const uint32_t *ends = (const uint32_t *)l->rends.data;
-    uint32_t start = 0, i = 0;
+    uint32_t start = 0, i = 0, lim = pbi_group_limit(l);
     int rc = PB_OK;
     while (i < l->rqueued) {
         uint32_t nrep = 0, j = i;
-        while (j < l->rqueued && ends[2 * j] - start <= l->req_size) {
+        while (j < l->rqueued && ends[2 * j] - start <= lim) {
             nrep += ends[2 * j + 1];
             j++;
         }
+        if (j == i)
+            nrep = ends[2 * j++ + 1];
         rc = pbi_submit(l, l->rqueue.data + start, ends[2 * (j - 1)] - start, nrep);
         if (rc != PB_OK)
             break;

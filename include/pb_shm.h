@@ -38,7 +38,7 @@
 #include <unistd.h>
 
 #define PB_SHM_MAGIC      0x314B52424C4F4F50ULL   /* "POOLBRK1", little endian */
-#define PB_SHM_VERSION    3u
+#define PB_SHM_VERSION    4u
 #define PB_CACHELINE      64
 #define PB_NAME_MAX       32                      /* pool name incl. NUL */
 #define PB_MAX_POOLS      64
@@ -257,6 +257,10 @@ typedef struct pb_shm_pool {
                                        by the broker before anyone may use it */
     _Atomic uint32_t ident_seq;     /* broker: seqlock over the identity fields above, odd
                                        while it rewrites them (pb_shm_pool_ident_publish) */
+    _Atomic uint32_t max_request_size; /* broker: bytes, the largest request a lease may send
+                                       (it streams through req_size in parts); the library
+                                       refuses a larger one itself, the broker checks again */
+    uint32_t pad1;                  /* nobody: explicit padding (the counters below are 8-byte aligned) */
     char last_error[512];           /* broker; last connect/backend error, one line (every host's
                                        reason of a multi-host conninfo, as far as it fits),
                                        NUL-terminated */
@@ -311,6 +315,23 @@ typedef struct pb_shm_client {
 #define PB_CF_PIN         0x02u     /* pb_pin: state the server does not report; the broker resets
                                        it as SS_PIN (DISCARD ALL / RESET) on release */
 
+/* Streamed requests.  A request larger than the slot's request buffer
+ * (req_size) goes through it in parts, in order: for each part the holder
+ * waits until req_ack == its last req_seq (the buffer is free), copies the
+ * part in, stores req_len (the part's bytes, 1..req_size), req_total (the
+ * whole request's bytes, the same for every part) and req_pos (the part's
+ * offset: 0, then the sum of the parts before), bumps req_seq (release) and
+ * pushes PB_SQ_SUBMIT.  A request that fits is one part (req_pos 0,
+ * req_total == req_len).  The broker copies each part into a private buffer
+ * bounded by the pool's max_request_size and acks it (req_ack) at once,
+ * with io_error 0 after the first part, so the holder writes the next; at
+ * the last part (req_pos + req_len == req_total) it checks and sends the
+ * whole request as it would one that fitted.  Any part out of order, a
+ * length or total that changes or does not add up, or a total over
+ * max_request_size fails the request (io_error, acked): the holder stops
+ * writing parts.  Nothing of the request reaches the backend before its
+ * last part, so a holder that dies, stops or releases mid-stream leaves the
+ * connection clean; the broker frees the parts when the lease ends. */
 typedef struct pb_shm_slot {
     _Atomic uint64_t word;          /* slot word, CAS only (see above) */
     uint32_t pool;                  /* broker, fixed: pool index */
@@ -340,9 +361,12 @@ typedef struct pb_shm_slot {
     /* -- lease holder-written (the first two stamped by the granter) -- */
     _Atomic uint64_t lease_ms;      /* granter: CLOCK_MONOTONIC(_COARSE) ms when leased */
     _Atomic uint32_t client_flags;  /* granter zeroes, holder sets: PB_CF_* */
-    _Atomic uint32_t req_len;       /* client: bytes of request in the request buffer */
+    _Atomic uint32_t req_len;       /* client: bytes of request in the request buffer (this part) */
     _Atomic uint32_t req_seq;       /* client: bumps per submit (release order) */
     _Atomic uint32_t req_ack;       /* broker: last req_seq it took (buffer free again) */
+    _Atomic uint32_t req_total;     /* client: bytes of the whole request; req_len < req_total:
+                                       it streams in parts (see "Streamed requests" above) */
+    _Atomic uint32_t req_pos;       /* client: offset of this part in the request (0: the first) */
     uint8_t preview[PB_CMD_PREVIEW];/* client: first bytes of the current command, for shmstat */
 
     /* reply ring: broker produces (rep_head), lease holder consumes (rep_tail) */
@@ -424,6 +448,43 @@ static inline void pb_slot_stamp_lease(pb_shm_slot *sl, uint64_t now_ms)
     atomic_store_explicit(&sl->lease_ms, now_ms, memory_order_relaxed);
     atomic_store_explicit(&sl->client_flags, 0, memory_order_relaxed);
     atomic_fetch_add_explicit(&sl->uses, 1, memory_order_relaxed);
+}
+
+/* ------------------------------------------------------ streamed requests
+ * Broker: what one part of a request is (see "Streamed requests" above),
+ * from the holder's req_len, req_total and req_pos (read once each,
+ * untrusted) and what the broker holds of the request so far: have bytes
+ * of a request of want bytes (0 and 0 when none is in progress).  req_size
+ * is the slot's buffer, cap the pool's max_request_size.  Pure, so that
+ * fuzz_shm can drive it with any values. */
+enum pb_part {
+    PB_PART_WHOLE = 0,      /* a request that fits: one part, nothing in progress */
+    PB_PART_FIRST,          /* the first part of a streamed one: start it (dropping any in
+                               progress: the holder started over), want = total */
+    PB_PART_NEXT,           /* the next part, in order: append it */
+    PB_PART_BAD_LEN,        /* len is 0 or over req_size */
+    PB_PART_BAD_ORDER,      /* not the next part (pos, total), or a total under its first part */
+    PB_PART_OVERRUN,        /* pos + len past the request's total */
+    PB_PART_TOO_BIG,        /* the request is over cap */
+};
+
+static inline enum pb_part pb_req_part(uint32_t len, uint32_t total, uint32_t pos, uint32_t have,
+                                       uint32_t want, uint32_t req_size, uint32_t cap)
+{
+    if (len == 0 || len > req_size)
+        return PB_PART_BAD_LEN;
+    if (pos == 0) {
+        if (total < len)
+            return PB_PART_BAD_ORDER;
+        if (total > cap)
+            return PB_PART_TOO_BIG;
+        return total == len && have == 0 ? PB_PART_WHOLE : PB_PART_FIRST;
+    }
+    if (have == 0 || pos != have || total != want)
+        return PB_PART_BAD_ORDER;
+    if (len > want - have)
+        return PB_PART_OVERRUN;
+    return PB_PART_NEXT;
 }
 
 /* ------------------------------------------------------------ pool identity

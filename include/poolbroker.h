@@ -48,7 +48,9 @@ enum {
     PB_ENOPOOL   =  -2,  /* no pool of that name */
     PB_EBROKER   =  -3,  /* broker not running, died, or refused the attach */
     PB_EBACKEND  =  -4,  /* backend unreachable, or the connection broke mid-command */
-    PB_ETOOBIG   =  -5,  /* request larger than the pool's request buffer */
+    PB_ETOOBIG   =  -5,  /* request larger than the pool's max_request_size (a request
+                            larger than request_buffer streams through it in parts);
+                            pb_lease_error names the size and the limit */
     PB_ESTALE    =  -6,  /* lease no longer valid (released, reclaimed, forked) */
     PB_EINVAL    =  -7,  /* bad argument */
     PB_ENOMEM    =  -8,  /* out of memory */
@@ -118,6 +120,15 @@ PB_API int pb_release(pb_lease *l);
  * statement (a lease is bound per transaction), which before its first
  * statement may be 0 or the backend of the slot's previous statement. */
 PB_API int pb_lease_backend_pid(const pb_lease *l);
+
+/* What the last PB_ETOOBIG on this lease was about, one line: "request of
+ * N bytes is over the pool's max_request_size of M bytes" (or, when the
+ * broker refused a request the library let through — a reload lowered the
+ * limit meanwhile — "request refused by the broker: over the pool's
+ * max_request_size of M bytes").  "" before any (and for NULL).  The text
+ * belongs to the lease and lives until its release; it does not change on
+ * later successful calls. */
+PB_API const char *pb_lease_error(const pb_lease *l);
 
 /* Say that this lease leaves session state the server does not report, so
  * the broker cannot see it: a session advisory lock (pg_advisory_lock), a
@@ -379,10 +390,12 @@ PB_API void pb_acquire_cancel(pb_acquiring *op);
 
 /* Queue one simple-protocol Query (one or more statements; the result is
  * the last one's, as pb_pg_exec) and submit what the request buffer takes
- * now, without waiting.  Results come from pb_pg_get_result in order, after
- * any statements queued before (pb_pg_send_params queues the same way).
- * Errors: PB_EINVAL, PB_ESTALE, PB_ETYPE, PB_EBUSY (a COPY or a held
- * result), PB_ETOOBIG, PB_ENOMEM, PB_EBROKER. */
+ * now, without waiting (a query larger than the buffer goes in parts, one
+ * each time pb_is_busy or pb_consume_input finds the buffer free).  Results
+ * come from pb_pg_get_result in order, after any statements queued before
+ * (pb_pg_send_params queues the same way).  Errors: PB_EINVAL, PB_ESTALE,
+ * PB_ETYPE, PB_EBUSY (a COPY or a held result), PB_ETOOBIG (over the pool's
+ * max_request_size), PB_ENOMEM, PB_EBROKER. */
 PB_API int pb_pg_send_query(pb_lease *l, const char *sql);
 
 /* Submit what is queued on the lease (PostgreSQL statements or appended
@@ -400,7 +413,9 @@ PB_API int pb_consume_input(pb_lease *l);
 PB_API int pb_is_busy(pb_lease *l);
 
 /* Redis: append a command (as pb_redis_append_command_argv) and submit what
- * fits at once, without waiting.  Errors as pb_redis_append_command_argv. */
+ * fits at once, without waiting (a command larger than the request buffer
+ * goes in parts, one each time pb_redis_poll_reply finds the buffer free).
+ * Errors as pb_redis_append_command_argv. */
 PB_API int pb_redis_send_argv(pb_lease *l, int argc, const char **argv, const size_t *argvlen);
 
 /* Redis: the next reply without waiting.  PB_OK with *out (free it with

@@ -335,7 +335,9 @@ static void test_size_suffixes(void **state)
     assert_int_equal(c->pools[1].request_buffer, 1024);
     assert_int_equal(c->pools[1].reply_buffer, 64u << 20);
     conf_free(c);
-    expect_error(PG_POOL "request_buffer = 1g\n", "t.conf:4:", "key 'request_buffer': '1g' is not a size");
+    expect_error(PG_POOL "request_buffer = 1g\n", "t.conf:4:", "key 'request_buffer': '1g' is out of range (1k..64m)");
+    expect_error(PG_POOL "request_buffer = 1t\n", "t.conf:4:", "key 'request_buffer': '1t' is not a size");
+    expect_error(PG_POOL "max_request_size = 1gb\n", "t.conf:4:", "key 'max_request_size': '1gb' is not a size");
     expect_error(PG_POOL "request_buffer = k\n", "t.conf:4:", "not a size");
     expect_error(PG_POOL "request_buffer = 1kk\n", "t.conf:4:", "not a size");
 }
@@ -352,6 +354,30 @@ static void test_size_limits(void **state)
     assert_int_equal(c->pools[0].request_buffer, 64u << 20);
     assert_int_equal(c->pools[0].reply_buffer, 256u << 20);
     conf_free(c);
+}
+
+/* max_request_size (#18): per pool, defaults from the server's own limit,
+ * the g suffix, and its range (not tied to request_buffer: a request larger
+ * than the buffer streams through it). */
+static void test_max_request_size(void **state)
+{
+    (void)state;
+    conf *c = expect_ok(PG_POOL "[pool r]\ntype = redis\n");
+    assert_int_equal(c->pools[0].max_request_size, 1u << 30);      /* postgres: 1g */
+    assert_int_equal(c->pools[1].max_request_size, 512u << 20);    /* redis: 512m */
+    conf_free(c);
+    c = expect_ok(PG_POOL "max_request_size = 1m\n[pool r]\ntype = redis\nmax_request_size = 2G\n"
+                  "request_buffer = 64k\n[pool s]\ntype = redis\nmax_request_size = 1k\n");
+    assert_int_equal(c->pools[0].max_request_size, 1u << 20);
+    assert_int_equal(c->pools[1].max_request_size, 2u << 30);
+    assert_int_equal(c->pools[2].max_request_size, 1024);          /* under request_buffer: allowed */
+    conf_free(c);
+    expect_error(PG_POOL "max_request_size = 1023\n", "t.conf:4:",
+                 "key 'max_request_size': '1023' is out of range (1k..2g)");
+    expect_error(PG_POOL "max_request_size = 3g\n", "t.conf:4:", "key 'max_request_size': '3g' is out of range (1k..2g)");
+    expect_error(PG_POOL "max_request_size = 2049m\n", "t.conf:4:", "out of range (1k..2g)");
+    expect_error(PG_POOL "max_request_size = -1\n", "t.conf:4:", "key 'max_request_size'");
+    expect_error(PG_POOL "max_request_size = 99999999999999999999g\n", "t.conf:4:", "key 'max_request_size'");
 }
 
 static void test_reply_buffer_rounding(void **state)
@@ -952,6 +978,8 @@ static const range_case ranges[] = {
     { "request_buffer", 0, PG_HEAD, 1024, 64u << 20, "1k", "64m", "1023", "67108865", POFF(request_buffer), 4 },
     { "request_buffer", 0, PG_HEAD, 1024, 64u << 20, "1024", "67108864", "0k", "65537k", POFF(request_buffer), 4 },
     { "reply_buffer", 0, PG_HEAD, 4096, 256u << 20, "4k", "256m", "4095", "257m", POFF(reply_buffer), 4 },
+    { "max_request_size", 0, PG_HEAD, 1024, 2u << 30, "1k", "2g", "1023", "2147483649", POFF(max_request_size), 4 },
+    { "max_request_size", 0, REDIS_HEAD, 1024, 2u << 30, "1024", "2147483648", "0g", "2097153k", POFF(max_request_size), 4 },
     { "reply_buffer", 0, PG_HEAD, 4096, 256u << 20, "4096", "268435456", "3k", "268435457", POFF(reply_buffer), 4 },
 };
 
@@ -1101,6 +1129,7 @@ int main(void)
         cmocka_unit_test(test_reset_values),
         cmocka_unit_test(test_size_suffixes),
         cmocka_unit_test(test_size_limits),
+        cmocka_unit_test(test_max_request_size),
         cmocka_unit_test(test_reply_buffer_rounding),
         cmocka_unit_test(test_unknown_key),
         cmocka_unit_test(test_unknown_section),

@@ -254,6 +254,7 @@ static int setup(void **state)
     cp.max_size = NSLOTS;
     cp.slots = NSLOTS;              /* the fake segment's slots, no headroom (conf_pool_slots) */
     cp.reset_policy = PB_RESET_ROLLBACK;
+    cp.max_request_size = 1u << 20;
     B.pools = calloc(1, sizeof *B.pools);
     B.slots = calloc(NSLOTS, sizeof *B.slots);
     assert_non_null(B.pools);
@@ -291,6 +292,7 @@ static int teardown(void **state)
     (void)state;
     for (uint32_t k = 0; k < P->nconns; k++) {
         free(P->conns[k].sbuf.p);
+        free(P->conns[k].stream.p);
         free(P->conns[k].scratch);
     }
     if (P->backs)
@@ -345,6 +347,8 @@ static void client_submit(conn *c, uint64_t lease, const char *req)
     uint32_t len = (uint32_t)strlen(req);
     memcpy(c->req, req, len);
     atomic_store(&c->slot->req_len, len);
+    atomic_store(&c->slot->req_total, len);
+    atomic_store(&c->slot->req_pos, 0);
     uint32_t seq = atomic_fetch_add(&c->slot->req_seq, 1) + 1;
     conn_submit(c, lease, seq);
     assert_int_equal(atomic_load(&c->slot->req_ack), seq);
@@ -745,6 +749,158 @@ static void test_no_failover_single_host(void **state)
     assert_int_equal(slot_state(a), PB_SLOT_FREE);
 }
 
+/* ---------------------------------------------- streamed requests (#18) */
+
+/* The holder writes bytes [pos, pos + len) of a request of total bytes (all
+ * 'Q' then filler: req[] is the whole request) and submits that part;
+ * returns its req_seq. */
+static uint32_t client_part(conn *c, uint64_t lease, const char *req, uint32_t pos, uint32_t len, uint32_t total)
+{
+    memcpy(c->req, req + pos, len);
+    atomic_store(&c->slot->req_len, len);
+    atomic_store(&c->slot->req_total, total);
+    atomic_store(&c->slot->req_pos, pos);
+    uint32_t seq = atomic_fetch_add(&c->slot->req_seq, 1) + 1;
+    conn_submit(c, lease, seq);
+    return seq;
+}
+
+/* A request of n bytes, 3 of them 'Q' (3 replies owed), in a static buffer. */
+static const char *big_request(uint32_t n)
+{
+    static char req[4096];
+    assert_true(n <= sizeof req);
+    memset(req, '.', n);
+    req[0] = req[n / 2] = req[n - 1] = 'Q';
+    return req;
+}
+
+/* 600 bytes through a 256-byte request buffer: each part is acked at once
+ * and nothing is sent until the last, which sends the whole request. */
+static void test_streamed_request(void **state)
+{
+    (void)state;
+    conn *c = connected();
+    uint64_t lease = client_lease(c);
+    const char *req = big_request(600);
+    uint32_t seq = client_part(c, lease, req, 0, 256, 600);
+    assert_int_equal(atomic_load(&c->slot->req_ack), seq);
+    assert_false(c->send_op.pending);
+    assert_int_equal(c->stream.len, 256);
+    seq = client_part(c, lease, req, 256, 256, 600);
+    assert_int_equal(atomic_load(&c->slot->req_ack), seq);
+    assert_false(c->send_op.pending);
+    seq = client_part(c, lease, req, 512, 88, 600);
+    assert_int_equal(atomic_load(&c->slot->req_ack), seq);
+    assert_true(c->send_op.pending);
+    assert_int_equal(c->send_op.len, 600);
+    assert_memory_equal(c->send_op.buf, req, 600);
+    assert_int_equal(c->expect, 3);
+    assert_int_equal(atomic_load(&c->slot->io_error), 0);
+    assert_null(c->stream.p);           /* the parts became the send buffer */
+    complete(&c->send_op, 600);
+    server_replies(c, "RRR");
+    assert_int_equal(c->expect, 0);
+    client_release(c, lease);
+    assert_int_equal(slot_state(c), PB_SLOT_FREE);
+    assert_int_equal(repairs, 0);
+}
+
+/* Released (or reclaimed) between parts: nothing was sent, the parts are
+ * freed and the connection goes back clean. */
+static void test_stream_released_midway(void **state)
+{
+    (void)state;
+    conn *c = connected();
+    uint64_t lease = client_lease(c);
+    const char *req = big_request(600);
+    client_part(c, lease, req, 0, 256, 600);
+    client_release(c, lease);
+    assert_null(c->stream.p);
+    assert_false(c->send_op.pending);
+    assert_int_equal(c->expect, 0);
+    assert_int_equal(c->phase, PH_READY);
+    assert_int_equal(slot_state(c), PB_SLOT_FREE);
+    /* The holder died mid-stream: taken back the same way. */
+    lease = client_lease(c);
+    client_part(c, lease, req, 0, 256, 600);
+    client_part(c, lease, req, 256, 256, 600);
+    conn_take_back(c, lease, "worker died (test)");
+    assert_null(c->stream.p);
+    assert_false(c->send_op.pending);
+    assert_int_equal(slot_state(c), PB_SLOT_FREE);
+}
+
+/* Parts a holder scribbled: out of order, a changed total, one past the
+ * end, a length over the buffer; each fails the request with PB_EPROTO
+ * (acked, parts freed, a repair counted) and the next request works. */
+static void test_stream_malformed(void **state)
+{
+    (void)state;
+    conn *c = connected();
+    uint64_t lease = client_lease(c);
+    const char *req = big_request(600);
+    static const struct { uint32_t pos, len, total; } bad[] = {
+        { 300, 256, 600 },              /* a gap */
+        { 256, 256, 700 },              /* the total changed */
+        { 256, 256, 400 },              /* past the end (and the total changed) */
+        { 256, 257, 600 },              /* over the buffer */
+        { 0, 256, 100 },                /* a first part over its total */
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        int before = repairs;
+        if (bad[i].pos)
+            client_part(c, lease, req, 0, 256, 600);
+        uint32_t seq = client_part(c, lease, req, bad[i].pos, bad[i].len, bad[i].total);
+        assert_int_equal(atomic_load(&c->slot->req_ack), seq);
+        assert_int_equal(atomic_load(&c->slot->io_error), PB_EPROTO);
+        assert_null(c->stream.p);
+        assert_false(c->send_op.pending);
+        assert_int_equal(repairs, before + 1);
+    }
+    /* The holder starts over at 0 mid-stream: the earlier parts are dropped. */
+    client_part(c, lease, req, 0, 256, 600);
+    client_part(c, lease, req, 0, 256, 600);
+    assert_int_equal(c->stream.len, 256);
+    client_part(c, lease, req, 256, 256, 600);
+    client_part(c, lease, req, 512, 88, 600);
+    assert_true(c->send_op.pending);
+    assert_int_equal(c->send_op.len, 600);
+    complete(&c->send_op, 600);
+    server_replies(c, "RRR");
+    client_submit(c, lease, "Q");
+    server_replies(c, "R");
+    client_release(c, lease);
+    assert_int_equal(slot_state(c), PB_SLOT_FREE);
+}
+
+/* Over max_request_size: refused at the first part (PB_ETOOBIG, no repair:
+ * a limit, not a scribble), also a request that fits the buffer. */
+static void test_stream_over_cap(void **state)
+{
+    (void)state;
+    cp.max_request_size = 512;
+    conn *c = connected();
+    uint64_t lease = client_lease(c);
+    const char *req = big_request(600);
+    uint32_t seq = client_part(c, lease, req, 0, 256, 600);
+    assert_int_equal(atomic_load(&c->slot->req_ack), seq);
+    assert_int_equal(atomic_load(&c->slot->io_error), PB_ETOOBIG);
+    assert_null(c->stream.p);
+    cp.max_request_size = 100;
+    seq = client_part(c, lease, req, 0, 200, 200);
+    assert_int_equal(atomic_load(&c->slot->io_error), PB_ETOOBIG);
+    assert_false(c->send_op.pending);
+    assert_int_equal(repairs, 0);
+    /* The lease goes on. */
+    cp.max_request_size = 1u << 20;
+    client_submit(c, lease, "Q");
+    assert_int_equal(atomic_load(&c->slot->io_error), 0);
+    server_replies(c, "R");
+    client_release(c, lease);
+    assert_int_equal(slot_state(c), PB_SLOT_FREE);
+}
+
 /* ------------------------------------------------- transaction mode */
 
 /* Start the pool's one backend: READY at home, its private record FREE, no
@@ -781,6 +937,8 @@ static void txn_submit_req(conn *h, uint64_t lease, const char *req)
     uint32_t len = (uint32_t)strlen(req);
     memcpy(h->req, req, len);
     atomic_store(&h->slot->req_len, len);
+    atomic_store(&h->slot->req_total, len);
+    atomic_store(&h->slot->req_pos, 0);
     uint32_t seq = atomic_fetch_add(&h->slot->req_seq, 1) + 1;
     conn_submit(h, lease, seq);
 }
@@ -811,6 +969,40 @@ static void test_txn_bind_per_statement(void **state)
     server_replies(b, "R");
     assert_int_equal(atomic_load(&h->slot->rep_head), 2);
     assert_null(h->bound);
+}
+
+/* Transaction mode: the parts of a streamed statement are taken on the
+ * handle with no backend bound; the last part binds one and sends it all. */
+static void test_txn_stream_binds_at_last_part(void **state)
+{
+    (void)state;
+    conn *b = txn_backend();
+    conn *h = &P->conns[0];
+    uint64_t lease = txn_lease(0);
+    const char *req = big_request(600);
+    uint32_t seq = client_part(h, lease, req, 0, 256, 600);
+    assert_int_equal(atomic_load(&h->slot->req_ack), seq);
+    assert_null(h->bound);
+    assert_true(CONN_AT_HOME(b));
+    seq = client_part(h, lease, req, 256, 256, 600);
+    assert_null(h->bound);
+    seq = client_part(h, lease, req, 512, 88, 600);
+    assert_ptr_equal(h->bound, b);
+    assert_int_equal(atomic_load(&h->slot->req_ack), seq);
+    assert_true(b->send_op.pending);
+    assert_int_equal(b->send_op.len, 600);
+    assert_memory_equal(b->send_op.buf, req, 600);
+    complete(&b->send_op, 600);
+    server_replies(b, "RRR");
+    assert_null(h->bound);
+    /* A release mid-stream frees the parts; nothing was bound or sent. */
+    client_part(h, lease, req, 0, 256, 600);
+    uint64_t rel = PB_WORD_NEXT(lease, PB_SLOT_RELEASING, CLIENT_ID);
+    assert_true(atomic_compare_exchange_strong(&h->slot->word, &lease, rel));
+    conn_release(h, rel);
+    assert_null(h->stream.p);
+    assert_false(b->send_op.pending);
+    assert_true(CONN_AT_HOME(b));
 }
 
 /* Transaction mode: the read-only answer drains the backend, not the
@@ -925,6 +1117,10 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_failure_and_close, setup, teardown),
         cmocka_unit_test_setup_teardown(test_close_waits_for_ops, setup, teardown),
         cmocka_unit_test_setup_teardown(test_protocol_error, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_streamed_request, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_stream_released_midway, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_stream_malformed, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_stream_over_cap, setup, teardown),
         cmocka_unit_test_setup_teardown(test_phase_table, setup, teardown),
         cmocka_unit_test_setup_teardown(test_impossible_moves_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_scribbled_release_ignored, setup, teardown),
@@ -932,6 +1128,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_failover_read_pool, setup, teardown),
         cmocka_unit_test_setup_teardown(test_no_failover_single_host, setup, teardown),
         cmocka_unit_test_setup_teardown(test_txn_bind_per_statement, setup_txn, teardown),
+        cmocka_unit_test_setup_teardown(test_txn_stream_binds_at_last_part, setup_txn, teardown),
         cmocka_unit_test_setup_teardown(test_txn_queue_is_fifo, setup_txn, teardown),
         cmocka_unit_test_setup_teardown(test_txn_open_transaction_pins, setup_txn, teardown),
         cmocka_unit_test_setup_teardown(test_txn_release_with_reply_owed, setup_txn, teardown),

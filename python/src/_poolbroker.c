@@ -44,14 +44,29 @@ static PyObject *LibError;          /* _poolbroker.LibError(code, message) */
  * callable: the common types are decoded here, without a Python call. */
 enum { CONV_STR = 0, CONV_INT = 1, CONV_FLOAT = 2, CONV_BOOL = 3 };
 
-static PyObject *raise_lib(int rc, const char *what)
+/* Raise LibError(rc, text, what); returns NULL. */
+static PyObject *raise_text(int rc, const char *text, const char *what)
 {
-    PyObject *args = Py_BuildValue("(iss)", rc, pb_strerror(rc), what);
+    PyObject *args = Py_BuildValue("(iss)", rc, text, what);
     if (args) {
         PyErr_SetObject(LibError, args);
         Py_DECREF(args);
     }
     return NULL;
+}
+
+static PyObject *raise_lib(int rc, const char *what)
+{
+    return raise_text(rc, pb_strerror(rc), what);
+}
+
+/* As raise_lib for a call on lease l: a PB_ETOOBIG carries the library's
+ * own text (pb_lease_error: the request's size and the pool's
+ * max_request_size) in place of pb_strerror's. */
+static PyObject *raise_lease(pb_lease *l, int rc, const char *what)
+{
+    const char *why = rc == PB_ETOOBIG && l ? pb_lease_error(l) : "";
+    return raise_text(rc, *why ? why : pb_strerror(rc), what);
 }
 
 /* ------------------------------------------------------------------ Client */
@@ -535,7 +550,7 @@ static PyObject *Lease_pg_exec(LeaseObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     Py_DECREF(b);
     if (rc != PB_OK)
-        return raise_lib(rc, "run a query");
+        return raise_lease(self->l, rc, "run a query");
     PyObject *out = result_to_py(r, converters);
     pb_result_free(r);
     return out;
@@ -566,7 +581,7 @@ static PyObject *Lease_pg_exec_params(LeaseObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     params_free(&p);
     if (rc != PB_OK)
-        return raise_lib(rc, "run a query");
+        return raise_lease(self->l, rc, "run a query");
     PyObject *out = result_to_py(r, converters);
     pb_result_free(r);
     return out;
@@ -627,7 +642,7 @@ static PyObject *Lease_pg_pipeline(LeaseObject *self, PyObject *args)
     PyThread_release_lock(lock);
     Py_END_ALLOW_THREADS
     if (rc != PB_OK) {
-        raise_lib(rc, "run a pipeline");
+        raise_lease(self->l, rc, "run a pipeline");
     } else if (got != n) {
         raise_lib(PB_EPROTO, "read a pipeline's results (fewer results than statements)");
     } else if ((out = PyList_New(n))) {
@@ -828,7 +843,7 @@ static PyObject *Lease_pg_send_query(LeaseObject *self, PyObject *args)
     PyThread_release_lock(lock);
     Py_DECREF(b);
     if (rc != PB_OK)
-        return raise_lib(rc, "send a query");
+        return raise_lease(self->l, rc, "send a query");
     Py_RETURN_NONE;
 }
 
@@ -852,7 +867,7 @@ static PyObject *Lease_pg_send_params(LeaseObject *self, PyObject *args)
     PyThread_release_lock(lock);
     params_free(&p);
     if (rc != PB_OK)
-        return raise_lib(rc, "send a query");
+        return raise_lease(self->l, rc, "send a query");
     Py_RETURN_NONE;
 }
 
@@ -1024,7 +1039,7 @@ static PyObject *lease_redis_pipeline(LeaseObject *self, PyObject *cmds, int dec
     PyThread_release_lock(lock);
     Py_END_ALLOW_THREADS
     if (rc != PB_OK)
-        raise_lib(rc, "run Redis commands");
+        raise_lease(self->l, rc, "run Redis commands");
     else
         out = replies_to_list(reps, n, decode, err_cls);
 done:
@@ -1068,6 +1083,7 @@ static PyObject *Client_redis_command(ClientObject *self, PyObject *args)
     PyThread_type_lock lock = client_lock(self);
     redisReply *rep = NULL;
     int rc, stage = 0;
+    char why[128] = "";             /* pb_lease_error, kept past the release */
     Py_BEGIN_ALLOW_THREADS
     PyThread_acquire_lock(lock, WAIT_LOCK);
     pb_lease *l = NULL;
@@ -1075,11 +1091,15 @@ static PyObject *Client_redis_command(ClientObject *self, PyObject *args)
     if (rc == PB_OK) {
         stage = 1;
         rc = pb_redis_command_argv(l, a.argc, a.argv, a.lens, &rep);
+        if (rc == PB_ETOOBIG)
+            snprintf(why, sizeof why, "%s", pb_lease_error(l));
         pb_release(l);
     }
     PyThread_release_lock(lock);
     Py_END_ALLOW_THREADS
     rargs_free(&a);
+    if (rc == PB_ETOOBIG && why[0])
+        return raise_text(rc, why, "run a Redis command");
     if (rc != PB_OK)
         return raise_lib(rc, stage ? "run a Redis command" : "acquire a lease");
     PyObject *out = reply_to_py(rep, decode, err_cls);
@@ -1104,7 +1124,7 @@ static PyObject *Lease_redis_send(LeaseObject *self, PyObject *args)
     PyThread_release_lock(lock);
     rargs_free(&a);
     if (rc != PB_OK)
-        return raise_lib(rc, "send a Redis command");
+        return raise_lease(self->l, rc, "send a Redis command");
     Py_RETURN_NONE;
 }
 

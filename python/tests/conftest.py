@@ -190,17 +190,24 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.asyncio)
 
 
-@pytest.fixture(scope="module")
-def env():
+def env_for(pools=POOLS):
+    """A module's Env on pools (a [pool] text, formatted as POOLS is),
+    stopped and checked at the end: the body of a module-scoped env
+    fixture (a module with pools of its own defines its own env with it)."""
     e = Env()
     try:
-        e.start()
+        e.start(pools)
     except BaseException:
         e.stop()
         raise
     yield e
     problems = e.stop()
     assert not problems, problems
+
+
+@pytest.fixture(scope="module")
+def env():
+    yield from env_for()
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@
  * include/pb_shm.h that the broker, the client library and shmstat all run on
  * memory any worker can scribble on: the free map (pb_freemap_take, _put,
  * _repair), the word macros (PB_WORD*, PB_SQE*, PB_WAITW*, PB_CLIENT_INDEX)
- * and the histogram buckets (pb_shm_hist_bucket / _add).
+ * the histogram buckets (pb_shm_hist_bucket / _add), and the broker's verdict
+ * on the parts of a streamed request (pb_req_part).
  *
  * (The attach handshake's checks are fuzz_attach.c's, which calls the real
  * code in broker/attach.c and client/attachcheck.c.)
@@ -29,6 +30,11 @@
  *   macros  round-trip every field, masks never spill into neighbours.
  *   hist    bucket < PB_HIST_BUCKETS and us falls inside the bucket's bounds;
  *           pb_shm_hist_add counts into exactly that bucket.
+ *   parts   any req_len/req_total/req_pos a holder writes, applied as the
+ *           broker applies the verdict: what it holds never passes the
+ *           request's total, the total never passes max_request_size, no
+ *           part is over the buffer; a holder following the protocol gets
+ *           WHOLE for a request that fits, else FIRST, NEXT..., complete.
  */
 #include <assert.h>
 #include <stdint.h>
@@ -208,6 +214,66 @@ static void check_hist(uint64_t us)
     assert(atomic_load(&h.bucket[b]) == before + 1 && atomic_load(&h.count) == count + 1);
 }
 
+/* Apply verdict v to the broker's model (have of want bytes) and check it. */
+static void apply_part(enum pb_part v, uint32_t len, uint32_t total, uint32_t pos, uint32_t *have, uint32_t *want,
+                       uint32_t req_size, uint32_t cap)
+{
+    switch (v) {
+    case PB_PART_WHOLE:
+        assert(*have == 0 && pos == 0 && len == total && len <= req_size && len <= cap && len > 0);
+        *want = 0;
+        return;
+    case PB_PART_FIRST:
+        assert(pos == 0 && len > 0 && len <= req_size && len <= total && total <= cap);
+        *have = len;
+        *want = total;
+        break;
+    case PB_PART_NEXT:
+        assert(pos == *have && total == *want && *have > 0 && len > 0 && len <= req_size);
+        *have += len;
+        break;
+    default:
+        assert(v <= PB_PART_TOO_BIG);
+        *have = *want = 0;          /* the request failed: dropped */
+        return;
+    }
+    assert(*have <= *want && *want <= cap);
+    if (*have == *want)
+        *have = *want = 0;          /* complete: sent */
+}
+
+/* A stream of parts: a well-behaved holder's (split by req_size) or any values. */
+static void check_parts(in *s)
+{
+    uint32_t req_size = 1 + (uint32_t)(take_bytes(s, 2) % 4096);
+    uint32_t cap = (uint32_t)take_bytes(s, 3);
+    uint32_t have = 0, want = 0;
+    if (take_bytes(s, 1) & 1) {
+        uint32_t total = 1 + (uint32_t)(take_bytes(s, 2) % 65536);
+        for (uint32_t pos = 0; pos < total;) {
+            uint32_t len = total - pos < req_size ? total - pos : req_size;
+            enum pb_part v = pb_req_part(len, total, pos, have, want, req_size, cap);
+            if (total > cap) {
+                assert(v == PB_PART_TOO_BIG);
+                return;
+            }
+            assert(v == (total <= req_size ? PB_PART_WHOLE : pos == 0 ? PB_PART_FIRST : PB_PART_NEXT));
+            apply_part(v, len, total, pos, &have, &want, req_size, cap);
+            pos += len;
+        }
+        assert(have == 0 && want == 0);
+        return;
+    }
+    for (int k = 0; k < 16 && s->n; k++) {
+        uint32_t len = (uint32_t)take_bytes(s, 2), total = (uint32_t)take_bytes(s, 3);
+        uint32_t pos = take_bytes(s, 1) & 1 ? have : (uint32_t)take_bytes(s, 3);
+        if (take_bytes(s, 1) & 1)
+            total = want ? want : total;
+        apply_part(pb_req_part(len, total, pos, have, want, req_size, cap), len, total, pos, &have, &want,
+                   req_size, cap);
+    }
+}
+
 /* Start state: any map bits (also past cap), mostly FREE slots, other states
  * valid or not, any owner, generations often just below the wrap. */
 NOCOV static void fill(pb_shm_pool *p, pb_shm_slot *slots, uint32_t cap, uint64_t x, unsigned density)
@@ -246,7 +312,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     int ops = 0;
     while (s.n && ops++ < 96) {
-        unsigned op = (unsigned)take_bytes(&s, 1) % 8;
+        unsigned op = (unsigned)take_bytes(&s, 1) % 9;
         switch (op) {
         case 0: {       /* take, as a client (LEASED) or the broker (RESETTING) or anything */
             unsigned state = (unsigned)take_bytes(&s, 1);
@@ -299,6 +365,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             }
             break;
         }
+        case 8:
+            check_parts(&s);
+            break;
         }
     }
     return 0;
