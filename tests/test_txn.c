@@ -198,7 +198,17 @@ static void test_session_state_pins_and_resets(void **state)
     (void)state;
     pb_client *c = pbt_cli(&env);
 
+    /* txq opens its one connection at its first statement and gives a
+     * queued statement only 400 ms: on a loaded machine the connect alone
+     * can take longer, so wait for it here, not in the first SET. */
     pb_lease *a = pbt_lease(c, "txq", 5000);
+    int rc = PB_ETIMEDOUT;
+    for (int i = 0; i < 50 && rc == PB_ETIMEDOUT; i++) {
+        pb_result *w = NULL;
+        rc = pb_pg_exec(a, "SELECT 1", &w);
+        pb_result_free(w);
+    }
+    assert_int_equal(rc, PB_OK);
     exec_ok(a, "SET application_name = 'pinned_by_set'");
     exec_ok(a, "CREATE TEMP TABLE t_pin(x int)");
     exec_ok(a, "INSERT INTO t_pin VALUES (7)");
