@@ -513,11 +513,8 @@ void control_sweep(broker *b)
 {
     uint32_t n = b->max_clients < SWEEP_RECORDS ? b->max_clients : SWEEP_RECORDS;
     for (uint32_t k = 0; k < n; k++) {
-        uint32_t i = b->sweep_next++;
-        if (b->sweep_next >= b->max_clients)
-            b->sweep_next = 0;
-        if (i >= b->max_clients)
-            i = 0;                  /* cannot happen: sweep_next stays below max_clients */
+        uint32_t i = b->sweep_next;  /* broker-private, always below max_clients */
+        b->sweep_next = i + 1 < b->max_clients ? i + 1 : 0;
         client *cl = &b->clients[i];
         pb_shm_client *sc = &b->shm_clients[i];
         int live = cl->attached && !cl->dead;

@@ -243,8 +243,8 @@ typedef struct pb_shm_header {
     _Atomic uint64_t work_sq_entries;    /* submission entries handled, however found */
     _Atomic uint64_t work_janitor_passes;/* janitor passes */
     _Atomic uint64_t work_sweep_records; /* client records the janitor's sweep looked at: a
-                                            fixed number a pass (SWEEP_RECORDS in the broker's
-                                            broker.h), whatever is attached */
+                                            fixed number a pass (SWEEP_RECORDS,
+                                            broker/broker.h), whatever is attached */
     _Atomic uint64_t work_sweep_rings;   /* rings that sweep found entries on (a doorbell bit
                                             cleared by a worker, or set after the scan looked) */
 } pb_shm_header;
