@@ -12,9 +12,10 @@
  *     IDLE attached processes that do nothing.  Beside them, the rings
  *     drained per query and the bitmap words read per doorbell scan stay
  *     where they were alone (a scan of every attached ring would drain about
- *     IDLE more per scan; a scan of the whole bitmap would read max_clients
- *     / 64 = 16 words); a ring is drained from the bitmap at most once per
- *     entry pushed; and the janitor's sweep looks at no more than
+ *     IDLE more per scan), and a doorbell scan reads at most the two words
+ *     the busy processes' records sit in (a scan of the whole bitmap would
+ *     read max_clients / 64 = 16); a ring is drained from the bitmap at most
+ *     once per entry pushed; and the janitor's sweep looks at no more than
  *     SWEEP_RECORDS (256) client records a pass, attached or not.
  *
  * shmstat --json shows the same counters.  Children block on a pipe until
@@ -322,9 +323,12 @@ static void test_work_flat_beside_idle(void **state)
     double words_beside = beside.scans ? (double)beside.scan_words / (double)beside.scans : 0;
     print_message("rings drained per query %.2f alone, %.2f beside %d idle; bitmap words per scan %.2f, %.2f\n",
                   rings_alone, rings_beside, IDLE, words_alone, words_beside);
-    /* Flat: scanning every attached ring would add about IDLE per scan. */
-    assert_true(rings_beside <= rings_alone * 1.25 + 0.25);
-    assert_true(words_beside <= words_alone * 1.25 + 0.25);
+    /* Flat: less than one more ring per query (how entries batch into a
+     * scan moves it by a few tenths), where scanning every attached ring
+     * would add about IDLE per scan.  (Words per scan are bounded by
+     * check_bounds: the busy processes' records span one or two words
+     * wherever the idle ones put them.) */
+    assert_true(rings_beside < rings_alone + 1.0);
 
     /* shmstat shows the counters. */
     size_t jn = 1u << 20;
