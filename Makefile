@@ -48,7 +48,7 @@ INTEG_TESTS := test_harness_selftest test_pg test_redis test_pgext test_ops \
                test_access test_secrets test_rogue \
                test_async test_republish test_limits test_shrink test_not_ready test_redis_session \
                test_session_state test_txn \
-               test_failover test_wait_many test_reload test_pubsub test_bigreq
+               test_failover test_wait_many test_idle_scan test_reload test_pubsub test_bigreq
 # Script-level tests of the tools (tests/*.sh), run once (not per io backend).
 SCRIPT_TESTS := test_tools
 # Integration files run once more with every pool in transaction mode

@@ -291,7 +291,6 @@ typedef struct client {
     uint32_t reuse;          /* how often the record was reused (for ids) */
     int dead;                /* waiting for its ops to finish before reuse */
     int attached;            /* handshake done */
-    uint32_t active_pos;     /* our place in broker.active */
 } client;
 
 typedef struct broker {
@@ -327,8 +326,16 @@ typedef struct broker {
     uint32_t max_clients;
     uint32_t nattached;
     uint32_t repairs;        /* shm_note_repair: published in hdr->repairs */
-    uint32_t *active;        /* indices of attached clients, nattached of them */
+    uint32_t sweep_next;     /* the client record the janitor's sweep looks at next */
     uint32_t last_sq_seq;
+    /* The broker's work (header.work_*, published by each janitor pass):
+     * main-loop iterations; doorbell scans, the sq_ready words and rings they
+     * read; submission entries; janitor passes, and the client records and
+     * non-empty rings its sweep found. */
+    struct {
+        uint64_t loop_passes, scans, scan_words, scan_rings, sq_entries;
+        uint64_t janitor_passes, sweep_records, sweep_rings;
+    } work;
     uint32_t lifeline_tid;   /* tid of the lifeline thread (lifeline.c); 0 = none */
     uint32_t inflight;       /* connections with replies outstanding */
     conn *mux_flush;         /* backends in mux use with requests to send (txn_mux_flush) */
@@ -370,6 +377,11 @@ uint64_t now_ms(void);
 int shm_create(broker *b);
 void shm_destroy(broker *b, int unlink_it);
 void shm_republish(broker *b);
+/* Republish client record i's broker-owned fields (id, pid, sq_head); the
+ * janitor's sweep calls it for a slice of the table each pass. */
+void shm_republish_client(broker *b, uint32_t i);
+/* Store broker.work into the header's work_* counters. */
+void shm_publish_work(broker *b);
 /* Count one thing a worker scribbled that the broker found and undid
  * (the caller logs what it was). */
 void shm_note_repair(broker *b);
@@ -390,8 +402,14 @@ int control_listen(broker *b);
 void control_close(broker *b);
 /* Drain the submission rings whose doorbell bit is set (each loop pass). */
 void control_scan_rings(broker *b);
-/* Drain every attached client's ring (the janitor's backstop for cleared bits). */
-void control_scan_all(broker *b);
+/* Client records the janitor's sweep looks at per pass (control_sweep). */
+#define SWEEP_RECORDS 256u
+/* The janitor's sweep: the next SWEEP_RECORDS client records (round the
+ * table): republish the broker's fields of each, drain the ring of each
+ * attached one whatever its doorbell bit says (the backstop for a bit a
+ * worker cleared).  Its work per pass is bounded whatever is attached; it
+ * goes round the table every max_clients / SWEEP_RECORDS passes. */
+void control_sweep(broker *b);
 void client_gone(broker *b, client *cl, const char *why);
 client *client_by_id(broker *b, uint32_t id);
 

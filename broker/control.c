@@ -9,7 +9,9 @@
  * the socket stays open so that either side sees the other go (EOF), and the
  * pidfd tells us when the process itself has died, whatever killed it.
  *
- * control_scan_rings() drains every attached client's submission ring.  Each
+ * control_scan_rings() drains the submission rings whose doorbell bit is set,
+ * and the janitor's control_sweep() looks at a fixed slice of the client
+ * table each pass (so neither costs more with more processes attached).  Each
  * entry is client-written, so it is read once and every field is checked
  * before use; a bad entry is logged and skipped.
  */
@@ -298,8 +300,6 @@ static void attach(broker *b, client *cl, const uint8_t *buf, int len)
     atomic_store_explicit(&sc->id, cl->id, memory_order_release);
 
     cl->attached = 1;
-    cl->active_pos = b->nattached;
-    b->active[b->nattached] = cl->idx;
     b->nattached++;
     atomic_store(&b->hdr->clients_attached, b->nattached);
     send_answer(b, cl->ctrl_fd, PB_OK, cl, (pb_attach_refusal){ 0 });
@@ -389,10 +389,7 @@ void client_gone(broker *b, client *cl, const char *why)
     atomic_store(&sc->pid, 0);
     cl->id = 0;
     cl->dead = 1;
-    /* Out of the active list: the last one takes our place. */
-    uint32_t last = b->active[--b->nattached];
-    b->active[cl->active_pos] = last;
-    b->clients[last].active_pos = cl->active_pos;
+    b->nattached--;
     atomic_store(&b->hdr->clients_attached, b->nattached);
     /* End both operations; the record is reused once their callbacks ran. */
     shutdown(cl->ctrl_fd, SHUT_RDWR);
@@ -469,6 +466,7 @@ static void drain_ring(broker *b, client *cl)
     while (cl->sq_head != tail) {
         uint64_t e = atomic_load_explicit(&sc->sq[cl->sq_head & (PB_SQ_ENTRIES - 1)], memory_order_relaxed);
         cl->sq_head++;
+        b->work.sq_entries++;
         handle_sqe(b, cl, e);
         if (!cl->attached || cl->dead)
             break;
@@ -477,18 +475,25 @@ static void drain_ring(broker *b, client *cl)
 }
 
 /* The rings whose doorbell bit is set (header.sq_ready): the work is the
- * bitmap's words (max_clients / 64) plus the rings that have entries, never
- * one look per attached client.  A bit is taken (exchanged to 0) before its
- * ring is read, so a push that lands meanwhile sets it again for the next
- * pass.  Bits are worker-written: one for a record that is not attached is
- * ignored; one a worker cleared is found by control_scan_all. */
+ * words the summary (sq_ready_sum) names plus the rings that have entries,
+ * never one look per attached client nor per max_clients / 64 words.  The
+ * summary, then each word, is taken (exchanged to 0) before the rings are
+ * read: a push that lands meanwhile sets its bits again for the next pass
+ * (it sets the word's bit before the summary's, so a summary bit we took
+ * always leads to a word that already holds the push's bit).  Bits are
+ * worker-written: one for a record that is not attached is ignored; one a
+ * worker cleared is found by the janitor's sweep (control_sweep). */
 void control_scan_rings(broker *b)
 {
     b->last_sq_seq = atomic_load(&b->hdr->sq_seq);
-    uint32_t nwords = (b->max_clients + 63) / 64;
-    for (uint32_t wi = 0; wi < nwords; wi++) {
-        if (!atomic_load_explicit(&b->hdr->sq_ready[wi], memory_order_relaxed))
-            continue;
+    b->work.scans++;
+    uint64_t sum = atomic_exchange(&b->hdr->sq_ready_sum, 0);
+    while (sum) {
+        uint32_t wi = (uint32_t)__builtin_ctzll(sum);
+        sum &= sum - 1;
+        if (wi * 64 >= b->max_clients)
+            continue;               /* a bit no record has: scribbled */
+        b->work.scan_words++;
         uint64_t m = atomic_exchange(&b->hdr->sq_ready[wi], 0);
         while (m) {
             uint32_t i = wi * 64 + (uint32_t)__builtin_ctzll(m);
@@ -496,23 +501,28 @@ void control_scan_rings(broker *b)
             if (i >= b->max_clients)
                 continue;
             client *cl = &b->clients[i];
-            if (cl->attached && !cl->dead)
+            if (cl->attached && !cl->dead) {
+                b->work.scan_rings++;
                 drain_ring(b, cl);
+            }
         }
     }
 }
 
-/* Every attached client's ring, bits or not (the janitor, each pass: an
- * entry whose bit a worker cleared waits at most one pass). */
-void control_scan_all(broker *b)
+void control_sweep(broker *b)
 {
-    /* Walk backwards so a client removed meanwhile (client_gone swaps the
-     * last into its place) cannot make us skip one. */
-    for (uint32_t k = b->nattached; k-- > 0;) {
-        if (k >= b->nattached)
-            continue;
-        client *cl = &b->clients[b->active[k]];
-        if (cl->attached && !cl->dead)
+    uint32_t n = b->max_clients < SWEEP_RECORDS ? b->max_clients : SWEEP_RECORDS;
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t i = b->sweep_next;  /* broker-private, always below max_clients */
+        b->sweep_next = i + 1 < b->max_clients ? i + 1 : 0;
+        client *cl = &b->clients[i];
+        pb_shm_client *sc = &b->shm_clients[i];
+        int live = cl->attached && !cl->dead;
+        b->work.sweep_records++;
+        shm_republish_client(b, i);
+        if (live && atomic_load_explicit(&sc->sq_tail, memory_order_relaxed) != cl->sq_head) {
+            b->work.sweep_rings++;
             drain_ring(b, cl);
+        }
     }
 }

@@ -13,8 +13,11 @@
  *   - warn once about leases held longer than leak_threshold_ms, and take
  *     back those held longer than max_lease_ms;
  *   - undo what a buggy worker scribbled over the segment: the broker-owned
- *     fields are rewritten from private copies (shm_republish), and slot
- *     words that cannot be right are taken back (repair_word).
+ *     fields are rewritten from private copies (shm_republish; the client
+ *     records SWEEP_RECORDS a pass, control_sweep, which also drains rings
+ *     whose doorbell bit a worker cleared), and slot words that cannot be
+ *     right are taken back (repair_word);
+ *   - store the broker's work counters in the header (shm_publish_work).
  */
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -195,8 +198,9 @@ static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
 void janitor_run(broker *b)
 {
     atomic_store(&b->hdr->heartbeat_ms, b->now_ms);
+    b->work.janitor_passes++;
     shm_republish(b);
-    control_scan_all(b);
+    control_sweep(b);
     for (uint32_t i = 0; i < b->npools; i++) {
         pool *p = &b->pools[i];
         uint32_t free_count = 0;
@@ -215,4 +219,5 @@ void janitor_run(broker *b)
         pool_maybe_grow(p);
         settings_trial_tick(p);
     }
+    shm_publish_work(b);
 }

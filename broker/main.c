@@ -219,8 +219,7 @@ static int setup(broker *b)
     b->listen_fd = -1;
     b->max_clients = b->cf->max_clients;
     b->clients = calloc(b->max_clients, sizeof *b->clients);
-    b->active = calloc(b->max_clients, sizeof *b->active);
-    if (!b->clients || !b->active)
+    if (!b->clients)
         return -1;
     for (uint32_t i = 0; i < b->max_clients; i++)
         b->clients[i].ctrl_fd = b->clients[i].pidfd = -1;
@@ -289,6 +288,7 @@ static void run(broker *b)
     b->next_janitor_ms = b->now_ms + janitor_ms;
     while (!b->stop) {
         b->now_ms = now_ms();
+        b->work.loop_passes++;
         int work = 0;
         if (atomic_load(&b->hdr->sq_seq) != b->last_sq_seq) {
             control_scan_rings(b);
@@ -433,7 +433,6 @@ int main(int argc, char **argv)
         settings_trial_free(&b->pools[i]);
     pools_free(b);
     free(b->clients);
-    free(b->active);
     for (uint32_t i = 0; i < b->nold_confs; i++)
         conf_free(b->old_confs[i]);
     free(b->old_confs);

@@ -183,9 +183,11 @@ void shm_note_repair(broker *b)
     } while (0)
 
 /* Rewrite every field of the segment that only the broker owns, from its
- * private copies (janitor, each pass).  A worker that scribbles over the
- * segment can break its own leases, but not the segment's description:
- * within a janitor period everything is as the broker made it again.  A field
+ * private copies (janitor, each pass; the client records a slice a pass, see
+ * control_sweep).  A worker that scribbles over the segment can break its
+ * own leases, but not the segment's description: within a janitor period
+ * (the client table: within one round of the sweep) everything is as the
+ * broker made it again.  A field
  * is written only when it differs from the copy, so a concurrent reader sees
  * either the scribble or the repair, never a value in between; the pool
  * names (several bytes) go through the pool's seqlock (pb_pool_ident). */
@@ -240,15 +242,34 @@ void shm_republish(broker *b)
                 ASET_IF(sl->rep_owed, c->expect);
         }
     }
-    for (uint32_t i = 0; i < b->max_clients; i++) {
-        client *cl = &b->clients[i];
-        pb_shm_client *sc = &b->shm_clients[i];
-        int live = cl->attached && !cl->dead;
-        ASET_IF(sc->id, live ? cl->id : 0);
-        ASET_IF(sc->pid, live ? (int32_t)cl->pid : 0);
-        if (live)
-            ASET_IF(sc->sq_head, cl->sq_head);
-    }
+    /* The client records: a slice of them each pass (control_sweep), so
+     * that this pass's work does not grow with max_clients. */
+}
+
+void shm_republish_client(broker *b, uint32_t i)
+{
+    client *cl = &b->clients[i];
+    pb_shm_client *sc = &b->shm_clients[i];
+    int live = cl->attached && !cl->dead;
+    ASET_IF(sc->id, live ? cl->id : 0);
+    ASET_IF(sc->pid, live ? (int32_t)cl->pid : 0);
+    if (live)
+        ASET_IF(sc->sq_head, cl->sq_head);
+}
+
+/* Store the broker's private work counters (broker.work) in the header
+ * (janitor, each pass). */
+void shm_publish_work(broker *b)
+{
+    pb_shm_header *h = b->hdr;
+    atomic_store_explicit(&h->work_loop_passes, b->work.loop_passes, memory_order_relaxed);
+    atomic_store_explicit(&h->work_scans, b->work.scans, memory_order_relaxed);
+    atomic_store_explicit(&h->work_scan_words, b->work.scan_words, memory_order_relaxed);
+    atomic_store_explicit(&h->work_scan_rings, b->work.scan_rings, memory_order_relaxed);
+    atomic_store_explicit(&h->work_sq_entries, b->work.sq_entries, memory_order_relaxed);
+    atomic_store_explicit(&h->work_janitor_passes, b->work.janitor_passes, memory_order_relaxed);
+    atomic_store_explicit(&h->work_sweep_records, b->work.sweep_records, memory_order_relaxed);
+    atomic_store_explicit(&h->work_sweep_rings, b->work.sweep_rings, memory_order_relaxed);
 }
 
 void shm_destroy(broker *b, int unlink_it)

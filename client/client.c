@@ -538,11 +538,14 @@ static int sq_push(pb_client *c, uint64_t e)
     atomic_store_explicit(&rec->sq_tail, tail + 1, memory_order_release);
     c->sq_tail = tail + 1;
     /* Our doorbell bit, after the tail (the broker drains only the rings
-     * whose bit it finds set), then the sequence it watches.  Always the
-     * RMW, never "already set, skip it": the broker's exchange must read a
-     * write made after our tail store, or our entry waits for the janitor. */
+     * whose bit it finds set), then our word's bit in the summary (the
+     * broker reads only the words it names), then the sequence it watches.
+     * Always the RMWs, never "already set, skip it": the broker's exchanges
+     * must read writes made after our tail store, or our entry waits for the
+     * janitor's sweep. */
     uint32_t ri = PB_CLIENT_INDEX(c->id);
     atomic_fetch_or(&c->hdr->sq_ready[ri / 64], 1ull << (ri % 64));
+    atomic_fetch_or(&c->hdr->sq_ready_sum, 1ull << (ri / 64));
     atomic_fetch_add(&c->hdr->sq_seq, 1);
     uint32_t sleeping = 1;
     if (atomic_load(&c->hdr->broker_sleeping) &&

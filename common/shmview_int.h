@@ -50,6 +50,10 @@ typedef struct broker_view {
     int64_t uptime_ms;
     uint32_t clients_attached;
     uint32_t repairs;               /* scribbles the broker found and undid */
+    /* The broker's work counters (header.work_*, see pb_shm.h), as stored by
+     * its last janitor pass. */
+    uint64_t loop_passes, scans, scan_words, scan_rings, sq_entries;
+    uint64_t janitor_passes, sweep_records, sweep_rings;
 } broker_view;
 
 typedef struct pool_view {

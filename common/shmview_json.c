@@ -56,8 +56,14 @@ static void json_broker(FILE *out, const broker_view *b)
     json_num(out, b->heartbeat_age_ms == V_NONE ? V_UNKNOWN : b->heartbeat_age_ms);
     fputs(", \"uptime_ms\": ", out);
     json_num(out, b->uptime_ms);
-    fprintf(out, ", \"clients_attached\": %" PRIu32 ", \"segment_repairs\": %" PRIu32 "}", b->clients_attached,
+    fprintf(out, ", \"clients_attached\": %" PRIu32 ", \"segment_repairs\": %" PRIu32, b->clients_attached,
             b->repairs);
+    fprintf(out,
+            ", \"work\": {\"loop_passes\": %" PRIu64 ", \"scans\": %" PRIu64 ", \"scan_words\": %" PRIu64
+            ", \"scan_rings\": %" PRIu64 ", \"sq_entries\": %" PRIu64 ", \"janitor_passes\": %" PRIu64
+            ", \"sweep_records\": %" PRIu64 ", \"sweep_rings\": %" PRIu64 "}}",
+            b->loop_passes, b->scans, b->scan_words, b->scan_rings, b->sq_entries, b->janitor_passes,
+            b->sweep_records, b->sweep_rings);
 }
 
 static void json_pool(FILE *out, const pool_view *pv)

@@ -364,6 +364,14 @@ static void broker_view_fill(broker_view *b, const snapshot *s)
     b->uptime_ms = h->start_ms ? sv_age_ms(s->real_ms, h->start_ms) : V_UNKNOWN;
     b->clients_attached = h->clients_attached;
     b->repairs = h->repairs;
+    b->loop_passes = h->work_loop_passes;
+    b->scans = h->work_scans;
+    b->scan_words = h->work_scan_words;
+    b->scan_rings = h->work_scan_rings;
+    b->sq_entries = h->work_sq_entries;
+    b->janitor_passes = h->work_janitor_passes;
+    b->sweep_records = h->work_sweep_records;
+    b->sweep_rings = h->work_sweep_rings;
     int starting = h->state == PB_BROKER_STARTING && b->heartbeat_age_ms == V_NONE;
     b->responding = b->alive && (starting || (b->heartbeat_age_ms >= 0 &&
                                               b->heartbeat_age_ms <= HEARTBEAT_STALE_MS));

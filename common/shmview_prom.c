@@ -137,6 +137,20 @@ static void prom_broker(FILE *out, const view *v, unsigned flags)
     prom_head(out, "segment_repairs_total", "counter",
               "Things a worker wrote into shared memory that the broker found impossible and undid.");
     fprintf(out, "poolbroker_segment_repairs_total %" PRIu32 "\n", b->repairs);
+    prom_head(out, "broker_work_total", "counter",
+              "The broker's work by kind (as of its last janitor pass); per query it must not grow with "
+              "broker_clients_attached.");
+    const struct {
+        const char *kind;
+        uint64_t v;
+    } work[] = {
+        { "loop_passes", b->loop_passes },     { "scans", b->scans },
+        { "scan_words", b->scan_words },       { "scan_rings", b->scan_rings },
+        { "sq_entries", b->sq_entries },       { "janitor_passes", b->janitor_passes },
+        { "sweep_records", b->sweep_records }, { "sweep_rings", b->sweep_rings },
+    };
+    for (size_t i = 0; i < sizeof work / sizeof work[0]; i++)
+        fprintf(out, "poolbroker_broker_work_total{kind=\"%s\"} %" PRIu64 "\n", work[i].kind, work[i].v);
     if ((flags & SHMVIEW_PROM_UPTIME) && b->uptime_ms >= 0) {
         prom_head(out, "uptime_seconds", "gauge", "Seconds since the broker started.");
         fprintf(out, "poolbroker_uptime_seconds %" PRId64 ".%03" PRId64 "\n", b->uptime_ms / 1000,

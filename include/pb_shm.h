@@ -83,6 +83,7 @@ enum pb_slot_state {
 #define PB_MAX_CLIENTS       ((1u << PB_CLIENT_INDEX_BITS) - 1)
 #define PB_CLIENT_INDEX(id)  (((id) & ((1u << PB_CLIENT_INDEX_BITS) - 1)) - 1)
 #define PB_SQ_READY_WORDS    ((PB_MAX_CLIENTS + 63) / 64)   /* header.sq_ready: a bit per record */
+_Static_assert(PB_SQ_READY_WORDS <= 64, "header.sq_ready_sum has one bit per sq_ready word");
 
 /* The broker's lifeline (header.lifeline): the tid of a broker thread that
  * lives exactly as long as the broker process, with FUTEX_WAITERS always set
@@ -213,15 +214,39 @@ typedef struct pb_shm_header {
                                          CASes it 1→0 writes the doorbell eventfd */
     _Atomic uint32_t sq_seq;          /* clients: bump after each SQ push (broker skips
                                          looking at sq_ready when unchanged) */
+    _Atomic uint64_t sq_ready_sum;    /* clients: bit w set (fetch_or) after setting a bit of
+                                         sq_ready[w]; the broker exchanges it with 0 and
+                                         reads only the words it names */
     /* Which submission rings have entries: bit i = client record i pushed
      * since the broker last looked.  A client sets its bit (fetch_or, after
-     * the release store of its tail); the broker exchanges each non-zero word
-     * with 0 and drains only those rings, so its work per submission does not
-     * grow with the number of attached processes.  Untrusted: any worker can
-     * set or clear any bit; a set bit of a record that is not attached is
-     * ignored, and a cleared one is found by the janitor's full scan. */
+     * the release store of its tail), then its word's bit in sq_ready_sum;
+     * the broker exchanges the summary, then each word it names, with 0 and
+     * drains only those rings, so its work per submission grows neither with
+     * the number of attached processes nor with max_clients.  Untrusted: any
+     * worker can set or clear any bit; a set bit of a record that is not
+     * attached is ignored, and a cleared one is found by the janitor's sweep. */
     _Alignas(PB_CACHELINE)
     _Atomic uint64_t sq_ready[PB_SQ_READY_WORDS];
+    /* The broker's work, counted so that it can be shown not to grow with the
+     * number of attached processes (issue #19): the broker counts in private
+     * and stores the totals here at each janitor pass, so they lag by up to
+     * one pass (100 ms).  Compare differences over a run, divided by the
+     * queries of that run.  Broker-written, relaxed stores; shmstat and
+     * /metrics show them. */
+    _Alignas(PB_CACHELINE)
+    _Atomic uint64_t work_loop_passes;   /* main-loop iterations */
+    _Atomic uint64_t work_scans;         /* doorbell scans: iterations that found sq_seq moved */
+    _Atomic uint64_t work_scan_words;    /* sq_ready words those scans read (the words
+                                            sq_ready_sum named, not max_clients / 64) */
+    _Atomic uint64_t work_scan_rings;    /* rings those scans drained: the set bits of
+                                            attached records */
+    _Atomic uint64_t work_sq_entries;    /* submission entries handled, however found */
+    _Atomic uint64_t work_janitor_passes;/* janitor passes */
+    _Atomic uint64_t work_sweep_records; /* client records the janitor's sweep looked at: a
+                                            fixed number a pass (SWEEP_RECORDS,
+                                            broker/broker.h), whatever is attached */
+    _Atomic uint64_t work_sweep_rings;   /* rings that sweep found entries on (a doorbell bit
+                                            cleared by a worker, or set after the scan looked) */
 } pb_shm_header;
 
 /* Fixed-bucket histograms: bucket i counts values < 2^i * 16 µs (the last is

@@ -232,11 +232,12 @@ static void rogue(uint64_t seed, int rate)
 }
 
 /* The rogue of the doorbell test: only the header's wake-up words — the
- * doorbell bitmap (sq_ready: cleared, filled, random), the lifeline (random,
- * or "the broker died" with and without a tid), sq_seq and broker_sleeping —
- * `rate` writes a second.  Workers must neither hang (a cleared bit hides a
- * submission until the janitor's full scan) nor crash, and the broker must
- * not act on a bit of a record nobody holds. */
+ * doorbell bitmap (sq_ready: cleared, filled, random; its summary
+ * sq_ready_sum: cleared, random), the lifeline (random, or "the broker died"
+ * with and without a tid), sq_seq and broker_sleeping — `rate` writes a
+ * second.  Workers must neither hang (a cleared bit hides a submission until
+ * the janitor's sweep) nor crash, and the broker must not act on a bit of a
+ * record nobody holds. */
 static void rogue_doorbell(uint64_t seed, int rate)
 {
     int fd = shm_open(env.shm_name, O_RDWR, 0);
@@ -257,7 +258,7 @@ static void rogue_doorbell(uint64_t seed, int rate)
         for (int i = 0; i < 50; i++, done++) {
             uint64_t r = xorshift(&s), v = xorshift(&s);
             uint32_t wi = (uint32_t)(r >> 32) % PB_SQ_READY_WORDS;
-            switch (r % 8) {
+            switch (r % 10) {
             case 0: case 1: atomic_store(&h->sq_ready[wi], 0); break;
             case 2: atomic_store(&h->sq_ready[wi], ~0ull); break;
             case 3: atomic_store(&h->sq_ready[wi], v); break;
@@ -265,6 +266,8 @@ static void rogue_doorbell(uint64_t seed, int rate)
             case 5: atomic_store(&h->lifeline, (v & 1) ? 0xC0000000u : (atomic_load(&h->lifeline) | 0x40000000u)); break;
             case 6: atomic_store(&h->sq_seq, (uint32_t)v); break;
             case 7: atomic_store(&h->broker_sleeping, (uint32_t)v & 1); break;
+            case 8: atomic_store(&h->sq_ready_sum, 0); break;
+            case 9: atomic_store(&h->sq_ready_sum, v); break;
             }
         }
         long long due = t0 + (long long)(done * 1000 / (uint64_t)rate);
