@@ -267,7 +267,7 @@ static void conn_connected(conn *c)
     p->fails = 0;
     p->health = PB_HEALTH_HEALTHY;
     atomic_store(&p->shm->consecutive_failures, 0);
-    atomic_store(&p->shm->health, PB_HEALTH_HEALTHY);
+    pool_publish_health(p);
     p->backoff_ms = 0;
     p->backoff_until_ms = 0;
     if (p->not_ready) {
@@ -324,7 +324,7 @@ static void connect_failed(conn *c, const char *why, int not_ready)
         log_warn("pool %s: connect failed (%u in a row): %s", p->cf->name, fails, why);
     }
     p->health = p->live == 0 ? PB_HEALTH_DOWN : PB_HEALTH_DEGRADED;
-    atomic_store(&p->shm->health, p->health);
+    pool_publish_health(p);
     if (p->live == 0) {
         /* Nobody will get a connection soon: fail fast rather than time out. */
         pool_fail_waiters(p, PB_EBACKEND);

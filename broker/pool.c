@@ -45,6 +45,17 @@ void pool_publish_limits(pool *p)
     atomic_store(&p->shm->reset_policy, (uint32_t)cp->reset_policy);
 }
 
+/* What clients may do with the pool (accepting) and its health as they see
+ * it: a removed pool is REMOVED whatever its connections do (a superseded
+ * one still connects for its held leases), a pool_mode switch's new pool
+ * PENDING until it takes over (reload.c); clients find neither by name. */
+void pool_publish_health(pool *p)
+{
+    int accepting = !p->removed && !p->replaces && !B.draining;
+    atomic_store(&p->shm->accepting, (uint32_t)accepting);
+    atomic_store(&p->shm->health, p->removed ? PB_HEALTH_REMOVED : p->replaces ? PB_HEALTH_PENDING : p->health);
+}
+
 /* Rewrite the pool's broker-owned entry from private state (janitor). */
 void pool_republish(pool *p)
 {
@@ -53,9 +64,7 @@ void pool_republish(pool *p)
     pool_publish_limits(p);
     atomic_store(&sp->nwaiters, p->wq_len);
     pool_publish_size(p);
-    int accepting = !p->removed && !B.draining;
-    atomic_store(&sp->accepting, (uint32_t)accepting);
-    atomic_store(&sp->health, p->removed ? PB_HEALTH_REMOVED : p->health);
+    pool_publish_health(p);
     atomic_store(&sp->consecutive_failures, p->fails);
 }
 
@@ -220,7 +229,9 @@ void pool_drop_client_waiters(broker *b, client *cl)
 }
 
 /* Fail every queued waiter with err (backend down, shutdown). */
-void pool_fail_waiters(pool *p, int err)
+/* Fail the acquirers queued for a slot of p with err; statements queued
+ * for a transaction-mode backend stay (pool_fail_waiters fails both). */
+void pool_fail_acquirers(pool *p, int err)
 {
     pb_shm_client *recs = B.shm_clients;
     while (p->wq_len) {
@@ -234,6 +245,11 @@ void pool_fail_waiters(pool *p, int err)
             broker_wake(&sc->wait_futex, &sc->wait_sleeping);
     }
     atomic_store(&p->shm->nwaiters, 0);
+}
+
+void pool_fail_waiters(pool *p, int err)
+{
+    pool_fail_acquirers(p, err);
     txn_fail_queue(p, err);
 }
 
@@ -300,7 +316,7 @@ void pool_offer(conn *c)
     atomic_store(&c->slot->txn_status, (uint32_t)(unsigned char)c->txn);
     if (c->bound)
         txn_return_handle(c);       /* transaction mode: the release is done */
-    if (p->removed) {
+    if (pool_gone(p)) {
         conn_close(c, "pool removed");
         return;
     }
@@ -371,13 +387,19 @@ void pool_serve_waiters(pool *p)
 
 /* ------------------------------------------------------------------ sizing */
 
+int pool_gone(const pool *p)
+{
+    return p->removed && !(p->superseded && p->backs && txn_handles_held(p));
+}
+
 void pool_maybe_grow(pool *p)
 {
-    if (p->removed || B.draining)
+    if (pool_gone(p) || B.draining)
         return;
     /* Our own configuration, not the figures published in the segment (a
-     * worker can write those). */
-    uint32_t min = p->cf->min_size;
+     * worker can write those).  A removed pool that still serves held
+     * leases (superseded) grows only for their queued statements. */
+    uint32_t min = p->removed ? 0 : p->cf->min_size;
     uint32_t max = p->cf->max_size;
     if (max > POOL_NBACKENDS(p))
         max = POOL_NBACKENDS(p);
@@ -385,7 +407,11 @@ void pool_maybe_grow(pool *p)
     /* A pool known down must keep probing (with backoff) even when
      * min_size is 0: acquires fail fast without queueing, so nothing else
      * would ever try the backend again. */
-    if (target == 0 && p->live == 0 && p->health == PB_HEALTH_DOWN)
+    if (target == 0 && p->live == 0 && p->health == PB_HEALTH_DOWN && !p->removed)
+        target = 1;
+    /* A pool_mode switch's new pool takes over once it has a connection:
+     * make one even when min_size is 0 (reload.c). */
+    if (target == 0 && p->replaces)
         target = 1;
     /* Grow for waiters, but not past what they can use. */
     uint32_t want = p->backs ? p->tq_len : p->wq_len;    /* statements / acquirers waiting */

@@ -223,8 +223,8 @@ void txn_submit(conn *h, uint64_t lease_word, uint32_t seq)
     int err = 0;
     if (B.draining)
         err = PB_ESHUTDOWN;
-    else if (p->removed)
-        err = PB_ENOPOOL;
+    else if (p->removed && !p->superseded)
+        err = PB_ENOPOOL;           /* superseded (pool_mode switch): its held leases go on */
     else if (p->health == PB_HEALTH_DOWN && p->live == 0)
         err = PB_EBACKEND;          /* fail fast, as an acquire would */
     if (err) {
@@ -383,6 +383,10 @@ static void check_handle(broker *b, pool *p, conn *h)
         if (h->bound)
             return;                 /* its backend is being cleaned */
         break;
+    case PB_SLOT_CLOSING:
+        if (p->removed)
+            return;                 /* given back to a removed pool: retired (pool_offer_handle) */
+        break;
     default:
         break;
     }
@@ -404,6 +408,16 @@ static void check_handle(broker *b, pool *p, conn *h)
     if (h->queued)
         tq_remove(p, h);
     pool_offer_handle(h);
+}
+
+uint32_t txn_handles_held(const pool *p)
+{
+    uint32_t n = 0;
+    for (uint32_t k = 0; k < p->nconns; k++) {
+        unsigned st = PB_WORD_STATE(atomic_load(&p->conns[k].slot->word));
+        n += st == PB_SLOT_LEASED || st == PB_SLOT_RELEASING;
+    }
+    return n;
 }
 
 void txn_janitor(broker *b, pool *p)

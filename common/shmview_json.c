@@ -150,7 +150,7 @@ static int broker_healthy(const broker_view *b)
 /* Whether pool pv counts for health: selected and not removed. */
 static int health_counts(const pool_view *pv)
 {
-    return pv->selected && pv->p->health != PB_HEALTH_REMOVED;
+    return pv->selected && pv->p->health != PB_HEALTH_REMOVED && pv->p->health != PB_HEALTH_PENDING;
 }
 
 int shmview_health_json(FILE *out, const shmview *sv)

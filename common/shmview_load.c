@@ -59,7 +59,7 @@ const char *sv_pool_type_name(uint32_t t)
 
 const char *sv_health_name(uint32_t h)
 {
-    static const char *const names[] = { "healthy", "degraded", "down", "removed" };
+    static const char *const names[] = { "healthy", "degraded", "down", "removed", "pending" };
     return h < sizeof names / sizeof names[0] ? names[h] : NULL;
 }
 

@@ -24,7 +24,7 @@ static void prom_head(FILE *out, const char *name, const char *type, const char 
  * same name would otherwise make duplicate series). */
 static int prom_shown(const pool_view *pv)
 {
-    return pv->selected && pv->p->health != PB_HEALTH_REMOVED;
+    return pv->selected && pv->p->health != PB_HEALTH_REMOVED && pv->p->health != PB_HEALTH_PENDING;
 }
 
 /* A pool name is sv_printable ASCII already; escape what the label syntax needs. */

@@ -134,7 +134,11 @@ enum pb_wait_state {
 
 enum pb_broker_state { PB_BROKER_STARTING = 0, PB_BROKER_RUNNING, PB_BROKER_DRAINING, PB_BROKER_STOPPED };
 enum pb_pool_type    { PB_POOL_POSTGRES = 1, PB_POOL_REDIS = 2 };
-enum pb_pool_health  { PB_HEALTH_HEALTHY = 0, PB_HEALTH_DEGRADED, PB_HEALTH_DOWN, PB_HEALTH_REMOVED };
+/* REMOVED: a reload removed the pool (or replaced it: pool_mode switch);
+ * PENDING: the new pool of a pool_mode switch, not serving until a
+ * connection of it is up.  Lookups by name skip both. */
+enum pb_pool_health  { PB_HEALTH_HEALTHY = 0, PB_HEALTH_DEGRADED, PB_HEALTH_DOWN, PB_HEALTH_REMOVED,
+                       PB_HEALTH_PENDING };
 enum pb_io_backend   { PB_IO_NONE = 0, PB_IO_URING, PB_IO_EPOLL };
 
 /* Pool modes (pool_mode key): a lease owns a backend connection for the
