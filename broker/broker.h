@@ -152,6 +152,8 @@ typedef struct conn {
     /* Not a phase: a property of the connection in any connected phase (a
      * leased one stays leased until its holder has read io_error). */
     int broken;              /* I/O failed: close as soon as nobody holds it */
+    int idle_async;          /* idle: an asynchronous message (driver idle_data) is half read;
+                                the broker holds the slot (RESETTING) until it is whole */
     /* Not a phase: an event recorded in PH_READY (the holder asked while
      * the connection was busy); cleared on leaving PH_READY. */
     int submit_deferred;     /* a SUBMIT waits for the previous replies */

@@ -43,7 +43,8 @@ static int word_plausible(broker *b, const conn *c, uint64_t w)
     case PB_SLOT_RESETTING:
     case PB_SLOT_RECLAIMING:
         /* Broker-held: only while the broker is doing something with it. */
-        return PH_UP(c->phase) && (c->phase != PH_READY || c->expect || c->sending || c->tls_queued);
+        return PH_UP(c->phase) &&
+               (c->phase != PH_READY || c->expect || c->sending || c->tls_queued || c->idle_async);
     }
     return 0;                       /* BROKEN is never written; anything else is garbage */
 }
