@@ -278,6 +278,7 @@ typedef struct broker {
     pb_shm_pool *shm_pools;
     pb_shm_client *shm_clients;
     pb_shm_slot *shm_slots;
+    pb_shm_backend *shm_backends; /* shmstat's rows of transaction-mode backends */
     pb_shm_header hdr_copy;  /* the header's fixed fields as created */
     int shm_fd;
     int doorbell_fd;         /* eventfd clients write when we sleep */

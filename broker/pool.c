@@ -56,6 +56,53 @@ void pool_publish_health(pool *p)
     atomic_store(&p->shm->health, p->removed ? PB_HEALTH_REMOVED : p->replaces ? PB_HEALTH_PENDING : p->health);
 }
 
+/* What backend b of a transaction-mode pool is doing, as shmstat shows it. */
+static pb_shm_backend backend_row(const conn *b)
+{
+    pb_shm_backend r = { .handle = UINT32_MAX };
+    if (b->phase == PH_EMPTY)
+        return r;
+    r.state = b->phase == PH_CONNECTING ? PB_BACKEND_CONNECTING
+            : b->bound ? PB_BACKEND_BOUND
+            : b->phase == PH_READY && !b->expect && !b->idle_async &&
+              PB_WORD_STATE(atomic_load(&b->home->word)) == PB_SLOT_FREE ? PB_BACKEND_IDLE
+            : PB_BACKEND_BUSY;
+    if (b->bound)
+        r.handle = b->bound->index;
+    r.backend_pid = b->backend_pid;
+    r.created_ms = atomic_load(&b->home->conn_created_ms);
+    r.uses = atomic_load(&b->home->uses);
+    snprintf(r.server, sizeof r.server, "%s", b->server);
+    return r;
+}
+
+/* Publish the rows of p's backends (transaction mode) in the backend table,
+ * each under its seqlock, writing only rows that changed. */
+static void publish_backends(pool *p)
+{
+    pb_shm_backend *rows = &B.shm_backends[p->first_slot];
+    for (uint32_t k = 0; k < p->nconns; k++) {
+        pb_shm_backend want = p->backs && k < p->nbacks ? backend_row(&p->backs[k])
+                                                        : (pb_shm_backend){ .handle = UINT32_MAX };
+        pb_shm_backend *r = &rows[k];
+        uint32_t seq = atomic_load_explicit(&r->seq, memory_order_relaxed);
+        if (!(seq & 1) && r->state == want.state && r->backend_pid == want.backend_pid &&
+            r->handle == want.handle && r->created_ms == want.created_ms && r->uses == want.uses &&
+            memcmp(r->server, want.server, sizeof want.server) == 0)
+            continue;
+        seq |= 1;                   /* odd: readers retry */
+        atomic_store_explicit(&r->seq, seq, memory_order_relaxed);
+        atomic_thread_fence(memory_order_release);
+        r->state = want.state;
+        r->backend_pid = want.backend_pid;
+        r->handle = want.handle;
+        r->created_ms = want.created_ms;
+        r->uses = want.uses;
+        memcpy(r->server, want.server, sizeof want.server);
+        atomic_store_explicit(&r->seq, seq + 1, memory_order_release);
+    }
+}
+
 /* Rewrite the pool's broker-owned entry from private state (janitor). */
 void pool_republish(pool *p)
 {
@@ -66,6 +113,9 @@ void pool_republish(pool *p)
     pool_publish_size(p);
     pool_publish_health(p);
     atomic_store(&sp->consecutive_failures, p->fails);
+    atomic_store(&sp->pool_mode, (uint32_t)p->cf->pool_mode);
+    atomic_store(&sp->txn_queued, p->tq_len);
+    publish_backends(p);
 }
 
 /* Set up pool p (table entry index) over slots [first_slot, +slots). */
@@ -112,6 +162,7 @@ int pool_setup(broker *b, pool *p, uint32_t index, conf_pool *cp, uint32_t first
     sp->first_slot = first_slot;
     sp->slot_capacity = p->nconns;
     pool_publish_limits(p);
+    atomic_store(&sp->pool_mode, (uint32_t)cp->pool_mode);
     atomic_store(&sp->health, PB_HEALTH_HEALTHY);
     atomic_store(&sp->accepting, 1);
     if (cp->pool_mode == PB_MODE_TRANSACTION) {

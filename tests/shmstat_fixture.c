@@ -83,6 +83,8 @@ static uint64_t layout(pb_shm_header *h, uint32_t nslots)
     off += ALIGN_UP((uint64_t)NCLIENTS * sizeof(pb_shm_client), PB_CACHELINE);
     h->slot_off = off;
     off += ALIGN_UP((uint64_t)nslots * sizeof(pb_shm_slot), PB_CACHELINE);
+    h->backend_off = off;
+    off += ALIGN_UP((uint64_t)nslots * sizeof(pb_shm_backend), PB_CACHELINE);
     h->buf_off = ALIGN_UP(off, 4096);
     return h->buf_off + (uint64_t)nslots * 2 * BUF_SIZE;
 }
