@@ -412,6 +412,9 @@ int pool_over_max(const pool *p);
  * no lease needs them any more (a pool superseded by a pool_mode switch in
  * transaction mode keeps its backends while any handle is held). */
 int pool_gone(const pool *p);
+/* Slots of p (connections, or handles in transaction mode) held by a
+ * worker: leased, or given back and not yet taken by the broker. */
+uint32_t pool_leases_held(const pool *p);
 void pool_serve_waiters(pool *p);
 void pool_offer_handle(conn *h);
 void pool_enqueue_waiter(pool *p, client *cl, uint32_t ticket);
@@ -463,8 +466,6 @@ void txn_return_handle(conn *b);
 void txn_unbind_for_close(conn *b);
 void txn_fail_queue(pool *p, int err);
 void txn_janitor(broker *b, pool *p);
-/* Handles of p held by a worker (leased, or given back and not yet taken). */
-uint32_t txn_handles_held(const pool *p);
 
 /* janitor.c */
 void janitor_run(broker *b);

@@ -279,7 +279,6 @@ void pool_drop_client_waiters(broker *b, client *cl)
     }
 }
 
-/* Fail every queued waiter with err (backend down, shutdown). */
 /* Fail the acquirers queued for a slot of p with err; statements queued
  * for a transaction-mode backend stay (pool_fail_waiters fails both). */
 void pool_fail_acquirers(pool *p, int err)
@@ -298,6 +297,8 @@ void pool_fail_acquirers(pool *p, int err)
     atomic_store(&p->shm->nwaiters, 0);
 }
 
+/* Fail every queued waiter with err (backend down, shutdown): acquirers
+ * and statements queued for a backend. */
 void pool_fail_waiters(pool *p, int err)
 {
     pool_fail_acquirers(p, err);
@@ -438,9 +439,19 @@ void pool_serve_waiters(pool *p)
 
 /* ------------------------------------------------------------------ sizing */
 
+uint32_t pool_leases_held(const pool *p)
+{
+    uint32_t n = 0;
+    for (uint32_t k = 0; k < p->nconns; k++) {
+        unsigned st = PB_WORD_STATE(atomic_load(&p->conns[k].slot->word));
+        n += st == PB_SLOT_LEASED || st == PB_SLOT_RELEASING;
+    }
+    return n;
+}
+
 int pool_gone(const pool *p)
 {
-    return p->removed && !(p->superseded && p->backs && txn_handles_held(p));
+    return p->removed && !(p->superseded && p->backs && pool_leases_held(p));
 }
 
 void pool_maybe_grow(pool *p)

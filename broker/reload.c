@@ -431,11 +431,7 @@ void reload_switch_tick(pool *q)
     pool *p = q->replaces;
     if (!p || q->removed || q->live <= q->connecting)
         return;                     /* no switch pending, or no connection up yet */
-    uint32_t held = 0;
-    for (uint32_t k = 0; k < p->nconns; k++) {
-        unsigned st = PB_WORD_STATE(atomic_load(&p->conns[k].slot->word));
-        held += st == PB_SLOT_LEASED || st == PB_SLOT_RELEASING;
-    }
+    uint32_t held = pool_leases_held(p);
     /* The new pool serves before the old one is REMOVED: a lookup that
      * sees the old one removed finds the new one (client.c: find_pool). */
     q->replaces = NULL;

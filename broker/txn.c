@@ -410,16 +410,6 @@ static void check_handle(broker *b, pool *p, conn *h)
     pool_offer_handle(h);
 }
 
-uint32_t txn_handles_held(const pool *p)
-{
-    uint32_t n = 0;
-    for (uint32_t k = 0; k < p->nconns; k++) {
-        unsigned st = PB_WORD_STATE(atomic_load(&p->conns[k].slot->word));
-        n += st == PB_SLOT_LEASED || st == PB_SLOT_RELEASING;
-    }
-    return n;
-}
-
 void txn_janitor(broker *b, pool *p)
 {
     for (uint32_t k = 0; k < p->nconns; k++)

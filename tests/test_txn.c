@@ -417,7 +417,7 @@ static void test_shmstat_shows_backends(void **state)
     snprintf(pid_a, sizeof pid_a, "%lld", pa);
     if (!strstr(hdr, "bound") || !strstr(hdr, want) || !strstr(hdr, pid_a))
         fail_msg("no bound backend row with worker %s and pid %s:\n%s", want, pid_a, hdr);
-    print_message("      shmstat -p txs, backends:\n%s", hdr);
+    print_message("      shmstat -p txs, backends:\n%s\n", hdr);
     /* The Prometheus form says the same. */
     char *pargv[] = { bin, (char *)"-s", env.shm_name, (char *)"-p", (char *)"txs", (char *)"--prometheus", NULL };
     assert_int_equal(th_run(pargv, text, sizeof text, 10000), 0);
