@@ -15,7 +15,8 @@
  *     released, new leases get the new mode, the load sees no error, and
  *     shmstat shows one serving pool with the old ones' connections gone;
  *     a switch whose new settings cannot connect keeps the old pool serving
- *     (same backends) until a reload takes the mode back.
+ *     (same backends) until a reload takes the mode back; one that needs
+ *     more spare slots than are left is refused, saying so.
  *
  * One group (its own temp dir, PostgreSQL, Redis); each test starts its own
  * broker.  Worker processes lease and run a command in a loop the whole time
@@ -507,13 +508,19 @@ static void test_pool_mode_switch_under_load(void **state)
     pbt_cli_done(c);
 }
 
-/* A switch whose new settings cannot connect: the old pool keeps serving
- * on its own backends; a reload back to its mode drops the pending one. */
+/* A switch that needs more spare slots than are left is refused with the
+ * reason.  A switch whose new settings cannot connect: the old pool keeps
+ * serving on its own backends; a reload back to its mode drops the pending
+ * one. */
 static void test_pool_mode_switch_that_cannot_connect(void **state)
 {
     (void)state;
-    assert_int_equal(th_broker_start(&env, MODE_POOL("session", "pbmodef")), 0);
+    assert_int_equal(th_broker_start(&env, "spare_slots = 12\n" MODE_POOL("session", "pbmodef")), 0);
     assert_true(pbt_wait_pg_count(&env, "pbmodef", 1, 10000) >= 0);
+    reload_pools("[pool main]\n" PGCI("pbmodef") "min_size = 1\nmax_size = 2\nslots = 16\npool_mode = transaction\n",
+                 1);
+    assert_whole_line("new pools (added, or switching pool_mode) need 16 slots, 12 spare left (spare_slots)",
+                      "keeping the current configuration");
     char before[256], now[256];
     pbt_pg_pids(&env, "pbmodef", before, sizeof before);
     load ld;
