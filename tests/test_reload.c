@@ -446,12 +446,18 @@ static void test_pool_mode_switch_under_load(void **state)
     int held_pid = (int)pbt_pg_int(held, "SELECT pg_backend_pid()");
     exec_ok(held, "BEGIN");
     exec_ok(held, "CREATE TEMP TABLE across (v int)");
+    /* Both connections held: the load's acquires wait in the old pool's
+     * queue when the switch removes it, and must end up in the new pool. */
+    pb_lease *held2 = pbt_lease(c, "main", 10000);
+    assert_int_equal(pbt_pg_int(held2, "SELECT 1"), 1);
     load ld;
     load_start(&ld, "main", 0);
+    pbt_sleep_ms(300);
 
     long switched = th_count_lines(env.broker_log, "pool main: pool_mode is");
     reload_pools(MODE_POOL("transaction", "pbmode2"), 0);
     assert_int_equal(th_wait_log(&env, "pool main: pool_mode is transaction now", switched + 1, 15000), 0);
+    assert_int_equal(pb_release(held2), PB_OK);
     /* The held lease: same backend, same transaction, old settings. */
     assert_int_equal(pbt_pg_int(held, "SELECT pg_backend_pid()"), held_pid);
     exec_ok(held, "INSERT INTO across VALUES (7)");
