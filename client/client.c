@@ -764,7 +764,6 @@ PB_API int pb_acquire(pb_client *c, const char *pool, int timeout_ms, pb_lease *
      * the name is looked up again, a few times at most, with what is left
      * of the wait. */
     int lookups = 0;
-    uint64_t start_ns = now_ns();
 again:;
     uint32_t pi;
     if ((rc = find_pool(c, pool, &pi)) != PB_OK)
@@ -814,8 +813,8 @@ again:;
         t0 = pbi_now_us();
         rc = wait_for_slot(c, pi, wait_ms ? (uint32_t)wait_ms : 1, &s, &w);
         if (rc == PB_ENOPOOL && atomic_load(&p->health) == PB_HEALTH_REMOVED && ++lookups < 4) {
-            if (timeout_ms > 0) {
-                uint64_t spent_ms = (now_ns() - start_ns) / 1000000;
+            if (timeout_ms > 0) {       /* what is left of it after this wait */
+                uint64_t spent_ms = (pbi_now_us() - t0) / 1000;
                 timeout_ms = spent_ms < (uint64_t)timeout_ms ? timeout_ms - (int)spent_ms : 0;
             }
             goto again;
