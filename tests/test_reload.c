@@ -12,8 +12,10 @@
  *   - pool_mode session -> transaction -> session under load: leases held
  *     across each switch (an open transaction in session mode; a pinned and
  *     an unpinned transaction-mode lease) keep their backend and mode until
- *     released, new leases get the new mode, the load sees no error, and
- *     shmstat shows one serving pool with the old ones' connections gone;
+ *     released, new leases get the new mode (a blocking and a non-blocking
+ *     acquire queued in the old pool when it goes end in the new one), the
+ *     load sees no error, and shmstat shows one serving pool with the old
+ *     ones' connections gone;
  *     a switch whose new settings cannot connect keeps the old pool serving
  *     (same backends) until a reload takes the mode back; one that needs
  *     more spare slots than are left is refused, saying so.
@@ -452,12 +454,28 @@ static void test_pool_mode_switch_under_load(void **state)
     assert_int_equal(pbt_pg_int(held2, "SELECT 1"), 1);
     load ld;
     load_start(&ld, "main", 0);
+    /* A non-blocking acquire queued in the old pool too. */
+    pb_acquiring *op = NULL;
+    pb_lease *nb = NULL;
+    assert_int_equal(pb_acquire_start(c, "main", &op, &nb), PB_EINPROGRESS);
     pbt_sleep_ms(300);
 
     long switched = th_count_lines(env.broker_log, "pool main: pool_mode is");
     reload_pools(MODE_POOL("transaction", "pbmode2"), 0);
     assert_int_equal(th_wait_log(&env, "pool main: pool_mode is transaction now", switched + 1, 15000), 0);
     assert_int_equal(pb_release(held2), PB_OK);
+    /* The non-blocking acquire ends in the new pool. */
+    int rc = PB_EINPROGRESS;
+    struct pollfd pfd = { .fd = pb_client_fd(c), .events = POLLIN };
+    for (int i = 0; i < 1000 && rc == PB_EINPROGRESS; i++) {
+        poll(&pfd, 1, 10);
+        pb_client_consume(c);
+        rc = pb_acquire_poll(op, &nb);
+    }
+    if (rc != PB_OK)
+        fail_msg("the non-blocking acquire across the switch: %s", pb_strerror(rc));
+    assert_app(nb, "pbmode2");
+    assert_int_equal(pb_release(nb), PB_OK);
     /* The held lease: same backend, same transaction, old settings. */
     assert_int_equal(pbt_pg_int(held, "SELECT pg_backend_pid()"), held_pid);
     exec_ok(held, "INSERT INTO across VALUES (7)");
