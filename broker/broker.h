@@ -152,6 +152,8 @@ typedef struct conn {
     /* Not a phase: a property of the connection in any connected phase (a
      * leased one stays leased until its holder has read io_error). */
     int broken;              /* I/O failed: close as soon as nobody holds it */
+    int idle_async;          /* idle: an asynchronous message (driver idle_data) is half read;
+                                the broker holds the slot (RESETTING) until it is whole */
     /* Not a phase: an event recorded in PH_READY (the holder asked while
      * the connection was busy); cleared on leaving PH_READY. */
     int submit_deferred;     /* a SUBMIT waits for the previous replies */
@@ -250,6 +252,15 @@ typedef struct pool {
     int not_ready;           /* the server said "not ready yet" (DRV_NOT_READY) and has not
                                 served a connect since: logged once, not every 20 */
     int removed;             /* dropped by a reload: close as leases return */
+    /* A reload that changes pool_mode (reload.c) builds a new pool under the
+     * same name beside this one (successor, its replaces = this); lookups
+     * keep finding this one until the successor has a connection up, then
+     * this one is removed with superseded set: no new leases, but the leases
+     * held keep working in the old mode until released (in transaction mode
+     * their statements still bind backends).  NULL / 0: no switch. */
+    struct pool *successor;
+    struct pool *replaces;
+    int superseded;
     /* Transaction mode (txn.c): conns[] are the handles clients lease;
      * backs[] the backend connections.  Session mode: backs is NULL and
      * conns[] are both. */
@@ -305,6 +316,7 @@ typedef struct broker {
     pb_shm_pool *shm_pools;
     pb_shm_client *shm_clients;
     pb_shm_slot *shm_slots;
+    pb_shm_backend *shm_backends; /* shmstat's rows of transaction-mode backends */
     pb_shm_header hdr_copy;  /* the header's fixed fields as created */
     int shm_fd;
     int doorbell_fd;         /* eventfd clients write when we sleep */
@@ -421,6 +433,9 @@ void reload_config(broker *b);
 void settings_trial_tick(pool *p);
 /* Process exit: free a pending trial whatever it is doing. */
 void settings_trial_free(pool *p);
+/* The janitor's turn for q, a pool_mode switch's pending successor: once
+ * it has a connection up, the pool it replaces is removed (superseded). */
+void reload_switch_tick(pool *q);
 
 /* Slot index within its pool (its free-map bit). */
 static inline uint32_t conn_local(const conn *c)
@@ -444,18 +459,27 @@ int pools_init(broker *b);
 int pool_setup(broker *b, pool *p, uint32_t index, conf_pool *cp, uint32_t first_slot);
 void pool_publish_limits(pool *p);
 void pool_republish(pool *p);
+void pool_publish_health(pool *p);
 void pools_free(broker *b);
 void pool_maybe_grow(pool *p);
 /* More connections live (connecting or connected) than max_size allows now
  * (a reload lowered it): one that comes back to the broker is closed, not
  * handed on, and the janitor flags leased ones PB_SF_RETIRE. */
 int pool_over_max(const pool *p);
+/* p's connections close as they come free: p was removed by a reload and
+ * no lease needs them any more (a pool superseded by a pool_mode switch in
+ * transaction mode keeps its backends while any handle is held). */
+int pool_gone(const pool *p);
+/* Slots of p (connections, or handles in transaction mode) held by a
+ * worker: leased, or given back and not yet taken by the broker. */
+uint32_t pool_leases_held(const pool *p);
 void pool_serve_waiters(pool *p);
 void pool_offer_handle(conn *h);
 void pool_enqueue_waiter(pool *p, client *cl, uint32_t ticket);
 void pool_cancel_waiter(pool *p, client *cl, uint32_t ticket);
 void pool_drop_client_waiters(broker *b, client *cl);
 void pool_fail_waiters(pool *p, int err);
+void pool_fail_acquirers(pool *p, int err);
 void conn_submit(conn *c, uint64_t lease_word, uint32_t seq);
 void conn_fail_submit(conn *c, int err, uint32_t seq);
 /* Free the streamed request a lease was sending through c (its parts so

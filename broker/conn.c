@@ -267,7 +267,7 @@ static void conn_connected(conn *c)
     p->fails = 0;
     p->health = PB_HEALTH_HEALTHY;
     atomic_store(&p->shm->consecutive_failures, 0);
-    atomic_store(&p->shm->health, PB_HEALTH_HEALTHY);
+    pool_publish_health(p);
     p->backoff_ms = 0;
     p->backoff_until_ms = 0;
     if (p->not_ready) {
@@ -324,7 +324,7 @@ static void connect_failed(conn *c, const char *why, int not_ready)
         log_warn("pool %s: connect failed (%u in a row): %s", p->cf->name, fails, why);
     }
     p->health = p->live == 0 ? PB_HEALTH_DOWN : PB_HEALTH_DEGRADED;
-    atomic_store(&p->shm->health, p->health);
+    pool_publish_health(p);
     if (p->live == 0) {
         /* Nobody will get a connection soon: fail fast rather than time out. */
         pool_fail_waiters(p, PB_EBACKEND);
@@ -358,12 +358,17 @@ void conn_on_poll(ev_op *op, int res)
 }
 
 /* ------------------------------------------------------------ idle watch
- * A free connection has nothing to say.  If its socket becomes readable the
+ * A free connection has little to say.  If its socket becomes readable the
  * server has closed it (pg_terminate_backend, CLIENT KILL, a restart) or sent
- * something unasked: the broker takes the slot and replaces the connection
- * before a worker can lease it and see its first command fail.  The poll
- * stays armed while a worker holds the slot; it then fires on the worker's
- * first reply and is simply ignored (the janitor re-arms it once free). */
+ * something unasked: the broker takes the slot, reads what is there, and
+ * either absorbs it — the protocol's asynchronous messages (driver
+ * idle_data: PostgreSQL's ParameterStatus, NoticeResponse and
+ * NotificationResponse) — and offers the connection again, or replaces the
+ * connection before a worker can lease it and see its first command fail.
+ * A TLS connection's bytes are not read here (they are records, not
+ * messages): anything on one closes it.  The poll stays armed while a
+ * worker holds the slot; it then fires on the worker's first reply and is
+ * simply ignored (the janitor re-arms it once free). */
 void conn_watch_idle(conn *c)
 {
     if (PH_UP(c->phase) && !c->broken && !c->poll_op.pending && c->fd >= 0)
@@ -372,21 +377,45 @@ void conn_watch_idle(conn *c)
 
 static void idle_readable(conn *c)
 {
-    uint64_t w = atomic_load(&c->slot->word);
-    if (PB_WORD_STATE(w) != PB_SLOT_FREE || c->expect || c->phase != PH_READY)
-        return;                     /* leased (the data is its reply), or the broker's own
+    if (!c->idle_async) {
+        uint64_t w = atomic_load(&c->slot->word);
+        if (PB_WORD_STATE(w) != PB_SLOT_FREE || c->expect || c->phase != PH_READY)
+            return;                 /* leased (the data is its reply), or the broker's own
                                        command is answering (a FREE word then is a scribble) */
-    if (!slot_take(c, &w, PB_SLOT_RESETTING))
-        return;
-    conn_freemap_clear(c);
-    char b;
-    ssize_t n = recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
-        pool_offer(c);          /* nothing after all */
+        if (!slot_take(c, &w, PB_SLOT_RESETTING))
+            return;
+        conn_freemap_clear(c);
+    } else if (c->phase != PH_READY) {
         return;
     }
-    conn_io_failed(c, n == 0 ? "server closed the idle connection"
-                             : n > 0 ? "unsolicited data on an idle connection" : strerror(errno));
+    int (*absorb)(conn *, const uint8_t *, size_t) = c->ssl ? NULL : c->pool->drv->idle_data;
+    uint8_t buf[4096];
+    for (;;) {
+        /* Without a driver to read it: one byte, peeked, is enough to know. */
+        ssize_t n = absorb ? recv(c->fd, buf, sizeof buf, MSG_DONTWAIT)
+                           : recv(c->fd, buf, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
+            if (c->idle_async)
+                conn_watch_idle(c);     /* the rest of the message is to come; we keep the slot */
+            else
+                pool_offer(c);          /* nothing more (or nothing after all) */
+            return;
+        }
+        if (n > 0 && absorb) {
+            int rc = absorb(c, buf, (size_t)n);
+            if (rc != DRV_ERROR) {
+                c->idle_async = rc == DRV_AGAIN;
+                continue;
+            }
+        }
+        char why[sizeof c->error];  /* closing clears c->error */
+        snprintf(why, sizeof why, "%s", n == 0 ? "server closed the idle connection"
+                                        : n < 0 ? strerror(errno)
+                                        : absorb ? c->error : "unsolicited data on an idle connection");
+        c->idle_async = 0;
+        conn_io_failed(c, why);
+        return;
+    }
 }
 
 /* ----------------------------------------------------------------- closing */
@@ -398,6 +427,7 @@ void conn_close(conn *c, const char *why)
     if (c->phase == PH_EMPTY || c->phase == PH_CLOSING)
         return;
     slog(LOG_LVL_DEBUG, c, "closing: %s", why);
+    c->idle_async = 0;
     if (c->phase == PH_CONNECTING) {
         conn_connect_failed(c, why);
         return;

@@ -170,6 +170,16 @@ typedef struct driver {
      * taken (*used == n), no reply completed.  DRV_ERROR: protocol error.
      * The scanner's state carries over calls: a reply may straddle receives. */
     int (*scan_reply)(struct conn *c, const uint8_t *p, size_t n, size_t *used, drv_reply *out);
+    /* Bytes p[0..n) the server sent on an idle connection (no command in
+     * flight, nobody holding it; conn.c's idle watch).  The protocol's
+     * asynchronous messages are absorbed (PostgreSQL: ParameterStatus,
+     * NoticeResponse, NotificationResponse; logged at debug, setting no
+     * session state: nobody's session made them).  DRV_OK: all absorbed, at
+     * a message boundary; DRV_AGAIN: all absorbed so far, a message is not
+     * complete yet (call again with what follows); DRV_ERROR: anything else
+     * (c->error says what): the connection is closed.  NULL: nothing is
+     * legal on an idle connection (Redis, RESP2): any byte closes it. */
+    int (*idle_data)(struct conn *c, const uint8_t *p, size_t n);
     /* Append to out the commands that undo c->sstate (the session state the
      * driver saw the server report, plus SS_PIN when the lease pinned
      * itself) and the open transaction (c->txn), as the pool's reset policy

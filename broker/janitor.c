@@ -46,7 +46,8 @@ static int word_plausible(broker *b, const conn *c, uint64_t w)
     case PB_SLOT_RESETTING:
     case PB_SLOT_RECLAIMING:
         /* Broker-held: only while the broker is doing something with it. */
-        return PH_UP(c->phase) && (c->phase != PH_READY || c->expect || c->sending || c->tls_queued || c->mux);
+        return PH_UP(c->phase) &&
+               (c->phase != PH_READY || c->expect || c->sending || c->tls_queued || c->mux || c->idle_async);
     }
     return 0;                       /* BROKEN is never written; anything else is garbage */
 }
@@ -139,7 +140,8 @@ static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
         /* A reload lowered max_size: free connections beyond it go now
          * (leased ones when they come back free). */
         int over = pool_over_max(p);
-        if ((retire || idle || over || p->removed) && slot_take_free(c, PB_SLOT_CLOSING)) {
+        int gone = pool_gone(p);
+        if ((retire || idle || over || gone) && slot_take_free(c, PB_SLOT_CLOSING)) {
             atomic_fetch_add_explicit(&p->shm->retired, 1, memory_order_relaxed);
             /* conn_close wants the slot broker-held: CLOSING is. */
             conn_close(c, retire ? "max_lifetime reached" : idle ? "idle timeout" : over ? "above max_size"
@@ -218,6 +220,7 @@ void janitor_run(broker *b)
             pool_serve_waiters(p);
         pool_maybe_grow(p);
         settings_trial_tick(p);
+        reload_switch_tick(p);
     }
     shm_publish_work(b);
 }

@@ -457,6 +457,39 @@ static int pg_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_
     return DRV_AGAIN;
 }
 
+/* Asynchronous messages on an idle connection ("Asynchronous Operations"
+ * in the PostgreSQL protocol docs): headers are collected across calls in
+ * the reply scanner's hdr (idle, it is at a message boundary), bodies are
+ * skipped. */
+static int pg_idle_data(conn *c, const uint8_t *p, size_t n)
+{
+    pgconn *s = PG(c);
+    size_t i = 0;
+    while (i < n) {
+        if (s->body_left) {
+            size_t k = n - i < s->body_left ? n - i : (size_t)s->body_left;
+            i += k;
+            s->body_left -= k;
+            continue;
+        }
+        s->hdr[s->hdr_have++] = p[i++];
+        if (s->hdr_have < 5)
+            continue;
+        s->hdr_have = 0;
+        uint32_t mlen = pg_be32(s->hdr + 1);
+        const char *what = s->hdr[0] == 'S' ? "ParameterStatus" : s->hdr[0] == 'N' ? "NoticeResponse"
+                         : s->hdr[0] == 'A' ? "NotificationResponse" : NULL;
+        if (!what || mlen < 4 || mlen > PG_MAX_MESSAGE) {
+            snprintf(c->error, sizeof c->error, "unsolicited data on an idle connection (message type 0x%02x, "
+                     "%u bytes)", s->hdr[0], mlen);
+            return DRV_ERROR;
+        }
+        slog(LOG_LVL_DEBUG, c, "%s (%u bytes) absorbed on an idle connection", what, mlen - 4);
+        s->body_left = mlen - 4;
+    }
+    return s->hdr_have || s->body_left ? DRV_AGAIN : DRV_OK;
+}
+
 /* ------------------------------------------------------------------- reset */
 
 static int append_query(drv_buf *out, const char *sql)
@@ -574,6 +607,7 @@ const driver pg_driver = {
     .connect_step = pg_connect_step,
     .frame_request = pg_frame_request,
     .scan_reply = pg_scan_reply,
+    .idle_data = pg_idle_data,
     .build_reset = pg_build_reset,
     .build_ping = pg_build_ping,
     .cancel = pg_cancel,

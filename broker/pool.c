@@ -46,6 +46,64 @@ void pool_publish_limits(pool *p)
     atomic_store(&p->shm->max_request_size, cp->max_request_size);
 }
 
+/* What clients may do with the pool (accepting) and its health as they see
+ * it: a removed pool is REMOVED whatever its connections do (a superseded
+ * one still connects for its held leases), a pool_mode switch's new pool
+ * PENDING until it takes over (reload.c); clients find neither by name. */
+void pool_publish_health(pool *p)
+{
+    int accepting = !p->removed && !p->replaces && !B.draining;
+    atomic_store(&p->shm->accepting, (uint32_t)accepting);
+    atomic_store(&p->shm->health, p->removed ? PB_HEALTH_REMOVED : p->replaces ? PB_HEALTH_PENDING : p->health);
+}
+
+/* What backend b of a transaction-mode pool is doing, as shmstat shows it. */
+static pb_shm_backend backend_row(const conn *b)
+{
+    pb_shm_backend r = { .handle = UINT32_MAX };
+    if (b->phase == PH_EMPTY)
+        return r;
+    r.state = b->phase == PH_CONNECTING ? PB_BACKEND_CONNECTING
+            : b->bound ? PB_BACKEND_BOUND
+            : b->phase == PH_READY && !b->expect && !b->idle_async &&
+              PB_WORD_STATE(atomic_load(&b->home->word)) == PB_SLOT_FREE ? PB_BACKEND_IDLE
+            : PB_BACKEND_BUSY;
+    if (b->bound)
+        r.handle = b->bound->index;
+    r.backend_pid = b->backend_pid;
+    r.created_ms = atomic_load(&b->home->conn_created_ms);
+    r.uses = atomic_load(&b->home->uses);
+    snprintf(r.server, sizeof r.server, "%s", b->server);
+    return r;
+}
+
+/* Publish the rows of p's backends (transaction mode) in the backend table,
+ * each under its seqlock, writing only rows that changed. */
+static void publish_backends(pool *p)
+{
+    pb_shm_backend *rows = &B.shm_backends[p->first_slot];
+    for (uint32_t k = 0; k < p->nconns; k++) {
+        pb_shm_backend want = p->backs && k < p->nbacks ? backend_row(&p->backs[k])
+                                                        : (pb_shm_backend){ .handle = UINT32_MAX };
+        pb_shm_backend *r = &rows[k];
+        uint32_t seq = atomic_load_explicit(&r->seq, memory_order_relaxed);
+        if (!(seq & 1) && r->state == want.state && r->backend_pid == want.backend_pid &&
+            r->handle == want.handle && r->created_ms == want.created_ms && r->uses == want.uses &&
+            memcmp(r->server, want.server, sizeof want.server) == 0)
+            continue;
+        seq |= 1;                   /* odd: readers retry */
+        atomic_store_explicit(&r->seq, seq, memory_order_relaxed);
+        atomic_thread_fence(memory_order_release);
+        r->state = want.state;
+        r->backend_pid = want.backend_pid;
+        r->handle = want.handle;
+        r->created_ms = want.created_ms;
+        r->uses = want.uses;
+        memcpy(r->server, want.server, sizeof want.server);
+        atomic_store_explicit(&r->seq, seq + 1, memory_order_release);
+    }
+}
+
 /* Rewrite the pool's broker-owned entry from private state (janitor). */
 void pool_republish(pool *p)
 {
@@ -54,10 +112,11 @@ void pool_republish(pool *p)
     pool_publish_limits(p);
     atomic_store(&sp->nwaiters, p->wq_len);
     pool_publish_size(p);
-    int accepting = !p->removed && !B.draining;
-    atomic_store(&sp->accepting, (uint32_t)accepting);
-    atomic_store(&sp->health, p->removed ? PB_HEALTH_REMOVED : p->health);
+    pool_publish_health(p);
     atomic_store(&sp->consecutive_failures, p->fails);
+    atomic_store(&sp->pool_mode, (uint32_t)p->cf->pool_mode);
+    atomic_store(&sp->txn_queued, p->tq_len);
+    publish_backends(p);
 }
 
 /* Set up pool p (table entry index) over slots [first_slot, +slots). */
@@ -104,6 +163,7 @@ int pool_setup(broker *b, pool *p, uint32_t index, conf_pool *cp, uint32_t first
     sp->first_slot = first_slot;
     sp->slot_capacity = p->nconns;
     pool_publish_limits(p);
+    atomic_store(&sp->pool_mode, (uint32_t)cp->pool_mode);
     atomic_store(&sp->health, PB_HEALTH_HEALTHY);
     atomic_store(&sp->accepting, 1);
     if (cp->pool_mode == PB_MODE_TRANSACTION) {
@@ -221,8 +281,9 @@ void pool_drop_client_waiters(broker *b, client *cl)
     }
 }
 
-/* Fail every queued waiter with err (backend down, shutdown). */
-void pool_fail_waiters(pool *p, int err)
+/* Fail the acquirers queued for a slot of p with err; statements queued
+ * for a transaction-mode backend stay (pool_fail_waiters fails both). */
+void pool_fail_acquirers(pool *p, int err)
 {
     pb_shm_client *recs = B.shm_clients;
     while (p->wq_len) {
@@ -236,6 +297,13 @@ void pool_fail_waiters(pool *p, int err)
             broker_wake(&sc->wait_futex, &sc->wait_sleeping);
     }
     atomic_store(&p->shm->nwaiters, 0);
+}
+
+/* Fail every queued waiter with err (backend down, shutdown): acquirers
+ * and statements queued for a backend. */
+void pool_fail_waiters(pool *p, int err)
+{
+    pool_fail_acquirers(p, err);
     txn_fail_queue(p, err);
 }
 
@@ -302,7 +370,7 @@ void pool_offer(conn *c)
     atomic_store(&c->slot->txn_status, (uint32_t)(unsigned char)c->txn);
     if (c->bound)
         txn_return_handle(c);       /* transaction mode: the release is done */
-    if (p->removed) {
+    if (pool_gone(p)) {
         conn_close(c, "pool removed");
         return;
     }
@@ -373,13 +441,29 @@ void pool_serve_waiters(pool *p)
 
 /* ------------------------------------------------------------------ sizing */
 
+uint32_t pool_leases_held(const pool *p)
+{
+    uint32_t n = 0;
+    for (uint32_t k = 0; k < p->nconns; k++) {
+        unsigned st = PB_WORD_STATE(atomic_load(&p->conns[k].slot->word));
+        n += st == PB_SLOT_LEASED || st == PB_SLOT_RELEASING;
+    }
+    return n;
+}
+
+int pool_gone(const pool *p)
+{
+    return p->removed && !(p->superseded && p->backs && pool_leases_held(p));
+}
+
 void pool_maybe_grow(pool *p)
 {
-    if (p->removed || B.draining)
+    if (pool_gone(p) || B.draining)
         return;
     /* Our own configuration, not the figures published in the segment (a
-     * worker can write those). */
-    uint32_t min = p->cf->min_size;
+     * worker can write those).  A removed pool that still serves held
+     * leases (superseded) grows only for their queued statements. */
+    uint32_t min = p->removed ? 0 : p->cf->min_size;
     uint32_t max = p->cf->max_size;
     if (max > POOL_NBACKENDS(p))
         max = POOL_NBACKENDS(p);
@@ -387,7 +471,11 @@ void pool_maybe_grow(pool *p)
     /* A pool known down must keep probing (with backoff) even when
      * min_size is 0: acquires fail fast without queueing, so nothing else
      * would ever try the backend again. */
-    if (target == 0 && p->live == 0 && p->health == PB_HEALTH_DOWN)
+    if (target == 0 && p->live == 0 && p->health == PB_HEALTH_DOWN && !p->removed)
+        target = 1;
+    /* A pool_mode switch's new pool takes over once it has a connection:
+     * make one even when min_size is 0 (reload.c). */
+    if (target == 0 && p->replaces)
         target = 1;
     /* Grow for waiters, but not past what they can use. */
     uint32_t want = p->backs ? p->tq_len : p->wq_len;    /* statements / acquirers waiting */

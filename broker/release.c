@@ -36,7 +36,7 @@ static int should_retire(conn *c, const char **why)
         *why = "max_lifetime reached";
         return 1;
     }
-    if (p->removed) {
+    if (pool_gone(p)) {
         *why = "pool removed";
         return 1;
     }

@@ -17,7 +17,11 @@
  *     below);
  *   - a pool that is new gets slots from the spare region (spare_slots);
  *   - a pool that is gone stops leasing (PB_ENOPOOL) and its connections
- *     close as their leases return.
+ *     close as their leases return;
+ *   - pool_mode: the pool's slots are connections in one mode and lease
+ *     handles in the other, so the new mode gets a new pool of the same
+ *     name from the spare region, built beside the old one (see "pool_mode
+ *     switch" below).
  *
  * What cannot change without a restart — the socket, the segment name and
  * modes, max_clients, io_backend, spare_slots, a pool's type or buffer
@@ -54,6 +58,35 @@ static uint32_t added_pool_slots(const conf_pool *np)
     return np->slots ? conf_pool_slots(np) : np->max_size;
 }
 
+/* The pool serving name now: not removed, and not the pending successor of
+ * a pool_mode switch (that one is found through its predecessor). */
+static pool *current_pool(broker *b, const char *name)
+{
+    for (uint32_t k = 0; k < b->npools; k++) {
+        pool *p = &b->pools[k];
+        if (!p->removed && !p->replaces && strcmp(p->cf->name, name) == 0)
+            return p;
+    }
+    return NULL;
+}
+
+/* The pool that takes settings np for current pool p: p itself when the
+ * mode stays, p's pending successor when np keeps asking for its mode, or
+ * NULL when np's mode needs a new pool. */
+static pool *mode_target(pool *p, const conf_pool *np)
+{
+    if (p->cf->pool_mode == np->pool_mode)
+        return p;
+    if (p->successor && p->successor->cf->pool_mode == np->pool_mode)
+        return p->successor;
+    return NULL;
+}
+
+static const char *mode_name(int mode)
+{
+    return mode == PB_MODE_TRANSACTION ? "transaction" : "session";
+}
+
 /* Everything that needs a restart; returns the first reason or NULL. */
 static const char *needs_restart(broker *b, conf *nc, char *why, size_t n)
 {
@@ -73,32 +106,28 @@ static const char *needs_restart(broker *b, conf *nc, char *why, size_t n)
     if ((oc->metrics_listen == NULL) != (nc->metrics_listen == NULL) ||
         (oc->metrics_listen && strcmp(oc->metrics_listen, nc->metrics_listen) != 0))
         return "metrics_listen cannot change without a restart";
-    uint32_t spare_needed = 0;
+    uint32_t spare_needed = 0, added = 0;
     for (int i = 0; i < nc->npools; i++) {
         conf_pool *np = &nc->pools[i];
-        pool *p = NULL;
-        for (uint32_t k = 0; k < b->npools; k++)
-            if (!b->pools[k].removed && strcmp(b->pools[k].cf->name, np->name) == 0)
-                p = &b->pools[k];
-        if (!p) {
-            if (np->request_buffer > SPARE_REQ || np->reply_buffer > SPARE_REP) {
-                snprintf(why, n, "pool %s: a pool added by a reload has spare-slot buffers "
-                         "(request_buffer <= %uk, reply_buffer <= %uk)", np->name, SPARE_REQ / 1024, SPARE_REP / 1024);
-                return why;
-            }
-            spare_needed += added_pool_slots(np);
-            continue;
-        }
-        if (p->cf->type != np->type) {
+        pool *cur = current_pool(b, np->name);
+        if (cur && cur->cf->type != np->type) {
             snprintf(why, n, "pool %s: type cannot change without a restart", np->name);
             return why;
         }
-        if (p->cf->pool_mode != np->pool_mode) {
-            /* The pool's slots are connections in one mode and lease
-             * handles in the other: the segment's layout differs. */
-            snprintf(why, n, "pool %s: pool_mode cannot change without a restart (its slots are %s)", np->name,
-                     p->cf->pool_mode == PB_MODE_TRANSACTION ? "lease handles" : "connections");
-            return why;
+        pool *p = cur ? mode_target(cur, np) : NULL;
+        if (!p) {
+            /* A new pool, or a pool_mode switch: its slots (connections in
+             * one mode, lease handles in the other) come from the spare
+             * region, a new table entry beside the old one. */
+            if (np->request_buffer > SPARE_REQ || np->reply_buffer > SPARE_REP) {
+                snprintf(why, n, "pool %s: a pool %s by a reload has spare-slot buffers "
+                         "(request_buffer <= %uk, reply_buffer <= %uk)", np->name,
+                         cur ? "switching pool_mode" : "added", SPARE_REQ / 1024, SPARE_REP / 1024);
+                return why;
+            }
+            spare_needed += added_pool_slots(np);
+            added++;
+            continue;
         }
         if (p->cf->request_buffer != np->request_buffer || p->cf->reply_buffer != np->reply_buffer) {
             snprintf(why, n, "pool %s: request_buffer and reply_buffer cannot change without a restart",
@@ -116,16 +145,9 @@ static const char *needs_restart(broker *b, conf *nc, char *why, size_t n)
         }
     }
     if (spare_needed > b->nslots - b->spare_first) {
-        snprintf(why, n, "new pools need %u slots, %u spare left (spare_slots)", spare_needed,
-                 b->nslots - b->spare_first);
+        snprintf(why, n, "new pools (added, or switching pool_mode) need %u slots, %u spare left (spare_slots)",
+                 spare_needed, b->nslots - b->spare_first);
         return why;
-    }
-    uint32_t added = 0;
-    for (int i = 0; i < nc->npools; i++) {
-        int found = 0;
-        for (uint32_t k = 0; k < b->npools; k++)
-            found |= !b->pools[k].removed && strcmp(b->pools[k].cf->name, nc->pools[i].name) == 0;
-        added += !found;
     }
     if (b->npools + added > PB_MAX_POOLS) {
         snprintf(why, n, "more than %d pools over the broker's life", PB_MAX_POOLS);
@@ -358,6 +380,71 @@ void settings_trial_free(pool *p)
     }
 }
 
+/* ------------------------------------------------------ pool_mode switch
+ * A pool's slots are connections in session mode and lease handles in
+ * transaction mode (with its backends outside the segment), so a reload that
+ * changes pool_mode cannot convert the pool in place: a worker would see a
+ * torn pool.  It builds a pool of the new mode under the same name in a new
+ * table entry, with slots from the spare region (added_pool_slots), beside
+ * the old one:
+ *
+ *   1. pending: clients' lookups (find_pool: the first entry of that name
+ *      not removed) still find the old pool, which goes on serving in its
+ *      mode; the new one connects (one connection at least, pool_maybe_grow)
+ *      with its settings;
+ *   2. once it has a connection up (the janitor looks, reload_switch_tick),
+ *      the old pool is removed with superseded set: no new leases (its
+ *      waiters are failed PB_ENOPOOL, which the library answers by looking
+ *      the name up again: it then finds the new pool); leases held keep
+ *      working in the old mode until released, and its connections close as
+ *      they come free once no lease needs them.
+ *
+ * While the new pool cannot connect (settings that fail), step 2 never
+ * comes: the old pool serves, the new one retries with the pool's backoff and
+ * says why in its last_error.  A reload back to the old mode drops the
+ * pending pool.  Each switch takes a table entry and slots that are not given
+ * back (as for a pool removed and added again): spare_slots bounds how often
+ * a pool can switch in a broker's life. */
+
+/* Take p out of service: no new leases, waiters failed PB_ENOPOOL,
+ * connections close as leases return (pool_gone says when for a
+ * superseded pool, whose held leases' queued statements are kept). */
+static void pool_remove(pool *p)
+{
+    p->removed = 1;
+    if (p->replaces)
+        p->replaces->successor = NULL;
+    if (p->successor)
+        p->successor->replaces = NULL;
+    p->replaces = p->successor = NULL;
+    trial_stop(p);
+    pool_publish_health(p);
+    atomic_store(&p->shm->min_size, 0);
+    if (p->superseded)
+        pool_fail_acquirers(p, PB_ENOPOOL);     /* held leases' statements still go out */
+    else
+        pool_fail_waiters(p, PB_ENOPOOL);
+}
+
+void reload_switch_tick(pool *q)
+{
+    pool *p = q->replaces;
+    if (!p || q->removed || q->live <= q->connecting)
+        return;                     /* no switch pending, or no connection up yet */
+    uint32_t held = pool_leases_held(p);
+    /* The new pool serves before the old one is REMOVED: a lookup that
+     * sees the old one removed finds the new one (client.c: find_pool). */
+    q->replaces = NULL;
+    p->successor = NULL;
+    pool_publish_health(q);
+    p->superseded = 1;
+    pool_remove(p);
+    log_info("pool %s: pool_mode is %s now (a connection of the new pool is up): the %s-mode pool takes no "
+             "new leases, its %u held lease%s keep%s that mode until released", q->cf->name,
+             mode_name(q->cf->pool_mode), mode_name(p->cf->pool_mode), held, held == 1 ? "" : "s",
+             held == 1 ? "s" : "");
+}
+
 void reload_config(broker *b)
 {
     char err[CONF_ERR_MAX], why[256];
@@ -376,10 +463,13 @@ void reload_config(broker *b)
     /* Pools that stay, or are new. */
     for (int i = 0; i < nc->npools; i++) {
         conf_pool *np = &nc->pools[i];
-        pool *p = NULL;
-        for (uint32_t k = 0; k < b->npools; k++)
-            if (!b->pools[k].removed && strcmp(b->pools[k].cf->name, np->name) == 0)
-                p = &b->pools[k];
+        pool *cur = current_pool(b, np->name);
+        pool *p = cur ? mode_target(cur, np) : NULL;
+        if (cur && p == cur && cur->successor) {
+            log_info("pool %s: pool_mode back to %s: the pending %s-mode pool is dropped", np->name,
+                     mode_name(np->pool_mode), mode_name(cur->successor->cf->pool_mode));
+            pool_remove(cur->successor);
+        }
         if (p) {
             settings_reloaded(p, np);
             p->cf = np;
@@ -393,8 +483,19 @@ void reload_config(broker *b)
             continue;
         }
         b->spare_first += p->nconns;
+        if (cur) {
+            /* PENDING before it is published: nobody finds it by name. */
+            p->replaces = cur;
+            cur->successor = p;
+            pool_publish_health(p);
+        }
         atomic_store_explicit(&b->hdr->npools, ++b->npools, memory_order_release);
-        log_info("reload: pool %s added (%u slots)", np->name, p->nconns);
+        if (cur)
+            log_info("reload: pool %s: pool_mode %s -> %s: a new pool (%u slots) is built beside the old one and "
+                     "takes over once a connection is up", np->name, mode_name(cur->cf->pool_mode),
+                     mode_name(np->pool_mode), p->nconns);
+        else
+            log_info("reload: pool %s added (%u slots)", np->name, p->nconns);
     }
     /* Pools that are gone. */
     for (uint32_t k = 0; k < b->npools; k++) {
@@ -403,12 +504,7 @@ void reload_config(broker *b)
             continue;
         if (p->cf >= nc->pools && p->cf < nc->pools + nc->npools)
             continue;               /* added just now */
-        p->removed = 1;
-        trial_stop(p);
-        atomic_store(&p->shm->accepting, 0);
-        atomic_store(&p->shm->health, PB_HEALTH_REMOVED);
-        atomic_store(&p->shm->min_size, 0);
-        pool_fail_waiters(p, PB_ENOPOOL);
+        pool_remove(p);
         log_info("reload: pool %s removed: no new leases; connections close as leases return", p->cf->name);
     }
 

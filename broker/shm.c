@@ -60,6 +60,8 @@ int shm_create(broker *b)
     for (int i = 0; i < cf->npools; i++)
         nslots += conf_pool_slots(&cf->pools[i]);
     off += ALIGN_UP((uint64_t)nslots * sizeof(pb_shm_slot), PB_CACHELINE);
+    uint64_t backend_off = off;
+    off += ALIGN_UP((uint64_t)nslots * sizeof(pb_shm_backend), PB_CACHELINE);
     uint64_t buf_off = ALIGN_UP(off, 4096);
     off = buf_off;
     for (int i = 0; i < cf->npools; i++)
@@ -106,6 +108,7 @@ int shm_create(broker *b)
     h->client_off = client_off;
     h->slot_off = slot_off;
     h->buf_off = buf_off;
+    h->backend_off = backend_off;
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     h->start_ms = (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
@@ -148,6 +151,7 @@ int shm_create(broker *b)
     b->shm_pools = (pb_shm_pool *)((char *)base + pool_off);
     b->shm_clients = (pb_shm_client *)((char *)base + client_off);
     b->shm_slots = slots;
+    b->shm_backends = pb_shm_backends(h);
     memcpy(&b->hdr_copy, h, sizeof *h);
     b->shm_size = total;
     b->shm_fd = fd;
@@ -202,6 +206,7 @@ void shm_republish(broker *b)
     SET_IF(h->client_off, o->client_off);
     SET_IF(h->slot_off, o->slot_off);
     SET_IF(h->buf_off, o->buf_off);
+    SET_IF(h->backend_off, o->backend_off);
     SET_IF(h->nslots, o->nslots);
     SET_IF(h->max_clients, o->max_clients);
     SET_IF(h->start_ms, o->start_ms);

@@ -567,8 +567,8 @@ void txn_submit(conn *h, uint64_t lease_word, uint32_t seq)
     int err = 0;
     if (B.draining)
         err = PB_ESHUTDOWN;
-    else if (p->removed)
-        err = PB_ENOPOOL;
+    else if (p->removed && !p->superseded)
+        err = PB_ENOPOOL;           /* superseded (pool_mode switch): its held leases go on */
     else if (p->health == PB_HEALTH_DOWN && p->live == 0)
         err = PB_EBACKEND;          /* fail fast, as an acquire would */
     if (err) {
@@ -738,6 +738,10 @@ static void check_handle(broker *b, pool *p, conn *h)
     case PB_SLOT_RECLAIMING:
         if (h->bound)
             return;                 /* its backend is being cleaned */
+        break;
+    case PB_SLOT_CLOSING:
+        if (p->removed)
+            return;                 /* given back to a removed pool: retired (pool_offer_handle) */
         break;
     default:
         break;

@@ -416,11 +416,20 @@ static int try_now(pb_client *c, const char *pool, uint32_t *pi, pb_lease **out)
     int rc = pbi_ensure_attached(c);
     if (rc != PB_OK)
         return rc;
-    if ((rc = pbi_find_pool(c, pool, pi)) != PB_OK)
-        return rc;
-    pb_shm_pool *p = &c->pools[*pi];
-    if (!atomic_load_explicit(&p->accepting, memory_order_relaxed))
-        return atomic_load(&c->hdr->state) == PB_BROKER_DRAINING ? PB_ESHUTDOWN : PB_ENOPOOL;
+    pb_shm_pool *p = NULL;
+    /* A pool removed under us may have a successor of the same name (a
+     * reload switched its pool_mode): look the name up again (pb_acquire). */
+    for (int lookups = 0;; lookups++) {
+        if ((rc = pbi_find_pool(c, pool, pi)) != PB_OK)
+            return rc;
+        p = &c->pools[*pi];
+        if (atomic_load_explicit(&p->accepting, memory_order_relaxed))
+            break;
+        if (atomic_load(&c->hdr->state) == PB_BROKER_DRAINING)
+            return PB_ESHUTDOWN;
+        if (atomic_load(&p->health) != PB_HEALTH_REMOVED || lookups == 3)
+            return PB_ENOPOOL;
+    }
     uint32_t s;
     uint64_t w;
     if (atomic_load(&p->nwaiters) != 0 || !pbi_try_take_free(c, *pi, &s, &w))
@@ -478,6 +487,13 @@ static int check_broker_op(pb_client *c, pb_acquiring *op)
     if (st == PB_WAIT_FAILED) {
         int err = -(int)PB_WAITW_SLOT(w);
         err = err < 0 && err >= PB_ESERVER ? err : PB_EBACKEND;
+        if (err == PB_ENOPOOL && atomic_load(&c->pools[op->pi].health) == PB_HEALTH_REMOVED) {
+            /* Removed while we waited: queue here again; drive() looks the
+             * name up anew (a pool_mode switch has a successor). */
+            op->state = OP_QUEUED;
+            c->nb->at_broker = NULL;
+            return PB_EINPROGRESS;
+        }
         atomic_fetch_add_explicit(&c->pools[op->pi].errors, 1, memory_order_relaxed);
         op_finish(op, err, NULL);
         return err;

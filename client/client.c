@@ -596,30 +596,43 @@ static int wait_change(pb_client *c, uint32_t *spin_ns, _Atomic uint32_t *word, 
 static int find_pool(pb_client *c, const char *name, uint32_t *idx)
 {
     if (c->last_pool[0] && strcmp(c->last_pool, name) == 0 &&
-        atomic_load_explicit(&c->pools[c->last_pool_idx].health, memory_order_relaxed) != PB_HEALTH_REMOVED) {
+        atomic_load_explicit(&c->pools[c->last_pool_idx].health, memory_order_relaxed) < PB_HEALTH_REMOVED) {
         *idx = c->last_pool_idx;
         return PB_OK;
     }
     size_t n = strlen(name);
     if (n == 0 || n >= PB_NAME_MAX)
         return PB_ENOPOOL;
-    /* A reload may have added pools since we attached. */
-    uint32_t np = atomic_load_explicit(&c->hdr->npools, memory_order_acquire);
-    c->npools = np <= PB_MAX_POOLS ? np : PB_MAX_POOLS;
-    for (uint32_t i = 0; i < c->npools; i++) {
-        if (atomic_load_explicit(&c->pools[i].health, memory_order_relaxed) == PB_HEALTH_REMOVED)
-            continue;               /* a pool a reload removed (it may be re-added) */
-        /* Compared on a consistent copy: the broker may be rewriting the
-         * name this instant (undoing a scribble), see pb_pool_ident. */
-        pb_pool_ident id;
-        for (int tries = 0; pb_shm_pool_ident_read(&c->pools[i], &id, 64) < 0 && tries < 100; tries++)
-            sched_yield();
-        if (memcmp(id.name, name, n + 1) == 0) {
+    /* A reload may have added pools since we attached.  A pool_mode switch
+     * (broker/reload.c) publishes the new pool (npools) before it marks the
+     * old one of the same name removed: having seen a removed one of our
+     * name, a fresh npools covers its successor, so we look once more. */
+    for (int pass = 0; pass < 4; pass++) {
+        uint32_t np = atomic_load(&c->hdr->npools);
+        c->npools = np <= PB_MAX_POOLS ? np : PB_MAX_POOLS;
+        int removed_seen = 0;
+        for (uint32_t i = 0; i < c->npools; i++) {
+            /* Compared on a consistent copy: the broker may be rewriting
+             * the name this instant (undoing a scribble), see pb_pool_ident. */
+            pb_pool_ident id;
+            for (int tries = 0; pb_shm_pool_ident_read(&c->pools[i], &id, 64) < 0 && tries < 100; tries++)
+                sched_yield();
+            if (memcmp(id.name, name, n + 1) != 0)
+                continue;
+            uint32_t health = atomic_load(&c->pools[i].health);
+            if (health == PB_HEALTH_REMOVED) {
+                removed_seen = 1;   /* a pool a reload removed (it may be re-added, or switched) */
+                continue;
+            }
+            if (health == PB_HEALTH_PENDING)
+                continue;           /* a pool_mode switch's new pool, not serving yet */
             memcpy(c->last_pool, name, n + 1);
             c->last_pool_idx = i;
             *idx = i;
             return PB_OK;
         }
+        if (!removed_seen || atomic_load(&c->hdr->npools) == np)
+            break;
     }
     return PB_ENOPOOL;
 }
@@ -750,12 +763,23 @@ PB_API int pb_acquire(pb_client *c, const char *pool, int timeout_ms, pb_lease *
     int rc = ensure_attached(c);
     if (rc != PB_OK)
         return rc;
+    /* A pool removed under us (PB_ENOPOOL from the pool we found) may have
+     * a successor of the same name — a reload switched its pool_mode — so
+     * the name is looked up again, a few times at most, with what is left
+     * of the wait. */
+    int lookups = 0;
+again:;
     uint32_t pi;
     if ((rc = find_pool(c, pool, &pi)) != PB_OK)
         return rc;
     pb_shm_pool *p = &c->pools[pi];
-    if (!atomic_load_explicit(&p->accepting, memory_order_relaxed))
-        return atomic_load(&c->hdr->state) == PB_BROKER_DRAINING ? PB_ESHUTDOWN : PB_ENOPOOL;
+    if (!atomic_load_explicit(&p->accepting, memory_order_relaxed)) {
+        if (atomic_load(&c->hdr->state) == PB_BROKER_DRAINING)
+            return PB_ESHUTDOWN;
+        if (atomic_load(&p->health) == PB_HEALTH_REMOVED && ++lookups < 4)
+            goto again;
+        return PB_ENOPOOL;
+    }
 
     uint32_t s;
     uint64_t w;
@@ -792,6 +816,13 @@ PB_API int pb_acquire(pb_client *c, const char *pool, int timeout_ms, pb_lease *
             return PB_ETIMEDOUT;
         t0 = pbi_now_us();
         rc = wait_for_slot(c, pi, wait_ms ? (uint32_t)wait_ms : 1, &s, &w);
+        if (rc == PB_ENOPOOL && atomic_load(&p->health) == PB_HEALTH_REMOVED && ++lookups < 4) {
+            if (timeout_ms > 0) {       /* what is left of it after this wait */
+                uint64_t spent_ms = (pbi_now_us() - t0) / 1000;
+                timeout_ms = spent_ms < (uint64_t)timeout_ms ? timeout_ms - (int)spent_ms : 0;
+            }
+            goto again;
+        }
         if (rc == PB_EBROKER) {
             /* The broker died under us: the mapping p points into is about
              * to go.  If a new broker is already up, try once more there. */

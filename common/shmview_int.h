@@ -34,6 +34,8 @@ typedef struct snapshot {
     pb_shm_header hdr;
     pb_shm_pool *pools;             /* hdr.npools entries */
     pb_shm_slot *slots;             /* hdr.nslots entries */
+    pb_shm_backend *backends;       /* hdr.nslots rows; a row copied torn (the broker kept
+                                       rewriting it) has state PB_BACKEND_STATE_MAX */
     client_ref *clients;            /* hdr.max_clients entries */
     uint64_t mono_ms;               /* CLOCK_MONOTONIC when copied */
     uint64_t real_ms;               /* CLOCK_REALTIME when copied */
@@ -65,7 +67,24 @@ typedef struct pool_view {
     int selected;                   /* passes -p */
     int64_t by_state[PB_SLOT_STATE_MAX]; /* slot counts, V_UNKNOWN when the range is bad */
     int64_t oldest_lease_ms;        /* V_NONE when nothing is leased */
+    const char *mode;               /* "session", "transaction"; NULL = impossible value */
+    int txn;                        /* transaction mode: the backend figures below apply */
+    int64_t backends, bound, idle;  /* transaction mode: backend rows connected (any state but
+                                       none), bound to a handle, idle; V_UNKNOWN: bad range */
 } pool_view;
+
+/* One transaction-mode backend connection (a row of the backend table). */
+typedef struct backend_view {
+    const char *pool;               /* pool name */
+    uint32_t number;                /* its number in the pool (row - first_slot) */
+    const char *state;              /* "connecting", "idle", "bound", "busy"; NULL: torn or impossible */
+    int64_t handle;                 /* bound: the handle's slot index; else V_NONE */
+    int64_t worker_pid;             /* bound: the pid holding that handle; V_NONE: none */
+    int64_t backend_pid;            /* V_NONE when 0 */
+    int64_t conn_age_ms;
+    uint64_t uses;
+    char server[PB_SERVER_MAX];     /* sv_printable ASCII */
+} backend_view;
 
 typedef struct slot_view {
     uint32_t index;                 /* position in the slot table */
@@ -84,6 +103,8 @@ typedef struct view {
     pool_view *pools;               /* s->hdr.npools entries */
     slot_view *slots;               /* only the slots to print */
     uint32_t nslots;
+    backend_view *backends;         /* only the backends to print (connected, selected pools) */
+    uint32_t nbackends;
 } view;
 
 /* What shmview_load hands out: the copy, its view, and the segment's name. */
@@ -99,6 +120,8 @@ const char *sv_broker_state_name(uint32_t st);
 const char *sv_pool_type_name(uint32_t t);
 const char *sv_health_name(uint32_t h);
 const char *sv_io_backend_name(uint32_t b);
+const char *sv_pool_mode_name(uint32_t m);
+const char *sv_backend_state_name(uint32_t st);
 /* Helpers (shmview_load.c). */
 uint64_t sv_clock_ms(clockid_t clk);
 int64_t sv_age_ms(uint64_t now, uint64_t then);

@@ -92,6 +92,34 @@ static void json_pool(FILE *out, const pool_view *pv)
     shmview_json_str(out, pv->server);
     fputs(", \"last_error\": ", out);
     shmview_json_str(out, pv->last_error);
+    /* Transaction mode: the backends behind the handles (0 in session mode). */
+    fputs(", \"pool_mode\": ", out);
+    shmview_json_str(out, pv->mode);
+    fputs(", \"backends\": ", out);
+    json_num(out, pv->txn ? pv->backends : V_NONE);
+    fputs(", \"backends_bound\": ", out);
+    json_num(out, pv->txn ? pv->bound : V_NONE);
+    fputs(", \"backends_idle\": ", out);
+    json_num(out, pv->txn ? pv->idle : V_NONE);
+    fprintf(out, ", \"queued\": %" PRIu32 "}", pv->txn ? (uint32_t)p->txn_queued : 0u);
+}
+
+static void json_backend(FILE *out, const backend_view *bv)
+{
+    fputs("{\"pool\": ", out);
+    shmview_json_str(out, bv->pool);
+    fprintf(out, ", \"number\": %" PRIu32 ", \"state\": ", bv->number);
+    shmview_json_str(out, bv->state);
+    fputs(", \"handle\": ", out);
+    json_num(out, bv->handle == V_NONE ? V_UNKNOWN : bv->handle);
+    fputs(", \"worker_pid\": ", out);
+    json_num(out, bv->worker_pid);
+    fputs(", \"backend_pid\": ", out);
+    json_num(out, bv->backend_pid);
+    fputs(", \"conn_age_ms\": ", out);
+    json_num(out, bv->conn_age_ms);
+    fprintf(out, ", \"uses\": %" PRIu64 ", \"server\": ", bv->uses);
+    shmview_json_str(out, bv->server);
     fputc('}', out);
 }
 
@@ -134,6 +162,11 @@ void shmview_print_json(FILE *out, const shmview *sv)
         fputs(i ? ", " : "", out);
         json_slot(out, &v->slots[i]);
     }
+    fputs("], \"backends\": [", out);
+    for (uint32_t i = 0; i < v->nbackends; i++) {
+        fputs(i ? ", " : "", out);
+        json_backend(out, &v->backends[i]);
+    }
     fputs("]}\n", out);
 }
 
@@ -156,7 +189,7 @@ static int broker_healthy(const broker_view *b)
 /* Whether pool pv counts for health: selected and not removed. */
 static int health_counts(const pool_view *pv)
 {
-    return pv->selected && pv->p->health != PB_HEALTH_REMOVED;
+    return pv->selected && pv->p->health != PB_HEALTH_REMOVED && pv->p->health != PB_HEALTH_PENDING;
 }
 
 int shmview_health_json(FILE *out, const shmview *sv)

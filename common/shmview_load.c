@@ -59,8 +59,19 @@ const char *sv_pool_type_name(uint32_t t)
 
 const char *sv_health_name(uint32_t h)
 {
-    static const char *const names[] = { "healthy", "degraded", "down", "removed" };
+    static const char *const names[] = { "healthy", "degraded", "down", "removed", "pending" };
     return h < sizeof names / sizeof names[0] ? names[h] : NULL;
+}
+
+const char *sv_pool_mode_name(uint32_t m)
+{
+    return m == PB_MODE_SESSION ? "session" : m == PB_MODE_TRANSACTION ? "transaction" : NULL;
+}
+
+const char *sv_backend_state_name(uint32_t st)
+{
+    static const char *const names[] = { "none", "connecting", "idle", "bound", "busy" };
+    return st < sizeof names / sizeof names[0] ? names[st] : NULL;
 }
 
 const char *sv_io_backend_name(uint32_t b)
@@ -211,6 +222,22 @@ static void copy_tables(void *arg)
     const pb_shm_header *h = &j->s->hdr;
     memcpy(j->s->pools, j->base + h->pool_off, (size_t)h->npools * sizeof(pb_shm_pool));
     memcpy(j->s->slots, j->base + h->slot_off, (size_t)h->nslots * sizeof(pb_shm_slot));
+    /* Backend rows, each between two reads of its even, unchanged seqlock. */
+    const pb_shm_backend *rows = (const pb_shm_backend *)(const void *)(j->base + h->backend_off);
+    for (uint32_t i = 0; i < h->nslots; i++) {
+        pb_shm_backend *dst = &j->s->backends[i];
+        int ok = 0;
+        for (int tries = 0; tries < 64 && !ok; tries++) {
+            uint32_t s1 = atomic_load_explicit(&((pb_shm_backend *)&rows[i])->seq, memory_order_acquire);
+            memcpy((char *)dst + sizeof dst->seq, (const char *)&rows[i] + sizeof dst->seq,
+                   sizeof *dst - sizeof dst->seq);
+            atomic_thread_fence(memory_order_acquire);
+            uint32_t s2 = atomic_load_explicit(&((pb_shm_backend *)&rows[i])->seq, memory_order_relaxed);
+            ok = s1 == s2 && !(s1 & 1);
+        }
+        if (!ok)
+            dst->state = PB_BACKEND_STATE_MAX;
+    }
     for (uint32_t i = 0; i < h->max_clients; i++) {
         const char *rec = j->base + h->client_off + (uint64_t)i * sizeof(pb_shm_client);
         memcpy(&j->s->clients[i].id, rec + offsetof(pb_shm_client, id), sizeof(uint32_t));
@@ -244,9 +271,11 @@ static int check_header(const pb_shm_header *h, uint64_t size, char *err, size_t
         bad = "client count above PB_MAX_CLIENTS";
     else if (h->nslots > MAX_TOTAL_SLOTS)
         bad = "slot count above PB_MAX_POOLS * PB_MAX_POOL_SLOTS";
-    else if (h->pool_off % PB_CACHELINE || h->client_off % PB_CACHELINE || h->slot_off % PB_CACHELINE)
+    else if (h->pool_off % PB_CACHELINE || h->client_off % PB_CACHELINE || h->slot_off % PB_CACHELINE ||
+             h->backend_off % PB_CACHELINE)
         bad = "table offset not aligned to a cache line";
-    else if (h->pool_off < sizeof *h || h->client_off < sizeof *h || h->slot_off < sizeof *h)
+    else if (h->pool_off < sizeof *h || h->client_off < sizeof *h || h->slot_off < sizeof *h ||
+             h->backend_off < sizeof *h)
         bad = "table offset inside the header";
     else if (!sv_range_ok(h->pool_off, h->npools, sizeof(pb_shm_pool), h->total_size))
         bad = "pool table outside the segment";
@@ -254,6 +283,8 @@ static int check_header(const pb_shm_header *h, uint64_t size, char *err, size_t
         bad = "client table outside the segment";
     else if (!sv_range_ok(h->slot_off, h->nslots, sizeof(pb_shm_slot), h->total_size))
         bad = "slot table outside the segment";
+    else if (!sv_range_ok(h->backend_off, h->nslots, sizeof(pb_shm_backend), h->total_size))
+        bad = "backend table outside the segment";
     if (bad) {
         snprintf(err, errlen, "corrupt segment header: %s", bad);
         return SHMVIEW_ELAYOUT;
@@ -266,9 +297,11 @@ static void snapshot_free(snapshot *s)
 {
     free(s->pools);
     free(s->slots);
+    free(s->backends);
     free(s->clients);
     s->pools = NULL;
     s->slots = NULL;
+    s->backends = NULL;
     s->clients = NULL;
 }
 
@@ -326,7 +359,8 @@ static int snapshot_load(const char *name, snapshot *s, char *err, size_t errlen
         s->pools = alloc_lines(s->hdr.npools, sizeof(pb_shm_pool));
         s->slots = alloc_lines(s->hdr.nslots, sizeof(pb_shm_slot));
         s->clients = calloc(s->hdr.max_clients ? s->hdr.max_clients : 1, sizeof(client_ref));
-        if (!s->pools || !s->slots || !s->clients) {
+        s->backends = calloc(s->hdr.nslots ? s->hdr.nslots : 1, sizeof(pb_shm_backend));
+        if (!s->pools || !s->slots || !s->clients || !s->backends) {
             snprintf(err, errlen, "out of memory copying %s", name);
             rc = SHMVIEW_EOPEN;
         } else if (guarded(copy_tables, &job) < 0) {
@@ -404,12 +438,22 @@ static void pool_view_fill(pool_view *pv, const snapshot *s, uint32_t i, const c
                                memcmp(p->name, filter, strlen(filter)) == 0);
     pv->oldest_lease_ms = V_NONE;
 
+    pv->mode = sv_pool_mode_name(p->pool_mode);
+    pv->txn = p->pool_mode == PB_MODE_TRANSACTION;
+
     uint64_t first = p->first_slot, cap = p->slot_capacity;
     int range_valid = cap <= PB_MAX_POOL_SLOTS && first <= s->hdr.nslots && cap <= s->hdr.nslots - first;
     for (unsigned st = 0; st < PB_SLOT_STATE_MAX; st++)
         pv->by_state[st] = range_valid ? 0 : V_UNKNOWN;
+    pv->backends = pv->bound = pv->idle = range_valid ? 0 : V_UNKNOWN;
     if (!range_valid)
         return;
+    for (uint64_t k = first; pv->txn && k < first + cap; k++) {
+        uint32_t st = s->backends[k].state;
+        pv->backends += st != PB_BACKEND_NONE;
+        pv->bound += st == PB_BACKEND_BOUND;
+        pv->idle += st == PB_BACKEND_IDLE;
+    }
     for (uint64_t k = first; k < first + cap; k++) {
         const pb_shm_slot *sl = &s->slots[k];
         uint64_t w = sl->word;
@@ -444,6 +488,26 @@ static void slot_view_fill(slot_view *sv, const snapshot *s, const pool_view *po
         sv->command[0] = '\0';
 }
 
+/* Backend row k (of pool pv, whose first slot is first) for printing. */
+static void backend_view_fill(backend_view *bv, const snapshot *s, const pool_view *pv, uint64_t first, uint64_t k)
+{
+    const pb_shm_backend *r = &s->backends[k];
+    bv->pool = pv->name;
+    bv->number = (uint32_t)(k - first);
+    bv->state = r->state != PB_BACKEND_NONE ? sv_backend_state_name(r->state) : NULL;
+    bv->handle = bv->worker_pid = V_NONE;
+    if (r->state == PB_BACKEND_BOUND) {
+        /* Its handle must be one of the pool's slots. */
+        int ours = r->handle >= first && r->handle - first < pv->p->slot_capacity;
+        bv->handle = ours ? (int64_t)r->handle : V_UNKNOWN;
+        bv->worker_pid = ours ? owner_pid(s, PB_WORD_OWNER(s->slots[r->handle].word)) : V_UNKNOWN;
+    }
+    bv->backend_pid = r->backend_pid > 0 ? r->backend_pid : r->backend_pid == 0 ? V_NONE : V_UNKNOWN;
+    bv->conn_age_ms = sv_age_ms(s->mono_ms, r->created_ms);
+    bv->uses = r->uses;
+    sv_printable(bv->server, r->server, sizeof r->server - 1);
+}
+
 /* Build the view of s, restricted to pool filter when not NULL.  Returns 0,
  * -1 when out of memory, or SHMVIEW_ENOPOOL when filter names no pool. */
 static int view_build(view *v, const snapshot *s, const char *filter)
@@ -453,7 +517,8 @@ static int view_build(view *v, const snapshot *s, const char *filter)
     broker_view_fill(&v->broker, s);
     v->pools = calloc(s->hdr.npools ? s->hdr.npools : 1, sizeof *v->pools);
     v->slots = calloc(s->hdr.nslots ? s->hdr.nslots : 1, sizeof *v->slots);
-    if (!v->pools || !v->slots)
+    v->backends = calloc(s->hdr.nslots ? s->hdr.nslots : 1, sizeof *v->backends);
+    if (!v->pools || !v->slots || !v->backends)
         return -1;
     int found = 0;
     for (uint32_t i = 0; i < s->hdr.npools; i++) {
@@ -470,6 +535,15 @@ static int view_build(view *v, const snapshot *s, const char *filter)
             continue;
         slot_view_fill(&v->slots[v->nslots++], s, v->pools, i);
     }
+    for (uint32_t i = 0; i < s->hdr.npools; i++) {
+        const pool_view *pv = &v->pools[i];
+        if (!pv->selected || !pv->txn || pv->backends == V_UNKNOWN)
+            continue;               /* a bad range counts V_UNKNOWN: no rows to trust */
+        uint64_t first = pv->p->first_slot;
+        for (uint64_t k = first; k < first + pv->p->slot_capacity; k++)
+            if (s->backends[k].state != PB_BACKEND_NONE)
+                backend_view_fill(&v->backends[v->nbackends++], s, pv, first, k);
+    }
     return 0;
 }
 
@@ -477,8 +551,10 @@ static void view_free(view *v)
 {
     free(v->pools);
     free(v->slots);
+    free(v->backends);
     v->pools = NULL;
     v->slots = NULL;
+    v->backends = NULL;
 }
 
 /* ------------------------------------------------------------ loading */

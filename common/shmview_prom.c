@@ -24,7 +24,7 @@ static void prom_head(FILE *out, const char *name, const char *type, const char 
  * same name would otherwise make duplicate series). */
 static int prom_shown(const pool_view *pv)
 {
-    return pv->selected && pv->p->health != PB_HEALTH_REMOVED;
+    return pv->selected && pv->p->health != PB_HEALTH_REMOVED && pv->p->health != PB_HEALTH_PENDING;
 }
 
 /* A pool name is sv_printable ASCII already; escape what the label syntax needs. */
@@ -192,6 +192,31 @@ static void prom_pool_info(FILE *out, const view *v)
             prom_label(out, pv->name);
             fprintf(out, "\",state=\"%s\"} %" PRId64 "\n", sv_slot_state_name(st), pv->by_state[st]);
         }
+    }
+    /* Transaction mode: the backends behind the handles, and the queue. */
+    prom_head(out, "pool_backends", "gauge", "Backend connections of a transaction-mode pool by state.");
+    for (uint32_t i = 0; i < v->s->hdr.npools; i++) {
+        const pool_view *pv = &v->pools[i];
+        if (!prom_shown(pv) || !pv->txn || pv->backends < 0)
+            continue;
+        const struct { const char *state; int64_t n; } by[] = {
+            { "bound", pv->bound }, { "idle", pv->idle }, { "other", pv->backends - pv->bound - pv->idle },
+        };
+        for (size_t k = 0; k < sizeof by / sizeof by[0]; k++) {
+            fputs("poolbroker_pool_backends{pool=\"", out);
+            prom_label(out, pv->name);
+            fprintf(out, "\",state=\"%s\"} %" PRId64 "\n", by[k].state, by[k].n);
+        }
+    }
+    prom_head(out, "pool_statements_queued", "gauge",
+              "Statements of a transaction-mode pool waiting for a backend.");
+    for (uint32_t i = 0; i < v->s->hdr.npools; i++) {
+        const pool_view *pv = &v->pools[i];
+        if (!prom_shown(pv) || !pv->txn)
+            continue;
+        fputs("poolbroker_pool_statements_queued{pool=\"", out);
+        prom_label(out, pv->name);
+        fprintf(out, "\"} %" PRIu32 "\n", (uint32_t)pv->p->txn_queued);
     }
 }
 

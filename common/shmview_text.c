@@ -72,6 +72,13 @@ static void text_pools(FILE *out, const view *v)
                 sv_fmt_num(n[1], sizeof n[1], pv->by_state[PB_SLOT_LEASED]), (uint32_t)p->nwaiters,
                 sv_fmt_num(n[2], sizeof n[2], pv->by_state[PB_SLOT_BROKEN]), (uint64_t)p->acquires,
                 (uint64_t)p->waits, (uint64_t)p->timeouts, (uint64_t)p->errors, (uint64_t)p->reclaims);
+        if (pv->txn)
+            fprintf(out, "  %s transaction mode: %s handle%s in use, %s backend%s (%s bound, %s idle), %" PRIu32
+                    " statement%s queued\n", pv->name, sv_fmt_num(n[3], sizeof n[3], pv->by_state[PB_SLOT_LEASED]),
+                    pv->by_state[PB_SLOT_LEASED] == 1 ? "" : "s", sv_fmt_num(n[4], sizeof n[4], pv->backends),
+                    pv->backends == 1 ? "" : "s", sv_fmt_num(n[5], sizeof n[5], pv->bound),
+                    sv_fmt_num(n[6], sizeof n[6], pv->idle), (uint32_t)p->txn_queued,
+                    p->txn_queued == 1 ? "" : "s");
         if (pv->server[0])
             fprintf(out, "  %s server: %s, %" PRIu64 " failover%s\n", pv->name, pv->server, (uint64_t)p->failovers,
                     p->failovers == 1 ? "" : "s");
@@ -100,10 +107,29 @@ static void text_slots(FILE *out, const view *v)
     }
 }
 
+/* Transaction-mode backends: which handle (and worker) each one serves. */
+static void text_backends(FILE *out, const view *v)
+{
+    char handle[24], worker[24], backend[24], conn[24];
+    if (v->nbackends == 0)
+        return;
+    int nw = name_width(v);
+    fprintf(out, "\n%-*s %7s %-10s %6s %8s %10s %9s %8s  %s\n", nw, "POOL", "BACKEND", "STATE", "HANDLE", "WORKER",
+            "PID", "CONN_AGE", "USES", "SERVER");
+    for (uint32_t i = 0; i < v->nbackends; i++) {
+        const backend_view *bv = &v->backends[i];
+        fprintf(out, "%-*s %7" PRIu32 " %-10s %6s %8s %10s %9s %8" PRIu64 "  %s\n", nw, bv->pool, bv->number,
+                bv->state ? bv->state : "?", sv_fmt_num(handle, sizeof handle, bv->handle),
+                sv_fmt_num(worker, sizeof worker, bv->worker_pid), sv_fmt_num(backend, sizeof backend, bv->backend_pid),
+                sv_fmt_age(conn, sizeof conn, bv->conn_age_ms), bv->uses, bv->server);
+    }
+}
+
 void shmview_print_text(FILE *out, const shmview *sv)
 {
     const view *v = &sv->v;
     text_broker(out, sv->shm_name, &v->broker);
     text_pools(out, v);
     text_slots(out, v);
+    text_backends(out, v);
 }

@@ -12,6 +12,8 @@
  *   pb_shm_pool     [npools]          per pool: limits, state, counters, free map
  *   pb_shm_client   [max_clients]     per attached process: wait word, SQ ring
  *   pb_shm_slot     [nslots]          per connection slot: slot word, I/O words
+ *   pb_shm_backend  [nslots]          per transaction-mode backend connection: what
+ *                                     it is doing, for shmstat (broker-written)
  *   slot buffers                      per slot: request buffer (req_size) and
  *                                     reply ring (rep_size, SPSC byte ring)
  *
@@ -135,7 +137,11 @@ enum pb_wait_state {
 
 enum pb_broker_state { PB_BROKER_STARTING = 0, PB_BROKER_RUNNING, PB_BROKER_DRAINING, PB_BROKER_STOPPED };
 enum pb_pool_type    { PB_POOL_POSTGRES = 1, PB_POOL_REDIS = 2 };
-enum pb_pool_health  { PB_HEALTH_HEALTHY = 0, PB_HEALTH_DEGRADED, PB_HEALTH_DOWN, PB_HEALTH_REMOVED };
+/* REMOVED: a reload removed the pool (or replaced it: pool_mode switch);
+ * PENDING: the new pool of a pool_mode switch, not serving until a
+ * connection of it is up.  Lookups by name skip both. */
+enum pb_pool_health  { PB_HEALTH_HEALTHY = 0, PB_HEALTH_DEGRADED, PB_HEALTH_DOWN, PB_HEALTH_REMOVED,
+                       PB_HEALTH_PENDING };
 enum pb_io_backend   { PB_IO_NONE = 0, PB_IO_URING, PB_IO_EPOLL };
 
 /* Pool modes (pool_mode key): a lease owns a backend connection for the
@@ -199,6 +205,8 @@ typedef struct pb_shm_header {
     uint64_t client_off;            /*   shmstat; the broker and the library never read */
     uint64_t slot_off;              /*   them back: see pb_shm_layout) */
     uint64_t buf_off;               /* broker: start of the slot buffers */
+    uint64_t backend_off;           /* broker: the backend table (pb_shm_backend, nslots rows;
+                                       shmstat only) */
     uint64_t start_ms;              /* broker: CLOCK_REALTIME ms at start */
     _Atomic uint64_t heartbeat_ms;  /* CLOCK_MONOTONIC ms, broker, each loop tick */
     _Atomic uint32_t clients_attached; /* broker */
@@ -292,6 +300,9 @@ typedef struct pb_shm_pool {
     char server[PB_SERVER_MAX];     /* broker: "host:port" (or socket path) of the server the
                                        pool's newest connection reached; "" before the first;
                                        NUL-terminated, cut to fit */
+    _Atomic uint32_t pool_mode;     /* broker: enum pb_pool_mode */
+    _Atomic uint32_t txn_queued;    /* broker, transaction mode: statements waiting for a backend
+                                       (the pool's FIFO); janitor-published, each pass */
 
     /* counters: relaxed fetch_add by whoever does the thing.  Clients:
      * acquires, timeouts, errors (acquires that failed); broker: waits,
@@ -404,6 +415,36 @@ typedef struct pb_shm_slot {
     _Atomic uint64_t rep_tail;      /* client: bytes consumed, release store */
 } pb_shm_slot;
 
+/* --------------------------------------------------------------- backends
+ * A transaction-mode pool's backend connections live outside the slot table
+ * (the slots are lease handles, broker/txn.c).  So that shmstat can show
+ * them, the broker's janitor publishes one row per backend each pass (every
+ * 100 ms by default): backend k of a pool is row first_slot + k of this
+ * table (a pool never has more backends than slots).  Rows of session-mode
+ * pools and of unused backends are PB_BACKEND_NONE.  Broker-written, read
+ * only by shmstat and /metrics, under the row's seqlock: copy the row
+ * between two reads of an even, unchanged seq. */
+enum pb_backend_state {
+    PB_BACKEND_NONE = 0,    /* no connection */
+    PB_BACKEND_CONNECTING,  /* handshake running */
+    PB_BACKEND_IDLE,        /* connected, bound to no handle, free to take */
+    PB_BACKEND_BOUND,       /* serving the handle in `handle` (its statement, transaction or
+                               pinned session) */
+    PB_BACKEND_BUSY,        /* the broker's own work: a reset, a check, closing */
+    PB_BACKEND_STATE_MAX
+};
+
+typedef struct pb_shm_backend {
+    _Atomic uint32_t seq;           /* broker: odd while it rewrites the row */
+    uint32_t state;                 /* broker: enum pb_backend_state */
+    int32_t backend_pid;            /* broker: the server's pid for it, 0 none */
+    uint32_t handle;                /* broker: BOUND: the handle's slot index (its owner is the
+                                       worker); else UINT32_MAX */
+    uint64_t created_ms;            /* broker: CLOCK_MONOTONIC ms it connected, 0 none */
+    uint64_t uses;                  /* broker: binds so far */
+    char server[PB_SERVER_MAX];     /* broker: "host:port" (or socket path) it reached, NUL-terminated */
+} pb_shm_backend;
+
 /* The size fingerprint: a client or shmstat built against another layout
  * refuses to attach.  Mixing in every struct size catches a changed layout even
  * when someone forgets to bump PB_SHM_VERSION. */
@@ -412,6 +453,7 @@ typedef struct pb_shm_slot {
      (uint32_t)(sizeof(pb_shm_pool) * 40503u) ^ \
      (uint32_t)(sizeof(pb_shm_client) * 9973u) ^ \
      (uint32_t)(sizeof(pb_shm_slot) * 131u) ^ \
+     (uint32_t)(sizeof(pb_shm_backend) * 7919u) ^ \
      (uint32_t)(PB_SQ_ENTRIES << 20) ^ (uint32_t)(PB_HIST_BUCKETS << 26))
 
 static inline uint32_t pb_shm_hist_bucket(uint64_t us)
@@ -637,6 +679,8 @@ static inline pb_shm_client *pb_shm_clients(pb_shm_header *h)
 { return (pb_shm_client *)PB_SHM_AT(h, h->client_off); }
 static inline pb_shm_slot *pb_shm_slots(pb_shm_header *h)
 { return (pb_shm_slot *)PB_SHM_AT(h, h->slot_off); }
+static inline pb_shm_backend *pb_shm_backends(pb_shm_header *h)
+{ return (pb_shm_backend *)PB_SHM_AT(h, h->backend_off); }
 
 /* ------------------------------------------------------- attach handshake
  * Over the control socket (SOCK_STREAM, AF_UNIX): the client sends one

@@ -4,15 +4,19 @@
  *   shmstat_fixture NAME good|garbage|badversion|remove [SEED]
  *
  * good        a segment laid out as broker/shm.c lays it out: two pools
- *             ("main", postgres, 4 slots; "cache", redis, 3 slots), three
- *             client records and slots in most states, including a lease
- *             whose owner id no longer matches its client record (shmstat
- *             must print "?" for its pid).  The broker pid is our parent's
+ *             ("main", postgres, 4 slots; "cache", redis, 3 slots, in
+ *             transaction mode: its slots are handles, with two backend rows,
+ *             one bound to handle 4 and one idle, and 2 statements queued),
+ *             three client records and slots in most states, including a
+ *             lease whose owner id no longer matches its client record
+ *             (shmstat must print "?" for its pid).  The broker pid is our parent's
  *             (the test shell), so the broker looks alive; the heartbeat is
  *             stamped now, so it looks responding for about 5 s.
- * garbage     the same header layout, but every pool, client and slot byte
- *             random (SEED, default 1): shmstat must not crash, and must print
- *             "?" where values are impossible.
+ * garbage     the same header layout, but every pool, client, slot and
+ *             backend byte random (SEED, default 1), except that "cache" keeps
+ *             its slot range and transaction mode, so that its random backend
+ *             rows are read: shmstat must not crash, and must print "?" where
+ *             values are impossible.
  * badversion  a good segment whose version is PB_SHM_VERSION + 1: shmstat
  *             must refuse it with exit status 3.
  * remove      shm_unlink NAME.
@@ -83,6 +87,8 @@ static uint64_t layout(pb_shm_header *h, uint32_t nslots)
     off += ALIGN_UP((uint64_t)NCLIENTS * sizeof(pb_shm_client), PB_CACHELINE);
     h->slot_off = off;
     off += ALIGN_UP((uint64_t)nslots * sizeof(pb_shm_slot), PB_CACHELINE);
+    h->backend_off = off;
+    off += ALIGN_UP((uint64_t)nslots * sizeof(pb_shm_backend), PB_CACHELINE);
     h->buf_off = ALIGN_UP(off, 4096);
     return h->buf_off + (uint64_t)nslots * 2 * BUF_SIZE;
 }
@@ -173,6 +179,19 @@ static void fill_good(pb_shm_header *h)
     set_slot(&s[4], PB_SLOT_LEASED, stale, now, 17, "GET session:\"42\"\r\n");
     set_slot(&s[5], PB_SLOT_BROKEN, 0, now, 18, NULL);
     set_slot(&s[6], PB_SLOT_CONNECTING, 0, now, 0, NULL);
+
+    /* "cache" in transaction mode: backend 0 bound to handle 4, backend 1
+     * idle (rows first_slot + k of the backend table). */
+    atomic_store(&p[1].pool_mode, PB_MODE_TRANSACTION);
+    atomic_store(&p[1].txn_queued, 2);
+    pb_shm_backend *b = pb_shm_backends(h);
+    uint32_t cf = p[1].first_slot;
+    b[cf] = (pb_shm_backend){ .state = PB_BACKEND_BOUND, .backend_pid = 77, .handle = 4,
+                              .created_ms = ago(now, 9000), .uses = 417 };
+    b[cf + 1] = (pb_shm_backend){ .state = PB_BACKEND_IDLE, .backend_pid = 78, .handle = UINT32_MAX,
+                                  .created_ms = ago(now, 9000), .uses = 380 };
+    snprintf(b[cf].server, sizeof b[cf].server, "127.0.0.1:6379");
+    snprintf(b[cf + 1].server, sizeof b[cf + 1].server, "127.0.0.1:6379");
 }
 
 /* Overwrite every table byte and every header field but the layout (magic,
@@ -184,6 +203,11 @@ static void fill_garbage(pb_shm_header *h, uint64_t size, uint64_t seed)
                 &seed);
     fill_random((char *)&h->start_ms,
                 offsetof(pb_shm_header, shm_name) + sizeof h->shm_name - offsetof(pb_shm_header, start_ms), &seed);
+    /* "cache" keeps its range and mode: its random backend rows are read. */
+    pb_shm_pool *p = pb_shm_pools(h);
+    p[1].first_slot = pools[0].max_size;
+    p[1].slot_capacity = pools[1].max_size;
+    atomic_store(&p[1].pool_mode, PB_MODE_TRANSACTION);
 }
 
 static int create(const char *name, const char *mode, uint64_t seed)

@@ -7,8 +7,11 @@
  * FIRST command works (200 ms later), and a lease taken at once costs at
  * most one failed first command per killed connection.
  *
+ * An idle connection that receives an asynchronous message (a NOTIFY for
+ * a channel it listens on) is kept: the broker absorbs it.
+ *
  * Two groups, each with its own temp dir, server and broker:
- *   idle_kill_pg     PostgreSQL pools "kill" and "admin"
+ *   idle_kill_pg     PostgreSQL pools "kill", "admin" and "listen"
  *   idle_kill_redis  Redis pool "rkill"
  */
 #include <stdarg.h>
@@ -44,7 +47,15 @@ static th_env env_redis;
     "min_size = 2\n" \
     "max_size = 2\n" \
     "validate_after_idle_ms = 0\n" \
-    "acquire_timeout_ms = 5000\n"
+    "acquire_timeout_ms = 5000\n" \
+    "\n" \
+    "[pool listen]\n" \
+    "type = postgres\n" \
+    "conninfo = host=127.0.0.1 port=@PGPORT@ user=postgres dbname=postgres sslmode=disable application_name=pblisten\n" \
+    "min_size = 1\n" \
+    "max_size = 1\n" \
+    "validate_after_idle_ms = 0\n" \
+    "reset = LISTEN pbidle\n"
 
 static int pg_group_setup(void **state)
 {
@@ -151,6 +162,41 @@ static void test_pg_idle_kill_then_lease_0ms(void **state)
     assert_int_equal(pb_release(admin), PB_OK);
     pbt_cli_done(c);
     print_message("pg idle kill, lease at once: first command failed in %d of %d rounds\n", first_failed, rounds);
+}
+
+/* 2. Asynchronous messages on an idle pooled connection are legal
+ * ("Asynchronous Operations" in the protocol docs) and absorbed, not taken
+ * for a dead connection.  The pool "listen" resets each connection with
+ * LISTEN pbidle, so its idle connection listens; a NOTIFY then sends it a
+ * NotificationResponse nobody asked for.  The connection survives (same
+ * backend pid on the next lease), nothing is closed.  (PostgreSQL 15 sends
+ * a ParameterStatus for a setting changed by pg_reload_conf() with the
+ * session's next command, not to an idle session: the broker absorbs it
+ * there the same way.) */
+static void test_pg_idle_notification(void **state)
+{
+    (void)state;
+    th_env *e = &env_pg;
+    pb_client *c = pbt_cli(e);
+    pb_lease *l = pbt_lease(c, "listen", 10000);
+    int pid = (int)pbt_pg_int(l, "SELECT pg_backend_pid()");
+    assert_int_equal(pb_release(l), PB_OK);     /* the reset: LISTEN pbidle */
+    char sql[128];
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM pg_stat_activity WHERE pid = %d AND state = 'idle'", pid);
+    for (int i = 0; i < 100 && pbt_psql_int(e, sql) != 1; i++)
+        pbt_sleep_ms(50);               /* the reset is through */
+    pbt_sleep_ms(200);                  /* the idle watch is armed */
+    long closed = th_count_lines(e->broker_log, "on an idle connection (message type");
+    long absorbed = th_count_lines(e->broker_log, "absorbed on an idle connection");
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(th_psql(e, "NOTIFY pbidle, 'hello'", NULL, 0), 0);
+    assert_int_equal(th_wait_log(e, "absorbed on an idle connection", absorbed + 1, 5000), 0);
+    pbt_sleep_ms(300);
+    assert_int_equal(th_count_lines(e->broker_log, "on an idle connection (message type"), closed);
+    l = pbt_lease(c, "listen", 10000);
+    assert_int_equal(pbt_pg_int(l, "SELECT pg_backend_pid()"), pid);
+    assert_int_equal(pb_release(l), PB_OK);
+    pbt_cli_done(c);
 }
 
 #define REDIS_POOLS \
@@ -301,6 +347,7 @@ int main(void)
     const struct CMUnitTest pg_tests[] = {
         T(test_pg_idle_kill_then_lease_200ms),
         T(test_pg_idle_kill_then_lease_0ms),
+        T(test_pg_idle_notification),
     };
     const struct CMUnitTest redis_tests[] = {
         T(test_redis_idle_kill_then_lease_200ms),

@@ -8,7 +8,17 @@
  *     line, and a later reload with settings that work switches the pool
  *     over; a conninfo libpq rejects (bogus_option) is refused outright;
  *   - a pool started with max_size = 2 and no `slots` grows to 5 on a
- *     reload (the default headroom), as the server and shmstat count.
+ *     reload (the default headroom), as the server and shmstat count;
+ *   - pool_mode session -> transaction -> session under load: leases held
+ *     across each switch (an open transaction in session mode; a pinned and
+ *     an unpinned transaction-mode lease) keep their backend and mode until
+ *     released, new leases get the new mode (a blocking and a non-blocking
+ *     acquire queued in the old pool when it goes end in the new one), the
+ *     load sees no error, and shmstat shows one serving pool with the old
+ *     ones' connections gone;
+ *     a switch whose new settings cannot connect keeps the old pool serving
+ *     (same backends) until a reload takes the mode back; one that needs
+ *     more spare slots than are left is refused, saying so.
  *
  * One group (its own temp dir, PostgreSQL, Redis); each test starts its own
  * broker.  Worker processes lease and run a command in a loop the whole time
@@ -371,6 +381,198 @@ static void test_max_size_grows_without_slots(void **state)
     load_stop_clean(&ld);
 }
 
+/* ---------------------------------------------------------- pool_mode */
+
+#define MODE_POOL(mode, app) "[pool main]\n" PGCI(app) "min_size = 1\nmax_size = 2\nslots = 8\npool_mode = " mode "\n"
+
+/* The serving entry of pool name in shmstat's JSON: the one whose health is
+ * not "removed" or "pending" (a pool_mode switch leaves the old entry in the
+ * table).  Returns its object's text start, or NULL. */
+static const char *serving_entry(const char *json, const char *name)
+{
+    char key[96];
+    snprintf(key, sizeof key, "{\"name\": \"%s\"", name);
+    const char *found = NULL;
+    int serving = 0;
+    for (const char *s = json; (s = strstr(s, key)); s++) {
+        char health[32];
+        assert_int_equal(pbt_json_pool_str(s, name, "health", health, sizeof health), 0);
+        if (strcmp(health, "removed") != 0 && strcmp(health, "pending") != 0) {
+            found = s;
+            serving++;
+        }
+    }
+    assert_int_equal(serving, 1);
+    return found;
+}
+
+/* The application_name of the backend running the lease's statement. */
+static void assert_app(pb_lease *l, const char *app)
+{
+    pb_result *r = NULL;
+    assert_int_equal(pb_pg_exec(l, "SELECT current_setting('application_name')", &r), PB_OK);
+    assert_int_equal(pb_result_status(r), PB_RES_TUPLES_OK);
+    assert_string_equal(pb_getvalue(r, 0, 0), app);
+    pb_result_free(r);
+}
+
+static void exec_ok(pb_lease *l, const char *sql)
+{
+    pb_result *r = NULL;
+    assert_int_equal(pb_pg_exec(l, sql, &r), PB_OK);
+    if (pb_result_status(r) != PB_RES_COMMAND_OK && pb_result_status(r) != PB_RES_TUPLES_OK)
+        fail_msg("%s: %s", sql, pb_error_message(r));
+    pb_result_free(r);
+}
+
+/* Transaction mode: three leases at once, each with a statement done, on a
+ * pool of max_size 2 (session mode cannot: each would own a connection). */
+static void assert_more_leases_than_backends(pb_client *c, const char *app)
+{
+    pb_lease *l[3];
+    for (int i = 0; i < 3; i++) {
+        l[i] = pbt_lease(c, "main", 10000);
+        assert_app(l[i], app);
+    }
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(pb_release(l[i]), PB_OK);
+}
+
+static void test_pool_mode_switch_under_load(void **state)
+{
+    (void)state;
+    assert_int_equal(th_broker_start(&env, MODE_POOL("session", "pbmode1")), 0);
+    pb_client *c = pbt_cli(&env);
+    /* A session-mode lease in a transaction across the switch. */
+    pb_lease *held = pbt_lease(c, "main", 10000);
+    int held_pid = (int)pbt_pg_int(held, "SELECT pg_backend_pid()");
+    exec_ok(held, "BEGIN");
+    exec_ok(held, "CREATE TEMP TABLE across (v int)");
+    /* Both connections held: the load's acquires wait in the old pool's
+     * queue when the switch removes it, and must end up in the new pool. */
+    pb_lease *held2 = pbt_lease(c, "main", 10000);
+    assert_int_equal(pbt_pg_int(held2, "SELECT 1"), 1);
+    load ld;
+    load_start(&ld, "main", 0);
+    /* A non-blocking acquire queued in the old pool too. */
+    pb_acquiring *op = NULL;
+    pb_lease *nb = NULL;
+    assert_int_equal(pb_acquire_start(c, "main", &op, &nb), PB_EINPROGRESS);
+    pbt_sleep_ms(300);
+
+    long switched = th_count_lines(env.broker_log, "pool main: pool_mode is");
+    reload_pools(MODE_POOL("transaction", "pbmode2"), 0);
+    assert_int_equal(th_wait_log(&env, "pool main: pool_mode is transaction now", switched + 1, 15000), 0);
+    assert_int_equal(pb_release(held2), PB_OK);
+    /* The non-blocking acquire ends in the new pool. */
+    int rc = PB_EINPROGRESS;
+    struct pollfd pfd = { .fd = pb_client_fd(c), .events = POLLIN };
+    for (int i = 0; i < 1000 && rc == PB_EINPROGRESS; i++) {
+        poll(&pfd, 1, 10);
+        pb_client_consume(c);
+        rc = pb_acquire_poll(op, &nb);
+    }
+    if (rc != PB_OK)
+        fail_msg("the non-blocking acquire across the switch: %s", pb_strerror(rc));
+    assert_app(nb, "pbmode2");
+    assert_int_equal(pb_release(nb), PB_OK);
+    /* The held lease: same backend, same transaction, old settings. */
+    assert_int_equal(pbt_pg_int(held, "SELECT pg_backend_pid()"), held_pid);
+    exec_ok(held, "INSERT INTO across VALUES (7)");
+    assert_int_equal(pbt_pg_int(held, "SELECT sum(v) FROM across"), 7);
+    assert_app(held, "pbmode1");
+    exec_ok(held, "COMMIT");
+    assert_int_equal(pb_release(held), PB_OK);
+    /* New leases: transaction mode, the new settings. */
+    assert_more_leases_than_backends(c, "pbmode2");
+
+    /* Transaction-mode leases across the switch back: one pinned by an
+     * open transaction, one idle (no backend bound). */
+    pb_lease *pinned = pbt_lease(c, "main", 10000);
+    exec_ok(pinned, "BEGIN");
+    int pinned_pid = (int)pbt_pg_int(pinned, "SELECT pg_backend_pid()");
+    pb_lease *idle = pbt_lease(c, "main", 10000);
+    assert_app(idle, "pbmode2");
+
+    reload_pools(MODE_POOL("session", "pbmode3"), 0);
+    assert_int_equal(th_wait_log(&env, "pool main: pool_mode is", switched + 2, 15000), 0);
+    assert_int_equal(th_count_lines(env.broker_log, "pool main: pool_mode is session now"), 1);
+    assert_int_equal(pbt_pg_int(pinned, "SELECT pg_backend_pid()"), pinned_pid);
+    assert_int_equal(pbt_pg_int(pinned, "SELECT count(*) FROM pg_stat_activity WHERE pid = pg_backend_pid() "
+                                        "AND xact_start IS NOT NULL"), 1);
+    exec_ok(pinned, "COMMIT");
+    assert_app(idle, "pbmode2");      /* a statement of a held lease still finds a backend */
+    assert_int_equal(pb_release(pinned), PB_OK);
+    assert_int_equal(pb_release(idle), PB_OK);
+    /* Session mode again: two leases take both connections, a third waits. */
+    pb_lease *a = pbt_lease(c, "main", 10000), *b = pbt_lease(c, "main", 10000), *x = NULL;
+    assert_app(a, "pbmode3");
+    assert_app(b, "pbmode3");
+    assert_int_equal(pb_acquire(c, "main", 200, &x), PB_ETIMEDOUT);
+    assert_int_equal(pb_release(a), PB_OK);
+    assert_int_equal(pb_release(b), PB_OK);
+    load_stop_clean(&ld);
+
+    /* The old pools' connections are gone; shmstat shows one serving pool. */
+    assert_true(pbt_wait_pg_count(&env, "pbmode1", 0, 15000) >= 0);
+    assert_true(pbt_wait_pg_count(&env, "pbmode2", 0, 15000) >= 0);
+    static char json[65536];
+    assert_int_equal(pbt_shmstat_json(&env, json, sizeof json), 0);
+    const char *e = serving_entry(json, "main");
+    char health[32];
+    assert_int_equal(pbt_json_pool_str(e, "main", "health", health, sizeof health), 0);
+    assert_string_equal(health, "healthy");
+    assert_int_equal(pbt_json_pool_num(e, "main", "max_size"), 2);
+    long long size = pbt_json_pool_num(e, "main", "size");
+    assert_true(size >= 1 && size <= 2);
+    assert_int_equal(pbt_pg_count(&env, "pbmode3"), (int)size);
+    /* Retired handles and connections are nothing the janitor repairs. */
+    pbt_sleep_ms(300);
+    assert_int_equal(th_count_lines(env.broker_log, "is impossible"), 0);
+    pbt_cli_done(c);
+}
+
+/* A switch that needs more spare slots than are left is refused with the
+ * reason.  A switch whose new settings cannot connect: the old pool keeps
+ * serving on its own backends; a reload back to its mode drops the pending
+ * one. */
+static void test_pool_mode_switch_that_cannot_connect(void **state)
+{
+    (void)state;
+    assert_int_equal(th_broker_start(&env, "spare_slots = 12\n" MODE_POOL("session", "pbmodef")), 0);
+    assert_true(pbt_wait_pg_count(&env, "pbmodef", 1, 10000) >= 0);
+    reload_pools("[pool main]\n" PGCI("pbmodef") "min_size = 1\nmax_size = 2\nslots = 16\npool_mode = transaction\n",
+                 1);
+    assert_whole_line("new pools (added, or switching pool_mode) need 16 slots, 12 spare left (spare_slots)",
+                      "keeping the current configuration");
+    char before[256], now[256];
+    pbt_pg_pids(&env, "pbmodef", before, sizeof before);
+    load ld;
+    load_start(&ld, "main", 0);
+    long failed = th_count_lines(env.broker_log, "pool main: connect failed (1 in a row)");
+    long switched = th_count_lines(env.broker_log, "pool_mode is transaction now");
+    reload_pools("[pool main]\ntype = postgres\nconninfo = host=127.0.0.1 port=@CLOSED@ user=postgres "
+                 "dbname=postgres sslmode=disable\nmin_size = 1\nmax_size = 2\nslots = 8\n"
+                 "pool_mode = transaction\n", 0);
+    assert_int_equal(th_wait_log(&env, "pool main: connect failed (1 in a row)", failed + 1, 15000), 0);
+    pbt_sleep_ms(1500);
+    assert_int_equal(th_count_lines(env.broker_log, "pool_mode is transaction now"), switched);
+    static char json[65536];
+    assert_int_equal(pbt_shmstat_json(&env, json, sizeof json), 0);
+    char health[32];
+    assert_int_equal(pbt_json_pool_str(serving_entry(json, "main"), "main", "health", health, sizeof health), 0);
+    assert_string_equal(health, "healthy");
+    reload_pools(MODE_POOL("session", "pbmodef"), 0);
+    assert_int_equal(th_count_lines(env.broker_log, "pool main: pool_mode back to session: the pending "
+                                                    "transaction-mode pool is dropped"), 1);
+    load_stop_clean(&ld);
+    pbt_pg_pids(&env, "pbmodef", now, sizeof now);
+    /* The backends serving from the start are still there (the load may
+     * have grown the pool to max_size meanwhile). */
+    for (char *tok = strtok(before, ","); tok; tok = strtok(NULL, ","))
+        assert_true(pbt_in_list(now, atoi(tok)));
+}
+
 int main(void)
 {
     pbt_apply_test_filter();
@@ -378,6 +580,8 @@ int main(void)
         cmocka_unit_test_teardown(test_pg_bad_settings_keep_the_pool, stop_broker),
         cmocka_unit_test_teardown(test_redis_bad_settings_keep_the_pool, stop_broker),
         cmocka_unit_test_teardown(test_max_size_grows_without_slots, stop_broker),
+        cmocka_unit_test_teardown(test_pool_mode_switch_under_load, stop_broker),
+        cmocka_unit_test_teardown(test_pool_mode_switch_that_cannot_connect, stop_broker),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -82,6 +82,15 @@ t "-c with a missing file" 1 "nope.conf: cannot open" -c "$tmp/nope.conf"
 t "-s and -c together" 1 "exclude each other" -s /pbx-one -c "$tmp/two.conf"
 t "-s still wins" 0 "^segment /pbx-one:" -s /pbx-one
 POOLBROKER_SHM=/pbx-two t "\$POOLBROKER_SHM before discovery" 0 "^segment /pbx-two:"
+t "shows a transaction-mode pool's line" 0 \
+    "cache transaction mode: 1 handle in use, 2 backends \\(1 bound, 1 idle\\), 2 statements queued" -s /pbx-one
+t "shows its backends" 0 "^cache +0 bound +4 +\\? +77 .* 417  127\\.0\\.0\\.1:6379" -s /pbx-one
+t "--json has them" 0 '"backends": \[\{"pool": "cache", "number": 0, "state": "bound", "handle": 4, "worker_pid": null, "backend_pid": 77,' -s /pbx-one --json
+t "--prometheus has them" 0 '^poolbroker_pool_backends\{pool="cache",state="idle"\} 1$' -s /pbx-one --prometheus
+for seed in 1 2 3 4 5 6 7 8; do
+    "$fixture" /pbx-one garbage $seed || echo "not ok - fixture"
+    for f in "" --json --prometheus; do t "garbage backend rows (seed $seed${f:+, $f})" 0 "" -s /pbx-one $f; done
+done
 INNER
     cat "$tmp/shm.out"
     failed=$(( failed + $(grep -c '^not ok' "$tmp/shm.out") ))

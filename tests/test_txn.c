@@ -23,6 +23,9 @@
  *     command_timeout_ms fails the oldest command with PB_ETIMEDOUT and the
  *     rest on that connection with PB_EBACKEND.  CLIENT PAUSE
  *     WRITE (from redis-cli) holds written commands in flight on demand.
+ *   - shmstat (text and --json) shows the backends behind the handles: one
+ *     bound to a lease in a transaction (its worker's pid, its backend pid),
+ *     the handles in use and a statement queued for it; then idle.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -57,6 +60,7 @@ static th_env env;
 #define POOLS \
     PGPOOL("tx1", "1") \
     PGPOOL("tx2", "2") \
+    PGPOOL("txs", "1") \
     "[pool txq]\n" \
     "type = postgres\n" \
     "pool_mode = transaction\n" \
@@ -360,6 +364,118 @@ static void test_death_mid_transaction_and_mid_queue(void **state)
     l = pbt_lease(c, "tx1", 10000);
     assert_int_equal(pbt_pg_int(l, "SELECT count(*) FROM tx_dead"), 0);
     assert_int_equal(pb_release(l), PB_OK);
+    close(ready[0]);
+    close(ready[1]);
+    pbt_cli_done(c);
+}
+
+/* The object of pool's backend number in shmstat's JSON "backends" array
+ * (a copy, up to its closing brace), or fail. */
+static void backend_json(const char *json, const char *pool, int number, char *out, size_t n)
+{
+    const char *arr = strstr(json, "\"backends\": [");
+    assert_non_null(arr);
+    char key[96];
+    snprintf(key, sizeof key, "{\"pool\": \"%s\", \"number\": %d,", pool, number);
+    const char *o = strstr(arr, key);
+    if (!o)
+        fail_msg("no backend %d of %s in %s", number, pool, arr);
+    const char *end = strchr(o, '}');
+    assert_non_null(end);
+    snprintf(out, n, "%.*s", (int)(end - o + 1), o);
+}
+
+/* The pool's shmstat figures behind the handles, as --json gives them. */
+static void assert_pool_backends(const char *json, int leased, int backends, int bound, int idle, int queued)
+{
+    char mode[32];
+    assert_int_equal(pbt_json_pool_str(json, "txs", "pool_mode", mode, sizeof mode), 0);
+    assert_string_equal(mode, "transaction");
+    assert_int_equal(pbt_json_pool_num(json, "txs", "leased"), leased);
+    assert_int_equal(pbt_json_pool_num(json, "txs", "backends"), backends);
+    assert_int_equal(pbt_json_pool_num(json, "txs", "backends_bound"), bound);
+    assert_int_equal(pbt_json_pool_num(json, "txs", "backends_idle"), idle);
+    assert_int_equal(pbt_json_pool_num(json, "txs", "queued"), queued);
+}
+
+/* shmstat in transaction mode: A's transaction holds the pool's one
+ * backend, B holds an idle handle, a third process's statement waits in the
+ * queue.  shmstat says so, per pool and per backend, in text and JSON. */
+static void test_shmstat_shows_backends(void **state)
+{
+    (void)state;
+    pb_client *c = pbt_cli(&env);
+    pb_lease *a = pbt_lease(c, "txs", 5000);
+    exec_ok(a, "BEGIN");
+    long long pa = pbt_pg_int(a, "SELECT pg_backend_pid()");
+    pb_lease *b = pbt_lease(c, "txs", 5000);
+    int ready[2];
+    assert_int_equal(pipe(ready), 0);
+    fflush(NULL);
+    pid_t q = fork();
+    assert_true(q >= 0);
+    if (q == 0) {
+        pb_client *kc = NULL;
+        pb_lease *kl = NULL;
+        pb_result *r = NULL;
+        if (pb_connect(env.sock_path, &kc) != PB_OK || pb_acquire(kc, "txs", 5000, &kl) != PB_OK)
+            _exit(2);
+        (void)!write(ready[1], "y", 1);
+        _exit(pb_pg_exec(kl, "SELECT 1", &r) == PB_OK && pb_result_status(r) == PB_RES_TUPLES_OK ? 0 : 3);
+    }
+    pbt_track_child(q);
+    char x;
+    assert_int_equal(read(ready[0], &x, 1), 1);
+    pbt_sleep_ms(400);                  /* queued, and the janitor published it (every 100 ms) */
+
+    static char json[65536], row[512], text[65536], want[256];
+    assert_int_equal(pbt_shmstat_json(&env, json, sizeof json), 0);
+    assert_pool_backends(json, 3, 1, 1, 0, 1);
+    backend_json(json, "txs", 0, row, sizeof row);
+    snprintf(want, sizeof want, "\"state\": \"bound\", \"handle\": ");
+    if (!strstr(row, want))
+        fail_msg("not bound: %s", row);
+    snprintf(want, sizeof want, "\"worker_pid\": %d, \"backend_pid\": %lld,", (int)getpid(), pa);
+    if (!strstr(row, want))
+        fail_msg("not %s: %s", want, row);
+
+    char bin[512];
+    pbt_shmstat_path(&env, bin, sizeof bin);
+    char *argv[] = { bin, (char *)"-s", env.shm_name, (char *)"-p", (char *)"txs", NULL };
+    assert_int_equal(th_run(argv, text, sizeof text, 10000), 0);
+    if (!strstr(text, "txs transaction mode: 3 handles in use, 1 backend (1 bound, 0 idle), 1 statement queued"))
+        fail_msg("no transaction-mode line:\n%s", text);
+    const char *hdr = strstr(text, "BACKEND STATE");
+    assert_non_null(hdr);
+    snprintf(want, sizeof want, "%d", (int)getpid());
+    char pid_a[32];
+    snprintf(pid_a, sizeof pid_a, "%lld", pa);
+    if (!strstr(hdr, "bound") || !strstr(hdr, want) || !strstr(hdr, pid_a))
+        fail_msg("no bound backend row with worker %s and pid %s:\n%s", want, pid_a, hdr);
+    print_message("      shmstat -p txs, backends:\n%s\n", hdr);
+    /* The Prometheus form says the same. */
+    char *pargv[] = { bin, (char *)"-s", env.shm_name, (char *)"-p", (char *)"txs", (char *)"--prometheus", NULL };
+    assert_int_equal(th_run(pargv, text, sizeof text, 10000), 0);
+    if (!strstr(text, "poolbroker_pool_backends{pool=\"txs\",state=\"bound\"} 1\n") ||
+        !strstr(text, "poolbroker_pool_statements_queued{pool=\"txs\"} 1\n"))
+        fail_msg("no backend gauges:\n%s", text);
+
+    /* A commits: the backend serves the queued statement, then is idle. */
+    exec_ok(a, "COMMIT");
+    int st;
+    assert_int_equal(waitpid(q, &st, 0), q);
+    pbt_untrack_child(q);
+    assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    assert_int_equal(pb_release(a), PB_OK);
+    assert_int_equal(pb_release(b), PB_OK);
+    pbt_sleep_ms(400);
+    assert_int_equal(pbt_shmstat_json(&env, json, sizeof json), 0);
+    assert_pool_backends(json, 0, 1, 0, 1, 0);
+    backend_json(json, "txs", 0, row, sizeof row);
+    snprintf(want, sizeof want, "\"state\": \"idle\", \"handle\": null, \"worker_pid\": 0, \"backend_pid\": %lld,",
+             pa);
+    if (!strstr(row, want))
+        fail_msg("not %s: %s", want, row);
     close(ready[0]);
     close(ready[1]);
     pbt_cli_done(c);
@@ -712,6 +828,7 @@ int main(void)
         cmocka_unit_test_teardown(test_redis_pipeline_backend_lost, pbt_cleanup),
         cmocka_unit_test_teardown(test_redis_stale_reply_dropped, pbt_cleanup),
         cmocka_unit_test_teardown(test_redis_pipeline_timeout, pbt_cleanup),
+        cmocka_unit_test_teardown(test_shmstat_shows_backends, pbt_cleanup),
     };
     pbt_apply_test_filter();
     return cmocka_run_group_tests(tests, group_setup, group_teardown);

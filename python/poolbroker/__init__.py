@@ -42,7 +42,8 @@ libpoolbroker_version = _poolbroker.libpoolbroker_version
 def stats(shm_name=None, pool=None):
     """The broker's shared-memory segment as a dict: exactly what
     ``shmstat --json`` prints ({"broker": {...}, "pools": [...], "slots":
-    [...]}, see shmstat(1)), read by the same code (common/shmview*.c).
+    [...], "backends": [...]}, see shmstat(1)), read by the same code
+    (common/shmview*.c).
 
     shm_name: the broker's shm_name (None: $POOLBROKER_SHM, else
     "/poolbroker").  pool: only that pool and its slots.  The segment is

@@ -57,8 +57,10 @@ def test_stats_matches_shmstat(env):
     c.cursor().execute("SELECT 1")
     s = poolbroker.stats(env.shm_name)
     ref = env.shmstat()
-    assert s.keys() == ref.keys() == {"broker", "pools", "slots"}
+    assert s.keys() == ref.keys() == {"broker", "pools", "slots", "backends"}
     assert [p["name"] for p in s["pools"]] == [p["name"] for p in ref["pools"]] == ["main", "tiny", "cache"]
+    # Session-mode pools: no transaction-mode backend rows.
+    assert [p["pool_mode"] for p in s["pools"]] == ["session"] * 3 and s["backends"] == ref["backends"] == []
     assert s["broker"]["pid"] == env.broker.pid and s["broker"]["alive"] is True
     leased = [x for x in s["slots"] if x["state"] == "leased"]
     assert len(leased) == 1 and leased[0]["pool"] == "main" and leased[0]["owner_pid"] == os.getpid()
