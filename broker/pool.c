@@ -65,6 +65,7 @@ static pb_shm_backend backend_row(const conn *b)
         return r;
     r.state = b->phase == PH_CONNECTING ? PB_BACKEND_CONNECTING
             : b->bound ? PB_BACKEND_BOUND
+            : b->mux ? PB_BACKEND_SHARED
             : b->phase == PH_READY && !b->expect && !b->idle_async &&
               PB_WORD_STATE(atomic_load(&b->home->word)) == PB_SLOT_FREE ? PB_BACKEND_IDLE
             : PB_BACKEND_BUSY;

@@ -77,7 +77,7 @@ typedef struct pool_view {
 typedef struct backend_view {
     const char *pool;               /* pool name */
     uint32_t number;                /* its number in the pool (row - first_slot) */
-    const char *state;              /* "connecting", "idle", "bound", "busy"; NULL: torn or impossible */
+    const char *state;              /* "connecting", "idle", "bound", "busy", "shared"; NULL: torn or impossible */
     int64_t handle;                 /* bound: the handle's slot index; else V_NONE */
     int64_t worker_pid;             /* bound: the pid holding that handle; V_NONE: none */
     int64_t backend_pid;            /* V_NONE when 0 */

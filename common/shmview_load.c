@@ -70,7 +70,7 @@ const char *sv_pool_mode_name(uint32_t m)
 
 const char *sv_backend_state_name(uint32_t st)
 {
-    static const char *const names[] = { "none", "connecting", "idle", "bound", "busy" };
+    static const char *const names[] = { "none", "connecting", "idle", "bound", "busy", "shared" };
     return st < sizeof names / sizeof names[0] ? names[st] : NULL;
 }
 

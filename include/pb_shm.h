@@ -431,6 +431,8 @@ enum pb_backend_state {
     PB_BACKEND_BOUND,       /* serving the handle in `handle` (its statement, transaction or
                                pinned session) */
     PB_BACKEND_BUSY,        /* the broker's own work: a reset, a check, closing */
+    PB_BACKEND_SHARED,      /* carrying pipelined commands of several handles (Redis, bound to
+                               none of them: see "pipelining" in broker/txn.c) */
     PB_BACKEND_STATE_MAX
 };
 
