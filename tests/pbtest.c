@@ -228,13 +228,20 @@ void pbt_shmstat_path(th_env *e, char *buf, size_t n)
         snprintf(buf, n, "%s/build/shmstat", e->srcdir);
 }
 
-/* shmstat --json into out; 0 or -1. */
+/* shmstat --json into out; 0 or -1 (also when it filled out: a cut
+ * document would make later lookups fail for the wrong reason). */
 int pbt_shmstat_json(th_env *e, char *out, size_t n)
 {
     char bin[512];
     pbt_shmstat_path(e, bin, sizeof bin);
     char *argv[] = { bin, (char *)"-s", e->shm_name, (char *)"--json", NULL };
-    return th_run(argv, out, n, 10000) == 0 ? 0 : -1;
+    if (th_run(argv, out, n, 10000) != 0)
+        return -1;
+    if (strlen(out) + 1 >= n) {
+        fprintf(stderr, "pbt_shmstat_json: output does not fit in %zu bytes\n", n);
+        return -1;
+    }
+    return 0;
 }
 
 /* The pool object of `pool` in shmstat's JSON, or NULL. */
@@ -287,7 +294,7 @@ long long pbt_json_pool_num(const char *json, const char *pool, const char *fiel
 
 long long pbt_pool_counter(th_env *e, const char *pool, const char *field)
 {
-    static char json[262144];
+    static char json[1 << 20];
     if (pbt_shmstat_json(e, json, sizeof json) != 0)
         return -1;
     return pbt_json_pool_num(json, pool, field);

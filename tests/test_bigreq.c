@@ -544,7 +544,7 @@ static void kill_mid_stream(int redis)
         fail_msg("the parts were not freed: VmRSS %ld kB before, %ld with them, %ld after", rss0, rss1, rss2);
 #endif
     assert_true(pbt_pool_counter(&env, pool, "reclaims") >= reclaims0 + 1);
-    char json[65536];
+    static char json[1 << 20];
     assert_int_equal(pbt_shmstat_json(&env, json, sizeof json), 0);
     /* No slot left held.  (Not "leaks": that counts leases held past
      * leak_threshold_ms, and on a loaded machine the worker may well have

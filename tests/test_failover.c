@@ -307,7 +307,8 @@ static void test_pg_promotion(void **state)
                 acked++;
                 missing += !there[w][n];
             }
-    char json[65536], srv[64] = "", want[64];
+    static char json[1 << 20];
+    char srv[64] = "", want[64];
     assert_int_equal(pbt_shmstat_json(&penv, json, sizeof json), 0);
     pbt_json_pool_str(json, "rw", "server", srv, sizeof srv);
     long long failovers = pbt_json_pool_num(json, "rw", "failovers");
@@ -593,7 +594,8 @@ static void test_redis_sentinel_switch(void **state)
             lost += sh->last[w] - final;
         nonmono += sh->non_monotonic[w];
     }
-    char json[65536], srv[64] = "", want[64];
+    static char json[1 << 20];
+    char srv[64] = "", want[64];
     assert_int_equal(pbt_shmstat_json(&renv, json, sizeof json), 0);
     pbt_json_pool_str(json, "fo", "server", srv, sizeof srv);
     long long failovers = pbt_json_pool_num(json, "fo", "failovers");

@@ -487,7 +487,7 @@ static void test_log_lines(void **state)
         memcmp(eol - 1, ")", 1) != 0 || !memmem(at, len, "(broker/", 8))
         fail_msg("not one whole line with both hosts' reasons: %.*s", (int)len, at);
     /* shmstat's last error has both too. */
-    static char json[65536];
+    static char json[1 << 20];
     char err[600];
     assert_int_equal(pbt_shmstat_json(&env, json, sizeof json), 0);
     assert_int_equal(pbt_json_pool_str(json, "nowhere", "last_error", err, sizeof err), 0);

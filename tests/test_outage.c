@@ -223,7 +223,7 @@ static int outage_worker(const outage_cfg *cfg, outage_shm *sh, int idx, const c
 
 static void pool_health(th_env *e, const char *pool, char *health, size_t hn, char *err, size_t en)
 {
-    static char json[262144];
+    static char json[1 << 20];
     health[0] = '\0';
     if (err)
         err[0] = '\0';

@@ -241,7 +241,7 @@ static void test_clean_is_free(void **state)
 /* segment_repairs from shmstat --json (the broker-wide counter). */
 static long long repairs(void)
 {
-    char json[65536];
+    static char json[1 << 20];
     if (pbt_shmstat_json(&env, json, sizeof json) != 0)
         return -1;
     const char *p = strstr(json, "\"segment_repairs\": ");

@@ -253,7 +253,7 @@ static void assert_whole_line(const char *needle, const char *why)
 /* The pool's health as shmstat says it. */
 static void assert_healthy(const char *pool)
 {
-    static char json[65536];
+    static char json[1 << 20];
     char health[32];
     assert_int_equal(pbt_shmstat_json(&env, json, sizeof json), 0);
     assert_int_equal(pbt_json_pool_str(json, pool, "health", health, sizeof health), 0);
@@ -371,7 +371,7 @@ static void test_max_size_grows_without_slots(void **state)
         assert_int_equal(pbt_pg_int(l[i], "SELECT 1"), 1);
     }
     assert_int_equal(pbt_pg_count(&env, "pbgrow"), 5);
-    static char json[65536];
+    static char json[1 << 20];
     assert_int_equal(pbt_shmstat_json(&env, json, sizeof json), 0);
     assert_int_equal(pbt_json_pool_num(json, "main", "max_size"), 5);
     assert_int_equal(pbt_json_pool_num(json, "main", "size"), 5);
@@ -516,7 +516,7 @@ static void test_pool_mode_switch_under_load(void **state)
     /* The old pools' connections are gone; shmstat shows one serving pool. */
     assert_true(pbt_wait_pg_count(&env, "pbmode1", 0, 15000) >= 0);
     assert_true(pbt_wait_pg_count(&env, "pbmode2", 0, 15000) >= 0);
-    static char json[65536];
+    static char json[1 << 20];
     assert_int_equal(pbt_shmstat_json(&env, json, sizeof json), 0);
     const char *e = serving_entry(json, "main");
     char health[32];
@@ -557,7 +557,7 @@ static void test_pool_mode_switch_that_cannot_connect(void **state)
     assert_int_equal(th_wait_log(&env, "pool main: connect failed (1 in a row)", failed + 1, 15000), 0);
     pbt_sleep_ms(1500);
     assert_int_equal(th_count_lines(env.broker_log, "pool_mode is transaction now"), switched);
-    static char json[65536];
+    static char json[1 << 20];
     assert_int_equal(pbt_shmstat_json(&env, json, sizeof json), 0);
     char health[32];
     assert_int_equal(pbt_json_pool_str(serving_entry(json, "main"), "main", "health", health, sizeof health), 0);

@@ -727,7 +727,7 @@ static void rogue_run(uint64_t default_seed, void (*fn)(uint64_t seed, int rate)
             fprintf(stderr, "    (none)\n");
         fprintf(stderr, "  slot words now:\n");
         print_slot_words(&after);
-        static char json[65536];
+        static char json[1 << 20];
         int src = pbt_shmstat_json(&env, json, sizeof json);
         fprintf(stderr, "  shmstat --json (%s):\n%s\n", src == 0 ? "ok" : "failed", json);
     }

@@ -122,7 +122,7 @@ static void test_no_password_in_segment_or_log(void **state)
     free(log);
 
     /* shmstat shows the segment to anyone allowed to read it. */
-    static char json[65536];
+    static char json[1 << 20];
     int src = pbt_shmstat_json(&env, json, sizeof json);
     size_t json_hits = count_in(json, strlen(json), PG_SECRET) + count_in(json, strlen(json), REDIS_SECRET);
     fprintf(stderr, "  shmstat --json: %s, %zu x a password\n", src == 0 ? "ok" : "failed", json_hits);
