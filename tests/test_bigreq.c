@@ -5,7 +5,10 @@
  *
  *   - Redis: SET of 8 MiB through the default 64k buffer (formatted and
  *     argv), read back with GET; a pipeline with a big command between
- *     small ones; 2 MiB through the non-blocking pb_redis_send_argv.
+ *     small ones; 2 MiB through the non-blocking pb_redis_send_argv; a
+ *     request whose last part is a whole command of its own (GET) still
+ *     runs as the SET it is (in transaction mode, where plain commands
+ *     share a backend).
  *   - PostgreSQL: INSERT with a 5 MiB text and a 3 MiB bytea parameter
  *     (pb_pg_exec_params), a prepared statement with a big parameter, a
  *     pipelined batch holding a 2 MiB statement, a 200 KiB SQL string
@@ -126,6 +129,47 @@ static pb_result *pg_ok(pb_lease *l, const char *sql)
 }
 
 /* ------------------------------------------------------------------ Redis */
+
+/* A streamed request whose last part is, byte for byte, a whole command of
+ * its own ("GET tail"): the broker must send the request it gathered, not
+ * the part it saw last.  In transaction mode plain commands share a backend
+ * (pipelining), and that path once judged the request buffer alone.  Pool
+ * rslow streams in parts of its 1 KiB request buffer. */
+static void test_redis_stream_tail_is_a_command(void **state)
+{
+    (void)state;
+    static const char tail[] = "*2\r\n$3\r\nGET\r\n$4\r\ntail\r\n";
+    const size_t tlen = sizeof tail - 1, part = 1024;
+    /* SET tail <value>: find a value length that puts the last part on
+     * exactly the bytes of tail (the request's own "\r\n" ends it). */
+    size_t n = 4000, total = 0;
+    for (;; n++) {
+        char hdr[64];
+        int h = snprintf(hdr, sizeof hdr, "*3\r\n$3\r\nSET\r\n$4\r\ntail\r\n$%zu\r\n", n);
+        total = (size_t)h + n + 2;
+        if ((total - tlen) % part == 0)
+            break;
+    }
+    char *v = text_pattern(n, 7);
+    memcpy(v + n - (tlen - 2), tail, tlen - 2);
+    pb_client *c = pbt_cli(&env);
+    pb_lease *l = pbt_lease(c, "rslow", 20000);
+    const char *argv[3] = { "SET", "tail", v };
+    size_t lens[3] = { 3, 4, n };
+    redisReply *r = NULL;
+    assert_int_equal(pb_redis_command_argv(l, 3, argv, lens, &r), PB_OK);
+    if (r->type != REDIS_REPLY_STATUS)
+        fail_msg("SET of %zu bytes (request %zu) answered type %d, not +OK: the last part went alone", n, total,
+                 r->type);
+    freeReplyObject(r);
+    r = rcmd(l, REDIS_REPLY_STRING, "GET tail", NULL, 0);
+    assert_int_equal(r->len, n);
+    assert_memory_equal(r->str, v, n);
+    freeReplyObject(r);
+    assert_int_equal(pb_release(l), PB_OK);
+    free(v);
+    pbt_cli_done(c);
+}
 
 static void test_redis_set_get_8mib(void **state)
 {
@@ -570,6 +614,7 @@ int main(void)
     pbt_apply_test_filter();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_redis_set_get_8mib, pbt_cleanup),
+        cmocka_unit_test_teardown(test_redis_stream_tail_is_a_command, pbt_cleanup),
         cmocka_unit_test_teardown(test_pg_big_params, pbt_cleanup),
         cmocka_unit_test_teardown(test_pg_pipeline_big, pbt_cleanup),
         cmocka_unit_test_teardown(test_pg_long_query, pbt_cleanup),
