@@ -29,7 +29,7 @@ endif
 # /health) and into shmstat.
 SHMVIEW_SRC := common/shmview_load.c common/shmview_text.c common/shmview_json.c common/shmview_prom.c
 BROKER_SRC := broker/main.c broker/log.c broker/conf.c broker/loop.c broker/loop_uring.c \
-              broker/loop_epoll.c broker/shm.c broker/lifeline.c broker/attach.c broker/control.c broker/pool.c broker/slot.c broker/conn.c broker/connio.c broker/release.c broker/txn.c broker/pg.c broker/pgstmt.c \
+              broker/loop_epoll.c broker/shm.c broker/lifeline.c broker/attach.c broker/control.c broker/pool.c broker/slot.c broker/conn.c broker/connio.c broker/release.c broker/txn.c broker/pg.c broker/pgstmt.c broker/pgshare.c \
               broker/redis.c broker/janitor.c broker/failover.c broker/sentinel.c broker/cancel.c broker/reload.c broker/tls.c broker/metrics.c \
               $(SHMVIEW_SRC)
 CLIENT_SRC := client/client.c client/wait.c client/attachcheck.c client/pg.c client/pgproto.c client/redis.c client/async.c client/compat.c
@@ -183,7 +183,7 @@ $(BUILD)/tests/test_conn: tests/test_conn.c $(CONN_SRC)
 	$(CC) $(CFLAGS) -UPB_DEBUG -Ibroker $^ -o $@ $(LDFLAGS) -lcmocka
 
 # The drivers' "server not ready yet" classification (pg.c, redis.c).
-$(BUILD)/tests/test_drv_ready: tests/test_drv_ready.c broker/pg.c broker/pgstmt.c broker/redis.c broker/cancel.c broker/log.c
+$(BUILD)/tests/test_drv_ready: tests/test_drv_ready.c broker/pg.c broker/pgstmt.c broker/pgshare.c broker/redis.c broker/cancel.c broker/log.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Ibroker $^ -o $@ $(LDFLAGS) -lcmocka -lpq -lhiredis
 
@@ -207,7 +207,7 @@ FUZZ_CFLAGS  := -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -g
 FUZZ_TARGETS := fuzz_pg_request fuzz_resp fuzz_pg_reply fuzz_conf fuzz_shm fuzz_attach
 FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/%)
 
-$(FUZZ_BUILD)/fuzz_pg_request: tests/fuzz/fuzz_pg_request.c broker/pg.c broker/pgstmt.c broker/cancel.c broker/log.c
+$(FUZZ_BUILD)/fuzz_pg_request: tests/fuzz/fuzz_pg_request.c broker/pg.c broker/pgstmt.c broker/pgshare.c broker/cancel.c broker/log.c
 $(FUZZ_BUILD)/fuzz_pg_request: FUZZ_LIBS := -lpq
 $(FUZZ_BUILD)/fuzz_resp: tests/fuzz/fuzz_resp.c broker/redis.c broker/log.c
 $(FUZZ_BUILD)/fuzz_resp: FUZZ_LIBS := -lhiredis

@@ -194,6 +194,7 @@ typedef struct conn {
     uint32_t mux_pos, mux_len; /* backend: scratch[mux_pos..mux_len) received, not yet routed
                                   (the head handle's ring was full: mux_paused) */
     uint8_t mux_paused;      /* backend: waiting for the head handle's holder to drain its ring */
+    uint8_t mux_tainted;     /* backend: a reply in mux use left state behind (logged once) */
     struct conn *mux_next;   /* backend: next on B.mux_flush */
     struct conn *mux_back;   /* handle: the backend its requests in flight went to (all on one,
                                 so its replies stay in order), NULL when none is */

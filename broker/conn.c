@@ -532,7 +532,10 @@ void conn_command_timeout(conn *c)
 {
     if (c->broken || !PH_UP(c->phase) || !c->expect)
         return;
-    if (c->pool->drv->cancel && !c->cancel_sent) {
+    /* A cancel names the backend, not the statement: on a backend shared by
+     * several leases' requests it could stop the wrong one.  Closing it
+     * fails them all, the one that ran too long with PB_ETIMEDOUT. */
+    if (c->pool->drv->cancel && !c->cancel_sent && !c->mux) {
         c->cancel_sent = 1;
         c->cancel_deadline_ms = B.now_ms + CANCEL_GRACE_MS;
         slog(LOG_LVL_WARN, c, "command running for %llu ms (command_timeout_ms %u): cancelling",

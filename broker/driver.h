@@ -162,9 +162,18 @@ typedef struct driver {
      * leases' requests in flight (transaction mode pipelines such requests
      * of several handles on one connection, txn.c): it leaves no session
      * state, pins nothing, never blocks, and produces one reply per
-     * command.  NULL: never (PostgreSQL: a BEGIN would capture the next
-     * lease's statements). */
+     * command.  Redis: plain commands, by name.  PostgreSQL: a simple
+     * Query whose text the server's replies have shown to be one quick
+     * SELECT/INSERT/UPDATE/DELETE/MERGE leaving nothing behind (pgshare.h);
+     * a BEGIN would capture the next lease's statements.  NULL: never. */
     int (*shareable)(const uint8_t *req, uint32_t len);
+    /* Requests in flight on one shared connection below which another
+     * joins it (Redis 8: a deeper pipeline costs the server less per
+     * command); with share_idle_first an idle connection is taken before
+     * a busy one is joined (PostgreSQL 4, idle first: a statement behind
+     * another waits for it, a Redis command hardly at all). */
+    uint32_t share_depth;
+    uint8_t share_idle_first;
     /* Scan reply bytes p[0..n).  DRV_OK: a reply ends at p[*used - 1] (*out
      * says what it was): call again with the rest.  DRV_AGAIN: all n bytes
      * taken (*used == n), no reply completed.  DRV_ERROR: protocol error.

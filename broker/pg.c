@@ -34,6 +34,7 @@
 
 #include "broker.h"
 #include "log.h"
+#include "pgshare.h"
 #include "pgstmt.h"
 #include "poolbroker.h"
 
@@ -54,6 +55,7 @@ typedef struct pgconn {
     uint32_t quiet;          /* ReadyForQuery still to come for the broker's own reset or
                                 check: their tags may clear state, never set it */
     pgstmts stmts;           /* library-named statements the backend has (pgstmt.c) */
+    pgshare_conn share;      /* requests in flight, for learning which texts may share (pgshare.c) */
     /* the SQLSTATE of an ErrorResponse, read as its body streams by
      * (pg_scan_error); only failover.c's codes are kept */
     int in_error;            /* the body being skipped is an ErrorResponse's */
@@ -240,6 +242,7 @@ static void ss_set(conn *c, uint32_t bits)
 {
     if (PG(c)->quiet)
         return;
+    pgshare_state(&PG(c)->share);
     c->sstate |= bits;
     if (c->slot)
         atomic_fetch_or(&c->slot->flags, PB_SF_RESET);
@@ -296,6 +299,7 @@ static int pg_frame_request(conn *c, drv_buf *rq, uint32_t *nreplies, const char
         *why = "out of memory";
         return PB_ENOMEM;
     }
+    pgshare_framed(&s->share, rq->p, rq->len, n, B.now_ms);
     *nreplies = n;
     /* Extended-query messages after the last Sync: the next piece of the
      * pipeline must reach the same backend (COPY data is covered by the
@@ -311,6 +315,8 @@ static int pg_frame_request(conn *c, drv_buf *rq, uint32_t *nreplies, const char
 static void on_tag(conn *c, const char *tag)
 {
     pgconn *s = PG(c);
+    if (!s->quiet)
+        pgshare_tag(&s->share, tag);
     if (strcmp(tag, "SET") == 0 || strcmp(tag, "RESET") == 0)
         ss_set(c, SS_GUC);
     else if (strcmp(tag, "PREPARE") == 0)
@@ -444,6 +450,8 @@ static int pg_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_
         pgstmt_ready(&s->stmts, s->errors);
         if (s->quiet)
             s->quiet--;
+        else
+            pgshare_ready(&s->share, (char)st, s->errors, B.now_ms);
         out->txn = (char)st;
         out->errors = s->errors;
         out->server_gone = s->gone;
@@ -580,6 +588,13 @@ static int pg_build_ping(conn *c, drv_buf *out)
     return own_queries(c, 1);
 }
 
+/* driver.shareable: a simple Query whose text the server has shown to be
+ * one quick statement that leaves nothing behind (pgshare.h). */
+static int pg_shareable(const uint8_t *req, uint32_t len)
+{
+    return pgshare_ok(req, len);
+}
+
 static void pg_close(conn *c)
 {
     pgconn *st = PG(c);
@@ -607,6 +622,9 @@ const driver pg_driver = {
     .connect_step = pg_connect_step,
     .frame_request = pg_frame_request,
     .scan_reply = pg_scan_reply,
+    .shareable = pg_shareable,
+    .share_depth = 4,
+    .share_idle_first = 1,
     .idle_data = pg_idle_data,
     .build_reset = pg_build_reset,
     .build_ping = pg_build_ping,

@@ -17,10 +17,12 @@
  *     receive may still be writing into the handle's ring.  The handle is
  *     unbound when the backend is offered again (pool_offer) or closed.
  *
- *   - A request the driver calls shareable (Redis: plain commands, see
- *     driver.h) of a handle that is not bound does not bind a backend: it is
- *     appended to one in mux use (mux_pick: the least busy one while it
- *     has fewer than MUX_SHARE in flight, else an idle one), together with
+ *   - A request the driver calls shareable (Redis: plain commands;
+ *     PostgreSQL: a query text the server has shown to leave nothing
+ *     behind, pgshare.h) of a handle that is not bound does not bind a
+ *     backend: it is appended to one in mux use (mux_pick: for Redis the
+ *     least busy one while it has fewer than 8 in flight, else an idle one;
+ *     for PostgreSQL an idle one, else the least busy one below 4), together with
  *     the other handles' requests taken in the same pass of the loop, and
  *     they go out in one write (txn_mux_flush).  The replies come back in
  *     order into the backend's scratch buffer; each is copied into the ring
@@ -185,6 +187,15 @@ static conn *tq_pop(pool *p)
     return h;
 }
 
+/* Put h back at the head of the queue (it was popped, and waits on). */
+static void tq_unpop(pool *p, conn *h)
+{
+    p->tq_head = (p->tq_head + p->nconns - 1) % p->nconns;
+    p->tq[p->tq_head] = h;
+    p->tq_len++;
+    h->queued = 1;
+}
+
 static void tq_remove(pool *p, conn *h)
 {
     for (uint32_t i = 0; i < p->tq_len; i++) {
@@ -206,9 +217,15 @@ void txn_fail_queue(pool *p, int err)
         conn_fail_submit(h, err, atomic_load(&h->slot->req_seq));
 }
 
+static int mux_submit(conn *h, uint64_t word, uint32_t seq, conn *onto);
+
 /* A backend of p came clean (pool_offer, PH_READY, its home record
  * broker-held): bind it to the first queued handle that still has a
- * statement to send.  Returns 1 if it took one. */
+ * statement to send.  A shareable one (driver.shareable) does not bind it:
+ * the backend goes into mux use and takes, in queue order, that one and
+ * the shareable ones behind it, up to the driver's share_depth, all in one
+ * write; the queue then empties as fast as it formed, and new statements,
+ * which never overtake it, may share again.  Returns 1 if it took one. */
 int txn_offer_backend(conn *b)
 {
     pool *p = b->pool;
@@ -218,11 +235,28 @@ int txn_offer_backend(conn *b)
         uint32_t seq = atomic_load(&h->slot->req_seq);
         if (PB_WORD_STATE(w) != PB_SLOT_LEASED || h->bound || seq == h->acked_seq)
             continue;               /* released or reclaimed meanwhile */
+        if (b->mux && b->mq_len >= p->drv->share_depth) {
+            tq_unpop(p, h);
+            break;
+        }
+        if (p->drv->shareable && mux_submit(h, w, seq, b)) {
+            if (b->broken || b->phase != PH_READY)
+                return 1;           /* lost with it (conn_fail): not to be offered */
+            continue;
+        }
+        if (b->mux) {
+            tq_unpop(p, h);         /* not shareable: it waits for a backend of its own */
+            break;
+        }
         bind(b, h);
         conn_submit(b, w, seq);
         return 1;
     }
-    return 0;
+    if (b->mux && !b->mq_len) {
+        b->mux = 0;                 /* every request it took failed at once */
+        b->to_sink = 0;
+    }
+    return b->mux;
 }
 
 /* ---------------------------------------------------------- pipelining */
@@ -248,46 +282,58 @@ static int mq_reserve(conn *b)
 /* May backend b (in mux use) take requests of handles with none in flight?
  * Not once it is to close when it comes free (lifetime, a reload, a failed
  * server, max_uses, a pool above max_size): it must come free for that,
- * and a backend that always has a request in flight never does. */
+ * and a backend that always has a request in flight never does.  Nor once
+ * a reply on it reported session state or an open transaction (a shared
+ * PostgreSQL statement that was not what the server had shown it to be):
+ * it is reset when it comes free (mux_settle). */
 static int mux_may_grow(const conn *b)
 {
     const pool *p = b->pool;
     uint64_t uses = p->cf->max_uses;
     return !b->broken && b->phase == PH_READY && !b->suspect && !(b->retire_at_ms && B.now_ms >= b->retire_at_ms) &&
-           !(uses && atomic_load(&b->home->uses) >= uses) && !pool_over_max(p);
+           !(uses && atomic_load(&b->home->uses) >= uses) && !pool_over_max(p) && !b->sstate && b->txn == 'I' &&
+           !b->cancel_sent;
 }
 
-/* Requests in flight on a backend in mux use below which a new one joins
- * it rather than taking an idle backend: a deeper pipeline costs the server
- * less per command (one read, one write for several: about half the Redis
- * CPU per GET at 16 workers), more backends bound how many requests one
- * slow command holds up. */
-#define MUX_SHARE 8
+/* An idle backend taken into mux use, or NULL. */
+static conn *mux_take_idle(pool *p)
+{
+    conn *idle = take_idle(p);
+    if (!idle)
+        return NULL;
+    idle->mux = 1;
+    idle->to_sink = 1;              /* recvs go to scratch; mux_route copies */
+    atomic_fetch_add_explicit(&idle->home->uses, 1, memory_order_relaxed);
+    return idle;
+}
 
-/* A backend for a shareable request: the backend in mux use with the
- * fewest requests in flight if it has fewer than MUX_SHARE, else an idle
- * one (taken into mux use), else that least busy one, else NULL.  NULL too
- * while statements wait in the queue for a backend of their own: taking
- * more requests would keep every backend busy past them. */
+/* A backend for a shareable request, or NULL (it goes the bound way).  The
+ * backend in mux use with the fewest requests in flight if it has fewer
+ * than the driver's share_depth, else an idle one (taken into mux use),
+ * else that least busy one; with share_idle_first, an idle one before
+ * any busy one, and none at share_depth.  NULL too while statements wait
+ * in the queue for a backend of their own: taking more requests would
+ * keep every backend busy past them. */
 static conn *mux_pick(pool *p)
 {
     if (p->tq_len)
         return NULL;
+    const driver *drv = p->drv;
+    conn *idle = drv->share_idle_first ? mux_take_idle(p) : NULL;
+    if (idle)
+        return idle;
     conn *best = NULL;
     for (uint32_t k = 0; k < p->nbacks; k++) {
         conn *b = &p->backs[k];
         if (b->mux && mux_may_grow(b) && (!best || b->mq_len < best->mq_len))
             best = b;
     }
-    if (best && best->mq_len < MUX_SHARE)
+    if (best && best->mq_len < drv->share_depth)
         return best;
-    conn *idle = take_idle(p);
-    if (!idle)
-        return best;
-    idle->mux = 1;
-    idle->to_sink = 1;              /* recvs go to scratch; mux_route copies */
-    atomic_fetch_add_explicit(&idle->home->uses, 1, memory_order_relaxed);
-    return idle;
+    if (drv->share_idle_first)
+        return NULL;
+    idle = mux_take_idle(p);
+    return idle ? idle : best;
 }
 
 /* Nothing in flight on b any more: it leaves mux use and is offered. */
@@ -297,6 +343,11 @@ static void mux_settle(conn *b)
         b->phase != PH_READY)
         return;
     b->mux = 0;
+    if (b->sstate || b->txn != 'I') {
+        b->mux_tainted = 0;
+        conn_release_clean(b);      /* reset exactly what was left, as a release does */
+        return;
+    }
     pool_offer(b);
 }
 
@@ -350,10 +401,11 @@ static void mux_handle_done(conn *h)
         txn_submit(h, w, atomic_load(&h->slot->req_seq));
 }
 
-/* A shareable request of h (not bound): onto a backend in mux use.
- * Returns 1 if it was taken (or failed: io_error says), 0 if it goes the
- * bound way (not shareable, pinned, or no backend to share). */
-static int mux_submit(conn *h, uint64_t word, uint32_t seq)
+/* A shareable request of h (not bound): onto a backend in mux use (onto,
+ * when txn_offer_backend gives one, else mux_pick's).  Returns 1 if it was
+ * taken (or failed: io_error says), 0 if it goes the bound way (not
+ * shareable, pinned, or no backend to share). */
+static int mux_submit(conn *h, uint64_t word, uint32_t seq, conn *onto)
 {
     pool *p = h->pool;
     if (!p->drv->shareable || (atomic_load(&h->slot->client_flags) & (PB_CF_PIN | PB_CF_DIRTY)))
@@ -374,21 +426,37 @@ static int mux_submit(conn *h, uint64_t word, uint32_t seq)
     }
     if (!p->drv->shareable(h->sbuf.p, h->sbuf.len))
         return 0;
-    conn *b = h->mux_ents ? h->mux_back : mux_pick(p);
-    if (!b)
+    conn *b = h->mux_ents ? h->mux_back : onto ? onto : mux_pick(p);
+    if (!b || (onto && b != onto))
         return 0;
+    if (!b->mux) {
+        b->mux = 1;                 /* onto: a backend that came free, into mux use */
+        b->to_sink = 1;
+        atomic_fetch_add_explicit(&b->home->uses, 1, memory_order_relaxed);
+    }
     uint32_t nrep = 0;
     const char *why = NULL;
+    int framed = 0;
     int rc = mq_reserve(b);
-    if (rc == PB_OK)
+    if (rc == PB_OK) {
         rc = p->drv->frame_request(b, &h->sbuf, &nrep, &why);
+        framed = rc == PB_OK;
+    }
     if (rc == PB_OK && nrep == 0)
         rc = PB_EPROTO;             /* a shareable request is answered */
     if (rc == PB_OK)
         rc = drv_buf_append(&b->mux_out, h->sbuf.p, h->sbuf.len);
     if (rc != PB_OK) {
         conn_fail_submit(h, rc == PB_ENOMEM ? PB_ENOMEM : PB_EPROTO, seq);
-        mux_settle(b);
+        if (framed) {
+            /* The driver counted a request that will not be sent: what it
+             * expects no longer matches the wire (PostgreSQL would judge
+             * the next reply as this request's, pgshare.h).  The
+             * connection goes, with whatever it had in flight. */
+            conn_fail(b, "a request framed for it could not be queued", rc);
+        } else if (!onto) {
+            mux_settle(b);          /* onto: txn_offer_backend settles it */
+        }
         return 1;
     }
     if (!b->mq_len)
@@ -483,6 +551,12 @@ static void mux_route(conn *b)
             return;
         }
         b->mux_pos += (uint32_t)took;
+        if (rc == DRV_OK && (b->sstate || b->txn != 'I') && !b->mux_tainted) {
+            b->mux_tainted = 1;
+            slog(LOG_LVL_WARN, b, "a shared statement left session state or a transaction open; %u request%s "
+                 "already sent behind it; no more join, and the connection is reset when they are answered",
+                 b->mq_len - 1, b->mq_len == 2 ? " was" : "s were");
+        }
         if (live)
             ring_put(h, p, took);
         if (rc == DRV_OK && live) {
@@ -576,7 +650,7 @@ void txn_submit(conn *h, uint64_t lease_word, uint32_t seq)
         return;
     }
     h->cmd_word = lease_word;
-    if (mux_submit(h, lease_word, seq))
+    if (mux_submit(h, lease_word, seq, NULL))
         return;
     if (h->mux_ents) {
         h->mux_deferred = 1;        /* after its requests in flight (mux_handle_done) */

@@ -27,6 +27,8 @@
 
 #include "broker.h"
 
+broker B;                   /* pg.c reads the loop's clock, B.now_ms */
+
 static void test_pg_not_ready(void **state)
 {
     (void)state;

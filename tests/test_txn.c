@@ -23,6 +23,14 @@
  *     command_timeout_ms fails the oldest command with PB_ETIMEDOUT and the
  *     rest on that connection with PB_EBACKEND.  CLIENT PAUSE
  *     WRITE (from redis-cli) holds written commands in flight on demand.
+ *   - PostgreSQL statements share a backend once the server has shown
+ *     their text to leave nothing behind (broker/pgshare.h): on one
+ *     backend, 8 processes each get their own row back, never inside
+ *     another lease's transaction, never with another lease's setting,
+ *     while one process sets application_name and one runs transactions;
+ *     a text that changes what it does after it was shared (a function
+ *     redefined to set a reported setting) is never shared again, and its
+ *     backend is reset before anyone else gets it;
  *   - shmstat (text and --json) shows the backends behind the handles: one
  *     bound to a lease in a transaction (its worker's pid, its backend pid),
  *     the handles in use and a statement queued for it; then idle.
@@ -61,6 +69,7 @@ static th_env env;
     PGPOOL("tx1", "1") \
     PGPOOL("tx2", "2") \
     PGPOOL("txs", "1") \
+    PGPOOL("txsh", "1") \
     "[pool txq]\n" \
     "type = postgres\n" \
     "pool_mode = transaction\n" \
@@ -815,6 +824,172 @@ static void test_redis_stale_reply_dropped(void **state)
     pbt_cli_done(c);
 }
 
+/* ----------------------------------------------- PostgreSQL statements shared */
+
+#define SH_READERS 8
+#define SH_ROUNDS  400
+
+/* One reader: its own text (its number in it), SH_ROUNDS times on one
+ * lease; each answer must be its own number, outside any transaction
+ * (now() is the statement's own start, no transaction id assigned) and
+ * with the pool's application_name, not the one another lease sets
+ * (check_setting).  Exit status: 0, or which check failed. */
+static void shared_reader(int i, int check_setting)
+{
+    pb_client *k = NULL;
+    pb_lease *m = NULL;
+    if (pb_connect(env.sock_path, &k) != PB_OK || pb_acquire(k, "txsh", 20000, &m) != PB_OK)
+        _exit(2);
+    char sql[256];
+    snprintf(sql, sizeof sql,
+             "SELECT %d, now() = statement_timestamp(), pg_current_xact_id_if_assigned() IS NULL, "
+             "current_setting('application_name')", 1000 + i);
+    for (int j = 0; j < SH_ROUNDS; j++) {
+        pb_result *r = NULL;
+        if (pb_pg_exec(m, sql, &r) != PB_OK || pb_result_status(r) != PB_RES_TUPLES_OK)
+            _exit(3);
+        if (atoi(pb_getvalue(r, 0, 0)) != 1000 + i)
+            _exit(4);                   /* someone else's reply */
+        if (strcmp(pb_getvalue(r, 0, 1), "t") || strcmp(pb_getvalue(r, 0, 2), "t"))
+            _exit(5);                   /* ran inside another lease's transaction */
+        if (check_setting && strcmp(pb_getvalue(r, 0, 3), "txsh"))
+            _exit(6);                   /* another lease's setting */
+        pb_result_free(r);
+    }
+    pb_release(m);
+    pb_disconnect(k);
+    _exit(0);
+}
+
+/* The others: which == 0 sets application_name (reported: it pins, and is
+ * reset at release); 1 runs a transaction of three statements. */
+static void shared_other(int which)
+{
+    pb_client *k = NULL;
+    if (pb_connect(env.sock_path, &k) != PB_OK)
+        _exit(2);
+    for (int j = 0; j < 60; j++) {
+        pb_lease *m = NULL;
+        if (pb_acquire(k, "txsh", 20000, &m) != PB_OK)
+            _exit(3);
+        static const char *const set[] = { "SELECT set_config('application_name', 'leak', false)", "SELECT 1" };
+        static const char *const txn[] = { "BEGIN", "SELECT pg_sleep(0.002)", "COMMIT" };
+        const char *const *q = which == 0 ? set : txn;
+        int n = which == 0 ? 2 : 3;
+        for (int t = 0; t < n; t++) {
+            pb_result *r = NULL;
+            if (pb_pg_exec(m, q[t], &r) != PB_OK || pb_result_status(r) == PB_RES_ERROR)
+                _exit(4);
+            pb_result_free(r);
+        }
+        pb_release(m);
+    }
+    pb_disconnect(k);
+    _exit(0);
+}
+
+/* Is backend 0 of txsh shared right now (shmstat --json)? */
+static int txsh_shared(void)
+{
+    static char json[1 << 20];
+    char one[1024];
+    if (pbt_shmstat_json(&env, json, sizeof json) != 0)
+        fail_msg("shmstat --json failed");
+    backend_json(json, "txsh", 0, one, sizeof one);
+    return strstr(one, "\"state\": \"shared\"") != NULL;
+}
+
+static void wait_ok(pid_t *kids, int n)
+{
+    for (int i = 0; i < n; i++) {
+        int st;
+        waitpid(kids[i], &st, 0);
+        pbt_untrack_child(kids[i]);
+        if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
+            fail_msg("process %d: %s %d", i, WIFEXITED(st) ? "exit status" : "signal",
+                     WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st));
+    }
+}
+
+/* 8 readers, each with its own statement, on a pool of one backend, beside
+ * a process that sets a reported setting and one that runs transactions.
+ * The readers' statements are shared (several in flight on the backend at
+ * once: shmstat says "shared"), the other two processes' never are: no
+ * reader gets another's row, runs inside the transaction or sees the
+ * setting. */
+static void test_pg_shared_statements(void **state)
+{
+    (void)state;
+    pid_t kids[SH_READERS + 2];
+    fflush(NULL);
+    for (int i = 0; i < SH_READERS + 2; i++) {
+        kids[i] = fork();
+        assert_true(kids[i] >= 0);
+        if (kids[i] == 0) {
+            if (i < SH_READERS)
+                shared_reader(i, 1);
+            shared_other(i - SH_READERS);
+        }
+        pbt_track_child(kids[i]);
+    }
+    int shared = 0;
+    for (int t = 0; t < 40 && !shared; t++) {
+        pbt_sleep_ms(25);
+        shared = txsh_shared();
+    }
+    wait_ok(kids, SH_READERS + 2);
+    assert_true(shared);
+}
+
+/* A text shared, then changed behind the broker's back: a function first
+ * returns 1, and once its SELECT is shared it is redefined to set
+ * application_name.  The next run, shared, reports the setting: the text is
+ * never shared again, the backend takes no more shared statements and is
+ * reset when those in flight are answered, and no later lease sees the
+ * setting. */
+static void test_pg_shared_text_that_changes(void **state)
+{
+    (void)state;
+    pb_client *c = pbt_cli(&env);
+    pb_lease *l = pbt_lease(c, "txsh", 5000);
+    exec_ok(l, "CREATE OR REPLACE FUNCTION tx_shf() RETURNS int LANGUAGE plpgsql AS 'BEGIN RETURN 1; END'");
+    assert_int_equal(pb_release(l), PB_OK);
+    pb_lease *u = pbt_lease(c, "txsh", 5000);
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(pbt_pg_int(u, "SELECT tx_shf()"), 1);
+    /* Proven; with readers pipelining on the one backend, u's next run of it
+     * is shared.  The readers do not check the setting: a statement already
+     * sent behind the one that changed may see it (docs/pooling.md). */
+    pid_t kids[4];
+    fflush(NULL);
+    for (int i = 0; i < 4; i++) {
+        kids[i] = fork();
+        assert_true(kids[i] >= 0);
+        if (kids[i] == 0)
+            shared_reader(i, 0);
+        pbt_track_child(kids[i]);
+    }
+    l = pbt_lease(c, "txsh", 5000);
+    exec_ok(l, "CREATE OR REPLACE FUNCTION tx_shf() RETURNS int LANGUAGE plpgsql AS "
+               "'BEGIN PERFORM set_config(''application_name'', ''leak2'', false); RETURN 2; END'");
+    assert_int_equal(pb_release(l), PB_OK);
+    /* Shared: u is bound to nothing, so its release resets nothing; only
+     * the broker's reset of the backend (mux_settle) undoes the setting. */
+    assert_int_equal(pbt_pg_int(u, "SELECT tx_shf()"), 2);
+    assert_int_equal(pb_release(u), PB_OK);
+    wait_ok(kids, 4);
+    /* Every later lease of the one backend: the pool's name. */
+    for (int i = 0; i < 5; i++) {
+        l = pbt_lease(c, "txsh", 5000);
+        pb_result *r = NULL;
+        assert_int_equal(pb_pg_exec(l, "SHOW application_name", &r), PB_OK);
+        assert_string_equal(pb_getvalue(r, 0, 0), "txsh");
+        pb_result_free(r);
+        assert_int_equal(pb_release(l), PB_OK);
+    }
+    pbt_cli_done(c);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -830,6 +1005,8 @@ int main(void)
         cmocka_unit_test_teardown(test_redis_stale_reply_dropped, pbt_cleanup),
         cmocka_unit_test_teardown(test_redis_pipeline_timeout, pbt_cleanup),
         cmocka_unit_test_teardown(test_shmstat_shows_backends, pbt_cleanup),
+        cmocka_unit_test_teardown(test_pg_shared_statements, pbt_cleanup),
+        cmocka_unit_test_teardown(test_pg_shared_text_that_changes, pbt_cleanup),
     };
     pbt_apply_test_filter();
     return cmocka_run_group_tests(tests, group_setup, group_teardown);

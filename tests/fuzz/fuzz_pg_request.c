@@ -33,8 +33,9 @@
  *                   The scanner is driven as broker/connio.c drives it: one
  *                   complete reply per call (DRV_OK), the rest fed again.
  *
- * The real driver is linked (broker/pg.c, broker/cancel.c, broker/log.c):
- * it calls nothing of the pool, so nothing is stubbed.  conn->drv is the
+ * The real driver is linked (broker/pg.c, broker/pgstmt.c, broker/pgshare.c,
+ * broker/cancel.c, broker/log.c): it calls nothing of the pool, so nothing
+ * is stubbed; it reads the loop's clock (B.now_ms, here 0).  conn->drv is the
  * driver's private state; zeroed memory of ample size stands in for it
  * (pg.c's pgconn is well under DRV_BYTES), freed by pg_driver.close (which
  * frees what the driver allocated in it).
@@ -48,7 +49,9 @@
 #include "broker.h"
 #include "poolbroker.h"
 
-#define DRV_BYTES 1024
+#define DRV_BYTES 4096
+
+broker B;                   /* pg.c reads B.now_ms (pgshare.c's timings) */
 
 static struct {
     uint64_t replies;

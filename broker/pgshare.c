@@ -1,0 +1,166 @@
+/*
+ * pgshare.c — the record of which PostgreSQL query texts may share a
+ * backend (pgshare.h says what is learnt and why).
+ *
+ * The table is open-addressed on a 64-bit FNV-1a hash of the text, probed
+ * PROBE slots; each entry keeps a copy of its text, so a hash collision is
+ * only a miss.  Entries are never removed (a banned text stays banned), and
+ * a full neighbourhood means a new text is not learnt: the cost of an
+ * application that puts literals into its SQL is that its statements are
+ * not shared, not memory.
+ */
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "pgshare.h"
+#include "pgstmt.h"
+
+#define PROBE 8
+
+enum { LEARNING, PROVEN, BANNED };
+
+typedef struct pgshare_ent {
+    uint64_t hash;
+    char *text;              /* NULL: the slot is free */
+    uint32_t len;
+    uint8_t state;
+    uint8_t clean;           /* clean executions in a row (LEARNING) */
+} pgshare_ent;
+
+static pgshare_ent table[PGSHARE_SLOTS];
+
+/* The text of req if it is one whole simple Query ('Q', its length, a
+ * NUL-terminated text of at most PGSHARE_TEXT_MAX bytes), else NULL. */
+static const char *query_text(const uint8_t *req, uint32_t len, uint32_t *tlen)
+{
+    if (len < 6 || len > PGSHARE_TEXT_MAX + 6 || req[0] != 'Q' || pg_be32(req + 1) != len - 1 || req[len - 1] != 0)
+        return NULL;
+    const char *t = (const char *)req + 5;
+    size_t n = strlen(t);
+    if (n != len - 6)
+        return NULL;                /* a NUL inside: not one text */
+    *tlen = (uint32_t)n;
+    return t;
+}
+
+static uint64_t fnv1a(const char *p, uint32_t n)
+{
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (uint32_t i = 0; i < n; i++)
+        h = (h ^ (uint8_t)p[i]) * 0x100000001b3ull;
+    return h;
+}
+
+/* The entry of text t, or NULL; with add, a new one in a free slot when
+ * there is none yet (NULL if the neighbourhood is full or out of memory). */
+static pgshare_ent *lookup(const char *t, uint32_t n, int add)
+{
+    uint64_t h = fnv1a(t, n);
+    for (uint32_t i = 0; i < PROBE; i++) {
+        pgshare_ent *e = &table[(h + i) & (PGSHARE_SLOTS - 1)];
+        if (!e->text) {
+            if (!add)
+                return NULL;
+            char *copy = malloc(n + 1);
+            if (!copy)
+                return NULL;
+            memcpy(copy, t, n + 1);
+            *e = (pgshare_ent){ .hash = h, .text = copy, .len = n, .state = LEARNING };
+            return e;
+        }
+        if (e->hash == h && e->len == n && memcmp(e->text, t, n) == 0)
+            return e;
+    }
+    return NULL;
+}
+
+int pgshare_ok(const uint8_t *req, uint32_t len)
+{
+    uint32_t n;
+    const char *t = query_text(req, len, &n);
+    const pgshare_ent *e = t ? lookup(t, n, 0) : NULL;
+    return e && e->state == PROVEN;
+}
+
+void pgshare_framed(pgshare_conn *s, const uint8_t *req, uint32_t len, uint32_t nready, uint64_t now_ms)
+{
+    if (nready == 0)
+        return;
+    pgshare_ent *e = NULL;
+    uint32_t n;
+    const char *t = nready == 1 ? query_text(req, len, &n) : NULL;
+    if (t)
+        e = lookup(t, n, 1);
+    if (s->len > 0) {
+        uint32_t last = (s->head + s->len - 1) % PGSHARE_RUNS;
+        if (!e && !s->run[last].ent) {
+            s->run[last].n += nready;   /* runs of unlearnt requests merge */
+            return;
+        }
+        if (s->len == PGSHARE_RUNS) {
+            /* Full (a client pipelining many requests): this one is not
+             * judged, and neither is the last one, which it joins. */
+            s->run[last].ent = NULL;
+            s->run[last].n += nready;
+            return;
+        }
+    }
+    uint32_t k = (s->head + s->len) % PGSHARE_RUNS;
+    s->run[k].ent = e;
+    s->run[k].n = nready;
+    s->run[k].sent_ms = now_ms;
+    s->len++;
+}
+
+void pgshare_tag(pgshare_conn *s, const char *tag)
+{
+    s->tags++;
+    if (strncmp(tag, "SELECT ", 7) && strncmp(tag, "INSERT ", 7) && strncmp(tag, "UPDATE ", 7) &&
+        strncmp(tag, "DELETE ", 7) && strncmp(tag, "MERGE ", 6))
+        s->other = 1;
+}
+
+void pgshare_state(pgshare_conn *s)
+{
+    s->other = 1;
+}
+
+void pgshare_ready(pgshare_conn *s, char st, uint32_t errors, uint64_t now_ms)
+{
+    uint32_t tags = s->tags;
+    int other = s->other;
+    s->tags = 0;
+    s->other = 0;
+    uint64_t began = s->last_ready_ms;
+    s->last_ready_ms = now_ms;
+    if (s->len == 0)
+        return;                     /* not ours to judge (cannot happen: pg.c counts) */
+    pgshare_ent *e = s->run[s->head].ent;
+    if (s->run[s->head].sent_ms > began)
+        began = s->run[s->head].sent_ms;   /* it reached an idle server */
+    if (--s->run[s->head].n == 0) {
+        s->head = (s->head + 1) % PGSHARE_RUNS;
+        s->len--;
+    }
+    if (!e || e->state == BANNED)
+        return;
+    if (other || st != 'I' || tags > 1) {
+        if (e->state == PROVEN)
+            log_warn("a shared statement (query text of %u bytes, hash %016llx) left session state or a "
+                     "transaction behind: it is never shared again", e->len, (unsigned long long)e->hash);
+        e->state = BANNED;
+        return;
+    }
+    if (errors || tags == 0)
+        return;                     /* failed, or empty: proves nothing */
+    if (now_ms - began > PGSHARE_SLOW_MS) {
+        e->state = LEARNING;
+        e->clean = 0;
+        return;
+    }
+    if (e->state == LEARNING && ++e->clean >= PGSHARE_PROVEN)
+        e->state = PROVEN;
+}

@@ -1,0 +1,83 @@
+/*
+ * pgshare.h — which PostgreSQL statements may share a backend connection
+ * in transaction mode (txn.c's pipelining), learnt from what the server
+ * reports about each one.
+ *
+ * Sharing puts a statement of one lease on the wire behind the statements
+ * of others on the same backend before their replies are in, so it must be
+ * known beforehand that the statements in front leave nothing behind: no
+ * open transaction, no session state.  The broker does not parse SQL.  It
+ * keys what it learns on the whole text of a simple Query message (the
+ * same text is the same statements, parsed the same way) and watches the
+ * server's answer to each execution, shared or not:
+ *
+ *   - exactly one CommandComplete, tagged SELECT, INSERT, UPDATE, DELETE
+ *     or MERGE (one statement; a second statement or any other tag is
+ *     another kind of command: BEGIN, SET, LISTEN, PREPARE, DECLARE, COPY,
+ *     CREATE, CALL, DO, ...);
+ *   - no ParameterStatus, no session state the driver tracks (driver.h
+ *     SS_*), ReadyForQuery 'I' (nothing left open);
+ *   - answered within PGSHARE_SLOW_MS of reaching the server (a slow
+ *     statement would hold up the ones queued behind it; the bound is
+ *     loose because on a busy machine a 1 ms statement takes 10 ms now
+ *     and then, waiting for a CPU).
+ *
+ * A text is shared once PGSHARE_PROVEN executions in a row passed (an
+ * execution that failed with an error proves nothing either way).  One
+ * that leaves state or a transaction behind, or has another tag, is never
+ * shared again; a slow one starts counting again.  What the server does
+ * not report is not seen here, as nowhere else (docs/pooling.md): a
+ * function that sets an unreported setting or takes a session advisory
+ * lock, CREATE TEMP TABLE ... AS (its tag is SELECT).
+ *
+ * pg.c calls these; the table is the process's, shared by every pool.
+ */
+#ifndef PB_PGSHARE_H
+#define PB_PGSHARE_H
+
+#include <stdint.h>
+
+#define PGSHARE_TEXT_MAX 1024       /* longest query text learnt (bytes, NUL excluded) */
+#define PGSHARE_SLOTS    4096       /* texts remembered (power of two); when full, new ones are not learnt */
+#define PGSHARE_PROVEN   2          /* clean executions in a row before a text is shared */
+#define PGSHARE_SLOW_MS  50         /* an execution slower than this (ms) starts the count again */
+#define PGSHARE_RUNS     32         /* per connection: request runs awaiting their ReadyForQuery */
+
+struct pgshare_ent;
+
+/* Per connection, all zero when new: the requests sent, oldest first, as
+ * runs of ReadyForQuery owed (ent: the learnt text of a single-Query
+ * request, or NULL), and what the server said since the last
+ * ReadyForQuery. */
+typedef struct pgshare_conn {
+    struct {
+        struct pgshare_ent *ent;
+        uint32_t n;          /* ReadyForQuery owed for this run */
+        uint64_t sent_ms;    /* when it was framed */
+    } run[PGSHARE_RUNS];
+    uint32_t head, len;
+    uint64_t last_ready_ms;  /* the last ReadyForQuery: when the next request reached the server */
+    uint32_t tags;           /* CommandComplete messages since the last ReadyForQuery */
+    uint8_t other;           /* one of them was not SELECT/INSERT/UPDATE/DELETE/MERGE, or
+                                a ParameterStatus or tracked session state came */
+} pgshare_conn;
+
+/* 1 if req[0..len) is one whole simple Query whose text has been proven
+ * (shareable), else 0. */
+int pgshare_ok(const uint8_t *req, uint32_t len);
+
+/* A client request with nready ReadyForQuery to come was framed at now_ms
+ * (pg_frame_request): remember it in order. */
+void pgshare_framed(pgshare_conn *s, const uint8_t *req, uint32_t len, uint32_t nready, uint64_t now_ms);
+
+/* A CommandComplete tag of a client request (NUL-terminated, maybe cut). */
+void pgshare_tag(pgshare_conn *s, const char *tag);
+
+/* A ParameterStatus, or session state the driver noted, in a client reply. */
+void pgshare_state(pgshare_conn *s);
+
+/* A client request's ReadyForQuery (status st, errors since the last one)
+ * at now_ms: judge the text it answers, if one is learnt. */
+void pgshare_ready(pgshare_conn *s, char st, uint32_t errors, uint64_t now_ms);
+
+#endif
