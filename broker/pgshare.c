@@ -32,18 +32,67 @@ typedef struct pgshare_ent {
 
 static pgshare_ent table[PGSHARE_SLOTS];
 
-/* The text of req if it is one whole simple Query ('Q', its length, a
- * NUL-terminated text of at most PGSHARE_TEXT_MAX bytes), else NULL. */
+/* The length of the NUL-terminated string at p[0..n), or -1 if there is no NUL. */
+static long cstr_len(const uint8_t *p, uint32_t n)
+{
+    const uint8_t *z = memchr(p, 0, n);
+    return z ? (long)(z - p) : -1;
+}
+
+/* The query text of req if it is one statement the driver may learn:
+ * one whole simple Query ('Q', a NUL-terminated text), or the unnamed
+ * extended-protocol execution pb_pg_exec_params sends (Parse of the
+ * unnamed statement, Bind of it to the unnamed portal, Describe and
+ * Execute of that portal with no row limit, Sync: five messages, nothing
+ * else).  The text is at most PGSHARE_TEXT_MAX bytes; else NULL.  A Parse
+ * holds one statement by the protocol; a Query's text may hold several,
+ * which the server's answer (two tags) shows. */
 static const char *query_text(const uint8_t *req, uint32_t len, uint32_t *tlen)
 {
-    if (len < 6 || len > PGSHARE_TEXT_MAX + 6 || req[0] != 'Q' || pg_be32(req + 1) != len - 1 || req[len - 1] != 0)
+    if (len < 6)
         return NULL;
-    const char *t = (const char *)req + 5;
-    size_t n = strlen(t);
-    if (n != len - 6)
-        return NULL;                /* a NUL inside: not one text */
+    uint32_t mlen = pg_be32(req + 1);
+    if (mlen < 5 || mlen > len - 1)
+        return NULL;
+    const uint8_t *body = req + 5;
+    uint32_t blen = mlen - 4;
+    if (req[0] == 'Q') {
+        long n = cstr_len(body, blen);
+        if (mlen != len - 1 || n < 0 || (uint32_t)n != blen - 1 || n > PGSHARE_TEXT_MAX)
+            return NULL;
+        *tlen = (uint32_t)n;
+        return (const char *)body;
+    }
+    if (req[0] != 'P' || blen < 2 || body[0] != 0)
+        return NULL;                /* a named statement: not this kind */
+    long n = cstr_len(body + 1, blen - 1);
+    if (n < 0 || n > PGSHARE_TEXT_MAX)
+        return NULL;
+    /* Then B, D, E, S and the end. */
+    static const uint8_t follow[] = { 'B', 'D', 'E', 'S' };
+    uint32_t off = 1 + mlen;
+    for (int i = 0; i < 4; i++) {
+        if (len - off < 5 || req[off] != follow[i])
+            return NULL;
+        uint32_t ml = pg_be32(req + off + 1);
+        if (ml < 4 || ml > len - off - 1)
+            return NULL;
+        const uint8_t *b = req + off + 5;
+        uint32_t bl = ml - 4;
+        if (follow[i] == 'B' && (bl < 2 || b[0] != 0 || b[1] != 0))
+            return NULL;            /* unnamed portal, unnamed statement */
+        if (follow[i] == 'D' && (bl != 2 || b[0] != 'P' || b[1] != 0))
+            return NULL;
+        if (follow[i] == 'E' && (bl != 5 || b[0] != 0 || pg_be32(b + 1) != 0))
+            return NULL;            /* the unnamed portal, every row */
+        if (follow[i] == 'S' && bl != 0)
+            return NULL;
+        off += 1 + ml;
+    }
+    if (off != len)
+        return NULL;
     *tlen = (uint32_t)n;
-    return t;
+    return (const char *)body + 1;
 }
 
 static uint64_t fnv1a(const char *p, uint32_t n)

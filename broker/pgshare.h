@@ -7,9 +7,11 @@
  * of others on the same backend before their replies are in, so it must be
  * known beforehand that the statements in front leave nothing behind: no
  * open transaction, no session state.  The broker does not parse SQL.  It
- * keys what it learns on the whole text of a simple Query message (the
- * same text is the same statements, parsed the same way) and watches the
- * server's answer to each execution, shared or not:
+ * keys what it learns on the query text of a simple Query message, or of
+ * the unnamed Parse of pb_pg_exec_params' Parse/Bind/Describe/Execute/Sync
+ * (the same text is the same statements, parsed the same way; parameters
+ * change values, not what kind of command runs), and watches the server's
+ * answer to each execution, shared or not:
  *
  *   - exactly one CommandComplete, tagged SELECT, INSERT, UPDATE, DELETE
  *     or MERGE (one statement; a second statement or any other tag is
@@ -62,7 +64,8 @@ typedef struct pgshare_conn {
                                 a ParameterStatus or tracked session state came */
 } pgshare_conn;
 
-/* 1 if req[0..len) is one whole simple Query whose text has been proven
+/* 1 if req[0..len) is one whole simple Query, or one unnamed
+ * Parse/Bind/Describe/Execute/Sync, whose text has been proven
  * (shareable), else 0. */
 int pgshare_ok(const uint8_t *req, uint32_t len);
 

@@ -25,7 +25,8 @@
  *     WRITE (from redis-cli) holds written commands in flight on demand.
  *   - PostgreSQL statements share a backend once the server has shown
  *     their text to leave nothing behind (broker/pgshare.h): on one
- *     backend, 8 processes each get their own row back, never inside
+ *     backend, 8 processes (simple queries, and parameterized ones with one
+ *     text between them) each get their own row back, never inside
  *     another lease's transaction, never with another lease's setting,
  *     while one process sets application_name and one runs transactions;
  *     a text that changes what it does after it was shared (a function
@@ -829,8 +830,9 @@ static void test_redis_stale_reply_dropped(void **state)
 #define SH_READERS 8
 #define SH_ROUNDS  400
 
-/* One reader: its own text (its number in it), SH_ROUNDS times on one
- * lease; each answer must be its own number, outside any transaction
+/* One reader: its own number, in its own text or as the parameter of a
+ * text the odd readers share, SH_ROUNDS times on one lease; each answer
+ * must be its own number, outside any transaction
  * (now() is the statement's own start, no transaction id assigned) and
  * with the pool's application_name, not the one another lease sets
  * (check_setting).  Exit status: 0, or which check failed. */
@@ -840,18 +842,27 @@ static void shared_reader(int i, int check_setting)
     pb_lease *m = NULL;
     if (pb_connect(env.sock_path, &k) != PB_OK || pb_acquire(k, "txsh", 20000, &m) != PB_OK)
         _exit(2);
-    char sql[256];
+    /* Even readers: a text of their own (simple Query); odd ones: one text
+     * for all of them, their number a parameter (Parse/Bind/.../Sync). */
+    char sql[256], val[16];
+    const char *vals[1] = { val };
+    snprintf(val, sizeof val, "%d", 1000 + i);
     snprintf(sql, sizeof sql,
-             "SELECT %d, now() = statement_timestamp(), pg_current_xact_id_if_assigned() IS NULL, "
-             "current_setting('application_name')", 1000 + i);
+             "SELECT %s, now() = statement_timestamp(), pg_current_xact_id_if_assigned() IS NULL, "
+             "current_setting('application_name')", i % 2 ? "$1::int" : val);
     for (int j = 0; j < SH_ROUNDS; j++) {
         pb_result *r = NULL;
-        if (pb_pg_exec(m, sql, &r) != PB_OK || pb_result_status(r) != PB_RES_TUPLES_OK)
+        int rc = i % 2 ? pb_pg_exec_params(m, sql, 1, NULL, vals, NULL, NULL, 0, &r) : pb_pg_exec(m, sql, &r);
+        if (rc != PB_OK || pb_result_status(r) != PB_RES_TUPLES_OK)
             _exit(3);
         if (atoi(pb_getvalue(r, 0, 0)) != 1000 + i)
             _exit(4);                   /* someone else's reply */
-        if (strcmp(pb_getvalue(r, 0, 1), "t") || strcmp(pb_getvalue(r, 0, 2), "t"))
-            _exit(5);                   /* ran inside another lease's transaction */
+        /* Inside another lease's transaction: it has a transaction id
+         * (shared_other assigns one), and, for a simple Query, now() is
+         * the transaction's start, not this statement's (the extended
+         * protocol stamps each message, so there they differ anyway). */
+        if ((i % 2 == 0 && strcmp(pb_getvalue(r, 0, 1), "t")) || strcmp(pb_getvalue(r, 0, 2), "t"))
+            _exit(5);
         if (check_setting && strcmp(pb_getvalue(r, 0, 3), "txsh"))
             _exit(6);                   /* another lease's setting */
         pb_result_free(r);
@@ -862,7 +873,7 @@ static void shared_reader(int i, int check_setting)
 }
 
 /* The others: which == 0 sets application_name (reported: it pins, and is
- * reset at release); 1 runs a transaction of three statements. */
+ * reset at release); 1 runs a transaction that takes a transaction id. */
 static void shared_other(int which)
 {
     pb_client *k = NULL;
@@ -873,9 +884,10 @@ static void shared_other(int which)
         if (pb_acquire(k, "txsh", 20000, &m) != PB_OK)
             _exit(3);
         static const char *const set[] = { "SELECT set_config('application_name', 'leak', false)", "SELECT 1" };
-        static const char *const txn[] = { "BEGIN", "SELECT pg_sleep(0.002)", "COMMIT" };
+        static const char *const txn[] = { "BEGIN", "SELECT pg_current_xact_id()", "SELECT pg_sleep(0.002)",
+                                           "COMMIT" };
         const char *const *q = which == 0 ? set : txn;
-        int n = which == 0 ? 2 : 3;
+        int n = which == 0 ? 2 : 4;
         for (int t = 0; t < n; t++) {
             pb_result *r = NULL;
             if (pb_pg_exec(m, q[t], &r) != PB_OK || pb_result_status(r) == PB_RES_ERROR)
