@@ -195,6 +195,7 @@ typedef struct conn {
                                   (the head handle's ring was full: mux_paused) */
     uint8_t mux_paused;      /* backend: waiting for the head handle's holder to drain its ring */
     uint8_t mux_tainted;     /* backend: a reply in mux use left state behind (logged once) */
+    uint32_t mq_slow;        /* backend: entries of mq not quick (driver.shareable 1) */
     struct conn *mux_next;   /* backend: next on B.mux_flush */
     struct conn *mux_back;   /* handle: the backend its requests in flight went to (all on one,
                                 so its replies stay in order), NULL when none is */
@@ -221,6 +222,7 @@ typedef struct mux_ent {
     uint64_t word;           /* its lease word then: replies go to its ring only while it holds */
     uint32_t nrep;           /* replies still to come for it */
     uint64_t sent_ms;        /* when it was taken (command_timeout_ms counts from here) */
+    uint8_t quick;           /* driver.shareable said 2 */
 } mux_ent;
 
 typedef struct waiter {

@@ -164,13 +164,15 @@ typedef struct driver {
      * state, pins nothing, never blocks, and produces one reply per
      * command.  Redis: plain commands, by name.  PostgreSQL: a simple
      * Query whose text the server's replies have shown to be one quick
-     * SELECT/INSERT/UPDATE/DELETE/MERGE leaving nothing behind (pgshare.h);
-     * a BEGIN would capture the next lease's statements.  NULL: never. */
+     * SELECT/INSERT/UPDATE/DELETE/MERGE leaving nothing behind (pgshare.h),
+     * 2 when its last run was quick; a BEGIN would capture the next lease's
+     * statements.  NULL: never. */
     int (*shareable)(const uint8_t *req, uint32_t len);
     /* Requests in flight on one shared connection below which another
      * joins it (Redis 8: a deeper pipeline costs the server less per
-     * command); with share_idle_first an idle connection is taken before
-     * a busy one is joined (PostgreSQL 4, idle first: a statement behind
+     * command; PostgreSQL 4).  share_idle_first (PostgreSQL): only a quick
+     * request (shareable 2) joins a busy connection, and only behind quick
+     * ones; any other takes an idle connection first (a statement behind
      * another waits for it, a Redis command hardly at all). */
     uint32_t share_depth;
     uint8_t share_idle_first;

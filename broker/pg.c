@@ -588,8 +588,8 @@ static int pg_build_ping(conn *c, drv_buf *out)
     return own_queries(c, 1);
 }
 
-/* driver.shareable: a simple Query whose text the server has shown to be
- * one quick statement that leaves nothing behind (pgshare.h). */
+/* driver.shareable: a statement whose text the server has shown to leave
+ * nothing behind, 2 if its last run took at most a millisecond (pgshare.h). */
 static int pg_shareable(const uint8_t *req, uint32_t len)
 {
     return pgshare_ok(req, len);

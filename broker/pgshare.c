@@ -28,6 +28,7 @@ typedef struct pgshare_ent {
     uint32_t len;
     uint8_t state;
     uint8_t clean;           /* clean executions in a row (LEARNING) */
+    uint8_t quick;           /* its last clean execution took at most PGSHARE_QUICK_MS */
 } pgshare_ent;
 
 static pgshare_ent table[PGSHARE_SLOTS];
@@ -131,7 +132,7 @@ int pgshare_ok(const uint8_t *req, uint32_t len)
     uint32_t n;
     const char *t = query_text(req, len, &n);
     const pgshare_ent *e = t ? lookup(t, n, 0) : NULL;
-    return e && e->state == PROVEN;
+    return e && e->state == PROVEN ? 1 + e->quick : 0;
 }
 
 void pgshare_framed(pgshare_conn *s, const uint8_t *req, uint32_t len, uint32_t nready, uint64_t now_ms)
@@ -208,8 +209,10 @@ void pgshare_ready(pgshare_conn *s, char st, uint32_t errors, uint64_t now_ms)
     if (now_ms - began > PGSHARE_SLOW_MS) {
         e->state = LEARNING;
         e->clean = 0;
+        e->quick = 0;
         return;
     }
+    e->quick = now_ms - began <= PGSHARE_QUICK_MS;
     if (e->state == LEARNING && ++e->clean >= PGSHARE_PROVEN)
         e->state = PROVEN;
 }

@@ -43,6 +43,8 @@
 #define PGSHARE_SLOTS    4096       /* texts remembered (power of two); when full, new ones are not learnt */
 #define PGSHARE_PROVEN   2          /* clean executions in a row before a text is shared */
 #define PGSHARE_SLOW_MS  50         /* an execution slower than this (ms) starts the count again */
+#define PGSHARE_QUICK_MS 1          /* a shared text whose last run took at most this (ms, on
+                                       the loop's clock: under 2 ms) is quick (pgshare_ok) */
 #define PGSHARE_RUNS     32         /* per connection: request runs awaiting their ReadyForQuery */
 
 struct pgshare_ent;
@@ -66,7 +68,8 @@ typedef struct pgshare_conn {
 
 /* 1 if req[0..len) is one whole simple Query, or one unnamed
  * Parse/Bind/Describe/Execute/Sync, whose text has been proven
- * (shareable), else 0. */
+ * (shareable); 2 if, besides, its last run was quick (PGSHARE_QUICK_MS: it
+ * may join a busy backend rather than take an idle one, txn.c); else 0. */
 int pgshare_ok(const uint8_t *req, uint32_t len);
 
 /* A client request with nready ReadyForQuery to come was framed at now_ms

@@ -22,7 +22,8 @@
  *     behind, pgshare.h) of a handle that is not bound does not bind a
  *     backend: it is appended to one in mux use (mux_pick: for Redis the
  *     least busy one while it has fewer than 8 in flight, else an idle one;
- *     for PostgreSQL an idle one, else the least busy one below 4), together with
+ *     for PostgreSQL a quick statement joins quick ones, up to 4, others
+ *     take an idle backend first), together with
  *     the other handles' requests taken in the same pass of the loop, and
  *     they go out in one write (txn_mux_flush).  The replies come back in
  *     order into the backend's scratch buffer; each is copied into the ring
@@ -223,8 +224,8 @@ static int mux_submit(conn *h, uint64_t word, uint32_t seq, conn *onto);
  * broker-held): bind it to the first queued handle that still has a
  * statement to send.  A shareable one (driver.shareable) does not bind it:
  * the backend goes into mux use and takes, in queue order, that one and
- * the shareable ones behind it, up to the driver's share_depth, all in one
- * write; the queue then empties as fast as it formed, and new statements,
+ * the shareable ones behind it, up to the driver's share_depth (PostgreSQL:
+ * none after one that is not quick), all in one write; the queue then empties as fast as it formed, and new statements,
  * which never overtake it, may share again.  Returns 1 if it took one. */
 int txn_offer_backend(conn *b)
 {
@@ -235,7 +236,7 @@ int txn_offer_backend(conn *b)
         uint32_t seq = atomic_load(&h->slot->req_seq);
         if (PB_WORD_STATE(w) != PB_SLOT_LEASED || h->bound || seq == h->acked_seq)
             continue;               /* released or reclaimed meanwhile */
-        if (b->mux && b->mq_len >= p->drv->share_depth) {
+        if (b->mux && (b->mq_len >= p->drv->share_depth || (p->drv->share_idle_first && b->mq_slow))) {
             tq_unpop(p, h);
             break;
         }
@@ -307,33 +308,43 @@ static conn *mux_take_idle(pool *p)
     return idle;
 }
 
-/* A backend for a shareable request, or NULL (it goes the bound way).  The
- * backend in mux use with the fewest requests in flight if it has fewer
- * than the driver's share_depth, else an idle one (taken into mux use),
- * else that least busy one; with share_idle_first, an idle one before
- * any busy one, and none at share_depth.  NULL too while statements wait
- * in the queue for a backend of their own: taking more requests would
- * keep every backend busy past them. */
-static conn *mux_pick(pool *p)
+/* A backend for a shareable request (quick: driver.shareable said 2), or
+ * NULL (it goes the bound way).  NULL while statements wait in the queue
+ * for a backend of their own: taking more requests would keep every
+ * backend busy past them.  Else, by the driver's share_idle_first:
+ *   - off (Redis): the backend in mux use with the fewest requests in
+ *     flight if it has fewer than share_depth, else an idle one (taken into
+ *     mux use), else that least busy one;
+ *   - on (PostgreSQL): a quick request joins the least busy backend in mux
+ *     use below share_depth that carries only quick ones, else takes an
+ *     idle one; any other takes an idle one, else joins the least busy
+ *     below share_depth.  Else NULL: a slow statement holds up only what
+ *     was sent behind it knowingly. */
+static conn *mux_pick(pool *p, int quick)
 {
     if (p->tq_len)
         return NULL;
     const driver *drv = p->drv;
-    conn *idle = drv->share_idle_first ? mux_take_idle(p) : NULL;
-    if (idle)
-        return idle;
+    int strict = drv->share_idle_first;
+    if (strict && !quick) {
+        conn *idle = mux_take_idle(p);
+        if (idle)
+            return idle;
+    }
     conn *best = NULL;
     for (uint32_t k = 0; k < p->nbacks; k++) {
         conn *b = &p->backs[k];
-        if (b->mux && mux_may_grow(b) && (!best || b->mq_len < best->mq_len))
+        if (b->mux && mux_may_grow(b) && !(strict && quick && b->mq_slow) && (!best || b->mq_len < best->mq_len))
             best = b;
     }
     if (best && best->mq_len < drv->share_depth)
         return best;
-    if (drv->share_idle_first)
+    if (strict && !quick)
         return NULL;
-    idle = mux_take_idle(p);
-    return idle ? idle : best;
+    conn *idle = mux_take_idle(p);
+    if (idle)
+        return idle;
+    return strict ? NULL : best;
 }
 
 /* Nothing in flight on b any more: it leaves mux use and is offered. */
@@ -424,9 +435,10 @@ static int mux_submit(conn *h, uint64_t word, uint32_t seq, conn *onto)
         conn_fail_submit(h, PB_ENOMEM, seq);
         return 1;
     }
-    if (!p->drv->shareable(h->sbuf.p, h->sbuf.len))
+    int sh = p->drv->shareable(h->sbuf.p, h->sbuf.len);
+    if (!sh)
         return 0;
-    conn *b = h->mux_ents ? h->mux_back : onto ? onto : mux_pick(p);
+    conn *b = h->mux_ents ? h->mux_back : onto ? onto : mux_pick(p, sh == 2);
     if (!b || (onto && b != onto))
         return 0;
     if (!b->mux) {
@@ -461,8 +473,9 @@ static int mux_submit(conn *h, uint64_t word, uint32_t seq, conn *onto)
     }
     if (!b->mq_len)
         b->cmd_start_ms = B.now_ms;
-    b->mq[(b->mq_head + b->mq_len) % b->mq_cap] = (mux_ent){ h, word, nrep, B.now_ms };
+    b->mq[(b->mq_head + b->mq_len) % b->mq_cap] = (mux_ent){ h, word, nrep, B.now_ms, (uint8_t)(sh == 2) };
     b->mq_len++;
+    b->mq_slow += sh != 2;
     conn_expect_add(b, nrep);
     if (h->mux_word != word) {
         h->mux_word = word;
@@ -569,6 +582,7 @@ static void mux_route(conn *b)
         if (live)
             broker_wake(&s->rep_futex, &s->rep_sleeping);
         if (rc == DRV_OK && --e->nrep == 0) {
+            b->mq_slow -= !e->quick;
             b->mq_head = (b->mq_head + 1) % b->mq_cap;
             b->mq_len--;
             if (b->mq_len)
@@ -607,6 +621,7 @@ void txn_mux_fail(conn *b, int err)
         mux_ent e = b->mq[b->mq_head];
         b->mq_head = (b->mq_head + 1) % b->mq_cap;
         b->mq_len--;
+        b->mq_slow -= !e.quick;
         conn *h = e.h;
         if (atomic_load(&h->slot->word) == e.word) {
             /* A request the holder is still waiting to hand over (deferred)
