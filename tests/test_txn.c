@@ -873,7 +873,8 @@ static void shared_reader(int i, int check_setting)
 }
 
 /* The others: which == 0 sets application_name (reported: it pins, and is
- * reset at release); 1 runs a transaction that takes a transaction id. */
+ * reset at release); 1 runs a transaction that takes a transaction id; 2 a
+ * statement shared but not quick (5 ms: quick ones do not queue behind it). */
 static void shared_other(int which)
 {
     pb_client *k = NULL;
@@ -886,8 +887,9 @@ static void shared_other(int which)
         static const char *const set[] = { "SELECT set_config('application_name', 'leak', false)", "SELECT 1" };
         static const char *const txn[] = { "BEGIN", "SELECT pg_current_xact_id()", "SELECT pg_sleep(0.002)",
                                            "COMMIT" };
-        const char *const *q = which == 0 ? set : txn;
-        int n = which == 0 ? 2 : 4;
+        static const char *const slow[] = { "SELECT pg_sleep(0.005), 'slow'", "SELECT pg_sleep(0.005), 'slow'" };
+        const char *const *q = which == 0 ? set : which == 1 ? txn : slow;
+        int n = which == 0 ? 2 : which == 1 ? 4 : 2;
         for (int t = 0; t < n; t++) {
             pb_result *r = NULL;
             if (pb_pg_exec(m, q[t], &r) != PB_OK || pb_result_status(r) == PB_RES_ERROR)
@@ -924,7 +926,8 @@ static void wait_ok(pid_t *kids, int n)
 }
 
 /* 8 readers, each with its own statement, on a pool of one backend, beside
- * a process that sets a reported setting and one that runs transactions.
+ * a process that sets a reported setting, one that runs transactions and
+ * one whose statement is shared but slow.
  * The readers' statements are shared (several in flight on the backend at
  * once: shmstat says "shared"), the other two processes' never are: no
  * reader gets another's row, runs inside the transaction or sees the
@@ -932,9 +935,9 @@ static void wait_ok(pid_t *kids, int n)
 static void test_pg_shared_statements(void **state)
 {
     (void)state;
-    pid_t kids[SH_READERS + 2];
+    pid_t kids[SH_READERS + 3];
     fflush(NULL);
-    for (int i = 0; i < SH_READERS + 2; i++) {
+    for (int i = 0; i < SH_READERS + 3; i++) {
         kids[i] = fork();
         assert_true(kids[i] >= 0);
         if (kids[i] == 0) {
@@ -949,7 +952,7 @@ static void test_pg_shared_statements(void **state)
         pbt_sleep_ms(25);
         shared = txsh_shared();
     }
-    wait_ok(kids, SH_READERS + 2);
+    wait_ok(kids, SH_READERS + 3);
     assert_true(shared);
 }
 
