@@ -429,13 +429,19 @@ static int mux_submit(conn *h, uint64_t word, uint32_t seq, conn *onto)
     uint32_t len = atomic_load(&h->slot->req_len);   /* read once */
     if (len == 0 || len > h->req_size)
         return 0;                   /* conn_submit rejects it */
-    /* Copy first, then judge the copy: the client cannot change it after. */
-    h->sbuf.len = 0;
-    if (drv_buf_append(&h->sbuf, h->req, len) != PB_OK) {
+    /* Copy first, then judge the copy: the client cannot change it after.
+     * One buffer for every handle (the loop is single-threaded, and the
+     * request is appended to the backend's mux_out before this returns):
+     * a copy per handle would keep 4 KiB or more per handle that ever
+     * shared. */
+    static drv_buf rq;
+    drv_buf *req = &rq;
+    req->len = 0;
+    if (drv_buf_append(req, h->req, len) != PB_OK) {
         conn_fail_submit(h, PB_ENOMEM, seq);
         return 1;
     }
-    int sh = p->drv->shareable(h->sbuf.p, h->sbuf.len);
+    int sh = p->drv->shareable(req->p, req->len);
     if (!sh)
         return 0;
     conn *b = h->mux_ents ? h->mux_back : onto ? onto : mux_pick(p, sh == 2);
@@ -451,13 +457,13 @@ static int mux_submit(conn *h, uint64_t word, uint32_t seq, conn *onto)
     int framed = 0;
     int rc = mq_reserve(b);
     if (rc == PB_OK) {
-        rc = p->drv->frame_request(b, &h->sbuf, &nrep, &why);
+        rc = p->drv->frame_request(b, req, &nrep, &why);
         framed = rc == PB_OK;
     }
     if (rc == PB_OK && nrep == 0)
         rc = PB_EPROTO;             /* a shareable request is answered */
     if (rc == PB_OK)
-        rc = drv_buf_append(&b->mux_out, h->sbuf.p, h->sbuf.len);
+        rc = drv_buf_append(&b->mux_out, req->p, req->len);
     if (rc != PB_OK) {
         conn_fail_submit(h, rc == PB_ENOMEM ? PB_ENOMEM : PB_EPROTO, seq);
         if (framed) {
