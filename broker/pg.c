@@ -299,7 +299,7 @@ static int pg_frame_request(conn *c, drv_buf *rq, uint32_t *nreplies, const char
         *why = "out of memory";
         return PB_ENOMEM;
     }
-    pgshare_framed(&s->share, rq->p, rq->len, n, B.now_ms);
+    pgshare_framed(&s->share, rq->p, rq->len, n, c->txn, B.now_ms);
     *nreplies = n;
     /* Extended-query messages after the last Sync: the next piece of the
      * pipeline must reach the same backend (COPY data is covered by the
@@ -434,6 +434,10 @@ static int pg_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_
                 break;
             case '1':
                 pgstmt_parse_complete(&s->stmts);
+                break;
+            case 'G':               /* CopyInResponse */
+            case 'W':               /* CopyBothResponse */
+                pgshare_copy(&s->share);
                 break;
             }
             s->in_error = s->hdr[0] == 'E';

@@ -135,10 +135,17 @@ int pgshare_ok(const uint8_t *req, uint32_t len)
     return e && e->state == PROVEN ? 1 + e->quick : 0;
 }
 
-void pgshare_framed(pgshare_conn *s, const uint8_t *req, uint32_t len, uint32_t nready, uint64_t now_ms)
+void pgshare_copy(pgshare_conn *s)
+{
+    s->no_proof = 1;
+}
+
+void pgshare_framed(pgshare_conn *s, const uint8_t *req, uint32_t len, uint32_t nready, char txn,
+                    uint64_t now_ms)
 {
     if (nready == 0)
         return;
+    uint8_t alone = s->len == 0 && txn == 'I' && !s->no_proof, in_txn = txn != 'I';
     pgshare_ent *e = NULL;
     uint32_t n;
     const char *t = nready == 1 ? query_text(req, len, &n) : NULL;
@@ -150,6 +157,8 @@ void pgshare_framed(pgshare_conn *s, const uint8_t *req, uint32_t len, uint32_t 
             s->run[last].n += nready;   /* runs of unlearnt requests merge */
             return;
         }
+        /* Behind another request: status 'I' at framing says nothing of
+         * the status this one will run in. */
         if (s->len == PGSHARE_RUNS) {
             /* Full (a client pipelining many requests): this one is not
              * judged, and neither is the last one, which it joins. */
@@ -162,6 +171,8 @@ void pgshare_framed(pgshare_conn *s, const uint8_t *req, uint32_t len, uint32_t 
     s->run[k].ent = e;
     s->run[k].n = nready;
     s->run[k].sent_ms = now_ms;
+    s->run[k].alone = alone;
+    s->run[k].in_txn = in_txn;
     s->len++;
 }
 
@@ -189,14 +200,15 @@ void pgshare_ready(pgshare_conn *s, char st, uint32_t errors, uint64_t now_ms)
     if (s->len == 0)
         return;                     /* not ours to judge (cannot happen: pg.c counts) */
     pgshare_ent *e = s->run[s->head].ent;
+    int alone = s->run[s->head].alone, in_txn = s->run[s->head].in_txn;
     if (s->run[s->head].sent_ms > began)
         began = s->run[s->head].sent_ms;   /* it reached an idle server */
     if (--s->run[s->head].n == 0) {
         s->head = (s->head + 1) % PGSHARE_RUNS;
         s->len--;
     }
-    if (!e || e->state == BANNED)
-        return;
+    if (!e || e->state == BANNED || in_txn)
+        return;                     /* inside a transaction, any text may leave it open */
     if (other || st != 'I' || tags > 1) {
         if (e->state == PROVEN)
             log_warn("a shared statement (query text of %u bytes, hash %016llx) left session state or a "
@@ -213,6 +225,6 @@ void pgshare_ready(pgshare_conn *s, char st, uint32_t errors, uint64_t now_ms)
         return;
     }
     e->quick = now_ms - began <= PGSHARE_QUICK_MS;
-    if (e->state == LEARNING && ++e->clean >= PGSHARE_PROVEN)
+    if (e->state == LEARNING && alone && ++e->clean >= PGSHARE_PROVEN)
         e->state = PROVEN;
 }

@@ -24,8 +24,9 @@
  *     loose because on a busy machine a 1 ms statement takes 10 ms now
  *     and then, waiting for a CPU).
  *
- * A text is shared once PGSHARE_PROVEN executions in a row passed (an
- * execution that failed with an error proves nothing either way).  One
+ * A text is shared once PGSHARE_PROVEN executions in a row passed, each
+ * alone on its connection outside a transaction (an execution that failed
+ * with an error proves nothing; one inside a transaction is not judged).  One
  * that leaves state or a transaction behind, or has another tag, is never
  * shared again; a slow one starts counting again.  What the server does
  * not report is not seen here, as nowhere else (docs/pooling.md): a
@@ -58,12 +59,18 @@ typedef struct pgshare_conn {
         struct pgshare_ent *ent;
         uint32_t n;          /* ReadyForQuery owed for this run */
         uint64_t sent_ms;    /* when it was framed */
+        uint8_t alone;       /* nothing else was in flight then, outside a transaction:
+                                only such a run may count towards PROVEN */
+        uint8_t in_txn;      /* framed inside a transaction: not judged at all */
     } run[PGSHARE_RUNS];
     uint32_t head, len;
     uint64_t last_ready_ms;  /* the last ReadyForQuery: when the next request reached the server */
     uint32_t tags;           /* CommandComplete messages since the last ReadyForQuery */
     uint8_t other;           /* one of them was not SELECT/INSERT/UPDATE/DELETE/MERGE, or
                                 a ParameterStatus or tracked session state came */
+    uint8_t no_proof;        /* a COPY in or both began here: the count of ReadyForQuery
+                                may be off from now on (the server skips a Sync or a
+                                Query in COPY), so nothing on this connection proves */
 } pgshare_conn;
 
 /* 1 if req[0..len) is one whole simple Query, or one unnamed
@@ -73,8 +80,20 @@ typedef struct pgshare_conn {
 int pgshare_ok(const uint8_t *req, uint32_t len);
 
 /* A client request with nready ReadyForQuery to come was framed at now_ms
- * (pg_frame_request): remember it in order. */
-void pgshare_framed(pgshare_conn *s, const uint8_t *req, uint32_t len, uint32_t nready, uint64_t now_ms);
+ * (pg_frame_request), on a connection whose last status was txn ('I',
+ * 'T', 'E'): remember it in order.
+ *
+ * What keeps a wrong ReadyForQuery from proving a text: only a run framed
+ * alone (nothing else in flight, status 'I') counts towards PROVEN, so a
+ * count that slipped (a Sync the server skipped after an error, a Query
+ * swallowed by COPY) leaves a run in the queue for good and the
+ * connection proves nothing more; a COPY in proves nothing either.  A
+ * wrong ReadyForQuery can still ban a text, which only costs sharing. */
+void pgshare_framed(pgshare_conn *s, const uint8_t *req, uint32_t len, uint32_t nready, char txn,
+                    uint64_t now_ms);
+
+/* A CopyInResponse or CopyBothResponse arrived (pgshare_conn.no_proof). */
+void pgshare_copy(pgshare_conn *s);
 
 /* A CommandComplete tag of a client request (NUL-terminated, maybe cut). */
 void pgshare_tag(pgshare_conn *s, const char *tag);

@@ -245,9 +245,13 @@ int txn_offer_backend(conn *b)
                 return 1;           /* lost with it (conn_fail): not to be offered */
             continue;
         }
-        if (b->mux) {
+        if (b->mq_len) {
             tq_unpop(p, h);         /* not shareable: it waits for a backend of its own */
             break;
+        }
+        if (b->mux) {
+            b->mux = 0;             /* taken for a request that failed before it was queued */
+            b->to_sink = 0;
         }
         bind(b, h);
         conn_submit(b, w, seq);
@@ -296,6 +300,39 @@ static int mux_may_grow(const conn *b)
            !b->cancel_sent;
 }
 
+/* How long (ms, on the loop's clock) the oldest request on a backend may
+ * have been out for a quick PostgreSQL statement to join it. */
+#define MUX_YOUNG_MS 2
+
+/* Does worker `owner` hold, in any PostgreSQL pool, a connection with a
+ * transaction open?  Then a statement of its must not go behind another
+ * lease's on a shared backend: that one may wait for a lock the worker's
+ * own transaction holds, and the worker, waiting for its statement, never
+ * ends the transaction, a deadlock the server cannot see.  Bound, the
+ * statement takes a backend of its own, as without sharing.  Looks at
+ * every backend connection (few: that is what pools are for). */
+static int owner_in_txn(uint32_t owner)
+{
+    for (uint32_t i = 0; i < B.npools; i++) {
+        const pool *q = &B.pools[i];
+        if (q->drv != &pg_driver)
+            continue;
+        uint32_t n = POOL_NBACKENDS(q);
+        for (uint32_t k = 0; k < n; k++) {
+            const conn *c = q->backs ? &q->backs[k] : &q->conns[k];
+            if (c->txn == 'I' || c->phase == PH_EMPTY)
+                continue;
+            const pb_shm_slot *s = q->backs ? (c->bound ? c->bound->slot : NULL) : c->slot;
+            if (!s)
+                continue;
+            uint64_t w = atomic_load(&s->word);
+            if (PB_WORD_STATE(w) == PB_SLOT_LEASED && PB_WORD_OWNER(w) == owner)
+                return 1;
+        }
+    }
+    return 0;
+}
+
 /* An idle backend taken into mux use, or NULL. */
 static conn *mux_take_idle(pool *p)
 {
@@ -334,7 +371,12 @@ static conn *mux_pick(pool *p, int quick)
     conn *best = NULL;
     for (uint32_t k = 0; k < p->nbacks; k++) {
         conn *b = &p->backs[k];
-        if (b->mux && mux_may_grow(b) && !(strict && quick && b->mq_slow) && (!best || b->mq_len < best->mq_len))
+        /* strict, quick: behind quick statements only, and only while the
+         * oldest has been out no longer than a quick one takes: one that
+         * waits on a lock would hold up everything sent behind it. */
+        if (b->mux && mux_may_grow(b) &&
+            !(strict && quick && (b->mq_slow || B.now_ms - b->cmd_start_ms > MUX_YOUNG_MS)) &&
+            (!best || b->mq_len < best->mq_len))
             best = b;
     }
     if (best && best->mq_len < drv->share_depth)
@@ -443,6 +485,13 @@ static int mux_submit(conn *h, uint64_t word, uint32_t seq, conn *onto)
     }
     int sh = p->drv->shareable(req->p, req->len);
     if (!sh)
+        return 0;
+    /* Its requests in flight went to a backend that may take no more (a
+     * reply there left state behind, or it is to close): this one waits
+     * for them (mux_deferred), then goes its own way. */
+    if (h->mux_ents && !mux_may_grow(h->mux_back))
+        return 0;
+    if (p->drv->share_idle_first && owner_in_txn(PB_WORD_OWNER(word)))
         return 0;
     conn *b = h->mux_ents ? h->mux_back : onto ? onto : mux_pick(p, sh == 2);
     if (!b || (onto && b != onto))
@@ -646,6 +695,8 @@ void txn_mux_fail(conn *b, int err)
     b->mux_out.len = 0;
     b->mux_pos = b->mux_len = 0;
     b->mux_paused = 0;
+    b->mux_tainted = 0;
+    b->mq_slow = 0;
 }
 
 /* ------------------------------------------------------ handle operations */

@@ -31,7 +31,9 @@
  *     while one process sets application_name and one runs transactions;
  *     a text that changes what it does after it was shared (a function
  *     redefined to set a reported setting) is never shared again, and its
- *     backend is reset before anyone else gets it;
+ *     backend is reset before anyone else gets it; a worker with a
+ *     transaction open never has a statement sent behind another lease's
+ *     statement that waits for that transaction's lock;
  *   - shmstat (text and --json) shows the backends behind the handles: one
  *     bound to a lease in a transaction (its worker's pid, its backend pid),
  *     the handles in use and a statement queued for it; then idle.
@@ -71,6 +73,15 @@ static th_env env;
     PGPOOL("tx2", "2") \
     PGPOOL("txs", "1") \
     PGPOOL("txsh", "1") \
+    "[pool txlk]\n" \
+    "type = postgres\n" \
+    "pool_mode = transaction\n" \
+    "conninfo = host=127.0.0.1 port=@PGPORT@ user=postgres dbname=postgres sslmode=disable application_name=txlk\n" \
+    "min_size = 3\n" \
+    "max_size = 3\n" \
+    "acquire_timeout_ms = 20000\n" \
+    "command_timeout_ms = 3000\n" \
+    "\n" \
     "[pool txq]\n" \
     "type = postgres\n" \
     "pool_mode = transaction\n" \
@@ -987,12 +998,21 @@ static void test_pg_shared_text_that_changes(void **state)
     l = pbt_lease(c, "txsh", 5000);
     exec_ok(l, "CREATE OR REPLACE FUNCTION tx_shf() RETURNS int LANGUAGE plpgsql AS "
                "'BEGIN PERFORM set_config(''application_name'', ''leak2'', false); RETURN 2; END'");
-    assert_int_equal(pb_release(l), PB_OK);
-    /* Shared: u is bound to nothing, so its release resets nothing; only
-     * the broker's reset of the backend (mux_settle) undoes the setting. */
+    assert_int_equal(pb_release(l), PB_OK);     /* reset (the CREATE tag) */
+    pbt_sleep_ms(300);
+    static char json[1 << 20];
+    assert_int_equal(pbt_shmstat_json(&env, json, sizeof json), 0);
+    long long resets0 = pbt_json_pool_num(json, "txsh", "resets");
+    /* Shared: u is bound to nothing, so nothing of u's resets the backend;
+     * only the broker's reset of the tainted backend (mux_settle) does,
+     * while u still holds its lease.  (Bound, u would be pinned by the
+     * setting and reset at its release.) */
     assert_int_equal(pbt_pg_int(u, "SELECT tx_shf()"), 2);
-    assert_int_equal(pb_release(u), PB_OK);
     wait_ok(kids, 4);
+    pbt_sleep_ms(300);
+    assert_int_equal(pbt_shmstat_json(&env, json, sizeof json), 0);
+    assert_true(pbt_json_pool_num(json, "txsh", "resets") > resets0);
+    assert_int_equal(pb_release(u), PB_OK);
     /* Every later lease of the one backend: the pool's name. */
     for (int i = 0; i < 5; i++) {
         l = pbt_lease(c, "txsh", 5000);
@@ -1002,6 +1022,56 @@ static void test_pg_shared_text_that_changes(void **state)
         pb_result_free(r);
         assert_int_equal(pb_release(l), PB_OK);
     }
+    pbt_cli_done(c);
+}
+
+/* A worker with a transaction open must not have its next statement sent
+ * behind another lease's shared statement that waits for that
+ * transaction's lock: it would wait for ever, and so would the
+ * transaction (a deadlock the server cannot see).  Pool of 3 with
+ * command_timeout_ms 3000: A (this process) updates a row in a
+ * transaction; C (another process) runs a proven UPDATE of the same row,
+ * shared, which waits; then B (this process) runs a proven SELECT.  B must
+ * answer at once, from a backend of its own, not time out behind C. */
+static void test_pg_shared_not_behind_own_lock(void **state)
+{
+    (void)state;
+    pb_client *c = pbt_cli(&env);
+    pb_lease *a = pbt_lease(c, "txlk", 5000);
+    exec_ok(a, "DROP TABLE IF EXISTS tx_lk");
+    exec_ok(a, "CREATE TABLE tx_lk(id int PRIMARY KEY, n int)");
+    exec_ok(a, "INSERT INTO tx_lk VALUES (1, 0)");
+    assert_int_equal(pb_release(a), PB_OK);
+    pb_lease *b = pbt_lease(c, "txlk", 5000);
+    for (int i = 0; i < 3; i++) {       /* proven, both */
+        exec_ok(b, "UPDATE tx_lk SET n = n + 1 WHERE id = 1");
+        assert_int_equal(pbt_pg_int(b, "SELECT 41 + 1"), 42);
+    }
+    a = pbt_lease(c, "txlk", 5000);
+    exec_ok(a, "BEGIN");
+    exec_ok(a, "UPDATE tx_lk SET n = n + 100 WHERE id = 1");
+    fflush(NULL);
+    pid_t k = fork();
+    assert_true(k >= 0);
+    if (k == 0) {
+        pb_client *kc = NULL;
+        pb_lease *kl = NULL;
+        pb_result *r = NULL;
+        if (pb_connect(env.sock_path, &kc) != PB_OK || pb_acquire(kc, "txlk", 5000, &kl) != PB_OK)
+            _exit(2);
+        _exit(pb_pg_exec(kl, "UPDATE tx_lk SET n = n + 1 WHERE id = 1", &r) == PB_OK &&
+                      pb_result_status(r) == PB_RES_COMMAND_OK ? 0 : 3);
+    }
+    pbt_track_child(k);
+    pbt_sleep_ms(300);                  /* C waits for A's row lock */
+    double t0 = pbt_now_ms();
+    assert_int_equal(pbt_pg_int(b, "SELECT 41 + 1"), 42);
+    assert_true(pbt_now_ms() - t0 < 2500);
+    exec_ok(a, "COMMIT");
+    wait_ok(&k, 1);
+    assert_int_equal(pbt_pg_int(b, "SELECT n FROM tx_lk WHERE id = 1"), 3 + 100 + 1);
+    assert_int_equal(pb_release(a), PB_OK);
+    assert_int_equal(pb_release(b), PB_OK);
     pbt_cli_done(c);
 }
 
@@ -1022,6 +1092,7 @@ int main(void)
         cmocka_unit_test_teardown(test_shmstat_shows_backends, pbt_cleanup),
         cmocka_unit_test_teardown(test_pg_shared_statements, pbt_cleanup),
         cmocka_unit_test_teardown(test_pg_shared_text_that_changes, pbt_cleanup),
+        cmocka_unit_test_teardown(test_pg_shared_not_behind_own_lock, pbt_cleanup),
     };
     pbt_apply_test_filter();
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
