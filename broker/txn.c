@@ -225,8 +225,9 @@ static int mux_submit(conn *h, uint64_t word, uint32_t seq, conn *onto);
  * statement to send.  A shareable one (driver.shareable) does not bind it:
  * the backend goes into mux use and takes, in queue order, that one and
  * the shareable ones behind it, up to the driver's share_depth (PostgreSQL:
- * none after one that is not quick), all in one write; the queue then empties as fast as it formed, and new statements,
- * which never overtake it, may share again.  Returns 1 if it took one. */
+ * none after one that is not quick), all in one write; the queue then
+ * empties as fast as it formed, and new statements, which never overtake
+ * it, may share again.  Returns 1 if it took one. */
 int txn_offer_backend(conn *b)
 {
     pool *p = b->pool;
