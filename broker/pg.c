@@ -50,6 +50,7 @@ typedef struct pgconn {
     uint64_t body_left;      /* bytes left of the current message's body */
     uint32_t errors;         /* ErrorResponses since the last ReadyForQuery */
     int in_tag;              /* the body being read is a CommandComplete's */
+    int rows_seen;           /* a RowDescription or DataRow since the last CommandComplete */
     uint32_t tag_have;       /* bytes of it in tag */
     char tag[PG_TAG_MAX];    /* its first bytes (a longer tag is cut) */
     uint32_t quiet;          /* ReadyForQuery still to come for the broker's own reset or
@@ -339,6 +340,12 @@ static void on_tag(conn *c, const char *tag)
         ss_clear(c, SS_TEMP);
     else if (strncmp(tag, "CREATE ", 7) == 0)
         ss_set(c, SS_TEMP);         /* TEMP or pg_temp: the tag does not say */
+    else if (strncmp(tag, "SELECT ", 7) == 0 && !s->rows_seen)
+        /* CREATE TABLE ... AS and SELECT ... INTO report "SELECT n" but
+         * return no rows: no RowDescription (a simple Query's SELECT always
+         * sends one, and the library's extended queries Describe their
+         * portal, which answers NoData here) and no DataRow.  Maybe TEMP. */
+        ss_set(c, SS_TEMP);
     else if (strcmp(tag, "LOAD") == 0)
         ss_set(c, SS_RETIRE);
 }
@@ -407,6 +414,7 @@ static int pg_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_
                 s->tag[s->tag_have] = 0;  /* the body's own NUL ends it sooner */
                 s->in_tag = 0;
                 on_tag(c, s->tag);
+                s->rows_seen = 0;
             }
             continue;
         }
@@ -428,6 +436,10 @@ static int pg_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_
             case 'C':
                 s->in_tag = mlen > 4;
                 s->tag_have = 0;
+                break;
+            case 'T':               /* RowDescription */
+            case 'D':               /* DataRow */
+                s->rows_seen = 1;
                 break;
             case 'S':
                 ss_set(c, SS_GUC);  /* a reported setting changed (libpq read the startup ones) */
@@ -452,6 +464,7 @@ static int pg_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_
         if (st != 'I' && st != 'T' && st != 'E')
             return DRV_ERROR;
         pgstmt_ready(&s->stmts, s->errors);
+        s->rows_seen = 0;
         if (s->quiet)
             s->quiet--;
         else

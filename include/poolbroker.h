@@ -131,15 +131,15 @@ PB_API int pb_lease_backend_pid(const pb_lease *l);
 PB_API const char *pb_lease_error(const pb_lease *l);
 
 /* Say that this lease leaves session state the server does not report, so
- * the broker cannot see it: a session advisory lock (pg_advisory_lock), a
- * temporary table made by CREATE TEMP TABLE ... AS or SELECT ... INTO TEMP
- * (their tag is SELECT n), set_config() of a setting the server does not
- * report, sequence state (currval), state left by a function.  From this
+ * the broker cannot see it: a session advisory lock (pg_advisory_lock),
+ * set_config() of a setting the server does not report, sequence state
+ * (currval), state left by a function.  From this
  * call on the lease is pinned to its connection, and its release goes
  * through the broker, which resets the whole session: DISCARD ALL on
  * PostgreSQL (whatever the pool's reset policy),
  * RESET and the set-up on Redis.  What the server does report (SET,
- * PREPARE, LISTEN, DECLARE CURSOR, CREATE TEMP TABLE...) needs no pin:
+ * PREPARE, LISTEN, DECLARE CURSOR, CREATE TEMP TABLE, CREATE TEMP TABLE
+ * ... AS, whose "SELECT n" comes without rows) needs no pin:
  * docs/pooling.md has the list.  Idempotent.  PB_OK; PB_EINVAL (NULL),
  * PB_ESTALE (released or taken back), PB_EBROKER. */
 PB_API int pb_pin(pb_lease *l);

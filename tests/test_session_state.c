@@ -5,8 +5,9 @@
  * backend pid is checked), which must not see it.  PostgreSQL: SET / RESET /
  * set_config() (ParameterStatus) / SET ROLE / SET SESSION AUTHORIZATION,
  * SQL PREPARE, LISTEN (also through a prepared statement), temporary
- * objects, WITH HOLD cursors, LOAD, and what only pb_pin covers (a session
- * advisory lock, CREATE TEMP TABLE AS).  PB_SF_RESET as the holder sees it
+ * objects (CREATE TEMP TABLE ... AS and SELECT ... INTO TEMP too, which
+ * report "SELECT n"), WITH HOLD cursors, LOAD, and what only pb_pin covers
+ * (a session advisory lock).  PB_SF_RESET as the holder sees it
  * right after the reply that reported the state.  Library prepared statements after a
  * DEALLOCATE ALL inside a transaction, and past the broker's per-connection
  * record.  Redis: MULTI as an open transaction, pb_pin.
@@ -349,6 +350,33 @@ static void test_temp_objects(void **state)
                        "SELECT to_regclass('pg_temp.tv') IS NOT NULL", "t");
         leaves_nothing(p, SETUP("CREATE FUNCTION pg_temp.tf() RETURNS int LANGUAGE sql AS 'SELECT 7'"),
                        "SELECT count(*) FROM pg_proc WHERE proname = 'tf'", "1");
+        /* These report "SELECT n", as a query does, but return no rows
+         * (no RowDescription, no DataRow): that is what gives them away. */
+        leaves_nothing(p, SETUP("CREATE TEMP TABLE ctas AS SELECT g FROM generate_series(1, 3) g"),
+                       "SELECT to_regclass('pg_temp.ctas') IS NOT NULL", "t");
+        leaves_nothing(p, SETUP("SELECT 1 AS one INTO TEMP sinto"), "SELECT to_regclass('pg_temp.sinto') IS NOT NULL",
+                       "t");
+        leaves_nothing(p, SETUP("CREATE TEMP TABLE ctas0 AS SELECT 1 AS one WHERE false"),
+                       "SELECT to_regclass('pg_temp.ctas0') IS NOT NULL", "t");
+        /* the extended protocol (pb_pg_exec_params: Describe answers NoData) */
+        pb_client *c = pbt_cli(&env);
+        int pid;
+        char v[64];
+        pb_lease *l = first_lease(c, p, &pid);
+        const char *vals[1] = { "5" };
+        pb_result *r = NULL;
+        assert_int_equal(pb_pg_exec_params(l, "CREATE TEMP TABLE ctasp AS SELECT $1::int AS five", 1, NULL, vals,
+                                           NULL, NULL, 0, &r),
+                         PB_OK);
+        if (pb_result_status(r) == PB_RES_ERROR)
+            fail_msg("CREATE TEMP TABLE ... AS with a parameter: %s", pb_error_message(r));
+        pb_result_free(r);
+        assert_string_equal(value(l, "SELECT five FROM pg_temp.ctasp", v, sizeof v), "5");
+        assert_int_equal(pb_release(l), PB_OK);
+        l = next_lease(c, p, pid);
+        assert_string_equal(value(l, "SELECT to_regclass('pg_temp.ctasp') IS NOT NULL", v, sizeof v), "f");
+        assert_int_equal(pb_release(l), PB_OK);
+        pbt_cli_done(c);
     }
 }
 
@@ -416,7 +444,8 @@ static void test_pin(void **state)
         assert_int_equal(pb_release(l), PB_OK);
         l = next_lease(c, p, pid);
         assert_int_equal(advisory_holders(4242), 0);
-        /* CREATE TEMP TABLE ... AS reports SELECT n, not CREATE TABLE */
+        /* pinned or not, a temporary table made by CREATE TABLE ... AS
+         * (detected since: test_temp_objects) goes with the release */
         assert_int_equal(pb_pin(l), PB_OK);
         run(l, "CREATE TEMP TABLE ctas AS SELECT 1 AS one");
         assert_string_equal(value(l, "SELECT to_regclass('pg_temp.ctas') IS NOT NULL", v, sizeof v), "t");
@@ -442,6 +471,12 @@ static void test_clean_lease_costs_nothing(void **state)
         for (int k = 0; k < 5; k++) {
             pb_lease *l = pbt_lease(c, p, 10000);
             run(l, "SELECT 1");
+            run(l, "SELECT 1 WHERE false");         /* "SELECT 0", with a RowDescription */
+            pb_result *z = NULL;
+            const char *one[1] = { "1" };
+            assert_int_equal(pb_pg_exec_params(l, "SELECT $1::int WHERE false", 1, NULL, one, NULL, NULL, 0, &z), PB_OK);
+            assert_int_equal(pb_ntuples(z), 0);
+            pb_result_free(z);
             run(l, "BEGIN");
             run(l, "INSERT INTO items VALUES (0)");
             run(l, "ROLLBACK");
