@@ -516,7 +516,7 @@ int cancel_request(void *pgconn, int backend_pid, _Atomic int *inflight, int wak
 void conn_settle(conn *c);
 unsigned cancel_delivered(void);
 void cancel_shutdown(void);
-void conn_command_timeout(conn *c);
+void conn_command_timeout(conn *c, const char *why);
 
 /* txn.c: transaction pooling */
 int txn_setup(pool *p);

@@ -522,13 +522,15 @@ void conn_io_failed(conn *c, const char *why)
         failover_conn_lost(c->pool, server, why);
 }
 
-/* The command in flight has run past command_timeout_ms.  A driver that can
- * cancel (PostgreSQL) sends a cancel request first (the holder then sees
- * SQLSTATE 57014) and the connection is closed only if that does not end the
- * command within the grace period; a Redis command cannot be cancelled, so
- * its connection is closed and replaced at once. */
+/* The command in flight has run past command_timeout_ms (why NULL), or
+ * nobody will read its reply (why says so: the lease was released or taken
+ * back with it running).  A driver that can cancel (PostgreSQL) sends a
+ * cancel request first (the holder then sees SQLSTATE 57014) and the
+ * connection is closed only if that does not end the command within the
+ * grace period; a Redis command cannot be cancelled, so its connection is
+ * closed and replaced at once. */
 #define CANCEL_GRACE_MS 2000
-void conn_command_timeout(conn *c)
+void conn_command_timeout(conn *c, const char *why)
 {
     if (c->broken || !PH_UP(c->phase) || !c->expect)
         return;
@@ -538,8 +540,12 @@ void conn_command_timeout(conn *c)
     if (c->pool->drv->cancel && !c->cancel_sent && !c->mux) {
         c->cancel_sent = 1;
         c->cancel_deadline_ms = B.now_ms + CANCEL_GRACE_MS;
-        slog(LOG_LVL_WARN, c, "command running for %llu ms (command_timeout_ms %u): cancelling",
-             (unsigned long long)(B.now_ms - c->cmd_start_ms), c->pool->cf->command_timeout_ms);
+        if (why)
+            slog(LOG_LVL_INFO, c, "cancelling the command in flight (running for %llu ms): %s",
+                 (unsigned long long)(B.now_ms - c->cmd_start_ms), why);
+        else
+            slog(LOG_LVL_WARN, c, "command running for %llu ms (command_timeout_ms %u): cancelling",
+                 (unsigned long long)(B.now_ms - c->cmd_start_ms), c->pool->cf->command_timeout_ms);
         if (c->pool->drv->cancel(c, &c->cancel_inflight, B.doorbell_fd) == PB_OK)
             return;
     } else if (c->cancel_sent && B.now_ms < c->cancel_deadline_ms) {

@@ -122,7 +122,7 @@ static void check_conn(broker *b, pool *p, conn *c, uint32_t *live_free)
     if (c->expect && c->phase != PH_READY && (!limit || limit > 10000))
         limit = 10000;              /* nobody is waiting: do not wait forever either */
     if (c->expect && limit && now - c->cmd_start_ms > limit)
-        conn_command_timeout(c);
+        conn_command_timeout(c, NULL);
     if (!PH_UP(c->phase))
         return;
     conn_settle(c);

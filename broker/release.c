@@ -166,7 +166,7 @@ static void release_take(conn *c, uint64_t word, int reclaim)
         if (conn_set_phase(c, PH_DRAINING) != PB_OK)
             return;
         conn_arm_recv(c);
-        conn_command_timeout(c);
+        conn_command_timeout(c, reclaim ? "its lease was taken back" : "its lease was released");
         return;
     }
     conn_release_clean(c);

@@ -148,6 +148,11 @@ static void test_reclaim_during_query(void **state)
     assert_string_equal(pb_fname(r, 0), "c");
     assert_string_equal(pb_getvalue(r, 0, 0), "clean");
     pb_result_free(r);
+    /* The log says why the command was cancelled: the reclaim, not a
+     * command timeout (command_timeout_ms is not set here). */
+    assert_int_equal(th_wait_log(&env, "cancelling the command in flight (running for", 1, 5000), 0);
+    assert_true(th_count_lines(env.broker_log, "its lease was taken back") >= 1);
+    assert_int_equal(th_count_lines(env.broker_log, "command_timeout_ms 0"), 0);
     assert_not_in_txn(l);
     assert_int_equal(exec_ll(l, "SELECT count(*) FROM dlog WHERE note = 'sleeper'"), 0);
     assert_int_equal(exec_ll(l, "SELECT n FROM accounts WHERE id = 1"), 0);
