@@ -4,7 +4,7 @@
  *
  *   bench lease  --workers N --seconds S --socket PATH [--pool main]
  *   bench pg     --mode poolbroker|pgbouncer|direct|connect --workers N --seconds S [--pools N] [--slow-ms MS]
- *                [--socket PATH] [--pool main] [--conninfo STR] [--query SQL] [--cpu-pid PID]
+ *                [--socket PATH] [--pool main] [--conninfo STR] [--query SQL] [--prepared] [--cpu-pid PID]
  *                [--server-pid PID]
  *   bench redis  --mode poolbroker|twemproxy|direct --workers N --seconds S
  *                [--socket PATH] [--pool cache] [--host H] [--port N] [--key K] [--cpu-pid PID]
@@ -18,6 +18,12 @@
  * private log-linear histogram (128 sub-buckets per power of two: < 0.8 %
  * error) and copies it into a shared anonymous mapping when it stops; the
  * parent merges them and computes the percentiles.
+ *
+ * --prepared runs the query as a prepared statement without parameters:
+ * pb_pg_prepare once per worker, then pb_pg_exec_prepared (poolbroker
+ * modes); PQprepare once per connection, then PQexecPrepared (direct).
+ * Not for pgbouncer (transaction pooling before 1.21 has no protocol-level
+ * prepared statements) or connect.  The RESULT line then says prepared=1.
  *
  * One line goes to stdout per run, `RESULT key=value ...`; diagnostics go to
  * stderr.  With --cpu-pid, the user+system CPU time that process used during
@@ -200,6 +206,7 @@ struct opts {
     double slow_ms;             /* > 0: report each operation slower than this (report_slow) */
     const char *conninfo;
     const char *query;
+    int prepared;               /* --prepared: the query as a prepared statement */
     const char *host;
     int port;
     const char *key;
@@ -255,6 +262,17 @@ static int pb_setup(struct ctx *x)
         seterr(x, "pb_acquire(%s): %s", x->o->pool, pb_strerror(rc));
         return -1;
     }
+    if (x->o->prepared && strcmp(x->o->cmd, "pg") == 0) {
+        pb_result *r = NULL;
+        rc = pb_pg_prepare(l, "q", x->o->query, 0, NULL, &r);
+        if (rc != PB_OK || pb_result_status(r) == PB_RES_ERROR) {
+            seterr(x, "pb_pg_prepare: %s", rc != PB_OK ? pb_strerror(rc) : pb_error_message(r));
+            pb_result_free(r);
+            pb_release(l);
+            return -1;
+        }
+        pb_result_free(r);
+    }
     pb_release(l);
     return 0;
 }
@@ -290,7 +308,7 @@ static int pg_pb_op(struct ctx *x)
         seterr(x, "pb_acquire: %s", pb_strerror(rc));
         return -1;
     }
-    rc = pb_pg_exec(l, x->o->query, &r);
+    rc = x->o->prepared ? pb_pg_exec_prepared(l, "q", 0, NULL, NULL, NULL, 0, &r) : pb_pg_exec(l, x->o->query, &r);
     int ok = rc == PB_OK && pb_result_status(r) == PB_RES_TUPLES_OK;
     if (!ok) {
         if (rc != PB_OK)
@@ -316,6 +334,18 @@ static int pg_conn_setup(struct ctx *x)
         x->pg = NULL;
         return -1;
     }
+    if (x->o->prepared) {
+        PGresult *r = PQprepare(x->pg, "q", x->o->query, 0, NULL);
+        int ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+        if (!ok)
+            seterr(x, "PQprepare: %s", r ? PQresultErrorMessage(r) : PQerrorMessage(x->pg));
+        PQclear(r);
+        if (!ok) {
+            PQfinish(x->pg);
+            x->pg = NULL;
+            return -1;
+        }
+    }
     return 0;
 }
 
@@ -327,7 +357,7 @@ static void pg_conn_teardown(struct ctx *x)
 
 static int pg_exec_on(struct ctx *x, PGconn *conn)
 {
-    PGresult *r = PQexec(conn, x->o->query);
+    PGresult *r = x->o->prepared ? PQexecPrepared(conn, "q", 0, NULL, NULL, NULL, 0) : PQexec(conn, x->o->query);
     int ok = PQresultStatus(r) == PGRES_TUPLES_OK;
     if (!ok)
         seterr(x, "PQexec: %s", r ? PQresultErrorMessage(r) : PQerrorMessage(conn));
@@ -842,6 +872,8 @@ static int run_workers(const struct bench_ops *b, const struct opts *o)
     printf("RESULT bench=%s mode=%s workers=%d ok=%d seconds=%.3f ops=%" PRIu64 " errors=%" PRIu64
            " ops_per_s=%.1f",
            o->cmd, o->mode, n, done == ready && ops > 0, secs, ops, errors, ops_s);
+    if (o->prepared)
+        printf(" prepared=1");
     if (failed)
         printf(" setup_failed=%u", failed);
     /* CPU the workers themselves spent per op (client library, spinning,
@@ -1018,8 +1050,8 @@ static void usage(FILE *f)
     fprintf(f,
             "usage: bench lease  --workers N --seconds S --socket PATH [--pool main]\n"
             "       bench pg     --mode poolbroker|pgbouncer|direct|connect --workers N --seconds S [--pools N] [--slow-ms MS]\n"
-            "                    [--socket PATH] [--pool main] [--conninfo STR] [--query SQL] [--cpu-pid PID]\n"
-            "                    [--server-pid PID]\n"
+            "                    [--socket PATH] [--pool main] [--conninfo STR] [--query SQL] [--prepared]\n"
+            "                    [--cpu-pid PID] [--server-pid PID]\n"
             "       bench redis  --mode poolbroker|twemproxy|direct --workers N --seconds S\n"
             "                    [--socket PATH] [--pool cache] [--host H] [--port N] [--key K] [--cpu-pid PID]\n"
             "                    [--server-pid PID]\n"
@@ -1045,6 +1077,7 @@ int main(int argc, char **argv)
         { "socket", required_argument, NULL, 'S' },  { "pool", required_argument, NULL, 'P' },
         { "pools", required_argument, NULL, 'N' },  { "slow-ms", required_argument, NULL, 'L' },
         { "conninfo", required_argument, NULL, 'c' }, { "query", required_argument, NULL, 'q' },
+        { "prepared", no_argument, NULL, 'R' },
         { "host", required_argument, NULL, 'H' },    { "port", required_argument, NULL, 'p' },
         { "key", required_argument, NULL, 'k' },     { "cpu-pid", required_argument, NULL, 'C' },
         { "server-pid", required_argument, NULL, 'V' },
@@ -1066,6 +1099,7 @@ int main(int argc, char **argv)
         case 'L': o.slow_ms = atof(optarg); break;
         case 'c': o.conninfo = optarg; break;
         case 'q': o.query = optarg; break;
+        case 'R': o.prepared = 1; break;
         case 'H': o.host = optarg; break;
         case 'p': o.port = atoi(optarg); break;
         case 'k': o.key = optarg; break;
@@ -1104,6 +1138,10 @@ int main(int argc, char **argv)
             o.pool = strcmp(o.mode, "poolbroker-txn") == 0 ? "tmain" : "main";
         if (strcmp(o.mode, "poolbroker") == 0 || strcmp(o.mode, "poolbroker-txn") == 0)
             return run_workers(&pg_pb, &o);
+        if (o.prepared && strcmp(o.mode, "direct") != 0) {
+            fprintf(stderr, "bench pg --prepared: modes poolbroker, poolbroker-txn and direct only\n");
+            return 2;
+        }
         if (!o.conninfo) {
             fprintf(stderr, "bench pg --mode %s needs --conninfo\n", o.mode);
             return 2;

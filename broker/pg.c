@@ -296,11 +296,19 @@ static int pg_frame_request(conn *c, drv_buf *rq, uint32_t *nreplies, const char
         last = t;
         off += 1 + mlen;
     }
-    if (pgstmt_frame(&s->stmts, rq, nparse, ntracked, nclose, n, parse_open, c->expect == 0) != PB_OK) {
+    /* Its text before the rewrite, which may drop the Parse that holds it. */
+    struct pgshare_ent *text = n == 1 ? pgshare_learn(rq->p, rq->len) : NULL;
+    /* A Parse may be dropped when nothing in flight can have deallocated
+     * its statement: nothing is in flight, or only shared statements are
+     * (c->mux: texts proven to be one SELECT/INSERT/UPDATE/DELETE/MERGE,
+     * pgshare.h; a DEALLOCATE inside a function is the case no tag shows,
+     * as on any connection: that execution fails once, with 26000). */
+    int idle = c->expect == 0 || c->mux;
+    if (pgstmt_frame(&s->stmts, rq, nparse, ntracked, nclose, n, parse_open, idle) != PB_OK) {
         *why = "out of memory";
         return PB_ENOMEM;
     }
-    pgshare_framed(&s->share, rq->p, rq->len, n, c->txn, B.now_ms);
+    pgshare_framed(&s->share, text, n, c->txn, B.now_ms);
     *nreplies = n;
     /* Extended-query messages after the last Sync: the next piece of the
      * pipeline must reach the same backend (COPY data is covered by the

@@ -41,13 +41,17 @@ static long cstr_len(const uint8_t *p, uint32_t n)
 }
 
 /* The query text of req if it is one statement the driver may learn:
- * one whole simple Query ('Q', a NUL-terminated text), or the unnamed
- * extended-protocol execution pb_pg_exec_params sends (Parse of the
- * unnamed statement, Bind of it to the unnamed portal, Describe and
- * Execute of that portal with no row limit, Sync: five messages, nothing
- * else).  The text is at most PGSHARE_TEXT_MAX bytes; else NULL.  A Parse
- * holds one statement by the protocol; a Query's text may hold several,
- * which the server's answer (two tags) shows. */
+ * one whole simple Query ('Q', a NUL-terminated text), or the
+ * extended-protocol execution the library sends, as the worker wrote it:
+ * Parse of a statement, Bind of that statement to the unnamed portal,
+ * Describe and Execute of that portal with no row limit, Sync (five
+ * messages, nothing else).  The statement is the unnamed one
+ * (pb_pg_exec_params) or a library-named one (pb_pg_exec_prepared:
+ * pb_<hash of its text and types>, pgstmt.h, whose Parse the broker may
+ * then drop for a backend that has it).  The text is at most
+ * PGSHARE_TEXT_MAX bytes; else NULL.  A Parse holds one statement by the
+ * protocol; a Query's text may hold several, which the server's answer
+ * (two tags) shows. */
 static const char *query_text(const uint8_t *req, uint32_t len, uint32_t *tlen)
 {
     if (len < 6)
@@ -64,9 +68,15 @@ static const char *query_text(const uint8_t *req, uint32_t len, uint32_t *tlen)
         *tlen = (uint32_t)n;
         return (const char *)body;
     }
-    if (req[0] != 'P' || blen < 2 || body[0] != 0)
-        return NULL;                /* a named statement: not this kind */
-    long n = cstr_len(body + 1, blen - 1);
+    if (req[0] != 'P' || blen < 2)
+        return NULL;
+    /* The statement's name: "" or a library name (an application's own
+     * named statement could be anything, DEALLOCATEd or replaced). */
+    long nl = cstr_len(body, blen);
+    if (nl < 0 || (nl > 0 && !pgstmt_lib_name(body, blen)))
+        return NULL;
+    const uint8_t *text = body + nl + 1;
+    long n = cstr_len(text, blen - (uint32_t)nl - 1);
     if (n < 0 || n > PGSHARE_TEXT_MAX)
         return NULL;
     /* Then B, D, E, S and the end. */
@@ -80,8 +90,8 @@ static const char *query_text(const uint8_t *req, uint32_t len, uint32_t *tlen)
             return NULL;
         const uint8_t *b = req + off + 5;
         uint32_t bl = ml - 4;
-        if (follow[i] == 'B' && (bl < 2 || b[0] != 0 || b[1] != 0))
-            return NULL;            /* unnamed portal, unnamed statement */
+        if (follow[i] == 'B' && (bl < (uint32_t)nl + 2 || b[0] != 0 || memcmp(b + 1, body, (size_t)nl + 1) != 0))
+            return NULL;            /* the unnamed portal, of the statement just parsed */
         if (follow[i] == 'D' && (bl != 2 || b[0] != 'P' || b[1] != 0))
             return NULL;
         if (follow[i] == 'E' && (bl != 5 || b[0] != 0 || pg_be32(b + 1) != 0))
@@ -93,7 +103,7 @@ static const char *query_text(const uint8_t *req, uint32_t len, uint32_t *tlen)
     if (off != len)
         return NULL;
     *tlen = (uint32_t)n;
-    return (const char *)body + 1;
+    return (const char *)text;
 }
 
 static uint64_t fnv1a(const char *p, uint32_t n)
@@ -140,17 +150,20 @@ void pgshare_copy(pgshare_conn *s)
     s->no_proof = 1;
 }
 
-void pgshare_framed(pgshare_conn *s, const uint8_t *req, uint32_t len, uint32_t nready, char txn,
-                    uint64_t now_ms)
+pgshare_ent *pgshare_learn(const uint8_t *req, uint32_t len)
+{
+    uint32_t n;
+    const char *t = query_text(req, len, &n);
+    return t ? lookup(t, n, 1) : NULL;
+}
+
+void pgshare_framed(pgshare_conn *s, pgshare_ent *e, uint32_t nready, char txn, uint64_t now_ms)
 {
     if (nready == 0)
         return;
     uint8_t alone = s->len == 0 && txn == 'I' && !s->no_proof, in_txn = txn != 'I';
-    pgshare_ent *e = NULL;
-    uint32_t n;
-    const char *t = nready == 1 ? query_text(req, len, &n) : NULL;
-    if (t)
-        e = lookup(t, n, 1);
+    if (nready != 1)
+        e = NULL;
     if (s->len > 0) {
         uint32_t last = (s->head + s->len - 1) % PGSHARE_RUNS;
         if (!e && !s->run[last].ent) {

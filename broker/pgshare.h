@@ -8,10 +8,11 @@
  * known beforehand that the statements in front leave nothing behind: no
  * open transaction, no session state.  The broker does not parse SQL.  It
  * keys what it learns on the query text of a simple Query message, or of
- * the unnamed Parse of pb_pg_exec_params' Parse/Bind/Describe/Execute/Sync
- * (the same text is the same statements, parsed the same way; parameters
- * change values, not what kind of command runs), and watches the server's
- * answer to each execution, shared or not:
+ * the Parse of the library's Parse/Bind/Describe/Execute/Sync, for the
+ * unnamed statement (pb_pg_exec_params) or a library-named one
+ * (pb_pg_exec_prepared) (the same text is the same statements, parsed the
+ * same way; parameters change values, not what kind of command runs), and
+ * watches the server's answer to each execution, shared or not:
  *
  *   - exactly one CommandComplete, tagged SELECT, INSERT, UPDATE, DELETE
  *     or MERGE (one statement; a second statement or any other tag is
@@ -30,8 +31,8 @@
  * that leaves state or a transaction behind, or has another tag, is never
  * shared again; a slow one starts counting again.  What the server does
  * not report is not seen here, as nowhere else (docs/pooling.md): a
- * function that sets an unreported setting or takes a session advisory
- * lock, CREATE TEMP TABLE ... AS (its tag is SELECT).
+ * function that sets an unreported setting, creates a temporary table or
+ * takes a session advisory lock.
  *
  * pg.c calls these; the table is the process's, shared by every pool.
  */
@@ -73,13 +74,21 @@ typedef struct pgshare_conn {
                                 Query in COPY), so nothing on this connection proves */
 } pgshare_conn;
 
-/* 1 if req[0..len) is one whole simple Query, or one unnamed
- * Parse/Bind/Describe/Execute/Sync, whose text has been proven
+/* 1 if req[0..len) is one whole simple Query, or one
+ * Parse/Bind/Describe/Execute/Sync of the unnamed or a library-named
+ * statement, as the worker wrote it, whose text has been proven
  * (shareable); 2 if, besides, its last run was quick (PGSHARE_QUICK_MS: it
  * may join a busy backend rather than take an idle one, txn.c); else 0. */
 int pgshare_ok(const uint8_t *req, uint32_t len);
 
-/* A client request with nready ReadyForQuery to come was framed at now_ms
+/* The entry of req's text, added (LEARNING) if new, when req is one
+ * statement of a kind pgshare_ok knows; else NULL.  Entries stay where they
+ * are for the process's life.  pg_frame_request takes it before the
+ * statement rewrite (pgstmt.c may drop the Parse that holds the text). */
+struct pgshare_ent *pgshare_learn(const uint8_t *req, uint32_t len);
+
+/* A client request with nready ReadyForQuery to come, of text e
+ * (pgshare_learn; ignored unless nready is 1), was framed at now_ms
  * (pg_frame_request), on a connection whose last status was txn ('I',
  * 'T', 'E'): remember it in order.
  *
@@ -89,8 +98,7 @@ int pgshare_ok(const uint8_t *req, uint32_t len);
  * swallowed by COPY) leaves a run in the queue for good and the
  * connection proves nothing more; a COPY in proves nothing either.  A
  * wrong ReadyForQuery can still ban a text, which only costs sharing. */
-void pgshare_framed(pgshare_conn *s, const uint8_t *req, uint32_t len, uint32_t nready, char txn,
-                    uint64_t now_ms);
+void pgshare_framed(pgshare_conn *s, struct pgshare_ent *e, uint32_t nready, char txn, uint64_t now_ms);
 
 /* A CopyInResponse or CopyBothResponse arrived (pgshare_conn.no_proof). */
 void pgshare_copy(pgshare_conn *s);

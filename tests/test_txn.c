@@ -913,13 +913,16 @@ static void shared_other(int which)
     _exit(0);
 }
 
-/* Is backend 0 of txsh shared right now (shmstat --json)? */
+/* Is backend 0 of txsh shared right now (shmstat --json)?  Not while it
+ * is not listed yet (still connecting, in a run of this test alone). */
 static int txsh_shared(void)
 {
     static char json[1 << 20];
     char one[1024];
     if (pbt_shmstat_json(&env, json, sizeof json) != 0)
         fail_msg("shmstat --json failed");
+    if (!strstr(json, "{\"pool\": \"txsh\", \"number\": 0,"))
+        return 0;
     backend_json(json, "txsh", 0, one, sizeof one);
     return strstr(one, "\"state\": \"shared\"") != NULL;
 }
@@ -964,6 +967,72 @@ static void test_pg_shared_statements(void **state)
         shared = txsh_shared();
     }
     wait_ok(kids, SH_READERS + 3);
+    assert_true(shared);
+}
+
+/* One reader of a statement prepared with pb_pg_prepare (a library-named
+ * statement, which the broker's statement record may run without its
+ * Parse): its own number back, SH_ROUNDS times, outside any transaction.
+ * Exit status: 0, or which check failed. */
+static void prepared_reader(int i)
+{
+    pb_client *k = NULL;
+    pb_lease *m = NULL;
+    if (pb_connect(env.sock_path, &k) != PB_OK || pb_acquire(k, "txsh", 20000, &m) != PB_OK)
+        _exit(2);
+    unsigned types[1] = { 23 };
+    pb_result *r = NULL;
+    if (pb_pg_prepare(m, "rd", "SELECT $1::int4 + 0, pg_current_xact_id_if_assigned() IS NULL", 1, types, &r) !=
+            PB_OK ||
+        pb_result_status(r) == PB_RES_ERROR)
+        _exit(3);
+    pb_result_free(r);
+    char val[16];
+    const char *vals[1] = { val };
+    snprintf(val, sizeof val, "%d", 2000 + i);
+    for (int j = 0; j < SH_ROUNDS; j++) {
+        r = NULL;
+        if (pb_pg_exec_prepared(m, "rd", 1, vals, NULL, NULL, 0, &r) != PB_OK ||
+            pb_result_status(r) != PB_RES_TUPLES_OK)
+            _exit(4);
+        if (atoi(pb_getvalue(r, 0, 0)) != 2000 + i)
+            _exit(5);                   /* someone else's reply */
+        if (strcmp(pb_getvalue(r, 0, 1), "t"))
+            _exit(6);                   /* inside another lease's transaction */
+        pb_result_free(r);
+    }
+    pb_release(m);
+    pb_disconnect(k);
+    _exit(0);
+}
+
+/* Statements prepared with pb_pg_prepare share too (pgshare.c keys them
+ * on the Parse's text, taken before the broker drops a Parse the backend
+ * has): 6 readers of one prepared statement on a pool of one backend,
+ * beside a process running transactions; the backend is seen shared, and
+ * every reader gets its own number, never inside the transaction. */
+static void test_pg_shared_prepared(void **state)
+{
+    (void)state;
+    enum { READERS = 6 };
+    pid_t kids[READERS + 1];
+    fflush(NULL);
+    for (int i = 0; i < READERS + 1; i++) {
+        kids[i] = fork();
+        assert_true(kids[i] >= 0);
+        if (kids[i] == 0) {
+            if (i < READERS)
+                prepared_reader(i);
+            shared_other(1);
+        }
+        pbt_track_child(kids[i]);
+    }
+    int shared = 0;
+    for (int t = 0; t < 40 && !shared; t++) {
+        pbt_sleep_ms(25);
+        shared = txsh_shared();
+    }
+    wait_ok(kids, READERS + 1);
     assert_true(shared);
 }
 
@@ -1091,6 +1160,7 @@ int main(void)
         cmocka_unit_test_teardown(test_redis_pipeline_timeout, pbt_cleanup),
         cmocka_unit_test_teardown(test_shmstat_shows_backends, pbt_cleanup),
         cmocka_unit_test_teardown(test_pg_shared_statements, pbt_cleanup),
+        cmocka_unit_test_teardown(test_pg_shared_prepared, pbt_cleanup),
         cmocka_unit_test_teardown(test_pg_shared_text_that_changes, pbt_cleanup),
         cmocka_unit_test_teardown(test_pg_shared_not_behind_own_lock, pbt_cleanup),
     };
