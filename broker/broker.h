@@ -163,6 +163,7 @@ typedef struct conn {
     uint64_t leak_logged_word;
     uint64_t suspect_word;   /* janitor: a slot word that made no sense last pass */
     int cancel_sent;         /* a cancel request went out for the command in flight */
+    const char *cancel_why;  /* why, when not a command timeout (conn_command_timeout) */
     _Atomic int cancel_inflight; /* cancel requests queued or being sent (the cancel thread
                                     decrements once the server has signalled the backend) */
     uint64_t cancel_deadline_ms; /* close the connection if it has not answered by then */

@@ -539,6 +539,7 @@ void conn_command_timeout(conn *c, const char *why)
      * fails them all, the one that ran too long with PB_ETIMEDOUT. */
     if (c->pool->drv->cancel && !c->cancel_sent && !c->mux) {
         c->cancel_sent = 1;
+        c->cancel_why = why;
         c->cancel_deadline_ms = B.now_ms + CANCEL_GRACE_MS;
         if (why)
             slog(LOG_LVL_INFO, c, "cancelling the command in flight (running for %llu ms): %s",
@@ -551,7 +552,16 @@ void conn_command_timeout(conn *c, const char *why)
     } else if (c->cancel_sent && B.now_ms < c->cancel_deadline_ms) {
         return;
     }
-    conn_fail(c, "command timed out", PB_ETIMEDOUT);
+    /* No cancel possible (Redis, a shared backend), it could not be sent,
+     * or it did not end the command within the grace period. */
+    const char *reason = why ? why : c->cancel_sent ? c->cancel_why : NULL;
+    if (reason) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "closed with a command still running: %s", reason);
+        conn_fail(c, msg, PB_ETIMEDOUT);
+    } else {
+        conn_fail(c, "command timed out", PB_ETIMEDOUT);
+    }
 }
 
 /* Process exit: free the driver state whatever the phase (no transition: the

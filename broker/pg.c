@@ -301,8 +301,11 @@ static int pg_frame_request(conn *c, drv_buf *rq, uint32_t *nreplies, const char
     /* A Parse may be dropped when nothing in flight can have deallocated
      * its statement: nothing is in flight, or only shared statements are
      * (c->mux: texts proven to be one SELECT/INSERT/UPDATE/DELETE/MERGE,
-     * pgshare.h; a DEALLOCATE inside a function is the case no tag shows,
-     * as on any connection: that execution fails once, with 26000). */
+     * pgshare.h).  A DEALLOCATE run inside a function is the case no tag
+     * shows, as on any connection: the executions framed behind it whose
+     * Parse was dropped fail with 26000 (on a shared backend, up to
+     * share_depth of them, of different leases), and the record forgets
+     * the statement, so the next ones send their Parse. */
     int idle = c->expect == 0 || c->mux;
     if (pgstmt_frame(&s->stmts, rq, nparse, ntracked, nclose, n, parse_open, idle) != PB_OK) {
         *why = "out of memory";
@@ -354,6 +357,8 @@ static void on_tag(conn *c, const char *tag)
          * sends one, and the library's extended queries Describe their
          * portal, which answers NoData here) and no DataRow.  Maybe TEMP. */
         ss_set(c, SS_TEMP);
+    else if (strcmp(tag, "EXPLAIN") == 0)
+        ss_set(c, SS_TEMP);         /* EXPLAIN ANALYZE runs what it explains: CREATE TEMP TABLE ... AS too */
     else if (strcmp(tag, "LOAD") == 0)
         ss_set(c, SS_RETIRE);
 }
@@ -448,6 +453,9 @@ static int pg_scan_reply(conn *c, const uint8_t *p, size_t n, size_t *used, drv_
             case 'T':               /* RowDescription */
             case 'D':               /* DataRow */
                 s->rows_seen = 1;
+                break;
+            case 's':               /* PortalSuspended: the rows so far were that Execute's */
+                s->rows_seen = 0;
                 break;
             case 'S':
                 ss_set(c, SS_GUC);  /* a reported setting changed (libpq read the startup ones) */

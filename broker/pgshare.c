@@ -70,10 +70,11 @@ static const char *query_text(const uint8_t *req, uint32_t len, uint32_t *tlen)
     }
     if (req[0] != 'P' || blen < 2)
         return NULL;
-    /* The statement's name: "" or a library name (an application's own
+    /* The statement's name: "" or a library name that is the hash of
+     * this text and these types, as pgstmt tracks it (an application's own
      * named statement could be anything, DEALLOCATEd or replaced). */
     long nl = cstr_len(body, blen);
-    if (nl < 0 || (nl > 0 && !pgstmt_lib_name(body, blen)))
+    if (nl < 0 || (nl > 0 && !pgstmt_parse_tracked(body, blen)))
         return NULL;
     const uint8_t *text = body + nl + 1;
     long n = cstr_len(text, blen - (uint32_t)nl - 1);

@@ -213,9 +213,7 @@ uint64_t pgstmt_lib_name(const uint8_t *name, uint32_t room)
     return h > PQ_DROP ? h : 0;
 }
 
-/* The hash a Parse's body (name, query, types) names, if it is a library
- * statement whose name matches its text and types; else 0. */
-static uint64_t parse_tracked(const uint8_t *b, uint32_t n)
+uint64_t pgstmt_parse_tracked(const uint8_t *b, uint32_t n)
 {
     uint64_t named = pgstmt_lib_name(b, n);
     if (!named)
@@ -312,7 +310,7 @@ static pgstmt *stmt_alloc(pgstmts *s, uint64_t h, uint64_t *evicted)
 /* One Parse of the request: the message m[0..5 + n), its body m + 5. */
 static int rw_parse(pgstmts *s, rewrite *x, const uint8_t *m, uint32_t n, int may_drop, int queued)
 {
-    uint64_t h = parse_tracked(m + 5, n);
+    uint64_t h = pgstmt_parse_tracked(m + 5, n);
     uint32_t size = 5 + n;
     if (!h) {
         if (queued)

@@ -48,10 +48,16 @@ typedef struct pgstmts {
  * digits, NUL-terminated, within room bytes), else 0. */
 uint64_t pgstmt_lib_name(const uint8_t *name, uint32_t room);
 
+/* The hash a Parse message's body b[0..n) (name, query, types) names, if it
+ * is a library statement whose name is the hash of that text and those
+ * types (what pgstmt tracks); else 0. */
+uint64_t pgstmt_parse_tracked(const uint8_t *b, uint32_t n);
+
 /* A valid request (framing checked) with nparse Parse and nsync Sync or
  * Query messages, ntracked of the Parses library-named, nclose of its
- * Close messages for a library name; idle: no reply is owed for an
- * earlier request.  Drops each library-named Parse whose name matches its
+ * Close messages for a library name; idle: no reply owed for an earlier
+ * request can have deallocated a statement (none is owed, or only shared
+ * statements are: pg_frame_request).  Drops each library-named Parse whose name matches its
  * text and that the backend has (in place), puts a Close of the same name
  * before one it may have (the request is then a new buffer), and queues
  * what the replies will answer.  PB_OK, or PB_ENOMEM (nothing to send;

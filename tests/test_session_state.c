@@ -358,6 +358,9 @@ static void test_temp_objects(void **state)
                        "t");
         leaves_nothing(p, SETUP("CREATE TEMP TABLE ctas0 AS SELECT 1 AS one WHERE false"),
                        "SELECT to_regclass('pg_temp.ctas0') IS NOT NULL", "t");
+        /* EXPLAIN ANALYZE runs the statement; the tag is EXPLAIN */
+        leaves_nothing(p, SETUP("EXPLAIN ANALYZE CREATE TEMP TABLE ectas AS SELECT 1 AS one"),
+                       "SELECT to_regclass('pg_temp.ectas') IS NOT NULL", "t");
         /* the extended protocol (pb_pg_exec_params: Describe answers NoData) */
         pb_client *c = pbt_cli(&env);
         int pid;

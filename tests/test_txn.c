@@ -46,10 +46,13 @@
 #include <errno.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "harness.h"
@@ -841,6 +844,42 @@ static void test_redis_stale_reply_dropped(void **state)
 #define SH_READERS 8
 #define SH_ROUNDS  400
 
+/* Set by the parent once it has seen the backend shared (a shared
+ * mapping): the readers go on until then, 20 s at most, so that a slow
+ * machine cannot make the parent miss the window. */
+static _Atomic int *seen_shared;
+
+static double mono_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* A shared flag for the readers (seen_shared), 0 when wait, else 1. */
+static void seen_shared_init(int wait)
+{
+    if (!seen_shared) {
+        seen_shared = mmap(NULL, sizeof *seen_shared, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+        assert_true(seen_shared != MAP_FAILED);
+    }
+    atomic_store(seen_shared, !wait);
+}
+
+/* Poll shmstat until backend 0 of txsh is seen shared (20 s at most), then
+ * let the readers stop. */
+static int txsh_shared(void);
+static int wait_shared(void)
+{
+    int shared = 0;
+    for (int t = 0; t < 800 && !shared; t++) {
+        pbt_sleep_ms(25);
+        shared = txsh_shared();
+    }
+    atomic_store(seen_shared, 1);
+    return shared;
+}
+
 /* One reader: its own number, in its own text or as the parameter of a
  * text the odd readers share, SH_ROUNDS times on one lease; each answer
  * must be its own number, outside any transaction
@@ -861,7 +900,8 @@ static void shared_reader(int i, int check_setting)
     snprintf(sql, sizeof sql,
              "SELECT %s, now() = statement_timestamp(), pg_current_xact_id_if_assigned() IS NULL, "
              "current_setting('application_name')", i % 2 ? "$1::int" : val);
-    for (int j = 0; j < SH_ROUNDS; j++) {
+    double until = mono_s() + 20;
+    for (int j = 0; j < SH_ROUNDS || (!atomic_load(seen_shared) && mono_s() < until); j++) {
         pb_result *r = NULL;
         int rc = i % 2 ? pb_pg_exec_params(m, sql, 1, NULL, vals, NULL, NULL, 0, &r) : pb_pg_exec(m, sql, &r);
         if (rc != PB_OK || pb_result_status(r) != PB_RES_TUPLES_OK)
@@ -950,6 +990,7 @@ static void test_pg_shared_statements(void **state)
 {
     (void)state;
     pid_t kids[SH_READERS + 3];
+    seen_shared_init(1);
     fflush(NULL);
     for (int i = 0; i < SH_READERS + 3; i++) {
         kids[i] = fork();
@@ -961,19 +1002,18 @@ static void test_pg_shared_statements(void **state)
         }
         pbt_track_child(kids[i]);
     }
-    int shared = 0;
-    for (int t = 0; t < 40 && !shared; t++) {
-        pbt_sleep_ms(25);
-        shared = txsh_shared();
-    }
+    int shared = wait_shared();
     wait_ok(kids, SH_READERS + 3);
     assert_true(shared);
 }
 
+#define PREP_SQL "SELECT $1::int4 + 0, pg_current_xact_id_if_assigned() IS NULL"
+
 /* One reader of a statement prepared with pb_pg_prepare (a library-named
  * statement, which the broker's statement record may run without its
- * Parse): its own number back, SH_ROUNDS times, outside any transaction.
- * Exit status: 0, or which check failed. */
+ * Parse): its own number back, at least SH_ROUNDS times and until the
+ * parent has seen sharing, outside any transaction.  Exit status: 0, or
+ * which check failed. */
 static void prepared_reader(int i)
 {
     pb_client *k = NULL;
@@ -982,15 +1022,14 @@ static void prepared_reader(int i)
         _exit(2);
     unsigned types[1] = { 23 };
     pb_result *r = NULL;
-    if (pb_pg_prepare(m, "rd", "SELECT $1::int4 + 0, pg_current_xact_id_if_assigned() IS NULL", 1, types, &r) !=
-            PB_OK ||
-        pb_result_status(r) == PB_RES_ERROR)
+    if (pb_pg_prepare(m, "rd", PREP_SQL, 1, types, &r) != PB_OK || pb_result_status(r) == PB_RES_ERROR)
         _exit(3);
     pb_result_free(r);
     char val[16];
     const char *vals[1] = { val };
     snprintf(val, sizeof val, "%d", 2000 + i);
-    for (int j = 0; j < SH_ROUNDS; j++) {
+    double until = mono_s() + 20;
+    for (int j = 0; j < SH_ROUNDS || (!atomic_load(seen_shared) && mono_s() < until); j++) {
         r = NULL;
         if (pb_pg_exec_prepared(m, "rd", 1, vals, NULL, NULL, 0, &r) != PB_OK ||
             pb_result_status(r) != PB_RES_TUPLES_OK)
@@ -1010,12 +1049,22 @@ static void prepared_reader(int i)
  * on the Parse's text, taken before the broker drops a Parse the backend
  * has): 6 readers of one prepared statement on a pool of one backend,
  * beside a process running transactions; the backend is seen shared, and
- * every reader gets its own number, never inside the transaction. */
+ * every reader gets its own number, never inside the transaction.  On the
+ * shared backend the broker still drops the Parse the backend has: the
+ * server's log (log_min_duration_statement = 0 logs each Parse and each
+ * Execute) shows far fewer Parses of the statement than executions. */
 static void test_pg_shared_prepared(void **state)
 {
     (void)state;
     enum { READERS = 6 };
     pid_t kids[READERS + 1];
+    seen_shared_init(1);
+    char log[400], out[64];
+    snprintf(log, sizeof log, "%s/pg.log", env.dir);
+    assert_int_equal(th_psql(&env, "ALTER SYSTEM SET log_min_duration_statement = 0", out, sizeof out), 0);
+    assert_int_equal(th_psql(&env, "SELECT pg_reload_conf()", out, sizeof out), 0);
+    pbt_sleep_ms(200);
+    long parses0 = th_count_lines(log, "parse pb_"), execs0 = th_count_lines(log, "execute pb_");
     fflush(NULL);
     for (int i = 0; i < READERS + 1; i++) {
         kids[i] = fork();
@@ -1027,13 +1076,16 @@ static void test_pg_shared_prepared(void **state)
         }
         pbt_track_child(kids[i]);
     }
-    int shared = 0;
-    for (int t = 0; t < 40 && !shared; t++) {
-        pbt_sleep_ms(25);
-        shared = txsh_shared();
-    }
+    int shared = wait_shared();
     wait_ok(kids, READERS + 1);
+    th_psql(&env, "ALTER SYSTEM RESET log_min_duration_statement", out, sizeof out);
+    th_psql(&env, "SELECT pg_reload_conf()", out, sizeof out);
     assert_true(shared);
+    long parses = th_count_lines(log, "parse pb_") - parses0, execs = th_count_lines(log, "execute pb_") - execs0;
+    print_message("prepared statement: %ld executions, %ld Parses sent\n", execs, parses);
+    assert_true(execs >= READERS * SH_ROUNDS);
+    if (parses * 4 > execs)
+        fail_msg("%ld Parses for %ld executions: the broker did not drop the Parse the backend had", parses, execs);
 }
 
 /* A text shared, then changed behind the broker's back: a function first
@@ -1056,6 +1108,7 @@ static void test_pg_shared_text_that_changes(void **state)
      * is shared.  The readers do not check the setting: a statement already
      * sent behind the one that changed may see it (docs/pooling.md). */
     pid_t kids[4];
+    seen_shared_init(0);                /* the readers do their SH_ROUNDS, no more */
     fflush(NULL);
     for (int i = 0; i < 4; i++) {
         kids[i] = fork();
