@@ -368,8 +368,11 @@ static int pg_exec_on(struct ctx *x, PGconn *conn)
 static int pg_persistent_op(struct ctx *x)
 {
     int rc = pg_exec_on(x, x->pg);
-    if (rc != 0 && PQstatus(x->pg) != CONNECTION_OK)
+    if (rc != 0 && PQstatus(x->pg) != CONNECTION_OK) {
         PQreset(x->pg);
+        if (x->o->prepared)         /* a new session: prepare again */
+            PQclear(PQprepare(x->pg, "q", x->o->query, 0, NULL));
+    }
     return rc;
 }
 

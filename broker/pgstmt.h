@@ -57,10 +57,10 @@ uint64_t pgstmt_parse_tracked(const uint8_t *b, uint32_t n);
  * Query messages, ntracked of the Parses library-named, nclose of its
  * Close messages for a library name; idle: no reply owed for an earlier
  * request can have deallocated a statement (none is owed, or only shared
- * statements are: pg_frame_request).  Drops each library-named Parse whose name matches its
- * text and that the backend has (in place), puts a Close of the same name
- * before one it may have (the request is then a new buffer), and queues
- * what the replies will answer.  PB_OK, or PB_ENOMEM (nothing to send;
+ * statements are: pg_frame_request).  Drops each library-named Parse
+ * whose name matches its text and that the backend has (in place), puts a
+ * Close of the same name before one it may have (the request is then a
+ * new buffer), and queues what the replies will answer.  PB_OK, or PB_ENOMEM (nothing to send;
  * the record is forgotten). */
 int pgstmt_frame(pgstmts *s, drv_buf *rq, uint32_t nparse, uint32_t ntracked, uint32_t nclose, uint32_t nsync,
                  int parse_open, int idle);
